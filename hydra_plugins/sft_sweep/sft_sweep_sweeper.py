@@ -1,0 +1,58 @@
+"""Hydra Sweeper plugin that runs a multirun as an Optuna study (see ``sweeper.study``).
+
+Hydra imports this module at start-up of every app, so it stays import-light: the schema, its
+ConfigStore registration, and a thin Sweeper that imports the Optuna implementation lazily.
+
+    python train.py -m schedule=under,sweet,over
+"""
+
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import MISSING, DictConfig
+
+
+@dataclass
+class SamplerConf:
+    name: str = MISSING  # tpe | random | grid
+    seed: Optional[int] = None
+
+
+@dataclass
+class PrunerConf:
+    name: str = MISSING  # none | median | hyperband
+    n_warmup_steps: int = MISSING
+    n_startup_trials: int = MISSING
+
+
+@dataclass
+class SftSweepSweeperConf:
+    _target_: str = "hydra_plugins.sft_sweep.sft_sweep_sweeper.SftSweepSweeper"
+    storage: str = MISSING
+    study_name: Optional[str] = None
+    n_trials: Optional[int] = None
+    sampler: SamplerConf = field(default_factory=SamplerConf)
+    pruner: PrunerConf = field(default_factory=PrunerConf)
+    params: Optional[Dict[str, str]] = None
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="sft_sweep_schema", node=SftSweepSweeperConf, provider="sft_sweep"
+)
+
+
+class SftSweepSweeper(Sweeper):
+    def __init__(self, **kwargs: Any) -> None:
+        from sweeper.study import StudySweeper
+
+        self._impl = StudySweeper(**kwargs)
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self._impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: List[str]) -> Any:
+        return self._impl.sweep(arguments)

@@ -1,0 +1,239 @@
+"""Typed schemas for the composed config (values live in ``conf/``, never here).
+
+Each dataclass names the keys a group may set and their types; ``MISSING`` marks keys whose
+value must come from a YAML file. The schema is registered with Hydra's ``ConfigStore`` as
+``config_schema`` and is the first entry of ``conf/config.yaml``'s defaults list, so a misspelt
+key or a value of the wrong type fails at compose time, before any model is loaded.
+
+Rules that span several keys (e.g. warmup shorter than the run) are checked by :func:`validate`,
+which every job calls before touching data or a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the offline model built from a config (random init) when ``model.path`` is ``tiny``."""
+
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    vocab_size: int = MISSING  # byte-level BPE trained offline on the demo corpus
+    max_position_embeddings: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in study names and reports
+    path: str = MISSING  # hub id, local directory, or "tiny" (built offline)
+    dtype: str = MISSING  # auto | bf16 | fp16 | fp32: weights dtype; "auto" follows precision
+    trust_remote_code: bool = MISSING
+    attn_implementation: Optional[str] = None  # None: transformers' default (sdpa)
+    tiny: Optional[TinyModelConfig] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # short name used in study names and reports
+    train_path: str = MISSING  # .jsonl/.json/.csv/.parquet file, "demo", or a hub dataset id
+    train_split: str = MISSING  # split name for hub datasets
+    eval_path: Optional[str] = None  # None: split eval off train with eval_fraction
+    eval_split: Optional[str] = None
+    eval_fraction: float = MISSING  # share of train rows held out when eval_path is None
+    max_train_rows: Optional[int] = None  # None: all rows; taken after the seeded shuffle
+    max_eval_rows: Optional[int] = None
+    seed: int = MISSING  # shuffle/split seed
+    max_length: int = MISSING  # tokens; longer examples are truncated (TRL max_length)
+    packing: bool = MISSING  # TRL bfd packing (+ padding-free)
+    loss_on: str = MISSING  # completion | all: completion = assistant turns / completion column only
+    demo_rows: Optional[int] = None  # rows generated for train_path=demo
+
+
+@dataclass
+class BatchConfig:
+    per_device_train_batch_size: int = MISSING  # micro-batch, rows per forward pass
+    gradient_accumulation_steps: int = MISSING  # micro-batches per optimizer step
+    per_device_eval_batch_size: int = MISSING
+    gradient_checkpointing: bool = MISSING
+
+
+@dataclass
+class ScheduleConfig:
+    max_steps: Optional[int] = None  # optimizer steps; None: use num_train_epochs
+    num_train_epochs: Optional[float] = None  # used only when max_steps is None
+
+
+@dataclass
+class LrConfig:
+    learning_rate: float = MISSING
+    lr_scheduler_type: str = MISSING  # cosine | constant_with_warmup | linear | ...
+    warmup_steps: float = MISSING  # < 1: fraction of the run; >= 1: optimizer steps
+    weight_decay: float = MISSING
+    max_grad_norm: float = MISSING
+    optim: str = MISSING  # transformers optimizer name, e.g. adamw_torch
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = MISSING
+    compute: str = MISSING  # auto | bf16 | fp16 | fp32: autocast/weights dtype
+    load_in_4bit: bool = MISSING  # QLoRA: bitsandbytes 4-bit base weights (needs peft=lora)
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+
+
+@dataclass
+class PeftConfig:
+    name: str = MISSING  # lora | none (full fine-tuning)
+    r: Optional[int] = None
+    lora_alpha: Optional[int] = None
+    lora_dropout: Optional[float] = None
+    target_modules: Any = None  # list of module names or "all-linear"
+
+
+@dataclass
+class EvalConfig:
+    eval_steps: int = MISSING  # optimizer steps between evaluations (also the curve's resolution)
+    metric: str = MISSING  # objective reported to Optuna; the trial's value is its best over the run
+    early_stopping_patience: Optional[int] = None  # evaluations without improvement; None: off
+    early_stopping_threshold: float = MISSING  # minimum improvement that resets patience
+    save_best: bool = MISSING  # keep the best checkpoint (only that one) in the job directory
+    logging_steps: int = MISSING
+
+
+@dataclass
+class StudyRef:
+    """Filled in by the sweeper for each job of a multirun; both null in a single run."""
+
+    name: Optional[str] = None
+    trial_number: Optional[int] = None
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lr: LrConfig = field(default_factory=LrConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    study: StudyRef = field(default_factory=StudyRef)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = MISSING
+    report_to: str = MISSING  # none | tensorboard
+
+
+def register() -> None:
+    """Register the schema with Hydra's ConfigStore (idempotent)."""
+    from pathlib import Path
+
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="config_schema", node=Config)
+    if not OmegaConf.has_resolver("stem"):  # data/jsonl.yaml: name a dataset after its file
+        OmegaConf.register_new_resolver("stem", lambda p: Path(str(p)).name.split(".")[0])
+
+
+_COMPUTE = ("auto", "bf16", "fp16", "fp32")
+_LOSS_ON = ("completion", "all")
+_PEFT = ("lora", "none")
+_METRICS = {"eval_loss": "minimize"}
+
+
+def metric_direction(metric: str) -> str:
+    """Optuna direction for an objective metric name."""
+    if metric not in _METRICS:
+        raise ValueError(
+            f"eval.metric must be one of {sorted(_METRICS)}, but got {metric!r}; "
+            f"set eval.metric=eval_loss"
+        )
+    return _METRICS[metric]
+
+
+def validate(cfg: Any) -> None:
+    """Check rules that span keys; raise one ValueError that says rule, value and fix."""
+    s = cfg.schedule
+    if (s.max_steps is None) == (s.num_train_epochs is None):
+        raise ValueError(
+            "schedule: set exactly one of schedule.max_steps and schedule.num_train_epochs, but got "
+            f"max_steps={s.max_steps}, num_train_epochs={s.num_train_epochs}; pick schedule=sweet "
+            "or schedule=epochs3"
+        )
+    if s.max_steps is not None and s.max_steps <= 0:
+        raise ValueError(
+            f"schedule.max_steps must be positive, but got {s.max_steps}; pick schedule=sweet "
+            "or set schedule.max_steps=1500"
+        )
+    if s.num_train_epochs is not None and s.num_train_epochs <= 0:
+        raise ValueError(
+            f"schedule.num_train_epochs must be positive, but got {s.num_train_epochs}; "
+            "pick schedule=epochs3"
+        )
+    w = cfg.lr.warmup_steps
+    if w < 0:
+        raise ValueError(f"lr.warmup_steps must be >= 0, but got {w}; set lr.warmup_steps=0.03")
+    if w >= 1 and s.max_steps is not None and w >= s.max_steps:
+        raise ValueError(
+            f"lr.warmup_steps ({w:g} steps) must be shorter than schedule.max_steps ({s.max_steps}); "
+            "use a fraction such as lr.warmup_steps=0.03 or raise schedule.max_steps"
+        )
+    if cfg.lr.learning_rate <= 0:
+        raise ValueError(
+            f"lr.learning_rate must be positive, but got {cfg.lr.learning_rate}; pick lr=lora or lr=full"
+        )
+    b = cfg.batch
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
+        if getattr(b, key) < 1:
+            raise ValueError(f"batch.{key} must be >= 1, but got {getattr(b, key)}; pick batch=balanced")
+    d = cfg.data
+    if d.eval_path is None and not 0.0 < d.eval_fraction < 1.0:
+        raise ValueError(
+            f"data.eval_fraction must be between 0 and 1 (exclusive) when data.eval_path is null, "
+            f"but got {d.eval_fraction}; set data.eval_fraction=0.1 or give data.eval_path"
+        )
+    if d.loss_on not in _LOSS_ON:
+        raise ValueError(f"data.loss_on must be one of {list(_LOSS_ON)}, but got {d.loss_on!r}")
+    if d.max_length < 8:
+        raise ValueError(f"data.max_length must be >= 8 tokens, but got {d.max_length}")
+    p = cfg.precision
+    if p.compute not in _COMPUTE:
+        raise ValueError(
+            f"precision.compute must be one of {list(_COMPUTE)}, but got {p.compute!r}; pick precision=auto"
+        )
+    if cfg.model.dtype not in _COMPUTE:
+        raise ValueError(f"model.dtype must be one of {list(_COMPUTE)}, but got {cfg.model.dtype!r}")
+    if cfg.peft.name not in _PEFT:
+        raise ValueError(f"peft must be one of {list(_PEFT)}, but got {cfg.peft.name!r}; pick peft=lora")
+    if p.load_in_4bit and cfg.peft.name != "lora":
+        raise ValueError(
+            f"precision={p.name} loads 4-bit weights, which can only be trained through adapters, "
+            f"but peft={cfg.peft.name}; add peft=lora"
+        )
+    e = cfg.eval
+    if e.eval_steps < 1:
+        raise ValueError(f"eval.eval_steps must be >= 1, but got {e.eval_steps}; set eval.eval_steps=50")
+    if e.early_stopping_patience is not None and e.early_stopping_patience < 1:
+        raise ValueError(
+            f"eval.early_stopping_patience must be >= 1 or null (off), but got {e.early_stopping_patience}"
+        )
+    metric_direction(e.metric)
+    if cfg.report_to not in ("none", "tensorboard"):
+        raise ValueError(f"report_to must be 'none' or 'tensorboard', but got {cfg.report_to!r}")

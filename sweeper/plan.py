@@ -1,0 +1,78 @@
+"""Steps <-> epochs <-> samples <-> tokens: plain arithmetic, no torch.
+
+Every job logs a :class:`Plan` before training, computed on the prepared dataset (the rows or
+packed sequences the trainer will really iterate), and stores it on its trial.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Plan:
+    effective_batch: int  # rows (or packed sequences) per optimizer step, all GPUs
+    steps_per_epoch: int  # optimizer steps for one pass over the prepared train set
+    max_steps: int  # optimizer steps the run will take (unless stopped early)
+    epochs: float  # passes over the data that max_steps amounts to
+    samples: int  # rows (or packed sequences) seen over max_steps
+    tokens_per_step: float  # mean tokens per optimizer step (padding excluded)
+    tokens: float  # tokens seen over max_steps
+    warmup_steps: int  # optimizer steps of LR warmup
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"{self.max_steps} steps x {self.effective_batch} rows/step = {self.samples:,} rows "
+            f"= {self.epochs:.2f} epochs ({self.steps_per_epoch} steps/epoch); "
+            f"~{self.tokens_per_step:,.0f} tokens/step, ~{self.tokens:,.0f} tokens in all; "
+            f"warmup {self.warmup_steps} steps"
+        )
+
+
+def make_plan(
+    *,
+    train_rows: int,
+    micro_batch: int,
+    grad_accum: int,
+    n_gpus: int = 1,
+    max_steps: int | None = None,
+    num_train_epochs: float | None = None,
+    mean_tokens_per_row: float = 0.0,
+    warmup: float = 0.0,
+) -> Plan:
+    """Plan a run.
+
+    Args:
+        train_rows: rows (packed sequences with packing) in the prepared train set, >= 1.
+        micro_batch, grad_accum, n_gpus: per-device micro-batch, accumulation steps, data-parallel GPUs.
+        max_steps: optimizer steps; None means derive from ``num_train_epochs``.
+        warmup: < 1 is a fraction of the run (rounded up, as transformers does); >= 1 is steps.
+
+    Example: 10,000 rows, 4 x 8 accumulation x 2 GPUs -> 64 rows/step, 157 steps/epoch,
+    471 steps for 3 epochs; max_steps=1000 -> 6.4 epochs.
+    """
+    if train_rows < 1:
+        raise ValueError(f"train_rows must be >= 1, but got {train_rows}")
+    eff = micro_batch * grad_accum * max(n_gpus, 1)
+    steps_per_epoch = max(math.ceil(train_rows / eff), 1)
+    if max_steps is None:
+        if num_train_epochs is None:
+            raise ValueError("give max_steps or num_train_epochs")
+        max_steps = math.ceil(steps_per_epoch * num_train_epochs)
+    epochs = max_steps / steps_per_epoch
+    samples = max_steps * eff
+    warmup_steps = math.ceil(warmup * max_steps) if warmup < 1 else int(warmup)
+    return Plan(
+        effective_batch=eff,
+        steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps,
+        epochs=epochs,
+        samples=samples,
+        tokens_per_step=mean_tokens_per_row * eff,
+        tokens=mean_tokens_per_row * samples,
+        warmup_steps=warmup_steps,
+    )

@@ -1,0 +1,376 @@
+"""Hydra multirun <-> Optuna study. The only module that imports Optuna.
+
+    python train.py -m schedule=under,sweet,over                      # a 3-point grid
+    python train.py -m 'lr.learning_rate=tag(log,interval(1e-5,3e-4))' hydra.sweeper.n_trials=6
+
+Hydra's sweep grammar, translated exactly (:func:`translate`):
+
+- ``a,b,c`` (comma list, also ``glob(...)``) is a **grid**: every combination once, in order.
+  Re-running the same command resumes the study and runs only the points that have no COMPLETE,
+  PRUNED, RUNNING or WAITING trial (FAILED points run again).
+- ``choice(a,b)`` -> categorical; ``range(start,stop,step)`` -> integers with the stop **excluded**
+  (Hydra's rule; float ranges become the categorical list Hydra itself would expand);
+  ``interval(lo,hi)`` -> float in [lo, hi]; ``tag(log, ...)`` -> log scale. These are sampled by
+  ``sampler`` (tpe, random); ``sampler.name=grid`` instead expands choice and range into the grid.
+- ``n_trials`` is the study's total (COMPLETE, PRUNED, RUNNING and WAITING trials count), never
+  "additional": with distributions it defaults to 10, with a pure grid to the grid size.
+
+Each job gets ``study.name`` and ``study.trial_number`` overrides and reports into its own trial
+through :class:`TrialReporter` (every evaluation -> ``trial.report``; ``should_prune`` honoured).
+The sweeper then tells the trial its value (the job's return: the best metric of the run), or
+FAIL with the error as the ``error`` user attr, or PRUNED; a failing trial never stops the sweep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from sweeper import config as config_mod
+
+log = logging.getLogger(__name__)
+
+_COVERED = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.RUNNING,
+    optuna.trial.TrialState.WAITING,
+)
+DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS = 10
+
+
+# --------------------------------------------------------------------------- storage helpers
+
+
+def mask_url(url: str) -> str:
+    """The storage URL with any password replaced by ***, for printing and logs."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for an SQLAlchemy URL; creates the SQLite file's folder if needed."""
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url)
+
+
+def make_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner:
+    name = pruner_cfg.name
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=int(pruner_cfg.n_startup_trials), n_warmup_steps=int(pruner_cfg.n_warmup_steps)
+        )
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    raise ValueError(
+        f"hydra.sweeper.pruner.name must be one of none, median, hyperband, but got {name!r}"
+    )
+
+
+def make_sampler(sampler_cfg: Any) -> optuna.samplers.BaseSampler:
+    name, seed = sampler_cfg.name, sampler_cfg.seed
+    if name in ("tpe", "grid"):  # grid points are ours (enqueued); TPE samples the rest
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"hydra.sweeper.sampler.name must be one of tpe, random, grid, but got {name!r}")
+
+
+# --------------------------------------------------------------------------- override translation
+
+
+@dataclass
+class SweepSpace:
+    """What a multirun's overrides mean for the study."""
+
+    fixed: list[str] = field(default_factory=list)  # overrides passed unchanged to every job
+    grid: list[tuple[str, list[tuple[Any, str]]]] = field(default_factory=list)  # key -> [(value, override text)]
+    distributions: dict[str, optuna.distributions.BaseDistribution] = field(default_factory=dict)
+
+    def grid_points(self) -> list[dict[str, tuple[Any, str]]]:
+        if not self.grid:
+            return [{}]
+        keys = [k for k, _ in self.grid]
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in self.grid))]
+
+    def grid_distributions(self) -> dict[str, optuna.distributions.CategoricalDistribution]:
+        return {k: optuna.distributions.CategoricalDistribution([v for v, _ in vals]) for k, vals in self.grid}
+
+
+def _number(x: Any) -> Any:
+    return float(x) if hasattr(x, "as_tuple") else x  # decimal.Decimal from Hydra float ranges
+
+
+def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
+    """One parsed Hydra override -> ``("fixed", text)``, ``("grid", [(value, text)])`` or
+    ``("dist", distribution)``. Pure; table-tested against Hydra's basic sweeper expansion."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep, Transformer
+
+    key = override.get_key_element()
+    if not override.is_sweep_override():
+        return "fixed", override.input_line
+    value = override.value()
+    tags = set(getattr(value, "tags", set()) or set())
+    log_scale = "log" in tags
+    if override.is_choice_sweep():
+        items = list(override.sweep_iterator(transformer=Transformer.encode))
+        texts = list(override.sweep_string_iterator())
+        pairs = [(_number(v) if not isinstance(v, str) else v, t) for v, t in zip(items, texts)]
+        if isinstance(value, ChoiceSweep) and not value.simple_form and not grid_sampler:
+            return "dist", optuna.distributions.CategoricalDistribution([v for v, _ in pairs])
+        return "grid", pairs  # comma list or glob: a grid axis
+    if isinstance(value, RangeSweep):
+        values = [_number(v) for v in override.sweep_iterator()]
+        texts = list(override.sweep_string_iterator())
+        if not values:
+            raise ValueError(f"{key}={override.input_line.split('=', 1)[1]}: the range is empty (stop is excluded)")
+        if grid_sampler:
+            return "grid", list(zip(values, texts))
+        if all(isinstance(v, int) for v in values):
+            step = int(value.step)
+            if log_scale and step != 1:
+                raise ValueError(f"{key}: tag(log, range(...)) needs step 1, but got step {step}")
+            return "dist", optuna.distributions.IntDistribution(
+                low=values[0], high=values[-1], step=1 if log_scale else step, log=log_scale
+            ) if values[0] <= values[-1] else optuna.distributions.CategoricalDistribution(values)
+        return "dist", optuna.distributions.CategoricalDistribution(values)
+    if isinstance(value, IntervalSweep):
+        if grid_sampler:
+            raise ValueError(
+                f"{key}: interval(...) is continuous and cannot be a grid axis; use sampler.name=tpe "
+                "or give a comma list / range(...)"
+            )
+        lo, hi = float(value.start), float(value.end)
+        if "int" in tags:
+            return "dist", optuna.distributions.IntDistribution(int(lo), int(hi), log=log_scale)
+        return "dist", optuna.distributions.FloatDistribution(lo, hi, log=log_scale)
+    raise ValueError(f"{override.input_line}: unsupported sweep type {type(value).__name__}")
+
+
+def build_space(overrides: Sequence[Any], *, grid_sampler: bool = False) -> SweepSpace:
+    space = SweepSpace()
+    for ov in overrides:
+        kind, payload = translate(ov, grid_sampler=grid_sampler)
+        key = ov.get_key_element()
+        if kind == "fixed":
+            space.fixed.append(payload)
+        elif kind == "grid":
+            space.grid.append((key, payload))
+        else:
+            space.distributions[key] = payload
+    return space
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------- the job side
+
+
+class TrialReporter:
+    """The job's handle on its own trial: report, prune, store attrs. Used by ``sweeper.trial``."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    @classmethod
+    def from_job(cls, cfg: DictConfig) -> "TrialReporter":
+        from hydra.core.hydra_config import HydraConfig
+
+        sweeper_cfg = HydraConfig.get().sweeper
+        study = optuna.load_study(
+            study_name=cfg.study.name, storage=open_storage(sweeper_cfg.storage),
+            pruner=make_pruner(sweeper_cfg.pruner),
+        )
+        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(cfg.study.trial_number))
+        return cls(optuna.Trial(study, trial_id))
+
+    def report(self, value: float, step: int) -> None:
+        self.trial.report(value, step)
+
+    def should_prune(self) -> bool:
+        return self.trial.should_prune()
+
+    def prune(self, step: int) -> None:
+        raise optuna.TrialPruned(f"pruned at step {step}")
+
+    def set_attrs(self, attrs: dict) -> None:
+        for k, v in attrs.items():
+            self.trial.set_user_attr(k, v)
+
+
+# --------------------------------------------------------------------------- the sweeper side
+
+
+class StudySweeper:
+    """Implementation behind ``hydra_plugins.sft_sweep.SftSweepSweeper``."""
+
+    def __init__(self, storage: str, study_name: str | None, n_trials: int | None, sampler: Any,
+                 pruner: Any, params: Any = None) -> None:
+        self.storage_url = storage
+        self.study_name = study_name
+        self.n_trials = n_trials
+        self.sampler_cfg = sampler
+        self.pruner_cfg = pruner
+        self.params = params or {}
+        self.job_idx = 0
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    # -- helpers
+
+    def _study_name(self, space: SweepSpace) -> str:
+        if self.study_name:
+            return str(self.study_name)
+        swept = {k for k, _ in space.grid} | set(space.distributions)
+        clash = swept & {"data", "model"}
+        if clash:
+            raise ValueError(
+                f"one study per dataset and model: {sorted(clash)} is swept, so trials of different "
+                "datasets/models would share a study; run one multirun per dataset, or name the study "
+                "with hydra.sweeper.study_name=..."
+            )
+        return f"{self.config.data.name}-{self.config.model.name}"
+
+    def _preflight(self, space: SweepSpace) -> None:
+        """Compose and check every grid point (and the data each one names) before any trial."""
+        from sweeper import data as data_mod
+
+        seen_data: set[str] = set()
+        for point in space.grid_points():
+            overrides = space.fixed + [f"{k}={t}" for k, (_, t) in point.items()]
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+            config_mod.validate(cfg)
+            key = OmegaConf.to_yaml(cfg.data)
+            if key not in seen_data:
+                seen_data.add(key)
+                data_mod.load(cfg.data, cfg.paths.cache_dir)
+
+    def _create_study(self, name: str) -> optuna.Study:
+        direction = config_mod.metric_direction(self.config.eval.metric)
+        study = optuna.create_study(
+            study_name=name, storage=open_storage(self.storage_url), sampler=make_sampler(self.sampler_cfg),
+            pruner=make_pruner(self.pruner_cfg), direction=direction, load_if_exists=True,
+        )
+        if study.direction.name.lower() != direction:
+            raise ValueError(
+                f"study {name!r} in {mask_url(self.storage_url)} was created to {study.direction.name.lower()}, "
+                f"but eval.metric={self.config.eval.metric} needs {direction}; use another hydra.sweeper.study_name"
+            )
+        study.set_user_attr("metric", str(self.config.eval.metric))
+        study.set_user_attr("data", str(self.config.data.name))
+        study.set_user_attr("model", str(self.config.model.name))
+        return study
+
+    @staticmethod
+    def _matches(trial: optuna.trial.FrozenTrial, point: dict[str, tuple[Any, str]]) -> bool:
+        params = trial.system_attrs.get("fixed_params", trial.params)
+        return all(k in params and params[k] == v for k, (v, _) in point.items())
+
+    def _next_point(self, study: optuna.Study, points: list, pure_grid: bool, total: int) -> dict | None:
+        trials = study.get_trials(deepcopy=False, states=_COVERED)
+        if len(trials) >= total:
+            return None
+        if pure_grid:
+            for point in points:
+                if not any(self._matches(t, point) for t in trials):
+                    return point
+            return None
+        # with distributions: the grid point with the fewest trials so far, in grid order
+        counts = [sum(self._matches(t, p) for t in trials) for p in points]
+        return points[counts.index(min(counts))]
+
+    # -- the sweep
+
+    def sweep(self, arguments: list[str]) -> list[Any]:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.core.utils import JobStatus
+
+        params_args = [f"{k}={v}" for k, v in self.params.items()]
+        cli_keys = {a.split("=", 1)[0].lstrip("+~") for a in arguments}
+        all_args = [a for a in params_args if a.split("=", 1)[0] not in cli_keys] + list(arguments)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        parsed = parser.parse_overrides(all_args)
+        space = build_space(parsed, grid_sampler=self.sampler_cfg.name == "grid")
+        points = space.grid_points()
+        pure_grid = not space.distributions
+        if self.n_trials is not None and self.n_trials < 1:
+            raise ValueError(f"hydra.sweeper.n_trials must be >= 1 or null, but got {self.n_trials}")
+        total = self.n_trials or (len(points) if pure_grid else DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS)
+
+        name = self._study_name(space)
+        self._preflight(space)  # raises before any trial exists
+        study = self._create_study(name)
+        grid_dists = space.grid_distributions()
+        log.info("study %r in %s: %d grid point(s) x %s; %d trial(s) in all",
+                 name, mask_url(self.storage_url), len(points),
+                 sorted(space.distributions) or "no distributions", total)
+
+        returns = []
+        while True:
+            point = self._next_point(study, points, pure_grid, total)
+            if point is None:
+                break
+            if point:
+                study.enqueue_trial({k: v for k, (v, _) in point.items()})
+            trial = study.ask(fixed_distributions={**grid_dists, **space.distributions})
+            overrides = list(space.fixed)
+            for key in [k for k, _ in space.grid] + list(space.distributions):
+                value = trial.params[key]
+                text = point[key][1] if key in point and point[key][0] == value else _value_text(value)
+                overrides.append(f"{key}={text}")
+            overrides += [f"study.name={name}", f"study.trial_number={trial.number}"]
+            log.info("trial %d: %s", trial.number, " ".join(overrides[:-2]))
+            self.hydra_context.config_loader.load_sweep_config(self.config, overrides)  # fails before launch
+            [ret] = self.launcher.launch([overrides], initial_job_idx=self.job_idx)
+            self.job_idx += 1
+            returns.append(ret)
+            if ret.status == JobStatus.COMPLETED:
+                value = ret.return_value
+                if value is None or not math.isfinite(float(value)):
+                    trial.set_user_attr("error", f"objective is {value}")
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                else:
+                    study.tell(trial, float(value))
+            else:
+                exc = ret._return_value
+                if isinstance(exc, optuna.TrialPruned):
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    log.info("trial %d pruned: %s", trial.number, exc)
+                else:
+                    trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    log.error("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+
+        from sweeper.report import summary_markdown
+
+        text = summary_markdown(study)
+        print(text)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / "summary.md").write_text(text + "\n", encoding="utf-8")
+        return returns

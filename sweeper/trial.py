@@ -1,0 +1,246 @@
+"""One trial: composed config -> data -> model -> SFTConfig + SFTTrainer -> best eval metric.
+
+    python train.py schedule=under          # one trial, no study
+    python train.py -m schedule=under,sweet # each job reports into its own Optuna trial
+
+This is the only module that imports TRL and transformers. It talks to the study through a
+``reporter`` (``sweeper.study.TrialReporter``) so that it never imports Optuna itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sweeper import config as config_mod
+from sweeper import data as data_mod
+from sweeper import model as model_mod
+from sweeper.plan import Plan, make_plan
+
+log = logging.getLogger(__name__)
+
+
+class DivergedError(RuntimeError):
+    """Raised when a logged loss is NaN or infinite."""
+
+
+def _job_dir(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under @hydra.main (tests calling run() directly)
+        path = Path(cfg.paths.output_dir) / "runs" / "direct"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def _choices() -> dict[str, str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return {k: v for k, v in HydraConfig.get().runtime.choices.items()
+                if v is not None and not k.startswith("hydra/")}
+    except ValueError:
+        return {}
+
+
+def preflight(cfg: DictConfig) -> data_mod.Splits:
+    """Every check that needs no model: config rules and the data. Raises before any GPU time."""
+    config_mod.validate(cfg)
+    return data_mod.load(cfg.data, cfg.paths.cache_dir)
+
+
+def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_format: str) -> Any:
+    """Map the composed config onto TRL's SFTConfig (names are TRL's own)."""
+    import torch
+    from trl import SFTConfig
+
+    e, b, lr, s = cfg.eval, cfg.batch, cfg.lr, cfg.schedule
+    completion = cfg.data.loss_on == "completion"
+    direction = config_mod.metric_direction(e.metric)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        seed=int(cfg.seed),
+        data_seed=int(cfg.data.seed),
+        # schedule
+        max_steps=int(s.max_steps) if s.max_steps is not None else -1,
+        num_train_epochs=float(s.num_train_epochs) if s.num_train_epochs is not None else 1.0,
+        # batch
+        per_device_train_batch_size=int(b.per_device_train_batch_size),
+        gradient_accumulation_steps=int(b.gradient_accumulation_steps),
+        per_device_eval_batch_size=int(b.per_device_eval_batch_size),
+        gradient_checkpointing=bool(b.gradient_checkpointing),
+        # lr
+        learning_rate=float(lr.learning_rate),
+        lr_scheduler_type=str(lr.lr_scheduler_type),
+        warmup_steps=float(lr.warmup_steps) if lr.warmup_steps < 1 else int(lr.warmup_steps),
+        weight_decay=float(lr.weight_decay),
+        max_grad_norm=float(lr.max_grad_norm),
+        optim=str(lr.optim),
+        # precision
+        bf16=compute == "bf16",
+        fp16=compute == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        # data (TRL)
+        max_length=int(cfg.data.max_length),
+        packing=bool(cfg.data.packing),
+        assistant_only_loss=completion and data_format == "messages",
+        completion_only_loss=completion if data_format == "prompt_completion" else None,
+        # evaluation, early stopping, checkpoints
+        eval_strategy="steps",
+        eval_steps=int(e.eval_steps),
+        metric_for_best_model=str(e.metric),
+        greater_is_better=direction == "maximize",
+        save_strategy="best" if e.save_best else "no",
+        save_total_limit=1,
+        load_best_model_at_end=False,
+        logging_steps=int(e.logging_steps),
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
+
+
+def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict) -> list:
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    metric = str(cfg.eval.metric)
+    maximize = config_mod.metric_direction(metric) == "maximize"
+
+    class ObjectiveCallback(TrainerCallback):
+        """Track the best metric, report each evaluation to the trial, honour pruning, catch NaN."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise DivergedError(f"diverged at step {state.global_step}: train loss is {loss}")
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            value = (metrics or {}).get(metric)
+            if value is None:
+                raise ValueError(f"eval.metric={metric!r} is not among the evaluation metrics {sorted(metrics or {})}")
+            step = state.global_step
+            tracker["last_eval_step"] = step
+            tracker.setdefault("curve", []).append([step, float(value)])
+            if not math.isfinite(value):
+                raise DivergedError(f"diverged at step {step}: {metric} is {value}")
+            best = tracker.get("best")
+            if best is None or (value > best if maximize else value < best):
+                tracker["best"], tracker["best_step"] = float(value), step
+            if reporter is not None:
+                reporter.report(float(value), step)
+                if reporter.should_prune():
+                    reporter.prune(step)
+
+    callbacks = [ObjectiveCallback()]
+    if cfg.eval.early_stopping_patience is not None:
+        stopper = EarlyStoppingCallback(
+            early_stopping_patience=int(cfg.eval.early_stopping_patience),
+            early_stopping_threshold=float(cfg.eval.early_stopping_threshold),
+        )
+        tracker["stopper"] = stopper
+        callbacks.append(stopper)
+    return callbacks
+
+
+def _mean_tokens(dataset: Any) -> float:
+    if dataset is None or len(dataset) == 0 or "input_ids" not in dataset.column_names:
+        return 0.0
+    if "seq_lengths" in dataset.column_names:  # packed: input_ids spans several rows
+        return sum(len(x) for x in dataset["input_ids"]) / len(dataset)
+    return sum(len(x) for x in dataset["input_ids"]) / len(dataset)
+
+
+def run(cfg: DictConfig, reporter: Any = None) -> float:
+    """Train one configuration and return the best value of ``eval.metric`` over the run.
+
+    In a multirun the sweeper fills ``cfg.study``; the job then reports every evaluation to its
+    own trial and stores the plan and results as user attrs. Raises on bad input before
+    loading the model.
+    """
+    from trl import SFTTrainer
+
+    splits = preflight(cfg)
+    if reporter is None and cfg.study.trial_number is not None:
+        from sweeper.study import TrialReporter
+
+        reporter = TrialReporter.from_job(cfg)
+    job_dir = _job_dir(cfg)
+    model, tokenizer, compute = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)
+
+    peft_config = None
+    if cfg.peft.name == "lora":
+        from peft import LoraConfig
+
+        target = cfg.peft.target_modules
+        peft_config = LoraConfig(
+            r=int(cfg.peft.r), lora_alpha=int(cfg.peft.lora_alpha), lora_dropout=float(cfg.peft.lora_dropout),
+            target_modules=OmegaConf.to_object(target) if isinstance(target, DictConfig) or OmegaConf.is_list(target) else target,
+            task_type="CAUSAL_LM",
+        )
+    args = build_sft_config(cfg, output_dir=job_dir, compute=compute, data_format=splits.format)
+    tracker: dict = {}
+    if cfg.report_to == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(job_dir / "tensorboard")
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+        processing_class=tokenizer, peft_config=peft_config,
+        callbacks=_make_callbacks(cfg, reporter, tracker),
+    )
+
+    n_gpus = max(args.world_size, 1)
+    plan: Plan = make_plan(
+        train_rows=len(trainer.train_dataset),
+        micro_batch=args.per_device_train_batch_size,
+        grad_accum=args.gradient_accumulation_steps,
+        n_gpus=n_gpus,
+        max_steps=cfg.schedule.max_steps,
+        num_train_epochs=cfg.schedule.num_train_epochs,
+        mean_tokens_per_row=_mean_tokens(trainer.train_dataset),
+        warmup=float(cfg.lr.warmup_steps),
+    )
+    log.info("plan: %s", plan.describe())
+    log.info("precision: %s; method: %s; job dir: %s", compute, cfg.peft.name, job_dir)
+    if reporter is not None:
+        reporter.set_attrs({"plan": plan.as_dict(), "choices": _choices(), "run_dir": str(job_dir),
+                            "precision": compute, "max_steps": plan.max_steps,
+                            "effective_batch": plan.effective_batch})
+
+    trainer.train()
+    state = trainer.state
+    if tracker.get("last_eval_step") != state.global_step:
+        trainer.evaluate()  # the run's final point, when max_steps is not a multiple of eval_steps
+
+    stopper = tracker.get("stopper")
+    stopped_early = (
+        stopper is not None
+        and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
+        and state.global_step < state.max_steps
+    )
+    best = tracker.get("best")
+    if best is None:
+        raise RuntimeError("no evaluation ran; check eval.eval_steps and the eval split")
+    results = {
+        "best_value": best,
+        "best_step": tracker["best_step"],
+        "steps_trained": state.global_step,
+        "epochs_trained": round(float(state.epoch or 0.0), 4),
+        "samples_seen": state.global_step * plan.effective_batch,
+        "tokens_seen": int(state.num_input_tokens_seen or 0),
+        "stopped_early_step": state.global_step if stopped_early else None,
+        "best_checkpoint": state.best_model_checkpoint,
+        "curve": tracker.get("curve", []),
+    }
+    log.info(
+        "best %s %.4f at step %d of %d%s", cfg.eval.metric, best, results["best_step"], state.global_step,
+        f" (stopped early at {state.global_step})" if stopped_early else "",
+    )
+    if reporter is not None:
+        reporter.set_attrs({k: v for k, v in results.items() if k != "curve"})
+    return float(best)
