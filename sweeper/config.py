@@ -63,7 +63,7 @@ class BatchConfig:
     per_device_train_batch_size: int = MISSING  # micro-batch, rows per forward pass
     gradient_accumulation_steps: int = MISSING  # micro-batches per optimizer step
     per_device_eval_batch_size: int = MISSING
-    gradient_checkpointing: bool = MISSING
+    activation_checkpointing: bool = MISSING  # transformers 5 name of gradient checkpointing
 
 
 @dataclass

@@ -9,7 +9,8 @@ Hydra's sweep grammar, translated exactly (:func:`translate`):
   Re-running the same command resumes the study and runs only the points that have no COMPLETE,
   PRUNED, RUNNING or WAITING trial (FAILED points run again).
 - ``choice(a,b)`` -> categorical; ``range(start,stop,step)`` -> integers with the stop **excluded**
-  (Hydra's rule; float ranges become the categorical list Hydra itself would expand);
+  (Hydra's rule; a float range becomes the categorical list of its points, computed in decimal so
+  that float drift never lets the stop in);
   ``interval(lo,hi)`` -> float in [lo, hi]; ``tag(log, ...)`` -> log scale. These are sampled by
   ``sampler`` (tpe, random); ``sampler.name=grid`` instead expands choice and range into the grid.
 - ``n_trials`` is the study's total (COMPLETE, PRUNED, RUNNING and WAITING trials count), never
@@ -115,6 +116,21 @@ def _number(x: Any) -> Any:
     return float(x) if hasattr(x, "as_tuple") else x  # decimal.Decimal from Hydra float ranges
 
 
+def _float_range(value: Any) -> list[float]:
+    """Hydra's range(start, stop, step) on floats, stop excluded, without float drift
+    (Hydra's own expansion of range(0.1,0.4,0.1) yields 0.30000000000000004 and then 0.4)."""
+    from decimal import Decimal
+
+    start, stop, step = (Decimal(str(x)) for x in (value.start, value.stop, value.step))
+    if step == 0:
+        raise ValueError("range(...) step must not be 0")
+    out, x = [], start
+    while (x < stop) if step > 0 else (x > stop):
+        out.append(float(x))
+        x += step
+    return out
+
+
 def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
     """One parsed Hydra override -> ``("fixed", text)``, ``("grid", [(value, text)])`` or
     ``("dist", distribution)``. Pure; table-tested against Hydra's basic sweeper expansion."""
@@ -134,8 +150,11 @@ def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
             return "dist", optuna.distributions.CategoricalDistribution([v for v, _ in pairs])
         return "grid", pairs  # comma list or glob: a grid axis
     if isinstance(value, RangeSweep):
-        values = [_number(v) for v in override.sweep_iterator()]
-        texts = list(override.sweep_string_iterator())
+        if all(isinstance(x, int) for x in (value.start, value.stop, value.step)):
+            values = [_number(v) for v in override.sweep_iterator()]
+        else:
+            values = _float_range(value)
+        texts = [_value_text(v) for v in values]
         if not values:
             raise ValueError(f"{key}={override.input_line.split('=', 1)[1]}: the range is empty (stop is excluded)")
         if grid_sampler:
@@ -147,7 +166,7 @@ def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
             return "dist", optuna.distributions.IntDistribution(
                 low=values[0], high=values[-1], step=1 if log_scale else step, log=log_scale
             ) if values[0] <= values[-1] else optuna.distributions.CategoricalDistribution(values)
-        return "dist", optuna.distributions.CategoricalDistribution(values)
+        return "dist", optuna.distributions.CategoricalDistribution(_float_range(value))
     if isinstance(value, IntervalSweep):
         if grid_sampler:
             raise ValueError(

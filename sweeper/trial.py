@@ -61,6 +61,11 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
     import torch
     from trl import SFTConfig
 
+    if compute == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            f"precision={cfg.precision.name} (fp16 mixed precision) needs a CUDA GPU, and none is visible; "
+            "pick precision=auto (fp32 on CPU) or precision=fp32"
+        )
     e, b, lr, s = cfg.eval, cfg.batch, cfg.lr, cfg.schedule
     completion = cfg.data.loss_on == "completion"
     direction = config_mod.metric_direction(e.metric)
@@ -75,7 +80,7 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
         per_device_train_batch_size=int(b.per_device_train_batch_size),
         gradient_accumulation_steps=int(b.gradient_accumulation_steps),
         per_device_eval_batch_size=int(b.per_device_eval_batch_size),
-        gradient_checkpointing=bool(b.gradient_checkpointing),
+        activation_checkpointing=bool(b.activation_checkpointing),
         # lr
         learning_rate=float(lr.learning_rate),
         lr_scheduler_type=str(lr.lr_scheduler_type),
@@ -152,8 +157,6 @@ def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict) -> list:
 def _mean_tokens(dataset: Any) -> float:
     if dataset is None or len(dataset) == 0 or "input_ids" not in dataset.column_names:
         return 0.0
-    if "seq_lengths" in dataset.column_names:  # packed: input_ids spans several rows
-        return sum(len(x) for x in dataset["input_ids"]) / len(dataset)
     return sum(len(x) for x in dataset["input_ids"]) / len(dataset)
 
 
@@ -196,7 +199,7 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
 
     n_gpus = max(args.world_size, 1)
     plan: Plan = make_plan(
-        train_rows=len(trainer.train_dataset),
+        train_rows=len(trainer.train_dataset),  # prepared: after truncation drops (and packing)
         micro_batch=args.per_device_train_batch_size,
         grad_accum=args.gradient_accumulation_steps,
         n_gpus=n_gpus,
@@ -205,10 +208,19 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
         mean_tokens_per_row=_mean_tokens(trainer.train_dataset),
         warmup=float(cfg.lr.warmup_steps),
     )
+    prepared_rows = len(trainer.train_dataset)
+    dropped = len(splits.train) - prepared_rows if not cfg.data.packing else 0
+    if dropped > 0:
+        log.warning(
+            "%d of %d train rows lost all their loss tokens to truncation at data.max_length=%d and were "
+            "dropped; raise data.max_length to keep them", dropped, len(splits.train), cfg.data.max_length,
+        )
     log.info("plan: %s", plan.describe())
     log.info("precision: %s; method: %s; job dir: %s", compute, cfg.peft.name, job_dir)
     if reporter is not None:
         reporter.set_attrs({"plan": plan.as_dict(), "choices": _choices(), "run_dir": str(job_dir),
+                            "train_rows": len(splits.train), "prepared_train_rows": prepared_rows,
+                            "eval_rows": len(splits.eval),
                             "precision": compute, "max_steps": plan.max_steps,
                             "effective_batch": plan.effective_batch})
 

@@ -1,0 +1,63 @@
+"""Fixtures that compose the real app config from conf/, shrunk for CPU and pointed at tmp paths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import sweeper.config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_DATA = Path(os.environ.get("SFT_SWEEP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+sweeper.config.register()
+
+# Small, fast settings for CPU tests; every test that trains starts from these.
+FAST = [
+    "schedule.max_steps=12",
+    "eval.eval_steps=4",
+    "eval.logging_steps=4",
+    "batch.per_device_train_batch_size=4",
+    "batch.gradient_accumulation_steps=1",
+    "report_to=none",
+    "data.demo_rows=120",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache (tiny model, generated data, datasets) for the whole session."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def compose_cfg(tmp_path, cache_dir):
+    """compose_cfg(*overrides) -> the composed app config (hydra node included), paths in tmp."""
+
+    def _compose(*overrides: str, hydra: bool = True):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(
+                config_name="config",
+                overrides=[f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *overrides],
+                return_hydra_config=hydra,
+            )
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `python train.py ...` in a subprocess; return the completed process (never raises)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=timeout,
+    )

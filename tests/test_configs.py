@@ -1,0 +1,98 @@
+"""Every option of every group composes, passes validation and maps onto TRL's SFTConfig."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from sweeper import config as config_mod
+from sweeper.model import resolve_compute
+from sweeper.trial import build_sft_config
+
+from .conftest import CONF
+
+GROUPS = ["model", "data", "batch", "schedule", "lr", "precision", "peft"]
+# options that need a value only the user can give
+REQUIRED = {("data", "jsonl"): ["data.train_path=rows.jsonl"], ("data", "hub"): ["data.train_path=org/set"]}
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_composes_and_builds_sft_config(compose_cfg, tmp_path, group, option):
+    extra = ["peft=lora"] if (group, option) == ("precision", "qlora4") else []
+    cfg = compose_cfg(f"{group}={option}", *REQUIRED.get((group, option), []), *extra)
+    assert cfg.hydra.runtime.choices[group] == option
+    config_mod.validate(cfg)
+    compute = resolve_compute(cfg.precision.compute)
+    if compute == "fp16":
+        pytest.skip("fp16 mixed precision needs a CUDA GPU")
+    args = build_sft_config(cfg, output_dir=tmp_path, compute=compute, data_format="messages")
+    assert args.per_device_train_batch_size == cfg.batch.per_device_train_batch_size
+    assert args.learning_rate == cfg.lr.learning_rate
+    assert args.max_length == cfg.data.max_length
+    assert args.eval_steps == cfg.eval.eval_steps
+    assert args.bf16 is (compute == "bf16")
+
+
+def test_presets_hold_the_documented_values(compose_cfg):
+    steps = {o: compose_cfg(f"schedule={o}").schedule.max_steps for o in ("under", "sweet", "over")}
+    assert steps == {"under": 500, "sweet": 1500, "over": 3000}
+    assert compose_cfg("schedule=epochs3").schedule.num_train_epochs == 3
+    batches = {o: (compose_cfg(f"batch={o}").batch.per_device_train_batch_size,
+                   compose_cfg(f"batch={o}").batch.gradient_accumulation_steps)
+               for o in ("conservative", "balanced", "aggressive", "memory_constrained")}
+    assert batches == {"conservative": (4, 4), "balanced": (8, 2), "aggressive": (12, 1), "memory_constrained": (2, 8)}
+    lora = compose_cfg("model=qwen2.5-1.5b")
+    assert (lora.lr.learning_rate, lora.lr.lr_scheduler_type, lora.lr.warmup_steps, lora.peft.name) == (2e-4, "cosine", 0.03, "lora")
+    assert compose_cfg("lr=full").lr.learning_rate == 2e-5
+
+
+def test_tiny_model_trains_all_weights_unless_told_otherwise(compose_cfg):
+    cfg = compose_cfg()
+    assert (cfg.model.name, cfg.peft.name, cfg.lr.learning_rate) == ("tiny", "none", 1e-3)
+    cfg = compose_cfg("peft=lora", "lr=lora")
+    assert (cfg.peft.name, cfg.lr.learning_rate) == ("lora", 2e-4)
+
+
+def test_misspelt_key_is_one_clear_error(compose_cfg):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg("batch.per_device_train_batchsize=4")
+    assert "per_device_train_batchsize" in str(e.value)
+
+
+def test_wrong_type_is_one_clear_error(compose_cfg):
+    with pytest.raises((ValidationError, ConfigCompositionException)) as e:
+        compose_cfg("schedule.max_steps=lots")
+    assert "max_steps" in str(e.value) or "max_steps" in str(e.value.__cause__)
+
+
+def test_unknown_group_option_names_the_valid_ones(compose_cfg):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg("schedule=forever")
+    msg = str(e.value)
+    assert "forever" in msg and "sweet" in msg
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["schedule.max_steps=0"], "schedule.max_steps must be positive, but got 0"),
+    (["schedule.max_steps=10", "lr.warmup_steps=20"], "lr.warmup_steps (20 steps) must be shorter than schedule.max_steps (10)"),
+    (["schedule.max_steps=null"], "set exactly one of schedule.max_steps and schedule.num_train_epochs"),
+    (["data.eval_fraction=1.5"], "data.eval_fraction must be between 0 and 1"),
+    (["precision=qlora4", "peft=none"], "add peft=lora"),
+    (["eval.metric=accuracy"], "eval.metric must be one of ['eval_loss']"),
+    (["batch.gradient_accumulation_steps=0"], "batch.gradient_accumulation_steps must be >= 1"),
+])
+def test_cross_key_rules_say_rule_value_fix(compose_cfg, overrides, needle):
+    cfg = compose_cfg(*overrides)
+    with pytest.raises(ValueError) as e:
+        config_mod.validate(cfg)
+    assert needle in str(e.value)
+
+
+def test_schema_rejects_unknown_top_level_key(compose_cfg):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("learning_rate=1e-4")

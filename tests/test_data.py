@@ -1,0 +1,98 @@
+"""Data loading: formats, splits, and one clear error per kind of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sweeper import data as data_mod
+
+from .conftest import SHARED_DATA
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _msgs(n):
+    return [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(n)]
+
+
+def test_demo_is_deterministic_and_labelled():
+    a, b = data_mod.demo_rows(50, seed=3), data_mod.demo_rows(50, seed=3)
+    assert a == b and a != data_mod.demo_rows(50, seed=4)
+    labels = {r["messages"][1]["content"] for r in data_mod.demo_rows(400, seed=0)}
+    assert labels == set(data_mod._DEMO_INTENTS)
+
+
+def test_eval_fraction_split_is_seeded_and_disjoint(compose_cfg, tmp_path):
+    cfg = compose_cfg("data=jsonl", f"data.train_path={_write(tmp_path / 'rows.jsonl', _msgs(100))}",
+                      "data.eval_fraction=0.2")
+    s1 = data_mod.load(cfg.data, cfg.paths.cache_dir)
+    s2 = data_mod.load(cfg.data, cfg.paths.cache_dir)
+    assert (len(s1.train), len(s1.eval), s1.format) == (80, 20, "messages")
+    assert s1.eval["messages"] == s2.eval["messages"]
+    key = lambda ds: {m[0]["content"] for m in ds["messages"]}  # noqa: E731
+    assert not key(s1.train) & key(s1.eval)
+    assert cfg.data.name == "rows"  # named after the file
+
+
+def test_prompt_completion_csv_and_parquet(compose_cfg, tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}", "extra": i} for i in range(20)]
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "rows.csv"))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    for name in ("rows.csv", "rows.parquet"):
+        cfg = compose_cfg("data=jsonl", f"data.train_path={tmp_path / name}")
+        s = data_mod.load(cfg.data, cfg.paths.cache_dir)
+        assert s.format == "prompt_completion" and s.train.column_names == ["prompt", "completion"]
+
+
+def test_explicit_eval_file_and_row_caps(compose_cfg, tmp_path):
+    cfg = compose_cfg("data=jsonl", f"data.train_path={_write(tmp_path / 't.jsonl', _msgs(30))}",
+                      f"data.eval_path={_write(tmp_path / 'e.jsonl', _msgs(12))}",
+                      "data.max_train_rows=10", "data.max_eval_rows=5")
+    s = data_mod.load(cfg.data, cfg.paths.cache_dir)
+    assert (len(s.train), len(s.eval)) == (10, 5)
+
+
+def test_banking77_sample_reads_shared_data(compose_cfg):
+    if not (SHARED_DATA / "banking77" / "train.jsonl").exists():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    cfg = compose_cfg("data=banking77_sample", f"data.train_path={SHARED_DATA}/banking77/train.jsonl")
+    s = data_mod.load(cfg.data, cfg.paths.cache_dir)
+    assert (len(s.train), len(s.eval), s.format) == (400, 80, "messages")
+    labels = set(json.loads((SHARED_DATA / "banking77" / "labels.json").read_text()))
+    assert {r[-1]["content"] for r in s.train["messages"]} <= labels
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "file not found"),
+    ("", "is empty"),
+    ("\n\n", "has no rows"),
+    ('{"messages": []}\n{"messages": [}\n', "line 2 is not valid JSON"),
+    ('[1, 2]\n', "line 1 is a JSON list, not an object"),
+    ('{"text": "hello"}\n', "need a 'messages' column"),
+    ('{"prompt": "hello"}\n', "'prompt' and 'completion' columns, but found columns ['prompt']"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "has no assistant message"),
+])
+def test_bad_files_give_one_clear_error(compose_cfg, tmp_path, content, needle):
+    path = tmp_path / "bad.jsonl"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    cfg = compose_cfg("data=jsonl", f"data.train_path={path}")
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        data_mod.load(cfg.data, cfg.paths.cache_dir)
+    assert needle in str(e.value)
+    assert "data.train_path" in str(e.value)
+
+
+def test_eval_split_larger_than_data(compose_cfg, tmp_path):
+    cfg = compose_cfg("data=jsonl", f"data.train_path={_write(tmp_path / 'few.jsonl', _msgs(3))}",
+                      "data.eval_fraction=0.9")
+    with pytest.raises(ValueError, match=r"leaves 3 eval and 0 train rows"):
+        data_mod.load(cfg.data, cfg.paths.cache_dir)
