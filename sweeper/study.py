@@ -108,8 +108,26 @@ class SweepSpace:
         keys = [k for k, _ in self.grid]
         return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in self.grid))]
 
-    def grid_distributions(self) -> dict[str, optuna.distributions.CategoricalDistribution]:
-        return {k: optuna.distributions.CategoricalDistribution([v for v, _ in vals]) for k, vals in self.grid}
+    def grid_distributions(self, group_options: Any = None) -> dict[str, optuna.distributions.BaseDistribution]:
+        """Distributions that record grid values as Optuna params.
+
+        Optuna forbids a categorical param from changing its choices within a study, yet a user
+        extends a grid (``under,sweet`` then ``under,sweet,over``). So numbers are recorded on an
+        int/float range (whose bounds may change), and config-group choices on the group's full
+        option list; other values on the list given.
+        """
+        out: dict[str, optuna.distributions.BaseDistribution] = {}
+        for key, vals in self.grid:
+            values = [v for v, _ in vals]
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                out[key] = optuna.distributions.IntDistribution(min(values), max(values))
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                out[key] = optuna.distributions.FloatDistribution(float(min(values)), float(max(values)))
+            else:
+                options = group_options(key) if group_options else None
+                choices = options if options and set(values) <= set(options) else values
+                out[key] = optuna.distributions.CategoricalDistribution(choices)
+        return out
 
 
 def _number(x: Any) -> Any:
@@ -305,20 +323,51 @@ class StudySweeper:
         study.set_user_attr("model", str(self.config.model.name))
         return study
 
+    def _group_options(self, key: str) -> list[str] | None:
+        from hydra.core.object_type import ObjectType
+
+        if "." in key or key.startswith(("+", "~")):
+            return None
+        options = self.hydra_context.config_loader.get_group_options(key, results_filter=ObjectType.CONFIG)
+        return sorted(options) or None
+
+    @staticmethod
+    def _check_compatible(study: optuna.Study, dists: dict[str, optuna.distributions.BaseDistribution]) -> None:
+        """Refuse, before any trial is created, a param whose distribution the study cannot take."""
+        seen: dict[str, optuna.distributions.BaseDistribution] = {}
+        for t in study.get_trials(deepcopy=False):
+            seen.update({k: d for k, d in t.distributions.items() if k in dists and k not in seen})
+        for key, old in seen.items():
+            try:
+                optuna.distributions.check_distribution_compatibility(old, dists[key])
+            except ValueError as e:
+                raise ValueError(
+                    f"{key}: study {study.study_name!r} already samples it as {old}, which cannot change to "
+                    f"{dists[key]} ({e}); keep the earlier values or start a new study with "
+                    "hydra.sweeper.study_name=..."
+                ) from None
+
     @staticmethod
     def _matches(trial: optuna.trial.FrozenTrial, point: dict[str, tuple[Any, str]]) -> bool:
         params = trial.system_attrs.get("fixed_params", trial.params)
         return all(k in params and params[k] == v for k, (v, _) in point.items())
 
-    def _next_point(self, study: optuna.Study, points: list, pure_grid: bool, total: int) -> dict | None:
+    def _next_point(self, study: optuna.Study, points: list, pure_grid: bool, total: int,
+                    tried: set[int]) -> dict | None:
+        """The next grid point to run, or None when the study is done. A point that failed in
+        this sweep is not retried until the command is run again (``tried``)."""
         trials = study.get_trials(deepcopy=False, states=_COVERED)
         if len(trials) >= total:
             return None
         if pure_grid:
-            for point in points:
-                if not any(self._matches(t, point) for t in trials):
+            for i, point in enumerate(points):
+                if i not in tried and not any(self._matches(t, point) for t in trials):
+                    tried.add(i)
                     return point
             return None
+        if len(tried) >= total:  # every trial of this sweep failed: never loop on failures
+            return None
+        tried.add(len(tried))
         # with distributions: the grid point with the fewest trials so far, in grid order
         counts = [sum(self._matches(t, p) for t in trials) for p in points]
         return points[counts.index(min(counts))]
@@ -344,14 +393,16 @@ class StudySweeper:
         name = self._study_name(space)
         self._preflight(space)  # raises before any trial exists
         study = self._create_study(name)
-        grid_dists = space.grid_distributions()
+        grid_dists = space.grid_distributions(self._group_options)
+        self._check_compatible(study, {**grid_dists, **space.distributions})
         log.info("study %r in %s: %d grid point(s) x %s; %d trial(s) in all",
                  name, mask_url(self.storage_url), len(points),
                  sorted(space.distributions) or "no distributions", total)
 
-        returns = []
+        returns: list[Any] = []
+        tried: set[int] = set()
         while True:
-            point = self._next_point(study, points, pure_grid, total)
+            point = self._next_point(study, points, pure_grid, total, tried)
             if point is None:
                 break
             if point:

@@ -1,0 +1,108 @@
+"""The real CLI: `python train.py -m ...` in a subprocess, a real SQLite study, real trials."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import pytest
+
+from .conftest import FAST, run_cli
+
+pytestmark = pytest.mark.slow
+TrialState = optuna.trial.TrialState
+ATTRS = {"max_steps", "epochs_trained", "effective_batch", "samples_seen", "tokens_seen", "best_step",
+         "stopped_early_step", "run_dir", "best_checkpoint", "plan", "best_value"}
+
+
+def _paths(tmp_path, cache_dir):
+    return [f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+
+
+def _study(tmp_path, name="demo-tiny"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_core_grid_runs_each_point_once_and_resumes(tmp_path, cache_dir):
+    base = [*FAST, *_paths(tmp_path, cache_dir)]
+    _ok(run_cli("-m", "schedule=under,sweet", *base))
+    assert [t.params["schedule"] for t in _study(tmp_path).trials] == ["under", "sweet"]
+
+    out = _ok(run_cli("-m", "schedule=under,sweet,over", *base))  # resumes: only "over" is missing
+    study = _study(tmp_path)
+    assert [t.params["schedule"] for t in study.trials] == ["under", "sweet", "over"]
+    for t in study.trials:
+        assert t.state == TrialState.COMPLETE and math.isfinite(t.value)
+        assert sorted(t.intermediate_values) == [4, 8, 12]  # every evaluation reported: the curve
+        assert t.value == min(t.intermediate_values.values())  # the best, not the last
+        assert ATTRS <= set(t.user_attrs)
+        assert t.user_attrs["choices"]["schedule"] == t.params["schedule"]
+    assert "Winner for demo" in out.stdout and "| 2 | over |" in out.stdout
+    summaries = list(tmp_path.glob("sweeps/demo-tiny/*/summary.md"))
+    assert len(summaries) == 2 and "| 0 | under |" in summaries[0].read_text()
+    job_dirs = {t.user_attrs["run_dir"] for t in study.trials}
+    assert all((tmp_path / "sweeps").exists() and d.startswith(str(tmp_path / "sweeps")) for d in job_dirs)
+
+    _ok(run_cli("-m", "schedule=under,sweet,over", *base))  # nothing missing: no new trial
+    assert len(_study(tmp_path).trials) == 3
+
+
+def test_range_and_log_interval_stay_inside_hydra_bounds_and_n_trials_is_the_total(tmp_path, cache_dir):
+    args = ["-m", "schedule.max_steps=range(4,12,4)", "lr.learning_rate=tag(log,interval(1e-4,1e-3))",
+            "hydra.sweeper.sampler.name=random", "hydra.sweeper.n_trials=3", *FAST[1:], *_paths(tmp_path, cache_dir)]
+    _ok(run_cli(*args))
+    study = _study(tmp_path)
+    assert len(study.trials) == 3
+    for t in study.trials:
+        assert t.params["schedule.max_steps"] in (4, 8)  # range stop 12 is excluded
+        assert 1e-4 <= t.params["lr.learning_rate"] <= 1e-3
+        assert t.distributions["lr.learning_rate"].log
+        assert t.user_attrs["max_steps"] == t.params["schedule.max_steps"]
+    _ok(run_cli(*args[:-4], "hydra.sweeper.n_trials=4", *args[-3:]))
+    assert len(_study(tmp_path).trials) == 4  # the total, not 4 more
+
+
+def test_failing_trial_is_recorded_and_the_sweep_continues(tmp_path, cache_dir):
+    out = _ok(run_cli("-m", "model.attn_implementation=no_such_attention,eager", *FAST, *_paths(tmp_path, cache_dir)))
+    failed, done = _study(tmp_path).trials
+    assert failed.state == TrialState.FAIL and "no_such_attention" in failed.user_attrs["error"]
+    assert done.state == TrialState.COMPLETE
+    assert "trial 0 failed" in out.stdout + out.stderr
+
+
+def _bad_jsonl(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"messages": []}\n{"messages": [\n')
+    return p
+
+
+@pytest.mark.parametrize("make_args,needle", [
+    (lambda t: ["data=jsonl", f"data.train_path={t}/missing.jsonl"], "data.train_path: file not found"),
+    (lambda t: ["data=jsonl", f"data.train_path={_bad_jsonl(t)}"], "line 2 is not valid JSON"),
+    (lambda t: ["schedule=under,forever"], "forever"),
+    (lambda t: ["schedule.max_steps=10", "lr.warmup_steps=20"], "must be shorter than schedule.max_steps"),
+    (lambda t: ["data.eval_fraction=0.999"], "both need at least one"),
+])
+def test_bad_input_is_one_clear_error_and_no_trial(tmp_path, cache_dir, make_args, needle):
+    proc = run_cli("-m", "schedule=under,sweet", *make_args(tmp_path), *FAST[1:], *_paths(tmp_path, cache_dir))
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    db = tmp_path / "optuna.db"
+    if db.exists():
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+        assert all(not storage.get_all_trials(s._study_id) for s in storage.get_all_studies())
+
+
+def test_single_run_without_multirun(tmp_path, cache_dir):
+    proc = _ok(run_cli(*FAST, *_paths(tmp_path, cache_dir)))
+    assert "best eval_loss" in proc.stdout + proc.stderr
+    assert not (tmp_path / "optuna.db").exists()
+    logs = list(tmp_path.glob("runs/*/train.log"))
+    assert logs and "plan:" in logs[0].read_text()
