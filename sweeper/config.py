@@ -14,7 +14,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from hydra.errors import CompactHydraException
 from omegaconf import MISSING
+
+
+class InputError(CompactHydraException, ValueError):
+    """Bad input (config, data, sweep): Hydra prints only its message, no traceback."""
+
+    @classmethod
+    def wrap(cls, exc: Exception) -> "InputError":
+        err = cls(str(exc))
+        err.__cause__ = exc
+        return err
 
 
 @dataclass

@@ -375,8 +375,14 @@ class StudySweeper:
     # -- the sweep
 
     def sweep(self, arguments: list[str]) -> list[Any]:
+        try:
+            study, name, space, points, pure_grid, total = self._prepare(arguments)
+        except (ValueError, FileNotFoundError) as e:  # bad input: one message, no trial created
+            raise config_mod.InputError.wrap(e) from e
+        return self._run(study, name, space, points, pure_grid, total)
+
+    def _prepare(self, arguments: list[str]) -> tuple:
         from hydra.core.override_parser.overrides_parser import OverridesParser
-        from hydra.core.utils import JobStatus
 
         params_args = [f"{k}={v}" for k, v in self.params.items()]
         cli_keys = {a.split("=", 1)[0].lstrip("+~") for a in arguments}
@@ -393,11 +399,17 @@ class StudySweeper:
         name = self._study_name(space)
         self._preflight(space)  # raises before any trial exists
         study = self._create_study(name)
-        grid_dists = space.grid_distributions(self._group_options)
-        self._check_compatible(study, {**grid_dists, **space.distributions})
+        self._check_compatible(study, {**space.grid_distributions(self._group_options), **space.distributions})
         log.info("study %r in %s: %d grid point(s) x %s; %d trial(s) in all",
                  name, mask_url(self.storage_url), len(points),
                  sorted(space.distributions) or "no distributions", total)
+        return study, name, space, points, pure_grid, total
+
+    def _run(self, study: optuna.Study, name: str, space: SweepSpace, points: list, pure_grid: bool,
+             total: int) -> list[Any]:
+        from hydra.core.utils import JobStatus
+
+        grid_dists = space.grid_distributions(self._group_options)
 
         returns: list[Any] = []
         tried: set[int] = set()

@@ -52,8 +52,11 @@ def _choices() -> dict[str, str]:
 
 def preflight(cfg: DictConfig) -> data_mod.Splits:
     """Every check that needs no model: config rules and the data. Raises before any GPU time."""
-    config_mod.validate(cfg)
-    return data_mod.load(cfg.data, cfg.paths.cache_dir)
+    try:
+        config_mod.validate(cfg)
+        return data_mod.load(cfg.data, cfg.paths.cache_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise config_mod.InputError.wrap(e) from e
 
 
 def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_format: str) -> Any:

@@ -54,7 +54,7 @@ def compose_cfg(tmp_path, cache_dir):
     GlobalHydra.instance().clear()
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python train.py ...` in a subprocess; return the completed process (never raises)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
