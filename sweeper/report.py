@@ -19,6 +19,12 @@ def _fmt(x: Any, spec: str = "") -> str:
     return str(x)
 
 
+def _params(params: dict) -> str:
+    """Swept params other than the schedule, compactly (floats to 3 significant digits)."""
+    shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in params.items() if k != "schedule"}
+    return " ".join(f"{k}={v}" for k, v in shown.items()) or "–"
+
+
 def trial_rows(study: optuna.Study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -50,12 +56,12 @@ def summary_markdown(study: optuna.Study) -> str:
     lines = [
         f"## Study {study.study_name} ({study.direction.name.lower()} {metric})",
         "",
-        f"| trial | schedule | max_steps | epochs | best {metric} | best step | stopped early | state |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        f"| trial | schedule | params | max_steps | epochs | best {metric} | best step | stopped early | state |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in trial_rows(study):
         lines.append(
-            f"| {r['trial']} | {_fmt(r['schedule'])} | {_fmt(r['max_steps'])} | {_fmt(r['epochs'], '.2f')} | "
+            f"| {r['trial']} | {_fmt(r['schedule'])} | {_params(r['params'])} | {_fmt(r['max_steps'])} | {_fmt(r['epochs'], '.2f')} | "
             f"{_fmt(r['best'])} | {_fmt(r['best_step'])} | {_fmt(r['stopped_early'])} | {r['state']} |"
         )
     for r in trial_rows(study):

@@ -43,9 +43,9 @@ def test_core_grid_runs_each_point_once_and_resumes(tmp_path, cache_dir):
         assert t.value == min(t.intermediate_values.values())  # the best, not the last
         assert ATTRS <= set(t.user_attrs)
         assert t.user_attrs["choices"]["schedule"] == t.params["schedule"]
-    assert "Winner for demo" in out.stdout and "| 2 | over |" in out.stdout
+    assert "Winner for demo" in out.stdout and "| 2 | over | – |" in out.stdout
     summaries = list(tmp_path.glob("sweeps/demo-tiny/*/summary.md"))
-    assert len(summaries) == 2 and "| 0 | under |" in summaries[0].read_text()
+    assert len(summaries) == 2 and "| 0 | under | – |" in summaries[0].read_text()
     job_dirs = {t.user_attrs["run_dir"] for t in study.trials}
     assert all((tmp_path / "sweeps").exists() and d.startswith(str(tmp_path / "sweeps")) for d in job_dirs)
 
@@ -74,6 +74,17 @@ def test_failing_trial_is_recorded_and_the_sweep_continues(tmp_path, cache_dir):
     assert failed.state == TrialState.FAIL and "no_such_attention" in failed.user_attrs["error"]
     assert done.state == TrialState.COMPLETE
     assert "trial 0 failed" in out.stdout + out.stderr
+
+
+def test_median_pruner_stops_a_lagging_trial(tmp_path, cache_dir):
+    # two healthy learning rates finish; a 1000x smaller one lags the median at its first report
+    out = _ok(run_cli("-m", "lr.learning_rate=1e-3,2e-3,1e-6", "hydra.sweeper.pruner.name=median",
+                      "hydra.sweeper.pruner.n_startup_trials=2", *FAST, *_paths(tmp_path, cache_dir)))
+    states = [t.state for t in _study(tmp_path).trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    pruned = _study(tmp_path).trials[2]
+    assert list(pruned.intermediate_values) == [4]  # stopped at its first evaluation
+    assert "lr.learning_rate=1e-06" in out.stdout
 
 
 def _bad_jsonl(tmp_path):
