@@ -148,6 +148,7 @@ class Config:
     study: StudyRef = field(default_factory=StudyRef)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = MISSING
+    retry_on_oom: bool = MISSING  # halve micro-batch, double accumulation (effective batch kept), down to 1
     report_to: str = MISSING  # none | tensorboard
 
 

@@ -24,12 +24,19 @@ FAIL with the error as the ``error`` user attr, or PRUNED; a failing trial never
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import logging
 import math
+import os
+import subprocess
+import sys
+import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
@@ -45,6 +52,11 @@ _COVERED = (
     optuna.trial.TrialState.WAITING,
 )
 DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS = 10
+_SWEEP_ID_ENV = "SFT_SWEEP_SWEEP_ID"
+
+
+class SweepStopped(Exception):
+    """The sweep stopped itself (too many failed trials)."""
 
 
 # --------------------------------------------------------------------------- storage helpers
@@ -60,11 +72,96 @@ def mask_url(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for an SQLAlchemy URL; creates the SQLite file's folder if needed."""
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url)
+def _sqlite_path(url: str) -> Path | None:
+    return Path(url[len("sqlite:///"):]).expanduser() if url.startswith("sqlite:///") else None
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                 max_retry: int | None = None) -> optuna.storages.BaseStorage:
+    """An Optuna RDB storage for an SQLAlchemy URL; creates the SQLite file's folder if needed.
+
+    With ``heartbeat_interval`` (seconds) a trial whose worker stops beating for ``grace_period``
+    (default twice the interval) is failed by the next worker that claims a trial, and re-queued
+    with the same params up to ``max_retry`` times.
+    """
+    engine_kwargs: dict[str, Any] = {}
+    db = _sqlite_path(url)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs["connect_args"] = {"timeout": 60}  # several workers share one file
+    kwargs: dict[str, Any] = {}
+    if heartbeat_interval:
+        kwargs = {
+            "heartbeat_interval": int(heartbeat_interval),
+            "grace_period": int(grace_period) if grace_period else None,
+            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=max_retry, inherit_intermediate_values=True),
+        }
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except ImportError as e:
+        raise ImportError(f"storage {mask_url(url)} needs a database driver: pip install -e '.[postgres]' ({e})") from e
+
+
+@contextlib.contextmanager
+def claim_lock(url: str, study_name: str) -> Iterator[None]:
+    """Serialise 'pick the next trial' across workers sharing a study, so that no grid point runs
+    twice and ``n_trials`` is never overshot: a file lock beside a SQLite file, an advisory lock
+    on PostgreSQL; other databases run unlocked (a warning says so)."""
+    db = _sqlite_path(url)
+    if db is not None:
+        import fcntl
+
+        with open(str(db) + ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        key = int(hashlib.sha256(study_name.encode()).hexdigest()[:15], 16)
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        engine.dispose()
+        return
+    log.warning("no cross-worker lock for %s: parallel workers may run a grid point twice", mask_url(url))
+    yield
+
+
+class _Heartbeat:
+    """Records the running trial's heartbeat from the sweeper while its job runs."""
+
+    def __init__(self, storage: Any, trial_id: int, interval: int | None) -> None:
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_Heartbeat":
+        if self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as e:  # a missed beat is not worth killing the trial
+                log.warning("heartbeat for trial id %d failed: %s", self.trial_id, e)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def make_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner:
@@ -239,6 +336,17 @@ class TrialReporter:
         trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(cfg.study.trial_number))
         return cls(optuna.Trial(study, trial_id))
 
+    def resume_checkpoint(self) -> str | None:
+        """For a trial re-queued after its worker died: the newest checkpoint its run left."""
+        frozen = self.trial.study._storage.get_trial(self.trial._trial_id)
+        if frozen.system_attrs.get("failed_trial") is None:
+            return None
+        run_dir = frozen.user_attrs.get("run_dir")
+        if not run_dir or not Path(run_dir).is_dir():
+            return None
+        ckpts = sorted(Path(run_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        return str(ckpts[-1]) if ckpts else None
+
     def report(self, value: float, step: int) -> None:
         self.trial.report(value, step)
 
@@ -260,14 +368,25 @@ class StudySweeper:
     """Implementation behind ``hydra_plugins.sft_sweep.SftSweepSweeper``."""
 
     def __init__(self, storage: str, study_name: str | None, n_trials: int | None, sampler: Any,
-                 pruner: Any, params: Any = None) -> None:
+                 pruner: Any, params: Any = None, heartbeat_interval: int | None = None,
+                 grace_period: int | None = None, max_retry: int | None = None,
+                 max_failures: int | None = None, workers: int = 1, gpus: Any = None) -> None:
         self.storage_url = storage
         self.study_name = study_name
         self.n_trials = n_trials
         self.sampler_cfg = sampler
         self.pruner_cfg = pruner
         self.params = params or {}
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.max_retry = max_retry
+        self.max_failures = max_failures
+        self.workers = int(workers)
+        self.gpus = list(gpus) if gpus is not None else None
         self.job_idx = 0
+        # one id per sweep, shared by the workers it starts: a point that failed in this sweep is
+        # not run again until the command is re-run
+        self.sweep_id = os.environ.get(_SWEEP_ID_ENV) or uuid.uuid4().hex[:12]
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -310,7 +429,9 @@ class StudySweeper:
     def _create_study(self, name: str) -> optuna.Study:
         direction = config_mod.metric_direction(self.config.eval.metric)
         study = optuna.create_study(
-            study_name=name, storage=open_storage(self.storage_url), sampler=make_sampler(self.sampler_cfg),
+            study_name=name,
+            storage=open_storage(self.storage_url, self.heartbeat_interval, self.grace_period, self.max_retry),
+            sampler=make_sampler(self.sampler_cfg),
             pruner=make_pruner(self.pruner_cfg), direction=direction, load_if_exists=True,
         )
         if study.direction.name.lower() != direction:
@@ -355,22 +476,41 @@ class StudySweeper:
     def _next_point(self, study: optuna.Study, points: list, pure_grid: bool, total: int,
                     tried: set[int]) -> dict | None:
         """The next grid point to run, or None when the study is done. A point that failed in
-        this sweep is not retried until the command is run again (``tried``)."""
-        trials = study.get_trials(deepcopy=False, states=_COVERED)
-        if len(trials) >= total:
+        this sweep (any of its workers) is not retried until the command is run again."""
+        trials = study.get_trials(deepcopy=False)
+        covered = [t for t in trials if t.state in _COVERED]
+        if len(covered) >= total:
             return None
+        failed_here = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
+                       and t.system_attrs.get("sweep_id") == self.sweep_id]
         if pure_grid:
             for i, point in enumerate(points):
-                if i not in tried and not any(self._matches(t, point) for t in trials):
-                    tried.add(i)
-                    return point
+                if i in tried or any(self._matches(t, point) for t in covered + failed_here):
+                    continue
+                tried.add(i)
+                return point
             return None
-        if len(tried) >= total:  # every trial of this sweep failed: never loop on failures
+        if len(tried) >= total:  # every trial of this worker failed: never loop on failures
             return None
         tried.add(len(tried))
-        # with distributions: the grid point with the fewest trials so far, in grid order
-        counts = [sum(self._matches(t, p) for t in trials) for p in points]
+        counts = [sum(self._matches(t, p) for t in covered) for p in points]
         return points[counts.index(min(counts))]
+
+    def _claim(self, study: optuna.Study, points: list, pure_grid: bool, total: int, tried: set[int],
+               dists: dict) -> optuna.Trial | None:
+        """Under the cross-worker lock: fail stale trials (their retries become WAITING), then
+        take a WAITING trial if there is one, else start the next point."""
+        with claim_lock(self.storage_url, study.study_name):
+            optuna.storages.fail_stale_trials(study)
+            if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+                point = self._next_point(study, points, pure_grid, total, tried)
+                if point is None:
+                    return None
+                if point:
+                    study.enqueue_trial({k: v for k, (v, _) in point.items()})
+            trial = study.ask(fixed_distributions=dists)
+            trial.storage.set_trial_system_attr(trial._trial_id, "sweep_id", self.sweep_id)
+            return trial
 
     # -- the sweep
 
@@ -409,26 +549,25 @@ class StudySweeper:
              total: int) -> list[Any]:
         from hydra.core.utils import JobStatus
 
-        grid_dists = space.grid_distributions(self._group_options)
+        dists = {**space.grid_distributions(self._group_options), **space.distributions}
+        texts = {k: {v: t for v, t in vals} for k, vals in space.grid}
+        children = self._start_workers() if self.workers > 1 else []
 
         returns: list[Any] = []
         tried: set[int] = set()
+        failures: list[str] = []
         while True:
-            point = self._next_point(study, points, pure_grid, total, tried)
-            if point is None:
+            trial = self._claim(study, points, pure_grid, total, tried, dists)
+            if trial is None:
                 break
-            if point:
-                study.enqueue_trial({k: v for k, (v, _) in point.items()})
-            trial = study.ask(fixed_distributions={**grid_dists, **space.distributions})
             overrides = list(space.fixed)
             for key in [k for k, _ in space.grid] + list(space.distributions):
                 value = trial.params[key]
-                text = point[key][1] if key in point and point[key][0] == value else _value_text(value)
-                overrides.append(f"{key}={text}")
+                overrides.append(f"{key}={texts.get(key, {}).get(value, _value_text(value))}")
             overrides += [f"study.name={name}", f"study.trial_number={trial.number}"]
             log.info("trial %d: %s", trial.number, " ".join(overrides[:-2]))
-            self.hydra_context.config_loader.load_sweep_config(self.config, overrides)  # fails before launch
-            [ret] = self.launcher.launch([overrides], initial_job_idx=self.job_idx)
+            with _Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
+                [ret] = self.launcher.launch([overrides], initial_job_idx=self.job_idx)
             self.job_idx += 1
             returns.append(ret)
             if ret.status == JobStatus.COMPLETED:
@@ -436,6 +575,7 @@ class StudySweeper:
                 if value is None or not math.isfinite(float(value)):
                     trial.set_user_attr("error", f"objective is {value}")
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    failures.append(f"trial {trial.number}: objective is {value}")
                 else:
                     study.tell(trial, float(value))
             else:
@@ -447,6 +587,15 @@ class StudySweeper:
                     trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     log.error("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+                    failures.append(f"trial {trial.number}: {type(exc).__name__}: {exc}")
+            if self.max_failures is not None and len(failures) >= self.max_failures:
+                self._stop_workers(children)
+                raise config_mod.InputError(
+                    f"stopping the sweep: {len(failures)} trial(s) failed, reaching "
+                    f"hydra.sweeper.max_failures={self.max_failures}; last: {failures[-1]}. Finished trials "
+                    "are kept; fix the cause and re-run the same command to resume"
+                )
+        self._wait_workers(children)
 
         from sweeper.report import summary_markdown
 
@@ -456,3 +605,58 @@ class StudySweeper:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "summary.md").write_text(text + "\n", encoding="utf-8")
         return returns
+
+    # -- parallel workers
+
+    def _visible_gpus(self) -> list[str]:
+        if self.gpus is not None:
+            return [str(g) for g in self.gpus]
+        env = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if env is not None:
+            return [g for g in env.split(",") if g.strip()]
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no NVIDIA driver or nvidia-ml-py: CPU workers
+            return []
+
+    def _start_workers(self) -> list[subprocess.Popen]:
+        """Start workers 1..N-1 as copies of this command, each on its own GPU (this process is
+        worker 0). Each claims trials as it frees up: no batch barrier."""
+        gpus = self._visible_gpus()
+        if gpus and len(gpus) < self.workers:
+            raise config_mod.InputError(
+                f"hydra.sweeper.workers={self.workers} needs one GPU each, but {len(gpus)} are visible "
+                f"({','.join(gpus)}); lower hydra.sweeper.workers or set hydra.sweeper.gpus"
+            )
+        sweep_dir = str(self.config.hydra.sweep.dir)
+        children = []
+        for i in range(1, self.workers):
+            env = {**os.environ, _SWEEP_ID_ENV: self.sweep_id}
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[i]
+            cmd = [sys.executable, *sys.argv, "hydra.sweeper.workers=1", f"hydra.sweep.dir={sweep_dir}"]
+            log_path = Path(sweep_dir) / f"worker{i}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "w") as out:
+                children.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT))
+            log.info("worker %d started (pid %d, %s), log: %s", i, children[-1].pid,
+                     f"GPU {gpus[i]}" if gpus else "CPU", log_path)
+        if gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]  # before this process touches CUDA
+        return children
+
+    @staticmethod
+    def _wait_workers(children: list[subprocess.Popen]) -> None:
+        for i, child in enumerate(children, start=1):
+            if child.wait() != 0:
+                log.error("worker %d exited with code %d; see its worker%d.log", i, child.returncode, i)
+
+    @staticmethod
+    def _stop_workers(children: list[subprocess.Popen]) -> None:
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait()

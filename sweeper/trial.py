@@ -59,8 +59,10 @@ def preflight(cfg: DictConfig) -> data_mod.Splits:
         raise config_mod.InputError.wrap(e) from e
 
 
-def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_format: str) -> Any:
-    """Map the composed config onto TRL's SFTConfig (names are TRL's own)."""
+def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_format: str,
+                     micro_batch: int | None = None, grad_accum: int | None = None) -> Any:
+    """Map the composed config onto TRL's SFTConfig (names are TRL's own). ``micro_batch`` and
+    ``grad_accum`` replace the batch group's values (OOM retries)."""
     import torch
     from trl import SFTConfig
 
@@ -80,8 +82,8 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
         max_steps=int(s.max_steps) if s.max_steps is not None else -1,
         num_train_epochs=float(s.num_train_epochs) if s.num_train_epochs is not None else 1.0,
         # batch
-        per_device_train_batch_size=int(b.per_device_train_batch_size),
-        gradient_accumulation_steps=int(b.gradient_accumulation_steps),
+        per_device_train_batch_size=int(micro_batch or b.per_device_train_batch_size),
+        gradient_accumulation_steps=int(grad_accum or b.gradient_accumulation_steps),
         per_device_eval_batch_size=int(b.per_device_eval_batch_size),
         activation_checkpointing=bool(b.activation_checkpointing),
         # lr
@@ -157,60 +159,8 @@ def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict) -> list:
     return callbacks
 
 
-def _mean_tokens(dataset: Any) -> float:
-    if dataset is None or len(dataset) == 0 or "input_ids" not in dataset.column_names:
-        return 0.0
-    return sum(len(x) for x in dataset["input_ids"]) / len(dataset)
-
-
-def run(cfg: DictConfig, reporter: Any = None) -> float:
-    """Train one configuration and return the best value of ``eval.metric`` over the run.
-
-    In a multirun the sweeper fills ``cfg.study``; the job then reports every evaluation to its
-    own trial and stores the plan and results as user attrs. Raises on bad input before
-    loading the model.
-    """
-    from trl import SFTTrainer
-
-    splits = preflight(cfg)
-    if reporter is None and cfg.study.trial_number is not None:
-        from sweeper.study import TrialReporter
-
-        reporter = TrialReporter.from_job(cfg)
-    job_dir = _job_dir(cfg)
-    model, tokenizer, compute = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)
-
-    peft_config = None
-    if cfg.peft.name == "lora":
-        from peft import LoraConfig
-
-        target = cfg.peft.target_modules
-        peft_config = LoraConfig(
-            r=int(cfg.peft.r), lora_alpha=int(cfg.peft.lora_alpha), lora_dropout=float(cfg.peft.lora_dropout),
-            target_modules=OmegaConf.to_object(target) if isinstance(target, DictConfig) or OmegaConf.is_list(target) else target,
-            task_type="CAUSAL_LM",
-        )
-    args = build_sft_config(cfg, output_dir=job_dir, compute=compute, data_format=splits.format)
-    tracker: dict = {}
-    if cfg.report_to == "tensorboard":
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(job_dir / "tensorboard")
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
-        processing_class=tokenizer, peft_config=peft_config,
-        callbacks=_make_callbacks(cfg, reporter, tracker),
-    )
-
-    n_gpus = max(args.world_size, 1)
-    plan: Plan = make_plan(
-        train_rows=len(trainer.train_dataset),  # prepared: after truncation drops (and packing)
-        micro_batch=args.per_device_train_batch_size,
-        grad_accum=args.gradient_accumulation_steps,
-        n_gpus=n_gpus,
-        max_steps=cfg.schedule.max_steps,
-        num_train_epochs=cfg.schedule.num_train_epochs,
-        mean_tokens_per_row=_mean_tokens(trainer.train_dataset),
-        warmup=float(cfg.lr.warmup_steps),
-    )
+def _plan(cfg: DictConfig, trainer: Any, splits: data_mod.Splits, args: Any) -> tuple[Plan, int]:
+    """The plan on the prepared train set (after TRL's truncation drops and packing)."""
     prepared_rows = len(trainer.train_dataset)
     dropped = len(splits.train) - prepared_rows if not cfg.data.packing else 0
     if dropped > 0:
@@ -218,16 +168,143 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
             "%d of %d train rows lost all their loss tokens to truncation at data.max_length=%d and were "
             "dropped; raise data.max_length to keep them", dropped, len(splits.train), cfg.data.max_length,
         )
-    log.info("plan: %s", plan.describe())
-    log.info("precision: %s; method: %s; job dir: %s", compute, cfg.peft.name, job_dir)
-    if reporter is not None:
-        reporter.set_attrs({"plan": plan.as_dict(), "choices": _choices(), "run_dir": str(job_dir),
-                            "train_rows": len(splits.train), "prepared_train_rows": prepared_rows,
-                            "eval_rows": len(splits.eval),
-                            "precision": compute, "max_steps": plan.max_steps,
-                            "effective_batch": plan.effective_batch})
+    plan = make_plan(
+        train_rows=prepared_rows,
+        micro_batch=args.per_device_train_batch_size,
+        grad_accum=args.gradient_accumulation_steps,
+        n_gpus=max(args.world_size, 1),
+        max_steps=cfg.schedule.max_steps,
+        num_train_epochs=cfg.schedule.num_train_epochs,
+        mean_tokens_per_row=_mean_tokens(trainer.train_dataset),
+        warmup=float(cfg.lr.warmup_steps),
+    )
+    return plan, prepared_rows
 
-    trainer.train()
+
+def _mean_tokens(dataset: Any) -> float:
+    if dataset is None or len(dataset) == 0 or "input_ids" not in dataset.column_names:
+        return 0.0
+    return sum(len(x) for x in dataset["input_ids"]) / len(dataset)
+
+
+def _peft_config(cfg: DictConfig) -> Any:
+    if cfg.peft.name != "lora":
+        return None
+    from peft import LoraConfig
+
+    target = cfg.peft.target_modules
+    return LoraConfig(
+        r=int(cfg.peft.r), lora_alpha=int(cfg.peft.lora_alpha), lora_dropout=float(cfg.peft.lora_dropout),
+        target_modules=OmegaConf.to_object(target) if OmegaConf.is_list(target) else target,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _injected_oom_callback() -> Any:
+    """Test hook: SFT_SWEEP_INJECT_OOM_AT_STEP=N raises a CUDA OOM at step N whenever the
+    micro-batch exceeds SFT_SWEEP_INJECT_OOM_ABOVE (default 0: always), as a batch too big for the GPU."""
+    at = os.environ.get("SFT_SWEEP_INJECT_OOM_AT_STEP")
+    if not at:
+        return None
+    import torch
+    from transformers import TrainerCallback
+
+    above = int(os.environ.get("SFT_SWEEP_INJECT_OOM_ABOVE", "0"))
+
+    class InjectOOM(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(at) and args.per_device_train_batch_size > above:
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory (injected at step {at}, micro-batch {args.per_device_train_batch_size})")
+
+    return InjectOOM()
+
+
+def _restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool) -> None:
+    """Seed the curve and best value from a checkpoint's log history (resumed runs)."""
+    import json
+
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    for entry in state.get("log_history", []):
+        if metric in entry:
+            value, step = float(entry[metric]), int(entry["step"])
+            tracker.setdefault("curve", []).append([step, value])
+            best = tracker.get("best")
+            if best is None or (value > best if maximize else value < best):
+                tracker["best"], tracker["best_step"] = value, step
+
+
+def run(cfg: DictConfig, reporter: Any = None) -> float:
+    """Train one configuration and return the best value of ``eval.metric`` over the run.
+
+    In a multirun the sweeper fills ``cfg.study``; the job then reports every evaluation to its
+    own trial and stores the plan and results as user attrs. Raises on bad input before
+    loading the model. A trial re-run after its worker died resumes from its newest checkpoint.
+    On CUDA out-of-memory (``retry_on_oom``) the run restarts with half the micro-batch and twice
+    the accumulation, so the effective batch is unchanged, down to micro-batch 1.
+    """
+    import torch
+    from trl import SFTTrainer
+
+    splits = preflight(cfg)
+    if reporter is None and cfg.study.trial_number is not None:
+        from sweeper.study import TrialReporter
+
+        reporter = TrialReporter.from_job(cfg)
+    resume = reporter.resume_checkpoint() if reporter is not None and hasattr(reporter, "resume_checkpoint") else None
+    job_dir = _job_dir(cfg)
+    if cfg.report_to == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(job_dir / "tensorboard")
+    micro, accum = int(cfg.batch.per_device_train_batch_size), int(cfg.batch.gradient_accumulation_steps)
+    oom_retries: list[dict] = []
+    metric = str(cfg.eval.metric)
+    maximize = config_mod.metric_direction(metric) == "maximize"
+    while True:
+        model, tokenizer, compute = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)
+        args = build_sft_config(cfg, output_dir=job_dir, compute=compute, data_format=splits.format,
+                                micro_batch=micro, grad_accum=accum)
+        tracker: dict = {}
+        if resume:
+            _restore_tracker(tracker, resume, metric, maximize)
+        callbacks = _make_callbacks(cfg, reporter, tracker)
+        injected = _injected_oom_callback()
+        if injected is not None:
+            callbacks.append(injected)
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+            processing_class=tokenizer, peft_config=_peft_config(cfg), callbacks=callbacks,
+        )
+        plan, prepared_rows = _plan(cfg, trainer, splits, args)
+        log.info("plan: %s", plan.describe())
+        log.info("precision: %s; method: %s; job dir: %s", compute, cfg.peft.name, job_dir)
+        if reporter is not None:
+            reporter.set_attrs({"plan": plan.as_dict(), "choices": _choices(), "run_dir": str(job_dir),
+                                "train_rows": len(splits.train), "prepared_train_rows": prepared_rows,
+                                "eval_rows": len(splits.eval), "precision": compute,
+                                "max_steps": plan.max_steps, "effective_batch": plan.effective_batch,
+                                "micro_batch": micro, "grad_accum": accum, "oom_retries": oom_retries,
+                                "resumed_from_checkpoint": resume})
+        if resume:
+            log.info("resuming from %s", resume)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+            break
+        except torch.OutOfMemoryError as e:
+            step = trainer.state.global_step
+            del trainer, model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if not cfg.retry_on_oom or micro == 1:
+                raise RuntimeError(
+                    f"CUDA out of memory at step {step} with micro-batch {micro} x accumulation {accum}"
+                    + ("" if cfg.retry_on_oom else " (retry_on_oom=false)") + f": {e}"
+                ) from e
+            micro, accum = micro // 2, accum * 2
+            oom_retries.append({"at_step": step, "micro_batch": micro, "grad_accum": accum})
+            log.warning("CUDA out of memory at step %d; retrying from the start with micro-batch %d x "
+                        "accumulation %d (effective batch unchanged)", step, micro, accum)
+            resume = None
+
     state = trainer.state
     if tracker.get("last_eval_step") != state.global_step:
         trainer.evaluate()  # the run's final point, when max_steps is not a multiple of eval_steps

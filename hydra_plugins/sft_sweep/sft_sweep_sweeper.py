@@ -38,6 +38,12 @@ class SftSweepSweeperConf:
     sampler: SamplerConf = field(default_factory=SamplerConf)
     pruner: PrunerConf = field(default_factory=PrunerConf)
     params: Optional[Dict[str, str]] = None
+    heartbeat_interval: Optional[int] = None
+    grace_period: Optional[int] = None
+    max_retry: Optional[int] = None
+    max_failures: Optional[int] = None
+    workers: int = MISSING
+    gpus: Optional[List[Any]] = None
 
 
 ConfigStore.instance().store(
