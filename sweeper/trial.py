@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,7 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
         save_total_limit=1,
         load_best_model_at_end=False,
         logging_steps=int(e.logging_steps),
+        logging_nan_inf_filter=False,  # a NaN loss must show, so the run fails as diverged
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -200,24 +202,33 @@ def _peft_config(cfg: DictConfig) -> Any:
     )
 
 
-def _injected_oom_callback() -> Any:
-    """Test hook: SFT_SWEEP_INJECT_OOM_AT_STEP=N raises a CUDA OOM at step N whenever the
-    micro-batch exceeds SFT_SWEEP_INJECT_OOM_ABOVE (default 0: always), as a batch too big for the GPU."""
-    at = os.environ.get("SFT_SWEEP_INJECT_OOM_AT_STEP")
-    if not at:
+def _fault_injection_callback() -> Any:
+    """Test hooks for the fault paths, off unless the environment asks:
+
+    - ``SFT_SWEEP_INJECT_OOM_AT_STEP=N``: raise a CUDA OOM at step N whenever the micro-batch
+      exceeds ``SFT_SWEEP_INJECT_OOM_ABOVE`` (default 0: always), like a batch too big for the GPU.
+    - ``SFT_SWEEP_INJECT_NAN_AT_STEP=N``: set the model's weights to NaN at step N, like a diverged run.
+    """
+    oom_at = os.environ.get("SFT_SWEEP_INJECT_OOM_AT_STEP")
+    nan_at = os.environ.get("SFT_SWEEP_INJECT_NAN_AT_STEP")
+    if not oom_at and not nan_at:
         return None
     import torch
     from transformers import TrainerCallback
 
     above = int(os.environ.get("SFT_SWEEP_INJECT_OOM_ABOVE", "0"))
 
-    class InjectOOM(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == int(at) and args.per_device_train_batch_size > above:
+    class InjectFault(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if oom_at and state.global_step == int(oom_at) and args.per_device_train_batch_size > above:
                 raise torch.OutOfMemoryError(
-                    f"CUDA out of memory (injected at step {at}, micro-batch {args.per_device_train_batch_size})")
+                    f"CUDA out of memory (injected at step {oom_at}, micro-batch {args.per_device_train_batch_size})")
+            if nan_at and state.global_step == int(nan_at):
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(float("nan"))
 
-    return InjectOOM()
+    return InjectFault()
 
 
 def _restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool) -> None:
@@ -267,7 +278,7 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
         if resume:
             _restore_tracker(tracker, resume, metric, maximize)
         callbacks = _make_callbacks(cfg, reporter, tracker)
-        injected = _injected_oom_callback()
+        injected = _fault_injection_callback()
         if injected is not None:
             callbacks.append(injected)
         trainer = SFTTrainer(
@@ -283,7 +294,9 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
                                 "eval_rows": len(splits.eval), "precision": compute,
                                 "max_steps": plan.max_steps, "effective_batch": plan.effective_batch,
                                 "micro_batch": micro, "grad_accum": accum, "oom_retries": oom_retries,
-                                "resumed_from_checkpoint": resume})
+                                "resumed_from_checkpoint": resume,
+                                "worker": f"{socket.gethostname()}:{os.getpid()}",
+                                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
         if resume:
             log.info("resuming from %s", resume)
         try:
