@@ -344,7 +344,8 @@ class TrialReporter:
         run_dir = frozen.user_attrs.get("run_dir")
         if not run_dir or not Path(run_dir).is_dir():
             return None
-        ckpts = sorted(Path(run_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        ckpts = sorted((p for p in Path(run_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                       key=lambda p: int(p.name.split("-")[-1]))  # complete ones: a kill can cut a save short
         return str(ckpts[-1]) if ckpts else None
 
     def report(self, value: float, step: int) -> None:
@@ -566,8 +567,13 @@ class StudySweeper:
                 overrides.append(f"{key}={texts.get(key, {}).get(value, _value_text(value))}")
             overrides += [f"study.name={name}", f"study.trial_number={trial.number}"]
             log.info("trial %d: %s", trial.number, " ".join(overrides[:-2]))
-            with _Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
-                [ret] = self.launcher.launch([overrides], initial_job_idx=self.job_idx)
+            try:
+                with _Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
+                    [ret] = self.launcher.launch([overrides], initial_job_idx=self.job_idx)
+            except KeyboardInterrupt:
+                self._interrupted(study, trial)
+                self._stop_workers(children)
+                raise
             self.job_idx += 1
             returns.append(ret)
             if ret.status == JobStatus.COMPLETED:
@@ -605,6 +611,18 @@ class StudySweeper:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "summary.md").write_text(text + "\n", encoding="utf-8")
         return returns
+
+    @staticmethod
+    def _interrupted(study: optuna.Study, trial: optuna.Trial) -> None:
+        """Ctrl-C: fail the running trial now and queue its retry (same params), which resumes
+        from its checkpoint when the command is run again, instead of waiting for the heartbeat."""
+        trial.set_user_attr("error", "KeyboardInterrupt: interrupted by the user")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        retry = getattr(study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+        if retry is not None:
+            retry(study, study._storage.get_trial(trial._trial_id))
+        log.warning("interrupted: trial %d recorded FAIL%s; re-run the same command to continue", trial.number,
+                    " and queued to resume from its checkpoint" if retry is not None else "")
 
     # -- parallel workers
 

@@ -170,3 +170,34 @@ def test_storage_password_never_printed(tmp_path, cache_dir):
     assert proc.returncode != 0
     assert "s3cret" not in proc.stdout + proc.stderr
     assert "bob:***@127.0.0.1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_queues_the_trial_to_resume(tmp_path, cache_dir):
+    url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
+    args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
+            f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    proc = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            t = _load(url, name).trials
+        except KeyError:
+            t = []
+        if t and len(t[0].intermediate_values) >= 2 and list(Path(t[0].user_attrs["run_dir"]).glob("checkpoint-*")):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    trials = _load(url, name).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert _ok_run(run_cli(*args))
+    retry = _load(url, name).trials[1]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_checkpoint"]
+    assert len(_load(url, name).trials) == 2
+
+
+def _ok_run(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return True
