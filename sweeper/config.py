@@ -43,6 +43,19 @@ class TinyModelConfig:
 
 
 @dataclass
+class ModelShape:
+    """Architecture numbers (Hugging Face config names) for planning when config.json is not at hand."""
+
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    vocab_size: int = MISSING
+    tie_word_embeddings: bool = MISSING
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING  # short name used in study names and reports
     path: str = MISSING  # hub id, local directory, or "tiny" (built offline)
@@ -50,6 +63,7 @@ class ModelConfig:
     trust_remote_code: bool = MISSING
     attn_implementation: Optional[str] = None  # None: transformers' default (sdpa)
     tiny: Optional[TinyModelConfig] = None
+    shape: Optional[ModelShape] = None  # for the plan's memory estimate without downloading config.json
 
 
 @dataclass

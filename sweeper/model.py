@@ -112,20 +112,60 @@ def torch_dtype(name: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def resolve_path(model_cfg: Any, cache_dir: str | Path) -> str:
+    """A loadable path or hub id; builds the tiny model first when ``model.path=tiny``."""
+    if model_cfg.path == "tiny":
+        if model_cfg.tiny is None:
+            raise ValueError("model.path=tiny needs a model.tiny section; pick model=tiny")
+        return str(build_tiny(model_cfg.tiny, cache_dir))
+    return str(model_cfg.path)
+
+
+def load_tokenizer(model_cfg: Any, cache_dir: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_path(model_cfg, cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(model_cfg.trust_remote_code))
+    except OSError as e:
+        raise ValueError(
+            f"model.path={model_cfg.path!r}: its tokenizer could not be loaded ({e}); give a local directory, "
+            "a reachable hub id, or pick model=tiny"
+        ) from e
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"model.path={model_cfg.path!r}: the tokenizer has no chat template, which TRL needs for "
+            "'messages' data; use an instruct/chat model or set one in its tokenizer_config.json"
+        )
+    return tokenizer
+
+
+def model_shape(model_cfg: Any, cache_dir: str | Path) -> dict | None:
+    """The model's architecture as a Hugging Face config dict, without loading weights: config.json
+    of a local/tiny model, else ``model.shape``, else the hub (None when none of them answers)."""
+    path = Path(resolve_path(model_cfg, cache_dir))
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    if model_cfg.shape is not None:
+        return {k: model_cfg.shape[k] for k in model_cfg.shape}
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(model_cfg.path)).to_dict()
+    except Exception:
+        return None
+
+
 def load(model_cfg: Any, precision_cfg: Any, cache_dir: str | Path) -> tuple[Any, Any, str]:
     """Return ``(model, tokenizer, compute)`` where compute is the resolved precision name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     compute = resolve_compute(precision_cfg.compute)
     weights = compute if model_cfg.dtype == "auto" else model_cfg.dtype
     if weights == "fp16":
         # fp16 master weights cannot be trained with the AMP grad scaler; keep fp32 masters.
         weights = "fp32"
-    path: str | Path = model_cfg.path
-    if path == "tiny":
-        if model_cfg.tiny is None:
-            raise ValueError("model.path=tiny needs a model.tiny section; pick model=tiny")
-        path = build_tiny(model_cfg.tiny, cache_dir)
+    path = resolve_path(model_cfg, cache_dir)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(weights), "trust_remote_code": bool(model_cfg.trust_remote_code)}
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
@@ -144,17 +184,12 @@ def load(model_cfg: Any, precision_cfg: Any, cache_dir: str | Path) -> tuple[Any
             bnb_4bit_use_double_quant=bool(precision_cfg.bnb_4bit_use_double_quant),
             bnb_4bit_compute_dtype=torch_dtype(compute),
         )
+    tokenizer = load_tokenizer(model_cfg, cache_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=bool(model_cfg.trust_remote_code))
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ValueError(
             f"model.path={model_cfg.path!r} could not be loaded ({e}); give a local directory with "
             "config.json and weights, a reachable hub id, or pick model=tiny"
         ) from e
-    if tokenizer.chat_template is None:
-        raise ValueError(
-            f"model.path={model_cfg.path!r}: the tokenizer has no chat template, which TRL needs for "
-            "'messages' data; use an instruct/chat model or set one in its tokenizer_config.json"
-        )
     return model, tokenizer, compute

@@ -24,6 +24,19 @@ class Plan:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def warnings(self) -> list[str]:
+        """Signs that the schedule does not fit the data (thresholds from common SFT practice)."""
+        out = []
+        if self.epochs > 5:
+            out.append(f"{self.epochs:.1f} epochs is more than ~5 passes over the data: expect over-fitting; "
+                       "consider fewer steps (schedule=under) or more data")
+        if self.epochs < 0.3:
+            out.append(f"{self.epochs:.2f} epochs sees less than ~0.3 of the data: the run is likely too "
+                       "short; consider more steps")
+        if self.warmup_steps >= self.max_steps:
+            out.append(f"warmup ({self.warmup_steps} steps) is not shorter than the run ({self.max_steps} steps)")
+        return out
+
     def describe(self) -> str:
         return (
             f"{self.max_steps} steps x {self.effective_batch} rows/step = {self.samples:,} rows "

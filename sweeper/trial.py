@@ -170,16 +170,8 @@ def _plan(cfg: DictConfig, trainer: Any, splits: data_mod.Splits, args: Any) -> 
             "%d of %d train rows lost all their loss tokens to truncation at data.max_length=%d and were "
             "dropped; raise data.max_length to keep them", dropped, len(splits.train), cfg.data.max_length,
         )
-    plan = make_plan(
-        train_rows=prepared_rows,
-        micro_batch=args.per_device_train_batch_size,
-        grad_accum=args.gradient_accumulation_steps,
-        n_gpus=max(args.world_size, 1),
-        max_steps=cfg.schedule.max_steps,
-        num_train_epochs=cfg.schedule.num_train_epochs,
-        mean_tokens_per_row=_mean_tokens(trainer.train_dataset),
-        warmup=float(cfg.lr.warmup_steps),
-    )
+    plan = plan_for(cfg, splits, trainer.train_dataset, args.per_device_train_batch_size,
+                    args.gradient_accumulation_steps, max(args.world_size, 1))
     return plan, prepared_rows
 
 
@@ -199,6 +191,45 @@ def _peft_config(cfg: DictConfig) -> Any:
         r=int(cfg.peft.r), lora_alpha=int(cfg.peft.lora_alpha), lora_dropout=float(cfg.peft.lora_dropout),
         target_modules=OmegaConf.to_object(target) if OmegaConf.is_list(target) else target,
         task_type="CAUSAL_LM",
+    )
+
+
+def prepare_for_plan(cfg: DictConfig, splits: data_mod.Splits) -> tuple[Any, int]:
+    """The train set exactly as a trial's SFTTrainer will iterate it (tokenised, truncation drops,
+    packing) and the prepared eval rows, without loading the model's weights: TRL prepares the data
+    with the real tokenizer and args; a one-layer stand-in model of the same vocabulary fills the
+    trainer's model slot. The ``datasets`` cache makes the trial's own preparation a cache hit."""
+    import tempfile
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl import SFTTrainer
+
+    tokenizer = model_mod.load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    stand_in = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=max(int(cfg.data.max_length), 8)))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = build_sft_config(cfg, output_dir=Path(tmp), compute="fp32" if not torch.cuda.is_available() else
+                                model_mod.resolve_compute(cfg.precision.compute), data_format=splits.format)
+        args.report_to = []
+        trainer = SFTTrainer(model=stand_in, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+                             processing_class=tokenizer)
+        return trainer.train_dataset, len(trainer.eval_dataset)
+
+
+def plan_for(cfg: DictConfig, splits: data_mod.Splits, prepared: Any, micro: int | None = None,
+             accum: int | None = None, n_gpus: int = 1) -> Plan:
+    """The plan of a composed config on its prepared train set."""
+    return make_plan(
+        train_rows=len(prepared),
+        micro_batch=int(micro or cfg.batch.per_device_train_batch_size),
+        grad_accum=int(accum or cfg.batch.gradient_accumulation_steps),
+        n_gpus=n_gpus,
+        max_steps=cfg.schedule.max_steps,
+        num_train_epochs=cfg.schedule.num_train_epochs,
+        mean_tokens_per_row=_mean_tokens(prepared),
+        warmup=float(cfg.lr.warmup_steps),
     )
 
 
@@ -287,6 +318,8 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
         )
         plan, prepared_rows = _plan(cfg, trainer, splits, args)
         log.info("plan: %s", plan.describe())
+        for warning in plan.warnings():
+            log.warning("plan: %s", warning)
         log.info("precision: %s; method: %s; job dir: %s", compute, cfg.peft.name, job_dir)
         if reporter is not None:
             reporter.set_attrs({"plan": plan.as_dict(), "choices": _choices(), "run_dir": str(job_dir),

@@ -1,0 +1,172 @@
+"""`python -m sweeper plan`: what each run of a sweep would do, before any GPU time.
+
+    python -m sweeper plan schedule=under,sweet,over
+    python -m sweeper plan schedule=under,sweet,over data=banking77 model=qwen2.5-1.5b batch=aggressive
+
+Takes the same overrides as ``python train.py -m``: comma lists, ``choice`` and ``range`` expand
+into one row each; an ``interval`` is planned at both ends. Each row is computed on the prepared
+dataset (tokenised by TRL with the model's tokenizer; with packing, packed sequences), so steps
+per epoch are what the trainer will really run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _expand(overrides: list[str]) -> list[list[str]]:
+    """Override lists, one per planned row."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+
+    from sweeper.study import translate
+
+    axes: list[list[str]] = []
+    for ov in OverridesParser.create().parse_overrides(overrides):
+        key = ov.get_key_element()
+        if not ov.is_sweep_override():
+            axes.append([ov.input_line])
+        elif isinstance(ov.value(), IntervalSweep):
+            axes.append([f"{key}={ov.value().start!r}", f"{key}={ov.value().end!r}"])
+        else:
+            _, pairs = translate(ov, grid_sampler=True)
+            axes.append([f"{key}={text}" for _, text in pairs])
+    return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
+
+
+def _method(cfg: Any) -> str:
+    if cfg.precision.load_in_4bit:
+        return "qlora"
+    return "lora" if cfg.peft.name == "lora" else "full"
+
+
+def memory_estimate(cfg: Any, shape: dict | None, micro_batch: int, seq_len: int) -> Any:
+    """The peak-VRAM estimate of one composed config (None when the model's shape is unknown)."""
+    if shape is None:
+        return None
+    try:
+        from sweeper import memory
+    except ImportError:  # TEMP until the estimator lands
+        return None
+    from sweeper.model import resolve_compute
+
+    compute = resolve_compute(cfg.precision.compute)
+    if compute == "fp32" and cfg.precision.compute == "auto":
+        compute = "bf16"  # planning for the GPU the run will get, not for this machine's CPU
+    return memory.estimate(
+        shape, method=_method(cfg), compute=compute, optim=str(cfg.lr.optim),
+        activation_checkpointing=bool(cfg.batch.activation_checkpointing), micro_batch=micro_batch,
+        seq_len=seq_len, lora_r=int(cfg.peft.r or 16), lora_targets=cfg.peft.target_modules or "all-linear",
+    )
+
+
+def plan_rows(overrides: list[str]) -> list[dict]:
+    """Compose each row's config, prepare its data, and plan it. Raises on bad input."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sweeper import config as config_mod
+    from sweeper import data as data_mod
+    from sweeper.gpu import visible_gpus
+    from sweeper.model import model_shape
+    from sweeper.trial import plan_for, prepare_for_plan
+
+    config_mod.register()
+    gpus = visible_gpus()
+    rows, prepared_cache = [], {}
+    for row_overrides in _expand(overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=row_overrides)
+        config_mod.validate(cfg)
+        key = (repr(dict(cfg.data)), repr(dict(cfg.model)), repr(dict(cfg.precision)))
+        if key not in prepared_cache:
+            splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
+            prepared, eval_rows = prepare_for_plan(cfg, splits)
+            prepared_cache[key] = (splits, prepared, eval_rows, model_shape(cfg.model, cfg.paths.cache_dir))
+        splits, prepared, eval_rows, shape = prepared_cache[key]
+        plan = plan_for(cfg, splits, prepared)
+        lengths = [len(x) for x in prepared["input_ids"]]
+        seq_len = int(cfg.data.max_length) if cfg.data.packing else min(max(lengths), int(cfg.data.max_length))
+        est = memory_estimate(cfg, shape, plan.effective_batch // int(cfg.batch.gradient_accumulation_steps), seq_len)
+        fits = [g.index for g in gpus if est is not None and est.total_gib <= g.free_gib]
+        rows.append({
+            "overrides": row_overrides, "cfg": cfg, "plan": plan, "rows": len(splits.train),
+            "prepared_rows": len(prepared), "eval_rows": eval_rows, "seq_len": seq_len, "memory": est,
+            "gpus": gpus, "fits_on": fits, "warnings": plan.warnings(),
+        })
+    GlobalHydra.instance().clear()
+    return rows
+
+
+def _fmt_int(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "| run | eff. batch | steps/epoch | steps | epochs | samples | tokens/step | tokens | warmup | eval/save every "
+        "| peak VRAM est. | fits on GPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for r in rows:
+        p, cfg, est = r["plan"], r["cfg"], r["memory"]
+        save = "best only" if cfg.eval.save_best else "never"
+        vram = f"{est.total_gib:.1f} GiB" if est is not None else "unknown"
+        if not r["gpus"]:
+            fits = "no GPU visible"
+        elif est is None:
+            fits = "?"
+        else:
+            fits = ",".join(str(i) for i in r["fits_on"]) or "none"
+        lines.append(
+            f"| {' '.join(r['overrides']) or '(defaults)'} | {p.effective_batch} | {p.steps_per_epoch} | {p.max_steps} "
+            f"| {p.epochs:.2f} | {_fmt_int(p.samples)} | {_fmt_int(p.tokens_per_step)} | {_fmt_int(p.tokens)} "
+            f"| {p.warmup_steps} | {cfg.eval.eval_steps} / {save} | {vram} | {fits} |"
+        )
+    lines.append("")
+    for r in rows:
+        cfg, est = r["cfg"], r["memory"]
+        head = f"- {' '.join(r['overrides']) or '(defaults)'}: {cfg.data.name} has {r['rows']:,} train rows -> " \
+               f"{r['prepared_rows']:,} prepared {'packed sequences' if cfg.data.packing else 'rows'}" \
+               f" (max {r['seq_len']} tokens), {r['eval_rows']:,} eval rows; model {cfg.model.name}, " \
+               f"{_method_name(cfg)}, micro-batch {cfg.batch.per_device_train_batch_size} x " \
+               f"accumulation {cfg.batch.gradient_accumulation_steps}"
+        lines.append(head)
+        if est is not None:
+            parts = ", ".join(f"{k.removesuffix('_gib')} {v:.2f}" for k, v in est.parts().items() if k != "total_gib")
+            lines.append(f"  - VRAM (GiB): {parts}")
+        else:
+            lines.append(f"  - VRAM: unknown: no config.json for model.path={cfg.model.path!r} offline; "
+                         "give a local path or add model.shape")
+        for w in r["warnings"]:
+            lines.append(f"  - warning: {w}")
+    if rows and rows[0]["gpus"]:
+        lines.append("")
+        lines.append("GPUs now: " + "; ".join(f"{g.index} {g.name}: {g.free_gib:.1f} of {g.total_gib:.1f} GiB free"
+                                              for g in rows[0]["gpus"]))
+    return "\n".join(lines)
+
+
+def _method_name(cfg: Any) -> str:
+    return {"qlora": "QLoRA (4-bit)", "lora": "LoRA", "full": "full fine-tuning"}[_method(cfg)]
+
+
+def main(overrides: list[str]) -> int:
+    import sys
+
+    from hydra.errors import HydraException
+
+    try:
+        rows = plan_rows(overrides)
+    except (ValueError, FileNotFoundError, HydraException) as e:  # bad input: one message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render(rows))
+    return 0
