@@ -84,11 +84,22 @@ class DataConfig:
 
 
 @dataclass
+class AutoBatchConfig:
+    """batch=auto: fit the micro-batch to the GPU, keep the effective batch."""
+
+    target_effective_batch: int = MISSING  # rows per optimizer step, kept exactly
+    max_micro_batch: int = MISSING  # never try a larger micro-batch
+    memory_fraction: float = MISSING  # share of the GPU's free memory the estimate may use
+    probe: bool = MISSING  # confirm with a real forward+backward at data.max_length before training
+
+
+@dataclass
 class BatchConfig:
     per_device_train_batch_size: int = MISSING  # micro-batch, rows per forward pass
     gradient_accumulation_steps: int = MISSING  # micro-batches per optimizer step
     per_device_eval_batch_size: int = MISSING
     activation_checkpointing: bool = MISSING  # transformers 5 name of gradient checkpointing
+    auto: Optional[AutoBatchConfig] = None  # batch=auto; the two values above are its CPU fallback
 
 
 @dataclass
@@ -253,6 +264,14 @@ def validate(cfg: Any) -> None:
             f"precision={p.name} loads 4-bit weights, which can only be trained through adapters, "
             f"but peft={cfg.peft.name}; add peft=lora"
         )
+    a = b.auto
+    if a is not None:
+        if a.target_effective_batch < 1 or a.max_micro_batch < 1:
+            raise ValueError(
+                f"batch.auto.target_effective_batch and batch.auto.max_micro_batch must be >= 1, but got "
+                f"{a.target_effective_batch} and {a.max_micro_batch}")
+        if not 0.1 <= a.memory_fraction <= 0.98:
+            raise ValueError(f"batch.auto.memory_fraction must be in [0.1, 0.98], but got {a.memory_fraction}")
     e = cfg.eval
     if e.eval_steps < 1:
         raise ValueError(f"eval.eval_steps must be >= 1, but got {e.eval_steps}; set eval.eval_steps=50")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -88,4 +89,44 @@ def make_plan(
         tokens_per_step=mean_tokens_per_row * eff,
         tokens=mean_tokens_per_row * samples,
         warmup_steps=warmup_steps,
+    )
+
+
+def fit_micro_batch(target_effective_batch: int, max_micro_batch: int, budget_gib: float,
+                    estimate_gib: Callable[[int], float]) -> tuple[int, int, float] | None:
+    """The largest micro-batch whose estimated peak fits ``budget_gib`` and divides the target
+    effective batch exactly (so the effective batch never changes), with its accumulation steps.
+
+    Returns ``(micro_batch, grad_accum, estimate_gib)``, or None when even micro-batch 1 does not fit.
+    Example: target 16, budget fits 6 rows -> (4, 4, ...): 6 and 5 do not divide 16.
+    """
+    for micro in range(min(max_micro_batch, target_effective_batch), 0, -1):
+        if target_effective_batch % micro:
+            continue
+        est = estimate_gib(micro)
+        if est <= budget_gib:
+            return micro, target_effective_batch // micro, est
+    return None
+
+
+def finetune_method(cfg: Any) -> str:
+    """qlora | lora | full, from the composed precision and peft groups."""
+    if cfg.precision.load_in_4bit:
+        return "qlora"
+    return "lora" if cfg.peft.name == "lora" else "full"
+
+
+def memory_estimate(cfg: Any, shape: dict | None, micro_batch: int, seq_len: int, compute: str) -> Any:
+    """Peak-VRAM estimate (``sweeper.memory.MemoryEstimate``) of a composed config at a micro-batch
+    and sequence length; None when the model's shape is unknown."""
+    if shape is None:
+        return None
+    from sweeper import memory
+
+    target = cfg.peft.target_modules
+    return memory.estimate(
+        shape, method=finetune_method(cfg), compute=compute, optim=str(cfg.lr.optim),
+        activation_checkpointing=bool(cfg.batch.activation_checkpointing), micro_batch=micro_batch,
+        seq_len=seq_len, lora_r=int(cfg.peft.r or 16),
+        lora_targets=list(target) if target is not None and not isinstance(target, str) else (target or "all-linear"),
     )

@@ -40,32 +40,6 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
 
 
-def _method(cfg: Any) -> str:
-    if cfg.precision.load_in_4bit:
-        return "qlora"
-    return "lora" if cfg.peft.name == "lora" else "full"
-
-
-def memory_estimate(cfg: Any, shape: dict | None, micro_batch: int, seq_len: int) -> Any:
-    """The peak-VRAM estimate of one composed config (None when the model's shape is unknown)."""
-    if shape is None:
-        return None
-    try:
-        from sweeper import memory
-    except ImportError:  # TEMP until the estimator lands
-        return None
-    from sweeper.model import resolve_compute
-
-    compute = resolve_compute(cfg.precision.compute)
-    if compute == "fp32" and cfg.precision.compute == "auto":
-        compute = "bf16"  # planning for the GPU the run will get, not for this machine's CPU
-    return memory.estimate(
-        shape, method=_method(cfg), compute=compute, optim=str(cfg.lr.optim),
-        activation_checkpointing=bool(cfg.batch.activation_checkpointing), micro_batch=micro_batch,
-        seq_len=seq_len, lora_r=int(cfg.peft.r or 16), lora_targets=cfg.peft.target_modules or "all-linear",
-    )
-
-
 def plan_rows(overrides: list[str]) -> list[dict]:
     """Compose each row's config, prepare its data, and plan it. Raises on bad input."""
     from hydra import compose, initialize_config_dir
@@ -74,7 +48,8 @@ def plan_rows(overrides: list[str]) -> list[dict]:
     from sweeper import config as config_mod
     from sweeper import data as data_mod
     from sweeper.gpu import visible_gpus
-    from sweeper.model import model_shape
+    from sweeper.model import model_shape, resolve_compute
+    from sweeper.plan import memory_estimate
     from sweeper.trial import plan_for, prepare_for_plan
 
     config_mod.register()
@@ -94,7 +69,10 @@ def plan_rows(overrides: list[str]) -> list[dict]:
         plan = plan_for(cfg, splits, prepared)
         lengths = [len(x) for x in prepared["input_ids"]]
         seq_len = int(cfg.data.max_length) if cfg.data.packing else min(max(lengths), int(cfg.data.max_length))
-        est = memory_estimate(cfg, shape, plan.effective_batch // int(cfg.batch.gradient_accumulation_steps), seq_len)
+        compute = resolve_compute(cfg.precision.compute)
+        if compute == "fp32" and cfg.precision.compute == "auto":
+            compute = "bf16"  # plan for the GPU the run will get, not for this machine's CPU
+        est = memory_estimate(cfg, shape, int(cfg.batch.per_device_train_batch_size), seq_len, compute)
         fits = [g.index for g in gpus if est is not None and est.total_gib <= g.free_gib]
         rows.append({
             "overrides": row_overrides, "cfg": cfg, "plan": plan, "rows": len(splits.train),
@@ -155,7 +133,9 @@ def render(rows: list[dict]) -> str:
 
 
 def _method_name(cfg: Any) -> str:
-    return {"qlora": "QLoRA (4-bit)", "lora": "LoRA", "full": "full fine-tuning"}[_method(cfg)]
+    from sweeper.plan import finetune_method
+
+    return {"qlora": "QLoRA (4-bit)", "lora": "LoRA", "full": "full fine-tuning"}[finetune_method(cfg)]
 
 
 def main(overrides: list[str]) -> int:

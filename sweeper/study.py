@@ -101,6 +101,24 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
     except ImportError as e:
         raise ImportError(f"storage {mask_url(url)} needs a database driver: pip install -e '.[postgres]' ({e})") from e
+    except Exception as e:  # SQLAlchemy/driver errors: say which storage, never with its password
+        detail = str(e).splitlines()[0]
+        password = _password(url)
+        if password:
+            detail = detail.replace(password, "***")
+        raise ValueError(
+            f"hydra.sweeper.storage={mask_url(url)} could not be opened: {type(e).__name__}: {detail}; "
+            "check the URL, that the server runs, and the driver (pip install -e '.[postgres]')"
+        ) from None
+
+
+def _password(url: str) -> str | None:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).password
+    except Exception:
+        return None
 
 
 @contextlib.contextmanager

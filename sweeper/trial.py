@@ -233,6 +233,73 @@ def plan_for(cfg: DictConfig, splits: data_mod.Splits, prepared: Any, micro: int
     )
 
 
+def _smaller_micro_batch(micro: int, accum: int) -> tuple[int, int] | None:
+    """The next micro-batch down that keeps micro x accumulation exactly (halving for powers of two)."""
+    effective = micro * accum
+    for m in range(micro // 2 if micro % 2 == 0 else micro - 1, 0, -1):
+        if effective % m == 0:
+            return m, effective // m
+    return None
+
+
+def _auto_batch(cfg: DictConfig) -> tuple[int, int, dict]:
+    """batch=auto: pin this process to the GPU with the most free memory (unless a worker already
+    pinned it), then pick the largest micro-batch whose estimated peak fits ``memory_fraction`` of
+    that GPU's free memory and divides the target effective batch. Without a GPU: the preset."""
+    from sweeper.gpu import visible_gpus
+    from sweeper.plan import fit_micro_batch, memory_estimate
+
+    a, b = cfg.batch.auto, cfg.batch
+    gpus = visible_gpus()  # NVML: must run before CUDA is initialised, so the pin below takes effect
+    if not gpus:
+        log.warning("batch=auto: no GPU visible, so the preset micro-batch %d x accumulation %d is used",
+                    b.per_device_train_batch_size, b.gradient_accumulation_steps)
+        return int(b.per_device_train_batch_size), int(b.gradient_accumulation_steps), {"mode": "no GPU: preset"}
+    best = gpus[0]
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(best.index)
+    compute = model_mod.resolve_compute(cfg.precision.compute)
+    shape = model_mod.model_shape(cfg.model, cfg.paths.cache_dir)
+    if shape is None:
+        raise ValueError(f"batch=auto needs the model's shape: no config.json for model.path={cfg.model.path!r}; "
+                         "give a local path or set model.shape")
+    seq_len = int(cfg.data.max_length)
+    budget = best.free_gib * float(a.memory_fraction)
+    fit = fit_micro_batch(int(a.target_effective_batch), int(a.max_micro_batch), budget,
+                          lambda m: memory_estimate(cfg, shape, m, seq_len, compute).total_gib)
+    if fit is None:
+        need = memory_estimate(cfg, shape, 1, seq_len, compute).total_gib
+        raise ValueError(
+            f"batch=auto: even micro-batch 1 at data.max_length={seq_len} needs ~{need:.1f} GiB, more than "
+            f"{budget:.1f} GiB ({a.memory_fraction:.0%} of {best.free_gib:.1f} GiB free on GPU {best.index}); "
+            "try precision=qlora4, batch.activation_checkpointing=true or a smaller data.max_length")
+    micro, accum, est = fit
+    info = {"mode": "fitted", "gpu": best.index, "gpu_name": best.name, "free_gib": round(best.free_gib, 2),
+            "budget_gib": round(budget, 2), "estimate_gib": round(est, 2)}
+    log.info("batch=auto: GPU %d (%s) has %.1f GiB free; micro-batch %d x accumulation %d (estimated peak "
+             "%.1f GiB of a %.1f GiB budget)", best.index, best.name, best.free_gib, micro, accum, est, budget)
+    return micro, accum, info
+
+
+def _probe(trainer: Any, micro: int, seq_len: int) -> float:
+    """One real forward+backward of a full micro-batch at ``seq_len`` tokens on the trainer's
+    (PEFT-wrapped) model; returns the peak allocated GiB. Raises torch.OutOfMemoryError."""
+    import torch
+
+    model = trainer.model
+    model.train()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (micro, seq_len), device=model.device)
+    try:
+        with trainer.compute_loss_context_manager():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
 def _fault_injection_callback() -> Any:
     """Test hooks for the fault paths, off unless the environment asks:
 
@@ -282,8 +349,9 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
     In a multirun the sweeper fills ``cfg.study``; the job then reports every evaluation to its
     own trial and stores the plan and results as user attrs. Raises on bad input before
     loading the model. A trial re-run after its worker died resumes from its newest checkpoint.
-    On CUDA out-of-memory (``retry_on_oom``) the run restarts with half the micro-batch and twice
-    the accumulation, so the effective batch is unchanged, down to micro-batch 1.
+    On CUDA out-of-memory (``retry_on_oom``) the run restarts with the next smaller micro-batch that
+    divides the effective batch (half, for powers of two) and the matching accumulation, so the
+    effective batch is unchanged, down to micro-batch 1. ``batch=auto`` fits the micro-batch first.
     """
     import torch
     from trl import SFTTrainer
@@ -298,6 +366,9 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
     if cfg.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(job_dir / "tensorboard")
     micro, accum = int(cfg.batch.per_device_train_batch_size), int(cfg.batch.gradient_accumulation_steps)
+    auto_info: dict | None = None
+    if cfg.batch.auto is not None:
+        micro, accum, auto_info = _auto_batch(cfg)
     oom_retries: list[dict] = []
     metric = str(cfg.eval.metric)
     maximize = config_mod.metric_direction(metric) == "maximize"
@@ -316,6 +387,20 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
             model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
             processing_class=tokenizer, peft_config=_peft_config(cfg), callbacks=callbacks,
         )
+        if auto_info is not None and auto_info["mode"] == "fitted" and cfg.batch.auto.probe:
+            try:
+                auto_info["probe_peak_gib"] = round(_probe(trainer, micro, int(cfg.data.max_length)), 2)
+                log.info("batch=auto: probe at micro-batch %d peaked at %.2f GiB", micro, auto_info["probe_peak_gib"])
+            except torch.OutOfMemoryError:
+                smaller = _smaller_micro_batch(micro, accum)
+                if smaller is None:
+                    raise
+                log.warning("batch=auto: the probe ran out of memory at micro-batch %d; trying %d", micro, smaller[0])
+                auto_info.setdefault("probe_oom_at", []).append(micro)
+                micro, accum = smaller
+                del trainer, model
+                torch.cuda.empty_cache()
+                continue
         plan, prepared_rows = _plan(cfg, trainer, splits, args)
         log.info("plan: %s", plan.describe())
         for warning in plan.warnings():
@@ -327,6 +412,7 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
                                 "eval_rows": len(splits.eval), "precision": compute,
                                 "max_steps": plan.max_steps, "effective_batch": plan.effective_batch,
                                 "micro_batch": micro, "grad_accum": accum, "oom_retries": oom_retries,
+                                "batch_auto": auto_info,
                                 "resumed_from_checkpoint": resume,
                                 "worker": f"{socket.gethostname()}:{os.getpid()}",
                                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
@@ -340,12 +426,13 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
             del trainer, model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if not cfg.retry_on_oom or micro == 1:
+            smaller = _smaller_micro_batch(micro, accum)
+            if not cfg.retry_on_oom or smaller is None:
                 raise RuntimeError(
                     f"CUDA out of memory at step {step} with micro-batch {micro} x accumulation {accum}"
                     + ("" if cfg.retry_on_oom else " (retry_on_oom=false)") + f": {e}"
                 ) from e
-            micro, accum = micro // 2, accum * 2
+            micro, accum = smaller
             oom_retries.append({"at_step": step, "micro_batch": micro, "grad_accum": accum})
             log.warning("CUDA out of memory at step %d; retrying from the start with micro-batch %d x "
                         "accumulation %d (effective batch unchanged)", step, micro, accum)

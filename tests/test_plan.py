@@ -30,3 +30,23 @@ def test_warmup_in_steps_and_bad_rows():
     assert make_plan(train_rows=10, micro_batch=1, grad_accum=1, max_steps=100, warmup=7).warmup_steps == 7
     with pytest.raises(ValueError, match="train_rows must be >= 1"):
         make_plan(train_rows=0, micro_batch=1, grad_accum=1, max_steps=1)
+
+
+def test_fit_micro_batch_keeps_the_effective_batch_exact():
+    from sweeper.plan import fit_micro_batch
+
+    per_row = lambda m: 2.0 + 1.5 * m  # noqa: E731  GiB: fixed part + activations per row
+    # budget 11.5 GiB fits 6 rows, but 6 and 5 do not divide 16: 4 x 4
+    assert fit_micro_batch(16, 16, 11.5, per_row) == (4, 4, 8.0)
+    assert fit_micro_batch(16, 16, 100.0, per_row) == (16, 1, 26.0)
+    assert fit_micro_batch(12, 8, 100.0, per_row) == (6, 2, 11.0)  # capped by max_micro_batch, divides 12
+    assert fit_micro_batch(16, 16, 3.0, per_row) is None  # not even one row fits
+
+
+def test_oom_steps_down_through_divisors():
+    from sweeper.trial import _smaller_micro_batch
+
+    assert _smaller_micro_batch(8, 2) == (4, 4)
+    assert _smaller_micro_batch(6, 2) == (3, 4)
+    assert _smaller_micro_batch(3, 4) == (2, 6)
+    assert _smaller_micro_batch(1, 16) is None

@@ -93,3 +93,11 @@ def test_prompt_completion_rows_train(compose_cfg, tmp_path):
     rec = Recorder()
     assert math.isfinite(run(compose_cfg(*FAST, "data=jsonl", f"data.train_path={path}"), reporter=rec))
     assert rec.attrs["plan"]["effective_batch"] == 4
+
+
+def test_batch_auto_without_a_gpu_uses_the_preset_and_says_so(compose_cfg, caplog):
+    rec = Recorder()
+    run(compose_cfg("batch=auto", *[o for o in FAST if not o.startswith("batch.")]), reporter=rec)
+    assert rec.attrs["batch_auto"] == {"mode": "no GPU: preset"}
+    assert (rec.attrs["micro_batch"], rec.attrs["grad_accum"], rec.attrs["effective_batch"]) == (8, 2, 16)
+    assert "batch=auto: no GPU visible" in caplog.text
