@@ -418,8 +418,10 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
                                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
         if resume:
             log.info("resuming from %s", resume)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         try:
-            trainer.train(resume_from_checkpoint=resume)
+            output = trainer.train(resume_from_checkpoint=resume)
             break
         except torch.OutOfMemoryError as e:
             step = trainer.state.global_step
@@ -459,6 +461,8 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
         "samples_seen": state.global_step * plan.effective_batch,
         "tokens_seen": int(state.num_input_tokens_seen or 0),
         "stopped_early_step": state.global_step if stopped_early else None,
+        "train_runtime_s": round(float(output.metrics.get("train_runtime", 0.0)), 2),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "best_checkpoint": state.best_model_checkpoint,
         "curve": tracker.get("curve", []),
     }
