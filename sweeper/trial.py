@@ -61,7 +61,8 @@ def preflight(cfg: DictConfig) -> data_mod.Splits:
 
 
 def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_format: str,
-                     micro_batch: int | None = None, grad_accum: int | None = None) -> Any:
+                     micro_batch: int | None = None, grad_accum: int | None = None,
+                     eval_batch: int | None = None) -> Any:
     """Map the composed config onto TRL's SFTConfig (names are TRL's own). ``micro_batch`` and
     ``grad_accum`` replace the batch group's values (OOM retries)."""
     import torch
@@ -85,7 +86,7 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
         # batch
         per_device_train_batch_size=int(micro_batch or b.per_device_train_batch_size),
         gradient_accumulation_steps=int(grad_accum or b.gradient_accumulation_steps),
-        per_device_eval_batch_size=int(b.per_device_eval_batch_size),
+        per_device_eval_batch_size=int(eval_batch or b.per_device_eval_batch_size),
         activation_checkpointing=bool(b.activation_checkpointing),
         # lr
         learning_rate=float(lr.learning_rate),
@@ -374,8 +375,10 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
     maximize = config_mod.metric_direction(metric) == "maximize"
     while True:
         model, tokenizer, compute = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)
+        fitted = auto_info is not None and auto_info["mode"] == "fitted"
         args = build_sft_config(cfg, output_dir=job_dir, compute=compute, data_format=splits.format,
-                                micro_batch=micro, grad_accum=accum)
+                                micro_batch=micro, grad_accum=accum,
+                                eval_batch=micro if fitted else None)  # eval logits must fit too
         tracker: dict = {}
         if resume:
             _restore_tracker(tracker, resume, metric, maximize)
