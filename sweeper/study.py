@@ -459,6 +459,7 @@ class StudySweeper:
                 f"but eval.metric={self.config.eval.metric} needs {direction}; use another hydra.sweeper.study_name"
             )
         study.set_user_attr("metric", str(self.config.eval.metric))
+        study.set_metric_names([str(self.config.eval.metric)])  # the dashboard's axis label
         study.set_user_attr("data", str(self.config.data.name))
         study.set_user_attr("model", str(self.config.model.name))
         return study

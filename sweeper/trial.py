@@ -26,6 +26,15 @@ from sweeper.plan import Plan, make_plan
 log = logging.getLogger(__name__)
 
 
+# SFTConfig fields the report's ready-to-paste snippet repeats (TRL's own names)
+_SNIPPET_KEYS = (
+    "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim",
+    "bf16", "fp16", "max_length", "packing", "assistant_only_loss", "completion_only_loss",
+    "activation_checkpointing", "eval_steps", "seed",
+)
+
+
 class DivergedError(RuntimeError):
     """Raised when a logged loss is NaN or infinite."""
 
@@ -133,6 +142,8 @@ def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict) -> list:
             loss = (logs or {}).get("loss")
             if loss is not None and not math.isfinite(loss):
                 raise DivergedError(f"diverged at step {state.global_step}: train loss is {loss}")
+            if loss is not None:
+                tracker.setdefault("train_curve", []).append([state.global_step, round(float(loss), 5)])
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             value = (metrics or {}).get(metric)
@@ -174,6 +185,14 @@ def _plan(cfg: DictConfig, trainer: Any, splits: data_mod.Splits, args: Any) -> 
     plan = plan_for(cfg, splits, trainer.train_dataset, args.per_device_train_batch_size,
                     args.gradient_accumulation_steps, max(args.world_size, 1))
     return plan, prepared_rows
+
+
+def _thin(points: list, most: int) -> list:
+    """At most ``most`` points, evenly spaced, always keeping the last."""
+    if len(points) <= most:
+        return points
+    stride = math.ceil(len(points) / most)
+    return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
 
 
 def _mean_tokens(dataset: Any) -> float:
@@ -416,6 +435,7 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
                                 "max_steps": plan.max_steps, "effective_batch": plan.effective_batch,
                                 "micro_batch": micro, "grad_accum": accum, "oom_retries": oom_retries,
                                 "batch_auto": auto_info,
+                                "sft_config": {k: getattr(args, k) for k in _SNIPPET_KEYS},
                                 "resumed_from_checkpoint": resume,
                                 "worker": f"{socket.gethostname()}:{os.getpid()}",
                                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
@@ -468,6 +488,7 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "best_checkpoint": state.best_model_checkpoint,
         "curve": tracker.get("curve", []),
+        "train_curve": _thin(tracker.get("train_curve", []), 300),  # for the report's diagnosis
     }
     log.info(
         "best %s %.4f at step %d of %d%s", cfg.eval.metric, best, results["best_step"], state.global_step,

@@ -1,0 +1,64 @@
+"""`python -m sweeper report` and `python -m sweeper dashboard`.
+
+    python -m sweeper report                    # every study in the default storage
+    python -m sweeper dashboard --port 8080     # http://127.0.0.1:8080
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def _defaults() -> tuple[str, str]:
+    """The sweeper's storage URL and the output folder, from conf/ (their one home)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sweeper import config as config_mod
+    from sweeper.plan_command import CONF_DIR
+
+    config_mod.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    return str(cfg.hydra.sweeper.storage), str(cfg.paths.output_dir)
+
+
+def _open(storage: str | None):
+    from sweeper.study import mask_url, open_storage
+
+    url = storage or _defaults()[0]
+    db = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
+    if db is not None and not Path(db).exists():
+        raise ValueError(f"no study storage at {db}: run a sweep first (python train.py -m ...) or pass --storage")
+    return url, mask_url(url), open_storage(url)
+
+
+def report(storage: str | None, studies: list[str] | None, out: str | None) -> int:
+    from sweeper.report import write_report
+
+    try:
+        url, shown, store = _open(storage)
+        out_dir = Path(out) if out else Path(_defaults()[1]) / "report"
+        paths = write_report(store, out_dir, studies)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    print(f"\nwritten: {paths['markdown']}, {paths['html']} and one PNG per study in {out_dir} (storage {shown})")
+    return 0
+
+
+def dashboard(storage: str | None, host: str, port: int) -> int:
+    from optuna_dashboard import run_server
+
+    try:
+        url, shown, store = _open(storage)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"optuna-dashboard for {shown} at http://{host}:{port}  (Ctrl-C to stop)", flush=True)
+    run_server(store, host=host, port=port)
+    return 0
