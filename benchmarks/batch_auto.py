@@ -94,11 +94,12 @@ def main() -> None:
         [t] = optuna.load_study(study_name=f"auto{i}", storage=storage).trials
         u, b = t.user_attrs, t.user_attrs.get("batch_auto") or {}
         used = u.get("peak_gpu_gib")
+        probes = ", ".join(f"{p['micro_batch']}: {p.get('with_states_gib', p['peak_gib'])}" for p in b.get("probes", []))
         rows.append(
-            f"| {name} | {t.state.name} | {b.get('free_gib')} | {b.get('budget_gib')} | {u.get('micro_batch')} x "
-            f"{u.get('grad_accum')} | {b.get('estimate_gib')} | {b.get('probe_peak_gib')} | {used} | "
-            f"{used / b['free_gib']:.0%} | {len(u.get('oom_retries') or [])} | {wall:.0f} s |"
-            if used and b.get("free_gib") else f"| {name} | {t.state.name} | {u.get('error', '')[:200]} |")
+            f"| {name} | {t.state.name} | {b.get('free_gib')} | {b.get('budget_gib')} | "
+            f"{b.get('estimate_micro_batch')} ({b.get('estimate_gib')} GiB) | {probes} | {u.get('micro_batch')} x "
+            f"{u.get('grad_accum')} | {used} | {used / b['free_gib']:.0%} | {len(u.get('oom_retries') or [])} | {wall:.0f} s |"
+            if used and b.get("free_gib") else f"| {name} | {t.state.name} | {u.get('error', '')[:300]} |")
     header = [
         "## batch=auto on the GPU",
         "",
@@ -109,9 +110,9 @@ def main() -> None:
         "Command: `python benchmarks/batch_auto.py --work /tmp/batch_auto --out $OUT/batch_auto.md` "
         "(on the device, after installing the wheels the README lists)",
         "",
-        "| scenario | state | free GiB | budget GiB | micro x accum | estimate GiB | probe peak GiB "
-        "| training peak GiB | training peak / free | OOM retries | wall |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| scenario | state | free GiB | budget GiB | estimate's micro-batch | probes (micro: peak + states GiB) "
+        "| chosen micro x accum | training peak GiB | training peak / free | OOM retries | wall |",
+        "|---|---|---:|---:|---|---|---|---:|---:|---:|---:|",
     ]
     text = "\n".join(header + rows) + "\n"
     a.out.write_text(text)

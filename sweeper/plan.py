@@ -116,7 +116,8 @@ def finetune_method(cfg: Any) -> str:
     return "lora" if cfg.peft.name == "lora" else "full"
 
 
-def memory_estimate(cfg: Any, shape: dict | None, micro_batch: int, seq_len: int, compute: str) -> Any:
+def memory_estimate(cfg: Any, shape: dict | None, micro_batch: int, seq_len: int, compute: str,
+                    grad_accum: int = 1) -> Any:
     """Peak-VRAM estimate (``sweeper.memory.MemoryEstimate``) of a composed config at a micro-batch
     and sequence length; None when the model's shape is unknown."""
     if shape is None:
@@ -127,6 +128,6 @@ def memory_estimate(cfg: Any, shape: dict | None, micro_batch: int, seq_len: int
     return memory.estimate(
         shape, method=finetune_method(cfg), compute=compute, optim=str(cfg.lr.optim),
         activation_checkpointing=bool(cfg.batch.activation_checkpointing), micro_batch=micro_batch,
-        seq_len=seq_len, lora_r=int(cfg.peft.r or 16),
+        seq_len=seq_len, lora_r=int(cfg.peft.r or 16), grad_accum=grad_accum,
         lora_targets=list(target) if target is not None and not isinstance(target, str) else (target or "all-linear"),
     )

@@ -63,21 +63,32 @@ def plan_rows(overrides: list[str]) -> list[dict]:
         key = (repr(dict(cfg.data)), repr(dict(cfg.model)), repr(dict(cfg.precision)))
         if key not in prepared_cache:
             splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
-            prepared, eval_rows = prepare_for_plan(cfg, splits)
-            prepared_cache[key] = (splits, prepared, eval_rows, model_shape(cfg.model, cfg.paths.cache_dir))
-        splits, prepared, eval_rows, shape = prepared_cache[key]
+            note = None
+            try:
+                prepared, eval_rows = prepare_for_plan(cfg, splits)
+            except ValueError as e:  # no tokenizer offline: plan on rows, say what is missing
+                if "tokenizer" not in str(e) or cfg.data.packing:
+                    raise
+                prepared, eval_rows = splits.train, len(splits.eval)
+                note = f"tokens unknown and rows not prepared: {e}"
+            prepared_cache[key] = (splits, prepared, eval_rows, model_shape(cfg.model, cfg.paths.cache_dir), note)
+        splits, prepared, eval_rows, shape, note = prepared_cache[key]
         plan = plan_for(cfg, splits, prepared)
-        lengths = [len(x) for x in prepared["input_ids"]]
-        seq_len = int(cfg.data.max_length) if cfg.data.packing else min(max(lengths), int(cfg.data.max_length))
+        if "input_ids" in prepared.column_names:
+            lengths = [len(x) for x in prepared["input_ids"]]
+            seq_len = int(cfg.data.max_length) if cfg.data.packing else min(max(lengths), int(cfg.data.max_length))
+        else:
+            seq_len = int(cfg.data.max_length)
         compute = resolve_compute(cfg.precision.compute)
         if compute == "fp32" and cfg.precision.compute == "auto":
             compute = "bf16"  # plan for the GPU the run will get, not for this machine's CPU
-        est = memory_estimate(cfg, shape, int(cfg.batch.per_device_train_batch_size), seq_len, compute)
+        est = memory_estimate(cfg, shape, int(cfg.batch.per_device_train_batch_size), seq_len, compute,
+                              int(cfg.batch.gradient_accumulation_steps))
         fits = [g.index for g in gpus if est is not None and est.total_gib <= g.free_gib]
         rows.append({
             "overrides": row_overrides, "cfg": cfg, "plan": plan, "rows": len(splits.train),
             "prepared_rows": len(prepared), "eval_rows": eval_rows, "seq_len": seq_len, "memory": est,
-            "gpus": gpus, "fits_on": fits, "warnings": plan.warnings(),
+            "gpus": gpus, "fits_on": fits, "warnings": plan.warnings() + ([note] if note else []),
         })
     GlobalHydra.instance().clear()
     return rows

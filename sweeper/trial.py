@@ -284,8 +284,9 @@ def _auto_batch(cfg: DictConfig) -> tuple[int, int, dict]:
                          "give a local path or set model.shape")
     seq_len = int(cfg.data.max_length)
     budget = best.free_gib * float(a.memory_fraction)
-    fit = fit_micro_batch(int(a.target_effective_batch), int(a.max_micro_batch), budget,
-                          lambda m: memory_estimate(cfg, shape, m, seq_len, compute).total_gib)
+    target = int(a.target_effective_batch)
+    fit = fit_micro_batch(target, int(a.max_micro_batch), budget,
+                          lambda m: memory_estimate(cfg, shape, m, seq_len, compute, target // m).total_gib)
     if fit is None:
         need = memory_estimate(cfg, shape, 1, seq_len, compute).total_gib
         raise ValueError(
@@ -293,31 +294,73 @@ def _auto_batch(cfg: DictConfig) -> tuple[int, int, dict]:
             f"{budget:.1f} GiB ({a.memory_fraction:.0%} of {best.free_gib:.1f} GiB free on GPU {best.index}); "
             "try precision=qlora4, batch.activation_checkpointing=true or a smaller data.max_length")
     micro, accum, est = fit
+    states = memory_estimate(cfg, shape, micro, seq_len, compute, accum).optimizer_gib
     info = {"mode": "fitted", "gpu": best.index, "gpu_name": best.name, "free_gib": round(best.free_gib, 2),
-            "budget_gib": round(budget, 2), "estimate_gib": round(est, 2)}
+            "budget_gib": round(budget, 2), "estimate_micro_batch": micro, "estimate_gib": round(est, 2),
+            "_states_gib": states}  # optimizer states: allocated at the first step, after the probe
     log.info("batch=auto: GPU %d (%s) has %.1f GiB free; micro-batch %d x accumulation %d (estimated peak "
              "%.1f GiB of a %.1f GiB budget)", best.index, best.name, best.free_gib, micro, accum, est, budget)
     return micro, accum, info
 
 
 def _probe(trainer: Any, micro: int, seq_len: int) -> float:
-    """One real forward+backward of a full micro-batch at ``seq_len`` tokens on the trainer's
-    (PEFT-wrapped) model; returns the peak allocated GiB. Raises torch.OutOfMemoryError."""
+    """One real forward+backward through the trainer's own loss (TRL's fused LM head, PEFT, the
+    collator's padding or padding-free packing) on ``micro`` rows of ``seq_len`` tokens; returns
+    the peak allocated GiB. Raises torch.OutOfMemoryError when it does not fit."""
     import torch
 
     model = trainer.model
     model.train()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(0, vocab, (micro, seq_len), device=model.device)
+    vocab = min(len(trainer.processing_class), model.get_input_embeddings().weight.shape[0])
+    batch = trainer.data_collator([{"input_ids": torch.randint(0, vocab, (seq_len,)).tolist()} for _ in range(micro)])
+    batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     try:
         with trainer.compute_loss_context_manager():
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = trainer.compute_loss(model, batch)
         loss.backward()
     finally:
         model.zero_grad(set_to_none=True)
-    return torch.cuda.max_memory_allocated() / 2**30
+        batch = loss = None
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def _probe_ladder(trainer: Any, cfg: DictConfig, micro: int, info: dict, states_gib: float) -> int:
+    """From the estimate's micro-batch, probe up the divisors of the target effective batch while
+    the probe's peak plus the optimizer states fits the budget, or down until it does."""
+    import torch
+
+    a = cfg.batch.auto
+    target, seq_len, budget = int(a.target_effective_batch), int(cfg.data.max_length), float(info["budget_gib"])
+    divisors = [d for d in range(1, min(int(a.max_micro_batch), target) + 1) if target % d == 0]
+    probes = info.setdefault("probes", [])
+
+    def fits(m: int) -> bool:
+        try:
+            peak = _probe(trainer, m, seq_len)
+        except torch.OutOfMemoryError:
+            probes.append({"micro_batch": m, "peak_gib": "OOM"})
+            torch.cuda.empty_cache()
+            return False
+        probes.append({"micro_batch": m, "peak_gib": round(peak, 2), "with_states_gib": round(peak + states_gib, 2)})
+        return peak + states_gib <= budget
+
+    i = divisors.index(micro)
+    if fits(divisors[i]):
+        while i + 1 < len(divisors) and fits(divisors[i + 1]):
+            i += 1
+    else:
+        while True:
+            if i == 0:
+                raise RuntimeError(f"batch=auto: even micro-batch 1 at data.max_length={seq_len} does not fit "
+                                   f"{budget:.1f} GiB on the GPU (probes: {probes})")
+            i -= 1
+            if fits(divisors[i]):
+                break
+    log.info("batch=auto: probes %s -> micro-batch %d", probes, divisors[i])
+    return divisors[i]
 
 
 def _fault_injection_callback() -> Any:
@@ -409,17 +452,10 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
             model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
             processing_class=tokenizer, peft_config=_peft_config(cfg), callbacks=callbacks,
         )
-        if auto_info is not None and auto_info["mode"] == "fitted" and cfg.batch.auto.probe:
-            try:
-                auto_info["probe_peak_gib"] = round(_probe(trainer, micro, int(cfg.data.max_length)), 2)
-                log.info("batch=auto: probe at micro-batch %d peaked at %.2f GiB", micro, auto_info["probe_peak_gib"])
-            except torch.OutOfMemoryError:
-                smaller = _smaller_micro_batch(micro, accum)
-                if smaller is None:
-                    raise
-                log.warning("batch=auto: the probe ran out of memory at micro-batch %d; trying %d", micro, smaller[0])
-                auto_info.setdefault("probe_oom_at", []).append(micro)
-                micro, accum = smaller
+        if fitted and cfg.batch.auto.probe and "probes" not in auto_info:
+            probed = _probe_ladder(trainer, cfg, micro, auto_info, auto_info.pop("_states_gib"))
+            if probed != micro:  # rebuild at the probed size (args and dataloader depend on it)
+                micro, accum = probed, int(cfg.batch.auto.target_effective_batch) // probed
                 del trainer, model
                 torch.cuda.empty_cache()
                 continue
