@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--data", type=Path, default=ROOT / ".data" / "banking77.jsonl")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--target", type=int, default=48, help="batch.auto.target_effective_batch")
     a = ap.parse_args()
     import optuna
     import torch
@@ -77,10 +78,10 @@ def main() -> None:
         try:
             cmd = [sys.executable, str(ROOT / "train.py"), "-m", "seed=42", "model=qwen2.5-1.5b",
                    f"model.path={model_dir}", "model.name=q15", "data=banking77", f"data.train_path={a.data}",
-                   "data.packing=true", "data.max_length=1024", "batch=auto", "batch.auto.target_effective_batch=48",
-                   "batch.auto.max_micro_batch=48", "schedule.max_steps=6", "eval.eval_steps=6",
+                   "data.packing=true", "data.max_length=1024", "batch=auto", f"batch.auto.target_effective_batch={a.target}",
+                   f"batch.auto.max_micro_batch={a.target}", "schedule.max_steps=6", "eval.eval_steps=6",
                    "eval.save_best=false", "report_to=none", f"paths.output_dir={a.work}",
-                   f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name=auto{i}", *extra]
+                   f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name=auto{a.target}-{i}", *extra]
             t0 = time.time()
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                                   env={**__import__("os").environ, "TQDM_DISABLE": "1"})
@@ -91,7 +92,7 @@ def main() -> None:
                 neighbour.wait()
         if proc.returncode != 0:
             print(proc.stderr[-4000:])
-        [t] = optuna.load_study(study_name=f"auto{i}", storage=storage).trials
+        [t] = optuna.load_study(study_name=f"auto{a.target}-{i}", storage=storage).trials
         u, b = t.user_attrs, t.user_attrs.get("batch_auto") or {}
         used = u.get("peak_gpu_gib")
         probes = ", ".join(f"{p['micro_batch']}: {p.get('with_states_gib', p['peak_gib'])}" for p in b.get("probes", []))
@@ -101,13 +102,13 @@ def main() -> None:
             f"{u.get('grad_accum')} | {used} | {used / b['free_gib']:.0%} | {len(u.get('oom_retries') or [])} | {wall:.0f} s |"
             if used and b.get("free_gib") else f"| {name} | {t.state.name} | {u.get('error', '')[:300]} |")
     header = [
-        "## batch=auto on the GPU",
+        f"### target effective batch {a.target}",
         "",
         f"Device: {torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}. Qwen2.5-1.5B-shaped model (random init, bf16), banking77 packed "
-        "to 1024 tokens, target effective batch 48, memory_fraction 0.9, 6 optimizer steps each.",
+        f"to 1024 tokens, target effective batch {a.target}, memory_fraction 0.9, 6 optimizer steps each.",
         "",
-        "Command: `python benchmarks/batch_auto.py --work /tmp/batch_auto --out $OUT/batch_auto.md` "
+        f"Command: `python benchmarks/batch_auto.py --work /tmp/batch_auto --out $OUT/batch_auto.md --target {a.target}` "
         "(on the device, after installing the wheels the README lists)",
         "",
         "| scenario | state | free GiB | budget GiB | estimate's micro-batch | probes (micro: peak + states GiB) "

@@ -90,7 +90,7 @@ class AutoBatchConfig:
     target_effective_batch: int = MISSING  # rows per optimizer step, kept exactly
     max_micro_batch: int = MISSING  # never try a larger micro-batch
     memory_fraction: float = MISSING  # share of the GPU's free memory the estimate may use
-    probe: bool = MISSING  # confirm with a real forward+backward at data.max_length before training
+    probe: bool = MISSING  # confirm with real forward+backward probes on the longest prepared rows
 
 
 @dataclass

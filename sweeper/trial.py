@@ -304,15 +304,20 @@ def _auto_batch(cfg: DictConfig) -> tuple[int, int, dict]:
 
 
 def _probe(trainer: Any, micro: int, seq_len: int) -> float:
-    """One real forward+backward through the trainer's own loss (TRL's fused LM head, PEFT, the
-    collator's padding or padding-free packing) on ``micro`` rows of ``seq_len`` tokens; returns
-    the peak allocated GiB. Raises torch.OutOfMemoryError when it does not fit."""
+    """One real forward+backward through the trainer's own path (collator, PEFT, TRL's fused LM head
+    and loss mask) on the ``micro`` longest rows of the prepared train set (full packed sequences
+    with packing): the worst batch the run will see. Returns the peak allocated GiB; raises
+    torch.OutOfMemoryError when it does not fit. ``seq_len`` pads rows up when the data is short of it."""
     import torch
 
     model = trainer.model
     model.train()
-    vocab = min(len(trainer.processing_class), model.get_input_embeddings().weight.shape[0])
-    batch = trainer.data_collator([{"input_ids": torch.randint(0, vocab, (seq_len,)).tolist()} for _ in range(micro)])
+    ds = trainer.train_dataset
+    lengths = [len(x) for x in ds["input_ids"]]
+    longest = sorted(range(len(ds)), key=lambda i: -lengths[i])[:micro]
+    rows = [ds[i] for i in longest]
+    rows = (rows * (micro // max(len(rows), 1) + 1))[:micro]  # fewer rows than a micro-batch: repeat them
+    batch = trainer.data_collator(rows)
     batch = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in batch.items()}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
