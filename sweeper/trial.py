@@ -323,7 +323,9 @@ def _probe(trainer: Any, micro: int, seq_len: int) -> float:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
-        with trainer.compute_loss_context_manager():
+        # autocast as in training (accelerate wraps the model's forward only inside train()): without it
+        # PEFT's fp32 adapters would run, and save activations, in fp32
+        with trainer.accelerator.autocast(), trainer.compute_loss_context_manager():
             loss = trainer.compute_loss(model, batch)
         loss.backward()
     finally:
