@@ -143,6 +143,8 @@ class EvalConfig:
     early_stopping_patience: Optional[int] = None  # evaluations without improvement; None: off
     early_stopping_threshold: float = MISSING  # minimum improvement that resets patience
     save_best: bool = MISSING  # keep the best checkpoint (only that one) in the job directory
+    accuracy: str = MISSING  # auto | on | off: label accuracy by greedy generation at each evaluation
+    accuracy_rows: int = MISSING  # eval rows scored for accuracy (generation is slower than the loss)
     logging_steps: int = MISSING
 
 
@@ -192,7 +194,7 @@ def register() -> None:
 _COMPUTE = ("auto", "bf16", "fp16", "fp32")
 _LOSS_ON = ("completion", "all")
 _PEFT = ("lora", "none")
-_METRICS = {"eval_loss": "minimize"}
+_METRICS = {"eval_loss": "minimize", "eval_accuracy": "maximize"}
 
 
 def metric_direction(metric: str) -> str:
@@ -280,5 +282,12 @@ def validate(cfg: Any) -> None:
             f"eval.early_stopping_patience must be >= 1 or null (off), but got {e.early_stopping_patience}"
         )
     metric_direction(e.metric)
+    if e.accuracy not in ("auto", "on", "off"):
+        raise ValueError(f"eval.accuracy must be one of ['auto', 'on', 'off'], but got {e.accuracy!r}")
+    if e.metric == "eval_accuracy" and e.accuracy == "off":
+        raise ValueError("eval.metric=eval_accuracy needs the accuracy metric, but eval.accuracy=off; "
+                         "set eval.accuracy=on (or auto for classification data)")
+    if e.accuracy_rows < 1:
+        raise ValueError(f"eval.accuracy_rows must be >= 1, but got {e.accuracy_rows}")
     if cfg.report_to not in ("none", "tensorboard"):
         raise ValueError(f"report_to must be 'none' or 'tensorboard', but got {cfg.report_to!r}")

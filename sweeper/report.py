@@ -225,6 +225,29 @@ def plot_curves(study: optuna.Study, path: Path) -> Path:
     return path
 
 
+def _accuracy(t: optuna.trial.FrozenTrial) -> str:
+    a = t.user_attrs
+    if a.get("best_accuracy") is None:
+        return "–"
+    return f"{a['best_accuracy']:.1%} ({a.get('best_accuracy_step')})"
+
+
+def accuracy_disagrees(t: optuna.trial.FrozenTrial) -> str | None:
+    """Say so when the best step by eval loss and by accuracy differ: SFT eval loss often rises
+    while the task still improves, so a run picked by loss alone can be too short."""
+    a = t.user_attrs
+    curve = a.get("accuracy_curve") or []
+    loss_step, acc_step = a.get("best_step"), a.get("best_accuracy_step")
+    if not curve or loss_step is None or acc_step is None or loss_step == acc_step:
+        return None
+    at_loss = next((v for s, v in curve if s == loss_step), None)
+    if at_loss is None or at_loss >= a["best_accuracy"]:
+        return None  # accuracy at the loss-best step is as good: no disagreement that matters
+    return (f"best eval loss at step {loss_step} but best accuracy at step {acc_step} "
+            f"({at_loss:.1%} -> {a['best_accuracy']:.1%}): eval loss and the task disagree; "
+            "consider eval.metric=eval_accuracy")
+
+
 def study_report(study: optuna.Study) -> str:
     """Markdown: the table (with diagnosis), the recommendation and the SFTConfig for it."""
     metric = study.user_attrs.get("metric", "value")
@@ -232,8 +255,8 @@ def study_report(study: optuna.Study) -> str:
         f"## {study.study_name}",
         "",
         f"| trial | schedule | params | max_steps | epochs | eff. batch | best {metric} | best step | stopped early "
-        "| state | diagnosis |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| accuracy (step) | state | diagnosis |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     for r in trial_rows(study):
@@ -242,12 +265,15 @@ def study_report(study: optuna.Study) -> str:
         lines.append(
             f"| {r['trial']} | {_fmt(r['schedule'])} | {_params(r['params'])} | {_fmt(r['max_steps'])} "
             f"| {_fmt(r['epochs'], '.2f')} | {_fmt(t.user_attrs.get('effective_batch'))} | {_fmt(r['best'])} "
-            f"| {_fmt(r['best_step'])} | {_fmt(r['stopped_early'])} | {r['state']} | {d.verdict} |")
+            f"| {_fmt(r['best_step'])} | {_fmt(r['stopped_early'])} | {_accuracy(t)} | {r['state']} | {d.verdict} |")
     lines.append("")
     for r in trial_rows(study):
         t = by_number[r["trial"]]
         d = diagnose(_eval_curve(t), t.user_attrs.get("train_curve", []))
         lines.append(f"- trial {r['trial']}: {d.verdict}: {d.reason}" + (f" (error: {r['error']})" if r["error"] else ""))
+        flag = accuracy_disagrees(t)
+        if flag:
+            lines.append(f"  - note: {flag}")
     rec = recommend(study)
     lines.append("")
     if rec is None:

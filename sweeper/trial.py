@@ -129,6 +129,83 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
     )
 
 
+def label_set(splits: data_mod.Splits) -> list[str] | None:
+    """The distinct answers when they form a label set (classification-style data): one short
+    answer per row, few distinct values. None for generative data (e.g. gsm8k)."""
+    rows = splits.train.select(range(min(len(splits.train), 2000)))
+    answers = []
+    for row in rows:
+        if splits.format == "messages":
+            turns = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+            if len(turns) != 1:
+                return None
+            answers.append(str(turns[0]).strip())
+        else:
+            c = row["completion"]
+            answers.append((c if isinstance(c, str) else c[-1]["content"]).strip())
+    distinct = set(answers)
+    if len(distinct) <= max(2, min(500, 0.3 * len(answers))) and all(len(a.split()) <= 8 for a in distinct):
+        return sorted(distinct)
+    return None
+
+
+def _accuracy_callback(cfg: DictConfig, splits: data_mod.Splits, tokenizer: Any) -> Any:
+    """Label accuracy by greedy generation on up to ``eval.accuracy_rows`` eval rows, added to the
+    evaluation's metrics as ``eval_accuracy`` (before early stopping and best-checkpoint tracking read
+    them). None when off, or when ``auto`` and the answers are not a label set."""
+    mode = cfg.eval.accuracy
+    labels = label_set(splits) if mode != "off" else None
+    if mode == "off" or (mode == "auto" and labels is None):
+        if cfg.eval.metric == "eval_accuracy":
+            raise config_mod.InputError(
+                f"eval.metric=eval_accuracy, but the answers of {cfg.data.name} are not a label set; "
+                "set eval.accuracy=on to score exact matches anyway, or eval.metric=eval_loss")
+        return None
+    import torch
+    from transformers import TrainerCallback
+
+    rows = splits.eval.select(range(min(len(splits.eval), int(cfg.eval.accuracy_rows))))
+    prompts, targets = [], []
+    for row in rows:
+        if splits.format == "messages":
+            msgs = list(row["messages"])
+            prompts.append(tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True,
+                                                         return_dict=True)["input_ids"])
+            targets.append(str(msgs[-1]["content"]).strip())
+        else:
+            prompts.append(tokenizer(row["prompt"])["input_ids"])
+            c = row["completion"]
+            targets.append((c if isinstance(c, str) else c[-1]["content"]).strip())
+    longest = max(len(tokenizer(t)["input_ids"]) for t in targets) + 2  # + end of turn
+    batch_size = int(cfg.batch.per_device_eval_batch_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    class AccuracyCallback(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            was_training = model.training
+            model.eval()
+            correct = 0
+            with torch.no_grad():
+                for i in range(0, len(prompts), batch_size):
+                    chunk = prompts[i:i + batch_size]
+                    width = max(len(p) for p in chunk)
+                    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
+                    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
+                                         pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+                    for j, seq in enumerate(out[:, width:]):
+                        text = tokenizer.decode(seq, skip_special_tokens=True).strip()
+                        correct += text == targets[i + j]
+            if was_training:
+                model.train()
+            if metrics is not None:
+                metrics["eval_accuracy"] = correct / len(prompts)
+
+    log.info("accuracy: greedy generation on %d eval rows against %s labels", len(prompts),
+             len(labels) if labels else "free-form")
+    return AccuracyCallback()
+
+
 def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict) -> list:
     from transformers import EarlyStoppingCallback, TrainerCallback
 
@@ -151,6 +228,11 @@ def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict) -> list:
                 raise ValueError(f"eval.metric={metric!r} is not among the evaluation metrics {sorted(metrics or {})}")
             step = state.global_step
             tracker["last_eval_step"] = step
+            acc = (metrics or {}).get("eval_accuracy")
+            if acc is not None:
+                tracker.setdefault("accuracy_curve", []).append([step, float(acc)])
+                if acc > tracker.get("best_accuracy", -1.0):
+                    tracker["best_accuracy"], tracker["best_accuracy_step"] = float(acc), step
             tracker.setdefault("curve", []).append([step, float(value)])
             if not math.isfinite(value):
                 raise DivergedError(f"diverged at step {step}: {metric} is {value}")
@@ -452,6 +534,9 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
         if resume:
             _restore_tracker(tracker, resume, metric, maximize)
         callbacks = _make_callbacks(cfg, reporter, tracker)
+        accuracy = _accuracy_callback(cfg, splits, tokenizer)
+        if accuracy is not None:
+            callbacks.insert(0, accuracy)  # its metric must exist before the others read the metrics
         injected = _fault_injection_callback()
         if injected is not None:
             callbacks.append(injected)
@@ -532,6 +617,9 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
         "best_checkpoint": state.best_model_checkpoint,
         "curve": tracker.get("curve", []),
         "train_curve": _thin(tracker.get("train_curve", []), 300),  # for the report's diagnosis
+        "accuracy_curve": tracker.get("accuracy_curve"),
+        "best_accuracy": tracker.get("best_accuracy"),
+        "best_accuracy_step": tracker.get("best_accuracy_step"),
     }
     log.info(
         "best %s %.4f at step %d of %d%s", cfg.eval.metric, best, results["best_step"], state.global_step,

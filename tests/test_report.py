@@ -125,3 +125,29 @@ def test_dashboard_in_headless_chromium(overfit_sweep):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _crafted_trial(study, steps_losses, acc_curve, best_step):
+    values = dict(steps_losses)
+    best_acc_step, best_acc = max(acc_curve, key=lambda p: (p[1], -p[0]))
+    study.add_trial(optuna.trial.create_trial(
+        value=min(values.values()), intermediate_values=values,
+        user_attrs={"best_step": best_step, "accuracy_curve": acc_curve, "best_accuracy": best_acc,
+                    "best_accuracy_step": best_acc_step, "max_steps": max(values), "choices": {"schedule": "over"}},
+    ))
+
+
+def test_report_flags_when_loss_and_accuracy_disagree(tmp_path):
+    from sweeper.report import accuracy_disagrees, study_report
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db")
+    study.set_user_attr("metric", "eval_loss")
+    # eval loss is best at step 200 and rises after; accuracy keeps improving to step 400
+    _crafted_trial(study, [(100, 1.0), (200, 0.8), (300, 0.85), (400, 0.9)],
+                   [[100, 0.5], [200, 0.6], [300, 0.7], [400, 0.75]], best_step=200)
+    _crafted_trial(study, [(100, 1.0), (200, 0.9)], [[100, 0.5], [200, 0.6]], best_step=200)
+    t0, t1 = study.trials
+    assert "best eval loss at step 200 but best accuracy at step 400 (60.0% -> 75.0%)" in accuracy_disagrees(t0)
+    assert accuracy_disagrees(t1) is None
+    md = study_report(study)
+    assert "75.0% (400)" in md and "consider eval.metric=eval_accuracy" in md

@@ -73,6 +73,7 @@ def test_trains_on_real_banking77_rows(compose_cfg):
     assert last < first  # it learns something in 12 steps
     a = rec.attrs
     assert a["train_rows"] == 400 and a["eval_rows"] == 80
+    assert len(a["accuracy_curve"]) == 3  # 77 intent labels: accuracy by generation at each evaluation
     # the plan counts the prepared rows: TRL drops rows whose answer truncation cut off entirely
     assert a["plan"]["steps_per_epoch"] == math.ceil(a["prepared_train_rows"] / 4)
 
@@ -101,3 +102,33 @@ def test_batch_auto_without_a_gpu_uses_the_preset_and_says_so(compose_cfg, caplo
     assert rec.attrs["batch_auto"] == {"mode": "no GPU: preset"}
     assert (rec.attrs["micro_batch"], rec.attrs["grad_accum"], rec.attrs["effective_batch"]) == (8, 2, 16)
     assert "batch=auto: no GPU visible" in caplog.text
+
+
+def test_label_accuracy_by_generation_is_measured_at_each_evaluation(compose_cfg):
+    rec = Recorder()
+    run(compose_cfg(*FAST, "schedule.max_steps=8"), reporter=rec)
+    curve = rec.attrs["accuracy_curve"]
+    assert [s for s, _ in curve] == [4, 8] and all(0.0 <= v <= 1.0 for _, v in curve)
+    assert rec.attrs["best_accuracy"] == max(v for _, v in curve)
+
+
+def test_accuracy_as_the_objective_is_maximised(compose_cfg):
+    rec = Recorder()
+    value = run(compose_cfg(*FAST, "schedule.max_steps=8", "eval.metric=eval_accuracy"), reporter=rec)
+    assert value == rec.attrs["best_accuracy"] == max(v for _, v in rec.reports)
+
+
+def test_label_set_detection_on_real_data(compose_cfg):
+    from sweeper import data as data_mod
+    from sweeper.trial import label_set
+
+    for name, expect in (("banking77", 77), ("gsm8k", None)):
+        path = SHARED_DATA / name / "train.jsonl"
+        if not path.exists():
+            pytest.skip(f"shared data not found at {path}")
+        cfg = compose_cfg("data=jsonl", f"data.train_path={path}", "data.max_train_rows=2000")
+        labels = label_set(data_mod.load(cfg.data, cfg.paths.cache_dir))
+        assert (len(labels) if labels else None) == expect
+    with pytest.raises(ValueError, match="are not a label set"):
+        run(compose_cfg(*FAST, "data=jsonl", f"data.train_path={SHARED_DATA}/gsm8k/train.jsonl",
+                        "data.max_train_rows=50", "eval.metric=eval_accuracy"), reporter=Recorder())
