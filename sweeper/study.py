@@ -576,6 +576,10 @@ class StudySweeper:
         returns: list[Any] = []
         tried: set[int] = set()
         failures: list[str] = []
+        from tqdm.auto import tqdm
+
+        done = len(study.get_trials(deepcopy=False, states=_COVERED[:2]))  # COMPLETE, PRUNED
+        progress = tqdm(total=total, initial=min(done, total), desc=f"sweep {name}", unit="trial", position=0)
         while True:
             trial = self._claim(study, points, pure_grid, total, tried, dists)
             if trial is None:
@@ -613,6 +617,7 @@ class StudySweeper:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     log.error("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
                     failures.append(f"trial {trial.number}: {type(exc).__name__}: {exc}")
+            progress.update(1)
             if self.max_failures is not None and len(failures) >= self.max_failures:
                 self._stop_workers(children)
                 raise config_mod.InputError(
@@ -620,6 +625,7 @@ class StudySweeper:
                     f"hydra.sweeper.max_failures={self.max_failures}; last: {failures[-1]}. Finished trials "
                     "are kept; fix the cause and re-run the same command to resume"
                 )
+        progress.close()
         self._wait_workers(children)
 
         from sweeper.report import summary_markdown
