@@ -43,6 +43,7 @@ def _expand(overrides: list[str]) -> list[list[str]]:
 def plan_rows(overrides: list[str]) -> list[dict]:
     """Compose each row's config, prepare its data, and plan it. Raises on bad input."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
     from hydra.core.global_hydra import GlobalHydra
 
     from sweeper import config as config_mod
@@ -58,7 +59,10 @@ def plan_rows(overrides: list[str]) -> list[dict]:
     for row_overrides in _expand(overrides):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=row_overrides)
+            cfg = compose(config_name="config", overrides=row_overrides, return_hydra_config=True)
+        storage_url = str(cfg.hydra.sweeper.storage)
+        study_name = str(cfg.hydra.sweeper.study_name or f"{cfg.data.name}-{cfg.model.name}")
+        OmegaConf.set_readonly(cfg, False)
         config_mod.validate(cfg)
         key = (repr(dict(cfg.data)), repr(dict(cfg.model)), repr(dict(cfg.precision)))
         if key not in prepared_cache:
@@ -85,13 +89,36 @@ def plan_rows(overrides: list[str]) -> list[dict]:
         est = memory_estimate(cfg, shape, int(cfg.batch.per_device_train_batch_size), seq_len, compute,
                               int(cfg.batch.gradient_accumulation_steps))
         fits = [g.index for g in gpus if est is not None and est.total_gib <= g.free_gib]
+        tps = measured_throughput(storage_url, study_name)
+        wall_s = plan.tokens / tps if tps and plan.tokens else None
         rows.append({
             "overrides": row_overrides, "cfg": cfg, "plan": plan, "rows": len(splits.train),
             "prepared_rows": len(prepared), "eval_rows": eval_rows, "seq_len": seq_len, "memory": est,
-            "gpus": gpus, "fits_on": fits, "warnings": plan.warnings() + ([note] if note else []),
+            "gpus": gpus, "fits_on": fits, "wall_s": wall_s, "tokens_per_s": tps, "warnings": plan.warnings() + ([note] if note else []),
         })
     GlobalHydra.instance().clear()
     return rows
+
+
+def measured_throughput(storage_url: str, study_name: str) -> float | None:
+    """Median real tokens/s of the finished trials of a study (None when there are none yet)."""
+    import statistics
+
+    import optuna
+
+    from sweeper.study import _sqlite_path, open_storage
+
+    db = _sqlite_path(storage_url)
+    if db is not None and not db.exists():
+        return None
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    except (KeyError, ValueError):
+        return None
+    rates = [t.user_attrs["tokens_seen"] / t.user_attrs["train_runtime_s"]
+             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+             if t.user_attrs.get("train_runtime_s") and t.user_attrs.get("tokens_seen")]
+    return statistics.median(rates) if rates else None
 
 
 def _fmt_int(x: float) -> str:
@@ -101,8 +128,8 @@ def _fmt_int(x: float) -> str:
 def render(rows: list[dict]) -> str:
     lines = [
         "| run | eff. batch | steps/epoch | steps | epochs | samples | tokens/step | tokens | warmup | eval/save every "
-        "| peak VRAM est. | fits on GPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "| peak VRAM est. | fits on GPU | est. time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
     for r in rows:
         p, cfg, est = r["plan"], r["cfg"], r["memory"]
@@ -117,7 +144,7 @@ def render(rows: list[dict]) -> str:
         lines.append(
             f"| {' '.join(r['overrides']) or '(defaults)'} | {p.effective_batch} | {p.steps_per_epoch} | {p.max_steps} "
             f"| {p.epochs:.2f} | {_fmt_int(p.samples)} | {_fmt_int(p.tokens_per_step)} | {_fmt_int(p.tokens)} "
-            f"| {p.warmup_steps} | {cfg.eval.eval_steps} / {save} | {vram} | {fits} |"
+            f"| {p.warmup_steps} | {cfg.eval.eval_steps} / {save} | {vram} | {fits} | {_fmt_time(r['wall_s'])} |"
         )
     lines.append("")
     for r in rows:
@@ -134,6 +161,8 @@ def render(rows: list[dict]) -> str:
         else:
             lines.append(f"  - VRAM: unknown: no config.json for model.path={cfg.model.path!r} offline; "
                          "give a local path or add model.shape")
+        if r["tokens_per_s"]:
+            lines.append(f"  - time: {r['tokens_per_s']:,.0f} tokens/s measured by finished trials of this study")
         for w in r["warnings"]:
             lines.append(f"  - warning: {w}")
     if rows and rows[0]["gpus"]:
@@ -141,6 +170,12 @@ def render(rows: list[dict]) -> str:
         lines.append("GPUs now: " + "; ".join(f"{g.index} {g.name}: {g.free_gib:.1f} of {g.total_gib:.1f} GiB free"
                                               for g in rows[0]["gpus"]))
     return "\n".join(lines)
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def _method_name(cfg: Any) -> str:

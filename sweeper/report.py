@@ -46,6 +46,8 @@ def trial_rows(study: optuna.Study) -> list[dict]:
             "best": t.value if t.state == optuna.trial.TrialState.COMPLETE else a.get("best_value"),
             "best_step": a.get("best_step"),
             "stopped_early": a.get("stopped_early_step"),
+            "effective_batch": a.get("effective_batch"),
+            "tokens_per_step": (a.get("plan") or {}).get("tokens_per_step"),
             "state": t.state.name,
             "params": dict(t.params),
             "error": a.get("error"),
@@ -64,12 +66,14 @@ def summary_markdown(study: optuna.Study) -> str:
     lines = [
         f"## Study {study.study_name} ({study.direction.name.lower()} {metric})",
         "",
-        f"| trial | schedule | params | max_steps | epochs | best {metric} | best step | stopped early | state |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---|",
+        f"| trial | schedule | params | max_steps | epochs | eff. batch | tokens/step | best {metric} | best step "
+        "| stopped early | state |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in trial_rows(study):
         lines.append(
             f"| {r['trial']} | {_fmt(r['schedule'])} | {_params(r['params'])} | {_fmt(r['max_steps'])} | {_fmt(r['epochs'], '.2f')} | "
+            f"{_fmt(r['effective_batch'])} | {_fmt(r['tokens_per_step'], ',.0f')} | "
             f"{_fmt(r['best'])} | {_fmt(r['best_step'])} | {_fmt(r['stopped_early'])} | {r['state']} |"
         )
     for r in trial_rows(study):

@@ -200,6 +200,8 @@ def _accuracy_callback(cfg: DictConfig, splits: data_mod.Splits, tokenizer: Any)
                 model.train()
             if metrics is not None:
                 metrics["eval_accuracy"] = correct / len(prompts)
+            log.info("step %d: eval_accuracy %.4f (%d of %d rows)", state.global_step, correct / len(prompts),
+                     correct, len(prompts))
 
     log.info("accuracy: greedy generation on %d eval rows against %s labels", len(prompts),
              len(labels) if labels else "free-form")

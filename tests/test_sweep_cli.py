@@ -52,6 +52,12 @@ def test_core_grid_runs_each_point_once_and_resumes(tmp_path, cache_dir):
     _ok(run_cli("-m", "schedule=under,sweet,over", *base))  # nothing missing: no new trial
     assert len(_study(tmp_path).trials) == 3
 
+    # the plan now knows this study's measured throughput and estimates wall time from it
+    from sweeper.plan_command import plan_rows
+
+    [row] = plan_rows([*base])
+    assert row["tokens_per_s"] > 0 and row["wall_s"] == pytest.approx(row["plan"].tokens / row["tokens_per_s"])
+
 
 def test_range_and_log_interval_stay_inside_hydra_bounds_and_n_trials_is_the_total(tmp_path, cache_dir):
     args = ["-m", "schedule.max_steps=range(4,12,4)", "lr.learning_rate=tag(log,interval(1e-4,1e-3))",
