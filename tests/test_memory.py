@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from omegaconf import OmegaConf
 
 from sweeper import memory
 
-QWEN15 = dict(
-    model_type="qwen2",
-    hidden_size=1536,
-    intermediate_size=8960,
-    num_hidden_layers=28,
-    num_attention_heads=12,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-)
+# the preset's shape, from its one home (conf/model/qwen2.5-1.5b.yaml)
+QWEN15 = {"model_type": "qwen2",
+          **OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/model/qwen2.5-1.5b.yaml").shape)}
 
 
 def est(**kw):
