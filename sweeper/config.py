@@ -123,8 +123,8 @@ class PrecisionConfig:
     name: str = MISSING
     compute: str = MISSING  # auto | bf16 | fp16 | fp32: autocast/weights dtype
     load_in_4bit: bool = MISSING  # QLoRA: bitsandbytes 4-bit base weights (needs peft=lora)
-    bnb_4bit_quant_type: str = "nf4"
-    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_quant_type: Optional[str] = None  # set by precision=qlora4 (nf4)
+    bnb_4bit_use_double_quant: Optional[bool] = None
 
 
 @dataclass
@@ -261,6 +261,9 @@ def validate(cfg: Any) -> None:
         raise ValueError(f"model.dtype must be one of {list(_COMPUTE)}, but got {cfg.model.dtype!r}")
     if cfg.peft.name not in _PEFT:
         raise ValueError(f"peft must be one of {list(_PEFT)}, but got {cfg.peft.name!r}; pick peft=lora")
+    if p.load_in_4bit and (p.bnb_4bit_quant_type is None or p.bnb_4bit_use_double_quant is None):
+        raise ValueError(f"precision={p.name} loads 4-bit weights and must set precision.bnb_4bit_quant_type "
+                         "and precision.bnb_4bit_use_double_quant; pick precision=qlora4")
     if p.load_in_4bit and cfg.peft.name != "lora":
         raise ValueError(
             f"precision={p.name} loads 4-bit weights, which can only be trained through adapters, "

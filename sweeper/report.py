@@ -1,7 +1,7 @@
 """Read studies back from storage and say which step count to train for, and why.
 Imports Optuna and matplotlib, never TRL.
 
-    python train.py -m schedule=under,sweet,over   # prints the summary table at the end of the sweep
+    python train.py -m schedule=under,sweet,over   # prints study_report() at the end of the sweep
     python -m sweeper report                       # every study: table, diagnosis, winner, PNG + HTML
     python -m sweeper report --storage postgresql://user@host/db --study banking77-qwen2.5-1.5b
 """
@@ -58,43 +58,6 @@ def trial_rows(study: optuna.Study) -> list[dict]:
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     return study.best_trial if done else None
-
-
-def summary_markdown(study: optuna.Study) -> str:
-    """A Markdown table of the study's trials and the step count that won."""
-    metric = study.user_attrs.get("metric", "value")
-    lines = [
-        f"## Study {study.study_name} ({study.direction.name.lower()} {metric})",
-        "",
-        f"| trial | schedule | params | max_steps | epochs | eff. batch | tokens/step | best {metric} | best step "
-        "| stopped early | state |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in trial_rows(study):
-        lines.append(
-            f"| {r['trial']} | {_fmt(r['schedule'])} | {_params(r['params'])} | {_fmt(r['max_steps'])} | {_fmt(r['epochs'], '.2f')} | "
-            f"{_fmt(r['effective_batch'])} | {_fmt(r['tokens_per_step'], ',.0f')} | "
-            f"{_fmt(r['best'])} | {_fmt(r['best_step'])} | {_fmt(r['stopped_early'])} | {r['state']} |"
-        )
-    for r in trial_rows(study):
-        if r["error"]:
-            lines.append(f"\ntrial {r['trial']} failed: {r['error']}")
-    best = best_trial(study)
-    lines.append("")
-    if best is None:
-        lines.append("No trial completed, so no step count can be recommended yet.")
-    else:
-        a = best.user_attrs
-        sched = a.get("choices", {}).get("schedule", "?")
-        lines.append(
-            f"**Winner for {study.user_attrs.get('data', study.study_name)}: max_steps={a.get('max_steps')} "
-            f"(schedule={sched}, trial {best.number})**: best {metric} {best.value:.4f} at step "
-            f"{a.get('best_step')} of {a.get('steps_trained')}"
-            + (f", stopped early at step {a['stopped_early_step']}" if a.get("stopped_early_step") else "")
-            + "."
-        )
-    return "\n".join(lines)
-
 
 
 # --------------------------------------------------------------------------- diagnosis
@@ -258,9 +221,9 @@ def study_report(study: optuna.Study) -> str:
     lines = [
         f"## {study.study_name}",
         "",
-        f"| trial | schedule | params | max_steps | epochs | eff. batch | best {metric} | best step | stopped early "
-        "| accuracy (step) | state | diagnosis |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        f"| trial | schedule | params | max_steps | epochs | eff. batch | tokens/step | best {metric} | best step "
+        "| stopped early | accuracy (step) | state | diagnosis |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     for r in trial_rows(study):
@@ -268,7 +231,8 @@ def study_report(study: optuna.Study) -> str:
         d = diagnose(_eval_curve(t), t.user_attrs.get("train_curve", []))
         lines.append(
             f"| {r['trial']} | {_fmt(r['schedule'])} | {_params(r['params'])} | {_fmt(r['max_steps'])} "
-            f"| {_fmt(r['epochs'], '.2f')} | {_fmt(t.user_attrs.get('effective_batch'))} | {_fmt(r['best'])} "
+            f"| {_fmt(r['epochs'], '.2f')} | {_fmt(r['effective_batch'])} | {_fmt(r['tokens_per_step'], ',.0f')} "
+            f"| {_fmt(r['best'])} "
             f"| {_fmt(r['best_step'])} | {_fmt(r['stopped_early'])} | {_accuracy(t)} | {r['state']} | {d.verdict} |")
     lines.append("")
     for r in trial_rows(study):

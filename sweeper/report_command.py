@@ -26,10 +26,10 @@ def _defaults() -> tuple[str, str]:
     return str(cfg.hydra.sweeper.storage), str(cfg.paths.output_dir)
 
 
-def _open(storage: str | None):
+def _open(storage: str):
     from sweeper.study import mask_url, open_storage
 
-    url = storage or _defaults()[0]
+    url = storage
     db = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
     if db is not None and not Path(db).exists():
         raise ValueError(f"no study storage at {db}: run a sweep first (python train.py -m ...) or pass --storage")
@@ -40,8 +40,9 @@ def report(storage: str | None, studies: list[str] | None, out: str | None) -> i
     from sweeper.report import write_report
 
     try:
-        url, shown, store = _open(storage)
-        out_dir = Path(out) if out else Path(_defaults()[1]) / "report"
+        default_storage, output_dir = _defaults()
+        url, shown, store = _open(storage or default_storage)
+        out_dir = Path(out) if out else Path(output_dir) / "report"
         paths = write_report(store, out_dir, studies)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -55,7 +56,7 @@ def dashboard(storage: str | None, host: str, port: int) -> int:
     from optuna_dashboard import run_server
 
     try:
-        url, shown, store = _open(storage)
+        url, shown, store = _open(storage or _defaults()[0])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -55,10 +55,6 @@ DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS = 10
 _SWEEP_ID_ENV = "SFT_SWEEP_SWEEP_ID"
 
 
-class SweepStopped(Exception):
-    """The sweep stopped itself (too many failed trials)."""
-
-
 # --------------------------------------------------------------------------- storage helpers
 
 
@@ -536,10 +532,10 @@ class StudySweeper:
 
     def sweep(self, arguments: list[str]) -> list[Any]:
         try:
-            study, name, space, points, pure_grid, total = self._prepare(arguments)
+            prepared = self._prepare(arguments)
         except (ValueError, FileNotFoundError) as e:  # bad input: one message, no trial created
             raise config_mod.InputError.wrap(e) from e
-        return self._run(study, name, space, points, pure_grid, total)
+        return self._run(*prepared)
 
     def _prepare(self, arguments: list[str]) -> tuple:
         from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -559,17 +555,17 @@ class StudySweeper:
         name = self._study_name(space)
         self._preflight(space)  # raises before any trial exists
         study = self._create_study(name)
-        self._check_compatible(study, {**space.grid_distributions(self._group_options), **space.distributions})
+        dists = {**space.grid_distributions(self._group_options), **space.distributions}
+        self._check_compatible(study, dists)
         log.info("study %r in %s: %d grid point(s) x %s; %d trial(s) in all",
                  name, mask_url(self.storage_url), len(points),
                  sorted(space.distributions) or "no distributions", total)
-        return study, name, space, points, pure_grid, total
+        return study, name, space, points, pure_grid, total, dists
 
     def _run(self, study: optuna.Study, name: str, space: SweepSpace, points: list, pure_grid: bool,
-             total: int) -> list[Any]:
+             total: int, dists: dict) -> list[Any]:
         from hydra.core.utils import JobStatus
 
-        dists = {**space.grid_distributions(self._group_options), **space.distributions}
         texts = {k: {v: t for v, t in vals} for k, vals in space.grid}
         children = self._start_workers() if self.workers > 1 else []
 
@@ -628,9 +624,9 @@ class StudySweeper:
         progress.close()
         self._wait_workers(children)
 
-        from sweeper.report import summary_markdown
+        from sweeper.report import study_report
 
-        text = summary_markdown(study)
+        text = study_report(study)
         print(text)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)

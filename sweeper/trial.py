@@ -387,11 +387,11 @@ def _auto_batch(cfg: DictConfig) -> tuple[int, int, dict]:
     return micro, accum, info
 
 
-def _probe(trainer: Any, micro: int, seq_len: int) -> float:
+def _probe(trainer: Any, micro: int) -> float:
     """One real forward+backward through the trainer's own path (collator, PEFT, TRL's fused LM head
     and loss mask) on the ``micro`` longest rows of the prepared train set (full packed sequences
     with packing): the worst batch the run will see. Returns the peak allocated GiB; raises
-    torch.OutOfMemoryError when it does not fit. ``seq_len`` pads rows up when the data is short of it."""
+    torch.OutOfMemoryError when it does not fit."""
     import torch
 
     model = trainer.model
@@ -430,7 +430,7 @@ def _probe_ladder(trainer: Any, cfg: DictConfig, micro: int, info: dict, states_
 
     def fits(m: int) -> bool:
         try:
-            peak = _probe(trainer, m, seq_len)
+            peak = _probe(trainer, m)
         except torch.OutOfMemoryError:
             probes.append({"micro_batch": m, "peak_gib": "OOM"})
             torch.cuda.empty_cache()
