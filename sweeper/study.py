@@ -335,20 +335,25 @@ def _value_text(value: Any) -> str:
 class TrialReporter:
     """The job's handle on its own trial: report, prune, store attrs. Used by ``sweeper.trial``."""
 
-    def __init__(self, trial: optuna.Trial) -> None:
+    def __init__(self, trial: optuna.Trial, storage: Any = None) -> None:
         self.trial = trial
+        self._storage = storage
 
     @classmethod
     def from_job(cls, cfg: DictConfig) -> "TrialReporter":
         from hydra.core.hydra_config import HydraConfig
 
         sweeper_cfg = HydraConfig.get().sweeper
-        study = optuna.load_study(
-            study_name=cfg.study.name, storage=open_storage(sweeper_cfg.storage),
-            pruner=make_pruner(sweeper_cfg.pruner),
-        )
+        storage = open_storage(sweeper_cfg.storage)
+        study = optuna.load_study(study_name=cfg.study.name, storage=storage, pruner=make_pruner(sweeper_cfg.pruner))
         trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(cfg.study.trial_number))
-        return cls(optuna.Trial(study, trial_id))
+        return cls(optuna.Trial(study, trial_id), storage)
+
+    def close(self) -> None:
+        """Drop the job's database connections, so that an interrupted write (Ctrl-C in the middle of
+        a report) cannot keep SQLite locked against the sweeper, which records the trial's end."""
+        if self._storage is not None:
+            self._storage.engine.dispose()
 
     def resume_checkpoint(self) -> str | None:
         """For a trial re-queued after its worker died: the newest checkpoint its run left."""

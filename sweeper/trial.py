@@ -498,6 +498,20 @@ def _restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool
 
 
 def run(cfg: DictConfig, reporter: Any = None) -> float:
+    """See :func:`_run`; closes the job's own connection to the study however the run ends."""
+    own = None
+    if reporter is None and cfg.study.trial_number is not None:
+        from sweeper.study import TrialReporter
+
+        reporter = own = TrialReporter.from_job(cfg)
+    try:
+        return _run(cfg, reporter)
+    finally:
+        if own is not None:
+            own.close()
+
+
+def _run(cfg: DictConfig, reporter: Any = None) -> float:
     """Train one configuration and return the best value of ``eval.metric`` over the run.
 
     In a multirun the sweeper fills ``cfg.study``; the job then reports every evaluation to its
@@ -511,10 +525,6 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
     from trl import SFTTrainer
 
     splits = preflight(cfg)
-    if reporter is None and cfg.study.trial_number is not None:
-        from sweeper.study import TrialReporter
-
-        reporter = TrialReporter.from_job(cfg)
     resume = reporter.resume_checkpoint() if reporter is not None and hasattr(reporter, "resume_checkpoint") else None
     job_dir = _job_dir(cfg)
     if cfg.report_to == "tensorboard":
