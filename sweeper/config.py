@@ -137,6 +137,19 @@ class PeftConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """How fast steps run, never what they compute (``sweeper/speed.py``); ``auto``: on where it helps."""
+
+    name: str = MISSING
+    attention: str = MISSING  # auto | varlen | sdpa | eager: auto = varlen on a CUDA GPU in bf16/fp16, else sdpa
+    padding_free: Any = MISSING  # auto | true | false: concatenate a micro-batch's rows, no pad tokens
+    liger: Any = MISSING  # auto | true | false: Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA, liger-kernel installed)
+    fused_optimizer: Any = MISSING  # auto | true | false: adamw_torch -> adamw_torch_fused on CUDA
+    compile: bool = MISSING  # torch.compile the model (about a minute per trial)
+    dataloader_num_workers: int = MISSING  # collation in worker processes; 0: in the training loop
+
+
+@dataclass
 class EvalConfig:
     eval_steps: int = MISSING  # optimizer steps between evaluations (also the curve's resolution)
     metric: str = MISSING  # objective reported to Optuna; the trial's value is its best over the run
@@ -171,6 +184,7 @@ class Config:
     lr: LrConfig = field(default_factory=LrConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     study: StudyRef = field(default_factory=StudyRef)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -194,6 +208,7 @@ def register() -> None:
 _COMPUTE = ("auto", "bf16", "fp16", "fp32")
 _LOSS_ON = ("completion", "all")
 _PEFT = ("lora", "none")
+_ATTENTION = ("auto", "varlen", "sdpa", "eager")
 _METRICS = {"eval_loss": "minimize", "eval_accuracy": "maximize"}
 
 
@@ -292,5 +307,14 @@ def validate(cfg: Any) -> None:
                          "set eval.accuracy=on (or auto for classification data)")
     if e.accuracy_rows < 1:
         raise ValueError(f"eval.accuracy_rows must be >= 1, but got {e.accuracy_rows}")
+    sp = cfg.speed
+    if sp.attention not in _ATTENTION:
+        raise ValueError(f"speed.attention must be one of {list(_ATTENTION)}, but got {sp.attention!r}; "
+                         "pick speed=auto")
+    for key in ("padding_free", "liger", "fused_optimizer"):
+        if sp[key] not in ("auto", True, False):
+            raise ValueError(f"speed.{key} must be auto, true or false, but got {sp[key]!r}")
+    if sp.dataloader_num_workers < 0:
+        raise ValueError(f"speed.dataloader_num_workers must be >= 0, but got {sp.dataloader_num_workers}")
     if cfg.report_to not in ("none", "tensorboard"):
         raise ValueError(f"report_to must be 'none' or 'tensorboard', but got {cfg.report_to!r}")

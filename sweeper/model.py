@@ -156,8 +156,10 @@ def model_shape(model_cfg: Any, cache_dir: str | Path) -> dict | None:
         return None
 
 
-def load(model_cfg: Any, precision_cfg: Any, cache_dir: str | Path) -> tuple[Any, Any, str]:
-    """Return ``(model, tokenizer, compute)`` where compute is the resolved precision name."""
+def load(model_cfg: Any, precision_cfg: Any, cache_dir: str | Path,
+         attn_implementation: str | None = None) -> tuple[Any, Any, str]:
+    """Return ``(model, tokenizer, compute)`` where compute is the resolved precision name.
+    ``attn_implementation`` applies when ``model.attn_implementation`` is not set."""
     from transformers import AutoModelForCausalLM
 
     compute = resolve_compute(precision_cfg.compute)
@@ -167,8 +169,8 @@ def load(model_cfg: Any, precision_cfg: Any, cache_dir: str | Path) -> tuple[Any
         weights = "fp32"
     path = resolve_path(model_cfg, cache_dir)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(weights), "trust_remote_code": bool(model_cfg.trust_remote_code)}
-    if model_cfg.attn_implementation:
-        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if model_cfg.attn_implementation or attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation or attn_implementation
     if precision_cfg.load_in_4bit:
         try:
             import bitsandbytes  # noqa: F401

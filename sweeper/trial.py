@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from sweeper import config as config_mod
 from sweeper import data as data_mod
 from sweeper import model as model_mod
+from sweeper import speed as speed_mod
 from sweeper.plan import Plan, make_plan
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ _SNIPPET_KEYS = (
     "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
     "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim",
     "bf16", "fp16", "max_length", "packing", "assistant_only_loss", "completion_only_loss",
-    "activation_checkpointing", "eval_steps", "seed",
+    "activation_checkpointing", "padding_free", "eval_steps", "seed",
 )
 
 
@@ -64,16 +66,25 @@ def preflight(cfg: DictConfig) -> data_mod.Splits:
     """Every check that needs no model: config rules and the data. Raises before any GPU time."""
     try:
         config_mod.validate(cfg)
+        resolve_speed(cfg, model_mod.resolve_compute(cfg.precision.compute))  # e.g. varlen without a GPU
         return data_mod.load(cfg.data, cfg.paths.cache_dir)
     except (ValueError, FileNotFoundError) as e:
         raise config_mod.InputError.wrap(e) from e
 
 
+def resolve_speed(cfg: DictConfig, compute: str) -> dict:
+    """The ``speed`` group decided for this machine (see ``sweeper/speed.py``)."""
+    import torch
+
+    return speed_mod.resolve(cfg.speed, cuda=torch.cuda.is_available(), compute=compute, optim=str(cfg.lr.optim))
+
+
 def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_format: str,
                      micro_batch: int | None = None, grad_accum: int | None = None,
-                     eval_batch: int | None = None) -> Any:
+                     eval_batch: int | None = None, speed: dict | None = None) -> Any:
     """Map the composed config onto TRL's SFTConfig (names are TRL's own). ``micro_batch`` and
-    ``grad_accum`` replace the batch group's values (OOM retries)."""
+    ``grad_accum`` replace the batch group's values (OOM retries); ``speed`` is the resolved
+    ``speed`` group (resolved here when not given)."""
     import torch
     from trl import SFTConfig
 
@@ -85,6 +96,7 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
     e, b, lr, s = cfg.eval, cfg.batch, cfg.lr, cfg.schedule
     completion = cfg.data.loss_on == "completion"
     direction = config_mod.metric_direction(e.metric)
+    speed = speed if speed is not None else resolve_speed(cfg, compute)
     return SFTConfig(
         output_dir=str(output_dir),
         seed=int(cfg.seed),
@@ -103,7 +115,6 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
         warmup_steps=float(lr.warmup_steps) if lr.warmup_steps < 1 else int(lr.warmup_steps),
         weight_decay=float(lr.weight_decay),
         max_grad_norm=float(lr.max_grad_norm),
-        optim=str(lr.optim),
         # precision
         bf16=compute == "bf16",
         fp16=compute == "fp16",
@@ -125,7 +136,7 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
         logging_nan_inf_filter=False,  # a NaN loss must show, so the run fails as diverged
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
+        **speed_mod.sft_config_kwargs(speed),  # optim, padding_free, torch_compile, dataloader workers
     )
 
 
@@ -230,6 +241,7 @@ def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict) -> list:
                 raise ValueError(f"eval.metric={metric!r} is not among the evaluation metrics {sorted(metrics or {})}")
             step = state.global_step
             tracker["last_eval_step"] = step
+            tracker["eval_s"] = tracker.get("eval_s", 0.0) + float((metrics or {}).get("eval_runtime", 0.0))
             acc = (metrics or {}).get("eval_accuracy")
             if acc is not None:
                 tracker.setdefault("accuracy_curve", []).append([step, float(acc)])
@@ -356,7 +368,7 @@ def _auto_batch(cfg: DictConfig) -> tuple[int, int, dict]:
     a, b = cfg.batch.auto, cfg.batch
     gpus = visible_gpus()  # NVML: must run before CUDA is initialised, so the pin below takes effect
     if not gpus:
-        log.warning("batch=auto: no GPU visible, so the preset micro-batch %d x accumulation %d is used",
+        log.info("batch=auto: no GPU visible, so the preset micro-batch %d x accumulation %d is used",
                     b.per_device_train_batch_size, b.gradient_accumulation_steps)
         return int(b.per_device_train_batch_size), int(b.gradient_accumulation_steps), {"mode": "no GPU: preset"}
     best = gpus[0]
@@ -536,12 +548,19 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
     oom_retries: list[dict] = []
     metric = str(cfg.eval.metric)
     maximize = config_mod.metric_direction(metric) == "maximize"
+    speed = resolve_speed(cfg, model_mod.resolve_compute(cfg.precision.compute))
+    timing: dict = {}
     while True:
-        model, tokenizer, compute = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)
+        started = time.perf_counter()
+        model, tokenizer, compute = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir,
+                                                   attn_implementation=speed_mod.attn_implementation(
+                                                       speed, cfg.model.attn_implementation))
+        speed_mod.apply_to_model(model, speed)
+        timing["model_load_s"] = round(time.perf_counter() - started, 2)
         fitted = auto_info is not None and auto_info["mode"] == "fitted"
         args = build_sft_config(cfg, output_dir=job_dir, compute=compute, data_format=splits.format,
                                 micro_batch=micro, grad_accum=accum,
-                                eval_batch=micro if fitted else None)  # eval logits must fit too
+                                eval_batch=micro if fitted else None, speed=speed)  # eval logits must fit too
         tracker: dict = {}
         if resume:
             _restore_tracker(tracker, resume, metric, maximize)
@@ -552,10 +571,14 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
         injected = _fault_injection_callback()
         if injected is not None:
             callbacks.append(injected)
+        callbacks += speed_mod.measurement_callbacks()
+        started = time.perf_counter()
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
             processing_class=tokenizer, peft_config=_peft_config(cfg), callbacks=callbacks,
         )
+        # TRL's tokenisation and packing: the datasets cache (by fingerprint) makes it once per sweep
+        timing["prepare_s"] = round(time.perf_counter() - started, 2)
         if fitted and cfg.batch.auto.probe and "probes" not in auto_info:
             probed = _probe_ladder(trainer, cfg, micro, auto_info, auto_info.pop("_states_gib"))
             if probed != micro:  # rebuild at the probed size (args and dataloader depend on it)
@@ -567,14 +590,16 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
         log.info("plan: %s", plan.describe())
         for warning in plan.warnings():
             log.warning("plan: %s", warning)
-        log.info("precision: %s; method: %s; job dir: %s", compute, cfg.peft.name, job_dir)
+        log.info("precision: %s; method: %s; speed: %s; job dir: %s", compute, cfg.peft.name,
+                 speed_mod.describe(speed), job_dir)
+        log.info("model load %.1f s, data preparation %.1f s", timing["model_load_s"], timing["prepare_s"])
         if reporter is not None:
             reporter.set_attrs({"plan": plan.as_dict(), "choices": _choices(), "run_dir": str(job_dir),
                                 "train_rows": len(splits.train), "prepared_train_rows": prepared_rows,
                                 "eval_rows": len(splits.eval), "precision": compute,
                                 "max_steps": plan.max_steps, "effective_batch": plan.effective_batch,
                                 "micro_batch": micro, "grad_accum": accum, "oom_retries": oom_retries,
-                                "batch_auto": auto_info,
+                                "batch_auto": auto_info, "speed": speed, "timing": timing,
                                 "sft_config": {k: getattr(args, k) for k in _SNIPPET_KEYS},
                                 "resumed_from_checkpoint": resume,
                                 "worker": f"{socket.gethostname()}:{os.getpid()}",
@@ -627,6 +652,7 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
         "train_runtime_s": round(float(output.metrics.get("train_runtime", 0.0)), 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "best_checkpoint": state.best_model_checkpoint,
+        "timing": {**timing, "eval_s": round(tracker.get("eval_s", 0.0), 2)},
         "curve": tracker.get("curve", []),
         "train_curve": _thin(tracker.get("train_curve", []), 300),  # for the report's diagnosis
         "accuracy_curve": tracker.get("accuracy_curve"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -97,6 +98,7 @@ def test_prompt_completion_rows_train(compose_cfg, tmp_path):
 
 
 def test_batch_auto_without_a_gpu_uses_the_preset_and_says_so(compose_cfg, caplog):
+    caplog.set_level(logging.INFO, logger="sweeper.trial")
     rec = Recorder()
     run(compose_cfg("batch=auto", *[o for o in FAST if not o.startswith("batch.")]), reporter=rec)
     assert rec.attrs["batch_auto"] == {"mode": "no GPU: preset"}

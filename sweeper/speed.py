@@ -1,0 +1,213 @@
+"""How fast a trial's steps run (``speed`` config group), never what they compute.
+
+Every choice here keeps the rows of each optimizer step, the loss and the effective batch as
+they are; only the kernels and the bookkeeping change. ``auto`` turns on what helps on a CUDA GPU
+and leaves CPU runs on the plain path, so no GPU-only flag ever reaches a CPU run:
+
+- ``attention=varlen``: flash attention over the packed (padding-free) rows of a micro-batch,
+  one causal block per row, through ``torch.ops.aten._flash_attention_forward`` with TRL's
+  ``cu_seq_lens``. Without it transformers runs SDPA with a block-diagonal mask over the whole
+  flattened micro-batch, whose cost grows with its square. Batches without ``cu_seq_lens``
+  (generation, padded batches) fall back to SDPA.
+- ``padding_free``: the rows of a micro-batch are concatenated into one sequence, so no compute
+  goes to pad tokens (TRL's ``padding_free``; ``data.packing=true`` implies it).
+- ``liger``: Liger's RMSNorm, RoPE and SwiGLU kernels, applied to the model instance (TRL's
+  ``use_liger_kernel`` is deprecated; its fused LM head already replaces Liger's fused loss).
+- ``fused_optimizer``: ``adamw_torch`` becomes ``adamw_torch_fused`` (one kernel per step).
+- ``compile``: ``torch.compile`` of the model (off by default: it costs about a minute per trial).
+
+Measured on an H100 (1.5B-shaped Qwen2, LoRA r16, 16 packed rows of 1,024 tokens per step):
+SDPA 10.0k tokens/s, varlen + Liger 25.1k, + micro-batch 16 without accumulation and the fused
+optimizer 33.2k, + compile 42.0k after 74 s of compilation (``benchmarks/RESULTS.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+VARLEN = "sft_varlen"  # the name registered with transformers' AttentionInterface
+_LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                  "fused_linear_cross_entropy": False}  # TRL's fused LM head computes the loss
+
+
+def _liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:  # not installed, or no triton/GPU
+        return False
+    return True
+
+
+def resolve(speed_cfg: Any, *, cuda: bool, compute: str, optim: str) -> dict:
+    """The concrete settings for this machine: ``auto`` decided, every value explicit.
+
+    ``compute`` is the resolved precision (varlen flash attention needs bf16 or fp16 activations);
+    ``optim`` is the configured optimizer (only ``adamw_torch`` has a fused twin)."""
+    def pick(key: str, on: bool) -> bool:
+        value = speed_cfg[key]
+        return on if value == "auto" else bool(value)
+
+    half = compute in ("bf16", "fp16")
+    attention = str(speed_cfg.attention)
+    if attention == "auto":
+        attention = "varlen" if cuda and half else "sdpa"
+    if attention == "varlen" and not (cuda and half):
+        raise ValueError(
+            f"speed.attention=varlen needs a CUDA GPU and bf16/fp16 compute (here: "
+            f"{'CUDA' if cuda else 'no GPU'}, {compute}); use speed.attention=auto or sdpa")
+    liger = str(speed_cfg.liger)
+    if liger == "auto":
+        use_liger = cuda and _liger_available()
+    else:
+        use_liger = bool(speed_cfg.liger)
+        if use_liger and not (cuda and _liger_available()):
+            raise ValueError("speed.liger=true needs a CUDA GPU and liger-kernel (pip install -e '.[kernels]'); "
+                             "use speed.liger=auto or false")
+    fused = pick("fused_optimizer", cuda) and optim == "adamw_torch"
+    return {
+        "name": str(speed_cfg.name),
+        "attention": attention,
+        "padding_free": pick("padding_free", attention == "varlen"),
+        "liger": use_liger,
+        "optim": "adamw_torch_fused" if fused else optim,
+        "compile": bool(speed_cfg.compile) and cuda,
+        "dataloader_num_workers": int(speed_cfg.dataloader_num_workers),
+    }
+
+
+def attn_implementation(speed: dict, configured: str | None) -> str | None:
+    """The ``attn_implementation`` to load the model with (``model.attn_implementation`` wins)."""
+    if configured:
+        return configured
+    if speed["attention"] == "varlen":
+        register_varlen()
+        return VARLEN
+    return speed["attention"] if speed["attention"] != "sdpa" else None
+
+
+def register_varlen() -> None:
+    """Register :func:`varlen_attention` with transformers under the name ``sft_varlen``, with SDPA's
+    mask builder (used only by the SDPA fallback)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, sdpa_mask)
+
+
+def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                     scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """Causal flash attention per packed row (``cu_seq_lens_q`` from TRL's padding-free collator);
+    SDPA for batches without it. Inputs are (batch, heads, tokens, head_dim); grouped-query heads
+    are handled by the kernel."""
+    import torch
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or not query.is_cuda or kwargs.get("sliding_window"):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    b, h, t, d = query.shape
+    q = query.transpose(1, 2).reshape(b * t, h, d)
+    k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
+    v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
+    longest = int(kwargs.get("max_length_q") or t)
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu.to(torch.int32), cu.to(torch.int32), longest, longest, float(dropout), True, False, scale=scaling,
+    )[0]
+    return out.view(b, t, h, d), None
+
+
+def apply_to_model(model: Any, speed: dict) -> None:
+    """Liger's per-layer kernels on the loaded model (before PEFT wraps it)."""
+    if not speed["liger"]:
+        return
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, **_LIGER_KERNELS)
+
+
+def sft_config_kwargs(speed: dict) -> dict:
+    """The SFTConfig fields that carry the resolved settings."""
+    kwargs: dict[str, Any] = {
+        "optim": speed["optim"],
+        "dataloader_num_workers": speed["dataloader_num_workers"],
+        "torch_compile": speed["compile"],
+    }
+    if speed["padding_free"]:
+        kwargs["padding_free"] = True
+    return kwargs
+
+
+def describe(speed: dict) -> str:
+    return (f"attention={speed['attention']} padding_free={speed['padding_free']} liger={speed['liger']} "
+            f"optim={speed['optim']} compile={speed['compile']}")
+
+
+# --------------------------------------------------------------------------- measurement hooks
+
+
+def measurement_callbacks() -> list:
+    """Benchmark hooks, off unless the environment asks (``benchmarks/throughput.py`` sets them):
+
+    - ``SFT_SWEEP_STEP_TIMES=<file>``: one JSON line per optimizer step, ``{"step", "t", "tokens"}``,
+      ``t`` taken after a CUDA synchronise, ``tokens`` the non-pad tokens seen so far.
+    - ``SFT_SWEEP_PROFILE=<dir>``: ``torch.profiler`` over two steady-state steps (after step 5);
+      writes ``profile.txt`` (the ops by CUDA time) into the folder.
+    """
+    out = []
+    times, prof_dir = os.environ.get("SFT_SWEEP_STEP_TIMES"), os.environ.get("SFT_SWEEP_PROFILE")
+    if not times and not prof_dir:
+        return out
+    import torch
+    from transformers import TrainerCallback
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    if times:
+        class StepTimes(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.f = open(times, "a")
+
+            def on_step_end(self, args, state, control, **kwargs):
+                sync()
+                self.f.write(json.dumps({"step": state.global_step, "t": time.perf_counter(),
+                                         "tokens": int(state.num_input_tokens_seen or 0)}) + "\n")
+                self.f.flush()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                self.f.close()
+
+        out.append(StepTimes())
+    if prof_dir:
+        class Profile(TrainerCallback):
+            start, length = 5, 2
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == self.start:
+                    sync()
+                    acts = [torch.profiler.ProfilerActivity.CPU]
+                    if torch.cuda.is_available():
+                        acts.append(torch.profiler.ProfilerActivity.CUDA)
+                    self.prof = torch.profiler.profile(activities=acts)
+                    self.prof.__enter__()
+                elif state.global_step == self.start + self.length and hasattr(self, "prof"):
+                    sync()
+                    self.prof.__exit__(None, None, None)
+                    key = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+                    os.makedirs(prof_dir, exist_ok=True)
+                    with open(os.path.join(prof_dir, "profile.txt"), "w") as f:
+                        f.write(self.prof.key_averages().table(sort_by=key, row_limit=25))
+                    del self.prof
+
+        out.append(Profile())
+    return out

@@ -1,0 +1,106 @@
+"""The speed group: auto decides per machine, no GPU-only flag reaches a CPU run, and the varlen
+attention computes what SDPA computes (on a GPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sweeper import speed
+from sweeper.trial import build_sft_config, preflight, run
+
+from .conftest import FAST
+from .test_trial import Recorder
+
+
+def test_auto_resolves_to_the_plain_path_on_cpu(compose_cfg):
+    cfg = compose_cfg()
+    got = speed.resolve(cfg.speed, cuda=False, compute="fp32", optim="adamw_torch")
+    assert got == {"name": "auto", "attention": "sdpa", "padding_free": False, "liger": False,
+                   "optim": "adamw_torch", "compile": False, "dataloader_num_workers": 0}
+
+
+def test_auto_turns_the_fast_path_on_for_a_cuda_gpu(compose_cfg):
+    cfg = compose_cfg()
+    got = speed.resolve(cfg.speed, cuda=True, compute="bf16", optim="adamw_torch")
+    assert got["attention"] == "varlen" and got["padding_free"] is True
+    assert got["optim"] == "adamw_torch_fused"
+    assert got["liger"] == speed._liger_available()
+    # fp32 compute on a GPU: flash attention cannot run, so SDPA (and no padding-free rows)
+    fp32 = speed.resolve(cfg.speed, cuda=True, compute="fp32", optim="adamw_torch")
+    assert fp32["attention"] == "sdpa" and fp32["padding_free"] is False
+    # only adamw_torch has a fused twin; another optimizer is kept
+    assert speed.resolve(cfg.speed, cuda=True, compute="bf16", optim="sgd")["optim"] == "sgd"
+    plain = speed.resolve(compose_cfg("speed=plain").speed, cuda=True, compute="bf16", optim="adamw_torch")
+    assert plain["attention"] == "sdpa" and not plain["liger"] and plain["optim"] == "adamw_torch"
+
+
+def test_gpu_only_choices_are_refused_on_cpu_before_any_model_loads(compose_cfg):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU refusal")
+    with pytest.raises(ValueError, match=r"speed\.attention=varlen needs a CUDA GPU"):
+        preflight(compose_cfg("speed.attention=varlen"))
+    with pytest.raises(ValueError, match=r"speed\.liger=true needs a CUDA GPU"):
+        preflight(compose_cfg("speed.liger=true"))
+    with pytest.raises(ValueError, match=r"speed\.padding_free must be auto, true or false"):
+        preflight(compose_cfg("speed.padding_free=maybe"))
+
+
+def test_sft_config_carries_the_resolved_choices(compose_cfg, tmp_path):
+    cfg = compose_cfg()
+    fast = {"name": "auto", "attention": "varlen", "padding_free": True, "liger": True,
+            "optim": "adamw_torch_fused", "compile": True, "dataloader_num_workers": 2}
+    args = build_sft_config(cfg, output_dir=tmp_path, compute="fp32", data_format="messages", speed=fast)
+    assert args.optim == "adamw_torch_fused" and args.padding_free and args.torch_compile
+    assert args.dataloader_num_workers == 2
+    plain = build_sft_config(cfg, output_dir=tmp_path, compute="fp32", data_format="messages")
+    assert plain.optim == "adamw_torch" and not plain.padding_free and not plain.torch_compile
+
+
+def test_a_cpu_trial_records_its_speed_timing_and_step_times(compose_cfg, tmp_path, monkeypatch):
+    times = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("SFT_SWEEP_STEP_TIMES", str(times))
+    rec = Recorder()
+    run(compose_cfg(*FAST, "schedule.max_steps=6"), reporter=rec)
+    assert rec.attrs["speed"]["attention"] == "sdpa" and rec.attrs["speed"]["optim"] == "adamw_torch"
+    timing = rec.attrs["timing"]
+    assert timing["model_load_s"] > 0 and timing["prepare_s"] > 0 and timing["eval_s"] > 0
+    lines = [json.loads(x) for x in times.read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 7))
+    assert all(b["t"] > a["t"] and b["tokens"] > a["tokens"] for a, b in zip(lines, lines[1:]))
+    assert lines[-1]["tokens"] == rec.attrs["tokens_seen"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a CUDA GPU")
+def test_varlen_attention_matches_sdpa_per_packed_row():
+    """Three rows packed into one sequence, grouped-query heads (12 query, 2 key/value): the varlen
+    kernel's output and gradients equal SDPA run on each row on its own."""
+    torch.manual_seed(0)
+    lengths = [37, 200, 91]
+    t, h, hkv, d = sum(lengths), 12, 2, 128
+    q = torch.randn(1, h, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, hkv, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, hkv, t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor([0, 37, 237, 328], device="cuda", dtype=torch.int32)
+
+    class Module(torch.nn.Module):
+        is_causal = True
+
+    out, _ = speed.varlen_attention(Module(), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                    max_length_q=200, max_length_k=200, scaling=d ** -0.5)
+    refs = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        kk = k[:, :, a:b].repeat_interleave(h // hkv, dim=1)
+        vv = v[:, :, a:b].repeat_interleave(h // hkv, dim=1)
+        refs.append(torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], kk, vv, is_causal=True)
+                    .transpose(1, 2))
+    ref = torch.cat(refs, dim=1)
+    assert out.shape == ref.shape == (1, t, h, d)
+    assert (out.float() - ref.float()).abs().max().item() < 2e-2
+    grad = torch.randn_like(ref)
+    g_out = torch.autograd.grad(out, (q, k, v), grad)
+    g_ref = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(g_out, g_ref):
+        assert (a.float() - b.float()).abs().max().item() < 5e-2 * max(1.0, b.float().abs().max().item())
