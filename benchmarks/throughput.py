@@ -215,19 +215,26 @@ def worker_matmul(spec: dict) -> dict:
             "device": torch.cuda.get_device_name() if cuda else "CPU"}
 
 
-def _apply_liger() -> dict:
-    """Liger's per-layer kernels, patched into transformers' Qwen2 module before the model is built."""
+def _apply_liger(wanted: bool) -> dict:
+    """Liger's per-layer kernels, patched into transformers' Qwen2 module before the model is built. Where it
+    cannot be applied (no CUDA, not installed, an error) arm (b) runs without it and says so."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not wanted:
+        note = "Liger NOT applied: --no-liger (or a first attempt with Liger failed); arm (b) ran without it"
+    elif not torch.cuda.is_available():
         note = "Liger NOT applied: no CUDA device (liger-kernel's Triton kernels need a GPU); arm (b) ran without it"
-        print(note, flush=True)
-        return {"applied": False, "note": note}
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen2  # lazy: not installed on CPU machines
+    else:
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_qwen2  # lazy: not installed on CPU machines
 
-    apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                fused_linear_cross_entropy=True)
-    return {"applied": True, "note": "rope, rms_norm, swiglu, fused_linear_cross_entropy"}
+            apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=True)
+            return {"applied": True, "note": "Liger applied: rope, rms_norm, swiglu, fused_linear_cross_entropy"}
+        except Exception as e:  # noqa: BLE001 - recorded in the results, the arm goes on without Liger
+            note = f"Liger NOT applied: {type(e).__name__}: {e}; arm (b) ran without it"
+    print(note, flush=True)
+    return {"applied": False, "note": note}
 
 
 def _liger_check(model) -> dict:
@@ -267,7 +274,7 @@ class _StepTimes:
 
 def worker_arm(spec: dict) -> dict:
     """Arm (a) or (b): plain TRL on the prepared JSONL. Saves the adapter when spec['save_adapter']."""
-    liger = _apply_liger() if spec["liger"] else None  # before transformers builds any Qwen2 module
+    liger = _apply_liger(spec["liger"]) if spec["arm"] == "b" else None  # before any Qwen2 module is built
     import datasets
     import torch
     from peft import LoraConfig
@@ -464,8 +471,9 @@ def run_ours(args, workload: dict, model_dir: Path, arm_dir: Path, steps: int, *
         return {**base, "status": status, "error": str(err)[-800:]}
     u = trials[0].user_attrs
     keep = ("tokens_seen", "train_runtime_s", "steps_trained", "peak_gpu_gib", "micro_batch", "grad_accum",
-            "effective_batch", "oom_retries", "run_dir", "best_checkpoint", "curve", "plan", "precision")
-    return {**base, "status": "COMPLETE", "value": trials[0].value, **{k: u.get(k) for k in keep}}
+            "effective_batch", "oom_retries", "run_dir", "best_checkpoint", "plan", "precision")
+    curve = sorted(trials[0].intermediate_values.items())  # every evaluation the job reported, by step
+    return {**base, "status": "COMPLETE", "value": trials[0].value, "eval_curve": curve, **{k: u.get(k) for k in keep}}
 
 
 def print_profile(profile_dir: Path) -> str | None:
@@ -495,13 +503,13 @@ def read_step_times(path: str | None) -> list[dict]:
 
 
 def steady_state(points: list[dict], warmup: int) -> dict | None:
-    """Figures over the steps after ``warmup``: from the end of step ``warmup`` to the last step."""
+    """Figures over the steps after ``warmup``: from the end of step ``warmup`` (or the last recorded step
+    before it) to the last step."""
     points = sorted(points, key=lambda p: p["step"])
-    start = [p for p in points if p["step"] == warmup]
-    last = points[-1] if points else None
-    if not start or last["step"] <= warmup:
+    start = [p for p in points if 1 <= p["step"] <= warmup]
+    if not start or points[-1]["step"] <= start[-1]["step"]:
         return None
-    s, e = start[0], last
+    s, e = start[-1], points[-1]
     steps, dt, tokens = e["step"] - s["step"], e["t"] - s["t"], e["tokens"] - s["tokens"]
     return {"timed_steps": steps, "tokens_per_s": tokens / dt, "tokens_per_step": tokens / steps,
             "s_per_step": dt / steps, "source": f"step times, steps {s['step'] + 1}-{e['step']}"}
@@ -534,6 +542,10 @@ def _pct(x: float | None) -> str:
 
 def _num(x, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
 
 
 def tables(report: dict) -> str:
@@ -578,13 +590,13 @@ def learning_text(lc: dict | None) -> str:
         "",
         "| model | eval loss (common evaluator) | eval loss logged by its own trainer | tokens seen |",
         "|---|---:|---:|---:|",
-        f"| base, no adapter | {e['base']['loss']:.4f} | – | 0 |",
-        f"| (b) plain TRL | {e['b']['loss']:.4f} | {_num(lc.get('b_logged_eval_loss'), '.4f')} | {lc['b_tokens']:,} |",
-        f"| (c) our trial path | {e['c']['loss']:.4f} | {_num(lc.get('c_logged_eval_loss'), '.4f')} | {lc['c_tokens']:,} |",
+        f"| base, no adapter | {e['base']['loss']:.5f} | – | 0 |",
+        f"| (b) plain TRL | {e['b']['loss']:.5f} | {_num(lc.get('b_logged_eval_loss'), '.4f')} | {lc['b_tokens']:,} |",
+        f"| (c) our trial path | {e['c']['loss']:.5f} | {_num(lc.get('c_logged_eval_loss'), '.4f')} | {lc['c_tokens']:,} |",
         "",
         f"Relative difference |c − b| / b = {100 * lc['rel_diff']:.2f}% → **{'PASS' if lc['pass'] else 'FAIL'}** "
         f"(≤ 2%). Tokens seen differ by {100 * lc['tokens_rel_diff']:.2f}%. Loss drop from the base model: "
-        f"(b) {lc['b_drop']:.4f}, (c) {lc['c_drop']:.4f}.",
+        f"(b) {lc['b_drop']:.5f}, (c) {lc['c_drop']:.5f}.",
     ])
 
 
@@ -610,13 +622,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data-root", default=os.environ.get("SFT_SWEEP_SHARED_DATA", str(ROOT.parent / "shared" / "data")),
                     help="folder holding gsm8k/train.jsonl (default $SFT_SWEEP_SHARED_DATA or ../shared/data; "
                          "falls back to .data/ in the repo)")
+    ap.add_argument("--no-liger", action="store_true", help="arm (b) without Liger's kernels")
     ap.add_argument("--ours-overrides", default="", help='extra overrides for arm (c), e.g. "speed=fast"')
     ap.add_argument("--ours-packing", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                     help="data.packing of arm (c) (default true)")
     ap.add_argument("--learning-check", action="store_true",
                     help="(b) and (c) on --learning-workload run --learning-steps and are evaluated by one evaluator")
     ap.add_argument("--learning-workload", default=None, help="default: gsm8k if selected, else the first workload")
-    ap.add_argument("--learning-steps", type=int, default=None, help="default 60; smoke 6")
+    ap.add_argument("--learning-steps", type=int, default=None, help="default 40; smoke 6")
     ap.add_argument("--profile", action="store_true",
                     help="an extra short run of arm (c) with SFT_SWEEP_PROFILE set; prints its top-15 CUDA ops")
     ap.add_argument("--matmul-n", type=int, default=None, help="default 8192; smoke 512")
@@ -625,12 +638,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
     a = ap.parse_args(argv)
     defaults = dict(steps=(4, 20), warmup_steps=(1, 5), micro_batch=(2, 8), max_length=(256, 1024),
-                    rows=(160, 7000), eval_rows=(16, 200), synthetic_median=(120, 200), learning_steps=(6, 60),
+                    rows=(160, 7000), eval_rows=(16, 200), synthetic_median=(120, 200), learning_steps=(6, 40),
                     matmul_n=(512, 8192))
     for key, (smoke, full) in defaults.items():
         if getattr(a, key) is None:
             setattr(a, key, smoke if a.smoke else full)
     a.out = a.out.resolve()
+    if a.warmup_steps < 1:
+        ap.error("--warmup-steps must be >= 1 (the timing starts at the end of the last warm-up step)")
     if a.warmup_steps >= a.steps:
         ap.error(f"--warmup-steps ({a.warmup_steps}) must be less than --steps ({a.steps})")
     if a.learning_check:
@@ -675,20 +690,20 @@ def main(args: argparse.Namespace) -> dict:
         build["shape"] = shape
         info_path.write_text(json.dumps(build, indent=1))
     n_params = {"total": build["params"], "no_embedding": build["params"] - build["embedding_params"]}
-    log(f"model: N = {n_params['total'] / 1e9:.4f}B parameters with the (tied) embedding counted once, "
-        f"{n_params['no_embedding'] / 1e9:.4f}B without it; vocab {build['vocab_size']} (tokenizer {build['tokenizer_vocab']})")
+    log(f"model: N = {_count(n_params['total'])} parameters with the (tied) embedding counted once, "
+        f"{_count(n_params['no_embedding'])} without it; vocab {build['vocab_size']} (tokenizer {build['tokenizer_vocab']})")
 
     log(f"matmul: {args.matmul_n}^3, mean of 10 after 3 warm-ups")
     mm = run_worker("matmul", {"n": args.matmul_n}, args.out / "matmul")
     matmul_tflops = mm.get("tflops")
     device = mm.get("device", "unknown")
-    log(f"matmul: {_num(matmul_tflops, '.1f')} TFLOP/s ({mm.get('dtype')}) on {device}")
+    log(f"matmul: {_num(matmul_tflops, '.3g')} TFLOP/s ({mm.get('dtype')}) on {device}")
 
     report: dict = {"run_id": RUN_ID, "command": command, "date": datetime.date.today().isoformat(),
                     "device": device, "versions": versions, "smoke": args.smoke, "params": n_params,
                     "model": {"shape": shape, **build}, "matmul": mm, "workloads": [],
                     "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    learning: dict | None = None
+    report["learning_check"] = None
     for name in args.workloads:
         try:
             workload = prepare_workload(name, args, model_dir, args.out)
@@ -699,6 +714,7 @@ def main(args: argparse.Namespace) -> dict:
         is_learning = args.learning_check and name == args.learning_workload
         arms = sorted(set(args.arms) | ({"b", "c"} if is_learning else set()))
         results: dict = {}
+        report["workloads"].append({**workload, "arms": results})
         for arm in arms:
             steps = args.learning_steps if is_learning and arm in "bc" else args.steps
             arm_dir = args.out / RUN_ID / name / arm
@@ -706,10 +722,17 @@ def main(args: argparse.Namespace) -> dict:
             if arm in "ab":
                 spec = {"dir": str(arm_dir), "model_dir": str(model_dir), "train": workload["train"],
                         "eval": workload["eval"], "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
-                        "max_length": args.max_length, "packing": arm == "b", "liger": arm == "b", "steps": steps,
+                        "max_length": args.max_length, "packing": arm == "b", "arm": arm,
+                        "liger": arm == "b" and not args.no_liger, "steps": steps,
                         "step_times": str(arm_dir / "step_times.jsonl"),
                         "evaluate": is_learning and arm == "b", "save_adapter": is_learning and arm == "b"}
                 res = run_worker("arm", spec, arm_dir)
+                if arm == "b" and spec["liger"] and res.get("status") == "FAIL":
+                    log("arm (b) failed with Liger; running it again without Liger (recorded in the notes)")
+                    first = res
+                    res = run_worker("arm", {**spec, "liger": False}, arm_dir / "no-liger")
+                    if res.get("liger"):
+                        res["liger"]["note"] = f"Liger run FAILED ({first.get('error', '')[-300:]}); re-run without Liger"
                 res.update(packing=arm == "b", step_times=spec["step_times"])
             else:
                 res = run_ours(args, workload, model_dir, arm_dir, steps, save=is_learning,
@@ -725,10 +748,10 @@ def main(args: argparse.Namespace) -> dict:
                 f"tokens/step, peak {res.get('peak_gpu_gib')} GiB, wall {res.get('wall_s')} s ({f['source']})"
                 if f else str(res.get("error", ""))[:300]))
             results[arm] = res
-        report["workloads"].append({**workload, "arms": results})
+            save_partial(report, args)
         if is_learning:
-            learning = learning_check(args, model_dir, workload, results)
-    report["learning_check"] = learning
+            report["learning_check"] = learning_check(args, model_dir, workload, results)
+            save_partial(report, args)
 
     if args.profile:
         w = next((w for w in report["workloads"] if w.get("train")), None)
@@ -754,6 +777,16 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
+def save_partial(report: dict, args) -> None:
+    """Everything measured so far, after every arm (a run cut short by a time limit keeps its figures)."""
+    path = args.out / RUN_ID / "partial.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+
+
 def learning_check(args, model_dir: Path, workload: dict, results: dict) -> dict:
     b, c = results.get("b", {}), results.get("c", {})
     if b.get("status") != "COMPLETE" or c.get("status") != "COMPLETE":
@@ -774,7 +807,7 @@ def learning_check(args, model_dir: Path, workload: dict, results: dict) -> dict
     if "b" not in ev:
         return {"status": "evaluator failed", "error": ev.get("error")}
     lb, lc = ev["b"]["loss"], ev["c"]["loss"]
-    c_logged = next((v for s, v in reversed(c.get("curve") or []) if s == c.get("steps_trained")), None)
+    c_logged = dict(c.get("eval_curve") or []).get(c.get("steps_trained"))
     out = {"status": "done", "workload": workload["name"], "steps": args.learning_steps,
            "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "eval": ev,
            "b_tokens": b["tokens_seen"], "c_tokens": c["tokens_seen"],
@@ -796,7 +829,7 @@ def render(report: dict) -> str:
         f"- model: {'tiny smoke shape' if report['smoke'] else 'Qwen2.5-1.5B shape'} {report['model']['shape']}, "
         f"random init, tied embeddings, vocab {report['model']['vocab_size']} (tokenizer: the offline tiny byte-level "
         f"BPE, {report['model']['tokenizer_vocab']} tokens; ids above it are never used, the LM head keeps its real "
-        f"cost); N = {n['total'] / 1e9:.4f}B with the embedding counted once, {n['no_embedding'] / 1e9:.4f}B without",
+        f"cost); N = {_count(n['total'])} with the embedding counted once, {_count(n['no_embedding'])} without",
         f"- LoRA r16 alpha32 dropout0.05 all-linear on every arm; max_length {s['max_length']}; micro-batch "
         f"{s['micro_batch']} × accumulation {s['grad_accum']}; {s['steps']} steps per arm, first {s['warmup_steps']} "
         "left out of the timing" + (f"; the learning-check workload's (b) and (c) ran {s['learning_steps']} steps"
@@ -804,7 +837,7 @@ def render(report: dict) -> str:
         "- real tokens = non-padding tokens fed (`include_num_input_tokens_seen=\"non_padding\"`), timed from the end "
         "of the last warm-up step to the end of the last step, with a CUDA sync at each step end",
         f"- MFU = 6·N·tokens/s over {H100_BF16_DENSE_TFLOPS:.0f} TFLOP/s (H100 SXM dense bf16) and over the measured "
-        f"matmul rate ({_num(mm.get('tflops'), '.1f')} TFLOP/s, {mm.get('n')}³ {mm.get('dtype')}, mean of 10 after 3 "
+        f"matmul rate ({_num(mm.get('tflops'), '.3g')} TFLOP/s, {mm.get('n')}³ {mm.get('dtype')}, mean of 10 after 3 "
         "warm-ups). 6·N counts a full backward; LoRA skips the frozen weights' gradients (~4·N of real work) and "
         "attention FLOPs are not counted, so read MFU as a relative figure",
         "- (a)/(b) wall = whole child process (imports, data preparation, model load, training); (c) wall = the whole "
