@@ -1,14 +1,19 @@
 """Throughput of plain TRL against our trial path, on one GPU, same model, data and effective batch.
 
-    # CPU, toy scale: every code path end to end (tiny model, fp32, no Liger), ~5 minutes on 2 cores
+    # CPU, toy scale: every code path end to end (tiny model, fp32, no Liger), ~3 minutes on 2 cores
     python benchmarks/throughput.py --smoke --out /tmp/tp-smoke --learning-check --profile
 
-    # one H100 (wheels in /tmp/site, data copied to .data/): both workloads, three arms, learning check
-    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/throughput.py --out /tmp/tp --data-root .data \
-        --learning-check --results benchmarks/RESULTS.md --json $OUT/throughput.json
+    # one H100, from the repo root (wheels in /tmp/site, gsm8k copied to .data/gsm8k/): both workloads, three
+    # arms, learning check on gsm8k; ~8-9 minutes (model build, 6 arms of 20 steps, (b)/(c) of gsm8k 40 steps)
+    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/throughput.py --out outputs/throughput --data-root .data \
+        --learning-check --results $OUT/throughput.md --json $OUT/throughput.json
 
-    # with the speed group once it lands: our arm gets extra overrides
-    python benchmarks/throughput.py --out /tmp/tp --ours-overrides "speed=fast" --arms c --workloads gsm8k
+    # our arm with extra overrides (e.g. the speed group), or the profile of arm (c), on their own
+    python3 benchmarks/throughput.py --out outputs/throughput --arms c --workloads gsm8k --ours-overrides "speed=fast"
+    python3 benchmarks/throughput.py --out outputs/throughput --arms c --workloads synthetic --profile
+
+The model (``<out>/model``) is built once per ``--out`` and reused; every run writes under ``<out>/<run id>/``
+and a ``partial.json`` (and ``--json``) after each arm, so a run cut short keeps what it measured.
 
 Arms, each in its own subprocess (its own peak memory and caches; an OOM is recorded and the run goes on):
 
@@ -572,7 +577,9 @@ def tables(report: dict) -> str:
         for other in ("a", "b"):
             o = figs.get(other, {}).get("tokens_per_s")
             if c and o:
-                ratios.append(f"- {w['name']}: (c)/({other}) real tokens/s = {c / o:.2f}x")
+                caveat = (" ((c) from its attrs: includes warm-up steps and the eval, so not like for like)"
+                          if figs["c"]["source"].startswith("attrs") else "")
+                ratios.append(f"- {w['name']}: (c)/({other}) real tokens/s = {c / o:.2f}x{caveat}")
     return "\n".join(lines) + "\n\n" + ("\n".join(ratios) if ratios else "- ratios: not available (an arm is missing)")
 
 
@@ -844,7 +851,13 @@ def render(report: dict) -> str:
         "`python train.py -m` subprocess; wall − train_runtime is the overhead outside the training loop",
         f"- arm (c) overrides: `{s['ours_overrides'] or '(none)'}`, data.packing={s['ours_packing']}",
     ]
+    notes.append("- (b) and Liger: TRL 1.16's SFTTrainer replaces the model's forward with its own fused LM head "
+                 "(chunked log-probs; loss, entropy and token accuracy come from it, never from logits) and calls the "
+                 "backbone directly, so Liger's fused linear cross-entropy forward is not reached in training; its "
+                 "RMSNorm, SwiGLU and RoPE kernels are (see the check below)")
     for w in report["workloads"]:
+        if w.get("error"):
+            notes.append(f"- {w['name']}: skipped: {w['error']}")
         if w.get("token_stats"):
             t = w["token_stats"]
             notes.append(f"- {w['name']}: {w['source']}; tokens/row median {t['median']}, p90 {t['p90']}, max "
