@@ -303,7 +303,7 @@ def worker_arm(spec: dict) -> dict:
     args = SFTConfig(
         output_dir=str(Path(spec["dir"]) / "trainer"),
         per_device_train_batch_size=spec["micro_batch"], gradient_accumulation_steps=spec["grad_accum"],
-        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03,
+        learning_rate=spec.get("learning_rate", 2e-4), lr_scheduler_type="cosine", warmup_steps=0.03,
         bf16=cuda, max_length=spec["max_length"], packing=spec["packing"], assistant_only_loss=True,
         activation_checkpointing=False,  # TRL's default is True; the comparison runs without it
         logging_steps=1, max_steps=spec["steps"], report_to=[], seed=42,
@@ -430,7 +430,7 @@ def _worker_main(kind: str, spec_path: str) -> None:
 
 
 def run_ours(args, workload: dict, model_dir: Path, arm_dir: Path, steps: int, *, save: bool, eval_rows: int,
-             profile_dir: Path | None = None, tag: str = "c") -> dict:
+             profile_dir: Path | None = None, tag: str = "c", extra: list[str] = ()) -> dict:
     """Arm (c): ``python train.py -m ...`` as a subprocess; results from the Optuna trial's user attrs."""
     import optuna
 
@@ -449,7 +449,9 @@ def run_ours(args, workload: dict, model_dir: Path, arm_dir: Path, steps: int, *
            f"eval.eval_steps={steps}", "eval.accuracy=off", f"eval.save_best={str(save).lower()}",
            "eval.logging_steps=1", "report_to=none", f"precision={'fp32' if args.smoke else 'bf16'}",
            f"paths.output_dir={arm_dir}", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={study}",
-           *shlex.split(args.ours_overrides)]
+           # one datasets cache for every (c) run of this benchmark, as for the trials of one sweep: the first
+           # run tokenises and packs, later runs of the same data find it by fingerprint
+           f"paths.cache_dir={args.out}/cache-ours", *extra, *shlex.split(args.ours_overrides)]
     env = dict(_child_env(), SFT_SWEEP_STEP_TIMES=str(step_times))
     if profile_dir is not None:
         env["SFT_SWEEP_PROFILE"] = str(profile_dir)
@@ -476,7 +478,8 @@ def run_ours(args, workload: dict, model_dir: Path, arm_dir: Path, steps: int, *
         return {**base, "status": status, "error": str(err)[-800:]}
     u = trials[0].user_attrs
     keep = ("tokens_seen", "train_runtime_s", "steps_trained", "peak_gpu_gib", "micro_batch", "grad_accum",
-            "effective_batch", "oom_retries", "run_dir", "best_checkpoint", "plan", "precision")
+            "effective_batch", "oom_retries", "run_dir", "best_checkpoint", "plan", "precision", "timing", "speed",
+            "batch_auto")
     curve = sorted(trials[0].intermediate_values.items())  # every evaluation the job reported, by step
     return {**base, "status": "COMPLETE", "value": trials[0].value, "eval_curve": curve, **{k: u.get(k) for k in keep}}
 
@@ -637,6 +640,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="(b) and (c) on --learning-workload run --learning-steps and are evaluated by one evaluator")
     ap.add_argument("--learning-workload", default=None, help="default: gsm8k if selected, else the first workload")
     ap.add_argument("--learning-steps", type=int, default=None, help="default 40; smoke 6")
+    ap.add_argument("--learning-lr", type=float, default=2e-3,
+                    help="learning rate of (b) and (c) in the learning check: LoRA on a random-init model barely "
+                         "moves the loss at 2e-4, so the check runs where it does move (same rate on both arms)")
     ap.add_argument("--profile", action="store_true",
                     help="an extra short run of arm (c) with SFT_SWEEP_PROFILE set; prints its top-15 CUDA ops")
     ap.add_argument("--matmul-n", type=int, default=None, help="default 8192; smoke 512")
@@ -732,7 +738,8 @@ def main(args: argparse.Namespace) -> dict:
                         "max_length": args.max_length, "packing": arm == "b", "arm": arm,
                         "liger": arm == "b" and not args.no_liger, "steps": steps,
                         "step_times": str(arm_dir / "step_times.jsonl"),
-                        "evaluate": is_learning and arm == "b", "save_adapter": is_learning and arm == "b"}
+                        "evaluate": is_learning and arm == "b", "save_adapter": is_learning and arm == "b",
+                        "learning_rate": args.learning_lr if is_learning else 2e-4}
                 res = run_worker("arm", spec, arm_dir)
                 if arm == "b" and spec["liger"] and res.get("status") == "FAIL":
                     log("arm (b) failed with Liger; running it again without Liger (recorded in the notes)")
@@ -743,7 +750,8 @@ def main(args: argparse.Namespace) -> dict:
                 res.update(packing=arm == "b", step_times=spec["step_times"])
             else:
                 res = run_ours(args, workload, model_dir, arm_dir, steps, save=is_learning,
-                               eval_rows=args.eval_rows if is_learning else min(args.eval_rows, 4 * args.micro_batch))
+                               eval_rows=args.eval_rows if is_learning else min(args.eval_rows, 4 * args.micro_batch),
+                               extra=[f"lr.learning_rate={args.learning_lr}"] if is_learning else [])
                 res["packing"] = args.ours_packing
                 if res.get("status") == "COMPLETE" and not res.get("step_times"):
                     log("arm (c): no step-times file (the trial path does not honour SFT_SWEEP_STEP_TIMES yet): "
@@ -764,11 +772,13 @@ def main(args: argparse.Namespace) -> dict:
         w = next((w for w in report["workloads"] if w.get("train")), None)
         if w is not None:
             pdir = args.out / RUN_ID / "profile"
-            steps = args.warmup_steps + 5
+            steps = max(args.warmup_steps + 5, 9)  # the trial path profiles steps 6 and 7
             log(f"profile: arm (c) on {w['name']}, {steps} steps, SFT_SWEEP_PROFILE={pdir}")
             prof = run_ours(args, w, model_dir, args.out / RUN_ID / w["name"] / "c-profile", steps, save=False,
                             eval_rows=min(args.eval_rows, 4 * args.micro_batch), profile_dir=pdir, tag="profile")
-            report["profile"] = {"status": prof.get("status"), "dir": str(pdir), "table": print_profile(pdir)}
+            prof["figures"] = arm_figures(prof, args.warmup_steps, n_params, matmul_tflops)
+            report["profile"] = {"status": prof.get("status"), "dir": str(pdir), "table": print_profile(pdir),
+                                 "run": prof}
 
     text = render(report)
     print("\n" + text, flush=True)
@@ -883,9 +893,54 @@ def render(report: dict) -> str:
         "",
         learning_text(report.get("learning_check")),
     ]
+    parts += ["", overhead_text(report)]
     if report.get("profile", {}).get("table"):
         parts += ["", "Profile of arm (c), top 15 ops by CUDA time:", "", "```", report["profile"]["table"], "```"]
     return "\n".join(parts).rstrip() + "\n"
+
+
+SWEET_STEPS, SWEET_EVAL_STEPS = 1500, 50  # schedule=sweet and eval.eval_steps in conf/
+
+
+def projected_overhead(res: dict) -> dict | None:
+    """Orchestration overhead of a ``sweet`` trial (1,500 steps, an evaluation every 50) from one short (c)
+    run: its fixed costs (process start, model load, data preparation, study bookkeeping, first-step warm-up:
+    wall − steady steps − evaluations) plus 30 evaluations at the measured cost each, over the whole."""
+    f, t = res.get("figures") or {}, res.get("timing") or {}
+    if res.get("status") != "COMPLETE" or not f.get("s_per_step") or not res.get("steps_trained"):
+        return None
+    n_evals = max(len(res.get("eval_curve") or []), 1)
+    eval_each = float(t.get("eval_s", 0.0)) / n_evals
+    fixed = res["wall_s"] - res["steps_trained"] * f["s_per_step"] - float(t.get("eval_s", 0.0))
+    evals = SWEET_STEPS // SWEET_EVAL_STEPS * eval_each
+    steps = SWEET_STEPS * f["s_per_step"]
+    return {"fixed_s": fixed, "eval_each_s": eval_each, "evals_s": evals, "steps_s": steps,
+            "fraction": (fixed + evals) / (fixed + evals + steps)}
+
+
+def overhead_text(report: dict) -> str:
+    rows = ["**Orchestration of the trial path** (each `python train.py -m` run of arm (c); data preparation is "
+            "TRL's tokenisation and packing, cached by the `datasets` fingerprint in one cache for all (c) runs, "
+            "so a later run of the same data shows the second trial's preparation time)", "",
+            "| run | wall s | model load s | data preparation s | evaluation s | steady s/step | projected `sweet` "
+            "overhead (fixed + 30 evals) / trial |", "|---|---:|---:|---:|---:|---:|---|"]
+    runs = [(f"{w['name']} (c)", (w.get("arms") or {}).get("c")) for w in report["workloads"]]
+    if report.get("profile", {}).get("run"):
+        runs.append(("profile run (c), same data again", report["profile"]["run"]))
+    for name, res in runs:
+        if not res or res.get("status") != "COMPLETE":
+            continue
+        t, p = res.get("timing") or {}, projected_overhead(res)
+        proj = (f"{p['fixed_s']:.0f} s + {p['evals_s']:.0f} s of {p['fixed_s'] + p['evals_s'] + p['steps_s']:.0f} s "
+                f"= **{100 * p['fraction']:.1f}%**" if p else "–")
+        rows.append(f"| {name} | {_num(res.get('wall_s'), '.1f')} | {_num(t.get('model_load_s'), '.1f')} "
+                    f"| {_num(t.get('prepare_s'), '.2f')} | {_num(t.get('eval_s'), '.1f')} "
+                    f"| {_num((res.get('figures') or {}).get('s_per_step'), '.3f')} | {proj} |")
+    rows += ["", f"Projection: a `sweet` trial runs {SWEET_STEPS} steps at the measured steady s/step with "
+             f"{SWEET_STEPS // SWEET_EVAL_STEPS} evaluations; the fixed part (process start, imports, model load, "
+             "preparation, batch=auto probe, study writes, first-step warm-up, the final save) is taken as "
+             "measured in the short run."]
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
