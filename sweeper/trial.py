@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,26 @@ _SNIPPET_KEYS = (
 
 class DivergedError(RuntimeError):
     """Raised when a logged loss is NaN or infinite."""
+
+
+@dataclass
+class Segment:
+    """One training segment of a longer search (``sweeper.wsd``), run through :func:`_run`.
+
+    ``_run`` then writes into ``output_dir`` instead of the job directory, replaces these SFTConfig
+    fields after ``build_sft_config`` (e.g. the WSD scheduler, ``save_strategy="no"``), resumes from
+    ``resume`` (model, optimizer, scheduler, RNG and global step), adds ``callbacks``, runs without
+    early stopping, evaluates the last step only when ``final_eval``, writes the segment's
+    ``trainer_state.json`` (its whole log history, restored part included) into ``output_dir``, and
+    leaves the results (the trial attrs of a normal run) in ``results``.
+    """
+
+    output_dir: Path
+    args: dict = field(default_factory=dict)
+    resume: str | None = None
+    callbacks: list = field(default_factory=list)
+    final_eval: bool = True
+    results: dict = field(default_factory=dict)
 
 
 def _job_dir(cfg: DictConfig) -> Path:
@@ -208,7 +229,7 @@ def _accuracy_callback(cfg: DictConfig, splits: data_mod.Splits, tokenizer: Any)
     return AccuracyCallback()
 
 
-def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict) -> list:
+def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict, early_stopping: bool = True) -> list:
     from transformers import EarlyStoppingCallback, TrainerCallback
 
     metric = str(cfg.eval.metric)
@@ -247,7 +268,7 @@ def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict) -> list:
                     reporter.prune(step)
 
     callbacks = [ObjectiveCallback()]
-    if cfg.eval.early_stopping_patience is not None:
+    if early_stopping and cfg.eval.early_stopping_patience is not None:
         stopper = EarlyStoppingCallback(
             early_stopping_patience=int(cfg.eval.early_stopping_patience),
             early_stopping_threshold=float(cfg.eval.early_stopping_threshold),
@@ -460,10 +481,12 @@ def _fault_injection_callback() -> Any:
     - ``SFT_SWEEP_INJECT_OOM_AT_STEP=N``: raise a CUDA OOM at step N whenever the micro-batch
       exceeds ``SFT_SWEEP_INJECT_OOM_ABOVE`` (default 0: always), like a batch too big for the GPU.
     - ``SFT_SWEEP_INJECT_NAN_AT_STEP=N``: set the model's weights to NaN at step N, like a diverged run.
+    - ``SFT_SWEEP_INJECT_KILL_AT_STEP=N``: SIGKILL this process at step N, like a lost worker (kill -9).
     """
     oom_at = os.environ.get("SFT_SWEEP_INJECT_OOM_AT_STEP")
     nan_at = os.environ.get("SFT_SWEEP_INJECT_NAN_AT_STEP")
-    if not oom_at and not nan_at:
+    kill_at = os.environ.get("SFT_SWEEP_INJECT_KILL_AT_STEP")
+    if not oom_at and not nan_at and not kill_at:
         return None
     import torch
     from transformers import TrainerCallback
@@ -475,6 +498,10 @@ def _fault_injection_callback() -> Any:
             if oom_at and state.global_step == int(oom_at) and args.per_device_train_batch_size > above:
                 raise torch.OutOfMemoryError(
                     f"CUDA out of memory (injected at step {oom_at}, micro-batch {args.per_device_train_batch_size})")
+            if kill_at and state.global_step == int(kill_at):
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
             if nan_at and state.global_step == int(nan_at):
                 with torch.no_grad():
                     for p in model.parameters():
@@ -489,6 +516,8 @@ def _restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool
 
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     for entry in state.get("log_history", []):
+        if "loss" in entry and "step" in entry:
+            tracker.setdefault("train_curve", []).append([int(entry["step"]), round(float(entry["loss"]), 5)])
         if metric in entry:
             value, step = float(entry[metric]), int(entry["step"])
             tracker.setdefault("curve", []).append([step, value])
@@ -498,20 +527,25 @@ def _restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool
 
 
 def run(cfg: DictConfig, reporter: Any = None) -> float:
-    """See :func:`_run`; closes the job's own connection to the study however the run ends."""
+    """See :func:`_run` (``schedule=wsd_search``: :func:`sweeper.wsd.search`); closes the job's own
+    connection to the study however the run ends."""
     own = None
     if reporter is None and cfg.study.trial_number is not None:
         from sweeper.study import TrialReporter
 
         reporter = own = TrialReporter.from_job(cfg)
     try:
+        if cfg.schedule.get("wsd") is not None:
+            from sweeper import wsd
+
+            return wsd.search(cfg, reporter, job_dir=_job_dir(cfg))
         return _run(cfg, reporter)
     finally:
         if own is not None:
             own.close()
 
 
-def _run(cfg: DictConfig, reporter: Any = None) -> float:
+def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) -> float:
     """Train one configuration and return the best value of ``eval.metric`` over the run.
 
     In a multirun the sweeper fills ``cfg.study``; the job then reports every evaluation to its
@@ -520,6 +554,7 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
     On CUDA out-of-memory (``retry_on_oom``) the run restarts with the next smaller micro-batch that
     divides the effective batch (half, for powers of two) and the matching accumulation, so the
     effective batch is unchanged, down to micro-batch 1. ``batch=auto`` fits the micro-batch first.
+    With a ``segment`` (see :class:`Segment`) it trains that segment of a longer search instead.
     """
     import torch
     from trl import SFTTrainer
@@ -527,6 +562,8 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
     splits = preflight(cfg)
     resume = reporter.resume_checkpoint() if reporter is not None and hasattr(reporter, "resume_checkpoint") else None
     job_dir = _job_dir(cfg)
+    if segment is not None:
+        resume, job_dir = segment.resume, Path(segment.output_dir)
     if cfg.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(job_dir / "tensorboard")
     micro, accum = int(cfg.batch.per_device_train_batch_size), int(cfg.batch.gradient_accumulation_steps)
@@ -542,10 +579,16 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
         args = build_sft_config(cfg, output_dir=job_dir, compute=compute, data_format=splits.format,
                                 micro_batch=micro, grad_accum=accum,
                                 eval_batch=micro if fitted else None)  # eval logits must fit too
+        if segment is not None and segment.args:
+            import dataclasses
+
+            args = dataclasses.replace(args, **segment.args)
         tracker: dict = {}
         if resume:
             _restore_tracker(tracker, resume, metric, maximize)
-        callbacks = _make_callbacks(cfg, reporter, tracker)
+        callbacks = _make_callbacks(cfg, reporter, tracker, early_stopping=segment is None)
+        if segment is not None:
+            callbacks += segment.callbacks
         accuracy = _accuracy_callback(cfg, splits, tokenizer)
         if accuracy is not None:
             callbacks.insert(0, accuracy)  # its metric must exist before the others read the metrics
@@ -601,10 +644,10 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
             oom_retries.append({"at_step": step, "micro_batch": micro, "grad_accum": accum})
             log.warning("CUDA out of memory at step %d; retrying from the start with micro-batch %d x "
                         "accumulation %d (effective batch unchanged)", step, micro, accum)
-            resume = None
+            resume = segment.resume if segment is not None else None
 
     state = trainer.state
-    if tracker.get("last_eval_step") != state.global_step:
+    if tracker.get("last_eval_step") != state.global_step and (segment is None or segment.final_eval):
         trainer.evaluate()  # the run's final point, when max_steps is not a multiple of eval_steps
 
     stopper = tracker.get("stopper")
@@ -639,4 +682,7 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
     )
     if reporter is not None:
         reporter.set_attrs({k: v for k, v in results.items() if k != "curve"})
+    if segment is not None:
+        segment.results = results
+        state.save_to_json(str(job_dir / "trainer_state.json"))
     return float(best)
