@@ -390,7 +390,9 @@ class TrialReporter:
     def set_wsd_params(self, max_steps: int, low: int, high: int) -> None:
         """Record the trunk's own params (max_steps, method=wsd), so the dashboard lines it up with its
         branches and with cosine trials; kept as they are on a retried trial, which inherits them."""
-        storage, frozen = self.trial.study._storage, self.trial.study._storage.get_trial(self.trial._trial_id)
+        storage = self.trial.study._storage
+        storage = getattr(storage, "_backend", storage)  # the cache does not know a trial asked by another process
+        frozen = storage.get_trial(self.trial._trial_id)
         for name, value, dist in _wsd_params(max_steps, low, high):
             if name not in frozen.params:
                 storage.set_trial_param(self.trial._trial_id, name, dist.to_internal_repr(value), dist)
