@@ -657,11 +657,11 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
         and state.global_step < state.max_steps
     )
     best = tracker.get("best")
-    if best is None:
+    if best is None and (segment is None or segment.final_eval):  # a search's early segment may end before one
         raise RuntimeError("no evaluation ran; check eval.eval_steps and the eval split")
     results = {
         "best_value": best,
-        "best_step": tracker["best_step"],
+        "best_step": tracker.get("best_step"),
         "steps_trained": state.global_step,
         "epochs_trained": round(float(state.epoch or 0.0), 4),
         "samples_seen": state.global_step * plan.effective_batch,
@@ -677,7 +677,7 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
         "best_accuracy_step": tracker.get("best_accuracy_step"),
     }
     log.info(
-        "best %s %.4f at step %d of %d%s", cfg.eval.metric, best, results["best_step"], state.global_step,
+        "best %s %s at step %s of %d%s", cfg.eval.metric, _fmt4(best), results["best_step"], state.global_step,
         f" (stopped early at {state.global_step})" if stopped_early else "",
     )
     if reporter is not None:
@@ -685,4 +685,8 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
     if segment is not None:
         segment.results = results
         state.save_to_json(str(job_dir / "trainer_state.json"))
-    return float(best)
+    return float(best) if best is not None else math.nan
+
+
+def _fmt4(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4f}"

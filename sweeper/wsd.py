@@ -210,8 +210,10 @@ def search(cfg: DictConfig, reporter: Any = None, job_dir: Path | None = None) -
         resume = None  # a checkpoint without the search's state is not a trunk checkpoint
     state["run_dir"] = str(job_dir)
     _save_state(job_dir, state)
-    if reporter is not None and hasattr(reporter, "set_wsd_params"):
-        reporter.set_wsd_params(s_max, cands[0], s_max)
+    if reporter is not None:
+        reporter.set_attrs({"method": "wsd", "max_steps": s_max})
+        if hasattr(reporter, "set_wsd_params"):
+            reporter.set_wsd_params(s_max, cands[0], s_max)
     log.info("WSD search: candidates %s, cooldown %.0f%% (%s), warmup %d steps; branch points %s; trunk in %s%s",
              cands, 100 * f, decay_type, warmup, [points[s] for s in cands], job_dir,
              f", resuming from {resume}" if resume else "")

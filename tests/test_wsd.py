@@ -253,3 +253,13 @@ def test_wsd_defaults_compose_and_validate(compose_cfg):
     assert list(w.candidates) == [500, 1500, 3000] and w.decay_fraction == 0.2 and w.decay_type == "1-sqrt"
     assert w.stop_after_worse == 2 and cfg.schedule.max_steps is None
     validate(cfg)
+
+
+def test_a_trunk_segment_may_end_before_the_first_evaluation(compose_cfg, tmp_path):
+    # candidates 4 and 8 branch at steps 3 and 6, before and between evaluations every 4 steps
+    cfg = compose_cfg(*WSD, "schedule.wsd.candidates=[4,8]")
+    rep = _Reporter()
+    value = search(cfg, rep, job_dir=tmp_path / "trunk")
+    assert sorted(rep.branches) == [4] and math.isfinite(value)
+    assert [s for s, _ in rep.reports] == [4, 8]  # the trunk's own evaluations, none at the branch points
+    assert rep.attrs["wsd_optimizer_steps"] == 8 + 1
