@@ -351,7 +351,8 @@ def plan_for(cfg: DictConfig, splits: data_mod.Splits, prepared: Any, micro: int
         micro_batch=int(micro or cfg.batch.per_device_train_batch_size),
         grad_accum=int(accum or cfg.batch.gradient_accumulation_steps),
         n_gpus=n_gpus,
-        max_steps=cfg.schedule.max_steps,
+        # schedule=wsd_search: the trunk, i.e. the longest candidate
+        max_steps=cfg.schedule.max_steps if cfg.schedule.get("wsd") is None else max(cfg.schedule.wsd.candidates),
         num_train_epochs=cfg.schedule.num_train_epochs,
         mean_tokens_per_row=_mean_tokens(prepared),
         warmup=float(cfg.lr.warmup_steps),
