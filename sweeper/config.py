@@ -12,7 +12,7 @@ which every job calls before touching data or a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.errors import CompactHydraException
 from omegaconf import MISSING
@@ -103,9 +103,20 @@ class BatchConfig:
 
 
 @dataclass
+class WsdConfig:
+    """schedule=wsd_search: one warmup-stable-decay trunk with a cooldown branch per candidate."""
+
+    candidates: List[int] = MISSING  # step counts to compare; each branch is one trial
+    decay_fraction: float = MISSING  # cooldown share of each candidate, in (0, 1)
+    decay_type: str = MISSING  # linear | cosine | 1-sqrt (transformers' WSD decay types)
+    stop_after_worse: Optional[int] = None  # stop the trunk after this many successive worse branches; None: never
+
+
+@dataclass
 class ScheduleConfig:
     max_steps: Optional[int] = None  # optimizer steps; None: use num_train_epochs
     num_train_epochs: Optional[float] = None  # used only when max_steps is None
+    wsd: Optional[WsdConfig] = None  # schedule=wsd_search: candidates searched by one WSD trunk
 
 
 @dataclass
@@ -222,10 +233,66 @@ def metric_direction(metric: str) -> str:
     return _METRICS[metric]
 
 
+WSD_DECAY_TYPES = ("linear", "cosine", "1-sqrt")
+
+
+def wsd_warmup_steps(cfg: Any) -> int:
+    """schedule=wsd_search: the one warmup length (optimizer steps) of the trunk and every branch:
+    ``lr.warmup_steps`` when >= 1, else that fraction of the smallest candidate (rounded up, as
+    transformers rounds a warmup ratio)."""
+    import math
+
+    w = float(cfg.lr.warmup_steps)
+    return int(w) if w >= 1 else math.ceil(w * min(cfg.schedule.wsd.candidates))
+
+
+def wsd_branch_point(steps: int, decay_fraction: float) -> int:
+    """Where the cooldown of a ``steps``-long WSD branch starts: steps - round(decay_fraction * steps)."""
+    return steps - round(decay_fraction * steps)
+
+
+def _validate_wsd(cfg: Any) -> None:
+    s, w = cfg.schedule, cfg.schedule.wsd
+    if s.max_steps is not None or s.num_train_epochs is not None:
+        raise ValueError(
+            f"schedule.wsd searches the length itself, so schedule.max_steps and schedule.num_train_epochs must "
+            f"be null, but got max_steps={s.max_steps}, num_train_epochs={s.num_train_epochs}; set "
+            "schedule.wsd.candidates=[...] instead")
+    cands = list(w.candidates)
+    if not cands or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cands):
+        raise ValueError(f"schedule.wsd.candidates must be a non-empty list of positive integers (steps), but got "
+                         f"{cands}; e.g. schedule.wsd.candidates=[500,1500,3000]")
+    if len(set(cands)) != len(cands):
+        raise ValueError(f"schedule.wsd.candidates must not repeat a step count, but got {cands}; "
+                         f"e.g. schedule.wsd.candidates=[{','.join(str(c) for c in sorted(set(cands)))}]")
+    if not 0.0 < w.decay_fraction < 1.0:
+        raise ValueError(f"schedule.wsd.decay_fraction must be between 0 and 1 (exclusive), but got "
+                         f"{w.decay_fraction}; set schedule.wsd.decay_fraction=0.2")
+    if w.decay_type not in WSD_DECAY_TYPES:
+        raise ValueError(f"schedule.wsd.decay_type must be one of {list(WSD_DECAY_TYPES)}, but got "
+                         f"{w.decay_type!r}; set schedule.wsd.decay_type=1-sqrt")
+    if w.stop_after_worse is not None and w.stop_after_worse < 1:
+        raise ValueError(f"schedule.wsd.stop_after_worse must be >= 1 or null (never stop the trunk), but got "
+                         f"{w.stop_after_worse}; set schedule.wsd.stop_after_worse=2")
+    points = sorted((wsd_branch_point(c, w.decay_fraction), c) for c in cands)
+    for (p, c), (q, d) in zip(points, points[1:]):
+        if p >= q:
+            raise ValueError(f"schedule.wsd.candidates {c} and {d} branch at steps {p} and {q} (decay_fraction="
+                             f"{w.decay_fraction}): branch points must strictly increase; space the candidates "
+                             "further apart or lower schedule.wsd.decay_fraction")
+    first, warm = points[0], wsd_warmup_steps(cfg)
+    if first[0] < 1 or warm >= first[0]:
+        raise ValueError(f"lr.warmup_steps ({warm} steps) must be shorter than the first WSD branch point "
+                         f"({first[0]}, candidate {first[1]} with decay_fraction={w.decay_fraction}); lower "
+                         "lr.warmup_steps or raise the smallest schedule.wsd.candidates")
+
+
 def validate(cfg: Any) -> None:
     """Check rules that span keys; raise one ValueError that says rule, value and fix."""
     s = cfg.schedule
-    if (s.max_steps is None) == (s.num_train_epochs is None):
+    if s.get("wsd") is not None:
+        _validate_wsd(cfg)
+    elif (s.max_steps is None) == (s.num_train_epochs is None):
         raise ValueError(
             "schedule: set exactly one of schedule.max_steps and schedule.num_train_epochs, but got "
             f"max_steps={s.max_steps}, num_train_epochs={s.num_train_epochs}; pick schedule=sweet "

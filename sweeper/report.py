@@ -28,9 +28,21 @@ def _fmt(x: Any, spec: str = "") -> str:
 
 
 def _params(params: dict) -> str:
-    """Swept params other than the schedule, compactly (floats to 3 significant digits)."""
-    shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in params.items() if k != "schedule"}
+    """Swept params other than the schedule (and a WSD search's own max_steps/method, which have their
+    columns), compactly (floats to 3 significant digits)."""
+    wsd = params.get("method") == "wsd"
+    shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in params.items()
+             if k != "schedule" and not (wsd and k in ("max_steps", "method"))}
     return " ".join(f"{k}={v}" for k, v in shown.items()) or "–"
+
+
+def method(t: optuna.trial.FrozenTrial) -> str | None:
+    """How the trial's LR was scheduled: ``wsd`` for a WSD search's trunk and branches (``method``
+    attr), else its scheduler (``sft_config.lr_scheduler_type``, e.g. cosine)."""
+    a = t.user_attrs
+    if a.get("method"):
+        return str(a["method"])
+    return (a.get("sft_config") or {}).get("lr_scheduler_type")
 
 
 def trial_rows(study: optuna.Study) -> list[dict]:
@@ -41,6 +53,7 @@ def trial_rows(study: optuna.Study) -> list[dict]:
         rows.append({
             "trial": t.number,
             "schedule": choices.get("schedule", t.params.get("schedule")),
+            "method": method(t),
             "max_steps": a.get("max_steps"),
             "epochs": a.get("epochs_trained"),
             "best": t.value if t.state == optuna.trial.TrialState.COMPLETE else a.get("best_value"),
@@ -133,6 +146,12 @@ def recommend(study: optuna.Study) -> dict | None:
               f"{best.value:.4f}, at step {a.get('best_step')}")
     if a.get("stopped_early_step"):
         reason += f"; early stopping ended it at step {a['stopped_early_step']}"
+    w = a.get("wsd") or {}
+    if a.get("method") == "wsd" and "branch_point" in w:
+        reason += (f"; it is a WSD cooldown branch (of trial {a.get('branch_of')}): warmup {w['warmup_steps']}, "
+                   f"constant LR to step {w['branch_point']}, {w['decay_type']} decay over {w['decay_steps']} steps")
+    elif a.get("method") == "wsd":
+        reason += "; it is the trunk of a WSD search (the longest candidate, with its own cooldown)"
     if others:
         reason += "; the others: " + ", ".join(others)
     reason += f". Its curve: {d.verdict} ({d.reason})."
@@ -147,6 +166,11 @@ def sftconfig_snippet(trial: optuna.trial.FrozenTrial) -> str:
     if not cfg:
         return f"# trial {trial.number} predates the sft_config attr; its run config is in {a.get('run_dir')}/.hydra"
     lines = ["SFTConfig("]
+    if a.get("method") == "wsd":
+        # The schedule that was measured: WSD with this run's cooldown (lr_scheduler_kwargs below).
+        # Cosine at the same length is expected to match it (Hägele et al. 2024), but was not measured.
+        lines = ["# warmup-stable-decay, as measured: constant LR, then the cooldown of lr_scheduler_kwargs",
+                 *lines]
     for key, value in cfg.items():
         lines.append(f"    {key}={value!r},")
     lines.append(")")
@@ -221,16 +245,17 @@ def study_report(study: optuna.Study) -> str:
     lines = [
         f"## {study.study_name}",
         "",
-        f"| trial | schedule | params | max_steps | epochs | eff. batch | tokens/step | best {metric} | best step "
-        "| stopped early | accuracy (step) | state | diagnosis |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        f"| trial | schedule | method | params | max_steps | epochs | eff. batch | tokens/step | best {metric} "
+        "| best step | stopped early | accuracy (step) | state | diagnosis |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     for r in trial_rows(study):
         t = by_number[r["trial"]]
         d = diagnose(_eval_curve(t), t.user_attrs.get("train_curve", []))
         lines.append(
-            f"| {r['trial']} | {_fmt(r['schedule'])} | {_params(r['params'])} | {_fmt(r['max_steps'])} "
+            f"| {r['trial']} | {_fmt(r['schedule'])} | {_fmt(r['method'])} | {_params(r['params'])} "
+            f"| {_fmt(r['max_steps'])} "
             f"| {_fmt(r['epochs'], '.2f')} | {_fmt(r['effective_batch'])} | {_fmt(r['tokens_per_step'], ',.0f')} "
             f"| {_fmt(r['best'])} "
             f"| {_fmt(r['best_step'])} | {_fmt(r['stopped_early'])} | {_accuracy(t)} | {r['state']} | {d.verdict} |")

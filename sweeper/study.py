@@ -376,9 +376,63 @@ class TrialReporter:
     def prune(self, step: int) -> None:
         raise optuna.TrialPruned(f"pruned at step {step}")
 
+    # -- schedule=wsd_search (sweeper.wsd): the job's trial is the trunk; each branch a trial of its own
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+    def stop(self, reason: str) -> None:
+        """End the trial PRUNED (the sweeper records it so) with ``reason`` in ``stopped_reason``."""
+        self.trial.set_user_attr("stopped_reason", reason)
+        raise optuna.TrialPruned(reason)
+
+    def set_wsd_params(self, max_steps: int, low: int, high: int) -> None:
+        """Record the trunk's own params (max_steps, method=wsd), so the dashboard lines it up with its
+        branches and with cosine trials; kept as they are on a retried trial, which inherits them."""
+        storage = self.trial.study._storage
+        storage = getattr(storage, "_backend", storage)  # the cache does not know a trial asked by another process
+        frozen = storage.get_trial(self.trial._trial_id)
+        for name, value, dist in _wsd_params(max_steps, low, high):
+            if name not in frozen.params:
+                storage.set_trial_param(self.trial._trial_id, name, dist.to_internal_repr(value), dist)
+
+    def record_branch(self, *, key: str, max_steps: int, low: int, high: int, value: float,
+                      curve: list, user_attrs: dict) -> int:
+        """Add one finished WSD branch as a COMPLETE trial in one write (params max_steps, method=wsd;
+        ``curve`` [[step, value], ...] as its intermediate values) and return its number. Idempotent:
+        a branch already recorded under ``key`` (a resumed search) is not added twice."""
+        study = self.trial.study
+
+        def existing() -> int | None:
+            return next((t.number for t in study.get_trials(deepcopy=False)
+                         if t.system_attrs.get("wsd_branch_key") == key), None)
+
+        number = existing()
+        if number is not None:
+            return number
+        params = _wsd_params(max_steps, low, high)
+        study.add_trial(optuna.trial.create_trial(
+            params={n: v for n, v, _ in params}, distributions={n: d for n, _, d in params},
+            value=float(value), intermediate_values={int(s): float(v) for s, v in curve},
+            user_attrs=user_attrs,
+            system_attrs={"wsd_branch_key": key, "wsd_branch_of": self.trial.number},
+        ))
+        return existing()
+
     def set_attrs(self, attrs: dict) -> None:
         for k, v in attrs.items():
             self.trial.set_user_attr(k, v)
+
+
+def _wsd_params(max_steps: int, low: int, high: int) -> list[tuple[str, Any, Any]]:
+    return [("max_steps", int(max_steps), optuna.distributions.IntDistribution(int(low), int(high))),
+            ("method", "wsd", optuna.distributions.CategoricalDistribution(["cosine", "wsd"]))]
+
+
+def _is_branch(t: optuna.trial.FrozenTrial) -> bool:
+    """A WSD branch recorded by its trunk's job: extra to the sweep's n_trials and grid points."""
+    return "wsd_branch_of" in t.system_attrs
 
 
 # --------------------------------------------------------------------------- the sweeper side
@@ -498,7 +552,7 @@ class StudySweeper:
                     tried: set[int]) -> dict | None:
         """The next grid point to run, or None when the study is done. A point that failed in
         this sweep (any of its workers) is not retried until the command is run again."""
-        trials = study.get_trials(deepcopy=False)
+        trials = [t for t in study.get_trials(deepcopy=False) if not _is_branch(t)]
         covered = [t for t in trials if t.state in _COVERED]
         if len(covered) >= total:
             return None
@@ -579,7 +633,7 @@ class StudySweeper:
         failures: list[str] = []
         from tqdm.auto import tqdm
 
-        done = len(study.get_trials(deepcopy=False, states=_COVERED[:2]))  # COMPLETE, PRUNED
+        done = len([t for t in study.get_trials(deepcopy=False, states=_COVERED[:2]) if not _is_branch(t)])
         progress = tqdm(total=total, initial=min(done, total), desc=f"sweep {name}", unit="trial", position=0)
         while True:
             trial = self._claim(study, points, pure_grid, total, tried, dists)

@@ -14,6 +14,7 @@ import math
 import os
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,26 @@ _SNIPPET_KEYS = (
 
 class DivergedError(RuntimeError):
     """Raised when a logged loss is NaN or infinite."""
+
+
+@dataclass
+class Segment:
+    """One training segment of a longer search (``sweeper.wsd``), run through :func:`_run`.
+
+    ``_run`` then writes into ``output_dir`` instead of the job directory, replaces these SFTConfig
+    fields after ``build_sft_config`` (e.g. the WSD scheduler, ``save_strategy="no"``), resumes from
+    ``resume`` (model, optimizer, scheduler, RNG and global step), adds ``callbacks``, runs without
+    early stopping, evaluates the last step only when ``final_eval``, writes the segment's
+    ``trainer_state.json`` (its whole log history, restored part included) into ``output_dir``, and
+    leaves the results (the trial attrs of a normal run) in ``results``.
+    """
+
+    output_dir: Path
+    args: dict = field(default_factory=dict)
+    resume: str | None = None
+    callbacks: list = field(default_factory=list)
+    final_eval: bool = True
+    results: dict = field(default_factory=dict)
 
 
 def _job_dir(cfg: DictConfig) -> Path:
@@ -219,7 +240,7 @@ def _accuracy_callback(cfg: DictConfig, splits: data_mod.Splits, tokenizer: Any)
     return AccuracyCallback()
 
 
-def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict) -> list:
+def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict, early_stopping: bool = True) -> list:
     from transformers import EarlyStoppingCallback, TrainerCallback
 
     metric = str(cfg.eval.metric)
@@ -259,7 +280,7 @@ def _make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict) -> list:
                     reporter.prune(step)
 
     callbacks = [ObjectiveCallback()]
-    if cfg.eval.early_stopping_patience is not None:
+    if early_stopping and cfg.eval.early_stopping_patience is not None:
         stopper = EarlyStoppingCallback(
             early_stopping_patience=int(cfg.eval.early_stopping_patience),
             early_stopping_threshold=float(cfg.eval.early_stopping_threshold),
@@ -342,7 +363,8 @@ def plan_for(cfg: DictConfig, splits: data_mod.Splits, prepared: Any, micro: int
         micro_batch=int(micro or cfg.batch.per_device_train_batch_size),
         grad_accum=int(accum or cfg.batch.gradient_accumulation_steps),
         n_gpus=n_gpus,
-        max_steps=cfg.schedule.max_steps,
+        # schedule=wsd_search: the trunk, i.e. the longest candidate
+        max_steps=cfg.schedule.max_steps if cfg.schedule.get("wsd") is None else max(cfg.schedule.wsd.candidates),
         num_train_epochs=cfg.schedule.num_train_epochs,
         mean_tokens_per_row=_mean_tokens(prepared),
         warmup=float(cfg.lr.warmup_steps),
@@ -472,10 +494,12 @@ def _fault_injection_callback() -> Any:
     - ``SFT_SWEEP_INJECT_OOM_AT_STEP=N``: raise a CUDA OOM at step N whenever the micro-batch
       exceeds ``SFT_SWEEP_INJECT_OOM_ABOVE`` (default 0: always), like a batch too big for the GPU.
     - ``SFT_SWEEP_INJECT_NAN_AT_STEP=N``: set the model's weights to NaN at step N, like a diverged run.
+    - ``SFT_SWEEP_INJECT_KILL_AT_STEP=N``: SIGKILL this process at step N, like a lost worker (kill -9).
     """
     oom_at = os.environ.get("SFT_SWEEP_INJECT_OOM_AT_STEP")
     nan_at = os.environ.get("SFT_SWEEP_INJECT_NAN_AT_STEP")
-    if not oom_at and not nan_at:
+    kill_at = os.environ.get("SFT_SWEEP_INJECT_KILL_AT_STEP")
+    if not oom_at and not nan_at and not kill_at:
         return None
     import torch
     from transformers import TrainerCallback
@@ -487,6 +511,10 @@ def _fault_injection_callback() -> Any:
             if oom_at and state.global_step == int(oom_at) and args.per_device_train_batch_size > above:
                 raise torch.OutOfMemoryError(
                     f"CUDA out of memory (injected at step {oom_at}, micro-batch {args.per_device_train_batch_size})")
+            if kill_at and state.global_step == int(kill_at):
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
             if nan_at and state.global_step == int(nan_at):
                 with torch.no_grad():
                     for p in model.parameters():
@@ -501,6 +529,8 @@ def _restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool
 
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     for entry in state.get("log_history", []):
+        if "loss" in entry and "step" in entry:
+            tracker.setdefault("train_curve", []).append([int(entry["step"]), round(float(entry["loss"]), 5)])
         if metric in entry:
             value, step = float(entry[metric]), int(entry["step"])
             tracker.setdefault("curve", []).append([step, value])
@@ -510,20 +540,25 @@ def _restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool
 
 
 def run(cfg: DictConfig, reporter: Any = None) -> float:
-    """See :func:`_run`; closes the job's own connection to the study however the run ends."""
+    """See :func:`_run` (``schedule=wsd_search``: :func:`sweeper.wsd.search`); closes the job's own
+    connection to the study however the run ends."""
     own = None
     if reporter is None and cfg.study.trial_number is not None:
         from sweeper.study import TrialReporter
 
         reporter = own = TrialReporter.from_job(cfg)
     try:
+        if cfg.schedule.get("wsd") is not None:
+            from sweeper import wsd
+
+            return wsd.search(cfg, reporter, job_dir=_job_dir(cfg))
         return _run(cfg, reporter)
     finally:
         if own is not None:
             own.close()
 
 
-def _run(cfg: DictConfig, reporter: Any = None) -> float:
+def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) -> float:
     """Train one configuration and return the best value of ``eval.metric`` over the run.
 
     In a multirun the sweeper fills ``cfg.study``; the job then reports every evaluation to its
@@ -532,13 +567,17 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
     On CUDA out-of-memory (``retry_on_oom``) the run restarts with the next smaller micro-batch that
     divides the effective batch (half, for powers of two) and the matching accumulation, so the
     effective batch is unchanged, down to micro-batch 1. ``batch=auto`` fits the micro-batch first.
+    With a ``segment`` (see :class:`Segment`) it trains that segment of a longer search instead.
     """
     import torch
     from trl import SFTTrainer
 
+    job_started = time.perf_counter()
     splits = preflight(cfg)
     resume = reporter.resume_checkpoint() if reporter is not None and hasattr(reporter, "resume_checkpoint") else None
     job_dir = _job_dir(cfg)
+    if segment is not None:
+        resume, job_dir = segment.resume, Path(segment.output_dir)
     if cfg.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(job_dir / "tensorboard")
     micro, accum = int(cfg.batch.per_device_train_batch_size), int(cfg.batch.gradient_accumulation_steps)
@@ -561,10 +600,16 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
         args = build_sft_config(cfg, output_dir=job_dir, compute=compute, data_format=splits.format,
                                 micro_batch=micro, grad_accum=accum,
                                 eval_batch=micro if fitted else None, speed=speed)  # eval logits must fit too
+        if segment is not None and segment.args:
+            import dataclasses
+
+            args = dataclasses.replace(args, **segment.args)
         tracker: dict = {}
         if resume:
             _restore_tracker(tracker, resume, metric, maximize)
-        callbacks = _make_callbacks(cfg, reporter, tracker)
+        callbacks = _make_callbacks(cfg, reporter, tracker, early_stopping=segment is None)
+        if segment is not None:
+            callbacks += segment.callbacks
         accuracy = _accuracy_callback(cfg, splits, tokenizer)
         if accuracy is not None:
             callbacks.insert(0, accuracy)  # its metric must exist before the others read the metrics
@@ -626,10 +671,10 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
             oom_retries.append({"at_step": step, "micro_batch": micro, "grad_accum": accum})
             log.warning("CUDA out of memory at step %d; retrying from the start with micro-batch %d x "
                         "accumulation %d (effective batch unchanged)", step, micro, accum)
-            resume = None
+            resume = segment.resume if segment is not None else None
 
     state = trainer.state
-    if tracker.get("last_eval_step") != state.global_step:
+    if tracker.get("last_eval_step") != state.global_step and (segment is None or segment.final_eval):
         trainer.evaluate()  # the run's final point, when max_steps is not a multiple of eval_steps
 
     stopper = tracker.get("stopper")
@@ -639,11 +684,11 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
         and state.global_step < state.max_steps
     )
     best = tracker.get("best")
-    if best is None:
+    if best is None and (segment is None or segment.final_eval):  # a search's early segment may end before one
         raise RuntimeError("no evaluation ran; check eval.eval_steps and the eval split")
     results = {
         "best_value": best,
-        "best_step": tracker["best_step"],
+        "best_step": tracker.get("best_step"),
         "steps_trained": state.global_step,
         "epochs_trained": round(float(state.epoch or 0.0), 4),
         "samples_seen": state.global_step * plan.effective_batch,
@@ -652,7 +697,9 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
         "train_runtime_s": round(float(output.metrics.get("train_runtime", 0.0)), 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "best_checkpoint": state.best_model_checkpoint,
-        "timing": {**timing, "eval_s": round(tracker.get("eval_s", 0.0), 2)},
+        # job_s: this trial from its start to here (no process start: a sweep runs its trials in one process)
+        "timing": {**timing, "eval_s": round(tracker.get("eval_s", 0.0), 2),
+                   "job_s": round(time.perf_counter() - job_started, 2)},
         "curve": tracker.get("curve", []),
         "train_curve": _thin(tracker.get("train_curve", []), 300),  # for the report's diagnosis
         "accuracy_curve": tracker.get("accuracy_curve"),
@@ -660,9 +707,16 @@ def _run(cfg: DictConfig, reporter: Any = None) -> float:
         "best_accuracy_step": tracker.get("best_accuracy_step"),
     }
     log.info(
-        "best %s %.4f at step %d of %d%s", cfg.eval.metric, best, results["best_step"], state.global_step,
+        "best %s %s at step %s of %d%s", cfg.eval.metric, _fmt4(best), results["best_step"], state.global_step,
         f" (stopped early at {state.global_step})" if stopped_early else "",
     )
     if reporter is not None:
         reporter.set_attrs({k: v for k, v in results.items() if k != "curve"})
-    return float(best)
+    if segment is not None:
+        segment.results = results
+        state.save_to_json(str(job_dir / "trainer_state.json"))
+    return float(best) if best is not None else math.nan
+
+
+def _fmt4(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4f}"

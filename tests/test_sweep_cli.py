@@ -43,9 +43,9 @@ def test_core_grid_runs_each_point_once_and_resumes(tmp_path, cache_dir):
         assert t.value == min(t.intermediate_values.values())  # the best, not the last
         assert ATTRS <= set(t.user_attrs)
         assert t.user_attrs["choices"]["schedule"] == t.params["schedule"]
-    assert "**Recommended for demo: max_steps=" in out.stdout and "| 2 | over | – |" in out.stdout
+    assert "**Recommended for demo: max_steps=" in out.stdout and "| 2 | over | cosine | – |" in out.stdout
     summaries = list(tmp_path.glob("sweeps/demo-tiny/*/summary.md"))
-    assert len(summaries) == 2 and "| 0 | under | – |" in summaries[0].read_text()
+    assert len(summaries) == 2 and "| 0 | under | cosine | – |" in summaries[0].read_text()
     job_dirs = {t.user_attrs["run_dir"] for t in study.trials}
     assert all((tmp_path / "sweeps").exists() and d.startswith(str(tmp_path / "sweeps")) for d in job_dirs)
 

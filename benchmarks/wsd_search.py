@@ -1,0 +1,270 @@
+"""WSD trunk + cooldown branches vs the cosine grid: same winner, fewer optimizer steps?
+
+    python benchmarks/wsd_search.py --out /tmp/wsd_bench --smoke                      # CPU, toy scale, minutes
+    python benchmarks/wsd_search.py --out /root/out/wsd --workers 3 --gpus '[0,0,0]' \\
+        --model-overrides 'model=qwen2.5-0.5b precision=bf16 peft=lora lr=lora'       # on a GPU
+
+For each dataset (banking77 and gsm8k by default) it runs, through the real CLI (`train.py -m`):
+
+1. the cosine grid of the 6 lengths (which include the 3 of the 3-point set):
+   `schedule.max_steps=<6 values> lr.lr_scheduler_type=cosine eval.early_stopping_patience=null`,
+   with `hydra.sweeper.workers=N hydra.sweeper.gpus=[...]` (several workers may share one GPU);
+2. `schedule=wsd_search` with the 3-point candidates [500,1500,3000];
+3. `schedule=wsd_search` with the 6-point candidates [250,500,1000,1500,2000,3000];
+
+each into its own SQLite study under ``--out`` (`<data>-cosine.db`, `<data>-wsd3.db`, `<data>-wsd6.db`).
+Every run uses the same integer warmup (``--warmup-steps``, default 3% of the smallest length), the
+same eval cadence and the same ``--model-overrides``. It then prints and writes ``--out/wsd_search.md``:
+per length the eval loss by cosine and by each WSD branch set; the winner (best length) by each
+method; optimizer steps (cosine grid: the sum of its max_steps; WSD: trunk + cooldowns) and GPU time
+(sum of train_runtime_s) with their ratios to the 3-point and 6-point cosine grids; and whether the
+targets hold: the same winner, or the WSD winner's cosine eval loss within 1% of the cosine
+winner's, at <= 70% of the 3-point grid's steps and <= 50% of the 6-point grid's. The device, date,
+versions and command are recorded with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GRID3 = [500, 1500, 3000]
+GRID6 = [250, 500, 1000, 1500, 2000, 3000]
+SMOKE3 = [8, 16, 24]
+SMOKE6 = [4, 8, 12, 16, 20, 24]
+# toy scale for --smoke: the tiny model, a few hundred rows, an evaluation every 4 steps
+SMOKE_OVERRIDES = ["model=tiny", "data.max_train_rows=200", "data.max_eval_rows=40", "data.max_length=256",
+                   "eval.eval_steps=4", "eval.logging_steps=4", "eval.accuracy_rows=8",
+                   "batch.per_device_train_batch_size=4", "batch.gradient_accumulation_steps=1", "report_to=none"]
+
+
+def _train(args: list[str], log: Path, env: dict | None = None) -> float:
+    """Run `python train.py ...`; return its wall seconds; raise with the log's tail if it fails."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log, "w") as out:
+        out.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+        out.flush()
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                             env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {rc}; log {log}:\n" + "".join(log.read_text().splitlines(True)[-40:]))
+    return time.time() - start
+
+
+def _train_all(jobs: dict[str, tuple[list[str], Path]], parallel: bool) -> dict[str, float]:
+    """Run the ``train.py`` commands one after another, or all at once (``--parallel``: every command its own
+    process on the same GPU, as separate users of a shared box would); returns wall seconds per command."""
+    if not parallel:
+        return {k: _train(args, log) for k, (args, log) in jobs.items()}
+    procs, walls = {}, {}
+    start = time.time()
+    for key, (args, log) in jobs.items():
+        cmd = [sys.executable, str(ROOT / "train.py"), *args]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "w")
+        out.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+        out.flush()
+        procs[key] = (subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "TQDM_DISABLE": "1"}), out, log)
+    failed = []
+    for key, (proc, out, log) in procs.items():
+        rc = proc.wait()
+        out.close()
+        walls[key] = time.time() - start
+        print(f"[{key}] exited {rc} after {walls[key]:.0f} s", flush=True)
+        if rc != 0:
+            failed.append(f"{key} exited {rc}; log {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
+    if failed:
+        raise RuntimeError("\n".join(failed))
+    return walls
+
+
+def _study(db: Path, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+
+
+def cosine_results(study) -> dict[int, dict]:
+    """length -> {value, runtime_s, steps} of the cosine grid's COMPLETE trials."""
+    out = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name == "COMPLETE":
+            s = int(t.user_attrs["max_steps"])
+            out[s] = {"value": t.value, "runtime_s": float(t.user_attrs.get("train_runtime_s") or 0.0), "steps": s}
+    return out
+
+
+def wsd_results(study) -> tuple[dict[int, dict], dict]:
+    """length -> {value} of the WSD branches (the trunk is the longest), and the search's totals."""
+    per, totals = {}, {"steps": None, "runtime_s": None, "stopped": None}
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        if a.get("method") != "wsd":
+            continue
+        if "wsd_branch_of" not in t.system_attrs and a.get("wsd_optimizer_steps") is not None:
+            if t.state.name in ("COMPLETE", "PRUNED"):  # the trunk (a retried one replaces a failed one)
+                totals = {"steps": int(a["wsd_optimizer_steps"]), "runtime_s": float(a.get("wsd_train_runtime_s") or 0),
+                          "stopped": a.get("stopped_reason")}
+        if t.state.name == "COMPLETE":
+            per[int(a["max_steps"])] = {"value": t.value}
+    return per, totals
+
+
+def _winner(res: dict[int, dict]) -> int | None:
+    done = {s: r["value"] for s, r in res.items() if r.get("value") is not None}
+    return min(done, key=done.get) if done else None
+
+
+def _f(x, spec=".4f"):
+    return "–" if x is None else format(x, spec)
+
+
+def summarise(name: str, grid3: list[int], grid6: list[int], cos: dict, wsd3: tuple, wsd6: tuple) -> tuple[str, dict]:
+    """The markdown section of one dataset and its verdicts."""
+    (w3, t3), (w6, t6) = wsd3, wsd6
+    lines = [f"### {name}", "", "| max_steps | cosine eval loss | WSD 3-point branch | WSD 6-point branch |",
+             "|---:|---:|---:|---:|"]
+    for s in sorted(set(grid6) | set(grid3)):
+        lines.append(f"| {s} | {_f(cos.get(s, {}).get('value'))} | {_f(w3.get(s, {}).get('value'))} "
+                     f"| {_f(w6.get(s, {}).get('value'))} |")
+    cos3 = {s: r for s, r in cos.items() if s in grid3}
+    verdicts = {}
+    rows = ["", "| method | winner (max_steps) | its eval loss | cosine loss at that length | gap to cosine winner "
+            "| optimizer steps | vs 3-pt grid | vs 6-pt grid | GPU time s | vs 3-pt grid | vs 6-pt grid | target |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    steps3, steps6 = sum(grid3), sum(grid6)
+    time3 = sum(r["runtime_s"] for r in cos3.values())
+    time6 = sum(r["runtime_s"] for s, r in cos.items() if s in grid6)
+    for label, res, steps, secs, grid_ref, limit in [
+        ("cosine 3-pt grid", cos3, steps3, time3, cos3, None),
+        ("cosine 6-pt grid", cos, steps6, time6, cos, None),
+        ("WSD 3-pt", w3, t3["steps"], t3["runtime_s"], cos3, 0.70),
+        ("WSD 6-pt", w6, t6["steps"], t6["runtime_s"], cos, 0.50),
+    ]:
+        win = _winner(res)
+        cw = _winner(grid_ref)
+        at = cos.get(win, {}).get("value") if win is not None else None
+        best = cos.get(cw, {}).get("value") if cw is not None else None
+        gap = (at - best) / abs(best) if at is not None and best else None
+        ratio_ref = steps / (steps3 if limit == 0.70 else steps6) if steps and limit else None
+        ok = None
+        if limit is not None:
+            ok = (win == cw or (gap is not None and gap <= 0.01)) and ratio_ref is not None and ratio_ref <= limit
+            verdicts[label] = ok
+        rows.append(
+            f"| {label} | {_f(win, 'd')} | {_f(res.get(win, {}).get('value') if win else None)} | {_f(at)} "
+            f"| {_f(gap, '+.2%')} | {_f(steps, ',d')} | {_f(steps / steps3 if steps else None, '.0%')} "
+            f"| {_f(steps / steps6 if steps else None, '.0%')} | {_f(secs, '.1f')} "
+            f"| {_f(secs / time3 if secs is not None and time3 else None, '.0%')} "
+            f"| {_f(secs / time6 if secs is not None and time6 else None, '.0%')} "
+            f"| {'–' if ok is None else ('met' if ok else 'NOT met')} |")
+    for label, t in (("WSD 3-pt", t3), ("WSD 6-pt", t6)):
+        if t.get("stopped"):
+            rows.append(f"\n{label}: {t['stopped']}")
+    return "\n".join(lines + rows), verdicts
+
+
+def _header(argv: list[str]) -> str:
+    import optuna
+    import torch
+    import transformers
+    import trl
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    try:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:
+        commit = "?"
+    return (f"- device: {device}; date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "
+            f"transformers {transformers.__version__}; trl {trl.__version__}; optuna {optuna.__version__}; commit {commit}\n"
+            f"- command: `python {' '.join(shlex.quote(a) for a in argv)}`")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for the studies, runs, logs and wsd_search.md")
+    p.add_argument("--datasets", nargs="+", default=["banking77", "gsm8k"], help="data= options")
+    p.add_argument("--model-overrides", default="", help="overrides for every run, e.g. 'model=qwen2.5-0.5b precision=bf16'")
+    p.add_argument("--workers", type=int, default=1, help="hydra.sweeper.workers for the cosine grid")
+    p.add_argument("--gpus", default=None, help="hydra.sweeper.gpus for the cosine grid, e.g. '[0,0,0]'")
+    p.add_argument("--grid3", default=None, help="comma list; default 500,1500,3000 (8,16,24 with --smoke)")
+    p.add_argument("--grid6", default=None, help="comma list; default 250,...,3000 (4,...,24 with --smoke)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="lr.warmup_steps for all runs; default 3%% of the smallest length")
+    p.add_argument("--decay-fraction", type=float, default=0.2)
+    p.add_argument("--stop-after-worse", default="2", help="schedule.wsd.stop_after_worse (null: never stop the trunk)")
+    p.add_argument("--smoke", action="store_true", help="toy scale on CPU: tiny model, 200 rows, lengths up to 24")
+    p.add_argument("--parallel", action="store_true",
+                   help="start every command (all datasets and methods) at once, sharing the GPU; wall and GPU "
+                        "seconds then include the contention, optimizer steps do not")
+    a = p.parse_args(argv)
+
+    grid3 = [int(x) for x in a.grid3.split(",")] if a.grid3 else (SMOKE3 if a.smoke else GRID3)
+    grid6 = [int(x) for x in a.grid6.split(",")] if a.grid6 else (SMOKE6 if a.smoke else GRID6)
+    warmup = a.warmup_steps if a.warmup_steps is not None else max(1, math.ceil(0.03 * min(grid6)))
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    common = [f"lr.warmup_steps={warmup}", "eval.early_stopping_patience=null",
+              *(SMOKE_OVERRIDES if a.smoke else []), *shlex.split(a.model_overrides)]
+    sections, verdicts, walls, jobs = [], {}, {}, {}
+    for ds in a.datasets:
+        base = [f"data={ds}", *common, f"paths.output_dir={out}/runs/{ds}", f"paths.cache_dir={out}/cache"]
+        runs = {
+            "cosine": ["-m", f"schedule.max_steps={','.join(str(s) for s in sorted(set(grid3) | set(grid6)))}",
+                       "lr.lr_scheduler_type=cosine", f"hydra.sweeper.workers={a.workers}",
+                       *([f"hydra.sweeper.gpus={a.gpus}"] if a.gpus else [])],
+            "wsd3": ["-m", "schedule=wsd_search", f"schedule.wsd.candidates=[{','.join(map(str, grid3))}]"],
+            "wsd6": ["-m", "schedule=wsd_search", f"schedule.wsd.candidates=[{','.join(map(str, grid6))}]"],
+        }
+        for key, extra in runs.items():
+            if key != "cosine":
+                extra += [f"schedule.wsd.decay_fraction={a.decay_fraction}", f"schedule.wsd.stop_after_worse={a.stop_after_worse}"]
+            db = out / f"{ds}-{key}.db"
+            args = [*extra, *base, f"hydra.sweeper.storage=sqlite:///{db}", f"hydra.sweeper.study_name={ds}-{key}",
+                    f"hydra.sweep.dir={out}/sweeps/{ds}-{key}"]
+            print(f"[{ds}] {key}: train.py {' '.join(args)}", flush=True)
+            jobs[f"{ds}-{key}"] = (args, out / "logs" / f"{ds}-{key}.log")
+    walls = _train_all(jobs, a.parallel)
+    for ds in a.datasets:
+        cos = cosine_results(_study(out / f"{ds}-cosine.db", f"{ds}-cosine"))
+        w3 = wsd_results(_study(out / f"{ds}-wsd3.db", f"{ds}-wsd3"))
+        w6 = wsd_results(_study(out / f"{ds}-wsd6.db", f"{ds}-wsd6"))
+        text, v = summarise(ds, grid3, grid6, cos, w3, w6)
+        sections.append(text)
+        verdicts.update({f"{ds} {k}": ok for k, ok in v.items()})
+
+    argv_shown = [str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0],
+                  *(argv if argv is not None else sys.argv[1:])]
+    md = "\n".join([
+        "## WSD trunk + cooldown branches vs the cosine grid" + (" (smoke: CPU toy scale, not evidence)" if a.smoke else ""),
+        "", _header(argv_shown),
+        f"- lengths: 3-point {grid3}, 6-point {grid6}; warmup {warmup} steps in every run; WSD cooldown "
+        f"{a.decay_fraction:.0%} (1-sqrt), stop_after_worse={a.stop_after_worse}; overrides: `{' '.join(common)}`",
+        "- eval loss = a trial's best eval loss over its curve; WSD steps = trunk + all cooldowns; GPU time = sum of "
+        "train_runtime_s (cosine: its trials; WSD: trunk segments + cooldowns)",
+        f"- wall seconds per command: {json.dumps({k: round(v, 1) for k, v in walls.items()})}",
+        "", *sections, "",
+        "Targets (same winner or within 1%, at <= 70% / <= 50% of the grid's steps): "
+        + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in verdicts.items()),
+    ])
+    (out / "wsd_search.md").write_text(md + "\n", encoding="utf-8")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

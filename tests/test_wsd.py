@@ -1,0 +1,265 @@
+"""schedule=wsd_search: one warmup-stable-decay trunk with a cooldown branch per candidate length.
+
+Real tiny-model training on CPU: the branches become trials of the study, the LR of every logged step
+follows each branch's own WSD schedule, a stalled search stops its trunk, a killed trunk resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from sweeper.config import validate
+from sweeper.wsd import STATE_FILE, search, should_stop_trunk
+
+from .conftest import FAST, run_cli
+
+TrialState = optuna.trial.TrialState
+LR, WARMUP, FRACTION = 1e-3, 2, 0.25  # lr=tiny; p_s = s - round(0.25 s): 8 -> 6, 16 -> 12, 24 -> 18
+POINTS = {8: 6, 16: 12, 24: 18}
+WSD = ["schedule=wsd_search", "schedule.wsd.candidates=[8,16,24]", f"schedule.wsd.decay_fraction={FRACTION}",
+       "schedule.wsd.stop_after_worse=null", f"lr.warmup_steps={WARMUP}",
+       *FAST[1:], "eval.logging_steps=1"]  # FAST without schedule.max_steps: the search sets it
+
+
+def _paths(tmp_path, cache_dir):
+    return [f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _expected_lr(step: int, s: int) -> float:
+    """The LR logged at global step ``step`` of the WSD run of length ``s``: the LR that step used,
+    lr * factor(step - 1) (transformers logs it before the scheduler steps). Written out here, not
+    imported, so that a wrong formula in sweeper.wsd cannot agree with itself."""
+    k, p = step - 1, POINTS[s]
+    if k < WARMUP:
+        return LR * k / WARMUP
+    if k < p:
+        return LR
+    return LR * (1.0 - math.sqrt((k - p) / (s - p)))
+
+
+# --------------------------------------------------------------------------- (a), (b): one real multirun
+
+
+@pytest.fixture(scope="module")
+def wsd_sweep(tmp_path_factory, cache_dir):
+    tmp = tmp_path_factory.mktemp("wsd_sweep")
+    proc = _ok(run_cli("-m", *WSD, *_paths(tmp, cache_dir), f"hydra.sweeper.storage=sqlite:///{tmp}/optuna.db",
+                       f"hydra.sweep.dir={tmp}/sweep"))
+    study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp}/optuna.db")
+    return proc, study
+
+
+@pytest.mark.slow
+def test_each_candidate_is_a_complete_trial_of_the_study(wsd_sweep):
+    proc, study = wsd_sweep
+    trials = study.trials
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    by_steps = {t.params["max_steps"]: t for t in trials}
+    assert sorted(by_steps) == [8, 16, 24] and {t.params["method"] for t in trials} == {"wsd"}
+    trunk = by_steps[24]
+    assert trunk.number == 0 and "wsd_branch_of" not in trunk.system_attrs  # the sweeper's own trial: the longest
+    assert trunk.user_attrs["choices"]["schedule"] == "wsd_search"
+    assert sorted(trunk.intermediate_values) == [4, 8, 12, 16, 20, 24]
+    for s in (8, 16):
+        t = by_steps[s]
+        a = t.user_attrs
+        assert a["method"] == "wsd" and a["branch_of"] == trunk.number and a["max_steps"] == s
+        assert a["optimizer_steps"] == s - POINTS[s] and a["steps_trained"] == s
+        assert a["sft_config"]["lr_scheduler_type"] == "warmup_stable_decay"
+        assert a["sft_config"]["lr_scheduler_kwargs"] == {"num_decay_steps": s - POINTS[s], "decay_type": "1-sqrt"}
+        assert a["tokens_seen"] > 0 and a["train_runtime_s"] >= 0 and "plan" in a and a["run_dir"].endswith(f"branch-{s}")
+        iv = t.intermediate_values
+        assert sorted(iv) == list(range(4, s + 1, 4))  # trunk evaluations up to p_s, then the cooldown's
+        assert [[k, v] for k, v in sorted(iv.items())] == a["curve"]
+        # the trunk part is the trunk's own curve, value for value
+        assert {k: v for k, v in iv.items() if k <= POINTS[s]} == \
+            {k: v for k, v in trunk.intermediate_values.items() if k <= POINTS[s]}
+        assert iv[s] != trunk.intermediate_values[s]  # after p_s it is a different run (cooled down)
+    for t in trials:
+        assert t.value == min(t.intermediate_values.values())  # best over its curve, as any trial
+    a = trunk.user_attrs
+    assert a["method"] == "wsd" and a["max_steps"] == 24
+    assert a["wsd_optimizer_steps"] == 24 + 2 + 4  # trunk + cooldowns, vs 48 for the cosine grid
+    assert [b["max_steps"] for b in a["branches"]] == [8, 16, 24]
+    assert [b["trial"] for b in a["branches"]] == [by_steps[8].number, by_steps[16].number, trunk.number]
+    assert a["sft_config"]["lr_scheduler_kwargs"] == {"num_decay_steps": 6, "decay_type": "1-sqrt"}
+    # the report puts the method beside each trial and recommends one of them
+    assert "| method |" in proc.stdout and proc.stdout.count("| wsd |") == 3
+    assert "**Recommended for demo: max_steps=" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_lr_of_every_step_follows_each_branch_schedule(wsd_sweep):
+    _, study = wsd_sweep
+    for t in study.trials:
+        s = t.params["max_steps"]
+        run_dir = Path(t.user_attrs["run_dir"])
+        history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+        lrs = {e["step"]: e["learning_rate"] for e in history if "learning_rate" in e}
+        assert sorted(lrs) == list(range(1, s + 1))  # every step, the trunk's part included
+        for step, lr in lrs.items():
+            assert lr == pytest.approx(_expected_lr(step, s), rel=1e-6, abs=1e-12), (s, step)
+        assert lrs[POINTS[s] + 1] == pytest.approx(LR) and lrs[s] < 0.5 * LR  # cooled down by the end
+
+
+# --------------------------------------------------------------------------- (c): stopping the trunk
+
+
+@pytest.mark.parametrize("values, after, stop", [
+    ([1.0], 1, False),                   # one branch: nothing to compare
+    ([1.0, 2.0], 1, True),               # worse than the best
+    ([1.0, 2.0], 2, False),              # one worse, two needed
+    ([1.0, 2.0, 3.0], 2, True),
+    ([2.0, 1.0, 3.0], 2, False),         # the best is among the last two
+    ([1.0, 3.0, 0.5, 0.7], 2, False),
+    ([1.0, 1.0, 1.0], 2, False),         # equal is not worse
+    ([1.0, 2.0, 3.0], None, False),      # null: never stop
+])
+def test_trunk_stop_rule(values, after, stop):
+    assert should_stop_trunk(values, after) is stop
+
+
+def test_trunk_stop_rule_maximize():
+    assert should_stop_trunk([0.9, 0.8], 1, maximize=True) and not should_stop_trunk([0.8, 0.9], 1, maximize=True)
+
+
+class _Pruned(Exception):
+    pass
+
+
+class _Reporter:
+    """The job side of a trial, in memory: records branches, stops by raising."""
+
+    number = 0
+
+    def __init__(self):
+        self.reports, self.attrs, self.branches = [], {}, {}
+
+    def report(self, value, step):
+        self.reports.append((step, value))
+
+    def should_prune(self):
+        return False
+
+    def set_attrs(self, attrs):
+        self.attrs.update(attrs)
+
+    def resume_checkpoint(self):
+        return None
+
+    def record_branch(self, *, key, max_steps, low, high, value, curve, user_attrs):
+        self.branches[max_steps] = value
+        return 100 + max_steps
+
+    def stop(self, reason):
+        self.attrs["stopped_reason"] = reason
+        raise _Pruned(reason)
+
+
+def test_trunk_stops_when_a_longer_branch_is_worse(compose_cfg, tmp_path, monkeypatch):
+    import sweeper.wsd as wsd
+
+    real = wsd._branch
+    crafted = {8: 1.0, 16: 2.0}  # 16 worse than 8: with stop_after_worse=1 the trunk must not go on
+
+    def branch(cfg, s, *args):
+        out = real(cfg, s, *args)
+        return {**out, "value": crafted[s]}
+
+    monkeypatch.setattr(wsd, "_branch", branch)
+    cfg = compose_cfg(*WSD, "schedule.wsd.candidates=[8,16,24,32]", "schedule.wsd.stop_after_worse=1")
+    rep = _Reporter()
+    with pytest.raises(_Pruned, match="trunk stopped before step 18"):
+        search(cfg, rep, job_dir=tmp_path / "trunk")
+    assert rep.branches == {8: 1.0, 16: 2.0}  # 24 and 32 never ran
+    state = json.loads((tmp_path / "trunk" / STATE_FILE).read_text())
+    assert state["branches"]["24"]["status"].startswith("not run: trunk stopped")
+    assert state["branches"]["32"]["status"].startswith("not run: trunk stopped")
+    assert max(s for s, _ in rep.reports) == 12  # the trunk trained to the last branch point, no further
+    assert [p.name for p in (tmp_path / "trunk").glob("checkpoint-*")] == ["checkpoint-12"]
+    assert rep.attrs["wsd_optimizer_steps"] == 12 + 2 + 4 and rep.attrs["stopped_reason"]
+
+
+# --------------------------------------------------------------------------- (d): a killed trunk resumes
+
+
+@pytest.mark.slow
+def test_killed_trunk_resumes_from_its_checkpoint_and_records_each_candidate_once(tmp_path, cache_dir):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    args = ["-m", *WSD, *_paths(tmp_path, cache_dir), f"hydra.sweeper.storage={url}",
+            "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
+    # kill -9 at trunk step 10: after branch 8 was recorded (cooldown 7..8), between checkpoints 6 and 12
+    killed = run_cli(*args, env={"SFT_SWEEP_INJECT_KILL_AT_STEP": "10"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    study = optuna.load_study(study_name="demo-tiny", storage=url)
+    assert [(t.state, t.params.get("max_steps")) for t in study.trials] == \
+        [(TrialState.RUNNING, 24), (TrialState.COMPLETE, 8)]
+    time.sleep(4)  # past the grace period
+
+    _ok(run_cli(*args))  # the same command again
+    trials = optuna.load_study(study_name="demo-tiny", storage=url).trials
+    assert trials[0].state == TrialState.FAIL
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["max_steps"] for t in complete) == [8, 16, 24]  # each candidate exactly once
+    assert len(trials) == 4
+    trunk = next(t for t in complete if t.params["max_steps"] == 24)
+    a = trunk.user_attrs
+    assert trunk.system_attrs["failed_trial"] == 0
+    assert Path(a["resumed_from_checkpoint"]).name == "checkpoint-6"  # continued, not from step 0
+    assert a["wsd_optimizer_steps"] == 24 + 2 + 4  # each step once: the trunk was not trained twice
+    assert [b["trial"] for b in a["branches"]] == [1, trials[3].number, trunk.number]
+    state = json.loads((Path(a["run_dir"]) / STATE_FILE).read_text())
+    assert [(x["from"], x["to"]) for x in state["trunk_segments"]] == [(0, 6), (6, 12), (12, 24)]
+    assert sorted(trunk.intermediate_values) == [4, 8, 12, 16, 20, 24]
+    assert trunk.value == min(trunk.intermediate_values.values())
+
+
+# --------------------------------------------------------------------------- (e): config errors
+
+
+@pytest.mark.parametrize("override, message", [
+    ("schedule.wsd.candidates=[8,0,16]", "schedule.wsd.candidates must be a non-empty list of positive integers"),
+    ("schedule.wsd.candidates=[]", "schedule.wsd.candidates must be a non-empty list of positive integers"),
+    ("schedule.wsd.candidates=[16,8,16]", "schedule.wsd.candidates must not repeat a step count, but got [16, 8, 16]"),
+    ("schedule.wsd.decay_fraction=1.0", "schedule.wsd.decay_fraction must be between 0 and 1"),
+    ("schedule.wsd.decay_fraction=0", "schedule.wsd.decay_fraction must be between 0 and 1"),
+    ("schedule.wsd.decay_type=exp", "schedule.wsd.decay_type must be one of ['linear', 'cosine', '1-sqrt']"),
+    ("schedule.wsd.stop_after_worse=0", "schedule.wsd.stop_after_worse must be >= 1 or null"),
+    ("lr.warmup_steps=6", "lr.warmup_steps (6 steps) must be shorter than the first WSD branch point (6"),
+    ("schedule.wsd.candidates=[10,11]", "branch at steps 8 and 8"),
+    ("schedule.max_steps=100", "schedule.max_steps and schedule.num_train_epochs must be null"),
+])
+def test_wsd_config_errors_name_the_key(compose_cfg, override, message):
+    cfg = compose_cfg(*WSD, override)
+    with pytest.raises(ValueError) as e:
+        validate(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_wsd_defaults_compose_and_validate(compose_cfg):
+    cfg = compose_cfg("schedule=wsd_search")
+    w = cfg.schedule.wsd
+    assert list(w.candidates) == [500, 1500, 3000] and w.decay_fraction == 0.2 and w.decay_type == "1-sqrt"
+    assert w.stop_after_worse == 2 and cfg.schedule.max_steps is None
+    validate(cfg)
+
+
+def test_a_trunk_segment_may_end_before_the_first_evaluation(compose_cfg, tmp_path):
+    # candidates 4 and 8 branch at steps 3 and 6, before and between evaluations every 4 steps
+    cfg = compose_cfg(*WSD, "schedule.wsd.candidates=[4,8]")
+    rep = _Reporter()
+    value = search(cfg, rep, job_dir=tmp_path / "trunk")
+    assert sorted(rep.branches) == [4] and math.isfinite(value)
+    assert [s for s, _ in rep.reports] == [4, 8]  # the trunk's own evaluations, none at the branch points
+    assert rep.attrs["wsd_optimizer_steps"] == 8 + 1
