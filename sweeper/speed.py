@@ -10,7 +10,7 @@ and leaves CPU runs on the plain path, so no GPU-only flag ever reaches a CPU ru
   flattened micro-batch, whose cost grows with its square. Batches without ``cu_seq_lens``
   (generation, padded batches) fall back to SDPA.
 - ``padding_free``: the rows of a micro-batch are concatenated into one sequence, so no compute
-  goes to pad tokens (TRL's ``padding_free``; ``data.packing=true`` implies it).
+  goes to pad tokens (TRL's padding-free collator; ``data.packing=true`` implies it).
 - ``liger``: Liger's RMSNorm, RoPE and SwiGLU kernels, applied to the model instance (TRL's
   ``use_liger_kernel`` is deprecated; its fused LM head already replaces Liger's fused loss).
 - ``fused_optimizer``: ``adamw_torch`` becomes ``adamw_torch_fused`` (one kernel per step).
@@ -141,9 +141,18 @@ def sft_config_kwargs(speed: dict) -> dict:
         "dataloader_num_workers": speed["dataloader_num_workers"],
         "torch_compile": speed["compile"],
     }
-    if speed["padding_free"]:
-        kwargs["padding_free"] = True
     return kwargs
+
+
+def apply_to_trainer(trainer: Any, speed: dict) -> None:
+    """Padding-free rows without packing: switch TRL's collator after the trainer is built. TRL 1.16
+    refuses ``padding_free=True`` with ``max_length`` unless packing ("max_length is not enforced"),
+    yet its own preparation truncates every row to ``max_length`` when not packing
+    (``SFTTrainer._prepare_dataset``), so the rows the collator concatenates are already cut."""
+    collator = trainer.data_collator
+    if speed["padding_free"] and not getattr(collator, "padding_free", True):
+        collator.padding_free = True
+        trainer.padding_free = True
 
 
 def describe(speed: dict) -> str:

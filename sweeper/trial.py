@@ -34,7 +34,7 @@ _SNIPPET_KEYS = (
     "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
     "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim",
     "bf16", "fp16", "max_length", "packing", "assistant_only_loss", "completion_only_loss",
-    "activation_checkpointing", "padding_free", "eval_steps", "seed",
+    "activation_checkpointing", "eval_steps", "seed",
 )
 
 
@@ -622,6 +622,7 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
             model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
             processing_class=tokenizer, peft_config=_peft_config(cfg), callbacks=callbacks,
         )
+        speed_mod.apply_to_trainer(trainer, speed)
         # TRL's tokenisation and packing: the datasets cache (by fingerprint) makes it once per sweep
         timing["prepare_s"] = round(time.perf_counter() - started, 2)
         if fitted and cfg.batch.auto.probe and "probes" not in auto_info:
@@ -644,7 +645,9 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
                                 "eval_rows": len(splits.eval), "precision": compute,
                                 "max_steps": plan.max_steps, "effective_batch": plan.effective_batch,
                                 "micro_batch": micro, "grad_accum": accum, "oom_retries": oom_retries,
-                                "batch_auto": auto_info, "speed": speed, "timing": timing,
+                                "batch_auto": auto_info, "timing": timing,
+                                "speed": {**speed, "collator_padding_free": bool(
+                                    getattr(trainer.data_collator, "padding_free", False))},
                                 "sft_config": {k: getattr(args, k) for k in _SNIPPET_KEYS},
                                 "resumed_from_checkpoint": resume,
                                 "worker": f"{socket.gethostname()}:{os.getpid()}",

@@ -53,10 +53,27 @@ def test_sft_config_carries_the_resolved_choices(compose_cfg, tmp_path):
     fast = {"name": "auto", "attention": "varlen", "padding_free": True, "liger": True,
             "optim": "adamw_torch_fused", "compile": True, "dataloader_num_workers": 2}
     args = build_sft_config(cfg, output_dir=tmp_path, compute="fp32", data_format="messages", speed=fast)
-    assert args.optim == "adamw_torch_fused" and args.padding_free and args.torch_compile
+    assert args.optim == "adamw_torch_fused" and args.torch_compile
     assert args.dataloader_num_workers == 2
     plain = build_sft_config(cfg, output_dir=tmp_path, compute="fp32", data_format="messages")
-    assert plain.optim == "adamw_torch" and not plain.padding_free and not plain.torch_compile
+    assert plain.optim == "adamw_torch" and not plain.torch_compile
+
+
+def test_padding_free_rows_compute_what_padded_rows_compute(compose_cfg):
+    """speed.padding_free concatenates a micro-batch's rows (no pad tokens; SDPA with a block mask on
+    CPU, the varlen kernel on a GPU): the eval losses of the run equal the padded run's."""
+    runs = {}
+    for pf in ("false", "true"):
+        rec = Recorder()
+        run(compose_cfg(*FAST, "schedule.max_steps=8", "data.max_length=48", f"speed.padding_free={pf}"), reporter=rec)
+        assert rec.attrs["speed"]["padding_free"] is rec.attrs["speed"]["collator_padding_free"] is (pf == "true")
+        runs[pf] = rec
+    padded, free = runs["false"].reports, runs["true"].reports
+    assert [s for s, _ in padded] == [s for s, _ in free] == [4, 8]
+    for (_, a), (_, b) in zip(padded, free):
+        assert abs(a - b) <= 1e-3 * abs(a)
+    # rows longer than data.max_length were cut by TRL's preparation in both runs: same tokens seen
+    assert runs["true"].attrs["tokens_seen"] == runs["false"].attrs["tokens_seen"]
 
 
 def test_a_cpu_trial_records_its_speed_timing_and_step_times(compose_cfg, tmp_path, monkeypatch):
