@@ -1,0 +1,126 @@
+"""Scaling of one sweep over N workers sharing one study: trials/hour with 1 worker vs N workers.
+
+    python benchmarks/scaling.py --out /tmp/scaling --workers 1 2                 # CPU workers (this box)
+    python benchmarks/scaling.py --out /tmp/scaling --workers 1 4 --gpus 0,1,2,3 \\
+        --overrides 'model=qwen2.5-1.5b model.path=/path/to/model data=banking77'  # one GPU per worker
+
+For each worker count N it runs the same grid (``--trials`` points: ``seed=1..T`` at
+``schedule.max_steps=--steps``) through the real CLI, ``python train.py -m ... hydra.sweeper.workers=N``
+(with ``hydra.sweeper.gpus`` = the first N of ``--gpus`` when given), into its own SQLite study, and
+reports the wall time, trials/hour, the ratio to the 1-worker rate against the 0.9·N target, and the
+study's integrity: every grid point COMPLETE exactly once (no duplicate, none lost), and which worker
+(host:pid) ran each trial. Results are printed as markdown and appended to ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_OVERRIDES = ["eval.eval_steps=10", "eval.logging_steps=10", "eval.accuracy=off", "eval.save_best=false",
+                 "report_to=none", "data.demo_rows=400"]
+
+
+def run_sweep(out: Path, workers: int, gpus: list[str], trials: int, steps: int, overrides: list[str]) -> dict:
+    import optuna
+
+    db = out / f"workers{workers}.db"
+    db.unlink(missing_ok=True)
+    study = f"scaling-w{workers}"
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"seed={','.join(str(i) for i in range(1, trials + 1))}",
+           f"schedule.max_steps={steps}", f"hydra.sweeper.workers={workers}", f"hydra.sweeper.storage=sqlite:///{db}",
+           f"hydra.sweeper.study_name={study}", f"hydra.sweep.dir={out}/sweeps/w{workers}",
+           f"paths.output_dir={out}/runs", f"paths.cache_dir={out}/cache", *overrides]
+    if gpus:
+        cmd.append(f"hydra.sweeper.gpus=[{','.join(gpus[:workers])}]")
+    log = out / f"workers{workers}.log"
+    start = time.time()
+    with open(log, "w") as f:
+        f.write(shlex.join(cmd) + "\n")
+        f.flush()
+        # CPU workers: one core each (OMP_NUM_THREADS=1), so N workers use N cores and 1 worker one
+        env = {**os.environ, "TQDM_DISABLE": "1", **({} if gpus else {"OMP_NUM_THREADS": "1"})}
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    wall = time.time() - start
+    if rc != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} exited {rc}; see {log}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    done = [t for t in optuna.load_study(study_name=study, storage=f"sqlite:///{db}").trials]
+    complete = [t for t in done if t.state.name == "COMPLETE"]
+    seeds = collections.Counter(t.params.get("seed") for t in complete)
+    return {
+        "workers": workers, "wall_s": wall, "trials_per_hour": len(complete) / wall * 3600,
+        "complete": len(complete), "all_trials": len(done),
+        "duplicates": sum(c - 1 for c in seeds.values() if c > 1),
+        "lost": sum(1 for s in range(1, trials + 1) if seeds.get(s, 0) == 0),
+        "per_worker": collections.Counter(t.user_attrs.get("worker", "?") for t in complete),
+        "gpus": gpus[:workers] if gpus else None,
+    }
+
+
+def render(rows: list[dict], argv: list[str], trials: int, steps: int, overrides: list[str]) -> str:
+    import torch
+
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
+    base = next((r for r in rows if r["workers"] == 1), None)
+    lines = [
+        "## Scaling: N workers sharing one study",
+        "",
+        f"- device: {device}; date: {datetime.date.today().isoformat()}; torch {torch.__version__}",
+        f"- command: `python benchmarks/scaling.py {shlex.join(argv)}`",
+        f"- sweep: {trials} grid points (seed=1..{trials}), {steps} steps each; overrides `{' '.join(overrides)}`"
+        + ("" if rows and rows[0]["gpus"] else "; CPU workers get one core each (OMP_NUM_THREADS=1)"),
+        "",
+        "| workers | GPUs | wall s | trials/hour | vs 1 worker | target 0.9·N | COMPLETE | duplicates | lost | trials per worker |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        ratio = r["trials_per_hour"] / base["trials_per_hour"] if base else None
+        target = 0.9 * r["workers"]
+        lines.append(
+            f"| {r['workers']} | {','.join(r['gpus']) if r['gpus'] else 'none (CPU)'} | {r['wall_s']:.0f} "
+            f"| {r['trials_per_hour']:.0f} | {'–' if ratio is None else f'{ratio:.2f}×'} | {target:.1f}× "
+            f"{'(met)' if ratio is not None and ratio >= target else '(not met)' if ratio is not None else ''} "
+            f"| {r['complete']}/{trials} | {r['duplicates']} | {r['lost']} | {sorted(r['per_worker'].values())} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--gpus", default="", help="comma list of GPU ids, one per worker (empty: CPU workers)")
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--overrides", default=None, help="extra train.py overrides (default: small CPU settings)")
+    p.add_argument("--results", type=Path, default=None, help="markdown file to append the section to")
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    overrides = shlex.split(a.overrides) if a.overrides is not None else CPU_OVERRIDES
+    gpus = [g for g in a.gpus.split(",") if g.strip()]
+    rows = []
+    for n in a.workers:
+        print(f"[{datetime.datetime.now():%H:%M:%S}] {n} worker(s)", flush=True)
+        rows.append(run_sweep(a.out, n, gpus, a.trials, a.steps, overrides))
+        print(f"  {rows[-1]['wall_s']:.0f} s, {rows[-1]['trials_per_hour']:.0f} trials/hour", flush=True)
+    text = render(rows, argv, a.trials, a.steps, overrides)
+    print(text)
+    if a.results:
+        with a.results.open("a") as f:
+            f.write("\n" + text)
+    return 0 if all(r["duplicates"] == 0 and r["lost"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
