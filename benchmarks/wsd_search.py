@@ -144,9 +144,10 @@ def summarise(name: str, grid3: list[int], grid6: list[int], cos: dict, wsd3: tu
                      f"| {_f(w6.get(s, {}).get('value'))} |")
     cos3 = {s: r for s, r in cos.items() if s in grid3}
     verdicts = {}
-    rows = ["", "| method | winner (max_steps) | its eval loss | cosine loss at that length | gap to cosine winner "
+    rows = ["", "| method | winner (max_steps) | its eval loss | vs cosine winner's loss | cosine loss at that length "
+            "| that vs cosine winner "
             "| optimizer steps | vs 3-pt grid | vs 6-pt grid | GPU time s | vs 3-pt grid | vs 6-pt grid | target |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     steps3, steps6 = sum(grid3), sum(grid6)
     time3 = sum(r["runtime_s"] for r in cos3.values())
     time6 = sum(r["runtime_s"] for s, r in cos.items() if s in grid6)
@@ -161,13 +162,17 @@ def summarise(name: str, grid3: list[int], grid6: list[int], cos: dict, wsd3: tu
         at = cos.get(win, {}).get("value") if win is not None else None
         best = cos.get(cw, {}).get("value") if cw is not None else None
         gap = (at - best) / abs(best) if at is not None and best else None
+        own = res.get(win, {}).get("value") if win is not None else None
+        own_gap = (own - best) / abs(best) if own is not None and best else None
         ratio_ref = steps / (steps3 if limit == 0.70 else steps6) if steps and limit else None
         ok = None
         if limit is not None:
-            ok = (win == cw or (gap is not None and gap <= 0.01)) and ratio_ref is not None and ratio_ref <= limit
+            # the target: the same winner, or the winner's own eval loss (what the search hands the user)
+            # within 1% of (or below) the cosine grid's best
+            ok = (win == cw or (own_gap is not None and own_gap <= 0.01)) and ratio_ref is not None and ratio_ref <= limit
             verdicts[label] = ok
         rows.append(
-            f"| {label} | {_f(win, 'd')} | {_f(res.get(win, {}).get('value') if win else None)} | {_f(at)} "
+            f"| {label} | {_f(win, 'd')} | {_f(own)} | {_f(own_gap, '+.2%')} | {_f(at)} "
             f"| {_f(gap, '+.2%')} | {_f(steps, ',d')} | {_f(steps / steps3 if steps else None, '.0%')} "
             f"| {_f(steps / steps6 if steps else None, '.0%')} | {_f(secs, '.1f')} "
             f"| {_f(secs / time3 if secs is not None and time3 else None, '.0%')} "
@@ -208,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decay-fraction", type=float, default=0.2)
     p.add_argument("--stop-after-worse", default="2", help="schedule.wsd.stop_after_worse (null: never stop the trunk)")
     p.add_argument("--smoke", action="store_true", help="toy scale on CPU: tiny model, 200 rows, lengths up to 24")
+    p.add_argument("--summarise-only", action="store_true",
+                   help="no training: read the studies already under --out and write the tables")
     p.add_argument("--parallel", action="store_true",
                    help="start every command (all datasets and methods) at once, sharing the GPU; wall and GPU "
                         "seconds then include the contention, optimizer steps do not")
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"hydra.sweep.dir={out}/sweeps/{ds}-{key}"]
             print(f"[{ds}] {key}: train.py {' '.join(args)}", flush=True)
             jobs[f"{ds}-{key}"] = (args, out / "logs" / f"{ds}-{key}.log")
-    walls = _train_all(jobs, a.parallel)
+    walls = {} if a.summarise_only else _train_all(jobs, a.parallel)
     for ds in a.datasets:
         cos = cosine_results(_study(out / f"{ds}-cosine.db", f"{ds}-cosine"))
         w3 = wsd_results(_study(out / f"{ds}-wsd3.db", f"{ds}-wsd3"))
@@ -254,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         "", _header(argv_shown),
         f"- lengths: 3-point {grid3}, 6-point {grid6}; warmup {warmup} steps in every run; WSD cooldown "
         f"{a.decay_fraction:.0%} (1-sqrt), stop_after_worse={a.stop_after_worse}; overrides: `{' '.join(common)}`",
-        "- eval loss = a trial's best eval loss over its curve; WSD steps = trunk + all cooldowns; GPU time = sum of "
-        "train_runtime_s (cosine: its trials; WSD: trunk segments + cooldowns)",
+        "- eval loss = a trial's best eval loss over its curve (a WSD branch's curve includes the trunk's evaluations "
+        "up to its branch point); WSD steps = trunk + all cooldowns; GPU time = sum of train_runtime_s (cosine: its "
+        "trials; WSD: trunk segments + cooldowns); 'cosine loss at that length' asks whether the WSD winner's length "
+        "would also be cosine's best, which is stricter than the target",
         f"- wall seconds per command: {json.dumps({k: round(v, 1) for k, v in walls.items()})}",
         "", *sections, "",
-        "Targets (same winner or within 1%, at <= 70% / <= 50% of the grid's steps): "
+        "Targets (the same winner, or the WSD winner's own eval loss within 1% of the cosine grid's best, at <= 70% "
+        "/ <= 50% of the 3-point / 6-point grid's optimizer steps): "
         + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in verdicts.items()),
     ])
     (out / "wsd_search.md").write_text(md + "\n", encoding="utf-8")
