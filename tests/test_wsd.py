@@ -263,3 +263,24 @@ def test_a_trunk_segment_may_end_before_the_first_evaluation(compose_cfg, tmp_pa
     assert sorted(rep.branches) == [4] and math.isfinite(value)
     assert [s for s, _ in rep.reports] == [4, 8]  # the trunk's own evaluations, none at the branch points
     assert rep.attrs["wsd_optimizer_steps"] == 8 + 1
+
+
+def test_the_search_trains_lora_adapters_and_branches_load_their_optimizer(compose_cfg, tmp_path):
+    """peft=lora: the trunk's checkpoints hold the adapter and its optimizer state, and the branch
+    follows its own schedule at LoRA's learning rate."""
+    lora_lr = 2e-4
+    cfg = compose_cfg(*WSD, "schedule.wsd.candidates=[8,16]", "peft=lora", "lr=lora", f"lr.warmup_steps={WARMUP}")
+    assert cfg.lr.learning_rate == lora_lr
+    rep = _Reporter()
+    value = search(cfg, rep, job_dir=tmp_path / "trunk")
+    assert sorted(rep.branches) == [8] and math.isfinite(value)
+    ckpts = list((tmp_path / "trunk").glob("checkpoint-*"))
+    assert ckpts, "the trunk kept no checkpoint"
+    for c in ckpts:
+        assert (c / "adapter_model.safetensors").is_file() and (c / "optimizer.pt").is_file()
+        assert not (c / "model.safetensors").exists()  # adapters only, not the base weights
+    history = json.loads((tmp_path / "trunk" / "branch-8" / "trainer_state.json").read_text())["log_history"]
+    lrs = {e["step"]: e["learning_rate"] for e in history if "learning_rate" in e}
+    assert sorted(lrs) == list(range(1, 9))
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(_expected_lr(step, 8) * lora_lr / LR, rel=1e-6, abs=1e-12), step
