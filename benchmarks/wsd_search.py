@@ -80,14 +80,19 @@ def _train_all(jobs: dict[str, tuple[list[str], Path]], parallel: bool) -> dict[
         out.flush()
         procs[key] = (subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                        env={**os.environ, "TQDM_DISABLE": "1"}), out, log)
-    failed = []
-    for key, (proc, out, log) in procs.items():
-        rc = proc.wait()
-        out.close()
-        walls[key] = time.time() - start
-        print(f"[{key}] exited {rc} after {walls[key]:.0f} s", flush=True)
-        if rc != 0:
-            failed.append(f"{key} exited {rc}; log {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
+    failed, running = [], dict(procs)
+    while running:  # poll, so that each command's wall time is its own finish, not the slowest before it
+        for key, (proc, out, log) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            out.close()
+            del running[key]
+            walls[key] = time.time() - start
+            print(f"[{key}] exited {rc} after {walls[key]:.0f} s", flush=True)
+            if rc != 0:
+                failed.append(f"{key} exited {rc}; log {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
+        time.sleep(1)
     if failed:
         raise RuntimeError("\n".join(failed))
     return walls
