@@ -94,6 +94,20 @@ def wsd_lr_factor(step: int, steps: int, branch_point: int, warmup: int, decay_t
     return 0.0
 
 
+def _pin_batch(cfg: DictConfig, batch: dict) -> DictConfig:
+    """``cfg`` with the micro-batch the first segment ran fixed for every later one (``batch=auto``
+    off): a resumed segment skips ``steps x accumulation`` batches of the data, which lands on the
+    right rows only at the same micro-batch, and the later segments need no new probes."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.batch.auto = None
+        out.batch.per_device_train_batch_size = int(batch["micro_batch"])
+        out.batch.gradient_accumulation_steps = int(batch["grad_accum"])
+        if batch.get("eval_batch"):
+            out.batch.per_device_eval_batch_size = int(batch["eval_batch"])
+    return out
+
+
 def _segment_cfg(cfg: DictConfig, steps: int, warmup: int) -> DictConfig:
     """The plain-run config of one WSD run: max_steps fixed, warmup in steps, no search node."""
     out = copy.deepcopy(cfg)
@@ -210,6 +224,8 @@ def search(cfg: DictConfig, reporter: Any = None, job_dir: Path | None = None) -
         resume = None  # a checkpoint without the search's state is not a trunk checkpoint
     state["run_dir"] = str(job_dir)
     _save_state(job_dir, state)
+    if state.get("batch"):  # a resumed search keeps the micro-batch its first segment ran
+        cfg = _pin_batch(cfg, state["batch"])
     if reporter is not None:
         reporter.set_attrs({"method": "wsd", "max_steps": s_max})
         if hasattr(reporter, "set_wsd_params"):
@@ -228,9 +244,17 @@ def search(cfg: DictConfig, reporter: Any = None, job_dir: Path | None = None) -
                 if state["branches"].get(str(s), {}).get("status") == "done"]
 
     def trunk_segment(until: int, final: bool) -> Segment:
+        nonlocal cfg, trunk_cfg
         seg = Segment(output_dir=job_dir, args=trunk_args, resume=ckpt, final_eval=final,
                       callbacks=[] if final else [_stop_at(until)])
         _run(trunk_cfg, trunk_rep, seg)
+        if not state.get("batch"):
+            a = trunk_rep.attrs
+            fitted = (a.get("batch_auto") or {}).get("mode") == "fitted"
+            state["batch"] = {"micro_batch": a["micro_batch"], "grad_accum": a["grad_accum"],
+                              "eval_batch": a["micro_batch"] if fitted else None}
+            cfg = _pin_batch(cfg, state["batch"])
+            trunk_cfg = _segment_cfg(cfg, s_max, warmup)
         state["trunk_segments"].append({"from": at, "to": until, "steps": until - at,
                                         "train_runtime_s": seg.results["train_runtime_s"]})
         return seg

@@ -284,3 +284,17 @@ def test_the_search_trains_lora_adapters_and_branches_load_their_optimizer(compo
     assert sorted(lrs) == list(range(1, 9))
     for step, lr in lrs.items():
         assert lr == pytest.approx(_expected_lr(step, 8) * lora_lr / LR, rel=1e-6, abs=1e-12), step
+
+
+def test_every_segment_runs_the_micro_batch_of_the_first(compose_cfg, tmp_path):
+    """batch=auto (the default) fits once, in the first trunk segment; the search then pins that
+    micro-batch, so resumed segments skip to the right rows and probe nothing again."""
+    cfg = compose_cfg(*WSD, "schedule.wsd.candidates=[8,16]")
+    assert cfg.batch.auto is not None
+    rep = _Reporter()
+    search(cfg, rep, job_dir=tmp_path / "trunk")
+    state = json.loads((tmp_path / "trunk" / STATE_FILE).read_text())
+    assert state["batch"] == {"micro_batch": 4, "grad_accum": 1, "eval_batch": None}  # FAST's 4 x 1 (no GPU)
+    branch_attrs = state["branches"]["8"]
+    assert branch_attrs["status"] == "done"
+    assert rep.attrs["batch_auto"] is None and rep.attrs["micro_batch"] == 4  # the last trunk segment: pinned
