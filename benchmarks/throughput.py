@@ -32,11 +32,12 @@ Arms, each in its own subprocess (its own peak memory and caches; an OOM is reco
 Both plain arms also set ``data_seed=0`` and load the JSONL shuffled with seed 0, as the trial path does, so
 all arms see the rows in the same order (it changes nothing about speed).
 
-Timing: a callback timestamps every optimizer step (``on_step_end``, after ``torch.cuda.synchronize()``) with
-the cumulative non-padding tokens fed (``include_num_input_tokens_seen="non_padding"``). The first
-``--warmup-steps`` steps are excluded. Arm (c) writes the same file when the trial path honours
-``SFT_SWEEP_STEP_TIMES``; without it, (c)'s figures fall back to its attrs (tokens_seen / train_runtime,
-which include the warm-up steps and the final evaluation).
+Timing: every arm uses the trial path's step timer (``sweeper.speed.measurement_callbacks``, switched on by
+``SFT_SWEEP_STEP_TIMES``): a timestamp at every optimizer step (``on_step_end``, after
+``torch.cuda.synchronize()``) with the cumulative non-padding tokens fed
+(``include_num_input_tokens_seen="non_padding"``). The first ``--warmup-steps`` steps are excluded. Where the
+file is missing, (c)'s figures fall back to its attrs (tokens_seen / train_runtime, which include the warm-up
+steps and the final evaluation).
 
 Everything heavy is imported inside functions; the children are this file run as
 ``python benchmarks/throughput.py _worker <kind> <spec.json>``.
@@ -255,28 +256,6 @@ def _liger_check(model) -> dict:
             "flce_forward_patched": type(model).forward.__module__.startswith("liger")}
 
 
-class _StepTimes:
-    """TrainerCallback factory: one JSON line per optimizer step {step, t, tokens} (after a CUDA sync)."""
-
-    @staticmethod
-    def make(path: str):
-        import torch
-        from transformers import TrainerCallback
-
-        class StepTimes(TrainerCallback):
-            def __init__(self):
-                self.f = open(path, "w")
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.f.write(json.dumps({"step": state.global_step, "t": time.perf_counter(),
-                                         "tokens": int(state.num_input_tokens_seen)}) + "\n")
-                self.f.flush()
-
-        return StepTimes()
-
-
 def worker_arm(spec: dict) -> dict:
     """Arm (a) or (b): plain TRL on the prepared JSONL. Saves the adapter when spec['save_adapter']."""
     liger = _apply_liger(spec["liger"]) if spec["arm"] == "b" else None  # before any Qwen2 module is built
@@ -286,6 +265,10 @@ def worker_arm(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from sweeper.speed import measurement_callbacks  # the trial path's own step timer, so every arm is timed alike
+
+    Path(spec["step_times"]).unlink(missing_ok=True)  # a re-run (b without Liger) starts a fresh file
+    os.environ["SFT_SWEEP_STEP_TIMES"] = spec["step_times"]
     cuda = torch.cuda.is_available()
     cache = str(Path(spec["dir"]) / "cache" / "datasets")
     # the trial path loads the file, then shuffles with data.seed=0; do the same so every arm sees one order
@@ -312,7 +295,7 @@ def worker_arm(spec: dict) -> dict:
         use_cpu=not cuda, per_device_eval_batch_size=spec["micro_batch"],
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tok,
-                         peft_config=LoraConfig(**LORA), callbacks=[_StepTimes.make(spec["step_times"])])
+                         peft_config=LoraConfig(**LORA), callbacks=measurement_callbacks())
     result["prepared_train_rows"] = len(trainer.train_dataset)
     if cuda:
         torch.cuda.reset_peak_memory_stats()

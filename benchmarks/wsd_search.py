@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,49 +51,47 @@ SMOKE_OVERRIDES = ["model=tiny", "data.max_train_rows=200", "data.max_eval_rows=
                    "batch.per_device_train_batch_size=4", "batch.gradient_accumulation_steps=1", "report_to=none"]
 
 
-def _train(args: list[str], log: Path, env: dict | None = None) -> float:
-    """Run `python train.py ...`; return its wall seconds; raise with the log's tail if it fails."""
+def _start(args: list[str], log: Path) -> tuple[subprocess.Popen, Any]:
+    """Start `python train.py ...` with its output (command line first) in ``log``."""
     cmd = [sys.executable, str(ROOT / "train.py"), *args]
     log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with open(log, "w") as out:
-        out.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
-        out.flush()
-        rc = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                             env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
-    if rc != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {rc}; log {log}:\n" + "".join(log.read_text().splitlines(True)[-40:]))
-    return time.time() - start
+    out = open(log, "w")
+    out.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+    out.flush()
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TQDM_DISABLE": "1"}), out
 
 
 def _train_all(jobs: dict[str, tuple[list[str], Path]], parallel: bool) -> dict[str, float]:
     """Run the ``train.py`` commands one after another, or all at once (``--parallel``: every command its own
-    process on the same GPU, as separate users of a shared box would); returns wall seconds per command."""
+    process on the same GPU, as separate users of a shared box would); returns each command's wall seconds
+    (from its own start, or from the common start with ``--parallel``) and raises with the logs' tails if
+    any failed."""
+    walls, failed = {}, []
+
+    def finish(key: str, proc: subprocess.Popen, out: Any, log: Path, started: float) -> None:
+        rc = proc.wait()
+        out.close()
+        walls[key] = time.time() - started
+        print(f"[{key}] exited {rc} after {walls[key]:.0f} s", flush=True)
+        if rc != 0:
+            failed.append(f"{key} exited {rc}; log {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
+
     if not parallel:
-        return {k: _train(args, log) for k, (args, log) in jobs.items()}
-    procs, walls = {}, {}
-    start = time.time()
-    for key, (args, log) in jobs.items():
-        cmd = [sys.executable, str(ROOT / "train.py"), *args]
-        log.parent.mkdir(parents=True, exist_ok=True)
-        out = open(log, "w")
-        out.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
-        out.flush()
-        procs[key] = (subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "TQDM_DISABLE": "1"}), out, log)
-    failed, running = [], dict(procs)
-    while running:  # poll, so that each command's wall time is its own finish, not the slowest before it
-        for key, (proc, out, log) in list(running.items()):
-            rc = proc.poll()
-            if rc is None:
-                continue
-            out.close()
-            del running[key]
-            walls[key] = time.time() - start
-            print(f"[{key}] exited {rc} after {walls[key]:.0f} s", flush=True)
-            if rc != 0:
-                failed.append(f"{key} exited {rc}; log {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
-        time.sleep(1)
+        for key, (args, log) in jobs.items():
+            started = time.time()
+            finish(key, *_start(args, log), log, started)
+            if failed:
+                break
+    else:
+        started = time.time()
+        running = {key: (*_start(args, log), log) for key, (args, log) in jobs.items()}
+        while running:  # poll, so that each command's wall time is its own finish, not the slowest before it
+            for key, (proc, out, log) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[key]
+                    finish(key, proc, out, log, started)
+            time.sleep(1)
     if failed:
         raise RuntimeError("\n".join(failed))
     return walls

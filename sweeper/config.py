@@ -29,22 +29,8 @@ class InputError(CompactHydraException, ValueError):
 
 
 @dataclass
-class TinyModelConfig:
-    """Shape of the offline model built from a config (random init) when ``model.path`` is ``tiny``."""
-
-    hidden_size: int = MISSING
-    intermediate_size: int = MISSING
-    num_hidden_layers: int = MISSING
-    num_attention_heads: int = MISSING
-    num_key_value_heads: int = MISSING
-    vocab_size: int = MISSING  # byte-level BPE trained offline on the demo corpus
-    max_position_embeddings: int = MISSING
-    seed: int = MISSING
-
-
-@dataclass
-class ModelShape:
-    """Architecture numbers (Hugging Face config names) for planning when config.json is not at hand."""
+class _Shape:
+    """Architecture numbers under their Hugging Face config names."""
 
     hidden_size: int = MISSING
     intermediate_size: int = MISSING
@@ -52,6 +38,21 @@ class ModelShape:
     num_attention_heads: int = MISSING
     num_key_value_heads: int = MISSING
     vocab_size: int = MISSING
+
+
+@dataclass
+class TinyModelConfig(_Shape):
+    """Shape of the offline model built from a config (random init) when ``model.path`` is ``tiny``;
+    ``vocab_size`` is the size of the byte-level BPE trained offline on the demo corpus."""
+
+    max_position_embeddings: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class ModelShape(_Shape):
+    """Architecture numbers for planning when config.json is not at hand."""
+
     tie_word_embeddings: bool = MISSING
 
 

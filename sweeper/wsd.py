@@ -74,26 +74,6 @@ def wsd_args(steps: int, branch_point: int, warmup: int, decay_type: str) -> dic
     }
 
 
-def wsd_lr_factor(step: int, steps: int, branch_point: int, warmup: int, decay_type: str) -> float:
-    """The LR multiplier transformers' WSD schedule applies after ``step`` optimizer steps
-    (min_lr_ratio 0): linear warmup to ``warmup``, 1.0 until ``branch_point``, then the decay to 0 at
-    ``steps``. The LR logged at global step k is the one used for that step: lr * factor(k - 1)."""
-    import math
-
-    if step < warmup:
-        return step / max(1, warmup)
-    if step < branch_point:
-        return 1.0
-    if step < steps:
-        progress = (step - branch_point) / max(1, steps - branch_point)
-        if decay_type == "linear":
-            return 1.0 - progress
-        if decay_type == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - math.sqrt(progress)
-    return 0.0
-
-
 def _pin_batch(cfg: DictConfig, batch: dict) -> DictConfig:
     """``cfg`` with the micro-batch the first segment ran fixed for every later one (``batch=auto``
     off): a resumed segment skips ``steps x accumulation`` batches of the data, which lands on the
