@@ -20,7 +20,9 @@ method; optimizer steps (cosine grid: the sum of its max_steps; WSD: trunk + coo
 (sum of train_runtime_s) with their ratios to the 3-point and 6-point cosine grids; and whether the
 targets hold: the same winner, or the WSD winner's cosine eval loss within 1% of the cosine
 winner's, at <= 70% of the 3-point grid's steps and <= 50% of the 6-point grid's. The device, date,
-versions and command are recorded with the table.
+versions and command are recorded with the table. ``--summarise-only`` rewrites the tables from the
+studies under ``--out`` and keeps the device, command, settings and wall-time lines of the run that trained
+them (the H100 runs in ``benchmarks/wsd_runs/`` are re-read this way).
 """
 
 from __future__ import annotations
@@ -109,8 +111,17 @@ def cosine_results(study) -> dict[int, dict]:
     for t in study.get_trials(deepcopy=False):
         if t.state.name == "COMPLETE":
             s = int(t.user_attrs["max_steps"])
-            out[s] = {"value": t.value, "runtime_s": float(t.user_attrs.get("train_runtime_s") or 0.0), "steps": s}
+            out[s] = {"value": t.value, "runtime_s": float(t.user_attrs.get("train_runtime_s") or 0.0), "steps": s,
+                      **_curve(t)}
     return out
+
+
+def _curve(trial) -> dict:
+    """The step of a trial's best evaluation and its eval loss at its last evaluation (the end of the run)."""
+    iv = trial.intermediate_values
+    if not iv:
+        return {"best_step": None, "end": None}
+    return {"best_step": min(iv, key=iv.get), "end": iv[max(iv)]}
 
 
 def wsd_results(study) -> tuple[dict[int, dict], dict]:
@@ -125,8 +136,23 @@ def wsd_results(study) -> tuple[dict[int, dict], dict]:
                 totals = {"steps": int(a["wsd_optimizer_steps"]), "runtime_s": float(a.get("wsd_train_runtime_s") or 0),
                           "stopped": a.get("stopped_reason")}
         if t.state.name == "COMPLETE":
-            per[int(a["max_steps"])] = {"value": t.value}
+            per[int(a["max_steps"])] = _cooldown(t)
     return per, totals
+
+
+def _cooldown(trial) -> dict:
+    """A WSD trial's result: the best evaluation after its branch point (as `sweeper.wsd.cooldown_best`
+    records it; computed here from the curve so that studies recorded before that rule read the same)."""
+    from sweeper.wsd import cooldown_best
+
+    a = trial.user_attrs
+    s = int(a["max_steps"])
+    p = (a.get("wsd") or {}).get("branch_point")
+    if p is None:  # the trunk: its own entry in the branch list
+        p = next(b["branch_point"] for b in a.get("branches", []) if int(b["max_steps"]) == s)
+    iv = trial.intermediate_values
+    value, step = cooldown_best(sorted(iv.items()), int(p))
+    return {"value": value, "best_step": step, "end": iv[max(iv)]}
 
 
 def _winner(res: dict[int, dict]) -> int | None:
@@ -138,14 +164,24 @@ def _f(x, spec=".4f"):
     return "–" if x is None else format(x, spec)
 
 
+def _cell(r: dict | None, length: int) -> str:
+    """'best @step', and the loss at the end of the run when the best came before it (over-fitting)."""
+    if not r or r.get("value") is None:
+        return "–"
+    text = f"{r['value']:.4f} @{r['best_step']}" if r.get("best_step") is not None else f"{r['value']:.4f}"
+    if (r.get("best_step") is not None and r["best_step"] < length and r.get("end") is not None
+            and f"{r['end']:.4f}" != f"{r['value']:.4f}"):
+        text += f" (end {r['end']:.4f})"
+    return text
+
+
 def summarise(name: str, grid3: list[int], grid6: list[int], cos: dict, wsd3: tuple, wsd6: tuple) -> tuple[str, dict]:
     """The markdown section of one dataset and its verdicts."""
     (w3, t3), (w6, t6) = wsd3, wsd6
     lines = [f"### {name}", "", "| max_steps | cosine eval loss | WSD 3-point branch | WSD 6-point branch |",
              "|---:|---:|---:|---:|"]
     for s in sorted(set(grid6) | set(grid3)):
-        lines.append(f"| {s} | {_f(cos.get(s, {}).get('value'))} | {_f(w3.get(s, {}).get('value'))} "
-                     f"| {_f(w6.get(s, {}).get('value'))} |")
+        lines.append(f"| {s} | {_cell(cos.get(s), s)} | {_cell(w3.get(s), s)} | {_cell(w6.get(s), s)} |")
     cos3 = {s: r for s, r in cos.items() if s in grid3}
     verdicts = {}
     rows = ["", "| method | winner (max_steps) | its eval loss | vs cosine winner's loss | cosine loss at that length "
@@ -176,7 +212,7 @@ def summarise(name: str, grid3: list[int], grid6: list[int], cos: dict, wsd3: tu
             ok = (win == cw or (own_gap is not None and own_gap <= 0.01)) and ratio_ref is not None and ratio_ref <= limit
             verdicts[label] = ok
         rows.append(
-            f"| {label} | {_f(win, 'd')} | {_f(own)} | {_f(own_gap, '+.2%')} | {_f(at)} "
+            f"| {label} | {_f(win, 'd')} | {_cell(res.get(win), win) if win is not None else '–'} | {_f(own_gap, '+.2%')} | {_f(at)} "
             f"| {_f(gap, '+.2%')} | {_f(steps, ',d')} | {_f(steps / steps3 if steps else None, '.0%')} "
             f"| {_f(steps / steps6 if steps else None, '.0%')} | {_f(secs, '.1f')} "
             f"| {_f(secs / time3 if secs is not None and time3 else None, '.0%')} "
@@ -260,22 +296,37 @@ def main(argv: list[str] | None = None) -> int:
 
     argv_shown = [str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0],
                   *(argv if argv is not None else sys.argv[1:])]
+    lines = {
+        "device": _header(argv_shown),  # "- device: ...\n- command: ..."
+        "lengths": f"- lengths: 3-point {grid3}, 6-point {grid6}; warmup {warmup} steps in every run; WSD cooldown "
+                   f"{a.decay_fraction:.0%} (1-sqrt), stop_after_worse={a.stop_after_worse}; overrides: `{' '.join(common)}`",
+        "wall": f"- wall seconds per command: {json.dumps({k: round(v, 1) for k, v in walls.items()})}",
+    }
+    md_path = out / "wsd_search.md"
+    if a.summarise_only and md_path.exists():
+        # device, versions, command, settings and wall times stay those of the run that trained the studies
+        old = md_path.read_text(encoding="utf-8").splitlines()
+        pick = {key: [ln for ln in old if ln.startswith(f"- {prefix}")]
+                for key, prefix in (("device", "device:"), ("command", "command:"), ("lengths", "lengths:"),
+                                    ("wall", "wall seconds per command:"))}
+        if pick["device"] and pick["command"]:
+            lines["device"] = pick["device"][0] + "\n" + pick["command"][0]
+        lines.update({key: pick[key][0] for key in ("lengths", "wall") if pick[key]})
     md = "\n".join([
         "## WSD trunk + cooldown branches vs the cosine grid" + (" (smoke: CPU toy scale, not evidence)" if a.smoke else ""),
-        "", _header(argv_shown),
-        f"- lengths: 3-point {grid3}, 6-point {grid6}; warmup {warmup} steps in every run; WSD cooldown "
-        f"{a.decay_fraction:.0%} (1-sqrt), stop_after_worse={a.stop_after_worse}; overrides: `{' '.join(common)}`",
-        "- eval loss = a trial's best eval loss over its curve (a WSD branch's curve includes the trunk's evaluations "
-        "up to its branch point); WSD steps = trunk + all cooldowns; GPU time = sum of train_runtime_s (cosine: its "
-        "trials; WSD: trunk segments + cooldowns); 'cosine loss at that length' asks whether the WSD winner's length "
-        "would also be cosine's best, which is stricter than the target",
-        f"- wall seconds per command: {json.dumps({k: round(v, 1) for k, v in walls.items()})}",
+        "", lines["device"], lines["lengths"],
+        "- eval loss = a trial's best eval loss, @ the step of that evaluation, and (end …) its loss at the end of "
+        "the run where the best came earlier (over-fitting); for a WSD branch, the best after its branch point "
+        "(its cooldown; the trunk's evaluations before it are not its result); WSD steps = trunk + all cooldowns; GPU time = sum of "
+        "train_runtime_s (cosine: its trials; WSD: trunk segments + cooldowns); 'cosine loss at that length' asks "
+        "whether the WSD winner's length would also be cosine's best, which is stricter than the target",
+        lines["wall"],
         "", *sections, "",
         "Targets (the same winner, or the WSD winner's own eval loss within 1% of the cosine grid's best, at <= 70% "
         "/ <= 50% of the 3-point / 6-point grid's optimizer steps): "
         + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in verdicts.items()),
     ])
-    (out / "wsd_search.md").write_text(md + "\n", encoding="utf-8")
+    md_path.write_text(md + "\n", encoding="utf-8")
     print(md)
     return 0
 

@@ -22,7 +22,9 @@ With cosine, 500/1500/3000 steps are three trainings. With warmup-stable-decay (
   values are all worse than the best branch so far, the trunk stops (longer cannot help then).
 
 Each shorter branch is recorded as its own COMPLETE trial of the study (params max_steps=s,
-method=wsd; its curve = the trunk's evaluations up to p_s + its cooldown) when its cooldown ends;
+method=wsd; its curve = the trunk's evaluations up to p_s + its cooldown; its value = the best
+evaluation after p_s, so that a trunk state from before p_s, which no cooldown annealed, never stands
+for it and the stop rule sees each branch's own result) when its cooldown ends;
 the job's own trial is the trunk = the longest candidate (PRUNED, with ``stopped_reason``, when
 the trunk stopped early). The search's state lives in ``wsd_branches.json`` in the trunk's run dir,
 so a re-run of a killed trunk skips the branches already recorded and continues from the newest
@@ -98,6 +100,17 @@ def _segment_cfg(cfg: DictConfig, steps: int, warmup: int) -> DictConfig:
         out.lr.warmup_steps = int(warmup)
         out.lr.lr_scheduler_type = SCHEDULER
     return out
+
+
+def cooldown_best(curve: Sequence[Sequence[float]], branch_point: int, maximize: bool = False) -> tuple[float, int]:
+    """A branch's value and its step: the best evaluation after its branch point (its cooldown, the end
+    included). The trunk's evaluations before that point stay on the branch's curve but are not its
+    result: they are constant-LR states, which the shorter candidates' branches cool down."""
+    after = [(int(step), float(value)) for step, value in curve if step > branch_point]
+    if not after:
+        raise RuntimeError(f"WSD search: no evaluation after the branch point {branch_point}")
+    step, value = (max if maximize else min)(after, key=lambda x: x[1])  # the first of equal values
+    return value, step
 
 
 class _Collect:
@@ -283,11 +296,10 @@ def search(cfg: DictConfig, reporter: Any = None, job_dir: Path | None = None) -
     trunk_value = None
     if stopped is None:
         seg = trunk_segment(s_max, final=True)
-        r = seg.results
-        trunk_value = float(r["best_value"])
+        trunk_value, trunk_best_step = cooldown_best(seg.results["curve"], points[s_max], maximize)
         state["branches"][str(s_max)] = {"max_steps": s_max, "branch_point": points[s_max],
                                          "decay_steps": s_max - points[s_max], "value": trunk_value,
-                                         "best_step": r["best_step"], "trial": getattr(reporter, "number", None),
+                                         "best_step": trunk_best_step, "trial": getattr(reporter, "number", None),
                                          "status": "done (trunk)"}
     state["finished"] = True
     _save_state(job_dir, state)
@@ -308,6 +320,7 @@ def search(cfg: DictConfig, reporter: Any = None, job_dir: Path | None = None) -
         "stopped_reason": stopped,
     }
     if trunk_value is not None:
+        summary["best_value"], summary["best_step"] = trunk_value, trunk_best_step  # its cooldown's, as a branch's
         sft = dict(trunk_rep.attrs.get("sft_config") or {})
         sft["lr_scheduler_kwargs"] = trunk_args["lr_scheduler_kwargs"]
         summary["sft_config"] = _jsonable(sft)
@@ -338,9 +351,10 @@ def _branch(cfg: DictConfig, s: int, p: int, warmup: int, decay_type: str, ckpt:
     rec = _Collect()
     args = wsd_args(s, p, warmup, decay_type)
     seg = Segment(output_dir=out, args=args, resume=ckpt, final_eval=True)
-    value = _run(_segment_cfg(cfg, s, warmup), rec, seg)
+    _run(_segment_cfg(cfg, s, warmup), rec, seg)
     r = seg.results
-    attrs = {**rec.attrs, **r}
+    value, best_step = cooldown_best(r["curve"], p, config_mod.metric_direction(metric) == "maximize")
+    attrs = {**rec.attrs, **r, "best_value": value, "best_step": best_step}
     attrs["curve"] = r["curve"]
     attrs["max_steps"] = s
     attrs["resumed_from_checkpoint"] = ckpt
@@ -348,5 +362,5 @@ def _branch(cfg: DictConfig, s: int, p: int, warmup: int, decay_type: str, ckpt:
     sft = dict(attrs.get("sft_config") or {})
     sft["lr_scheduler_kwargs"] = args["lr_scheduler_kwargs"]
     attrs["sft_config"] = sft
-    return {"max_steps": s, "branch_point": p, "decay_steps": s - p, "value": float(value),
-            "best_step": r["best_step"], "train_runtime_s": r["train_runtime_s"], "attrs": attrs}
+    return {"max_steps": s, "branch_point": p, "decay_steps": s - p, "value": value,
+            "best_step": best_step, "train_runtime_s": r["train_runtime_s"], "attrs": attrs}

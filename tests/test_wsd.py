@@ -15,7 +15,7 @@ import optuna
 import pytest
 
 from sweeper.config import validate
-from sweeper.wsd import STATE_FILE, search, should_stop_trunk
+from sweeper.wsd import STATE_FILE, cooldown_best, search, should_stop_trunk
 
 from .conftest import FAST, run_cli
 
@@ -86,8 +86,11 @@ def test_each_candidate_is_a_complete_trial_of_the_study(wsd_sweep):
         assert {k: v for k, v in iv.items() if k <= POINTS[s]} == \
             {k: v for k, v in trunk.intermediate_values.items() if k <= POINTS[s]}
         assert iv[s] != trunk.intermediate_values[s]  # after p_s it is a different run (cooled down)
-    for t in trials:
-        assert t.value == min(t.intermediate_values.values())  # best over its curve, as any trial
+    for t in trials:  # best over its cooldown: the evaluations after its branch point, the end included
+        s = t.params["max_steps"]
+        cooldown = {k: v for k, v in t.intermediate_values.items() if k > POINTS[s]}
+        assert s in cooldown and t.value == min(cooldown.values())
+        assert t.user_attrs["best_step"] > POINTS[s] and t.user_attrs["best_value"] == t.value
     a = trunk.user_attrs
     assert a["method"] == "wsd" and a["max_steps"] == 24
     assert a["wsd_optimizer_steps"] == 24 + 2 + 4  # trunk + cooldowns, vs 48 for the cosine grid
@@ -114,6 +117,21 @@ def test_the_lr_of_every_step_follows_each_branch_schedule(wsd_sweep):
 
 
 # --------------------------------------------------------------------------- (c): stopping the trunk
+
+
+@pytest.mark.parametrize("curve, point, maximize, expected", [
+    ([[4, 0.5], [8, 0.9], [12, 0.8], [16, 0.7]], 12, False, (0.7, 16)),  # the trunk's 0.5 at 4 is not the branch's
+    ([[4, 0.5], [8, 0.9], [12, 0.8], [16, 0.7]], 4, False, (0.7, 16)),
+    ([[4, 0.9], [8, 0.6], [12, 0.6], [16, 0.7]], 6, False, (0.6, 8)),   # mid-cooldown best; the first of equals
+    ([[4, 0.9], [8, 0.2], [12, 0.6]], 8, True, (0.6, 12)),              # eval_accuracy: the highest
+])
+def test_a_branch_value_is_the_best_of_its_cooldown(curve, point, maximize, expected):
+    assert cooldown_best(curve, point, maximize) == expected
+
+
+def test_a_branch_without_an_evaluation_after_its_branch_point_is_an_error():
+    with pytest.raises(RuntimeError, match="no evaluation after the branch point 16"):
+        cooldown_best([[4, 0.5], [16, 0.4]], 16)
 
 
 @pytest.mark.parametrize("values, after, stop", [
@@ -284,6 +302,39 @@ def test_the_search_trains_lora_adapters_and_branches_load_their_optimizer(compo
     assert sorted(lrs) == list(range(1, 9))
     for step, lr in lrs.items():
         assert lr == pytest.approx(_expected_lr(step, 8) * lora_lr / LR, rel=1e-6, abs=1e-12), step
+
+
+def _has_qlora() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.mark.skipif(not _has_qlora(), reason="QLoRA needs a CUDA GPU and bitsandbytes (extra .[qlora])")
+def test_the_search_trains_qlora_adapters_on_the_4bit_base(compose_cfg, tmp_path):
+    """precision=qlora4: every segment reloads the 4-bit base, the checkpoints hold only the adapters and
+    their optimizer, and trunk and branch follow their schedules, as with LoRA."""
+    lora_lr = 2e-4
+    cfg = compose_cfg(*WSD, "schedule.wsd.candidates=[8,16]", "precision=qlora4", "peft=lora", "lr=lora",
+                      f"lr.warmup_steps={WARMUP}")
+    assert cfg.precision.load_in_4bit and cfg.peft.name == "lora"
+    rep = _Reporter()
+    value = search(cfg, rep, job_dir=tmp_path / "trunk")
+    assert sorted(rep.branches) == [8] and math.isfinite(value) and math.isfinite(rep.branches[8])
+    assert rep.attrs["wsd_optimizer_steps"] == 16 + 2  # trunk + the 8-branch's cooldown
+    ckpts = list((tmp_path / "trunk").glob("checkpoint-*"))
+    assert ckpts, "the trunk kept no checkpoint"
+    for c in ckpts:
+        assert (c / "adapter_model.safetensors").is_file() and (c / "optimizer.pt").is_file()
+        assert not (c / "model.safetensors").exists()
+    for run_dir, s in ((tmp_path / "trunk" / "branch-8", 8), (tmp_path / "trunk", 16)):
+        history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+        lrs = {e["step"]: e["learning_rate"] for e in history if "learning_rate" in e}
+        assert max(lrs) == s
+        for step, lr in lrs.items():
+            assert lr == pytest.approx(_expected_lr(step, s) * lora_lr / LR, rel=1e-6, abs=1e-12), (s, step)
 
 
 def test_every_segment_runs_the_micro_batch_of_the_first(compose_cfg, tmp_path):
