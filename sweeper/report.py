@@ -152,6 +152,9 @@ def recommend(study: optuna.Study) -> dict | None:
                    f"constant LR to step {w['branch_point']}, {w['decay_type']} decay over {w['decay_steps']} steps")
     elif a.get("method") == "wsd":
         reason += "; it is the trunk of a WSD search (the longest candidate, with its own cooldown)"
+    if a.get("method") == "wsd":
+        reason += (f"; to train with cosine instead, confirm it with one run (`python train.py schedule.max_steps={steps} "
+                   "lr.lr_scheduler_type=cosine`): how close cosine comes to WSD at equal length depends on the LR")
     if others:
         reason += "; the others: " + ", ".join(others)
     reason += f". Its curve: {d.verdict} ({d.reason})."
@@ -168,7 +171,8 @@ def sftconfig_snippet(trial: optuna.trial.FrozenTrial) -> str:
     lines = ["SFTConfig("]
     if a.get("method") == "wsd":
         # The schedule that was measured: WSD with this run's cooldown (lr_scheduler_kwargs below).
-        # Cosine at the same length is expected to match it (Hägele et al. 2024), but was not measured.
+        # Cosine at the same length comes close at a well-chosen LR (Hägele et al. 2024); our H100 runs
+        # found its eval loss 21% below to 25% above WSD's, depending on the LR (benchmarks/RESULTS.md).
         lines = ["# warmup-stable-decay, as measured: constant LR, then the cooldown of lr_scheduler_kwargs",
                  *lines]
     for key, value in cfg.items():

@@ -100,6 +100,7 @@ def test_each_candidate_is_a_complete_trial_of_the_study(wsd_sweep):
     # the report puts the method beside each trial and recommends one of them
     assert "| method |" in proc.stdout and proc.stdout.count("| wsd |") == 3
     assert "**Recommended for demo: max_steps=" in proc.stdout
+    assert "lr.lr_scheduler_type=cosine`): how close cosine comes to WSD" in proc.stdout  # how to confirm it
 
 
 @pytest.mark.slow
