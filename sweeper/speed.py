@@ -81,10 +81,9 @@ def resolve(speed_cfg: Any, *, cuda: bool, compute: str, optim: str) -> dict:
     }
 
 
-def attn_implementation(speed: dict, configured: str | None) -> str | None:
-    """The ``attn_implementation`` to load the model with (``model.attn_implementation`` wins)."""
-    if configured:
-        return configured
+def attn_implementation(speed: dict) -> str | None:
+    """The ``attn_implementation`` the speed group asks for (``model.load`` lets a configured
+    ``model.attn_implementation`` win over it); None: transformers' default (SDPA)."""
     if speed["attention"] == "varlen":
         register_varlen()
         return VARLEN

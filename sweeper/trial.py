@@ -592,8 +592,7 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
     while True:
         started = time.perf_counter()
         model, tokenizer, compute = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir,
-                                                   attn_implementation=speed_mod.attn_implementation(
-                                                       speed, cfg.model.attn_implementation))
+                                                   attn_implementation=speed_mod.attn_implementation(speed))
         speed_mod.apply_to_model(model, speed)
         timing["model_load_s"] = round(time.perf_counter() - started, 2)
         fitted = auto_info is not None and auto_info["mode"] == "fitted"
