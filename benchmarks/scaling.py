@@ -18,7 +18,6 @@ import argparse
 import collections
 import datetime
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import run_header  # noqa: E402
 CPU_OVERRIDES = ["eval.eval_steps=10", "eval.logging_steps=10", "eval.accuracy=off", "eval.save_best=false",
                  "report_to=none", "data.demo_rows=400"]
 
@@ -68,16 +69,11 @@ def run_sweep(out: Path, workers: int, gpus: list[str], trials: int, steps: int,
 
 
 def render(rows: list[dict], argv: list[str], trials: int, steps: int, overrides: list[str]) -> str:
-    import torch
-
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-              else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
     base = next((r for r in rows if r["workers"] == 1), None)
     lines = [
         "## Scaling: N workers sharing one study",
         "",
-        f"- device: {device}; date: {datetime.date.today().isoformat()}; torch {torch.__version__}",
-        f"- command: `python benchmarks/scaling.py {shlex.join(argv)}`",
+        run_header("benchmarks/scaling.py", argv),
         f"- sweep: {trials} grid points (seed=1..{trials}), {steps} steps each; overrides `{' '.join(overrides)}`"
         + ("" if rows and rows[0]["gpus"] else "; CPU workers get one core each (OMP_NUM_THREADS=1)"),
         "",

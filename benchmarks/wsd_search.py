@@ -28,11 +28,9 @@ them (the H100 runs in ``benchmarks/wsd_runs/`` are re-read this way).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -42,6 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import run_header  # noqa: E402
 
 GRID3 = [500, 1500, 3000]
 GRID6 = [250, 500, 1000, 1500, 2000, 3000]
@@ -224,22 +223,6 @@ def summarise(name: str, grid3: list[int], grid6: list[int], cos: dict, wsd3: tu
     return "\n".join(lines + rows), verdicts
 
 
-def _header(argv: list[str]) -> str:
-    import optuna
-    import torch
-    import transformers
-    import trl
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        commit = "?"
-    return (f"- device: {device}; date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "
-            f"transformers {transformers.__version__}; trl {trl.__version__}; optuna {optuna.__version__}; commit {commit}\n"
-            f"- command: `python {' '.join(shlex.quote(a) for a in argv)}`")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the studies, runs, logs and wsd_search.md")
@@ -294,10 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(text)
         verdicts.update({f"{ds} {k}": ok for k, ok in v.items()})
 
-    argv_shown = [str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0],
-                  *(argv if argv is not None else sys.argv[1:])]
     lines = {
-        "device": _header(argv_shown),  # "- device: ...\n- command: ..."
+        "device": run_header("benchmarks/wsd_search.py", argv if argv is not None else sys.argv[1:]),
         "lengths": f"- lengths: 3-point {grid3}, 6-point {grid6}; warmup {warmup} steps in every run; WSD cooldown "
                    f"{a.decay_fraction:.0%} (1-sqrt), stop_after_worse={a.stop_after_worse}; overrides: `{' '.join(common)}`",
         "wall": f"- wall seconds per command: {json.dumps({k: round(v, 1) for k, v in walls.items()})}",
