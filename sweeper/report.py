@@ -9,9 +9,10 @@ Imports Optuna and matplotlib, never TRL.
 from __future__ import annotations
 
 import base64
+import functools
 import html
-import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,14 +46,51 @@ def method(t: optuna.trial.FrozenTrial) -> str | None:
     return (a.get("sft_config") or {}).get("lr_scheduler_type")
 
 
+@functools.lru_cache(maxsize=None)
+def _preset_max_steps(choice: str) -> int | None:
+    """``max_steps`` of ``conf/schedule/<choice>.yaml`` (its one home); None for a preset without one
+    (``epochs3``, ``wsd_search``) or a choice this checkout does not have."""
+    from omegaconf import OmegaConf
+
+    from sweeper.plan_command import CONF_DIR
+
+    path = CONF_DIR / "schedule" / f"{choice}.yaml"
+    return OmegaConf.load(path).get("max_steps") if path.is_file() else None
+
+
+def schedule_label(t: optuna.trial.FrozenTrial) -> str | None:
+    """What to call a trial's schedule: the ``schedule`` group choice (``sweet``), unless its length
+    was set by hand, then ``max_steps=N``: a swept ``schedule.max_steps`` param, or a ``max_steps``
+    other than the preset of a choice the sweep did not sweep (the default ``sweet`` under
+    ``schedule.max_steps=600``). A swept choice (``schedule=under,over``) stays the label, being the
+    grid's own coordinate; WSD trials keep ``wsd_search``. The length is always its own column."""
+    a = t.user_attrs
+    choice = a.get("choices", {}).get("schedule", t.params.get("schedule"))
+    steps = a.get("max_steps")
+    if steps is None or method(t) == "wsd":
+        return choice
+    by_hand = "schedule.max_steps" in t.params or (
+        choice is not None and "schedule" not in t.params and _preset_max_steps(choice) not in (None, steps))
+    return f"max_steps={steps}" if by_hand else choice
+
+
+def _name(t: optuna.trial.FrozenTrial) -> str:
+    """``max_steps=600``, ``under (500 steps)``, plus any other swept param: a trial in one phrase."""
+    label, steps = schedule_label(t), t.user_attrs.get("max_steps")
+    name = label or f"trial {t.number}"
+    if steps is not None and not name.startswith("max_steps="):
+        name += f" ({steps} steps)"
+    extra = {k: v for k, v in t.params.items() if k not in ("schedule", "schedule.max_steps", "max_steps", "method")}
+    return name + (" " + _params(extra) if extra else "")
+
+
 def trial_rows(study: optuna.Study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        choices = a.get("choices", {})
         rows.append({
             "trial": t.number,
-            "schedule": choices.get("schedule", t.params.get("schedule")),
+            "schedule": schedule_label(t),
             "method": method(t),
             "max_steps": a.get("max_steps"),
             "epochs": a.get("epochs_trained"),
@@ -73,30 +111,108 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return study.best_trial if done else None
 
 
+# --------------------------------------------------------------------------- noise
+
+
+NOISE_FLOOR = 0.005  # the noise is never taken below 0.5% of the best value
+
+
+@dataclass(frozen=True)
+class Noise:
+    sigma: float  # one standard deviation of an evaluation, in the metric's units (eval loss: nats/token)
+    method: str   # how it was measured, in words, for the report
+
+
+def noise_estimate(curves: Sequence[Sequence[Sequence[float]]], rel_floor: float = NOISE_FLOOR,
+                   maximize: bool = False) -> Noise:
+    """The evaluation-to-evaluation noise of eval curves near their best, as one standard deviation.
+
+    Trials store only their eval curves (``[step, value]`` pairs, in step order), so the noise is read
+    from the curves. In each curve of n evaluations, take the 2k+1 evaluations around its best one,
+    k = max(3, n//3) (the window shifted to stay inside the curve when the best is near an end), and
+    their second differences ``v[i-1] - 2*v[i] + v[i+1]``, which cancel a local linear trend;
+    centring them on their median cancels a constant curvature, so what is left is the scatter around
+    a local quadratic fit. For independent noise of standard deviation σ a second difference has
+    standard deviation √6·σ: σ = RMS / √6, with deviations beyond 3.5 robust standard deviations
+    (1.4826·MAD) dropped as jumps. Deviations are pooled over the curves; a curve with fewer than 6
+    evaluations adds none. The result is floored at ``rel_floor`` of the best value over all curves,
+    so smooth (deterministic) curves still get a band. ``maximize``: the best is the highest value
+    (eval_accuracy). No usable curve: the floor alone (0.0 without any value), and the method says so.
+    Units: those of the values (eval loss: nats per token).
+    """
+    pick = max if maximize else min
+    devs: list[float] = []
+    best, used = None, 0
+    for curve in curves:
+        vals = [float(v) for _, v in curve if math.isfinite(float(v))]
+        if not vals:
+            continue
+        i = pick(range(len(vals)), key=vals.__getitem__)
+        best = vals[i] if best is None else pick(best, vals[i])
+        k = max(3, len(vals) // 3)
+        lo = max(0, min(i - k, len(vals) - (2 * k + 1)))  # 2k+1 evaluations around the best, inside the curve
+        w = vals[lo: lo + 2 * k + 1]
+        d2 = [w[j - 1] - 2 * w[j] + w[j + 1] for j in range(1, len(w) - 1)]
+        if len(d2) < 4:
+            continue
+        centre = statistics.median(d2)
+        devs += [abs(d - centre) for d in d2]
+        used += 1
+    floor = rel_floor * abs(best) if best is not None else 0.0
+    if not devs:
+        return Noise(floor, f"too few evaluations near the best to measure it: the floor, {rel_floor:.1%} of the best")
+    robust = 1.4826 * statistics.median(devs)
+    kept = [d for d in devs if d <= 3.5 * robust] or devs
+    measured = math.sqrt(sum(d * d for d in kept) / len(kept)) / math.sqrt(6)
+    how = (f"scatter of the evaluations around a local quadratic fit near the best: RMS/√6 of {len(kept)} second "
+           "differences" + (f" from {used} curves" if used > 1 else ""))
+    how += (f", measured ±{measured:.4f}, raised to the floor of {rel_floor:.1%} of the best" if measured < floor
+            else f", floor {rel_floor:.1%} of the best")
+    return Noise(max(measured, floor), how)
+
+
 # --------------------------------------------------------------------------- diagnosis
 
 
 @dataclass(frozen=True)
 class Diagnosis:
-    verdict: str  # under-trained | over-trained | plateau | good | no curve
+    verdict: str  # under-trained | over-trained | plateau | good | no curve | failed | running
     reason: str
 
 
+# Schedulers whose LR decays towards zero by max_steps (transformers' names): their curves flatten at
+# the end whether or not the model has converged.
+DECAYING = ("linear", "cosine", "polynomial", "cosine_with_min_lr", "cosine_warmup_with_min_lr")
+TAIL = 0.75  # the tail of a decaying schedule: the last quarter of the run (cosine: under 15% of its peak LR)
+
+
 def diagnose(eval_curve: Sequence[Sequence[float]], train_curve: Sequence[Sequence[float]] = (),
-             rel_tol: float = 0.01) -> Diagnosis:
+             rel_tol: float = 0.01, *, noise: float | None = None, scheduler: str | None = None,
+             max_steps: int | None = None, branch_point: int | None = None) -> Diagnosis:
     """Read an eval-loss curve ([step, loss] pairs, in step order) as a person would.
 
-    - *under-trained*: the loss is still falling clearly at the end (the last quarter of the
-      evaluations improved it by more than ``rel_tol``, and the last one is the best);
-    - *over-trained*: the loss turned up after its best step (the end is more than ``2*rel_tol``
-      above the best) while the train loss kept falling: the step where it turned is named;
-    - *plateau*: the whole run moved the loss by less than ``2*rel_tol``: consider a lower learning
-      rate (or a higher one, if the train loss is flat too);
-    - *good*: it fell and then flattened near its best.
+    A change counts only above both a relative bar and the noise: ``noise`` is one standard deviation
+    of an evaluation in loss units (None: :func:`noise_estimate` of this curve, floored at 0.5%).
+
+    - *under-trained*: still falling clearly at the end: the best is the last evaluation and the last
+      quarter of the evaluations gained more than ``rel_tol`` and 2 noise;
+    - *over-trained*: the end is more than ``2*rel_tol`` and 3 noise above the best (a smaller rise is
+      noise, and said so); the step where it turned is named, and whether train loss kept falling;
+    - *plateau*: the whole run moved the loss by less than ``2*rel_tol``: consider a lower learning rate;
+    - *good*: it fell and then flattened near its best. With a ``scheduler`` that decays to zero
+      (:data:`DECAYING`) and a run that reached the last quarter of ``max_steps``, the flat tail is the
+      LR decaying, not convergence, and the reason says so.
+
+    ``branch_point``: the curve is a WSD cooldown branch (constant-LR trunk up to that step, then the
+    cooldown); its drop at the end is the cooldown, so the trunk's trend before the branch point is
+    judged instead (see :func:`_diagnose_wsd`).
     """
     pts = [(int(s), float(v)) for s, v in eval_curve if math.isfinite(float(v))]
     if len(pts) < 2:
         return Diagnosis("no curve", "fewer than two evaluations; lower eval.eval_steps")
+    sigma = noise if noise is not None else noise_estimate([pts]).sigma
+    if branch_point is not None and pts[0][0] <= branch_point < pts[-1][0]:
+        return _diagnose_wsd(pts, branch_point, rel_tol, sigma)
     steps, vals = [p[0] for p in pts], [p[1] for p in pts]
     best_i = min(range(len(vals)), key=vals.__getitem__)
     best, first, last = vals[best_i], vals[0], vals[-1]
@@ -104,7 +220,8 @@ def diagnose(eval_curve: Sequence[Sequence[float]], train_curve: Sequence[Sequen
     if (first - best) / max(abs(first), 1e-8) < 2 * rel_tol and (max(vals) - min(vals)) / scale < 2 * rel_tol:
         return Diagnosis("plateau", f"eval loss stayed within {2 * rel_tol:.0%} of {best:.4f} over the whole run: "
                                     "the model is not learning at this rate; consider a lower learning rate")
-    if (last - best) / scale > 2 * rel_tol:
+    rise = last - best
+    if rise > max(2 * rel_tol * scale, 3 * sigma):
         turn = steps[best_i]
         train = [(int(s), float(v)) for s, v in train_curve]
         at_best = [v for s, v in train if s <= turn]
@@ -112,54 +229,265 @@ def diagnose(eval_curve: Sequence[Sequence[float]], train_curve: Sequence[Sequen
         falling = bool(at_best and after and min(after[-3:]) < at_best[-1])
         why = " while train loss kept falling" if falling else ""
         return Diagnosis("over-trained", f"eval loss turned up after step {turn} (best {best:.4f}, end {last:.4f}, "
-                                         f"+{(last - best) / scale:.1%}){why}: fewer steps would do")
+                                         f"+{rise / scale:.1%}){why}: fewer steps would do")
+    decaying = scheduler in DECAYING and bool(max_steps) and steps[-1] >= TAIL * max_steps
     quarter = max(1, len(vals) // 4)
-    recent_gain = (vals[-1 - quarter] - last) / scale
-    if best_i == len(vals) - 1 and recent_gain > rel_tol:
-        return Diagnosis("under-trained", f"eval loss was still falling at the end ({recent_gain:.1%} over the last "
-                                          f"{quarter} evaluation(s), best at the last step {steps[-1]}): "
-                                          "more steps would help")
-    return Diagnosis("good", f"eval loss fell from {first:.4f} to {best:.4f} at step {steps[best_i]} and flattened")
+    recent_gain = vals[-1 - quarter] - last
+    if best_i == len(vals) - 1 and recent_gain > max(rel_tol * scale, 2 * sigma):
+        lr = f", even as the {scheduler} LR decayed towards zero" if decaying else ""
+        return Diagnosis("under-trained", f"eval loss was still falling at the end ({recent_gain / scale:.1%} over the "
+                                          f"last {quarter} evaluation(s), best at step {steps[best_i]} of "
+                                          f"{steps[-1]}{lr}): more steps would help")
+    fell = f"eval loss fell from {first:.4f} to {best:.4f} at step {steps[best_i]}"
+    if rise > 2 * rel_tol * scale:
+        return Diagnosis("good", f"{fell}; the end, {last:.4f} (+{rise / scale:.1%}), is within the noise "
+                                 f"(±{sigma:.4f}), not a turn")
+    if decaying:
+        return Diagnosis("good", f"{fell}; its flat tail is the {scheduler} LR decaying towards zero over the last "
+                                 "quarter of the run, not convergence: only a longer run shows whether more steps help")
+    return Diagnosis("good", f"{fell} and flattened")
 
 
-# --------------------------------------------------------------------------- recommendation
+def _diagnose_wsd(pts: list[tuple[int, float]], branch_point: int, rel_tol: float, sigma: float) -> Diagnosis:
+    """A WSD branch: the trunk (constant LR) up to ``branch_point``, then its cooldown. The cooldown's drop
+    is what a cooldown does, so the verdict reads the trunk: the median of its last quarter of
+    evaluations against the quarter before (medians, because a constant-LR curve is noisy: a fall
+    counts above ``rel_tol`` and 2 standard errors of that difference, a rise above ``2*rel_tol`` and
+    3, from the trunk's own noise). ``sigma`` (loss units) judges the cooldown: a rise after its best
+    of more than ``2*rel_tol`` and 3 sigma is named."""
+    trunk = [v for s, v in pts if s <= branch_point]
+    cool = [(s, v) for s, v in pts if s > branch_point]
+    b_step, b_val = min(cool, key=lambda p: p[1])
+    at_p = trunk[-1]
+    cooled = (f"the cooldown took it from {at_p:.4f} at the branch point (step {branch_point}) to {b_val:.4f} "
+              f"at step {b_step} ({(b_val - at_p) / max(abs(at_p), 1e-8):+.1%}"
+              + ("), the drop a cooldown brings" if b_val < at_p else "): no drop, the cooldown did not help"))
+    end = cool[-1][1]
+    if end - b_val > max(2 * rel_tol * abs(b_val), 3 * sigma):
+        cooled += f"; it rose again to {end:.4f} by step {cool[-1][0]}"
+    q = max(2, len(trunk) // 4)
+    if len(trunk) < 2 * q:
+        return Diagnosis("good", f"too few evaluations before the branch point to judge the trunk; {cooled}")
+    before, recent = statistics.median(trunk[-2 * q:-q]), statistics.median(trunk[-q:])
+    # standard error of a difference of two medians of q evaluations, from the trunk's own noise
+    se = 1.2533 * noise_estimate([[(i, v) for i, v in enumerate(trunk)]]).sigma * math.sqrt(2 / q)
+    scale = max(abs(recent), 1e-8)
+    trend = f"median {before:.4f} -> {recent:.4f} over its last {2 * q} evaluations"
+    if before - recent > max(rel_tol * scale, 2 * se):
+        return Diagnosis("under-trained", f"the constant-LR trunk was still falling at the branch point ({trend}): "
+                                          f"more steps would help; {cooled}")
+    if recent - before > max(2 * rel_tol * scale, 3 * se):
+        return Diagnosis("over-trained", f"the constant-LR trunk had turned up before the branch point ({trend}): "
+                                         f"fewer steps would do; {cooled}")
+    return Diagnosis("good", f"the constant-LR trunk had flattened by the branch point ({trend}); {cooled}")
+
+
+def _branch_point(t: optuna.trial.FrozenTrial) -> int | None:
+    """Where a WSD trial's cooldown starts: a branch's ``wsd.branch_point``, or for the trunk the entry
+    of its ``branches`` at its own length; None for any other trial."""
+    a = t.user_attrs
+    if method(t) != "wsd":
+        return None
+    w = a.get("wsd") or {}
+    if "branch_point" in w:
+        return int(w["branch_point"])
+    own = [b for b in a.get("branches") or [] if b.get("max_steps") == a.get("max_steps") and "branch_point" in b]
+    return int(own[0]["branch_point"]) if own else None
 
 
 def _eval_curve(t: optuna.trial.FrozenTrial) -> list[list[float]]:
     return [[s, v] for s, v in sorted(t.intermediate_values.items())]
 
 
+def trial_noise(t: optuna.trial.FrozenTrial, maximize: bool = False) -> Noise:
+    """:func:`noise_estimate` of a trial's own eval curve; a WSD trial's cooldown only (the evaluations after
+    its branch point; all of them for a trunk stopped before its own), since its constant-LR trunk is
+    noisier than its result."""
+    curve, p = _eval_curve(t), _branch_point(t)
+    cooldown = [c for c in curve if p is not None and c[0] > p]
+    return noise_estimate([cooldown or curve], maximize=maximize)
+
+
+def trial_diagnosis(t: optuna.trial.FrozenTrial) -> Diagnosis:
+    """:func:`diagnose` with what the trial knows: its scheduler, length, WSD branch point and own noise
+    (:func:`trial_noise`: the jitter of evaluations differs between runs, e.g. with the LR at their best).
+    A FAIL trial's diagnosis is its ``error`` attr; a running one without two evaluations yet is *running*."""
+    a = t.user_attrs
+    if t.state == optuna.trial.TrialState.FAIL:
+        return Diagnosis("failed", str(a.get("error") or "no error recorded; see the job log in its run_dir"))
+    curve = _eval_curve(t)
+    if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING) and len(curve) < 2:
+        return Diagnosis("running", "fewer than two evaluations so far")
+    return diagnose(curve, a.get("train_curve", []), noise=trial_noise(t).sigma,
+                    scheduler=(a.get("sft_config") or {}).get("lr_scheduler_type"), max_steps=a.get("max_steps"),
+                    branch_point=_branch_point(t))
+
+
+# --------------------------------------------------------------------------- recommendation
+
+
+# A best step in the first two thirds of its run is "well inside" it: the run went on for a third without
+# improving on it, while a cosine LR was still above a quarter of its peak (later, a flat curve is the decay).
+INSIDE = 2 / 3
+
+
+def _si(n: float) -> str:
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _cost(t: optuna.trial.FrozenTrial) -> tuple[int | None, int | None, float | None]:
+    """What a trial cost: optimizer steps trained (its early stop or max_steps), tokens (``tokens_seen``, or
+    the plan's tokens per step × steps) and measured training seconds (``train_runtime_s``, else
+    ``timing.job_s``; None for a WSD trial, whose own time is a cooldown, not a run of its length)."""
+    a = t.user_attrs
+    steps = a.get("stopped_early_step") or a.get("max_steps")
+    tps = (a.get("plan") or {}).get("tokens_per_step")
+    tokens = a.get("tokens_seen") or (round(tps * steps) if tps and steps else None)
+    seconds = None if method(t) == "wsd" else (a.get("train_runtime_s") or (a.get("timing") or {}).get("job_s"))
+    return steps, tokens, seconds
+
+
+def _grid(values: Sequence[float], unit: int) -> list[int]:
+    """Step counts rounded to multiples of ``unit`` (the evaluation interval), at least one unit, sorted."""
+    return sorted({max(unit, unit * round(v / unit)) for v in values})
+
+
+def _grid_command(lengths: Sequence[int], wsd: bool) -> str:
+    joined = ",".join(str(n) for n in lengths)
+    if wsd:
+        return f"python train.py -m schedule=wsd_search 'schedule.wsd.candidates=[{joined}]'"
+    return f"python train.py -m schedule.max_steps={joined}"
+
+
 def recommend(study: optuna.Study) -> dict | None:
-    """The step count to train this dataset for, with the reason in words."""
+    """The step count to train this dataset for: the best COMPLETE trial's ``max_steps``, with the reason
+    (``reason``, one paragraph) and what qualifies it (``notes``, one line each): its curve's diagnosis;
+    whether it is at an edge of the lengths tried (then the next grid to run); where its best step lies
+    well inside the run, how to get that model; the shortest length within noise of it and its cost; the
+    noise and how it was measured. None when no trial completed."""
     best = best_trial(study)
     if best is None:
         return None
     metric = study.user_attrs.get("metric", "value")
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    noise = trial_noise(best, maximize)
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.value is not None]
     a = best.user_attrs
-    d = diagnose(_eval_curve(best), a.get("train_curve", []))
-    others = []
-    for r in trial_rows(study):
-        if r["trial"] != best.number and r["state"] == "COMPLETE" and r["best"] is not None:
-            others.append(f"{r['schedule'] or 'trial ' + str(r['trial'])} ({r['max_steps']} steps): {r['best']:.4f}")
-    steps = a.get("max_steps")
-    reason = (f"max_steps={steps} (schedule={a.get('choices', {}).get('schedule', '?')}) reached the lowest {metric}, "
-              f"{best.value:.4f}, at step {a.get('best_step')}")
+    d = trial_diagnosis(best)
+    steps, b_step, wsd = a.get("max_steps"), a.get("best_step"), method(best) == "wsd"
+    label = schedule_label(best)
+    reason = (f"max_steps={steps}" + (f" (schedule={label})" if label and label != f"max_steps={steps}" else "")
+              + f" reached the lowest {metric}, {best.value:.4f}, at step {b_step}")
     if a.get("stopped_early_step"):
         reason += f"; early stopping ended it at step {a['stopped_early_step']}"
     w = a.get("wsd") or {}
-    if a.get("method") == "wsd" and "branch_point" in w:
+    if wsd and "branch_point" in w:
         reason += (f"; it is a WSD cooldown branch (of trial {a.get('branch_of')}): warmup {w['warmup_steps']}, "
                    f"constant LR to step {w['branch_point']}, {w['decay_type']} decay over {w['decay_steps']} steps")
-    elif a.get("method") == "wsd":
+    elif wsd:
         reason += "; it is the trunk of a WSD search (the longest candidate, with its own cooldown)"
-    if a.get("method") == "wsd":
+    if wsd:
         reason += (f"; to train with cosine instead, confirm it with one run (`python train.py schedule.max_steps={steps} "
                    "lr.lr_scheduler_type=cosine`): how close cosine comes to WSD at equal length depends on the LR")
+    others = [f"{_name(t)}: {t.value:.4f}" for t in done if t.number != best.number]
     if others:
         reason += "; the others: " + ", ".join(others)
-    reason += f". Its curve: {d.verdict} ({d.reason})."
-    return {"trial": best.number, "max_steps": steps, "best_step": a.get("best_step"), "value": best.value,
-            "diagnosis": d, "reason": reason}
+    reason += "."
+
+    notes = [f"Its curve (trial {best.number}): {d.verdict}: {d.reason}.",
+             *_length_notes(best, d, done, maximize)]
+    close = _within_noise(best, done, maximize)
+    if close is not None:
+        notes.append(close)
+    notes.append(f"Noise ±{noise.sigma:.4f} near its best ({noise.sigma / max(abs(best.value), 1e-8):.1%}; method: "
+                 f"{noise.method}); two results are within noise when they differ by at most twice the larger "
+                 "noise of their two curves.")
+    return {"trial": best.number, "max_steps": steps, "best_step": b_step, "value": best.value,
+            "diagnosis": d, "reason": reason, "notes": notes, "noise": noise}
+
+
+def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[optuna.trial.FrozenTrial],
+                  maximize: bool) -> list[str]:
+    """Where the winner's length sits among the lengths tried (``max_steps`` of the COMPLETE trials ``done``)
+    and what to run next: above the longest when it won with its best late in its run (not when its best
+    came well inside it: see :data:`INSIDE`), below the shortest when it won, between the winner and the
+    next longer length when the winner was still falling; and, when the best step is well inside the
+    run, how to get that model. The grids are rounded to the winner's ``eval_steps``."""
+    a = best.user_attrs
+    steps, b_step, wsd = a.get("max_steps"), a.get("best_step"), method(best) == "wsd"
+    lengths = sorted({t.user_attrs["max_steps"] for t in done if t.user_attrs.get("max_steps")})
+    if not steps or not lengths:
+        return []
+    unit = int((a.get("sft_config") or {}).get("eval_steps") or 1)
+    tried = "/".join(map(str, lengths))
+    inside = bool(b_step and b_step < steps and not wsd
+                  and (b_step <= INSIDE * steps or a.get("stopped_early_step") or d.verdict == "over-trained"))
+    notes = []
+    if steps == lengths[-1]:
+        which = f"the only length tried ({steps})" if len(lengths) == 1 else f"the longest tried ({tried})"
+        if inside:
+            notes.append(f"Not an edge of the grid: the best length is {which}, but its best came at step {b_step}, "
+                         "well inside the run: longer runs will not help.")
+        else:
+            when = "at the end of its run" if b_step == steps else f"late in its run (step {b_step} of {steps})"
+            grid = _grid([steps, 1.5 * steps, 2 * steps], unit)
+            notes.append(f"Edge of the grid: the best length is {which} and its best came {when}, so longer may be "
+                         f"better still: run `{_grid_command(grid, wsd)}`.")
+    if len(lengths) > 1 and steps == lengths[0] and d.verdict != "under-trained":
+        grid = _grid([steps / 4, steps / 2, steps], unit)
+        notes.append(f"Edge of the grid: the best length is the shortest tried ({tried}): a shorter run may do as "
+                     f"well: run `{_grid_command(grid, wsd)}`.")
+    if d.verdict == "under-trained" and steps != lengths[-1]:
+        longer = min(n for n in lengths if n > steps)
+        there = (max if maximize else min)(t.value for t in done if t.user_attrs.get("max_steps") == longer)
+        grid = _grid([steps, steps + (longer - steps) / 3, steps + 2 * (longer - steps) / 3, longer], unit)
+        falling = "its trunk was still falling at its branch point" if wsd else "its curve was still falling at its end"
+        notes.append(f"Between lengths: {falling}, but max_steps={longer} reached only {there:.4f}: the best "
+                     f"length lies between {steps} and {longer}: run `{_grid_command(grid, wsd)}`.")
+    if inside:
+        if a.get("stopped_early_step"):
+            why = f"early stopping ended it at step {a['stopped_early_step']}"
+        elif d.verdict == "over-trained":
+            why = "the curve turned up after it"
+        else:
+            why = "the rest of the run did not improve on it"
+        ckpt = a.get("best_checkpoint")
+        decays = (a.get("sft_config") or {}).get("lr_scheduler_type") in DECAYING
+        notes.append(f"Best step inside the run: step {b_step} of {steps} ({why}); "
+                     + (f"that model is the best checkpoint kept, `{ckpt}`; " if ckpt else "")
+                     + "to train for that length, confirm it with one run: "
+                     + f"`python train.py schedule.max_steps={b_step}`"
+                     + (" (with its own LR decay it may end lower)" if decays else "") + ".")
+    return notes
+
+
+def _within_noise(best: optuna.trial.FrozenTrial, done: Sequence[optuna.trial.FrozenTrial],
+                  maximize: bool) -> str | None:
+    """The shortest length shorter than the winner's whose best value is within noise of the winner's (at
+    most twice the larger :func:`trial_noise` of the two curves), with what each cost (:func:`_cost`);
+    None when there is none."""
+    steps, sign = best.user_attrs.get("max_steps") or 0, -1.0 if maximize else 1.0
+    own = trial_noise(best, maximize).sigma
+    noise = {t.number: max(own, trial_noise(t, maximize).sigma) for t in done}
+    close = [t for t in done if (t.user_attrs.get("max_steps") or 0) < steps
+             and sign * (t.value - best.value) <= 2 * noise[t.number]]
+    if not close:
+        return None
+    c = min(close, key=lambda t: (t.user_attrs["max_steps"], sign * t.value))
+    (s1, k1, x1), (s0, k0, x0) = _cost(c), _cost(best)
+    parts = [f"{s1:,} vs {s0:,} steps"]
+    if k1 and k0:
+        parts.append(f"{_si(k1)} vs {_si(k0)} tokens")
+    if x1 and x0:
+        parts.append(f"{x1:,.0f} s vs {x0:,.0f} s of training")
+    return (f"Within noise: {_name(c)} reached {c.value:.4f}, within noise of the best {best.value:.4f} at "
+            f"max_steps={steps} ({(c.value - best.value) / max(abs(best.value), 1e-8):+.1%}, noise "
+            f"±{noise[c.number]:.4f}), for "
+            f"{s1 / s0:.0%} of the cost ({', '.join(parts)}).")
 
 
 def sftconfig_snippet(trial: optuna.trial.FrozenTrial) -> str:
@@ -197,7 +525,7 @@ def plot_curves(study: optuna.Study, path: Path) -> Path:
         if not curve:
             continue
         a = t.user_attrs
-        label = f"#{t.number} {a.get('choices', {}).get('schedule', '')} {_params(t.params)}".replace(" –", "")
+        label = f"#{t.number} {_name(t)}"
         steps, vals = [c[0] for c in curve], [c[1] for c in curve]
         spe = (a.get("plan") or {}).get("steps_per_epoch") or 0
         line, = ax_s.plot(steps, vals, marker=".", label=f"{label} [{t.state.name.lower()}]")
@@ -244,7 +572,7 @@ def accuracy_disagrees(t: optuna.trial.FrozenTrial) -> str | None:
 
 
 def study_report(study: optuna.Study) -> str:
-    """Markdown: the table (with diagnosis), the recommendation and the SFTConfig for it."""
+    """Markdown: the table (with diagnosis), the recommendation with its notes and the SFTConfig for it."""
     metric = study.user_attrs.get("metric", "value")
     lines = [
         f"## {study.study_name}",
@@ -254,20 +582,22 @@ def study_report(study: optuna.Study) -> str:
         "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for r in trial_rows(study):
+    rows = trial_rows(study)
+    diagnoses = {r["trial"]: trial_diagnosis(by_number[r["trial"]]) for r in rows}
+    for r in rows:
         t = by_number[r["trial"]]
-        d = diagnose(_eval_curve(t), t.user_attrs.get("train_curve", []))
         lines.append(
             f"| {r['trial']} | {_fmt(r['schedule'])} | {_fmt(r['method'])} | {_params(r['params'])} "
             f"| {_fmt(r['max_steps'])} "
             f"| {_fmt(r['epochs'], '.2f')} | {_fmt(r['effective_batch'])} | {_fmt(r['tokens_per_step'], ',.0f')} "
             f"| {_fmt(r['best'])} "
-            f"| {_fmt(r['best_step'])} | {_fmt(r['stopped_early'])} | {_accuracy(t)} | {r['state']} | {d.verdict} |")
+            f"| {_fmt(r['best_step'])} | {_fmt(r['stopped_early'])} | {_accuracy(t)} | {r['state']} "
+            f"| {diagnoses[r['trial']].verdict} |")
     lines.append("")
-    for r in trial_rows(study):
-        t = by_number[r["trial"]]
-        d = diagnose(_eval_curve(t), t.user_attrs.get("train_curve", []))
-        lines.append(f"- trial {r['trial']}: {d.verdict}: {d.reason}" + (f" (error: {r['error']})" if r["error"] else ""))
+    for r in rows:
+        t, d = by_number[r["trial"]], diagnoses[r["trial"]]
+        error = f" (error: {r['error']})" if r["error"] and d.verdict != "failed" else ""
+        lines.append(f"- trial {r['trial']}: {d.verdict}: {d.reason}{error}")
         flag = accuracy_disagrees(t)
         if flag:
             lines.append(f"  - note: {flag}")
@@ -278,6 +608,7 @@ def study_report(study: optuna.Study) -> str:
     else:
         lines.append(f"**Recommended for {study.user_attrs.get('data', study.study_name)}: max_steps={rec['max_steps']}.** "
                      + rec["reason"])
+        lines += [f"- {note}" for note in rec["notes"]]
         snippet = sftconfig_snippet(by_number[rec["trial"]])
         lines += ["", "```python", snippet, "```"]
     return "\n".join(lines)

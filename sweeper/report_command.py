@@ -40,7 +40,8 @@ def report(storage: str | None, studies: list[str] | None, out: str | None) -> i
     from sweeper.report import write_report
 
     try:
-        default_storage, output_dir = _defaults()
+        # conf/ is composed only for what was not given (it needs the repo root on sys.path for the plugin)
+        default_storage, output_dir = _defaults() if storage is None or out is None else (storage, out)
         url, shown, store = _open(storage or default_storage)
         out_dir = Path(out) if out else Path(output_dir) / "report"
         paths = write_report(store, out_dir, studies)

@@ -3,7 +3,9 @@ real headless Chromium."""
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -14,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sweeper.report import diagnose
+from sweeper.report import diagnose, noise_estimate
 
 from .conftest import FAST, ROOT, run_cli
 
@@ -36,9 +38,10 @@ def test_diagnosis_on_crafted_curves(curve, train, verdict, needle):
 
 @pytest.fixture(scope="module")
 def overfit_sweep(tmp_path_factory, cache_dir):
-    """A real sweep: 20 steps (too short) and 150 steps of 24 rows at a high constant LR (over-fits)."""
+    """A real sweep: 20 steps (too short) and 300 steps of 24 rows at a high constant LR (over-fits clearly
+    above its evaluations' noise)."""
     out = tmp_path_factory.mktemp("overfit")
-    proc = run_cli("-m", "schedule.max_steps=20,150", *FAST[1:], "eval.eval_steps=10", "eval.logging_steps=10",
+    proc = run_cli("-m", "schedule.max_steps=20,300", *FAST[1:], "eval.eval_steps=10", "eval.logging_steps=10",
                    "eval.early_stopping_patience=null", "lr.learning_rate=3e-3",
                    "lr.lr_scheduler_type=constant_with_warmup", "batch.per_device_train_batch_size=8",
                    "data.demo_rows=200", "data.max_train_rows=24", f"paths.output_dir={out}",
@@ -57,8 +60,15 @@ def test_report_names_a_step_count_and_diagnoses_the_real_overfit(overfit_sweep)
     assert "**Recommended for demo: max_steps=" in md
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "COMPLETE" in line}
     assert rows["0"].rstrip(" |").endswith("under-trained")  # 20 steps: still falling
-    assert rows["1"].rstrip(" |").endswith("over-trained")  # 150 steps on 24 rows: turned up
+    assert rows["1"].rstrip(" |").endswith("over-trained")  # 300 steps on 24 rows: turned up
     assert "while train loss kept falling" in md
+    # labelled by the length they were run with (schedule.max_steps=...), not by the default preset "sweet"
+    assert "| 0 | max_steps=20 |" in rows["0"] and "| 1 | max_steps=300 |" in rows["1"] and "sweet" not in md
+    # the longest length won but peaked well inside its run: no next grid, the way to that model instead
+    assert "**Recommended for demo: max_steps=300.**" in md and _agrees(md)
+    assert "- Not an edge of the grid: the best length is the longest tried (20/300), but its best came at step" in md
+    assert "- Best step inside the run: step " in md and "that model is the best checkpoint kept, `" in md
+    assert "- Noise ±" in md
     assert "SFTConfig(\n    max_steps=" in md and "learning_rate=0.003" in md
     png = out / "report" / "demo-tiny.png"
     assert png.stat().st_size > 20_000 and png.read_bytes()[:4] == b"\x89PNG"
@@ -151,3 +161,246 @@ def test_report_flags_when_loss_and_accuracy_disagree(tmp_path):
     assert accuracy_disagrees(t1) is None
     md = study_report(study)
     assert "75.0% (400)" in md and "consider eval.metric=eval_accuracy" in md
+
+
+# --------------------------------------------------------------------------- a recommendation that reads the curves
+
+
+def _noisy(n, level, sigma, seed, shape=lambda i, n: 0.0):
+    r = random.Random(seed)
+    return [[10 * (i + 1), level + shape(i, n) + r.gauss(0, sigma)] for i in range(n)]
+
+
+def _decay(i, n):
+    return 2.0 * math.exp(-i / (n / 5))
+
+
+@pytest.mark.parametrize("curves,sigma", [
+    ([_noisy(60, 1.0, 0.01, seed=0)], 0.01),                       # pure noise around a flat line
+    ([_noisy(60, 3.0, 0.05, seed=1)], 0.05),
+    ([_noisy(60, 0.5, 0.02, seed=2, shape=_decay)], 0.02),         # a falling curve: the trend is not noise
+    ([_noisy(30, 1.0, 0.01, seed=s) for s in (3, 4, 5)], 0.01),    # pooled over three curves
+])
+def test_noise_estimate_recovers_a_known_sigma(curves, sigma):
+    est = noise_estimate(curves)
+    assert sigma / 1.5 < est.sigma < sigma * 1.5, est
+    assert "second differences" in est.method
+
+
+def test_noise_estimate_is_unbiased_over_seeds_and_robust_to_a_jump():
+    ratios = sorted(noise_estimate([_noisy(60, 1.0, 0.01, seed=s)]).sigma / 0.01 for s in range(20))
+    assert 0.85 < ratios[10] < 1.15
+    spiked = _noisy(60, 1.0, 0.01, seed=0)
+    spiked[30][1] += 0.5  # one evaluation far off (a loss spike) is not noise
+    assert noise_estimate([spiked]).sigma < 1.5 * 0.01
+
+
+@pytest.mark.parametrize("curves,method", [
+    ([[[10 * (i + 1), 0.5 + _decay(i, 40)] for i in range(40)]], "raised to the floor of 0.5% of the best"),
+    ([[[10, 3.0], [20, 2.0], [30, 1.5], [40, 1.2]]], "too few evaluations near the best"),
+])
+def test_noise_estimate_floor(curves, method):
+    est = noise_estimate(curves)
+    best = min(v for c in curves for _, v in c)
+    assert est.sigma == pytest.approx(0.005 * best) and method in est.method
+
+
+# a cosine run of 1000 steps: falls, then flat over its last quarter (the LR decaying to zero)
+COSINE_FLAT_TAIL = [[100, 2.0], [200, 1.0], [300, 0.6], [400, 0.45], [500, 0.40], [600, 0.375], [700, 0.366],
+                    [800, 0.3635], [900, 0.363], [1000, 0.3629]]
+# a WSD branch: constant-LR trunk that had flattened (with its noise), branch point 600, cooldown to 750
+WSD_BRANCH = [[50, 2.0], [100, 0.8], [150, 0.4], [200, 0.3], [250, 0.27], [300, 0.25], [350, 0.24], [400, 0.25],
+              [450, 0.23], [500, 0.24], [550, 0.235], [600, 0.24], [650, 0.17], [700, 0.13], [750, 0.115]]
+# the same branch cut from a trunk still falling at its branch point
+WSD_EARLY = [[50, 2.0], [100, 1.6], [150, 1.3], [200, 1.1], [250, 0.95], [300, 0.85], [350, 0.77], [400, 0.70],
+             [450, 0.55], [500, 0.50]]
+# a +3% rise from 0.0096 to 0.0099 on a curve whose evaluations jitter by a few 0.0001 near its best
+JITTER = [[50, 0.9], [100, 0.3], [150, 0.08], [200, 0.03], [250, 0.015], [300, 0.0112], [350, 0.0101], [400, 0.0098],
+          [450, 0.0096], [500, 0.0100], [550, 0.0097], [600, 0.0099]]
+
+
+@pytest.mark.parametrize("curve,kwargs,verdict,needle", [
+    (COSINE_FLAT_TAIL, {"scheduler": "cosine", "max_steps": 1000}, "good",
+     "its flat tail is the cosine LR decaying towards zero over the last quarter of the run, not convergence"),
+    (COSINE_FLAT_TAIL, {}, "good", "and flattened"),  # no scheduler known: the old reading
+    (WSD_BRANCH, {"branch_point": 600}, "good",
+     "the constant-LR trunk had flattened by the branch point (median 0.2400 -> 0.2400 over its last 6 evaluations); "
+     "the cooldown took it from 0.2400 at the branch point (step 600) to 0.1150 at step 750 (-52.1%)"),
+    (WSD_EARLY, {"branch_point": 400}, "under-trained", "the constant-LR trunk was still falling at the branch point"),
+    (JITTER, {}, "good", "the end, 0.0099 (+3.1%), is within the noise (±0.0004), not a turn"),
+    (JITTER[:-1] + [[600, 0.0130]], {}, "over-trained", "turned up after step 450 (best 0.0096, end 0.0130, +35.4%)"),
+])
+def test_schedule_and_noise_aware_diagnosis(curve, kwargs, verdict, needle):
+    d = diagnose(curve, **kwargs)
+    assert (d.verdict, needle in d.reason) == (verdict, True), d
+
+
+def _add(study, steps, curve, *, state=optuna.trial.TrialState.COMPLETE, choice="sweet", param=True,
+         scheduler="cosine", **attrs):
+    """A crafted trial of ``steps`` optimizer steps with this eval curve ([step, loss] pairs)."""
+    values = {int(s): float(v) for s, v in curve}
+    best_step = min(values, key=values.get) if values else None
+    user_attrs = {"max_steps": steps, "best_step": best_step, "choices": {"schedule": choice},
+                  "sft_config": {"lr_scheduler_type": scheduler, "eval_steps": 50, "max_steps": steps},
+                  "tokens_seen": 1000 * steps, "train_runtime_s": steps / 10, **attrs}
+    params, dists = {}, {}
+    if param:
+        params = {"schedule.max_steps": steps}
+        dists = {"schedule.max_steps": optuna.distributions.IntDistribution(1, 10_000)}
+    study.add_trial(optuna.trial.create_trial(
+        state=state, value=min(values.values()) if state == optuna.trial.TrialState.COMPLETE else None,
+        intermediate_values=values, params=params, distributions=dists, user_attrs=user_attrs))
+
+
+def _falling(steps, end, every=50):
+    """A cosine-like curve of ``steps`` steps that is still falling clearly at its end, ending at ``end``."""
+    n = steps // every
+    return [[every * (i + 1), end + 2.0 * (1 - (i + 1) / n) ** 2 + 0.05 * (1 - (i + 1) / n)] for i in range(n)]
+
+
+def _peaked(steps, best, at, every=50):
+    """A curve that reaches ``best`` at step ``at`` and then turns up by 10%."""
+    n = steps // every
+    return [[every * (i + 1), best * (1 + (abs(every * (i + 1) - at) / at) ** 2 * (0.1 if every * (i + 1) > at else 3))]
+            for i in range(n)]
+
+
+def _study(tmp_path):
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db")
+    study.set_user_attr("metric", "eval_loss")
+    study.set_user_attr("data", "demo")
+    return study
+
+
+def _lines(md, prefix):
+    return [line for line in md.splitlines() if line.startswith(prefix)]
+
+
+def _agrees(md):
+    """The headline never stands on an under-trained curve without a line that explains it."""
+    curve = _lines(md, "- Its curve")[0]
+    return "under-trained" not in curve or bool(_lines(md, "- Edge of the grid") or _lines(md, "- Between lengths"))
+
+
+def test_the_longest_length_winning_is_an_edge_with_the_next_grid(tmp_path):
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    for steps, end in ((500, 0.30), (1500, 0.22), (3000, 0.20)):
+        _add(study, steps, _falling(steps, end))
+    md = study_report(study)
+    assert "**Recommended for demo: max_steps=3000.** max_steps=3000 reached the lowest eval_loss, 0.2000" in md
+    assert ("- Edge of the grid: the best length is the longest tried (500/1500/3000) and its best came at the end of "
+            "its run, so longer may be better still: run `python train.py -m schedule.max_steps=3000,4500,6000`.") in md
+    assert "under-trained" in _lines(md, "- Its curve")[0] and _agrees(md)
+
+
+def test_the_longest_length_that_peaked_inside_its_run_is_no_edge(tmp_path):
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    _add(study, 500, _falling(500, 0.30))
+    _add(study, 3000, _peaked(1450, 0.20, 1200), stopped_early_step=1450, best_checkpoint="/runs/t1/checkpoint-1200")
+    md = study_report(study)
+    assert ("- Not an edge of the grid: the best length is the longest tried (500/3000), but its best came at step "
+            "1200, well inside the run: longer runs will not help.") in md
+    assert ("- Best step inside the run: step 1200 of 3000 (early stopping ended it at step 1450); that model is the "
+            "best checkpoint kept, `/runs/t1/checkpoint-1200`; to train for that length, confirm it with one run: "
+            "`python train.py schedule.max_steps=1200` (with its own LR decay it may end lower).") in md
+    assert "4500" not in md and _agrees(md)
+
+
+def test_the_shortest_length_winning_is_an_edge_and_an_under_trained_winner_has_a_gap(tmp_path):
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    _add(study, 500, _peaked(500, 0.20, 300))
+    _add(study, 1500, _peaked(1500, 0.24, 300))
+    md = study_report(study)
+    assert ("- Edge of the grid: the best length is the shortest tried (500/1500): a shorter run may do as well: run "
+            "`python train.py -m schedule.max_steps=100,250,500`.") in md
+    study = _study(tmp_path / "gap") if (tmp_path / "gap").mkdir() is None else None
+    _add(study, 500, _falling(500, 0.30))
+    _add(study, 1500, _falling(1500, 0.20))
+    _add(study, 3000, _peaked(3000, 0.25, 600))
+    md = study_report(study)
+    assert "under-trained" in _lines(md, "- Its curve")[0] and _agrees(md)
+    assert ("- Between lengths: its curve was still falling at its end, but max_steps=3000 reached only 0.2500: the "
+            "best length lies between 1500 and 3000: run `python train.py -m schedule.max_steps=1500,2000,2500,3000`."
+            ) in md
+
+
+def test_the_shortest_length_within_noise_is_named_with_its_cost(tmp_path):
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    _add(study, 1000, _falling(1000, 0.25))
+    _add(study, 2000, _falling(2000, 0.2015), plan={"tokens_per_step": 1000}, tokens_seen=None,
+         train_runtime_s=None, timing={"job_s": 210.0})
+    _add(study, 3000, _falling(3000, 0.2000))
+    md = study_report(study)
+    assert ("- Within noise: max_steps=2000 reached 0.2015, within noise of the best 0.2000 at max_steps=3000 (+0.8%, "
+            "noise ±0.0010), for 67% of the cost (2,000 vs 3,000 steps, 2.00M vs 3.00M tokens, 210 s vs 300 s of "
+            "training).") in md
+    noise = _lines(md, "- Noise ±")[0]
+    assert noise.startswith("- Noise ±0.0010 near its best (0.5%; method: ") and "floor of 0.5% of the best" in noise
+
+
+def test_within_noise_follows_the_measured_noise_of_the_curves(tmp_path):
+    """The issue's case: 0.0730 at 2000 steps against 0.0706 at 3000, on curves that jitter by ~±0.002."""
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    for steps, end, seed in ((1000, 0.0900, 1), (2000, 0.0730, 2), (3000, 0.0706, 3)):
+        curve = [[s, v + random.Random(seed * 1000 + s).gauss(0, 0.002)] for s, v in _falling(steps, end)]
+        curve[-1][1] = end
+        _add(study, steps, curve)
+    md = study_report(study)
+    noise = _lines(md, "- Noise ±")[0]
+    assert noise.startswith("- Noise ±0.0022 near its best (3.1%; method: scatter") and "floor 0.5%" in noise, noise
+    assert ("- Within noise: max_steps=2000 reached 0.0730, within noise of the best 0.0706 at max_steps=3000 (+3.4%, "
+            "noise ±0.0022), for 67% of the cost") in md
+
+
+def test_a_length_set_by_hand_is_labelled_by_its_length(tmp_path):
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    _add(study, 600, _falling(600, 0.2))                                 # schedule.max_steps=600 swept
+    _add(study, 700, _falling(700, 0.3), choice="over", param=False)     # schedule=over schedule.max_steps=700
+    _add(study, 500, _falling(500, 0.4), choice="under", param=False)    # the preset itself
+    md = study_report(study)
+    rows = [line.split("|")[2].strip() for line in _lines(md, "| ") if "COMPLETE" in line]
+    assert rows == ["max_steps=600", "max_steps=700", "under"]
+    assert "**Recommended for demo: max_steps=600.** max_steps=600 reached the lowest" in md and "sweet" not in md
+    assert "the others: max_steps=700: 0.3000, under (500 steps): 0.4000." in md
+
+
+def test_a_failed_trial_is_diagnosed_by_its_error(tmp_path):
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
+                                              user_attrs={"error": "RuntimeError: CUDA out of memory at step 12"}))
+    _add(study, 500, _falling(500, 0.3))
+    md = study_report(study)
+    assert "- trial 0: failed: RuntimeError: CUDA out of memory at step 12" in md
+    assert "eval_steps" not in _lines(md, "- trial 0")[0] and "| FAIL | failed |" in md
+
+
+def test_a_wsd_study_reads_the_cooldowns_and_extends_its_candidates(tmp_path):
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    trunk = [[50 * (i + 1), 0.3 - 0.002 * i + 0.01 * (-1) ** i] for i in range(48)]  # still falling, noisy
+    cool = [[2400 + 50 * (i + 1), 0.2 - 0.01 * i] for i in range(12)]
+    wsd = {"method": "wsd", "choice": "wsd_search", "param": False, "scheduler": "warmup_stable_decay"}
+    _add(study, 3000, trunk + cool, branches=[{"max_steps": 1500, "branch_point": 1200},
+                                              {"max_steps": 3000, "branch_point": 2400}], **wsd)
+    _add(study, 1500, trunk[:24] + [[1250, 0.25], [1300, 0.24], [1500, 0.23]],
+         wsd={"warmup_steps": 8, "branch_point": 1200, "decay_steps": 300, "decay_type": "1-sqrt"}, **wsd)
+    md = study_report(study)
+    assert "the cooldown took it from 0.1960 at the branch point (step 2400) to 0.0900 at step 3000 (-54.1%)" in md
+    assert "over the last" not in md  # a cooldown's drop is not "still falling at the end"
+    assert ("run `python train.py -m schedule=wsd_search 'schedule.wsd.candidates=[3000,4500,6000]'`" in md
+            and _agrees(md))
