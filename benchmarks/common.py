@@ -18,7 +18,7 @@ def run_header(script: str, argv: list[str], packages: tuple[str, ...] = ("torch
     ``- command: `python <script> <argv>```."""
     import torch
 
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+    device = (f"{torch.cuda.device_count()}× {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
               else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     versions = []
     for name in packages:

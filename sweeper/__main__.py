@@ -4,6 +4,7 @@
     python -m sweeper plan schedule=under,sweet,over data=banking77 model=qwen2.5-1.5b
     python -m sweeper report                                  # best step count per dataset, PNG + HTML
     python -m sweeper dashboard                               # optuna-dashboard on 127.0.0.1:8080
+    python -m sweeper status                                  # trials by state, running workers, SLURM jobs
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     dash.add_argument("--storage", help="storage URL (default: the sweeper's, from conf/)")
     dash.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     dash.add_argument("--port", type=int, default=8080)
+    stat = sub.add_parser("status", help="where each study stands: trials by state, running workers, SLURM jobs")
+    stat.add_argument("--storage", help="storage URL (default: the sweeper's, from conf/)")
+    stat.add_argument("--study", action="append", help="study name (repeatable; default: every study)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns on import
@@ -36,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from sweeper.plan_command import main as plan_main
 
         return plan_main(args.overrides)
+    if args.command == "status":
+        from sweeper.status_command import status
+
+        return status(args.storage, args.study)
     from sweeper.report_command import dashboard, report
 
     if args.command == "report":

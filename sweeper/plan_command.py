@@ -48,13 +48,14 @@ def plan_rows(overrides: list[str]) -> list[dict]:
 
     from sweeper import config as config_mod
     from sweeper import data as data_mod
-    from sweeper.gpu import visible_gpus
+    from sweeper.gpu import pin_one, visible_gpus
     from sweeper.model import model_shape, resolve_compute
     from sweeper.plan import memory_estimate
     from sweeper.trial import plan_for, prepare_for_plan
 
     config_mod.register()
-    gpus = visible_gpus()
+    gpus = visible_gpus()  # every visible GPU, for the fit table
+    pin_one()  # TRL prepares the data in a stand-in SFTTrainer, which refuses several visible GPUs
     rows, prepared_cache = [], {}
     for row_overrides in _expand(overrides):
         GlobalHydra.instance().clear()

@@ -30,9 +30,12 @@ import itertools
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
+import shlex
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,8 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
+from sweeper import gpu as gpu_mod
+from sweeper import workers as workers_mod
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +153,58 @@ def claim_lock(url: str, study_name: str) -> Iterator[None]:
         return
     log.warning("no cross-worker lock for %s: parallel workers may run a grid point twice", mask_url(url))
     yield
+
+
+def _threads_per_worker(n: int) -> int:
+    """CPU threads for each of ``n`` workers on this host: the cores shared out (as torchrun does), so that
+    N processes of a machine-wide thread pool each do not slow every trial down."""
+    return max(1, (os.cpu_count() or 1) // max(1, n))
+
+
+def _share_cpu_threads(n: int) -> None:
+    """This process's share of the CPU threads when it is one of ``n`` > 1 local workers (unless the
+    user set OMP_NUM_THREADS)."""
+    if n <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(_threads_per_worker(n))
+    if "torch" in sys.modules:  # already imported (e.g. to build the tiny model): set its pool directly
+        sys.modules["torch"].set_num_threads(_threads_per_worker(n))
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """While a trial runs: SIGTERM (what scancel, docker and systemd send) and SIGUSR2 (SLURM's warning
+    before a time limit) stop it as Ctrl-C does, so its retry is queued before the process ends."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 class _Heartbeat:
@@ -430,12 +487,53 @@ def _wsd_params(max_steps: int, low: int, high: int) -> list[tuple[str, Any, Any
             ("method", "wsd", optuna.distributions.CategoricalDistribution(["cosine", "wsd"]))]
 
 
-def _is_branch(t: optuna.trial.FrozenTrial) -> bool:
+def is_branch(t: optuna.trial.FrozenTrial) -> bool:
     """A WSD branch recorded by its trunk's job: extra to the sweep's n_trials and grid points."""
     return "wsd_branch_of" in t.system_attrs
 
 
 # --------------------------------------------------------------------------- the sweeper side
+
+
+@dataclass
+class _Sweep:
+    """One command's sweep, as prepared: its study, search space and workers."""
+
+    study: optuna.Study
+    name: str
+    space: SweepSpace
+    points: list  # grid points this command runs ([{}] with distributions only)
+    pure_grid: bool
+    total: int  # a grid: its own points; sampled: the study's n_trials
+    dists: dict
+    plan: workers_mod.WorkerPlan | None = None
+
+
+@dataclass(frozen=True)
+class _Counts:
+    to_run: int
+    done: int
+    running: int  # running elsewhere (a live worker, or a dead one whose heartbeat has not gone stale yet)
+    stale_after: str | None = None
+
+    def describe(self, pure_grid: bool, total: int) -> str:
+        what = "of this grid" if pure_grid else f"of n_trials={total} (the study's total)"
+        text = f"{self.to_run} to run, {self.done} already done, {self.running} running elsewhere {what}"
+        if self.running and self.stale_after:
+            text += f"; a running trial whose worker died is re-run after its heartbeat goes stale, at {self.stale_after}"
+        return text
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.:/+-]+")
+
+
+def _quote(value: str) -> str:
+    """A Hydra override value for any string (quoted and escaped unless it is plain)."""
+    if _PLAIN_NAME.fullmatch(value):
+        return value
+    # Hydra's quoted strings: backslashes before a quote (or the closing quote) are doubled, others kept
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"
 
 
 class StudySweeper:
@@ -444,7 +542,8 @@ class StudySweeper:
     def __init__(self, storage: str, study_name: str | None, n_trials: int | None, sampler: Any,
                  pruner: Any, params: Any = None, heartbeat_interval: int | None = None,
                  grace_period: int | None = None, max_retry: int | None = None,
-                 max_failures: int | None = None, workers: int = 1, gpus: Any = None) -> None:
+                 max_failures: int | None = None, workers: Any = "auto", gpus: Any = None,
+                 launcher: str = "local", slurm: Any = None) -> None:
         self.storage_url = storage
         self.study_name = study_name
         self.n_trials = n_trials
@@ -455,8 +554,8 @@ class StudySweeper:
         self.grace_period = grace_period
         self.max_retry = max_retry
         self.max_failures = max_failures
-        self.workers = int(workers)
-        self.gpus = list(gpus) if gpus is not None else None
+        self.workers_arg, self.gpus_arg, self.launcher_arg = workers, gpus, launcher  # checked in sweep()
+        self.slurm_cfg = slurm
         self.job_idx = 0
         # one id per sweep, shared by the workers it starts: a point that failed in this sweep is
         # not run again until the command is re-run
@@ -486,11 +585,13 @@ class StudySweeper:
             )
         return f"{self.config.data.name}-{self.config.model.name}"
 
-    def _preflight(self, space: SweepSpace) -> None:
-        """Compose and check every grid point (and the data each one names) before any trial."""
+    def _preflight(self, space: SweepSpace) -> list[DictConfig]:
+        """Compose and check every grid point (and the data each one names) before any trial;
+        returns the composed configs."""
         from sweeper import data as data_mod
 
         seen_data: set[str] = set()
+        cfgs = []
         for point in space.grid_points():
             overrides = space.fixed + [f"{k}={t}" for k, (_, t) in point.items()]
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
@@ -499,6 +600,8 @@ class StudySweeper:
             if key not in seen_data:
                 seen_data.add(key)
                 data_mod.load(cfg.data, cfg.paths.cache_dir)
+            cfgs.append(cfg)
+        return cfgs
 
     def _create_study(self, name: str) -> optuna.Study:
         direction = config_mod.metric_direction(self.config.eval.metric)
@@ -552,18 +655,18 @@ class StudySweeper:
                     tried: set[int]) -> dict | None:
         """The next grid point to run, or None when the study is done. A point that failed in
         this sweep (any of its workers) is not retried until the command is run again."""
-        trials = [t for t in study.get_trials(deepcopy=False) if not _is_branch(t)]
+        trials = [t for t in study.get_trials(deepcopy=False) if not is_branch(t)]
         covered = [t for t in trials if t.state in _COVERED]
-        if len(covered) >= total:
-            return None
         failed_here = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
                        and t.system_attrs.get("sweep_id") == self.sweep_id]
-        if pure_grid:
+        if pure_grid:  # this command's own points, whatever else the study holds
             for i, point in enumerate(points):
                 if i in tried or any(self._matches(t, point) for t in covered + failed_here):
                     continue
                 tried.add(i)
                 return point
+            return None
+        if len(covered) >= total:  # sampled: n_trials is the study's total
             return None
         if len(tried) >= total:  # every trial of this worker failed: never loop on failures
             return None
@@ -591,14 +694,23 @@ class StudySweeper:
 
     def sweep(self, arguments: list[str]) -> list[Any]:
         try:
-            prepared = self._prepare(arguments)
+            sw = self._prepare(arguments)
         except (ValueError, FileNotFoundError) as e:  # bad input: one message, no trial created
             raise config_mod.InputError.wrap(e) from e
-        return self._run(*prepared)
+        if self.launcher_name == "slurm":
+            return self._run_slurm(sw)
+        return self._run(sw)
 
-    def _prepare(self, arguments: list[str]) -> tuple:
+    def _prepare(self, arguments: list[str]) -> "_Sweep":
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
+        self.workers = workers_mod.parse_workers(self.workers_arg)
+        self.gpus = workers_mod.parse_gpus(self.gpus_arg)
+        self.launcher_name = workers_mod.parse_launcher(self.launcher_arg)
+        if self.launcher_name == "slurm":
+            from sweeper import slurm
+
+            slurm.check(self.slurm_cfg, self.storage_url, self.gpus)
         params_args = [f"{k}={v}" for k, v in self.params.items()]
         cli_keys = {a.split("=", 1)[0].lstrip("+~") for a in arguments}
         all_args = [a for a in params_args if a.split("=", 1)[0] not in cli_keys] + list(arguments)
@@ -609,49 +721,136 @@ class StudySweeper:
         pure_grid = not space.distributions
         if self.n_trials is not None and self.n_trials < 1:
             raise ValueError(f"hydra.sweeper.n_trials must be >= 1 or null, but got {self.n_trials}")
-        total = self.n_trials or (len(points) if pure_grid else DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS)
+        if pure_grid:  # a grid runs its own points, whatever else the study holds
+            total = min(self.n_trials, len(points)) if self.n_trials else len(points)
+            points = points[:total]
+        else:  # sampled: n_trials is the study's total
+            total = self.n_trials or DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS
 
         name = self._study_name(space)
-        self._preflight(space)  # raises before any trial exists
+        cfgs = self._preflight(space)  # raises before any trial exists
         study = self._create_study(name)
         dists = {**space.grid_distributions(self._group_options), **space.distributions}
         self._check_compatible(study, dists)
-        log.info("study %r in %s: %d grid point(s) x %s; %d trial(s) in all",
-                 name, mask_url(self.storage_url), len(points),
-                 sorted(space.distributions) or "no distributions", total)
-        return study, name, space, points, pure_grid, total, dists
+        sw = _Sweep(study, name, space, points, pure_grid, total, dists)
+        counts = self._counts(sw)
+        log.info("study %r in %s: %d grid point(s) x %s; %s", name, mask_url(self.storage_url), len(points),
+                 sorted(space.distributions) or "no distributions", counts.describe(pure_grid, total))
+        if self.launcher_name == "slurm":
+            max_workers = int(self.slurm_cfg.max_workers)
+            sw.plan = workers_mod.plan_slurm(self.workers, counts.to_run, max_workers)
+        else:
+            visible = gpu_mod.visible_gpus()
+            need, fraction = self._planned_need_gib(cfgs, visible)
+            sw.plan = workers_mod.plan_local(self.workers, self.gpus, visible, need, fraction, counts.to_run)
+            for line in sw.plan.skipped:
+                log.warning("workers: %s", line)
+        log.info("workers: %s", workers_mod.describe(sw.plan))
+        return sw
 
-    def _run(self, study: optuna.Study, name: str, space: SweepSpace, points: list, pure_grid: bool,
-             total: int, dists: dict) -> list[Any]:
+    def _counts(self, sw: "_Sweep") -> "_Counts":
+        """What this command still has to do: its grid points (or, sampled, the study's total) that
+        have no COMPLETE/PRUNED trial, split into running elsewhere and to run."""
+        trials = [t for t in sw.study.get_trials(deepcopy=False) if not is_branch(t)]
+        done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        if sw.pure_grid:
+            done = sum(any(t.state in done_states and self._matches(t, p) for t in trials) for p in sw.points)
+            busy = sum(not any(t.state in done_states and self._matches(t, p) for t in trials)
+                       and any(self._matches(t, p) for t in running) for p in sw.points)
+            to_run = len(sw.points) - done - busy
+        else:
+            done = sum(t.state in done_states for t in trials)
+            busy = len(running)
+            to_run = max(0, sw.total - done - busy)
+        return _Counts(to_run=to_run, done=done, running=busy, stale_after=self._stale_after(sw.study, running))
+
+    def _stale_after(self, study: optuna.Study, running: list) -> str | None:
+        """When the last of the running trials would count as stale (its worker dead), as HH:MM:SS."""
+        if not running or not self.heartbeat_interval:
+            return None
+        try:
+            import datetime
+
+            from optuna.storages._rdb import models
+
+            storage = getattr(study._storage, "_backend", study._storage)
+            grace = int(self.grace_period or 2 * self.heartbeat_interval)
+            with storage.scoped_session() as session:
+                beats = [models.TrialHeartbeatModel.where_trial_id(t._trial_id, session) for t in running]
+                last = max((b.heartbeat for b in beats if b is not None), default=None)
+            if last is None:
+                return None
+            # heartbeats are stored in the database's UTC clock
+            until = last + datetime.timedelta(seconds=grace)
+            local = until.replace(tzinfo=datetime.timezone.utc).astimezone()
+            return f"{local:%H:%M:%S} (grace period {grace} s)"
+        except Exception:  # informational only
+            return None
+
+    def _planned_need_gib(self, cfgs: list, visible: list) -> tuple[float | None, float]:
+        """The largest estimated peak over the sweep's configs at the smallest micro-batch each may
+        use (batch=auto: 1; a fixed batch: its own), and the share of free memory it may take."""
+        if not visible:
+            return None, 1.0
+        from sweeper import model as model_mod
+        from sweeper.plan import memory_estimate
+
+        need, fraction = None, 1.0
+        for cfg in cfgs:
+            shape = model_mod.model_shape(cfg.model, cfg.paths.cache_dir)
+            if shape is None:
+                log.warning("workers: no shape for model.path=%s, so every GPU counts as having room", cfg.model.path)
+                return None, 1.0
+            auto = cfg.batch.get("auto")
+            micro = 1 if auto is not None else int(cfg.batch.per_device_train_batch_size)
+            accum = int(cfg.batch.gradient_accumulation_steps) if auto is None else int(auto.target_effective_batch)
+            est = memory_estimate(cfg, shape, micro, int(cfg.data.max_length),
+                                  gpu_mod.compute_for(visible, str(cfg.precision.compute)), accum)
+            if est is not None and (need is None or est.total_gib > need):
+                need = est.total_gib
+                fraction = float(auto.memory_fraction) if auto is not None else 1.0
+        return need, fraction
+
+    def _run(self, sw: "_Sweep") -> list[Any]:
         from hydra.core.utils import JobStatus
 
+        study, name, space, total = sw.study, sw.name, sw.space, sw.total
+        if sw.plan.gpus[0] is not None:
+            if gpu_mod.cuda_initialised():
+                raise config_mod.InputError("CUDA was initialised before the sweep could pin this worker to one GPU; "
+                                            "report this as a bug")
+            gpu_mod.pin(sw.plan.gpus[0])  # before this process touches CUDA: one trial, one GPU
+        _share_cpu_threads(sw.plan.n)
         texts = {k: {v: t for v, t in vals} for k, vals in space.grid}
-        children = self._start_workers() if self.workers > 1 else []
+        children = self._start_workers(sw.plan)
 
         returns: list[Any] = []
         tried: set[int] = set()
         failures: list[str] = []
         from tqdm.auto import tqdm
 
-        done = len([t for t in study.get_trials(deepcopy=False, states=_COVERED[:2]) if not _is_branch(t)])
-        progress = tqdm(total=total, initial=min(done, total), desc=f"sweep {name}", unit="trial", position=0)
+        counts = self._counts(sw)
+        progress = tqdm(total=counts.done + counts.running + counts.to_run, initial=counts.done,
+                        desc=f"sweep {name}", unit="trial", position=0)
         while True:
-            trial = self._claim(study, points, pure_grid, total, tried, dists)
+            trial = self._claim(study, sw.points, sw.pure_grid, total, tried, sw.dists)
             if trial is None:
                 break
             overrides = list(space.fixed)
             for key in [k for k, _ in space.grid] + list(space.distributions):
                 value = trial.params[key]
                 overrides.append(f"{key}={texts.get(key, {}).get(value, _value_text(value))}")
-            overrides += [f"study.name={name}", f"study.trial_number={trial.number}"]
+            overrides += [f"study.name={_quote(name)}", f"study.trial_number={trial.number}"]
             log.info("trial %d: %s", trial.number, " ".join(overrides[:-2]))
             try:
-                with _Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
+                with _stop_signals(), _Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
                     [ret] = self.launcher.launch([overrides], initial_job_idx=self.job_idx)
-            except KeyboardInterrupt:
-                self._interrupted(study, trial)
-                self._stop_workers(children)
-                raise
+            except KeyboardInterrupt as e:
+                with _signals_ignored():  # a second Ctrl-C must not cut the retry short
+                    self._interrupted(study, trial, str(e) or "interrupted by the user")
+                    self._stop_workers(children)
+                raise SystemExit(143 if "SIGTERM" in str(e) else 130) from None
             self.job_idx += 1
             returns.append(ret)
             if ret.status == JobStatus.COMPLETED:
@@ -682,7 +881,10 @@ class StudySweeper:
                 )
         progress.close()
         self._wait_workers(children)
+        self._summary(study)
+        return returns
 
+    def _summary(self, study: optuna.Study) -> None:
         from sweeper.report import study_report
 
         text = study_report(study)
@@ -690,60 +892,99 @@ class StudySweeper:
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / "summary.md").write_text(text + "\n", encoding="utf-8")
-        return returns
+
+    # -- SLURM: the workers are SLURM jobs; this process submits, watches and replaces them
+
+    def _worker_command(self, sweep_dir: str) -> list[str]:
+        """This command as one more worker: same overrides, one worker, this sweep's folder."""
+        script = str(Path(sys.argv[0]).resolve())
+        return [sys.executable, script, *sys.argv[1:], "hydra.sweeper.workers=1", "hydra.sweeper.gpus=null",
+                "hydra.sweeper.launcher=local", f"hydra.sweep.dir={sweep_dir}"]
+
+    def _run_slurm(self, sw: "_Sweep") -> list[Any]:
+        from sweeper import slurm
+
+        sweep_dir = str(Path(self.config.hydra.sweep.dir).resolve())
+        env = {_SWEEP_ID_ENV: self.sweep_id}
+        submitter = slurm.Submitter(self.slurm_cfg, Path(sweep_dir) / "slurm", self._worker_command(sweep_dir),
+                                    env=env, cwd=os.getcwd())
+        jobs = submitter.submit(sw.plan.n)
+        sw.study.set_user_attr("slurm_jobs", sorted(set(sw.study.user_attrs.get("slurm_jobs", [])) | set(jobs)))
+        log.info("submitted %d SLURM worker job(s): %s; logs in %s", len(jobs), " ".join(jobs), submitter.folder)
+        status = f"python -m sweeper status --storage {shlex.quote(mask_url(self.storage_url))} --study {shlex.quote(sw.name)}"
+        if not self.slurm_cfg.wait:
+            print(f"SLURM jobs {' '.join(jobs)} run the study {sw.name!r}; follow it with: {status}")
+            return []
+        from tqdm.auto import tqdm
+
+        counts = self._counts(sw)
+        progress = tqdm(total=counts.done + counts.running + counts.to_run, initial=counts.done,
+                        desc=f"sweep {sw.name} (SLURM)", unit="trial", position=0)
+        replacements = 0
+        try:
+            while True:
+                time.sleep(float(self.slurm_cfg.poll_s))
+                counts = self._counts(sw)
+                progress.n = counts.done
+                progress.refresh()
+                if submitter.any_active():
+                    continue
+                # every worker job ended: trials left over (a worker was cancelled or lost its node) get
+                # new workers, which fail the stale trials and re-run them from their checkpoints
+                waiting = len(sw.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+                left = counts.to_run + counts.running + waiting
+                if left == 0 or replacements >= max(1, int(self.max_retry or 0)):
+                    break
+                replacements += 1
+                if counts.running and self.heartbeat_interval:  # let the dead workers' trials go stale
+                    time.sleep(int(self.grace_period or 2 * self.heartbeat_interval))
+                more = submitter.submit(min(sw.plan.n, left))
+                sw.study.set_user_attr("slurm_jobs", sorted(set(sw.study.user_attrs.get("slurm_jobs", [])) | set(more)))
+                log.warning("every SLURM worker ended with %d trial(s) left; submitted %s to finish them",
+                            left, " ".join(more))
+        except KeyboardInterrupt:
+            progress.close()
+            log.warning("stopped watching; the SLURM jobs %s keep running. Follow them with: %s "
+                        "(scancel them to stop)", " ".join(submitter.job_ids), status)
+            raise SystemExit(130) from None
+        progress.close()
+        for line in submitter.failures():
+            log.error("%s", line)
+        self._summary(sw.study)
+        return []
 
     @staticmethod
-    def _interrupted(study: optuna.Study, trial: optuna.Trial) -> None:
-        """Ctrl-C: fail the running trial now and queue its retry (same params), which resumes
-        from its checkpoint when the command is run again, instead of waiting for the heartbeat."""
-        trial.set_user_attr("error", "KeyboardInterrupt: interrupted by the user")
+    def _interrupted(study: optuna.Study, trial: optuna.Trial, why: str) -> None:
+        """Ctrl-C or SIGTERM (scancel, docker stop, systemd): fail the running trial now and queue its
+        retry (same params), which resumes from its checkpoint when the command is run again (or at
+        once by another worker), instead of waiting for the heartbeat."""
+        trial.set_user_attr("error", f"KeyboardInterrupt: {why}")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         retry = getattr(study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
         if retry is not None:
             retry(study, study._storage.get_trial(trial._trial_id))
-        log.warning("interrupted: trial %d recorded FAIL%s; re-run the same command to continue", trial.number,
+        log.warning("%s: trial %d recorded FAIL%s; re-run the same command to continue", why, trial.number,
                     " and queued to resume from its checkpoint" if retry is not None else "")
 
     # -- parallel workers
 
-    def _visible_gpus(self) -> list[str]:
-        if self.gpus is not None:
-            return [str(g) for g in self.gpus]
-        env = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if env is not None:
-            return [g for g in env.split(",") if g.strip()]
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception:  # no NVIDIA driver or nvidia-ml-py: CPU workers
-            return []
-
-    def _start_workers(self) -> list[subprocess.Popen]:
-        """Start workers 1..N-1 as copies of this command, each on its own GPU (this process is
-        worker 0). Each claims trials as it frees up: no batch barrier."""
-        gpus = self._visible_gpus()
-        if gpus and len(gpus) < self.workers:
-            raise config_mod.InputError(
-                f"hydra.sweeper.workers={self.workers} needs one GPU each, but {len(gpus)} are visible "
-                f"({','.join(gpus)}); lower hydra.sweeper.workers or set hydra.sweeper.gpus"
-            )
+    def _start_workers(self, plan: workers_mod.WorkerPlan) -> list[subprocess.Popen]:
+        """Start workers 1..N-1 of ``plan`` as copies of this command, each seeing only its own GPU
+        (this process is worker 0). Each claims trials as it frees up: no batch barrier."""
         sweep_dir = str(self.config.hydra.sweep.dir)
         children = []
-        for i in range(1, self.workers):
+        for i in range(1, plan.n):
             env = {**os.environ, _SWEEP_ID_ENV: self.sweep_id}
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[i]
-            cmd = [sys.executable, *sys.argv, "hydra.sweeper.workers=1", f"hydra.sweep.dir={sweep_dir}"]
+            if plan.gpus[i] is not None:
+                env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=plan.gpus[i])
+            env.setdefault("OMP_NUM_THREADS", str(_threads_per_worker(plan.n)))
             log_path = Path(sweep_dir) / f"worker{i}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "w") as out:
-                children.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT))
+                children.append(subprocess.Popen(self._worker_command(sweep_dir), env=env, stdout=out,
+                                                 stderr=subprocess.STDOUT))
             log.info("worker %d started (pid %d, %s), log: %s", i, children[-1].pid,
-                     f"GPU {gpus[i]}" if gpus else "CPU", log_path)
-        if gpus:
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]  # before this process touches CUDA
+                     "CPU" if plan.gpus[i] is None else f"GPU {plan.gpus[i]}", log_path)
         return children
 
     @staticmethod

@@ -381,20 +381,19 @@ def _smaller_micro_batch(micro: int, accum: int) -> tuple[int, int] | None:
 
 
 def _auto_batch(cfg: DictConfig) -> tuple[int, int, dict]:
-    """batch=auto: pin this process to the GPU with the most free memory (unless a worker already
-    pinned it), then pick the largest micro-batch whose estimated peak fits ``memory_fraction`` of
-    that GPU's free memory and divides the target effective batch. Without a GPU: the preset."""
+    """batch=auto on this process's one GPU (``run`` pinned it): the largest micro-batch whose
+    estimated peak fits ``memory_fraction`` of the GPU's free memory and divides the target
+    effective batch. Without a GPU: the preset."""
     from sweeper.gpu import visible_gpus
     from sweeper.plan import fit_micro_batch, memory_estimate
 
     a, b = cfg.batch.auto, cfg.batch
-    gpus = visible_gpus()  # NVML: must run before CUDA is initialised, so the pin below takes effect
+    gpus = visible_gpus()
     if not gpus:
         log.info("batch=auto: no GPU visible, so the preset micro-batch %d x accumulation %d is used",
                     b.per_device_train_batch_size, b.gradient_accumulation_steps)
         return int(b.per_device_train_batch_size), int(b.gradient_accumulation_steps), {"mode": "no GPU: preset"}
     best = gpus[0]
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(best.index)
     compute = model_mod.resolve_compute(cfg.precision.compute)
     shape = model_mod.model_shape(cfg.model, cfg.paths.cache_dir)
     if shape is None:
@@ -419,6 +418,20 @@ def _auto_batch(cfg: DictConfig) -> tuple[int, int, dict]:
     log.info("batch=auto: GPU %d (%s) has %.1f GiB free; micro-batch %d x accumulation %d (estimated peak "
              "%.1f GiB of a %.1f GiB budget)", best.index, best.name, best.free_gib, micro, accum, est, budget)
     return micro, accum, info
+
+
+# batch=auto probes already made in this process (a sweep worker runs its trials in one process):
+# key -> (micro-batch, accumulation, which trial probed it)
+_PROBED: dict[str, tuple[int, int, str]] = {}
+
+
+def _probe_key(cfg: DictConfig, info: dict) -> str:
+    """What the probed micro-batch depends on: the GPU, the model, precision, adapters, data (its
+    longest rows and length), batch and speed settings and the optimizer."""
+    parts = [str(info.get("gpu")), str(info.get("gpu_name"))]
+    parts += [OmegaConf.to_yaml(cfg[k]) for k in ("model", "precision", "peft", "data", "batch", "speed")]
+    parts.append(str(cfg.lr.optim))
+    return "\n".join(parts)
 
 
 def _probe(trainer: Any, micro: int) -> float:
@@ -542,6 +555,19 @@ def _restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool
 def run(cfg: DictConfig, reporter: Any = None) -> float:
     """See :func:`_run` (``schedule=wsd_search``: :func:`sweeper.wsd.search`); closes the job's own
     connection to the study however the run ends."""
+    from sweeper import gpu
+
+    try:
+        gpu.pin_one()  # one trial, one GPU: before anything initialises CUDA
+    except ValueError as e:
+        raise config_mod.InputError.wrap(e) from e
+    if gpu.cuda_initialised():  # a worker's earlier trial: give its cached blocks back, so that NVML's free
+        import gc               # memory (batch=auto's budget) does not count them as taken
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
     own = None
     if reporter is None and cfg.study.trial_number is not None:
         from sweeper.study import TrialReporter
@@ -582,8 +608,15 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(job_dir / "tensorboard")
     micro, accum = int(cfg.batch.per_device_train_batch_size), int(cfg.batch.gradient_accumulation_steps)
     auto_info: dict | None = None
+    probe_key = None
     if cfg.batch.auto is not None:
         micro, accum, auto_info = _auto_batch(cfg)
+        if auto_info["mode"] == "fitted" and cfg.batch.auto.probe:
+            probe_key = _probe_key(cfg, auto_info)
+            if probe_key in _PROBED:  # a later trial of this worker with the same shapes: no second probe
+                micro, accum, first = _PROBED[probe_key]
+                auto_info.update(probes=f"reused the probed micro-batch of {first} in this worker", micro_batch=micro)
+                auto_info.pop("_states_gib", None)
     oom_retries: list[dict] = []
     metric = str(cfg.eval.metric)
     maximize = config_mod.metric_direction(metric) == "maximize"
@@ -625,7 +658,11 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
         # TRL's tokenisation and packing: the datasets cache (by fingerprint) makes it once per sweep
         timing["prepare_s"] = round(time.perf_counter() - started, 2)
         if fitted and cfg.batch.auto.probe and "probes" not in auto_info:
+            started = time.perf_counter()
             probed = _probe_ladder(trainer, cfg, micro, auto_info, auto_info.pop("_states_gib"))
+            timing["batch_probe_s"] = round(time.perf_counter() - started, 2)
+            _PROBED[probe_key] = (probed, int(cfg.batch.auto.target_effective_batch) // probed,
+                                  f"trial {cfg.study.trial_number}" if cfg.study.trial_number is not None else "a run")
             if probed != micro:  # rebuild at the probed size (args and dataloader depend on it)
                 micro, accum = probed, int(cfg.batch.auto.target_effective_batch) // probed
                 del trainer, model
@@ -650,6 +687,7 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
                                 "sft_config": {k: getattr(args, k) for k in _SNIPPET_KEYS},
                                 "resumed_from_checkpoint": resume,
                                 "worker": f"{socket.gethostname()}:{os.getpid()}",
+                                "slurm_job": _slurm_job(),
                                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
         if resume:
             log.info("resuming from %s", resume)
@@ -718,6 +756,14 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
         segment.results = results
         state.save_to_json(str(job_dir / "trainer_state.json"))
     return float(best) if best is not None else math.nan
+
+
+def _slurm_job() -> str | None:
+    """This process's SLURM job id as squeue/scancel name it (``<array>_<task>`` in a job array), or None."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
 
 
 def _fmt4(x: float | None) -> str:

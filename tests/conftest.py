@@ -54,6 +54,29 @@ def compose_cfg(tmp_path, cache_dir):
     GlobalHydra.instance().clear()
 
 
+PG_URL = os.environ.get("SFT_SWEEP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def postgres_unreachable() -> str | None:
+    """None when the PostgreSQL server of the tests answers, else why not (for the skip line)."""
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(PG_URL).connect() as c:
+            c.execute(sqlalchemy.text("SELECT 1"))
+        return None
+    except Exception as e:  # visible reason in the skip line
+        return f"PostgreSQL not reachable at {PG_URL}: {type(e).__name__}: {e}"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip on a developer's machine; fail in CI, which starts every service: a skip there would hide a
+    broken set-up."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python train.py ...` in a subprocess; return the completed process (never raises)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}

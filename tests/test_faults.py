@@ -16,24 +16,10 @@ import pytest
 
 from sweeper.trial import DivergedError, run
 
-from .conftest import FAST, ROOT, run_cli
+from .conftest import FAST, PG_URL, ROOT, postgres_unreachable, run_cli, skip_or_fail
 from .test_trial import Recorder
 
 TrialState = optuna.trial.TrialState
-PG_URL = os.environ.get("SFT_SWEEP_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _postgres_reachable() -> str | None:
-    try:
-        import sqlalchemy
-
-        with sqlalchemy.create_engine(PG_URL).connect() as c:
-            c.execute(sqlalchemy.text("SELECT 1"))
-        return None
-    except Exception as e:  # visible reason in the skip line
-        return f"PostgreSQL not reachable at {PG_URL}: {type(e).__name__}: {e}"
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def storage(request, tmp_path):
     """(url, study name) on a fresh SQLite file or a unique study on the PostgreSQL server."""
@@ -41,11 +27,9 @@ def storage(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/optuna.db", name
         return
-    reason = _postgres_reachable()
+    reason = postgres_unreachable()
     if reason:
-        if os.environ.get("CI"):
-            pytest.fail(reason)  # CI starts the server: a skip there would hide a broken set-up
-        pytest.skip(reason)
+        skip_or_fail(reason)
     yield PG_URL, name
     try:
         optuna.delete_study(study_name=name, storage=PG_URL)

@@ -30,6 +30,22 @@ class PrunerConf:
 
 
 @dataclass
+class SlurmConf:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_min: int = MISSING
+    gpus_per_worker: int = MISSING
+    cpus_per_worker: int = MISSING
+    mem_gb: Optional[float] = None
+    additional: Dict[str, Any] = field(default_factory=dict)
+    setup: List[str] = field(default_factory=list)
+    max_workers: int = MISSING
+    wait: bool = MISSING
+    poll_s: float = MISSING
+
+
+@dataclass
 class SftSweepSweeperConf:
     _target_: str = "hydra_plugins.sft_sweep.sft_sweep_sweeper.SftSweepSweeper"
     storage: str = MISSING
@@ -42,8 +58,10 @@ class SftSweepSweeperConf:
     grace_period: Optional[int] = None
     max_retry: Optional[int] = None
     max_failures: Optional[int] = None
-    workers: int = MISSING
+    workers: Any = MISSING  # auto | N
     gpus: Optional[List[Any]] = None
+    launcher: str = MISSING  # local | slurm
+    slurm: SlurmConf = field(default_factory=SlurmConf)
 
 
 ConfigStore.instance().store(

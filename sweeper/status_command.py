@@ -1,0 +1,123 @@
+"""`python -m sweeper status`: where each study stands, while or after its workers run.
+
+    python -m sweeper status                                              # every study, default storage
+    python -m sweeper status --storage postgresql://user@db/sweeps --study banking77-qwen2.5-1.5b
+
+Per study: trials by state, each running trial's worker (host:pid, GPU), its last evaluation and
+how long ago its worker last beat; the best trial so far; and the SLURM worker jobs a
+``hydra.sweeper.launcher=slurm`` sweep submitted, with their state from ``squeue``/``sacct``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+
+def _heartbeat_age_s(storage: Any, trial_id: int) -> float | None:
+    try:
+        from optuna.storages._rdb import models
+
+        backend = getattr(storage, "_backend", storage)
+        with backend.scoped_session() as session:
+            beat = models.TrialHeartbeatModel.where_trial_id(trial_id, session)
+            if beat is None:
+                return None
+            now = session.execute(__import__("sqlalchemy").func.now().select()).scalar()
+            return (now.replace(tzinfo=None) - beat.heartbeat.replace(tzinfo=None)).total_seconds()
+    except Exception:
+        return None
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """SLURM state of each job id (``squeue`` for live jobs, then ``sacct``); "ended" when neither
+    knows it any more, "unknown (no squeue)" without SLURM's client."""
+    if not job_ids:
+        return {}
+    if shutil.which("squeue") is None:
+        return {j: "unknown (no squeue here)" for j in job_ids}
+    states: dict[str, str] = {}
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%N"], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        jid, state, node = (line.split("|") + ["", ""])[:3]
+        states[jid.strip()] = state.strip() + (f" on {node.strip()}" if node.strip() else "")
+    missing = [j for j in job_ids if j not in states]
+    if missing and shutil.which("sacct"):
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(missing), "-o", "JobID,State"],
+                             capture_output=True, text=True)
+        for line in out.stdout.splitlines():
+            jid, _, state = line.partition("|")
+            if jid in missing:
+                states[jid] = state.strip()
+    return {j: states.get(j, "ended") for j in job_ids}
+
+
+def study_status(study: Any) -> str:
+    import optuna
+
+    from sweeper.study import is_branch
+
+    trials = study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    order = ["COMPLETE", "RUNNING", "WAITING", "PRUNED", "FAIL"]
+    branches = sum(is_branch(t) for t in trials)
+    head = ", ".join(f"{counts.get(s, 0)} {s}" for s in order)
+    lines = [f"study {study.study_name}: {head}" + (f" ({branches} of them WSD branches)" if branches else "")]
+    for t in trials:
+        if t.state == optuna.trial.TrialState.RUNNING:
+            a = t.user_attrs
+            params = " ".join(f"{k}={v}" for k, v in t.params.items())
+            last = max(t.intermediate_values) if t.intermediate_values else None
+            age = _heartbeat_age_s(study._storage, t._trial_id)
+            where = a.get("worker", "a worker")
+            if a.get("cuda_visible_devices"):
+                where += f" (GPU {a['cuda_visible_devices']})"
+            started = t.datetime_start.strftime("%H:%M:%S") if t.datetime_start else "?"
+            lines.append(f"  running: trial {t.number} {params} on {where} since {started}"
+                         + (f", last evaluation at step {last} ({t.intermediate_values[last]:.4f})" if last is not None
+                            else ", no evaluation yet")
+                         + (f", heartbeat {age:.0f} s ago" if age is not None else ""))
+        elif t.state == optuna.trial.TrialState.WAITING:
+            lines.append(f"  waiting: trial {t.number} " + " ".join(f"{k}={v}" for k, v in t.params.items())
+                         + (f" (re-run of trial {t.system_attrs['failed_trial']})" if "failed_trial" in t.system_attrs
+                            else ""))
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if done:
+        best = study.best_trial
+        lines.append(f"  best so far: trial {best.number} {study.user_attrs.get('metric', 'value')} {best.value:.4f} "
+                     + " ".join(f"{k}={v}" for k, v in best.params.items()))
+    jobs = list(study.user_attrs.get("slurm_jobs", []))
+    if jobs:
+        states = slurm_states(jobs)
+        lines.append("  SLURM worker jobs: " + "; ".join(f"{j} {s}" for j, s in states.items()))
+    lines.append(f"  (as of {datetime.datetime.now():%H:%M:%S})")
+    return "\n".join(lines)
+
+
+def status(storage: str | None, studies: list[str] | None) -> int:
+    import optuna
+
+    from sweeper.report_command import _defaults, _open
+
+    try:
+        url, shown, store = _open(storage or _defaults()[0])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = studies or [s.study_name for s in optuna.get_all_study_summaries(store)]
+    if not names:
+        print(f"no studies in {shown}")
+        return 0
+    for name in names:
+        try:
+            study = optuna.load_study(study_name=name, storage=store)
+        except KeyError:
+            print(f"no study {name!r} in {shown}")
+            return 2
+        print(study_status(study))
+    return 0

@@ -1,0 +1,177 @@
+"""Workers: how many, on which GPU, and the one-GPU-per-trial rule.
+
+The decisions are table-tested (``sweeper.workers`` is pure). The CLI tests run real sweeps on this
+GPU-less machine with a stand-in ``nvidia-smi`` on PATH that lists GPUs with chosen free memory: the
+sweeper reads GPUs through it (nvidia-ml-py finds no driver here), so its worker plan and each worker's
+``CUDA_VISIBLE_DEVICES`` are the real code's, while torch (a CPU build) trains on the CPU. The same
+paths ran on real GPUs (2×H200, benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import optuna
+import pytest
+
+from sweeper import gpu, workers
+from sweeper.gpu import GpuMemory
+
+from .conftest import FAST, run_cli
+
+
+def _g(index, free, total=24.0):
+    return GpuMemory(index, f"GPU{index}", free, total, (8, 9))
+
+
+VISIBLE = [_g(2, 20.0), _g(0, 12.0), _g(1, 3.0)]  # most free first, as visible_gpus() orders them
+
+
+@pytest.mark.parametrize("req,gpus,visible,need,left,expect_gpus,skipped", [
+    ("auto", None, VISIBLE, 5.0, 10, ["2", "0"], 1),  # GPU 1 lacks room (0.9 * 3 < 5)
+    ("auto", None, VISIBLE, None, 10, ["2", "0", "1"], 0),  # unknown need: every GPU
+    ("auto", None, VISIBLE, 5.0, 1, ["2"], 1),  # one trial left: one worker
+    ("auto", None, VISIBLE, 5.0, 0, ["2"], 1),  # nothing left: still one (it prints the report)
+    ("auto", None, [], 5.0, 4, [None], 0),  # CPU: one worker
+    (3, None, [], None, 4, [None, None, None], 0),  # CPU workers on request
+    (2, None, VISIBLE, 5.0, 4, ["2", "0"], 1),
+    (3, None, VISIBLE, 5.0, 4, ["2", "0", "1"], 1),  # asked for: the GPU without room comes last
+    ("auto", ["3", "1"], VISIBLE, 99.0, 4, ["3", "1"], 0),  # the user's list wins, no memory check
+    ("auto", ["3", "1"], VISIBLE, 99.0, 1, ["3"], 0),
+    (1, ["3", "1"], VISIBLE, 99.0, 4, ["3"], 0),
+])
+def test_plan_local(req, gpus, visible, need, left, expect_gpus, skipped):
+    plan = workers.plan_local(req, gpus, visible, need, 0.9, left)
+    assert plan.gpus == expect_gpus
+    assert len(plan.skipped) == skipped
+    if skipped:
+        assert "GPU 1 (GPU1) skipped: 3.0 GiB free, the planned trial needs ~5.0 GiB" in plan.skipped[0]
+
+
+@pytest.mark.parametrize("req,gpus,visible,need,needle", [
+    ("auto", None, [_g(0, 2.0), _g(1, 1.0)], 5.0, "no visible GPU has room for the planned trial (~5.0 GiB"),
+    (3, None, VISIBLE[:2], 1.0, "hydra.sweeper.workers=3 needs one GPU each, but 2 are visible (2,0)"),
+    (3, ["0", "1"], VISIBLE, 1.0, "hydra.sweeper.gpus lists 2 (0,1)"),
+])
+def test_plan_local_errors_name_the_fix(req, gpus, visible, need, needle):
+    with pytest.raises(ValueError, match=None) as e:
+        workers.plan_local(req, gpus, visible, need, 0.9, 8)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("value,expect", [("auto", "auto"), ("AUTO", "auto"), (1, 1), ("3", 3), (4, 4)])
+def test_parse_workers(value, expect):
+    assert workers.parse_workers(value) == expect
+
+
+@pytest.mark.parametrize("value", [0, -1, "two", 1.5, "", None, True])
+def test_parse_workers_refuses(value):
+    with pytest.raises(ValueError, match="hydra.sweeper.workers must be auto or a whole number >= 1"):
+        workers.parse_workers(value)
+
+
+def test_parse_gpus_one_id_per_worker():
+    assert workers.parse_gpus([0, 2]) == ["0", "2"]
+    assert workers.parse_gpus(None) is None
+    for bad in (["0,1"], [[0, 1]], []):
+        with pytest.raises(ValueError, match="hydra.sweeper.gpus"):
+            workers.parse_gpus(bad)
+    with pytest.raises(ValueError, match="one trial runs on one GPU"):
+        workers.parse_gpus(["0,1"])
+
+
+def test_plan_slurm_auto_is_one_job_per_trial_left_up_to_the_cap():
+    assert workers.plan_slurm("auto", 3, 8).n == 3
+    assert workers.plan_slurm("auto", 20, 8).n == 8
+    assert workers.plan_slurm("auto", 0, 8).n == 1
+    assert workers.plan_slurm(2, 20, 8).n == 2
+
+
+def test_compute_for_gpus_without_cuda():
+    assert gpu.compute_for([_g(0, 1.0)], "auto") == "bf16"
+    assert gpu.compute_for([GpuMemory(0, "T4", 1.0, 16.0, (7, 5))], "auto") == "fp16"
+    assert gpu.compute_for([], "auto") == "fp32"
+    assert gpu.compute_for([], "bf16") == "bf16"
+
+
+def test_world_size_above_one_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"one trial runs on one GPU \(for now\), but this run was launched as 2"):
+        gpu.pin_one()
+
+
+# --------------------------------------------------------------------------- CLI with a stand-in nvidia-smi
+
+
+def fake_nvidia_smi(folder: Path, free_mib: list[int], total_mib: int = 24564) -> dict:
+    """A PATH entry whose `nvidia-smi --query-gpu=...` lists GPUs 0..n-1 with these free MiB."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = "\n".join(f"{i}, Fake GPU {i}, {free}, {total_mib}, 8.9, GPU-fake-{i}" for i, free in enumerate(free_mib))
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{lines}\nEOF\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    env = {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+@pytest.mark.slow
+def test_workers_auto_one_per_gpu_with_room_each_trial_sees_one_gpu(tmp_path, cache_dir):
+    env = fake_nvidia_smi(tmp_path / "bin", [20000, 1, 16000])  # GPU 1 has 1 MiB free: no room
+    proc = run_cli("-m", "seed=1,2,3,4", *FAST, "batch=balanced", "batch.per_device_train_batch_size=4",
+                   "batch.gradient_accumulation_steps=1", f"paths.output_dir={tmp_path}",
+                   f"paths.cache_dir={cache_dir}", env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "workers: 2 worker(s) on GPU 0, GPU 2" in out
+    assert "GPU 1 (Fake GPU 1) skipped: 0.0 GiB free" in out
+    trials = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db").trials
+    assert sorted(t.params["seed"] for t in trials if t.state.name == "COMPLETE") == [1, 2, 3, 4]
+    seen = {t.user_attrs["cuda_visible_devices"] for t in trials}
+    assert seen == {"0", "2"}, seen  # every trial saw exactly one GPU, and both workers worked
+    by_gpu = {g: {t.user_attrs["worker"] for t in trials if t.user_attrs["cuda_visible_devices"] == g} for g in seen}
+    assert all(len(w) == 1 for w in by_gpu.values()) and by_gpu["0"] != by_gpu["2"]  # one process per GPU
+
+
+@pytest.mark.slow
+def test_fewer_points_than_gpus_start_only_as_many_workers(tmp_path, cache_dir):
+    env = fake_nvidia_smi(tmp_path / "bin", [20000, 20000, 20000])
+    proc = run_cli("-m", "seed=1", *FAST, "batch=balanced", "batch.per_device_train_batch_size=4",
+                   "batch.gradient_accumulation_steps=1", f"paths.output_dir={tmp_path}",
+                   f"paths.cache_dir={cache_dir}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "workers: 1 worker(s) on GPU 0" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_single_run_on_a_many_gpu_box_pins_one_gpu(tmp_path, cache_dir):
+    env = fake_nvidia_smi(tmp_path / "bin", [5000, 20000])
+    proc = run_cli(*FAST, "batch=balanced", "batch.per_device_train_batch_size=4",
+                   "batch.gradient_accumulation_steps=1", f"paths.output_dir={tmp_path}",
+                   f"paths.cache_dir={cache_dir}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "this run uses GPU 1 (Fake GPU 1, 19.5 GiB free, the most of 2 visible)" in proc.stdout + proc.stderr
+
+
+def test_torchrun_style_launch_is_one_line(tmp_path, cache_dir):
+    proc = run_cli(*FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", env={"WORLD_SIZE": "2"})
+    assert proc.returncode != 0
+    assert "one trial runs on one GPU (for now)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("hydra.sweeper.workers=zero", "hydra.sweeper.workers must be auto or a whole number >= 1, but got 'zero'"),
+    ("hydra.sweeper.gpus=['0,1']", "one trial runs on one GPU (for now), so each entry is one GPU id"),
+    ("hydra.sweeper.launcher=k8s", "hydra.sweeper.launcher must be one of local, slurm, but got 'k8s'"),
+    ("hydra.sweeper.launcher=slurm", "SQLite"),
+])
+def test_bad_worker_settings_are_one_line(tmp_path, cache_dir, override, needle):
+    proc = run_cli("-m", "seed=1", *FAST, override, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+    assert proc.returncode != 0
+    assert needle in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_summaries(
+        f"sqlite:///{tmp_path}/optuna.db")  # nothing half-written
