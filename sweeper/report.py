@@ -571,6 +571,26 @@ def accuracy_disagrees(t: optuna.trial.FrozenTrial) -> str | None:
             "consider eval.metric=eval_accuracy")
 
 
+def settings_note(study: optuna.Study) -> str | None:
+    """Which trials ran which settings, when a study holds trials whose unswept settings differ (added
+    with ``hydra.sweeper.allow_config_change=true``); None when every trial ran the same ones."""
+    from sweeper import identity
+
+    trials = [t for t in study.get_trials(deepcopy=False) if "config" in t.system_attrs]
+    params = {k for t in trials for k in t.params}
+    keys = sorted(k for k in identity.varying([t.system_attrs["config"] for t in trials])
+                  if not k.startswith(identity.SEARCHED) and k not in params
+                  and not any(k.startswith(p + ".") for p in params))
+    if not keys:
+        return None
+    groups: dict[str, list[int]] = {}
+    for t in trials:
+        label = " ".join(f"{k}={t.system_attrs['config'].get(k)}" for k in keys)
+        groups.setdefault(label, []).append(t.number)
+    parts = [f"{label} for trial(s) {', '.join(map(str, nums))}" for label, nums in groups.items()]
+    return "Settings differ between trials (added with hydra.sweeper.allow_config_change=true): " + "; ".join(parts)
+
+
 def study_report(study: optuna.Study) -> str:
     """Markdown: the table (with diagnosis), the recommendation with its notes and the SFTConfig for it."""
     metric = study.user_attrs.get("metric", "value")
@@ -594,6 +614,9 @@ def study_report(study: optuna.Study) -> str:
             f"| {_fmt(r['best_step'])} | {_fmt(r['stopped_early'])} | {_accuracy(t)} | {r['state']} "
             f"| {diagnoses[r['trial']].verdict} |")
     lines.append("")
+    settings = settings_note(study)
+    if settings:
+        lines += [f"- {settings}", ""]
     for r in rows:
         t, d = by_number[r["trial"]], diagnoses[r["trial"]]
         error = f" (error: {r['error']})" if r["error"] and d.verdict != "failed" else ""

@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
 from sweeper import gpu as gpu_mod
+from sweeper import identity
 from sweeper import workers as workers_mod
 
 log = logging.getLogger(__name__)
@@ -506,6 +507,7 @@ class _Sweep:
     pure_grid: bool
     total: int  # a grid: its own points; sampled: the study's n_trials
     dists: dict
+    configs: list = field(default_factory=list)  # each point's result config (sweeper.identity)
     plan: workers_mod.WorkerPlan | None = None
 
 
@@ -543,7 +545,7 @@ class StudySweeper:
                  pruner: Any, params: Any = None, heartbeat_interval: int | None = None,
                  grace_period: int | None = None, max_retry: int | None = None,
                  max_failures: int | None = None, workers: Any = "auto", gpus: Any = None,
-                 launcher: str = "local", slurm: Any = None) -> None:
+                 launcher: str = "local", slurm: Any = None, allow_config_change: bool = False) -> None:
         self.storage_url = storage
         self.study_name = study_name
         self.n_trials = n_trials
@@ -556,6 +558,7 @@ class StudySweeper:
         self.max_failures = max_failures
         self.workers_arg, self.gpus_arg, self.launcher_arg = workers, gpus, launcher  # checked in sweep()
         self.slurm_cfg = slurm
+        self.allow_config_change = bool(allow_config_change)
         self.job_idx = 0
         # one id per sweep, shared by the workers it starts: a point that failed in this sweep is
         # not run again until the command is re-run
@@ -647,47 +650,64 @@ class StudySweeper:
                 ) from None
 
     @staticmethod
-    def _matches(trial: optuna.trial.FrozenTrial, point: dict[str, tuple[Any, str]]) -> bool:
+    def _matches(trial: optuna.trial.FrozenTrial, point: dict[str, tuple[Any, str]], config: dict | None = None) -> bool:
+        """Whether ``trial`` ran grid ``point`` (its params) with ``config`` (the point's result config;
+        None: params alone)."""
         params = trial.system_attrs.get("fixed_params", trial.params)
-        return all(k in params and params[k] == v for k, (v, _) in point.items())
+        if not all(k in params and params[k] == v for k, (v, _) in point.items()):
+            return False
+        return config is None or identity.same_run(trial.system_attrs.get("config"), config)
 
-    def _next_point(self, study: optuna.Study, points: list, pure_grid: bool, total: int,
-                    tried: set[int]) -> dict | None:
-        """The next grid point to run, or None when the study is done. A point that failed in
-        this sweep (any of its workers) is not retried until the command is run again."""
-        trials = [t for t in study.get_trials(deepcopy=False) if not is_branch(t)]
+    def _next_point(self, sw: "_Sweep", tried: set[int]) -> int | None:
+        """The index of the next grid point to run, or None when the sweep is done. A point that
+        failed in this sweep (any of its workers) is not retried until the command is run again."""
+        trials = [t for t in sw.study.get_trials(deepcopy=False) if not is_branch(t)]
         covered = [t for t in trials if t.state in _COVERED]
         failed_here = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
                        and t.system_attrs.get("sweep_id") == self.sweep_id]
-        if pure_grid:  # this command's own points, whatever else the study holds
-            for i, point in enumerate(points):
-                if i in tried or any(self._matches(t, point) for t in covered + failed_here):
+        if sw.pure_grid:  # this command's own points, whatever else the study holds
+            for i, point in enumerate(sw.points):
+                if i in tried or any(self._matches(t, point, sw.configs[i]) for t in covered + failed_here):
                     continue
                 tried.add(i)
-                return point
+                return i
             return None
-        if len(covered) >= total:  # sampled: n_trials is the study's total
+        if len(covered) >= sw.total:  # sampled: n_trials is the study's total
             return None
-        if len(tried) >= total:  # every trial of this worker failed: never loop on failures
+        if len(tried) >= sw.total:  # every trial of this worker failed: never loop on failures
             return None
         tried.add(len(tried))
-        counts = [sum(self._matches(t, p) for t in covered) for p in points]
-        return points[counts.index(min(counts))]
+        counts = [sum(self._matches(t, p, c) for t in covered) for p, c in zip(sw.points, sw.configs)]
+        return counts.index(min(counts))
 
-    def _claim(self, study: optuna.Study, points: list, pure_grid: bool, total: int, tried: set[int],
-               dists: dict) -> optuna.Trial | None:
+    def _claim(self, sw: "_Sweep", tried: set[int]) -> optuna.Trial | None:
         """Under the cross-worker lock: fail stale trials (their retries become WAITING), then
-        take a WAITING trial if there is one, else start the next point."""
+        take a WAITING trial if there is one, else start the next point. Records the trial's result
+        config (``config`` system attr; a retry inherits its failed trial's)."""
+        study = sw.study
         with claim_lock(self.storage_url, study.study_name):
             optuna.storages.fail_stale_trials(study)
-            if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-                point = self._next_point(study, points, pure_grid, total, tried)
-                if point is None:
+            waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+            config = None
+            if not waiting:
+                i = self._next_point(sw, tried)
+                if i is None:
                     return None
-                if point:
-                    study.enqueue_trial({k: v for k, (v, _) in point.items()})
-            trial = study.ask(fixed_distributions=dists)
-            trial.storage.set_trial_system_attr(trial._trial_id, "sweep_id", self.sweep_id)
+                if sw.points[i]:
+                    study.enqueue_trial({k: v for k, (v, _) in sw.points[i].items()})
+                config = sw.configs[i]
+            trial = study.ask(fixed_distributions=sw.dists)
+            storage = trial.storage
+            if config is None:  # a queued retry: the config of the trial it repeats
+                frozen = storage.get_trial(trial._trial_id)
+                failed = frozen.system_attrs.get("failed_trial")
+                if failed is not None:
+                    config = study._storage.get_trial(
+                        study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(failed))
+                    ).system_attrs.get("config")
+            storage.set_trial_system_attr(trial._trial_id, "sweep_id", self.sweep_id)
+            if config is not None:
+                storage.set_trial_system_attr(trial._trial_id, "config", config)
             return trial
 
     # -- the sweep
@@ -721,18 +741,19 @@ class StudySweeper:
         pure_grid = not space.distributions
         if self.n_trials is not None and self.n_trials < 1:
             raise ValueError(f"hydra.sweeper.n_trials must be >= 1 or null, but got {self.n_trials}")
-        if pure_grid:  # a grid runs its own points, whatever else the study holds
-            total = min(self.n_trials, len(points)) if self.n_trials else len(points)
-            points = points[:total]
-        else:  # sampled: n_trials is the study's total
-            total = self.n_trials or DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS
-
         name = self._study_name(space)
         cfgs = self._preflight(space)  # raises before any trial exists
+        configs = [identity.result_config(c) for c in cfgs]
+        if pure_grid:  # a grid runs its own points, whatever else the study holds
+            total = min(self.n_trials, len(points)) if self.n_trials else len(points)
+            points, cfgs, configs = points[:total], cfgs[:total], configs[:total]
+        else:  # sampled: n_trials is the study's total
+            total = self.n_trials or DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS
         study = self._create_study(name)
         dists = {**space.grid_distributions(self._group_options), **space.distributions}
         self._check_compatible(study, dists)
-        sw = _Sweep(study, name, space, points, pure_grid, total, dists)
+        self._check_same_settings(study, space, configs)
+        sw = _Sweep(study, name, space, points, pure_grid, total, dists, configs)
         counts = self._counts(sw)
         log.info("study %r in %s: %d grid point(s) x %s; %s", name, mask_url(self.storage_url), len(points),
                  sorted(space.distributions) or "no distributions", counts.describe(pure_grid, total))
@@ -748,6 +769,30 @@ class StudySweeper:
         log.info("workers: %s", workers_mod.describe(sw.plan))
         return sw
 
+    def _check_same_settings(self, study: optuna.Study, space: SweepSpace, configs: list[dict]) -> None:
+        """Refuse a command whose unswept settings differ from what the study's trials ran (unless
+        ``allow_config_change``): a re-run must never serve old results as this command's."""
+        ran = [t.system_attrs["config"] for t in study.get_trials(deepcopy=False)
+               if "config" in t.system_attrs and not is_branch(t)]
+        if not ran or not configs:
+            return
+        swept = set(space.distributions) | {k for k, _ in space.grid}
+        skip = identity.varying(configs) | {k for k in configs[0] if any(k == s or k.startswith(s + ".")
+                                                                         for s in swept)}
+        if any(not identity.differences([c], configs[0], skip) for c in ran):
+            return  # some earlier trials ran these very settings
+        diff = identity.differences(ran, configs[0], skip)
+        text = identity.describe_differences(diff)
+        if self.allow_config_change:
+            log.warning("study %r: this command's settings differ from its earlier trials (%s); adding them "
+                        "(hydra.sweeper.allow_config_change=true)", study.study_name, text)
+            return
+        raise ValueError(
+            f"study {study.study_name!r} in {mask_url(self.storage_url)} ran other settings than this command: "
+            f"{text}. Its results are not this command's: start a new study with "
+            f"hydra.sweeper.study_name=<new name>, or add these runs to it with "
+            "hydra.sweeper.allow_config_change=true")
+
     def _counts(self, sw: "_Sweep") -> "_Counts":
         """What this command still has to do: its grid points (or, sampled, the study's total) that
         have no COMPLETE/PRUNED trial, split into running elsewhere and to run."""
@@ -755,9 +800,10 @@ class StudySweeper:
         done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
         if sw.pure_grid:
-            done = sum(any(t.state in done_states and self._matches(t, p) for t in trials) for p in sw.points)
-            busy = sum(not any(t.state in done_states and self._matches(t, p) for t in trials)
-                       and any(self._matches(t, p) for t in running) for p in sw.points)
+            pc = list(zip(sw.points, sw.configs))
+            done = sum(any(t.state in done_states and self._matches(t, p, c) for t in trials) for p, c in pc)
+            busy = sum(not any(t.state in done_states and self._matches(t, p, c) for t in trials)
+                       and any(self._matches(t, p, c) for t in running) for p, c in pc)
             to_run = len(sw.points) - done - busy
         else:
             done = sum(t.state in done_states for t in trials)
@@ -834,7 +880,7 @@ class StudySweeper:
         progress = tqdm(total=counts.done + counts.running + counts.to_run, initial=counts.done,
                         desc=f"sweep {name}", unit="trial", position=0)
         while True:
-            trial = self._claim(study, sw.points, sw.pure_grid, total, tried, sw.dists)
+            trial = self._claim(sw, tried)
             if trial is None:
                 break
             overrides = list(space.fixed)

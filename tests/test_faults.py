@@ -115,10 +115,12 @@ def test_killed_worker_trial_is_rerun_from_its_checkpoint(tmp_path, cache_dir, s
         time.sleep(0.2)
     assert killed_at is not None, "the trial never reached a checkpoint while running"
     assert _load(url, name).trials[0].state == TrialState.RUNNING  # a dead worker cannot say so itself
-    time.sleep(4)  # past the grace period
 
-    proc = run_cli(*args)  # the same command again
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli(*args)  # the same command again, at once: it says what it waits for, runs seed 2, then
+    assert proc.returncode == 0, proc.stderr[-3000:]  # the dead trial's retry once its heartbeat is stale
+    out = proc.stdout + proc.stderr
+    assert "1 to run, 0 already done, 1 running elsewhere of this grid" in out, out[-3000:]
+    assert "re-run after its heartbeat goes stale, at " in out and "(grace period 3 s)" in out
     trials = _load(url, name).trials
     assert trials[0].state == TrialState.FAIL
     complete = [t for t in trials if t.state == TrialState.COMPLETE]

@@ -60,6 +60,7 @@ class SftSweepSweeperConf:
     max_failures: Optional[int] = None
     workers: Any = MISSING  # auto | N
     gpus: Optional[List[Any]] = None
+    allow_config_change: bool = MISSING
     launcher: str = MISSING  # local | slurm
     slurm: SlurmConf = field(default_factory=SlurmConf)
 

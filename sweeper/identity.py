@@ -1,0 +1,90 @@
+"""What a trial trained, as the study compares it: the composed config flattened to dotted keys,
+without the keys that cannot change its result. Pure: no Optuna, no torch.
+
+A study holds the trials of one dataset and model that differ only in what is being searched. Its
+sweeper records every trial's :func:`result_config`; a new command into the study then
+
+- refuses (:func:`differences`) when a setting it does not sweep differs from every earlier trial's
+  (``data.max_train_rows=800`` after 400 rows, ``lr.learning_rate=3e-4`` after 1e-3): old results must
+  never be served as new. ``hydra.sweeper.study_name=...`` starts a new study;
+  ``hydra.sweeper.allow_config_change=true`` adds the new config to this one.
+- counts a grid point as done only when a trial of the very same config covers it (:func:`same_run`),
+  so a follow-up grid (``schedule.max_steps=700,800`` after ``100,300,600``) or a WSD search with other
+  candidates runs its own points.
+
+The ``schedule`` group is what a study searches, so it never makes a config "different"; it only
+tells runs apart. Keys ignored everywhere: paths, the study's own bookkeeping, logging, checkpoint
+saving, speed kernels, OOM retry, and how the effective batch is split into micro-batches (the
+effective batch itself counts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IGNORED = ("paths.", "study.", "speed.", "hydra.", "batch.", "report_to", "retry_on_oom",
+           "eval.save_best", "eval.logging_steps")
+SEARCHED = ("schedule.",)  # what a study is about: differs between runs, never between studies
+EFFECTIVE_BATCH = "batch.effective_batch"
+
+
+def result_config(cfg: Any) -> dict[str, Any]:
+    """The composed config (``DictConfig``) as dotted keys -> plain values, resolved, without the
+    ignored keys; the batch as its effective size (``batch.effective_batch``)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    out = {k: v for k, v in _flatten(node) if not k.startswith(IGNORED)}
+    if str(cfg.eval.metric) != "eval_accuracy":  # the accuracy probe does not change an eval_loss value
+        out.pop("eval.accuracy", None)
+        out.pop("eval.accuracy_rows", None)
+    b = cfg.batch
+    out[EFFECTIVE_BATCH] = (int(b.auto.target_effective_batch) if b.get("auto") is not None
+                            else int(b.per_device_train_batch_size) * int(b.gradient_accumulation_steps))
+    return out
+
+
+def _flatten(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _flatten(v, f"{prefix}{k}.")]
+    return [(prefix[:-1], node)]
+
+
+def varying(configs: list[dict]) -> set[str]:
+    """Keys whose values differ among ``configs`` (a command's own grid points)."""
+    keys = set().union(*configs) if configs else set()
+    return {k for k in keys if len({repr(c.get(k)) for c in configs}) > 1}
+
+
+def differences(study_configs: list[dict], command: dict, skip: set[str]) -> dict[str, tuple[list, Any]]:
+    """Keys (not in ``skip``, not searched) whose value in ``command`` is not what the study's trials
+    ran: ``{key: (the study's values, this command's value)}``."""
+    out: dict[str, tuple[list, Any]] = {}
+    for key, value in command.items():
+        if key in skip or key.startswith(SEARCHED):
+            continue
+        seen = []
+        for c in study_configs:
+            if key in c and c[key] != value and c[key] not in seen:
+                seen.append(c[key])
+        if seen:
+            out[key] = (seen, value)
+    missing = {k for c in study_configs for k in c} - set(command) - skip
+    for key in sorted(k for k in missing if not k.startswith(SEARCHED)):
+        out[key] = (sorted({repr(c[key]) for c in study_configs if key in c}), None)
+    return out
+
+
+def describe_differences(diff: dict[str, tuple[list, Any]], most: int = 6) -> str:
+    items = [f"{k}: {', '.join(map(str, old))} in the study, {new} now" for k, (old, new) in sorted(diff.items())]
+    more = f" (and {len(items) - most} more)" if len(items) > most else ""
+    return "; ".join(items[:most]) + more
+
+
+def same_run(trial_config: dict | None, point_config: dict) -> bool:
+    """Whether a trial that recorded ``trial_config`` ran ``point_config`` (None: a trial from before
+    configs were recorded, which counts by its params alone)."""
+    if trial_config is None:
+        return True
+    keys = set(trial_config) | set(point_config)
+    return all(trial_config.get(k) == point_config.get(k) for k in keys)
