@@ -9,11 +9,13 @@ a real model share one code path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -121,17 +123,85 @@ def resolve_path(model_cfg: Any, cache_dir: str | Path) -> str:
     return str(model_cfg.path)
 
 
+HUB_PROBE_TIMEOUT_S = 3.0  # one request to the hub before any download; huggingface_hub itself retries ~55 s
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_unreachable(endpoint: str, offline: bool) -> str | None:
+    """None when ``endpoint`` (the Hugging Face hub) answers one request within HUB_PROBE_TIMEOUT_S
+    seconds, else why not. One try and no retries, unlike huggingface_hub, which retries a failed
+    request five times with back-off (about a minute offline). Cached per endpoint for the process."""
+    if offline:
+        return "HF_HUB_OFFLINE=1"
+    from huggingface_hub.utils import get_session
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)  # any HTTP answer means reachable
+            outcome.append(None)
+        except Exception as e:  # connection refused, DNS failure, timeout, proxy error, ...
+            outcome.append(f"{type(e).__name__}: {e}")
+
+    # a thread bounds the wait also where name resolution itself hangs (it ignores the HTTP timeout)
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 0.5)
+    return outcome[0] if outcome else f"no answer within {HUB_PROBE_TIMEOUT_S:g} s"
+
+
+def _from_pretrained(loader: Any, path: str, what: str, model_cfg: Any, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(path)`` from local files first (a directory or the Hugging Face cache:
+    never the network); then, for a hub id, from the hub, but only after one short request shows it
+    is reachable. Raises one-line ValueErrors that name ``model.path`` and what to do."""
+    try:
+        return loader.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as local_error:  # ValueError: a directory without tokenizer files, a bad id
+        local = Path(path).expanduser().absolute()
+        if local.is_dir():
+            raise ValueError(f"model.path={model_cfg.path!r}: the {what} could not be loaded from the local "
+                             f"directory {local} ({_one_line(local_error)}); point model.path at a directory "
+                             "saved with save_pretrained, or give a hub id") from local_error
+        if path.startswith(("/", ".", "~")) or path.count("/") > 1:  # not a hub id (owner/name)
+            raise ValueError(f"model.path={model_cfg.path!r}: no such directory ({local}); point model.path at "
+                             "a local copy of the model, or give a hub id such as Qwen/Qwen2.5-0.5B-Instruct"
+                             ) from local_error
+        from huggingface_hub import constants
+
+        offline = constants.is_offline_mode()
+        why = _hub_unreachable(constants.ENDPOINT, offline)
+        if why is not None:
+            hub = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else \
+                f"the hub ({constants.ENDPOINT}) cannot be reached ({why})"
+            raise ValueError(
+                f"model.path={model_cfg.path!r}: the {what} could not be loaded offline: it is not in the Hugging "
+                f"Face cache ({constants.HF_HUB_CACHE}) and {hub}; download it where the hub is reachable "
+                f"(hf download {path}) into that cache, point model.path at a local copy, or pick model=tiny"
+                + ("" if offline else "; HF_HUB_OFFLINE=1 skips this check")) from local_error
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ValueError(
+            f"model.path={model_cfg.path!r}: the {what} could not be loaded ({_one_line(e)}); give a local "
+            "directory, a reachable hub id, or pick model=tiny"
+        ) from e
+
+
+def _one_line(e: Exception, most: int = 200) -> str:
+    """A library's (often multi-line) message as one line of at most ``most`` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= most else text[:most - 1] + "…"
+
+
 def load_tokenizer(model_cfg: Any, cache_dir: str | Path) -> Any:
+    """The model's tokenizer: local files (directory or Hugging Face cache) first, the hub only when it
+    answers (see :func:`_from_pretrained`); offline and not cached, one ValueError within seconds."""
     from transformers import AutoTokenizer
 
     path = resolve_path(model_cfg, cache_dir)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(model_cfg.trust_remote_code))
-    except OSError as e:
-        raise ValueError(
-            f"model.path={model_cfg.path!r}: its tokenizer could not be loaded ({e}); give a local directory, "
-            "a reachable hub id, or pick model=tiny"
-        ) from e
+    tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", model_cfg,
+                                 trust_remote_code=bool(model_cfg.trust_remote_code))
     if tokenizer.chat_template is None:
         raise ValueError(
             f"model.path={model_cfg.path!r}: the tokenizer has no chat template, which TRL needs for "
@@ -142,7 +212,8 @@ def load_tokenizer(model_cfg: Any, cache_dir: str | Path) -> Any:
 
 def model_shape(model_cfg: Any, cache_dir: str | Path) -> dict | None:
     """The model's architecture as a Hugging Face config dict, without loading weights: config.json
-    of a local/tiny model, else ``model.shape``, else the hub (None when none of them answers)."""
+    of a local/tiny model, else ``model.shape``, else the Hugging Face cache, else the hub when it
+    answers within seconds (None when none of them has it)."""
     path = Path(resolve_path(model_cfg, cache_dir))
     if (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text())
@@ -151,7 +222,8 @@ def model_shape(model_cfg: Any, cache_dir: str | Path) -> dict | None:
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(str(model_cfg.path)).to_dict()
+        return _from_pretrained(AutoConfig, str(model_cfg.path), "config", model_cfg,
+                                trust_remote_code=bool(model_cfg.trust_remote_code)).to_dict()
     except Exception:
         return None
 

@@ -1,14 +1,54 @@
 """Steps <-> epochs <-> samples <-> tokens: plain arithmetic, no torch.
 
 Every job logs a :class:`Plan` before training, computed on the prepared dataset (the rows or
-packed sequences the trainer will really iterate), and stores it on its trial.
+packed sequences the trainer will really iterate), and stores it on its trial. Its warnings advise
+lengths; the presets they name are read from ``conf/schedule/*.yaml``, never repeated here.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+SCHEDULE_DIR = Path(__file__).resolve().parents[1] / "conf" / "schedule"
+MAX_EPOCHS = 5  # more passes than this: the plan warns of over-fitting (common SFT practice)
+MIN_EPOCHS = 0.3  # less of the data than this: the plan warns that the run is likely too short
+
+
+@dataclass(frozen=True)
+class SchedulePreset:
+    """A ``schedule`` group option with a fixed length: ``max_steps`` or ``num_train_epochs`` (the other None)."""
+
+    name: str
+    max_steps: int | None
+    num_train_epochs: float | None
+
+
+@functools.lru_cache(maxsize=None)
+def schedule_presets(schedule_dir: Path = SCHEDULE_DIR) -> tuple[SchedulePreset, ...]:
+    """The fixed-length options of the ``schedule`` group, read from its YAML files (``under`` 500 steps,
+    ``epochs3`` 3 epochs, ...), so the plan's advice names the lengths the presets really have. Options
+    that search the length (``wsd_search``) or set neither key are left out; a missing folder gives ()."""
+    from omegaconf import OmegaConf
+
+    out = []
+    for path in sorted(schedule_dir.glob("*.yaml")):
+        try:
+            node = OmegaConf.load(path)
+            steps, epochs, wsd = node.get("max_steps"), node.get("num_train_epochs"), node.get("wsd")
+        except Exception:  # an interpolation or a broken file: not a preset the advice can name
+            continue
+        if wsd is None and (steps is None) != (epochs is None):
+            out.append(SchedulePreset(path.stem, None if steps is None else int(steps),
+                                      None if epochs is None else float(epochs)))
+    return tuple(out)
+
+
+def _fmt_epochs(epochs: float) -> str:
+    return f"{epochs:.2f}" if epochs < 1 else f"{epochs:.1f}"
 
 
 @dataclass(frozen=True)
@@ -25,18 +65,46 @@ class Plan:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def warnings(self) -> list[str]:
-        """Signs that the schedule does not fit the data (thresholds from common SFT practice)."""
+    def warnings(self, presets: Sequence[SchedulePreset] | None = None) -> list[str]:
+        """Signs that the schedule does not fit the data, each with advice that points the right way:
+        only presets strictly shorter (too many epochs) or longer (too few) than this run whose length
+        lies within MIN_EPOCHS..MAX_EPOCHS of this data, and always a concrete ``schedule.max_steps=N``
+        (the step count of the epoch preset, e.g. ``epochs3``). ``presets``: default, the
+        ``conf/schedule`` options (:func:`schedule_presets`)."""
+        presets = schedule_presets() if presets is None else presets
         out = []
-        if self.epochs > 5:
-            out.append(f"{self.epochs:.1f} epochs is more than ~5 passes over the data: expect over-fitting; "
-                       "consider fewer steps (schedule=under) or more data")
-        if self.epochs < 0.3:
-            out.append(f"{self.epochs:.2f} epochs sees less than ~0.3 of the data: the run is likely too "
-                       "short; consider more steps")
+        if self.epochs > MAX_EPOCHS:
+            out.append(f"{_fmt_epochs(self.epochs)} epochs is more than ~{MAX_EPOCHS} passes over the data: expect "
+                       f"over-fitting; consider fewer steps: {self._advice(presets, shorter=True)}; or more data")
+        if self.epochs < MIN_EPOCHS:
+            out.append(f"{self.epochs:.2f} epochs sees less than ~{MIN_EPOCHS} of the data: the run is likely too "
+                       f"short; consider more steps: {self._advice(presets, shorter=False)}")
         if self.warmup_steps >= self.max_steps:
             out.append(f"warmup ({self.warmup_steps} steps) is not shorter than the run ({self.max_steps} steps)")
         return out
+
+    def _advice(self, presets: Sequence[SchedulePreset], shorter: bool) -> str:
+        """Step-count presets on the advised side of this run that fit the data, then ``schedule.max_steps=N``."""
+        spe = self.steps_per_epoch
+        fitting = [p for p in sorted(presets, key=lambda p: p.max_steps or 0) if p.max_steps is not None
+                   and (p.max_steps < self.max_steps if shorter else p.max_steps > self.max_steps)
+                   and MIN_EPOCHS <= p.max_steps / spe <= MAX_EPOCHS]
+        options = [f"schedule={p.name} ({p.max_steps} steps = {_fmt_epochs(p.max_steps / spe)} epochs)"
+                   for p in fitting]
+        by_epochs = [p for p in presets if p.num_train_epochs is not None
+                     and MIN_EPOCHS <= p.num_train_epochs <= MAX_EPOCHS]
+        if by_epochs:  # e.g. epochs3: 3 passes; always on the advised side, since 3 is within the bounds
+            target = by_epochs[0].num_train_epochs
+            steps = math.ceil(target * spe)
+            why = f"{target:g} epochs, as schedule={by_epochs[0].name}"
+        elif shorter:
+            steps = max(math.floor(MAX_EPOCHS * spe), 1)
+            why = f"{MAX_EPOCHS:g} epochs, the most that does not warn"
+        else:
+            steps = math.ceil(MIN_EPOCHS * spe)
+            why = f"{MIN_EPOCHS:g} epoch, the least that does not warn"
+        options.append(f"schedule.max_steps={steps} ({why})")
+        return ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]
 
     def describe(self) -> str:
         return (

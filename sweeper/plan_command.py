@@ -7,12 +7,19 @@ Takes the same overrides as ``python train.py -m``: comma lists, ``choice`` and 
 into one row each; an ``interval`` is planned at both ends. Each row is computed on the prepared
 dataset (tokenised by TRL with the model's tokenizer; with packing, packed sequences), so steps
 per epoch are what the trainer will really run.
+
+Preparing a large dataset takes a while (TRL tokenises, and with packing packs, every row): a line on
+stderr names each dataset as it is prepared, and on a terminal the ``datasets`` progress bars show.
+Without the model's tokenizer (a hub id offline and not cached) the rows are planned unprepared:
+tokens show as "–" and a note says why.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +68,7 @@ def plan_rows(overrides: list[str]) -> list[dict]:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=row_overrides, return_hydra_config=True)
+        _check_set(cfg)
         storage_url = str(cfg.hydra.sweeper.storage)
         study_name = str(cfg.hydra.sweeper.study_name or f"{cfg.data.name}-{cfg.model.name}")
         OmegaConf.set_readonly(cfg, False)
@@ -69,13 +77,19 @@ def plan_rows(overrides: list[str]) -> list[dict]:
         if key not in prepared_cache:
             splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
             note = None
+            _say(f"preparing {cfg.data.name} with the model's tokenizer ({len(splits.train):,} train rows, "
+                 f"{len(splits.eval):,} eval rows{', packed' if cfg.data.packing else ''})…")
+            started = time.perf_counter()
             try:
                 prepared, eval_rows = prepare_for_plan(cfg, splits)
+                _say(f"prepared {cfg.data.name} in {time.perf_counter() - started:.0f} s: {len(prepared):,} "
+                     f"{'packed sequences' if cfg.data.packing else 'rows'}")
             except ValueError as e:  # no tokenizer offline: plan on rows, say what is missing
                 if "tokenizer" not in str(e) or cfg.data.packing:
                     raise
                 prepared, eval_rows = splits.train, len(splits.eval)
-                note = f"tokens unknown and rows not prepared: {e}"
+                note = f"tokens unknown, rows planned unprepared: {e}"
+                _say(f"planning {cfg.data.name} on unprepared rows: no tokenizer (see the note below the table)")
             prepared_cache[key] = (splits, prepared, eval_rows, model_shape(cfg.model, cfg.paths.cache_dir), note)
         splits, prepared, eval_rows, shape, note = prepared_cache[key]
         plan = plan_for(cfg, splits, prepared)
@@ -95,10 +109,33 @@ def plan_rows(overrides: list[str]) -> list[dict]:
         rows.append({
             "overrides": row_overrides, "cfg": cfg, "plan": plan, "rows": len(splits.train),
             "prepared_rows": len(prepared), "eval_rows": eval_rows, "seq_len": seq_len, "memory": est,
-            "gpus": gpus, "fits_on": fits, "wall_s": wall_s, "tokens_per_s": tps, "warnings": plan.warnings() + ([note] if note else []),
+            "gpus": gpus, "fits_on": fits, "wall_s": wall_s, "tokens_per_s": tps,
+            "tokens_known": "input_ids" in prepared.column_names, "warnings": plan.warnings() + ([note] if note else []),
         })
     GlobalHydra.instance().clear()
     return rows
+
+
+def _say(line: str) -> None:
+    """Progress for the user, on stderr (stdout holds the plan itself)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def _check_set(cfg: Any) -> None:
+    """Keys left ``???`` (e.g. ``model=hub`` without ``model.name``) as one error naming each."""
+    from omegaconf import OmegaConf
+
+    def walk(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict):
+            return [k for key, v in node.items() for k in walk(v, f"{prefix}{key}.")]
+        return [prefix[:-1]] if node == "???" else []
+
+    tree = OmegaConf.to_container(cfg, resolve=False)  # unresolved: "???" stays a string, nothing raises
+    missing = sorted(k for key, v in tree.items() if key != "hydra" for k in walk(v, f"{key}."))
+    if missing:
+        why = " (model.name names the study, <data.name>-<model.name>)" if "model.name" in missing else ""
+        raise ValueError(f"{', '.join(missing)} must be set, but {'is' if len(missing) == 1 else 'are'} ???{why}; "
+                         f"add {' '.join(k + '=...' for k in missing)}")
 
 
 def measured_throughput(storage_url: str, study_name: str) -> float | None:
@@ -142,17 +179,19 @@ def render(rows: list[dict]) -> str:
             fits = "?"
         else:
             fits = ",".join(str(i) for i in r["fits_on"]) or "none"
+        tokens_step, tokens = (_fmt_int(p.tokens_per_step), _fmt_int(p.tokens)) if r["tokens_known"] else ("–", "–")
         lines.append(
             f"| {' '.join(r['overrides']) or '(defaults)'} | {p.effective_batch} | {p.steps_per_epoch} | {p.max_steps} "
-            f"| {p.epochs:.2f} | {_fmt_int(p.samples)} | {_fmt_int(p.tokens_per_step)} | {_fmt_int(p.tokens)} "
+            f"| {p.epochs:.2f} | {_fmt_int(p.samples)} | {tokens_step} | {tokens} "
             f"| {p.warmup_steps} | {cfg.eval.eval_steps} / {save} | {vram} | {fits} | {_fmt_time(r['wall_s'])} |"
         )
     lines.append("")
     for r in rows:
         cfg, est = r["cfg"], r["memory"]
+        prepared = f"{r['prepared_rows']:,} prepared {'packed sequences' if cfg.data.packing else 'rows'}" \
+            f" (max {r['seq_len']} tokens)" if r["tokens_known"] else "not tokenised (no tokenizer)"
         head = f"- {' '.join(r['overrides']) or '(defaults)'}: {cfg.data.name} has {r['rows']:,} train rows -> " \
-               f"{r['prepared_rows']:,} prepared {'packed sequences' if cfg.data.packing else 'rows'}" \
-               f" (max {r['seq_len']} tokens), {r['eval_rows']:,} eval rows; model {cfg.model.name}, " \
+               f"{prepared}, {r['eval_rows']:,} eval rows; model {cfg.model.name}, " \
                f"{_method_name(cfg)}, micro-batch {cfg.batch.per_device_train_batch_size} x " \
                f"accumulation {cfg.batch.gradient_accumulation_steps}"
         lines.append(head)
@@ -186,10 +225,12 @@ def _method_name(cfg: Any) -> str:
 
 
 def main(overrides: list[str]) -> int:
-    import sys
+    import os
 
     from hydra.errors import HydraException
 
+    if sys.stderr.isatty():  # show the datasets/TRL progress bars of data preparation on a terminal
+        os.environ.pop("TQDM_DISABLE", None)  # set by `python -m sweeper` for its other commands
     try:
         rows = plan_rows(overrides)
     except (ValueError, FileNotFoundError, HydraException) as e:  # bad input: one message

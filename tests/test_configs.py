@@ -14,7 +14,8 @@ from .conftest import CONF
 
 GROUPS = ["model", "data", "batch", "schedule", "lr", "precision", "peft"]
 # options that need a value only the user can give
-REQUIRED = {("data", "jsonl"): ["data.train_path=rows.jsonl"], ("data", "hub"): ["data.train_path=org/set"]}
+REQUIRED = {("data", "jsonl"): ["data.train_path=rows.jsonl"], ("data", "hub"): ["data.train_path=org/set"],
+            ("model", "hub"): ["model.path=org/model", "model.name=org-model"]}
 
 
 def _options(group):

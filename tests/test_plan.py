@@ -50,3 +50,63 @@ def test_oom_steps_down_through_divisors():
     assert _smaller_micro_batch(6, 2) == (3, 4)
     assert _smaller_micro_batch(3, 4) == (2, 6)
     assert _smaller_micro_batch(1, 16) is None
+
+
+# --------------------------------------------------------------------------- advice in the warnings
+
+def _named(warning):
+    """(presets named as schedule=NAME, step counts named as schedule.max_steps=N) in one warning."""
+    import re
+
+    return re.findall(r"schedule=([\w.-]+) \(", warning), [int(n) for n in re.findall(r"schedule\.max_steps=(\d+)", warning)]
+
+
+def test_200_step_run_is_not_told_to_try_the_500_step_preset():
+    # the user's case: 200 steps x 16 rows on 400 rows = 8 epochs; schedule=under is 500 steps, longer
+    p = make_plan(train_rows=400, micro_batch=8, grad_accum=2, max_steps=200)
+    [w] = p.warnings()
+    assert "consider fewer steps" in w and "schedule=under" not in w
+    assert _named(w) == ([], [75])  # 3 epochs x 25 steps/epoch, as schedule=epochs3 would run
+    assert "schedule.max_steps=75 (3 epochs, as schedule=epochs3)" in w
+
+
+@pytest.mark.parametrize("rows", [50, 400, 7_000, 30_000, 200_000])
+@pytest.mark.parametrize("steps", [20, 200, 500, 1500, 3000, 10_000])
+def test_advice_points_the_way_it_says_for_any_length(rows, steps):
+    from sweeper.plan import MAX_EPOCHS, MIN_EPOCHS, schedule_presets
+
+    p = make_plan(train_rows=rows, micro_batch=8, grad_accum=2, max_steps=steps)
+    length = {s.name: s.max_steps for s in schedule_presets()}
+    for w in p.warnings():
+        if "warmup" in w:
+            continue
+        shorter = "fewer steps" in w
+        assert shorter or "more steps" in w, w
+        presets, counts = _named(w)
+        assert len(counts) == 1, w  # always one concrete step count
+        for n in [length[name] for name in presets] + counts:
+            assert (n < steps) if shorter else (n > steps), w
+            assert MIN_EPOCHS <= n / p.steps_per_epoch <= MAX_EPOCHS, w
+
+
+def test_too_short_run_names_only_presets_that_fit_the_data():
+    # 100,000 rows at 16 rows/step = 6,250 steps/epoch: sweet (0.24 epoch) is still too short, over (0.48) fits
+    p = make_plan(train_rows=100_000, micro_batch=8, grad_accum=2, max_steps=100)
+    [w] = p.warnings()
+    assert _named(w) == (["over"], [18_750])
+
+
+def test_presets_are_read_from_conf_schedule(compose_cfg, tmp_path):
+    from sweeper.plan import SchedulePreset, schedule_presets
+
+    conf = {s.name: (s.max_steps, s.num_train_epochs) for s in schedule_presets()}
+    for name, (steps, epochs) in conf.items():
+        cfg = compose_cfg(f"schedule={name}").schedule
+        assert (cfg.max_steps, cfg.num_train_epochs) == (steps, epochs)
+    assert "wsd_search" not in conf and {"under", "sweet", "over", "epochs3"} <= set(conf)
+    # other lengths in the folder -> other advice: nothing in Python repeats 500/1500/3000
+    (tmp_path / "quick.yaml").write_text("max_steps: 50\nnum_train_epochs: null\n")
+    (tmp_path / "twice.yaml").write_text("max_steps: null\nnum_train_epochs: 2\n")
+    assert schedule_presets(tmp_path) == (SchedulePreset("quick", 50, None), SchedulePreset("twice", None, 2.0))
+    [w] = make_plan(train_rows=400, micro_batch=8, grad_accum=2, max_steps=200).warnings(schedule_presets(tmp_path))
+    assert _named(w) == (["quick"], [50]) and "(2 epochs, as schedule=twice)" in w

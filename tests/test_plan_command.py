@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,6 +54,9 @@ def test_cli_prints_one_row_per_run_and_warns(tmp_path, cache_dir):
     table = [line for line in out.stdout.splitlines() if line.startswith("| schedule=")]
     assert [line.split("|")[4].strip() for line in table] == ["500", "1500", "3000"]
     assert "more than ~5 passes over the data" in out.stdout  # 500 steps x 16 rows on 108 rows
+    # one dataset, prepared once for the three rows, said on stderr while it happens
+    assert out.stderr.count("preparing demo with the model's tokenizer (108 train rows, 12 eval rows)…") == 1
+    assert "prepared demo in " in out.stderr
 
 
 def test_cli_bad_input_is_one_line(tmp_path, cache_dir):
@@ -59,3 +64,65 @@ def test_cli_bad_input_is_one_line(tmp_path, cache_dir):
                           f"paths.cache_dir={cache_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "forever" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_offline_hub_model_plans_rows_within_seconds(tmp_path, cache_dir):
+    # a hub id that is not cached, and a hub that refuses connections: no retries, one line, tokens "–"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), TQDM_DISABLE="1")
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "sweeper", "plan", "model=qwen2.5-0.5b", "data.demo_rows=120",
+         f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - started
+    assert out.returncode == 0, out.stderr
+    assert elapsed < 35, f"{elapsed:.0f} s"  # huggingface_hub's own retries took ~55 s
+    assert "Retrying" not in out.stderr and "Traceback" not in out.stderr
+    [row] = [line for line in out.stdout.splitlines() if line.startswith("| model=")]
+    assert [c.strip() for c in row.split("|")[7:9]] == ["–", "–"]  # tokens/step, tokens: unknown, not 0
+    [note] = [line for line in out.stdout.splitlines() if "could not be loaded offline" in line]
+    assert "model.path='Qwen/Qwen2.5-0.5B-Instruct': the tokenizer could not be loaded offline" in note
+    assert "hf download Qwen/Qwen2.5-0.5B-Instruct" in note and "point model.path at a local copy" in note
+
+
+def test_tokenizer_with_the_hub_switched_off_is_one_clear_error(monkeypatch):
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+
+    from sweeper.model import load_tokenizer, model_shape
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cfg = SimpleNamespace(path="sft-sweep-tests/not-a-model", trust_remote_code=False, tiny=None, shape=None)
+    with pytest.raises(ValueError) as e:
+        load_tokenizer(cfg, "unused")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("model.path='sft-sweep-tests/not-a-model': the tokenizer could not be loaded offline")
+    assert "the hub is switched off (HF_HUB_OFFLINE=1)" in msg and "point model.path at a local copy" in msg
+    assert model_shape(cfg, "unused") is None
+    with pytest.raises(ValueError, match="no such directory"):
+        load_tokenizer(SimpleNamespace(**{**vars(cfg), "path": "./no/such/model"}), "unused")
+
+
+def test_hub_model_option_is_named_after_the_model(compose_cfg):
+    cfg = compose_cfg("model=hub", "model.path=/models/my-7b", "model.name=my-7b")
+    assert "demo-my-7b" in cfg.hydra.sweep.dir  # the study and its folder: <data.name>-<model.name>
+    with pytest.raises(ValueError, match=r"model\.name must be set, but is \?\?\? \(model.name names the study"):
+        plan_rows(["model=hub", "model.path=/models/my-7b"])
+
+
+def test_plan_shows_progress_bars_on_a_terminal(monkeypatch, capsys):
+    import io
+
+    from sweeper import plan_command
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what `python -m sweeper` sets for every command
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert plan_command.main(["schedule=forever"]) == 2
+    assert "TQDM_DISABLE" not in os.environ
