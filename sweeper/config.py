@@ -215,6 +215,8 @@ def register() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
     if not OmegaConf.has_resolver("stem"):  # data/jsonl.yaml: name a dataset after its file
         OmegaConf.register_new_resolver("stem", lambda p: Path(str(p)).name.split(".")[0])
+    if not OmegaConf.has_resolver("first_set"):  # the sweep folder: study_name if set, else <data>-<model>
+        OmegaConf.register_new_resolver("first_set", lambda *xs: next((x for x in xs if x is not None), None))
 
 
 _COMPUTE = ("auto", "bf16", "fp16", "fp32")
@@ -290,6 +292,12 @@ def _validate_wsd(cfg: Any) -> None:
 
 def validate(cfg: Any) -> None:
     """Check rules that span keys; raise one ValueError that says rule, value and fix."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
+    if missing:
+        raise ValueError(f"{', '.join(missing)} must be set, but {'is' if len(missing) == 1 else 'are'} ??? "
+                         f"(a required value of the option chosen); add {missing[0]}=... to the command")
     s = cfg.schedule
     if s.get("wsd") is not None:
         _validate_wsd(cfg)

@@ -31,6 +31,7 @@ class Splits:
     eval: Any  # datasets.Dataset
     format: str  # "messages" | "prompt_completion"
     source: str  # resolved path or hub id, for logs
+    all_train: Any = None  # the train rows before data.max_train_rows (None: the same as train)
 
 
 # --------------------------------------------------------------------------- demo data
@@ -288,10 +289,12 @@ def load(data_cfg: Any, cache_dir: str | Path) -> Splits:
         if data_cfg.max_eval_rows < 1:
             raise ValueError(f"data.max_eval_rows must be >= 1 or null, but got {data_cfg.max_eval_rows}")
         evals = evals.select(range(min(len(evals), int(data_cfg.max_eval_rows))))
+    all_train = None
     if data_cfg.max_train_rows is not None:
         if data_cfg.max_train_rows < 1:
             raise ValueError(f"data.max_train_rows must be >= 1 or null, but got {data_cfg.max_train_rows}")
+        all_train = train
         train = train.select(range(min(len(train), int(data_cfg.max_train_rows))))
     log.info("data %s: %d train rows, %d eval rows (%s format) from %s",
              data_cfg.name, len(train), len(evals), fmt, source)
-    return Splits(train=train, eval=evals, format=fmt, source=source)
+    return Splits(train=train, eval=evals, format=fmt, source=source, all_train=all_train)

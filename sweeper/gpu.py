@@ -145,3 +145,10 @@ def pin_one() -> GpuMemory | None:
                  best.index, best.name, best.free_gib, len(gpus))
     pin(best.index)
     return best
+
+
+def check_precision(compute: str, name: str) -> None:
+    """fp16 mixed precision needs a CUDA GPU: raise ValueError before any model loads when none is visible."""
+    if compute == "fp16" and not visible_gpus():
+        raise ValueError(f"precision={name} (fp16 mixed precision) needs a CUDA GPU, and none is visible; "
+                         "pick precision=auto (fp32 on CPU) or precision=fp32")

@@ -84,6 +84,11 @@ def _name(t: optuna.trial.FrozenTrial) -> str:
     return name + (" " + _params(extra) if extra else "")
 
 
+def curve_attr(t: optuna.trial.FrozenTrial, name: str) -> list:
+    """A trial's stored curve ``[[step, value], ...]``: a system attr (a user attr in older studies)."""
+    return t.system_attrs.get(name) or t.user_attrs.get(name) or []
+
+
 def trial_rows(study: optuna.Study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -318,7 +323,7 @@ def trial_diagnosis(t: optuna.trial.FrozenTrial) -> Diagnosis:
     curve = _eval_curve(t)
     if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING) and len(curve) < 2:
         return Diagnosis("running", "fewer than two evaluations so far")
-    return diagnose(curve, a.get("train_curve", []), noise=trial_noise(t).sigma,
+    return diagnose(curve, curve_attr(t, "train_curve"), noise=trial_noise(t).sigma,
                     scheduler=(a.get("sft_config") or {}).get("lr_scheduler_type"), max_steps=a.get("max_steps"),
                     branch_point=_branch_point(t))
 
@@ -559,7 +564,7 @@ def accuracy_disagrees(t: optuna.trial.FrozenTrial) -> str | None:
     """Say so when the best step by eval loss and by accuracy differ: SFT eval loss often rises
     while the task still improves, so a run picked by loss alone can be too short."""
     a = t.user_attrs
-    curve = a.get("accuracy_curve") or []
+    curve = curve_attr(t, "accuracy_curve")
     loss_step, acc_step = a.get("best_step"), a.get("best_accuracy_step")
     if not curve or loss_step is None or acc_step is None or loss_step == acc_step:
         return None
@@ -591,6 +596,16 @@ def settings_note(study: optuna.Study) -> str | None:
     return "Settings differ between trials (added with hydra.sweeper.allow_config_change=true): " + "; ".join(parts)
 
 
+def accuracy_off(study: optuna.Study) -> str | None:
+    """Why the task metric was not measured (``accuracy`` attr of the trials), when it was not."""
+    whys = []
+    for t in study.get_trials(deepcopy=False):
+        d = t.user_attrs.get("accuracy") or {}
+        if d.get("on") is False and d.get("why") and d["why"] not in whys:
+            whys.append(d["why"])
+    return "; ".join(whys) or None
+
+
 def study_report(study: optuna.Study) -> str:
     """Markdown: the table (with diagnosis), the recommendation with its notes and the SFTConfig for it."""
     metric = study.user_attrs.get("metric", "value")
@@ -617,6 +632,9 @@ def study_report(study: optuna.Study) -> str:
     settings = settings_note(study)
     if settings:
         lines += [f"- {settings}", ""]
+    off = accuracy_off(study)
+    if off:
+        lines += [f"- accuracy off: {off}", ""]
     for r in rows:
         t, d = by_number[r["trial"]], diagnoses[r["trial"]]
         error = f" (error: {r['error']})" if r["error"] and d.verdict != "failed" else ""
@@ -637,8 +655,60 @@ def study_report(study: optuna.Study) -> str:
     return "\n".join(lines)
 
 
+# report.html: the same markdown, rendered. markdown-it-py with raw HTML off (any "<" in a study name, an error
+# or a label is shown as text) and links and images off (user text cannot add markup that fetches anything);
+# only the curves come in, as data: URIs. The Content-Security-Policy makes the browser hold the page to that.
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+_CSS = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;max-width:1440px;
+  margin:2em auto;padding:0 1.5em}
+h1,h2{border-bottom:1px solid #d0d7de;padding-bottom:.3em}
+h2{margin-top:2em}
+table{border-collapse:collapse;margin:1em 0;font-size:13px;display:block;overflow-x:auto;max-width:100%}
+th,td{border:1px solid #d0d7de;padding:4px 7px;vertical-align:top}
+th{background:#f6f8fa;vertical-align:bottom}
+tbody tr:nth-child(even){background:#fafbfc}
+code{font-family:ui-monospace,"SFMono-Regular","DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:88%;
+  background:#eff1f3;padding:.1em .35em;border-radius:4px;overflow-wrap:anywhere}
+pre{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:1em;overflow-x:auto;line-height:1.4}
+pre code{background:none;padding:0;font-size:13px;overflow-wrap:normal}
+li{margin:.3em 0}
+figure{margin:1em 0}
+img{max-width:100%;height:auto;border:1px solid #d0d7de}
+"""
+
+
+@functools.cache
+def _markdown_renderer() -> Any:
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False}).enable("table").disable(["link", "image", "autolink"])
+
+
+def markdown_html(text: str) -> str:
+    """HTML of one study's markdown (:func:`study_report`): tables, bold, lists, code blocks; any HTML in it is
+    escaped, not passed through."""
+    return _markdown_renderer().render(text)
+
+
+def report_html(sections: Sequence[tuple[str, str, bytes]]) -> str:
+    """The self-contained ``report.html`` for ``(study name, markdown, curves PNG)`` sections: each study's
+    rendered markdown followed by its curves, embedded as base64."""
+    body = []
+    for name, text, png in sections:
+        img = base64.b64encode(png).decode("ascii")
+        body.append(f"<section>\n{markdown_html(text)}<figure><img alt=\"{html.escape(name)} curves\" "
+                    f"src=\"data:image/png;base64,{img}\"></figure>\n</section>\n")
+    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta http-equiv=\"Content-Security-Policy\" content=\"{_CSP}\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>sft-sweep report</title><style>{_CSS}</style></head>\n"
+            "<body>\n<h1>sft-sweep report</h1>\n" + "".join(body) + "</body></html>\n")
+
+
 def write_report(storage: Any, out_dir: Path, study_names: Sequence[str] | None = None) -> dict[str, Path]:
-    """Write ``summary.md``, ``<study>.png`` and ``report.html`` (PNG embedded) under ``out_dir``."""
+    """Write ``summary.md``, ``<study>.png`` and ``report.html`` (markdown rendered, PNGs embedded) under
+    ``out_dir``."""
     summaries = optuna.get_all_study_summaries(storage=storage)
     names = list(study_names) if study_names else [s.study_name for s in summaries]
     known = {s.study_name for s in summaries}
@@ -646,19 +716,14 @@ def write_report(storage: Any, out_dir: Path, study_names: Sequence[str] | None 
     if missing:
         raise ValueError(f"--study {missing[0]!r} is not in the storage; studies there: {sorted(known) or 'none'}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    md_parts, html_parts = [], []
+    md_parts, sections = [], []
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
         text = study_report(study)
         png = plot_curves(study, out_dir / f"{name}.png")
         md_parts.append(text + f"\n\n![{name} curves]({png.name})\n")
-        img = base64.b64encode(png.read_bytes()).decode()
-        html_parts.append(f"<section><pre>{html.escape(text)}</pre>"
-                          f"<img alt='{html.escape(name)} curves' src='data:image/png;base64,{img}'></section>")
+        sections.append((name, text, png.read_bytes()))
     md = "# sft-sweep report\n\n" + "\n".join(md_parts)
     (out_dir / "summary.md").write_text(md, encoding="utf-8")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>sft-sweep report</title>"
-            "<style>body{font-family:sans-serif;margin:2em}pre{white-space:pre-wrap}img{max-width:100%}</style>"
-            "</head><body><h1>sft-sweep report</h1>" + "".join(html_parts) + "</body></html>")
-    (out_dir / "report.html").write_text(page, encoding="utf-8")
+    (out_dir / "report.html").write_text(report_html(sections), encoding="utf-8")
     return {"markdown": out_dir / "summary.md", "html": out_dir / "report.html"}

@@ -37,6 +37,7 @@ import shlex
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -50,6 +51,11 @@ from sweeper import identity
 from sweeper import workers as workers_mod
 
 log = logging.getLogger(__name__)
+# Optuna's notes that the user can do nothing about: its experimental-API warnings (heartbeat, retry,
+# metric names) and the heartbeat being used outside Study.optimize (this sweeper beats itself).
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say which study and what runs
 
 _COVERED = (
     optuna.trial.TrialState.COMPLETE,
@@ -58,6 +64,7 @@ _COVERED = (
     optuna.trial.TrialState.WAITING,
 )
 DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS = 10
+CURVE_ATTRS = ("train_curve", "accuracy_curve")  # kept in system attrs: see TrialReporter.set_attrs
 _SWEEP_ID_ENV = "SFT_SWEEP_SWEEP_ID"
 
 
@@ -470,17 +477,23 @@ class TrialReporter:
         if number is not None:
             return number
         params = _wsd_params(max_steps, low, high)
+        curves = {k: user_attrs[k] for k in CURVE_ATTRS if k in user_attrs}  # as set_attrs stores them
         study.add_trial(optuna.trial.create_trial(
             params={n: v for n, v, _ in params}, distributions={n: d for n, _, d in params},
             value=float(value), intermediate_values={int(s): float(v) for s, v in curve},
-            user_attrs=user_attrs,
-            system_attrs={"wsd_branch_key": key, "wsd_branch_of": self.trial.number},
+            user_attrs={k: v for k, v in user_attrs.items() if k not in curves and k != "curve"},
+            system_attrs={"wsd_branch_key": key, "wsd_branch_of": self.trial.number, **curves},
         ))
         return existing()
 
     def set_attrs(self, attrs: dict) -> None:
+        """Store the job's results on its trial: curves as system attrs (long lists would make
+        optuna-dashboard's attribute table thousands of pixels wide), the rest as user attrs."""
         for k, v in attrs.items():
-            self.trial.set_user_attr(k, v)
+            if k in CURVE_ATTRS:
+                self.trial.storage.set_trial_system_attr(self.trial._trial_id, k, v)
+            else:
+                self.trial.set_user_attr(k, v)
 
 
 def _wsd_params(max_steps: int, low: int, high: int) -> list[tuple[str, Any, Any]]:
@@ -599,6 +612,8 @@ class StudySweeper:
             overrides = space.fixed + [f"{k}={t}" for k, (_, t) in point.items()]
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
             config_mod.validate(cfg)
+            if self.launcher_name == "local":  # SLURM jobs run where the GPUs are, not here
+                gpu_mod.check_precision(str(cfg.precision.compute), str(cfg.precision.name))
             key = OmegaConf.to_yaml(cfg.data)
             if key not in seen_data:
                 seen_data.add(key)
@@ -713,16 +728,25 @@ class StudySweeper:
     # -- the sweep
 
     def sweep(self, arguments: list[str]) -> list[Any]:
+        from omegaconf.errors import MissingMandatoryValue
+
         try:
             sw = self._prepare(arguments)
         except (ValueError, FileNotFoundError) as e:  # bad input: one message, no trial created
             raise config_mod.InputError.wrap(e) from e
+        except MissingMandatoryValue as e:
+            key = e.full_key
+            raise config_mod.InputError(f"{key} must be set, but is ??? (a required value of the option chosen); "
+                                        f"add {key}=... to the command") from None
         if self.launcher_name == "slurm":
             return self._run_slurm(sw)
         return self._run(sw)
 
     def _prepare(self, arguments: list[str]) -> "_Sweep":
+        import datasets
         from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        datasets.disable_progress_bars()  # one sweep bar and one bar per trial, nothing nested
 
         self.workers = workers_mod.parse_workers(self.workers_arg)
         self.gpus = workers_mod.parse_gpus(self.gpus_arg)
@@ -928,7 +952,21 @@ class StudySweeper:
         progress.close()
         self._wait_workers(children)
         self._summary(study)
+        self._fail_if_nothing_completed(study)
         return returns
+
+    def _fail_if_nothing_completed(self, study: optuna.Study) -> None:
+        """A command none of whose trials completed (every one FAILed) ends with a non-zero exit code
+        and one line saying so; trials it did not run (all done before) do not count."""
+        mine = [t for t in study.get_trials(deepcopy=False)
+                if t.system_attrs.get("sweep_id") == self.sweep_id and not is_branch(t)]
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        if mine and not any(t.state in finished for t in mine):
+            failed = [t for t in mine if t.state == optuna.trial.TrialState.FAIL]
+            last = failed[-1].user_attrs.get("error", "?") if failed else "?"
+            raise config_mod.InputError(
+                f"no trial of this command completed: {len(failed)} of {len(mine)} failed (last: trial "
+                f"{failed[-1].number if failed else '?'}: {last}); fix the cause and re-run the same command")
 
     def _summary(self, study: optuna.Study) -> None:
         from sweeper.report import study_report
@@ -997,6 +1035,7 @@ class StudySweeper:
         for line in submitter.failures():
             log.error("%s", line)
         self._summary(sw.study)
+        self._fail_if_nothing_completed(sw.study)
         return []
 
     @staticmethod

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
 from sweeper import data as data_mod
+from sweeper import gpu as gpu_mod
 from sweeper import model as model_mod
 from sweeper import speed as speed_mod
 from sweeper.plan import Plan, make_plan
@@ -87,6 +88,7 @@ def preflight(cfg: DictConfig) -> data_mod.Splits:
     """Every check that needs no model: config rules and the data. Raises before any GPU time."""
     try:
         config_mod.validate(cfg)
+        gpu_mod.check_precision(str(cfg.precision.compute), str(cfg.precision.name))
         resolve_speed(cfg, model_mod.resolve_compute(cfg.precision.compute))  # e.g. varlen without a GPU
         return data_mod.load(cfg.data, cfg.paths.cache_dir)
     except (ValueError, FileNotFoundError) as e:
@@ -162,37 +164,56 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
 
 
 def label_set(splits: data_mod.Splits) -> list[str] | None:
-    """The distinct answers when they form a label set (classification-style data): one short
-    answer per row, few distinct values. None for generative data (e.g. gsm8k)."""
-    rows = splits.train.select(range(min(len(splits.train), 2000)))
+    """The distinct answers when they form a label set (classification-style data), else None
+    (generative data, e.g. gsm8k). See :func:`label_decision`."""
+    return label_decision(splits)[0]
+
+
+def label_decision(splits: data_mod.Splits) -> tuple[list[str] | None, str]:
+    """``(labels, why)``: the distinct answers when they form a label set — one short answer (at most 8
+    words) per row and few distinct values (at most 30% of the rows, 500 at most) — over **all** train
+    rows (before ``data.max_train_rows``: a subsample shows fewer rows per label), else None; ``why``
+    says what was found, for the log and the report."""
+    rows = splits.all_train if splits.all_train is not None else splits.train
     answers = []
-    for row in rows:
+    column = rows["messages"] if splits.format == "messages" else rows["completion"]
+    for i, value in enumerate(column):
         if splits.format == "messages":
-            turns = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+            turns = [m["content"] for m in value if m["role"] == "assistant"]
             if len(turns) != 1:
-                return None
+                return None, f"row {i + 1} has {len(turns)} assistant turns (a label set has one answer per row)"
             answers.append(str(turns[0]).strip())
         else:
-            c = row["completion"]
-            answers.append((c if isinstance(c, str) else c[-1]["content"]).strip())
+            answers.append((value if isinstance(value, str) else value[-1]["content"]).strip())
     distinct = set(answers)
-    if len(distinct) <= max(2, min(500, 0.3 * len(answers))) and all(len(a.split()) <= 8 for a in distinct):
-        return sorted(distinct)
-    return None
+    limit = max(2, min(500, int(0.3 * len(answers))))
+    longest = max((len(a.split()) for a in distinct), default=0)
+    if len(distinct) > limit:
+        return None, (f"{len(distinct)} distinct answers in {len(answers)} train rows, more than a label set's "
+                      f"{limit} (30% of the rows, 500 at most)")
+    if longest > 8:
+        return None, f"answers up to {longest} words long (a label has at most 8)"
+    return sorted(distinct), f"{len(distinct)} distinct answers of at most {longest} words in {len(answers)} train rows"
 
 
-def _accuracy_callback(cfg: DictConfig, splits: data_mod.Splits, tokenizer: Any) -> Any:
+def _accuracy_callback(cfg: DictConfig, splits: data_mod.Splits, tokenizer: Any, decision: dict) -> Any:
     """Label accuracy by greedy generation on up to ``eval.accuracy_rows`` eval rows, added to the
     evaluation's metrics as ``eval_accuracy`` (before early stopping and best-checkpoint tracking read
-    them). None when off, or when ``auto`` and the answers are not a label set."""
+    them). None when off, or when ``auto`` and the answers are not a label set. ``decision`` receives
+    ``on`` and ``why`` (stored on the trial as ``accuracy``)."""
     mode = cfg.eval.accuracy
-    labels = label_set(splits) if mode != "off" else None
+    labels, why = label_decision(splits) if mode != "off" else (None, "eval.accuracy=off")
+    decision["why"] = why
     if mode == "off" or (mode == "auto" and labels is None):
         if cfg.eval.metric == "eval_accuracy":
             raise config_mod.InputError(
-                f"eval.metric=eval_accuracy, but the answers of {cfg.data.name} are not a label set; "
+                f"eval.metric=eval_accuracy, but the answers of {cfg.data.name} are not a label set ({why}); "
                 "set eval.accuracy=on to score exact matches anyway, or eval.metric=eval_loss")
+        decision["on"] = False
+        log.info("accuracy: off (eval.accuracy=%s): %s", mode, why)
         return None
+    decision["on"] = True
+    log.info("accuracy: on (eval.accuracy=%s): %s", mode, why)
     import torch
     from transformers import TrainerCallback
 
@@ -501,6 +522,55 @@ def _probe_ladder(trainer: Any, cfg: DictConfig, micro: int, info: dict, states_
     return divisors[i]
 
 
+def _metrics_logger() -> logging.Logger:
+    """``sweeper.metrics``: every logged train/eval metric, into the job's log file (``train.log``) only,
+    not the console, which keeps one progress bar per trial."""
+    mlog = logging.getLogger("sweeper.metrics")
+    mlog.setLevel(logging.INFO)
+    mlog.propagate = False
+    mlog.handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return mlog
+
+
+def _replace_progress(trainer: Any, cfg: DictConfig) -> None:
+    """Swap transformers' progress printer (a bar per evaluation, a metrics dict per log line on the
+    console) for one bar per trial (steps, last loss and eval metric) and the metrics in ``train.log``."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    mlog = _metrics_logger()
+    label = f"trial {cfg.study.trial_number}" if cfg.study.trial_number is not None else "run"
+    shown = ("loss", str(cfg.eval.metric), "eval_accuracy")
+
+    class TrialProgress(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=label, unit="step", position=1,
+                            leave=False, dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            mlog.info("step %d: %s", state.global_step, " ".join(
+                f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
+            if self.bar is not None:
+                self.bar.set_postfix({k: round(float(logs[k]), 4) for k in shown if k in logs}, refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    trainer.add_callback(TrialProgress())
+
+
 def _fault_injection_callback() -> Any:
     """Test hooks for the fault paths, off unless the environment asks:
 
@@ -552,16 +622,39 @@ def _restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool
                 tracker["best"], tracker["best_step"] = value, step
 
 
+class _DropNotes(logging.Filter):
+    """Library notes the user can do nothing about (they describe this tool's own choices)."""
+
+    NOTES = ("load_best_model_at_end",)  # EarlyStoppingCallback: we keep the best checkpoint ourselves
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOTES)
+
+
+def quiet_libraries() -> None:
+    """No nested progress bars from datasets' map and the weight loader (the trial keeps its own bar),
+    and no library notes the user cannot act on."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns on import
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("transformers", "transformers.trainer_callback"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotes) for f in logger.filters):
+            logger.addFilter(_DropNotes())
+
+
 def run(cfg: DictConfig, reporter: Any = None) -> float:
     """See :func:`_run` (``schedule=wsd_search``: :func:`sweeper.wsd.search`); closes the job's own
     connection to the study however the run ends."""
-    from sweeper import gpu
-
+    quiet_libraries()
     try:
-        gpu.pin_one()  # one trial, one GPU: before anything initialises CUDA
+        gpu_mod.pin_one()  # one trial, one GPU: before anything initialises CUDA
     except ValueError as e:
         raise config_mod.InputError.wrap(e) from e
-    if gpu.cuda_initialised():  # a worker's earlier trial: give its cached blocks back, so that NVML's free
+    if gpu_mod.cuda_initialised():  # a worker's earlier trial: give its cached blocks back, so that NVML's free
         import gc               # memory (batch=auto's budget) does not count them as taken
 
         import torch
@@ -642,7 +735,8 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
         callbacks = _make_callbacks(cfg, reporter, tracker, early_stopping=segment is None)
         if segment is not None:
             callbacks += segment.callbacks
-        accuracy = _accuracy_callback(cfg, splits, tokenizer)
+        accuracy_decision: dict = {}
+        accuracy = _accuracy_callback(cfg, splits, tokenizer, accuracy_decision)
         if accuracy is not None:
             callbacks.insert(0, accuracy)  # its metric must exist before the others read the metrics
         injected = _fault_injection_callback()
@@ -655,6 +749,7 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
             processing_class=tokenizer, peft_config=_peft_config(cfg), callbacks=callbacks,
         )
         speed_mod.apply_to_trainer(trainer, speed)
+        _replace_progress(trainer, cfg)
         # TRL's tokenisation and packing: the datasets cache (by fingerprint) makes it once per sweep
         timing["prepare_s"] = round(time.perf_counter() - started, 2)
         if fitted and cfg.batch.auto.probe and "probes" not in auto_info:
@@ -681,7 +776,7 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
                                 "eval_rows": len(splits.eval), "precision": compute,
                                 "max_steps": plan.max_steps, "effective_batch": plan.effective_batch,
                                 "micro_batch": micro, "grad_accum": accum, "oom_retries": oom_retries,
-                                "batch_auto": auto_info, "timing": timing,
+                                "batch_auto": auto_info, "timing": timing, "accuracy": accuracy_decision,
                                 "speed": {**speed, "collator_padding_free": bool(
                                     getattr(trainer.data_collator, "padding_free", False))},
                                 "sft_config": {k: getattr(args, k) for k in _SNIPPET_KEYS},

@@ -1,11 +1,12 @@
-"""Report: diagnosis on crafted curves and on a real run that over-fits; PNG/HTML; dashboard in a
-real headless Chromium."""
+"""Report: diagnosis on crafted curves and on a real run that over-fits; PNG/HTML; report.html and the
+dashboard in a real headless Chromium."""
 
 from __future__ import annotations
 
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -92,13 +93,104 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_dashboard_in_headless_chromium(overfit_sweep):
+def _chromium() -> str:
+    """Debian's chromium, for Playwright to drive (no browser download); skips without it, fails in CI."""
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(chromium).exists():
         if os.environ.get("CI"):
             pytest.fail("Debian's chromium is missing: .ci/run installs it")
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    return chromium
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def overfit_report(overfit_sweep):
+    """``summary.md``, the PNG and ``report.html`` of the real over-fitting sweep."""
+    from sweeper.report import write_report
+
+    paths = write_report(f"sqlite:///{overfit_sweep}/optuna.db", overfit_sweep / "report-html")
+    return paths["html"]
+
+
+def _outside_code(page: str) -> str:
+    return re.sub(r"<pre>.*?</pre>|<code>.*?</code>", "", page, flags=re.S)
+
+
+@pytest.mark.slow
+def test_report_html_renders_the_markdown(overfit_report):
+    page = overfit_report.read_text()
+    table = re.search(r"<table>.*?</table>", page, re.S).group(0)
+    rows = re.findall(r"<tr>\s*<td[^>]*>(\d+)</td>", table)
+    assert rows == ["0", "1"] and "<th>schedule</th>" in table and "max_steps=300" in table
+    assert "<td>over-trained</td>" in table and "<td>under-trained</td>" in table
+    assert "<strong>Recommended for demo: max_steps=300.</strong>" in page
+    snippet = re.search(r'<pre><code class="language-python">(.*?)</code></pre>', page, re.S).group(1)
+    assert snippet.startswith("SFTConfig(\n    max_steps=") and "learning_rate=0.003" in snippet
+    assert "<li>Noise ±" in page and "<h2>demo-tiny</h2>" in page
+    # the curves right after the study's text, embedded; nothing else is loaded
+    section = re.search(r"<section>.*?</section>", page, re.S).group(0)
+    assert section.index("</pre>") < section.index('<img alt="demo-tiny curves" src="data:image/png;base64,iVBOR')
+    assert not re.search(r"""(src|href)=(?!["']?data:)""", page) and "<script" not in page
+    # no markdown left unrendered outside code
+    prose = _outside_code(page)
+    assert "|---" not in prose and not re.search(r"^\s*\|", prose, re.M) and "**" not in prose and "```" not in prose
+
+
+def test_report_html_escapes_user_text(tmp_path):
+    """A study name and an error holding markup come out as text; links and images in user text stay text."""
+    from sweeper.report import report_html, study_report
+
+    name = "<script>alert(1)</script>"
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path}/s.db")
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={
+        "error": "<img src=x onerror=alert(2)> [x](javascript:alert(3)) ![y](http://example.com/y.png) done"}))
+    page = report_html([(name, study_report(study), b"\x89PNG\r\n\x1a\n")])
+    assert "<h2>&lt;script&gt;alert(1)&lt;/script&gt;</h2>" in page
+    assert 'alt="&lt;script&gt;alert(1)&lt;/script&gt; curves"' in page
+    assert "&lt;img src=x onerror=alert(2)&gt; [x](javascript:alert(3)) ![y](http://example.com/y.png) done" in page
+    assert "<script" not in page and "<img src=x" not in page and "<a " not in page
+    assert page.count("<img ") == 1 and "http://example.com" not in re.findall(r"<img [^>]*>", page)[0]
+
+
+@pytest.mark.slow
+def test_report_html_in_headless_chromium(overfit_report):
+    chromium = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    requests, errors = [], []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(overfit_report.as_uri())
+        table = page.locator("table").first
+        assert table.is_visible()
+        assert table.locator("tbody tr").count() == 2 and table.locator("th").count() == 14
+        assert table.locator("td").first.evaluate("e => getComputedStyle(e).borderTopStyle") == "solid"
+        assert page.locator("strong", has_text="Recommended for demo").is_visible()
+        code = page.locator("pre code").first
+        assert code.is_visible() and "SFTConfig(" in code.inner_text()
+        assert "monospace" in code.evaluate("e => getComputedStyle(e).fontFamily").lower()
+        img = page.locator("section img").first
+        img.scroll_into_view_if_needed()
+        assert img.evaluate("e => e.complete && e.naturalWidth") > 500
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests
+    assert not errors, errors  # a Content-Security-Policy violation would be logged here
+    assert shot.stat().st_size > 50_000
+
+
+@pytest.mark.slow
+def test_dashboard_in_headless_chromium(overfit_sweep):
+    chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
     port = _free_port()
@@ -116,9 +208,7 @@ def test_dashboard_in_headless_chromium(overfit_sweep):
                 time.sleep(0.2)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
+            browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(f"http://127.0.0.1:{port}/dashboard/")
             page.wait_for_selector("text=demo-tiny", timeout=60_000)
@@ -404,3 +494,14 @@ def test_a_wsd_study_reads_the_cooldowns_and_extends_its_candidates(tmp_path):
     assert "over the last" not in md  # a cooldown's drop is not "still falling at the end"
     assert ("run `python train.py -m schedule=wsd_search 'schedule.wsd.candidates=[3000,4500,6000]'`" in md
             and _agrees(md))
+
+
+def test_report_says_why_accuracy_was_off():
+    from sweeper.report import study_report
+
+    study = optuna.create_study()
+    why = "142 distinct answers in 400 train rows, more than a label set's 120 (30% of the rows, 500 at most)"
+    study.add_trial(optuna.trial.create_trial(
+        value=1.0, intermediate_values={10: 2.0, 20: 1.0},
+        user_attrs={"max_steps": 20, "best_step": 20, "accuracy": {"on": False, "why": why}}))
+    assert f"- accuracy off: {why}" in study_report(study)

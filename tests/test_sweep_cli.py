@@ -44,10 +44,10 @@ def test_core_grid_runs_each_point_once_and_resumes(tmp_path, cache_dir):
         assert ATTRS <= set(t.user_attrs)
         assert t.user_attrs["choices"]["schedule"] == t.params["schedule"]
     assert "**Recommended for demo: max_steps=" in out.stdout and "| 2 | over | cosine | – |" in out.stdout
-    summaries = list(tmp_path.glob("sweeps/demo-tiny/*/summary.md"))
-    assert len(summaries) == 2 and "| 0 | under | cosine | – |" in summaries[0].read_text()
+    summaries = list(tmp_path.glob("sweeps/demo-tiny/summary.md"))  # one folder per study, every re-run
+    assert len(summaries) == 1 and "| 2 | over | cosine | – |" in summaries[0].read_text()
     job_dirs = {t.user_attrs["run_dir"] for t in study.trials}
-    assert all((tmp_path / "sweeps").exists() and d.startswith(str(tmp_path / "sweeps")) for d in job_dirs)
+    assert job_dirs == {str(tmp_path / "sweeps" / "demo-tiny" / f"trial_{n}") for n in range(3)}
 
     _ok(run_cli("-m", "schedule=under,sweet,over", *base))  # nothing missing: no new trial
     assert len(_study(tmp_path).trials) == 3

@@ -134,3 +134,21 @@ def test_label_set_detection_on_real_data(compose_cfg):
     with pytest.raises(ValueError, match="are not a label set"):
         run(compose_cfg(*FAST, "data=jsonl", f"data.train_path={SHARED_DATA}/gsm8k/train.jsonl",
                         "data.max_train_rows=50", "eval.metric=eval_accuracy"), reporter=Recorder())
+
+
+def test_label_set_is_found_on_all_train_rows_not_the_subsample(compose_cfg):
+    from sweeper import data as data_mod
+    from sweeper.trial import label_decision
+
+    path = SHARED_DATA / "clinc150" / "train.jsonl"
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path}")
+    cfg = compose_cfg("data=jsonl", f"data.train_path={path}", "data.max_train_rows=400")
+    splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
+    answers = {m["content"] for row in splits.train["messages"] for m in row if m["role"] == "assistant"}
+    assert len(answers) > 0.3 * 400  # these 400 rows alone do not look like a label set
+    labels, why = label_decision(splits)
+    assert labels is not None and len(labels) >= 150 and "distinct answers of at most" in why
+    gsm = compose_cfg("data=jsonl", f"data.train_path={SHARED_DATA}/gsm8k/train.jsonl", "data.max_train_rows=400")
+    labels, why = label_decision(data_mod.load(gsm.data, gsm.paths.cache_dir))
+    assert labels is None and "distinct answers in 7" in why and "train rows, more than a label set's" in why

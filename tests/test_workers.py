@@ -175,3 +175,21 @@ def test_bad_worker_settings_are_one_line(tmp_path, cache_dir, override, needle)
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_summaries(
         f"sqlite:///{tmp_path}/optuna.db")  # nothing half-written
+
+
+def test_fp16_without_a_gpu_is_refused_before_any_trial(tmp_path, cache_dir):
+    proc = run_cli("-m", "seed=1,2", *FAST, "precision=fp16", f"paths.output_dir={tmp_path}",
+                   f"paths.cache_dir={cache_dir}")
+    assert proc.returncode != 0
+    assert "precision=fp16 (fp16 mixed precision) needs a CUDA GPU, and none is visible" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_a_command_whose_trials_all_fail_exits_non_zero(tmp_path, cache_dir):
+    proc = run_cli("-m", "seed=1,2", *FAST, "eval.logging_steps=1", f"paths.output_dir={tmp_path}",
+                   f"paths.cache_dir={cache_dir}", env={"SFT_SWEEP_INJECT_NAN_AT_STEP": "3"})
+    assert proc.returncode != 0
+    assert "no trial of this command completed: 2 of 2 failed (last: trial 1: DivergedError" in proc.stderr
+    ok = run_cli("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+    assert ok.returncode == 0, ok.stderr[-2000:]  # the same command, fixed: the failed points run again
