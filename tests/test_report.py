@@ -218,9 +218,13 @@ def test_dashboard_in_headless_chromium(overfit_sweep):
             page.goto(page.url.rstrip("/") + "/trials")
             page.wait_for_selector("text=User Attributes", timeout=60_000)
             body = page.inner_text("body")
+            width = page.evaluate("document.documentElement.scrollWidth")
             page.screenshot(path=str(ARTIFACTS / "dashboard-trials.png"), full_page=True)
             browser.close()
         assert "best_step" in body and "stopped_early_step" in body and "schedule.max_steps" in body
+        # curves are system attrs: with train_curve as a user attr this page was 7,307 px wide; the widest
+        # attr left is sft_config (~460 characters on one line, ~3,900 px)
+        assert width <= 5000, f"the trials page is {width} px wide: a long user attr (a curve?) widens it"
         assert (ARTIFACTS / "dashboard-study.png").stat().st_size > 10_000
     finally:
         server.terminate()
