@@ -113,7 +113,43 @@ def plan_rows(overrides: list[str]) -> list[dict]:
             "tokens_known": "input_ids" in prepared.column_names, "warnings": plan.warnings() + ([note] if note else []),
         })
     GlobalHydra.instance().clear()
+    _note_other_settings(rows)
     return rows
+
+
+def _note_other_settings(rows: list[dict]) -> None:
+    """Warn on each row whose unswept settings no earlier trial of its study ran: the sweep would refuse
+    it (see ``sweeper.identity``), so the plan says so, naming the keys."""
+    from sweeper import identity
+
+    configs = [identity.result_config(r["cfg"]) for r in rows]
+    swept = identity.varying(configs)
+    for r, config in zip(rows, configs):
+        cfg = r["cfg"]
+        name = str(cfg.hydra.sweeper.study_name or f"{cfg.data.name}-{cfg.model.name}")
+        ran = _study_configs(str(cfg.hydra.sweeper.storage), name)
+        if not ran or any(not identity.differences([c], config, swept) for c in ran):
+            continue
+        r["warnings"].append(
+            f"study {name!r} ran other settings ({identity.describe_differences(identity.differences(ran, config, swept))}): "
+            "the sweep would refuse this; name a new study with hydra.sweeper.study_name=... or add to it with "
+            "hydra.sweeper.allow_config_change=true")
+
+
+def _study_configs(storage_url: str, study_name: str) -> list[dict]:
+    """The settings each trial of a study ran (``config`` system attr); [] when there is no such study."""
+    import optuna
+
+    from sweeper.study import _sqlite_path, open_storage
+
+    db = _sqlite_path(storage_url)
+    if db is not None and not db.exists():
+        return []
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    except (KeyError, ValueError):
+        return []
+    return [t.system_attrs["config"] for t in study.get_trials(deepcopy=False) if "config" in t.system_attrs]
 
 
 def _say(line: str) -> None:

@@ -73,3 +73,17 @@ def test_stale_settings_refused_follow_up_grids_run_their_own_points(tmp_path, c
     new = _trials(tmp_path)[6:]
     assert new and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in new)
     assert {t.params.get("method") for t in new} == {"wsd"}
+
+
+@pytest.mark.slow
+def test_plan_names_the_settings_a_sweep_would_refuse(tmp_path, cache_dir):
+    from sweeper.plan_command import plan_rows
+
+    base = [*FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    assert run_cli("-m", "schedule.max_steps=8", *base).returncode == 0
+    same = plan_rows(["schedule.max_steps=8,12", *base[1:]])
+    assert not any("ran other settings" in w for r in same for w in r["warnings"])
+    other = plan_rows(["schedule.max_steps=8,12", "lr.learning_rate=3e-4", *base[1:]])
+    for r in other:
+        assert any("study 'demo-tiny' ran other settings (lr.learning_rate: 0.001 in the study, 0.0003 now)" in w
+                   for w in r["warnings"]), r["warnings"]
