@@ -1,20 +1,27 @@
-"""Hydra multirun <-> Optuna study. The only module that imports Optuna.
+"""Hydra multirun <-> Optuna study: the sweeper, the job's handle on its trial, storage helpers.
 
     python train.py -m schedule=under,sweet,over                      # a 3-point grid
     python train.py -m 'lr.learning_rate=tag(log,interval(1e-5,3e-4))' hydra.sweeper.n_trials=6
 
 Hydra's sweep grammar, translated exactly (:func:`translate`):
 
-- ``a,b,c`` (comma list, also ``glob(...)``) is a **grid**: every combination once, in order.
-  Re-running the same command resumes the study and runs only the points that have no COMPLETE,
-  PRUNED, RUNNING or WAITING trial (FAILED points run again).
+- ``a,b,c`` (comma list, also ``glob(...)``) is a **grid**: every combination once, in order. A
+  command runs its own points that have no COMPLETE, PRUNED, RUNNING or WAITING trial of the same
+  settings (``sweeper.identity``), whatever else the study holds (FAILED points run again when the
+  command is re-run); ``n_trials`` only caps how many of its points it runs.
 - ``choice(a,b)`` -> categorical; ``range(start,stop,step)`` -> integers with the stop **excluded**
   (Hydra's rule; a float range becomes the categorical list of its points, computed in decimal so
   that float drift never lets the stop in);
   ``interval(lo,hi)`` -> float in [lo, hi]; ``tag(log, ...)`` -> log scale. These are sampled by
   ``sampler`` (tpe, random); ``sampler.name=grid`` instead expands choice and range into the grid.
-- ``n_trials`` is the study's total (COMPLETE, PRUNED, RUNNING and WAITING trials count), never
-  "additional": with distributions it defaults to 10, with a pure grid to the grid size.
+  With distributions ``n_trials`` is the study's total (COMPLETE, PRUNED, RUNNING and WAITING trials
+  count), never "additional"; it defaults to 10.
+- A command whose unswept settings differ from every earlier trial's is refused before any trial
+  (``allow_config_change`` adds it anyway).
+
+Workers (``sweeper.workers``): this process is worker 0 and runs its trials in-process; workers
+1..N-1 are copies of the command, each seeing one GPU; with ``launcher=slurm`` every worker is a
+SLURM job (``sweeper.slurm``) and this process watches the study and replaces dead workers.
 
 Each job gets ``study.name`` and ``study.trial_number`` overrides and reports into its own trial
 through :class:`TrialReporter` (every evaluation -> ``trial.report``; ``should_prune`` honoured).
