@@ -3,8 +3,8 @@
     python train.py schedule=under          # one trial, no study
     python train.py -m schedule=under,sweet # each job reports into its own Optuna trial
 
-This is the only module that imports TRL (transformers also in model, speed and wsd). It talks to the study through a
-``reporter`` (``sweeper.study.TrialReporter``) so that it never imports Optuna itself.
+This is the only module that imports TRL (transformers also in model, speed and wsd). It talks to
+the study through a ``reporter`` (``sweeper.study.TrialReporter``) so that it never imports Optuna.
 """
 
 from __future__ import annotations
