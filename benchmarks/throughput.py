@@ -459,7 +459,9 @@ def run_ours(args, workload: dict, model_dir: Path, arm_dir: Path, steps: int, *
         log(f"arm (c) {status} (rc={proc.returncode}, state {trials[0].state.name if trials else None}); "
             f"log {logf}; {str(err)[-800:]}")
         return {**base, "status": status, "error": str(err)[-800:]}
-    u = trials[0].user_attrs
+    from sweeper.report import attrs
+
+    u = attrs(trials[0])  # user attrs, and the plan kept as a system attr
     keep = ("tokens_seen", "train_runtime_s", "steps_trained", "peak_gpu_gib", "micro_batch", "grad_accum",
             "effective_batch", "oom_retries", "run_dir", "best_checkpoint", "plan", "precision", "timing", "speed",
             "batch_auto")

@@ -40,7 +40,7 @@ def _params(params: dict) -> str:
 def method(t: optuna.trial.FrozenTrial) -> str | None:
     """How the trial's LR was scheduled: ``wsd`` for a WSD search's trunk and branches (``method``
     attr), else its scheduler (``sft_config.lr_scheduler_type``, e.g. cosine)."""
-    a = t.user_attrs
+    a = attrs(t)
     if a.get("method"):
         return str(a["method"])
     return (a.get("sft_config") or {}).get("lr_scheduler_type")
@@ -64,7 +64,7 @@ def schedule_label(t: optuna.trial.FrozenTrial) -> str | None:
     other than the preset of a choice the sweep did not sweep (the default ``sweet`` under
     ``schedule.max_steps=600``). A swept choice (``schedule=under,over``) stays the label, being the
     grid's own coordinate; WSD trials keep ``wsd_search``. The length is always its own column."""
-    a = t.user_attrs
+    a = attrs(t)
     choice = a.get("choices", {}).get("schedule", t.params.get("schedule"))
     steps = a.get("max_steps")
     if steps is None or method(t) == "wsd":
@@ -84,15 +84,23 @@ def _name(t: optuna.trial.FrozenTrial) -> str:
     return name + (" " + _params(extra) if extra else "")
 
 
+def attrs(t: optuna.trial.FrozenTrial) -> dict:
+    """A trial's results: its user attrs plus those kept as system attrs so that optuna-dashboard's
+    attribute table stays readable (curves, ``sft_config``, ``plan``; user attrs in older studies)."""
+    from sweeper.study import SYSTEM_ATTRS
+
+    return {**{k: t.system_attrs[k] for k in SYSTEM_ATTRS if k in t.system_attrs}, **t.user_attrs}
+
+
 def curve_attr(t: optuna.trial.FrozenTrial, name: str) -> list:
-    """A trial's stored curve ``[[step, value], ...]``: a system attr (a user attr in older studies)."""
-    return t.system_attrs.get(name) or t.user_attrs.get(name) or []
+    """A trial's stored curve ``[[step, value], ...]``."""
+    return attrs(t).get(name) or []
 
 
 def trial_rows(study: optuna.Study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
+        a = attrs(t)
         rows.append({
             "trial": t.number,
             "schedule": schedule_label(t),
@@ -290,7 +298,7 @@ def _diagnose_wsd(pts: list[tuple[int, float]], branch_point: int, rel_tol: floa
 def _branch_point(t: optuna.trial.FrozenTrial) -> int | None:
     """Where a WSD trial's cooldown starts: a branch's ``wsd.branch_point``, or for the trunk the entry
     of its ``branches`` at its own length; None for any other trial."""
-    a = t.user_attrs
+    a = attrs(t)
     if method(t) != "wsd":
         return None
     w = a.get("wsd") or {}
@@ -317,7 +325,7 @@ def trial_diagnosis(t: optuna.trial.FrozenTrial) -> Diagnosis:
     """:func:`diagnose` with what the trial knows: its scheduler, length, WSD branch point and own noise
     (:func:`trial_noise`: the jitter of evaluations differs between runs, e.g. with the LR at their best).
     A FAIL trial's diagnosis is its ``error`` attr; a running one without two evaluations yet is *running*."""
-    a = t.user_attrs
+    a = attrs(t)
     if t.state == optuna.trial.TrialState.FAIL:
         return Diagnosis("failed", str(a.get("error") or "no error recorded; see the job log in its run_dir"))
     curve = _eval_curve(t)
@@ -347,7 +355,7 @@ def _cost(t: optuna.trial.FrozenTrial) -> tuple[int | None, int | None, float | 
     """What a trial cost: optimizer steps trained (its early stop or max_steps), tokens (``tokens_seen``, or
     the plan's tokens per step × steps) and measured training seconds (``train_runtime_s``, else
     ``timing.job_s``; None for a WSD trial, whose own time is a cooldown, not a run of its length)."""
-    a = t.user_attrs
+    a = attrs(t)
     steps = a.get("stopped_early_step") or a.get("max_steps")
     tps = (a.get("plan") or {}).get("tokens_per_step")
     tokens = a.get("tokens_seen") or (round(tps * steps) if tps and steps else None)
@@ -381,7 +389,7 @@ def recommend(study: optuna.Study) -> dict | None:
     noise = trial_noise(best, maximize)
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if t.value is not None]
-    a = best.user_attrs
+    a = attrs(best)
     d = trial_diagnosis(best)
     steps, b_step, wsd = a.get("max_steps"), a.get("best_step"), method(best) == "wsd"
     label = schedule_label(best)
@@ -422,7 +430,7 @@ def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[o
     came well inside it: see :data:`INSIDE`), below the shortest when it won, between the winner and the
     next longer length when the winner was still falling; and, when the best step is well inside the
     run, how to get that model. The grids are rounded to the winner's ``eval_steps``."""
-    a = best.user_attrs
+    a = attrs(best)
     steps, b_step, wsd = a.get("max_steps"), a.get("best_step"), method(best) == "wsd"
     lengths = sorted({t.user_attrs["max_steps"] for t in done if t.user_attrs.get("max_steps")})
     if not steps or not lengths:
@@ -497,7 +505,7 @@ def _within_noise(best: optuna.trial.FrozenTrial, done: Sequence[optuna.trial.Fr
 
 def sftconfig_snippet(trial: optuna.trial.FrozenTrial) -> str:
     """A ready-to-paste SFTConfig for the winning trial (TRL's own names)."""
-    a = trial.user_attrs
+    a = attrs(trial)
     cfg = a.get("sft_config")
     if not cfg:
         return f"# trial {trial.number} predates the sft_config attr; its run config is in {a.get('run_dir')}/.hydra"
@@ -529,7 +537,7 @@ def plot_curves(study: optuna.Study, path: Path) -> Path:
         curve = _eval_curve(t)
         if not curve:
             continue
-        a = t.user_attrs
+        a = attrs(t)
         label = f"#{t.number} {_name(t)}"
         steps, vals = [c[0] for c in curve], [c[1] for c in curve]
         spe = (a.get("plan") or {}).get("steps_per_epoch") or 0
@@ -554,7 +562,7 @@ def plot_curves(study: optuna.Study, path: Path) -> Path:
 
 
 def _accuracy(t: optuna.trial.FrozenTrial) -> str:
-    a = t.user_attrs
+    a = attrs(t)
     if a.get("best_accuracy") is None:
         return "–"
     return f"{a['best_accuracy']:.1%} ({a.get('best_accuracy_step')})"
@@ -563,7 +571,7 @@ def _accuracy(t: optuna.trial.FrozenTrial) -> str:
 def accuracy_disagrees(t: optuna.trial.FrozenTrial) -> str | None:
     """Say so when the best step by eval loss and by accuracy differ: SFT eval loss often rises
     while the task still improves, so a run picked by loss alone can be too short."""
-    a = t.user_attrs
+    a = attrs(t)
     curve = curve_attr(t, "accuracy_curve")
     loss_step, acc_step = a.get("best_step"), a.get("best_accuracy_step")
     if not curve or loss_step is None or acc_step is None or loss_step == acc_step:

@@ -71,7 +71,9 @@ _COVERED = (
     optuna.trial.TrialState.WAITING,
 )
 DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS = 10
-CURVE_ATTRS = ("train_curve", "accuracy_curve")  # kept in system attrs: see TrialReporter.set_attrs
+# results kept in system attrs, not user attrs: long values (curves, the SFTConfig, the plan) would make
+# optuna-dashboard's attribute table thousands of pixels wide (see TrialReporter.set_attrs)
+SYSTEM_ATTRS = ("train_curve", "accuracy_curve", "sft_config", "plan")
 _SWEEP_ID_ENV = "SFT_SWEEP_SWEEP_ID"
 
 
@@ -484,7 +486,7 @@ class TrialReporter:
         if number is not None:
             return number
         params = _wsd_params(max_steps, low, high)
-        curves = {k: user_attrs[k] for k in CURVE_ATTRS if k in user_attrs}  # as set_attrs stores them
+        curves = {k: user_attrs[k] for k in SYSTEM_ATTRS if k in user_attrs}  # where set_attrs keeps them
         study.add_trial(optuna.trial.create_trial(
             params={n: v for n, v, _ in params}, distributions={n: d for n, _, d in params},
             value=float(value), intermediate_values={int(s): float(v) for s, v in curve},
@@ -494,10 +496,10 @@ class TrialReporter:
         return existing()
 
     def set_attrs(self, attrs: dict) -> None:
-        """Store the job's results on its trial: curves as system attrs (long lists would make
+        """Store the job's results on its trial: ``SYSTEM_ATTRS`` as system attrs (long values would make
         optuna-dashboard's attribute table thousands of pixels wide), the rest as user attrs."""
         for k, v in attrs.items():
-            if k in CURVE_ATTRS:
+            if k in SYSTEM_ATTRS:
                 self.trial.storage.set_trial_system_attr(self.trial._trial_id, k, v)
             else:
                 self.trial.set_user_attr(k, v)

@@ -54,7 +54,7 @@ def test_stale_settings_refused_follow_up_grids_run_their_own_points(tmp_path, c
     assert added.returncode == 0, added.stderr[-3000:]
     trials = _trials(tmp_path)
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert [t.user_attrs["sft_config"]["learning_rate"] for t in trials] == [1e-3, 1e-3, 3e-4, 3e-4]
+    assert [t.system_attrs["sft_config"]["learning_rate"] for t in trials] == [1e-3, 1e-3, 3e-4, 3e-4]
     assert ("Settings differ between trials (added with hydra.sweeper.allow_config_change=true): "
             "lr.learning_rate=0.001 for trial(s) 0, 1; lr.learning_rate=0.0003 for trial(s) 2, 3") in added.stdout
 

@@ -8,6 +8,8 @@ import math
 import optuna
 import pytest
 
+from sweeper.report import attrs
+
 from .conftest import FAST, run_cli
 
 pytestmark = pytest.mark.slow
@@ -41,7 +43,7 @@ def test_core_grid_runs_each_point_once_and_resumes(tmp_path, cache_dir):
         assert t.state == TrialState.COMPLETE and math.isfinite(t.value)
         assert sorted(t.intermediate_values) == [4, 8, 12]  # every evaluation reported: the curve
         assert t.value == min(t.intermediate_values.values())  # the best, not the last
-        assert ATTRS <= set(t.user_attrs)
+        assert ATTRS <= set(attrs(t)) and "plan" not in t.user_attrs  # the plan: a system attr
         assert t.user_attrs["choices"]["schedule"] == t.params["schedule"]
     assert "**Recommended for demo: max_steps=" in out.stdout and "| 2 | over | cosine | – |" in out.stdout
     summaries = list(tmp_path.glob("sweeps/demo-tiny/summary.md"))  # one folder per study, every re-run

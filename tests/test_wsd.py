@@ -15,6 +15,7 @@ import optuna
 import pytest
 
 from sweeper.config import validate
+from sweeper.report import attrs
 from sweeper.wsd import STATE_FILE, cooldown_best, search, should_stop_trunk
 
 from .conftest import FAST, run_cli
@@ -73,7 +74,7 @@ def test_each_candidate_is_a_complete_trial_of_the_study(wsd_sweep):
     assert sorted(trunk.intermediate_values) == [4, 8, 12, 16, 20, 24]
     for s in (8, 16):
         t = by_steps[s]
-        a = t.user_attrs
+        a = attrs(t)  # user attrs, and the sft_config/plan kept as system attrs
         assert a["method"] == "wsd" and a["branch_of"] == trunk.number and a["max_steps"] == s
         assert a["optimizer_steps"] == s - POINTS[s] and a["steps_trained"] == s
         assert a["sft_config"]["lr_scheduler_type"] == "warmup_stable_decay"
@@ -91,7 +92,7 @@ def test_each_candidate_is_a_complete_trial_of_the_study(wsd_sweep):
         cooldown = {k: v for k, v in t.intermediate_values.items() if k > POINTS[s]}
         assert s in cooldown and t.value == min(cooldown.values())
         assert t.user_attrs["best_step"] > POINTS[s] and t.user_attrs["best_value"] == t.value
-    a = trunk.user_attrs
+    a = attrs(trunk)
     assert a["method"] == "wsd" and a["max_steps"] == 24
     assert a["wsd_optimizer_steps"] == 24 + 2 + 4  # trunk + cooldowns, vs 48 for the cosine grid
     assert [b["max_steps"] for b in a["branches"]] == [8, 16, 24]
@@ -233,7 +234,7 @@ def test_killed_trunk_resumes_from_its_checkpoint_and_records_each_candidate_onc
     assert sorted(t.params["max_steps"] for t in complete) == [8, 16, 24]  # each candidate exactly once
     assert len(trials) == 4
     trunk = next(t for t in complete if t.params["max_steps"] == 24)
-    a = trunk.user_attrs
+    a = attrs(trunk)
     assert trunk.system_attrs["failed_trial"] == 0
     assert Path(a["resumed_from_checkpoint"]).name == "checkpoint-6"  # continued, not from step 0
     assert a["wsd_optimizer_steps"] == 24 + 2 + 4  # each step once: the trunk was not trained twice
