@@ -55,6 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 from sweeper import config as config_mod
 from sweeper import gpu as gpu_mod
 from sweeper import identity
+from sweeper import passwords
 from sweeper import workers as workers_mod
 
 log = logging.getLogger(__name__)
@@ -989,16 +990,30 @@ class StudySweeper:
     # -- SLURM: the workers are SLURM jobs; this process submits, watches and replaces them
 
     def _worker_command(self, sweep_dir: str) -> list[str]:
-        """This command as one more worker: same overrides, one worker, this sweep's folder."""
+        """This command as one more worker: same overrides, one worker, this sweep's folder; the storage
+        URL without its password (see :meth:`_worker_env`)."""
         script = str(Path(sys.argv[0]).resolve())
-        return [sys.executable, script, *sys.argv[1:], "hydra.sweeper.workers=1", "hydra.sweeper.gpus=null",
-                "hydra.sweeper.launcher=local", f"hydra.sweep.dir={sweep_dir}"]
+        url, _ = passwords.split_password(self.storage_url)
+        args = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweeper.storage=", "+hydra.sweeper.storage="))]
+        return [sys.executable, script, *args, f"hydra.sweeper.storage={_quote(url)}", "hydra.sweeper.workers=1",
+                "hydra.sweeper.gpus=null", "hydra.sweeper.launcher=local", f"hydra.sweep.dir={sweep_dir}"]
+
+    def _worker_env(self) -> dict:
+        """What a worker adds to this process's environment: the sweep id, and the storage password as
+        PGPASSWORD (so that it is in no command line, log or saved config)."""
+        env = {_SWEEP_ID_ENV: self.sweep_id}
+        _, password = passwords.split_password(self.storage_url)
+        if password is not None:
+            env["PGPASSWORD"] = password
+        return env
 
     def _run_slurm(self, sw: "_Sweep") -> list[Any]:
         from sweeper import slurm
 
         sweep_dir = str(Path(self.config.hydra.sweep.dir).resolve())
-        env = {_SWEEP_ID_ENV: self.sweep_id}
+        env = self._worker_env()
+        if "PGPASSWORD" in env:  # SLURM hands the submitting environment to its jobs; never a job's command
+            os.environ["PGPASSWORD"] = env.pop("PGPASSWORD")
         submitter = slurm.Submitter(self.slurm_cfg, Path(sweep_dir) / "slurm", self._worker_command(sweep_dir),
                                     env=env, cwd=os.getcwd())
         jobs = submitter.submit(sw.plan.n)
@@ -1068,7 +1083,7 @@ class StudySweeper:
         sweep_dir = str(self.config.hydra.sweep.dir)
         children = []
         for i in range(1, plan.n):
-            env = {**os.environ, _SWEEP_ID_ENV: self.sweep_id}
+            env = {**os.environ, **self._worker_env()}
             if plan.gpus[i] is not None:
                 env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=plan.gpus[i])
             env.setdefault("OMP_NUM_THREADS", str(_threads_per_worker(plan.n)))

@@ -649,6 +649,9 @@ def quiet_libraries() -> None:
 def run(cfg: DictConfig, reporter: Any = None) -> float:
     """See :func:`_run` (``schedule=wsd_search``: :func:`sweeper.wsd.search`); closes the job's own
     connection to the study however the run ends."""
+    from sweeper import passwords
+
+    passwords.scrub_saved_config(_job_dir(cfg))  # Hydra saved the command line: no storage password in it
     quiet_libraries()
     try:
         gpu_mod.pin_one()  # one trial, one GPU: before anything initialises CUDA

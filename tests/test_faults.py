@@ -187,3 +187,37 @@ def test_ctrl_c_queues_the_trial_to_resume(tmp_path, cache_dir):
 def _ok_run(proc):
     assert proc.returncode == 0, proc.stderr[-3000:]
     return True
+
+
+def _files_holding(root: Path, secret: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_storage_password_is_written_nowhere(tmp_path, cache_dir):
+    """The server trusts local connections, so a made-up password works: it must appear in no file under the
+    output folder (saved Hydra configs, logs, checkpoints), no worker's command line and no console line."""
+    reason = postgres_unreachable()
+    if reason:
+        skip_or_fail(reason)
+    name = f"secret-{uuid.uuid4().hex[:8]}"
+    url = PG_URL.replace("postgresql://postgres@", "postgresql://postgres:s3cretPW@")
+    assert "s3cretPW" in url
+    try:
+        proc = run_cli("-m", "seed=1,2", "hydra.sweeper.workers=2", *FAST, f"hydra.sweeper.storage={url}",
+                       f"hydra.sweeper.study_name={name}", f"paths.output_dir={tmp_path}",
+                       f"paths.cache_dir={cache_dir}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        trials = _load(PG_URL, name).trials
+        assert len({t.user_attrs["worker"] for t in trials}) == 2  # a second worker process ran too
+        assert "s3cretPW" not in proc.stdout + proc.stderr
+        assert _files_holding(tmp_path, "s3cretPW") == []
+        worker1 = next(tmp_path.rglob("worker1.log")).read_text()  # its command had no password to mask
+        saved = "".join(p.read_text() for p in tmp_path.rglob("hydra.yaml"))
+        assert "hydra.sweeper.storage='postgresql://postgres@127.0.0.1:5432/test'" in saved, saved[-2000:]
+        assert "s3cretPW" not in worker1
+    finally:
+        try:
+            optuna.delete_study(study_name=name, storage=PG_URL)
+        except KeyError:
+            pass

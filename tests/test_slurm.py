@@ -61,9 +61,13 @@ def _load(url, name):
 
 def test_four_points_two_slurm_workers_no_duplicate_none_lost(tmp_path, cache_dir, pg_study):
     url, name = pg_study
-    proc = run_cli(*_slurm_args(url, name, tmp_path, cache_dir, "seed=1,2,3,4", *FAST,
+    with_password = url.replace("postgresql://postgres@", "postgresql://postgres:s3cretPW@")  # trust auth
+    proc = run_cli(*_slurm_args(with_password, name, tmp_path, cache_dir, "seed=1,2,3,4", *FAST,
                                 "hydra.sweeper.workers=2"), env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    # the password reached the jobs as PGPASSWORD: in no job script, pickled command, log or saved config
+    assert "s3cretPW" not in proc.stdout + proc.stderr
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and b"s3cretPW" in p.read_bytes()] == []
     study = _load(url, name)
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4

@@ -96,3 +96,13 @@ def test_train_py_lists_the_plugin():
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--info", "plugins"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert "SftSweepSweeper" in out.stdout
+
+
+def test_storage_password_split_off_and_masked():
+    from sweeper.passwords import mask_passwords, split_password
+
+    assert split_password("postgresql://bob:p%40ss@db:5432/x") == ("postgresql://bob@db:5432/x", "p@ss")
+    assert split_password("postgresql://bob@db/x") == ("postgresql://bob@db/x", None)
+    assert split_password("sqlite:///tmp/x.db") == ("sqlite:///tmp/x.db", None)
+    text = "storage: postgresql+psycopg://bob:s3cret@db/x\n- hydra.sweeper.storage='mysql://a:b@h/d'"
+    assert mask_passwords(text) == "storage: postgresql+psycopg://bob:***@db/x\n- hydra.sweeper.storage='mysql://a:***@h/d'"
