@@ -26,14 +26,40 @@ def _defaults() -> tuple[str, str]:
     return str(cfg.hydra.sweeper.storage), str(cfg.paths.output_dir)
 
 
-def _open(storage: str):
+def _open(storage: str, need_studies: bool = True):
     from sweeper.study import mask_url, open_storage
 
     url = storage
     db = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
-    if db is not None and not Path(db).exists():
-        raise ValueError(f"no study storage at {db}: run a sweep first (python train.py -m ...) or pass --storage")
-    return url, mask_url(url), open_storage(url)
+    if db is not None:
+        path = Path(db).expanduser()
+        if not path.is_file():
+            raise ValueError(f"no study storage at {db}: run a sweep first (python train.py -m ...) or pass --storage")
+        with open(path, "rb") as f:  # never let opening it turn another file into an Optuna database
+            header = f.read(16)
+        if header != b"SQLite format 3\x00":
+            what = "an empty file" if not header else "not an SQLite database"
+            raise ValueError(f"{db} is {what}, not a study storage; pass the sweep's --storage "
+                             "(sqlite:///outputs/optuna.db by default)")
+        if not _has_optuna_tables(path):
+            raise ValueError(f"no studies in {mask_url(url)}: this SQLite database holds no Optuna tables")
+    store = open_storage(url)
+    import optuna
+
+    if need_studies and not optuna.get_all_study_summaries(store):
+        raise ValueError(f"no studies in {mask_url(url)}: run a sweep first (python train.py -m ...)")
+    return url, mask_url(url), store
+
+
+def _has_optuna_tables(path: Path) -> bool:
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        con.close()
+    return {"studies", "trials"} <= names
 
 
 def report(storage: str | None, studies: list[str] | None, out: str | None) -> int:
@@ -57,7 +83,7 @@ def dashboard(storage: str | None, host: str, port: int) -> int:
     from optuna_dashboard import run_server
 
     try:
-        url, shown, store = _open(storage or _defaults()[0])
+        url, shown, store = _open(storage or _defaults()[0], need_studies=False)  # a sweep may start later
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -509,3 +509,22 @@ def test_report_says_why_accuracy_was_off():
         value=1.0, intermediate_values={10: 2.0, 20: 1.0},
         user_attrs={"max_steps": 20, "best_step": 20, "accuracy": {"on": False, "why": why}}))
     assert f"- accuracy off: {why}" in study_report(study)
+
+
+def test_report_refuses_what_is_not_a_study_storage_and_leaves_it_alone(tmp_path):
+    import sqlite3
+
+    empty, text, other, schema = (tmp_path / n for n in ("empty.db", "text.db", "other.db", "schema.db"))
+    empty.touch()
+    text.write_text("hello\n")
+    sqlite3.connect(other).execute("CREATE TABLE x(a)").connection.commit()
+    optuna.storages.RDBStorage(f"sqlite:///{schema}")  # Optuna's tables, no study
+    expect = {empty: "is an empty file, not a study storage", text: "is not an SQLite database",
+              other: "holds no Optuna tables", schema: "no studies in sqlite:///"}
+    for path, needle in expect.items():
+        before = path.read_bytes()
+        for cmd in ("report", "status"):
+            proc = subprocess.run([sys.executable, "-m", "sweeper", cmd, "--storage", f"sqlite:///{path}"],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert path.read_bytes() == before  # not turned into an Optuna database
