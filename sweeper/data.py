@@ -228,23 +228,52 @@ def detect_format(columns: list[str], key: str, source: str) -> str:
     )
 
 
-def _check_rows(ds: Any, fmt: str, key: str, source: str) -> None:
-    """Spot-check structure where TRL would fail later with a less clear error."""
-    for i in range(min(len(ds), 50)):
-        row = ds[i]
-        if fmt == "messages":
-            msgs = row["messages"]
-            if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in msgs
-            ):
-                raise ValueError(
-                    f"{key}: row {i + 1} of {source}: 'messages' must be a non-empty list of "
-                    "{'role': ..., 'content': ...} objects"
-                )
-            if not any(m["role"] == "assistant" for m in msgs):
-                raise ValueError(f"{key}: row {i + 1} of {source} has no assistant message to learn from")
-        elif not isinstance(row["completion"], (str, list)) or not row["completion"]:
-            raise ValueError(f"{key}: row {i + 1} of {source} has an empty 'completion'")
+def _row_problem(fmt: str, row: dict) -> str | None:
+    """Why one row cannot be trained on (None: it can)."""
+    if fmt == "messages":
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and (isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls")))
+                for m in msgs):
+            return "'messages' must be a non-empty list of {'role': ..., 'content': <text>} objects"
+        answers = [m["content"] for m in msgs if m["role"] == "assistant"]
+        if not answers:
+            roles = sorted({m["role"] for m in msgs})
+            return f"no assistant message to learn from (roles: {', '.join(roles)})"
+        if not any((a or "").strip() for a in answers) and not any(
+                m.get("tool_calls") for m in msgs if m["role"] == "assistant"):
+            return "its assistant messages are empty"
+        return None
+    prompt, completion = row.get("prompt"), row.get("completion")
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if isinstance(value, str):
+            if name == "completion" and not value.strip():
+                return "an empty 'completion'"
+        elif isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+            if name == "completion" and not any(str(m["content"]).strip() for m in value):
+                return "an empty 'completion'"
+        else:
+            return f"'{name}' must be text (or a list of messages), but is {type(value).__name__}"
+    return None
+
+
+def _check_rows(ds: Any, fmt: str, key: str, source: str, most: int = 5) -> None:
+    """Check every row where TRL would fail later with a less clear error; one error naming the first
+    few bad rows (1-based, in file order) and how many there are."""
+    columns = ["messages"] if fmt == "messages" else ["prompt", "completion"]
+    table = ds.with_format("arrow")[:]  # the rows in order, as one Arrow table (indices mapping applied)
+    data = {c: table[c].to_pylist() for c in columns}  # one pass over plain lists, not row by row
+    bad = []
+    for i in range(len(ds)):
+        why = _row_problem(fmt, {c: data[c][i] for c in columns})
+        if why is not None:
+            bad.append((i + 1, why))
+    if bad:
+        shown = "; ".join(f"row {n}: {why}" for n, why in bad[:most])
+        more = f" (first {most} shown)" if len(bad) > most else ""
+        raise ValueError(f"{key}: {len(bad)} of {len(ds)} rows of {source} cannot be trained on: {shown}{more}; "
+                         "fix or drop them")
 
 
 def load(data_cfg: Any, cache_dir: str | Path) -> Splits:

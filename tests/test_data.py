@@ -78,7 +78,7 @@ def test_banking77_sample_reads_shared_data(compose_cfg):
     ('[1, 2]\n', "line 1 is a JSON list, not an object"),
     ('{"text": "hello"}\n', "need a 'messages' column"),
     ('{"prompt": "hello"}\n', "'prompt' and 'completion' columns, but found columns ['prompt']"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "has no assistant message"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "row 1: no assistant message to learn from"),
 ])
 def test_bad_files_give_one_clear_error(compose_cfg, tmp_path, content, needle):
     path = tmp_path / "bad.jsonl"
@@ -95,4 +95,31 @@ def test_eval_split_larger_than_data(compose_cfg, tmp_path):
     cfg = compose_cfg("data=jsonl", f"data.train_path={_write(tmp_path / 'few.jsonl', _msgs(3))}",
                       "data.eval_fraction=0.9")
     with pytest.raises(ValueError, match=r"leaves 3 eval and 0 train rows"):
+        data_mod.load(cfg.data, cfg.paths.cache_dir)
+
+
+def test_every_row_is_checked_and_the_bad_ones_are_named(compose_cfg, tmp_path):
+    import json
+
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    rows = [good] * 120
+    rows[60] = {"messages": [{"role": "user", "content": "no answer"}]}  # row 61
+    rows[99] = {"messages": [{"role": "system", "content": "only a system prompt"}]}  # row 100
+    rows[110] = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}  # row 111
+    path = tmp_path / "late.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = compose_cfg("data=jsonl", f"data.train_path={path}")
+    with pytest.raises(ValueError) as e:
+        data_mod.load(cfg.data, cfg.paths.cache_dir)
+    msg = str(e.value)
+    assert msg.startswith("data.train_path: 3 of 120 rows of") and "cannot be trained on" in msg
+    assert "row 61: no assistant message to learn from (roles: user)" in msg
+    assert "row 100: no assistant message to learn from (roles: system)" in msg
+    assert "row 111: its assistant messages are empty" in msg
+
+    pc = [{"prompt": "p", "completion": "c"}] * 130 + [{"prompt": "p", "completion": ""}]  # row 131
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in pc), encoding="utf-8")
+    cfg = compose_cfg("data=jsonl", f"data.train_path={path}")
+    with pytest.raises(ValueError, match=r"1 of 131 rows of .* row 131: an empty 'completion'"):
         data_mod.load(cfg.data, cfg.paths.cache_dir)
