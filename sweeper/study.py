@@ -38,9 +38,10 @@ import logging
 import math
 import os
 import re
+import shlex
+import socket
 import subprocess
 import sys
-import shlex
 import threading
 import time
 import uuid
@@ -549,6 +550,38 @@ class _Counts:
         return text
 
 
+def _this_process() -> str:
+    """``host:pid:start`` of this process (the start time tells a reused pid apart)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+
+
+def _start_ticks(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _dead_here(proc: str) -> bool:
+    """Whether ``host:pid:start`` names a process of this host that no longer runs."""
+    host, _, rest = proc.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return True  # killed, not yet reaped by its parent
+    except (OSError, IndexError):
+        pass
+    return start not in ("", "?") and _start_ticks(int(pid)) not in (start, "?")  # the pid was reused
+
+
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.:/+-]+")
 
 
@@ -731,6 +764,7 @@ class StudySweeper:
                         study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(failed))
                     ).system_attrs.get("config")
             storage.set_trial_system_attr(trial._trial_id, "sweep_id", self.sweep_id)
+            storage.set_trial_system_attr(trial._trial_id, "worker_process", _this_process())
             if config is not None:
                 storage.set_trial_system_attr(trial._trial_id, "config", config)
             return trial
@@ -788,6 +822,7 @@ class StudySweeper:
         self._check_compatible(study, dists)
         self._check_same_settings(study, space, configs)
         sw = _Sweep(study, name, space, points, pure_grid, total, dists, configs)
+        self._reclaim_dead_local(study)
         counts = self._counts(sw)
         log.info("study %r in %s: %d grid point(s) x %s; %s", name, mask_url(self.storage_url), len(points),
                  sorted(space.distributions) or "no distributions", counts.describe(pure_grid, total))
@@ -802,6 +837,23 @@ class StudySweeper:
                 log.warning("workers: %s", line)
         log.info("workers: %s", workers_mod.describe(sw.plan))
         return sw
+
+    def _reclaim_dead_local(self, study: optuna.Study) -> None:
+        """RUNNING trials whose worker process ran on this host and is gone (``kill -9``, a crash): fail
+        them now and queue their retries, which resume from their checkpoints, instead of waiting for
+        their heartbeats to go stale. Trials of other hosts keep the heartbeat's grace period."""
+        with claim_lock(self.storage_url, study.study_name):
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                proc = t.system_attrs.get("worker_process")
+                if not proc or not _dead_here(proc):
+                    continue
+                study._storage.set_trial_user_attr(t._trial_id, "error", f"worker {proc} is gone (its process ended)")
+                study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+                retry = getattr(study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+                if retry is not None:
+                    retry(study, study._storage.get_trial(t._trial_id))
+                log.warning("trial %d: its worker %s is gone; recorded FAIL%s", t.number, proc,
+                            " and queued to resume from its checkpoint now" if retry is not None else "")
 
     def _check_same_settings(self, study: optuna.Study, space: SweepSpace, configs: list[dict]) -> None:
         """Refuse a command whose unswept settings differ from what the study's trials ran (unless

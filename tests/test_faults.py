@@ -115,6 +115,8 @@ def test_killed_worker_trial_is_rerun_from_its_checkpoint(tmp_path, cache_dir, s
         time.sleep(0.2)
     assert killed_at is not None, "the trial never reached a checkpoint while running"
     assert _load(url, name).trials[0].state == TrialState.RUNNING  # a dead worker cannot say so itself
+    study = _load(url, name)  # as if it had run on another host (a lost node): only the heartbeat can tell
+    study._storage.set_trial_system_attr(study.trials[0]._trial_id, "worker_process", "lost-node:1:1")
 
     proc = run_cli(*args)  # the same command again, at once: it says what it waits for, runs seed 2, then
     assert proc.returncode == 0, proc.stderr[-3000:]  # the dead trial's retry once its heartbeat is stale
@@ -221,3 +223,31 @@ def test_storage_password_is_written_nowhere(tmp_path, cache_dir):
             optuna.delete_study(study_name=name, storage=PG_URL)
         except KeyError:
             pass
+
+
+@pytest.mark.slow
+def test_a_dead_worker_of_this_host_is_reclaimed_at_once(tmp_path, cache_dir):
+    url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
+    args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
+            f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]  # default 60 s heartbeat
+    victim = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            t = _load(url, name).trials
+        except KeyError:
+            t = []
+        if t and len(t[0].intermediate_values) >= 2 and list(Path(t[0].user_attrs["run_dir"]).glob("checkpoint-*")):
+            break
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    proc = run_cli(*args)  # at once: no waiting for the 120 s grace period
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "trial 0: its worker " in out and "is gone; recorded FAIL and queued to resume from its checkpoint now" in out
+    assert "1 to run, 0 already done, 0 running elsewhere of this grid" in out
+    trials = _load(url, name).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs["resumed_from_checkpoint"] and trials[1].user_attrs["steps_trained"] == 150
