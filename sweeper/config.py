@@ -290,10 +290,41 @@ def _validate_wsd(cfg: Any) -> None:
                          "lr.warmup_steps or raise the smallest schedule.wsd.candidates")
 
 
+def _unknown_keys(node: Any, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys that no schema dataclass declares (``+schedule.max_stepz=20`` gets past Hydra's struct
+    mode): ``[(dotted key, the keys known there)]``; the ``hydra`` node is Hydra's own."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    cls = OmegaConf.get_type(node)
+    names = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else None
+    out = []
+    for key in node.keys():
+        if not prefix and key == "hydra":
+            continue
+        if names is not None and key not in names:
+            out.append((f"{prefix}{key}", names))
+            continue
+        child = node._get_node(key)
+        if OmegaConf.is_dict(child) and not child._is_none() and not child._is_missing():
+            out.extend(_unknown_keys(child, f"{prefix}{key}."))
+    return out
+
+
 def validate(cfg: Any) -> None:
     """Check rules that span keys; raise one ValueError that says rule, value and fix."""
     from omegaconf import OmegaConf
 
+    unknown = _unknown_keys(cfg)
+    if unknown:
+        import difflib
+
+        key, known = unknown[0]
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+        hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
+        raise ValueError(f"{key} is not a key of the config (added with +, so Hydra accepted it){hint} "
+                         f"Known here: {', '.join(known)}")
     missing = sorted(OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
     if missing:
         raise ValueError(f"{', '.join(missing)} must be set, but {'is' if len(missing) == 1 else 'are'} ??? "

@@ -97,3 +97,17 @@ def test_cross_key_rules_say_rule_value_fix(compose_cfg, overrides, needle):
 def test_schema_rejects_unknown_top_level_key(compose_cfg):
     with pytest.raises(ConfigCompositionException):
         compose_cfg("learning_rate=1e-4")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("+schedule.max_stepz=20", "schedule.max_stepz is not a key of the config (added with +, so Hydra accepted it); "
+                               "did you mean schedule.max_steps?"),
+    ("+foo=1", "foo is not a key of the config"),
+    ("+model.tiny.hidden=8", "model.tiny.hidden is not a key of the config"),
+])
+def test_keys_added_with_plus_are_refused(compose_cfg, override, needle):
+    from sweeper.config import validate
+
+    with pytest.raises(ValueError) as e:
+        validate(compose_cfg(override))
+    assert needle in str(e.value)
