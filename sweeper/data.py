@@ -163,8 +163,13 @@ def _resolve_local(path_str: str) -> Path:
 def _check_jsonl(path: Path, key: str) -> int:
     """Parse every line; name the first bad one. Returns the number of rows."""
     rows = 0
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{key}: {path} line {lineno} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                 f"column {e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -65,6 +65,7 @@ def _has_optuna_tables(path: Path) -> bool:
 def report(storage: str | None, studies: list[str] | None, out: str | None) -> int:
     from sweeper.report import write_report
 
+    out_dir = out
     try:
         # conf/ is composed only for what was not given (it needs the repo root on sys.path for the plugin)
         default_storage, output_dir = _defaults() if storage is None or out is None else (storage, out)
@@ -74,9 +75,25 @@ def report(storage: str | None, studies: list[str] | None, out: str | None) -> i
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out not writable, disk full
+        print(f"error: --out {out_dir}: cannot write the report there ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"\nwritten: {paths['markdown']}, {paths['html']} and one PNG per study in {out_dir} (storage {shown})")
     return 0
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why the dashboard cannot listen on ``host:port`` (None: it can)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        return "a TCP port is 1..65535"
+    try:
+        with socket.create_server((host, port)):
+            return None
+    except OSError as e:
+        return f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port"
 
 
 def dashboard(storage: str | None, host: str, port: int) -> int:
@@ -86,6 +103,10 @@ def dashboard(storage: str | None, host: str, port: int) -> int:
         url, shown, store = _open(storage or _defaults()[0], need_studies=False)  # a sweep may start later
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    busy = _port_problem(host, port)
+    if busy:
+        print(f"error: --port {port}: {busy}", file=sys.stderr)
         return 2
     print(f"optuna-dashboard for {shown} at http://{host}:{port}  (Ctrl-C to stop)", flush=True)
     run_server(store, host=host, port=port)

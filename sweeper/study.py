@@ -118,9 +118,18 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                 max_retry=max_retry, inherit_intermediate_values=True),
         }
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            except Exception as e:  # two workers creating the schema of a fresh database at once
+                if attempt == 4 or not any(s in str(e) for s in ("already exists", "duplicate key")):
+                    raise
+                time.sleep(0.2 * (attempt + 1))  # the other one finished it: open it again
+        raise AssertionError("unreachable")
     except ImportError as e:
-        raise ImportError(f"storage {mask_url(url)} needs a database driver: pip install -e '.[postgres]' ({e})") from e
+        hint = "pip install -e '.[postgres]'" if url.startswith("postgres") else f"install its driver ({e.name or e})"
+        raise ValueError(f"hydra.sweeper.storage={mask_url(url)} needs a database driver that is not installed: "
+                         f"{hint}") from None
     except Exception as e:  # SQLAlchemy/driver errors: say which storage, never with its password
         detail = str(e).splitlines()[0]
         password = _password(url)
@@ -379,6 +388,11 @@ def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
                 "or give a comma list / range(...)"
             )
         lo, hi = float(value.start), float(value.end)
+        if lo > hi:
+            raise ValueError(f"{key}=interval({value.start},{value.end}): the low end must not exceed the high end; "
+                             f"write interval({value.end},{value.start})")
+        if log_scale and lo <= 0:
+            raise ValueError(f"{key}: tag(log, interval({value.start},{value.end})) needs a low end above 0")
         if "int" in tags:
             return "dist", optuna.distributions.IntDistribution(int(lo), int(hi), log=log_scale)
         return "dist", optuna.distributions.FloatDistribution(lo, hi, log=log_scale)

@@ -251,3 +251,29 @@ def test_a_dead_worker_of_this_host_is_reclaimed_at_once(tmp_path, cache_dir):
     trials = _load(url, name).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[1].user_attrs["resumed_from_checkpoint"] and trials[1].user_attrs["steps_trained"] == 150
+
+
+@pytest.mark.slow
+def test_workers_opening_a_fresh_postgres_database_at_once(tmp_path):
+    """Optuna creates its schema on first use; several workers doing so at once on a new database must
+    all open it (the 'same command on every array task' recipe)."""
+    reason = postgres_unreachable()
+    if reason:
+        skip_or_fail(reason)
+    import sqlalchemy
+
+    db = f"sftsweep_fresh_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sqlalchemy.text(f"CREATE DATABASE {db}"))
+    url = PG_URL.rsplit("/", 1)[0] + f"/{db}"
+    code = f"from sweeper.study import open_storage; open_storage({url!r}, heartbeat_interval=60); print('ok')"
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 and o.strip() == "ok" for p, (o, _) in zip(procs, outs)), [e[-500:] for _, e in outs]
+    finally:
+        admin.dispose()
+        with sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT").connect() as c:
+            c.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
