@@ -160,11 +160,8 @@ def test_storage_password_never_printed(tmp_path, cache_dir):
     assert "bob:***@127.0.0.1" in proc.stderr
 
 
-@pytest.mark.slow
-def test_ctrl_c_queues_the_trial_to_resume(tmp_path, cache_dir):
-    url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
-    args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
-            f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+def _start_until_checkpointed(args: list, url: str, name: str) -> subprocess.Popen:
+    """Start the CLI and return once its first trial has two evaluations and a checkpoint."""
     proc = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -174,8 +171,18 @@ def test_ctrl_c_queues_the_trial_to_resume(tmp_path, cache_dir):
         except KeyError:
             t = []
         if t and len(t[0].intermediate_values) >= 2 and list(Path(t[0].user_attrs["run_dir"]).glob("checkpoint-*")):
-            break
+            return proc
         time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the trial never reached a checkpoint while running")
+
+
+@pytest.mark.slow
+def test_ctrl_c_queues_the_trial_to_resume(tmp_path, cache_dir):
+    url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
+    args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
+            f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    proc = _start_until_checkpointed(args, url, name)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     trials = _load(url, name).trials
@@ -230,17 +237,7 @@ def test_a_dead_worker_of_this_host_is_reclaimed_at_once(tmp_path, cache_dir):
     url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
     args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]  # default 60 s heartbeat
-    victim = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            t = _load(url, name).trials
-        except KeyError:
-            t = []
-        if t and len(t[0].intermediate_values) >= 2 and list(Path(t[0].user_attrs["run_dir"]).glob("checkpoint-*")):
-            break
-        time.sleep(0.2)
+    victim = _start_until_checkpointed(args, url, name)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     proc = run_cli(*args)  # at once: no waiting for the 120 s grace period
