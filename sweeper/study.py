@@ -564,6 +564,18 @@ class _Counts:
         return text
 
 
+def _check_study_name(name: str) -> str:
+    """A study name also names its folder (``outputs/sweeps/<study>``): any letters, digits, spaces and
+    punctuation, but no path separator, control character or ``.``/``..``, at most 200 characters."""
+    bad = next((c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127), None)
+    if not name.strip() or name in (".", "..") or bad is not None or len(name) > 200:
+        why = (f"it holds {bad!r}" if bad is not None else "it is empty" if not name.strip()
+               else "it is longer than 200 characters" if len(name) > 200 else "it is a relative folder name")
+        raise ValueError(f"hydra.sweeper.study_name={name!r} cannot name a study and its folder: {why}; use letters, "
+                         "digits, spaces and punctuation other than / and \\ (e.g. hydra.sweeper.study_name=intents-v2)")
+    return name
+
+
 def _this_process() -> str:
     """``host:pid:start`` of this process (the start time tells a reused pid apart)."""
     return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
@@ -646,8 +658,8 @@ class StudySweeper:
     # -- helpers
 
     def _study_name(self, space: SweepSpace) -> str:
-        if self.study_name:
-            return str(self.study_name)
+        if self.study_name is not None:
+            return _check_study_name(str(self.study_name))
         swept = {k for k, _ in space.grid} | set(space.distributions)
         clash = swept & {"data", "model"}
         if clash:

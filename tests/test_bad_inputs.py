@@ -34,6 +34,9 @@ CASES = [
     ("SLURM with two GPUs a trial", ["hydra.sweeper.launcher=slurm", "hydra.sweeper.storage=postgresql://x@h/db",
                                      "hydra.sweeper.slurm.gpus_per_worker=2"], "one trial runs on one GPU (for now)"),
     ("hub model without its name", ["model=hub", "model.path=Qwen/Qwen2.5-0.5B-Instruct"], "model.name must be set"),
+    ("study name with a slash", ["hydra.sweeper.study_name=runs/a"],
+     "hydra.sweeper.study_name='runs/a' cannot name a study and its folder: it holds '/'"),
+    ("study name '..'", ["hydra.sweeper.study_name=.."], "it is a relative folder name"),
 ]
 
 
@@ -78,3 +81,18 @@ def test_report_out_where_nothing_can_be_written(tmp_path):
     proc = _sweeper("report", "--storage", url, "--out", str(blocker / "report"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"error: --out {blocker / 'report'}: cannot write the report there" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_study_name_that_needs_quoting_runs_and_resumes(tmp_path, cache_dir):
+    import optuna
+
+    name = "my study ü 日本 'v2'"
+    args = ["-m", "seed=1", *FAST, f"hydra.sweeper.study_name={name!r}".replace("\\'", "\\\\'"),
+            f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    for _ in range(2):  # the second run resumes: nothing new, no orphan RUNNING trial
+        proc = run_cli(*args)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db").trials
+    assert [t.state.name for t in trials] == ["COMPLETE"]
+    assert (tmp_path / "sweeps" / name / "trial_0").is_dir()
