@@ -327,8 +327,10 @@ def validate(cfg: Any) -> None:
                          f"Known here: {', '.join(known)}")
     missing = sorted(OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
     if missing:
-        raise ValueError(f"{', '.join(missing)} must be set, but {'is' if len(missing) == 1 else 'are'} ??? "
-                         f"(a required value of the option chosen); add {missing[0]}=... to the command")
+        why = "model.name names the study, <data.name>-<model.name>" if "model.name" in missing else \
+            "a required value of the option chosen"
+        raise ValueError(f"{', '.join(missing)} must be set, but {'is' if len(missing) == 1 else 'are'} ??? ({why}); "
+                         f"add {' '.join(k + '=...' for k in missing)} to the command")
     s = cfg.schedule
     if s.get("wsd") is not None:
         _validate_wsd(cfg)

@@ -68,11 +68,10 @@ def plan_rows(overrides: list[str]) -> list[dict]:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=row_overrides, return_hydra_config=True)
-        _check_set(cfg)
+        OmegaConf.set_readonly(cfg, False)
+        config_mod.validate(cfg)  # first: it names keys left ??? (model=hub without model.name) in one line
         storage_url = str(cfg.hydra.sweeper.storage)
         study_name = str(cfg.hydra.sweeper.study_name or f"{cfg.data.name}-{cfg.model.name}")
-        OmegaConf.set_readonly(cfg, False)
-        config_mod.validate(cfg)
         key = (repr(dict(cfg.data)), repr(dict(cfg.model)), repr(dict(cfg.precision)))
         if key not in prepared_cache:
             splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
@@ -155,23 +154,6 @@ def _study_configs(storage_url: str, study_name: str) -> list[dict]:
 def _say(line: str) -> None:
     """Progress for the user, on stderr (stdout holds the plan itself)."""
     print(line, file=sys.stderr, flush=True)
-
-
-def _check_set(cfg: Any) -> None:
-    """Keys left ``???`` (e.g. ``model=hub`` without ``model.name``) as one error naming each."""
-    from omegaconf import OmegaConf
-
-    def walk(node: Any, prefix: str) -> list[str]:
-        if isinstance(node, dict):
-            return [k for key, v in node.items() for k in walk(v, f"{prefix}{key}.")]
-        return [prefix[:-1]] if node == "???" else []
-
-    tree = OmegaConf.to_container(cfg, resolve=False)  # unresolved: "???" stays a string, nothing raises
-    missing = sorted(k for key, v in tree.items() if key != "hydra" for k in walk(v, f"{key}."))
-    if missing:
-        why = " (model.name names the study, <data.name>-<model.name>)" if "model.name" in missing else ""
-        raise ValueError(f"{', '.join(missing)} must be set, but {'is' if len(missing) == 1 else 'are'} ???{why}; "
-                         f"add {' '.join(k + '=...' for k in missing)}")
 
 
 def measured_throughput(storage_url: str, study_name: str) -> float | None:

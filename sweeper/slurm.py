@@ -16,10 +16,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
-          "DEADLINE", "FINISHED", "INTERRUPTED")
-
-
 def check(slurm_cfg: Any, storage_url: str, gpus: list | None) -> None:
     """Refuse, in one line, what cannot work on SLURM; raises ValueError/ImportError."""
     if storage_url.startswith("sqlite"):
@@ -108,8 +104,8 @@ class Submitter:
         return [j.job_id for j in self.jobs]
 
     def any_active(self) -> bool:
-        """Whether any submitted job is still pending or running (SLURM's view)."""
-        return any(not _ended(j) for j in self.jobs)
+        """Whether any submitted job is still pending or running (submitit's view, from ``sacct``)."""
+        return any(not j.done() for j in self.jobs)
 
     def failures(self) -> list[str]:
         """One line per job that did not end COMPLETED, naming its log."""
@@ -120,7 +116,3 @@ class Submitter:
                 out.append(f"SLURM worker job {j.job_id} ended {state}; its log: {j.paths.stderr}")
         return out
 
-
-def _ended(job: Any) -> bool:
-    state = str(job.state).split()[0].upper()
-    return state in _ENDED

@@ -17,21 +17,6 @@ import sys
 from typing import Any
 
 
-def _heartbeat_age_s(storage: Any, trial_id: int) -> float | None:
-    try:
-        from optuna.storages._rdb import models
-
-        backend = getattr(storage, "_backend", storage)
-        with backend.scoped_session() as session:
-            beat = models.TrialHeartbeatModel.where_trial_id(trial_id, session)
-            if beat is None:
-                return None
-            now = session.execute(__import__("sqlalchemy").func.now().select()).scalar()
-            return (now.replace(tzinfo=None) - beat.heartbeat.replace(tzinfo=None)).total_seconds()
-    except Exception:
-        return None
-
-
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
     """SLURM state of each job id (``squeue`` for live jobs, then ``sacct``); "ended" when neither
     knows it any more, "unknown (no squeue)" without SLURM's client."""
@@ -58,7 +43,7 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
 def study_status(study: Any) -> str:
     import optuna
 
-    from sweeper.study import is_branch
+    from sweeper.study import heartbeat_age_s, is_branch
 
     trials = study.get_trials(deepcopy=False)
     counts: dict[str, int] = {}
@@ -73,7 +58,7 @@ def study_status(study: Any) -> str:
             a = t.user_attrs
             params = " ".join(f"{k}={v}" for k, v in t.params.items())
             last = max(t.intermediate_values) if t.intermediate_values else None
-            age = _heartbeat_age_s(study._storage, t._trial_id)
+            age = heartbeat_age_s(study._storage, t._trial_id)
             where = a.get("worker", "a worker")
             if a.get("cuda_visible_devices"):
                 where += f" (GPU {a['cuda_visible_devices']})"

@@ -235,6 +235,36 @@ def _signals_ignored() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def heartbeat_age_s(storage: Any, trial_id: int) -> float | None:
+    """Seconds since a trial's worker last beat, by the database's clock (None: no heartbeat, or a
+    storage without them). Reads Optuna's heartbeat table, which has no public reader."""
+    try:
+        import sqlalchemy
+        from optuna.storages._rdb import models
+
+        backend = getattr(storage, "_backend", storage)
+        with backend.scoped_session() as session:
+            beat = models.TrialHeartbeatModel.where_trial_id(trial_id, session)
+            if beat is None:
+                return None
+            now = session.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()
+            return (now.replace(tzinfo=None) - beat.heartbeat.replace(tzinfo=None)).total_seconds()
+    except Exception:  # informational only
+        return None
+
+
+def _fail_and_requeue(study: optuna.Study, trial_id: int, error: str) -> bool:
+    """Record a running trial FAIL with ``error`` and queue its retry (same params, resumed from its
+    checkpoint) through the storage's stale-trial callback; False when the storage has none."""
+    storage = study._storage
+    storage.set_trial_user_attr(trial_id, "error", error)
+    storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
+    retry = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+    if retry is not None:
+        retry(study, storage.get_trial(trial_id))
+    return retry is not None
+
+
 class _Heartbeat:
     """Records the running trial's heartbeat from the sweeper while its job runs."""
 
@@ -873,13 +903,9 @@ class StudySweeper:
                 proc = t.system_attrs.get("worker_process")
                 if not proc or not _dead_here(proc):
                     continue
-                study._storage.set_trial_user_attr(t._trial_id, "error", f"worker {proc} is gone (its process ended)")
-                study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
-                retry = getattr(study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
-                if retry is not None:
-                    retry(study, study._storage.get_trial(t._trial_id))
+                queued = _fail_and_requeue(study, t._trial_id, f"worker {proc} is gone (its process ended)")
                 log.warning("trial %d: its worker %s is gone; recorded FAIL%s", t.number, proc,
-                            " and queued to resume from its checkpoint now" if retry is not None else "")
+                            " and queued to resume from its checkpoint now" if queued else "")
 
     def _check_same_settings(self, study: optuna.Study, space: SweepSpace, configs: list[dict]) -> None:
         """Refuse a command whose unswept settings differ from what the study's trials ran (unless
@@ -927,24 +953,14 @@ class StudySweeper:
         """When the last of the running trials would count as stale (its worker dead), as HH:MM:SS."""
         if not running or not self.heartbeat_interval:
             return None
-        try:
-            import datetime
+        import datetime
 
-            from optuna.storages._rdb import models
-
-            storage = getattr(study._storage, "_backend", study._storage)
-            grace = int(self.grace_period or 2 * self.heartbeat_interval)
-            with storage.scoped_session() as session:
-                beats = [models.TrialHeartbeatModel.where_trial_id(t._trial_id, session) for t in running]
-                last = max((b.heartbeat for b in beats if b is not None), default=None)
-            if last is None:
-                return None
-            # heartbeats are stored in the database's UTC clock
-            until = last + datetime.timedelta(seconds=grace)
-            local = until.replace(tzinfo=datetime.timezone.utc).astimezone()
-            return f"{local:%H:%M:%S} (grace period {grace} s)"
-        except Exception:  # informational only
+        ages = [a for a in (heartbeat_age_s(study._storage, t._trial_id) for t in running) if a is not None]
+        if not ages:
             return None
+        grace = int(self.grace_period or 2 * self.heartbeat_interval)
+        until = datetime.datetime.now() + datetime.timedelta(seconds=grace - min(ages))
+        return f"{until:%H:%M:%S} (grace period {grace} s)"
 
     def _planned_need_gib(self, cfgs: list, visible: list) -> tuple[float | None, float]:
         """The largest estimated peak over the sweep's configs at the smallest micro-batch each may
@@ -1145,13 +1161,9 @@ class StudySweeper:
         """Ctrl-C or SIGTERM (scancel, docker stop, systemd): fail the running trial now and queue its
         retry (same params), which resumes from its checkpoint when the command is run again (or at
         once by another worker), instead of waiting for the heartbeat."""
-        trial.set_user_attr("error", f"KeyboardInterrupt: {why}")
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        retry = getattr(study._storage, "get_heartbeat_stale_trial_callback", lambda: None)()
-        if retry is not None:
-            retry(study, study._storage.get_trial(trial._trial_id))
+        queued = _fail_and_requeue(study, trial._trial_id, f"KeyboardInterrupt: {why}")
         log.warning("%s: trial %d recorded FAIL%s; re-run the same command to continue", why, trial.number,
-                    " and queued to resume from its checkpoint" if retry is not None else "")
+                    " and queued to resume from its checkpoint" if queued else "")
 
     # -- parallel workers
 

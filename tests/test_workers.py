@@ -162,29 +162,6 @@ def test_torchrun_style_launch_is_one_line(tmp_path, cache_dir):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("hydra.sweeper.workers=zero", "hydra.sweeper.workers must be auto or a whole number >= 1, but got 'zero'"),
-    ("hydra.sweeper.gpus=['0,1']", "one trial runs on one GPU (for now), so each entry is one GPU id"),
-    ("hydra.sweeper.launcher=k8s", "hydra.sweeper.launcher must be one of local, slurm, but got 'k8s'"),
-    ("hydra.sweeper.launcher=slurm", "SQLite"),
-])
-def test_bad_worker_settings_are_one_line(tmp_path, cache_dir, override, needle):
-    proc = run_cli("-m", "seed=1", *FAST, override, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
-    assert proc.returncode != 0
-    assert needle in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_summaries(
-        f"sqlite:///{tmp_path}/optuna.db")  # nothing half-written
-
-
-def test_fp16_without_a_gpu_is_refused_before_any_trial(tmp_path, cache_dir):
-    proc = run_cli("-m", "seed=1,2", *FAST, "precision=fp16", f"paths.output_dir={tmp_path}",
-                   f"paths.cache_dir={cache_dir}")
-    assert proc.returncode != 0
-    assert "precision=fp16 (fp16 mixed precision) needs a CUDA GPU, and none is visible" in proc.stderr
-    assert "Traceback" not in proc.stderr and not (tmp_path / "optuna.db").exists()
-
-
 @pytest.mark.slow
 def test_a_command_whose_trials_all_fail_exits_non_zero(tmp_path, cache_dir):
     proc = run_cli("-m", "seed=1,2", *FAST, "eval.logging_steps=1", f"paths.output_dir={tmp_path}",
