@@ -332,3 +332,19 @@ def load(data_cfg: Any, cache_dir: str | Path) -> Splits:
     log.info("data %s: %d train rows, %d eval rows (%s format) from %s",
              data_cfg.name, len(train), len(evals), fmt, source)
     return Splits(train=train, eval=evals, format=fmt, source=source, all_train=all_train)
+
+
+def check_prepared(splits: Splits, data_cfg: Any, train_rows: int, eval_rows: int) -> None:
+    """Raise one clear error when TRL's preparation (truncation at ``data.max_length``, which drops a row
+    whose loss tokens are all cut) leaves no train row to learn from or no eval row to score: found
+    before training, not at the first evaluation."""
+    where = {"train": f"data.train_path ({splits.source})",
+             "eval": f"data.eval_path ({data_cfg.eval_path})" if data_cfg.eval_path is not None
+             else f"the eval rows held out of data.train_path ({splits.source})"}
+    for split, before, after in (("train", len(splits.train), train_rows), ("eval", len(splits.eval), eval_rows)):
+        if before and not after:
+            raise ValueError(
+                f"{where[split]}: 0 of {before} {split} rows keep a token to "
+                f"{'learn from' if split == 'train' else 'score'} after truncation at data.max_length="
+                f"{data_cfg.max_length} (the {'completion' if splits.format != 'messages' else 'assistant turn'} "
+                "starts beyond it); raise data.max_length or shorten the prompts")

@@ -51,9 +51,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import optuna
+import sqlalchemy.exc
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
+from sweeper import disk
 from sweeper import gpu as gpu_mod
 from sweeper import identity
 from sweeper import passwords
@@ -201,23 +203,35 @@ def _share_cpu_threads(n: int) -> None:
 
 @contextlib.contextmanager
 def _stop_signals() -> Iterator[None]:
-    """While a trial runs: SIGTERM (what scancel, docker and systemd send) and SIGUSR2 (SLURM's warning
-    before a time limit) stop it as Ctrl-C does, so its retry is queued before the process ends."""
+    """While a trial runs: Ctrl-C, SIGTERM (what scancel, docker and systemd send) and SIGUSR2 (SLURM's
+    warning before a time limit) raise KeyboardInterrupt, so the trial's retry is queued before the
+    process ends. The first one turns the others off for good: a second Ctrl-C, 50 ms later, cannot cut
+    the queuing short."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
     def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+        for s in stops:
+            signal.signal(s, signal.SIG_IGN)
+        raise KeyboardInterrupt("" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}")
 
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    old = {s: signal.signal(s, stop) for s in stops}
+    interrupted = False
     try:
         yield
+    except KeyboardInterrupt:
+        interrupted = True
+        for s in stops:  # from here on every stop signal is ignored, until the process exits
+            signal.signal(s, signal.SIG_IGN)
+        raise
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        if not interrupted:
+            for s, handler in old.items():
+                signal.signal(s, handler)
 
 
 @contextlib.contextmanager
@@ -467,6 +481,12 @@ class TrialReporter:
         storage = open_storage(sweeper_cfg.storage)
         study = optuna.load_study(study_name=cfg.study.name, storage=storage, pruner=make_pruner(sweeper_cfg.pruner))
         trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(cfg.study.trial_number))
+        frozen = study._storage.get_trial(trial_id)
+        if frozen.system_attrs.get("failed_trial") is not None and frozen.user_attrs.get("error"):
+            # a retry inherits its failed run's attrs: keep why that one failed, not as this trial's error
+            study._storage.set_trial_user_attr(trial_id, "retry_of", {
+                "trial": frozen.system_attrs["failed_trial"], "error": frozen.user_attrs["error"]})
+            study._storage.set_trial_user_attr(trial_id, "error", None)
         return cls(optuna.Trial(study, trial_id), storage)
 
     def close(self) -> None:
@@ -488,7 +508,12 @@ class TrialReporter:
         return str(ckpts[-1]) if ckpts else None
 
     def report(self, value: float, step: int) -> None:
-        self.trial.report(value, step)
+        from sweeper import inject
+
+        inject.in_report(self.trial.study._storage, self.trial._trial_id, step)
+        with warnings.catch_warnings():  # a retry re-reports steps its failed run reported (same values)
+            warnings.filterwarnings("ignore", message="The reported value is ignored")
+            self.trial.report(value, step)
 
     def should_prune(self) -> bool:
         return self.trial.should_prune()
@@ -705,19 +730,31 @@ class StudySweeper:
         returns the composed configs."""
         from sweeper import data as data_mod
 
+        from sweeper.trial import check_folders
+
         seen_data: set[str] = set()
         cfgs = []
         for point in space.grid_points():
             overrides = space.fixed + [f"{k}={t}" for k, (_, t) in point.items()]
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
             config_mod.validate(cfg)
+            check_folders(cfg)
             if self.launcher_name == "local":  # SLURM jobs run where the GPUs are, not here
                 gpu_mod.check_precision(str(cfg.precision.compute), str(cfg.precision.name))
-            key = OmegaConf.to_yaml(cfg.data)
+            key = OmegaConf.to_yaml(cfg.data) + OmegaConf.to_yaml(cfg.model)
             if key not in seen_data:
                 seen_data.add(key)
-                data_mod.load(cfg.data, cfg.paths.cache_dir)
+                splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
+                # tokenised as the trials will (then a cache hit for them); a worker's leader did it already
+                if self.launcher_name == "local" and _SWEEP_ID_ENV not in os.environ:
+                    from sweeper.trial import prepare_for_plan
+
+                    prepared, eval_rows = prepare_for_plan(cfg, splits)
+                    data_mod.check_prepared(splits, cfg.data, len(prepared), eval_rows)
             cfgs.append(cfg)
+        db = _sqlite_path(self.storage_url)
+        if db is not None:
+            disk.check_writable(db.parent, "hydra.sweeper.storage")
         return cfgs
 
     def _create_study(self, name: str) -> optuna.Study:
@@ -842,12 +879,22 @@ class StudySweeper:
             return self._run_slurm(sw)
         return self._run(sw)
 
+    def _check_numbers(self) -> None:
+        """The sweeper's counts and intervals: whole numbers >= 1 (>= 0 for max_retry), or null."""
+        for key, value, least in (("n_trials", self.n_trials, 1), ("max_failures", self.max_failures, 1),
+                                  ("heartbeat_interval", self.heartbeat_interval, 1),
+                                  ("grace_period", self.grace_period, 1), ("max_retry", self.max_retry, 0)):
+            if value is not None and value < least:
+                raise ValueError(f"hydra.sweeper.{key} must be >= {least} or null, but got {value}")
+
     def _prepare(self, arguments: list[str]) -> "_Sweep":
         import datasets
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         datasets.disable_progress_bars()  # one sweep bar and one bar per trial, nothing nested
 
+        self._check_numbers()
+        make_sampler(self.sampler_cfg), make_pruner(self.pruner_cfg)  # a bad name: refused before any study
         self.workers = workers_mod.parse_workers(self.workers_arg)
         self.gpus = workers_mod.parse_gpus(self.gpus_arg)
         self.launcher_name = workers_mod.parse_launcher(self.launcher_arg)
@@ -863,8 +910,6 @@ class StudySweeper:
         space = build_space(parsed, grid_sampler=self.sampler_cfg.name == "grid")
         points = space.grid_points()
         pure_grid = not space.distributions
-        if self.n_trials is not None and self.n_trials < 1:
-            raise ValueError(f"hydra.sweeper.n_trials must be >= 1 or null, but got {self.n_trials}")
         name = self._study_name(space)
         cfgs = self._preflight(space)  # raises before any trial exists
         configs = [identity.result_config(c) for c in cfgs]
@@ -987,8 +1032,6 @@ class StudySweeper:
         return need, fraction
 
     def _run(self, sw: "_Sweep") -> list[Any]:
-        from hydra.core.utils import JobStatus
-
         study, name, space, total = sw.study, sw.name, sw.space, sw.total
         if sw.plan.gpus[0] is not None:
             if gpu_mod.cuda_initialised():
@@ -1027,24 +1070,11 @@ class StudySweeper:
                 raise SystemExit(143 if "SIGTERM" in str(e) else 130) from None
             self.job_idx += 1
             returns.append(ret)
-            if ret.status == JobStatus.COMPLETED:
-                value = ret.return_value
-                if value is None or not math.isfinite(float(value)):
-                    trial.set_user_attr("error", f"objective is {value}")
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                    failures.append(f"trial {trial.number}: objective is {value}")
-                else:
-                    study.tell(trial, float(value))
-            else:
-                exc = ret._return_value
-                if isinstance(exc, optuna.TrialPruned):
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                    log.info("trial %d pruned: %s", trial.number, exc)
-                else:
-                    trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                    log.error("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
-                    failures.append(f"trial {trial.number}: {type(exc).__name__}: {exc}")
+            try:
+                self._record(study, trial, ret, failures)
+            except (disk.DiskFullError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+                self._stop_workers(children)
+                raise config_mod.InputError(self._unrecorded(trial, e)) from None
             progress.update(1)
             if self.max_failures is not None and len(failures) >= self.max_failures:
                 self._stop_workers(children)
@@ -1058,6 +1088,48 @@ class StudySweeper:
         self._summary(study)
         self._fail_if_nothing_completed(study)
         return returns
+
+    @staticmethod
+    def _record(study: optuna.Study, trial: optuna.Trial, ret: Any, failures: list[str]) -> None:
+        """Tell the study how a trial's job ended. A full disk queues the trial to resume from its
+        checkpoint and raises :class:`disk.DiskFullError` (every later trial would fail the same way)."""
+        from hydra.core.utils import JobStatus
+
+        if ret.status == JobStatus.COMPLETED:
+            value = ret.return_value
+            if value is None or not math.isfinite(float(value)):
+                trial.set_user_attr("error", f"objective is {value}")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                failures.append(f"trial {trial.number}: objective is {value}")
+            else:
+                study.tell(trial, float(value))
+            return
+        exc = ret._return_value
+        if isinstance(exc, optuna.TrialPruned):
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            log.info("trial %d pruned: %s", trial.number, exc)
+        elif isinstance(exc, disk.DiskFullError):
+            _fail_and_requeue(study, trial._trial_id, f"{type(exc).__name__}: {exc}")
+            raise exc
+        else:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            log.error("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
+            failures.append(f"trial {trial.number}: {type(exc).__name__}: {exc}")
+
+    def _unrecorded(self, trial: optuna.Trial, e: BaseException) -> str:
+        """The one line for a sweep stopped by a full disk or a study it cannot write."""
+        if isinstance(e, disk.DiskFullError):
+            return (f"stopping the sweep: trial {trial.number}: {e}; it is queued to resume from its last "
+                    "checkpoint: re-run the same command once there is room")
+        root = e
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        detail = (str(root).strip().splitlines() or [type(root).__name__])[0]
+        return (f"stopping the sweep: could not record trial {trial.number} in hydra.sweeper.storage="
+                f"{mask_url(self.storage_url)} ({type(root).__name__}: {detail}); it stays RUNNING and is "
+                "re-run from its checkpoint when the same command runs again once the database can be written "
+                "(a full disk: free space there)")
 
     def _fail_if_nothing_completed(self, study: optuna.Study) -> None:
         """A command none of whose trials completed (every one FAILed) ends with a non-zero exit code

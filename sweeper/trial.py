@@ -22,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
 from sweeper import data as data_mod
+from sweeper import disk
 from sweeper import gpu as gpu_mod
+from sweeper import inject
 from sweeper import model as model_mod
 from sweeper import speed as speed_mod
 from sweeper.plan import Plan, make_plan
@@ -90,9 +92,16 @@ def preflight(cfg: DictConfig) -> data_mod.Splits:
         config_mod.validate(cfg)
         gpu_mod.check_precision(str(cfg.precision.compute), str(cfg.precision.name))
         resolve_speed(cfg, model_mod.resolve_compute(cfg.precision.compute))  # e.g. varlen without a GPU
+        check_folders(cfg)
         return data_mod.load(cfg.data, cfg.paths.cache_dir)
     except (ValueError, FileNotFoundError) as e:
         raise config_mod.InputError.wrap(e) from e
+
+
+def check_folders(cfg: DictConfig) -> None:
+    """The output and cache folders can be written (one line naming the key if not)."""
+    disk.check_writable(cfg.paths.output_dir, "paths.output_dir")
+    disk.check_writable(cfg.paths.cache_dir, "paths.cache_dir")
 
 
 def resolve_speed(cfg: DictConfig, compute: str) -> dict:
@@ -571,41 +580,6 @@ def _replace_progress(trainer: Any, cfg: DictConfig) -> None:
     trainer.add_callback(TrialProgress())
 
 
-def _fault_injection_callback() -> Any:
-    """Test hooks for the fault paths, off unless the environment asks:
-
-    - ``SFT_SWEEP_INJECT_OOM_AT_STEP=N``: raise a CUDA OOM at step N whenever the micro-batch
-      exceeds ``SFT_SWEEP_INJECT_OOM_ABOVE`` (default 0: always), like a batch too big for the GPU.
-    - ``SFT_SWEEP_INJECT_NAN_AT_STEP=N``: set the model's weights to NaN at step N, like a diverged run.
-    - ``SFT_SWEEP_INJECT_KILL_AT_STEP=N``: SIGKILL this process at step N, like a lost worker (kill -9).
-    """
-    oom_at = os.environ.get("SFT_SWEEP_INJECT_OOM_AT_STEP")
-    nan_at = os.environ.get("SFT_SWEEP_INJECT_NAN_AT_STEP")
-    kill_at = os.environ.get("SFT_SWEEP_INJECT_KILL_AT_STEP")
-    if not oom_at and not nan_at and not kill_at:
-        return None
-    import torch
-    from transformers import TrainerCallback
-
-    above = int(os.environ.get("SFT_SWEEP_INJECT_OOM_ABOVE", "0"))
-
-    class InjectFault(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if oom_at and state.global_step == int(oom_at) and args.per_device_train_batch_size > above:
-                raise torch.OutOfMemoryError(
-                    f"CUDA out of memory (injected at step {oom_at}, micro-batch {args.per_device_train_batch_size})")
-            if kill_at and state.global_step == int(kill_at):
-                import signal
-
-                os.kill(os.getpid(), signal.SIGKILL)
-            if nan_at and state.global_step == int(nan_at):
-                with torch.no_grad():
-                    for p in model.parameters():
-                        p.fill_(float("nan"))
-
-    return InjectFault()
-
-
 def _restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool) -> None:
     """Seed the curve and best value from a checkpoint's log history (resumed runs)."""
     import json
@@ -675,6 +649,13 @@ def run(cfg: DictConfig, reporter: Any = None) -> float:
 
             return wsd.search(cfg, reporter, job_dir=_job_dir(cfg))
         return _run(cfg, reporter)
+    except (DivergedError, config_mod.InputError):
+        raise
+    except Exception as e:
+        full = disk.disk_full(e, _job_dir(cfg), "paths.output_dir")
+        if full is not None:
+            raise full from e
+        raise
     finally:
         if own is not None:
             own.close()
@@ -742,7 +723,7 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
         accuracy = _accuracy_callback(cfg, splits, tokenizer, accuracy_decision)
         if accuracy is not None:
             callbacks.insert(0, accuracy)  # its metric must exist before the others read the metrics
-        injected = _fault_injection_callback()
+        injected = inject.callback()
         if injected is not None:
             callbacks.append(injected)
         callbacks += speed_mod.measurement_callbacks()
@@ -752,6 +733,7 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
             processing_class=tokenizer, peft_config=_peft_config(cfg), callbacks=callbacks,
         )
         speed_mod.apply_to_trainer(trainer, speed)
+        inject.attach(trainer)
         _replace_progress(trainer, cfg)
         # TRL's tokenisation and packing: the datasets cache (by fingerprint) makes it once per sweep
         timing["prepare_s"] = round(time.perf_counter() - started, 2)
@@ -767,6 +749,10 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
                 torch.cuda.empty_cache()
                 continue
         plan, prepared_rows = _plan(cfg, trainer, splits, args)
+        try:
+            data_mod.check_prepared(splits, cfg.data, prepared_rows, len(trainer.eval_dataset))
+        except ValueError as e:
+            raise config_mod.InputError.wrap(e) from e
         log.info("plan: %s", plan.describe())
         for warning in plan.warnings():
             log.warning("plan: %s", warning)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -84,3 +85,18 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None =
         [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
         text=True, timeout=timeout,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _storage(url: str):
+    import optuna
+
+    return optuna.storages.RDBStorage(url)
+
+
+def load_study(url: str, name: str):
+    """The study ``name`` in ``url``, through one storage per URL: a poll loop that opened a new one each
+    time would leave its connections open until garbage collection (PostgreSQL allows 100 clients)."""
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=_storage(url))

@@ -3,13 +3,14 @@ A table of real CLI runs (`python train.py -m ...`, `python -m sweeper ...`) and
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import FAST, ROOT, run_cli
+from .conftest import FAST, ROOT, run_cli, skip_or_fail
 
 
 def _non_utf8(tmp_path):
@@ -18,6 +19,50 @@ def _non_utf8(tmp_path):
     path.write_bytes(good.encode() * 2 + '{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'.encode("latin-1"))
     return ["data=jsonl", f"data.train_path={path}"]
 
+
+def _jsonl(tmp_path, name, rows) -> str:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _chat(user, assistant=None):
+    turns = [{"role": "user", "content": user}]
+    return {"messages": turns + ([{"role": "assistant", "content": assistant}] if assistant is not None else [])}
+
+
+GOOD = [_chat(f"question {i}", f"answer {i}") for i in range(40)]
+
+
+def _train_and_eval(eval_rows, **more):
+    def make(tmp_path):
+        return ["data=jsonl", f"data.train_path={_jsonl(tmp_path, 'train.jsonl', GOOD)}",
+                f"data.eval_path={_jsonl(tmp_path, 'eval.jsonl', eval_rows)}", *[f"{k}={v}" for k, v in more.items()]]
+    return make
+
+
+def _train_only(rows, text=None):
+    def make(tmp_path):
+        path = tmp_path / "train.jsonl"
+        if text is not None:
+            path.write_text(text)
+        else:
+            _jsonl(tmp_path, "train.jsonl", rows)
+        return ["data=jsonl", f"data.train_path={path}"]
+    return make
+
+
+def _readonly(tmp_path) -> Path:
+    """A read-only file system (tmpfs mounted ro): root ignores file modes, so only a mount says no."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        skip_or_fail(f"cannot mount a read-only tmpfs here (needs root): {proc.stderr.strip()}")
+    return path
+
+
+LONG = _chat("x " * 3000, "y")  # its answer starts past any small data.max_length
 
 CASES = [
     # (id, overrides or a function of tmp_path giving them, the line expected on stderr)
@@ -41,14 +86,64 @@ CASES = [
     ("study name with a slash", ["hydra.sweeper.study_name=runs/a"],
      "hydra.sweeper.study_name='runs/a' cannot name a study and its folder: it holds '/'"),
     ("study name '..'", ["hydra.sweeper.study_name=.."], "it is a relative folder name"),
+    # data
+    ("eval rows all cut by max_length", _train_and_eval([LONG] * 3, **{"data.max_length": 64}),
+     "0 of 3 eval rows keep a token to score after truncation at data.max_length=64"),
+    ("train rows all cut by max_length", lambda p: ["data=jsonl", f"data.train_path={_jsonl(p, 't.jsonl', [LONG] * 3)}",
+                                                    f"data.eval_path={_jsonl(p, 'e.jsonl', GOOD)}", "data.max_length=64"],
+     "0 of 3 train rows keep a token to learn from"),
+    ("empty train file", _train_only([], text=""), "is empty; it needs at least one row"),
+    ("invalid JSON line", _train_only([], text=json.dumps(GOOD[0]) + "\n{not json\n"), "line 2 is not valid JSON"),
+    ("rows in no known format", _train_only([{"text": "hello"}] * 5), "need a 'messages' column"),
+    ("train file missing", lambda p: ["data=jsonl", f"data.train_path={p / 'nope.jsonl'}"], "file not found"),
+    ("row 31 without an assistant turn", _train_only(GOOD[:30] + [_chat("only a question")] + GOOD[30:]),
+     "row 31: no assistant message to learn from"),
+    ("eval in another format than train", _train_and_eval([{"prompt": "p", "completion": "c"}] * 3),
+     "is in prompt_completion format but data.train_path is in messages; use one format"),
+    ("eval fraction leaving no train rows", ["data.eval_fraction=0.999"], "both need at least one"),
+    ("max_train_rows zero", ["data.max_train_rows=0"], "data.max_train_rows must be >= 1 or null"),
+    ("max_length below 8", ["data.max_length=0"], "data.max_length must be >= 8 tokens"),
+    ("unknown loss_on", ["data.loss_on=everything"], "data.loss_on must be one of ['completion', 'all']"),
+    # folders
+    ("read-only output folder", lambda p: [f"paths.output_dir={_readonly(p)}"],
+     "/ro cannot be written (Read-only file system); point paths.output_dir at a folder this user can write"),
+    ("read-only cache folder", lambda p: [f"paths.cache_dir={_readonly(p) / 'cache'}"],
+     "paths.cache_dir="),
+    ("read-only database folder", lambda p: [f"hydra.sweeper.storage=sqlite:///{_readonly(p)}/optuna.db"],
+     "/ro cannot be written (Read-only file system); point hydra.sweeper.storage at"),
+    # run settings
+    ("max_steps zero", ["schedule.max_steps=0"], "schedule.max_steps must be positive, but got 0"),
+    ("max_steps not a number", ["schedule.max_steps=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
+    ("unknown schedule", ["schedule=nonexistent"], "Could not find 'schedule/nonexistent'"),
+    ("negative learning rate", ["lr.learning_rate=-1"], "lr.learning_rate must be positive"),
+    ("negative warmup", ["lr.warmup_steps=-1"], "lr.warmup_steps must be >= 0"),
+    ("warmup longer than the run", ["lr.warmup_steps=50"], "must be shorter than schedule.max_steps (12)"),
+    ("micro-batch zero", ["batch.per_device_train_batch_size=0"], "batch.per_device_train_batch_size must be >= 1"),
+    ("unknown metric", ["eval.metric=eval_foo"], "eval.metric must be one of ['eval_accuracy', 'eval_loss']"),
+    ("eval_steps zero", ["eval.eval_steps=0"], "eval.eval_steps must be >= 1"),
+    ("unknown accuracy mode", ["eval.accuracy=maybe"], "eval.accuracy must be one of ['auto', 'on', 'off']"),
+    ("patience zero", ["eval.early_stopping_patience=0"], "eval.early_stopping_patience must be >= 1 or null"),
+    ("4-bit weights without adapters", ["precision=qlora4", "peft=none"], "add peft=lora"),
+    # sweeper settings
+    ("n_trials zero", ["hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials must be >= 1 or null, but got 0"),
+    ("max_failures zero", ["hydra.sweeper.max_failures=0"], "hydra.sweeper.max_failures must be >= 1 or null"),
+    ("negative heartbeat", ["hydra.sweeper.heartbeat_interval=-1"], "hydra.sweeper.heartbeat_interval must be >= 1"),
+    ("negative max_retry", ["hydra.sweeper.max_retry=-1"], "hydra.sweeper.max_retry must be >= 0 or null"),
+    ("unknown sampler", ["hydra.sweeper.sampler.name=nope"], "hydra.sweeper.sampler.name must be one of tpe, random, grid"),
+    ("unknown pruner", ["hydra.sweeper.pruner.name=nope"], "hydra.sweeper.pruner.name must be one of none, median"),
+    ("storage URL of no known database", ["hydra.sweeper.storage=foo://x"], "hydra.sweeper.storage=foo://x could not be opened"),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_sweep_input_is_one_clear_line(tmp_path, cache_dir, case):
     _, overrides, needle = case
-    args = overrides(tmp_path) if callable(overrides) else overrides
-    proc = run_cli("-m", "seed=1,2", *FAST, *args, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+    try:
+        args = overrides(tmp_path) if callable(overrides) else overrides
+        proc = run_cli("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *args)
+    finally:
+        if (tmp_path / "ro").is_mount():
+            subprocess.run(["umount", str(tmp_path / "ro")], check=True)
     assert proc.returncode != 0
     assert needle in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

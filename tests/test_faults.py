@@ -16,7 +16,7 @@ import pytest
 
 from sweeper.trial import DivergedError, run
 
-from .conftest import FAST, PG_URL, ROOT, postgres_unreachable, run_cli, skip_or_fail
+from .conftest import FAST, PG_URL, ROOT, load_study, postgres_unreachable, run_cli, skip_or_fail
 from .test_trial import Recorder
 
 TrialState = optuna.trial.TrialState
@@ -38,7 +38,7 @@ def storage(request, tmp_path):
 
 
 def _load(url, name):
-    return optuna.load_study(study_name=name, storage=url)
+    return load_study(url, name)
 
 
 # --------------------------------------------------------------------------- in-process
@@ -178,13 +178,15 @@ def _start_until_checkpointed(args: list, url: str, name: str) -> subprocess.Pop
 
 
 @pytest.mark.slow
-def test_ctrl_c_queues_the_trial_to_resume(tmp_path, cache_dir):
+def test_ctrl_c_twice_queues_the_trial_to_resume(tmp_path, cache_dir):
     url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
     args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
     proc = _start_until_checkpointed(args, url, name)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # an impatient second Ctrl-C must not lose the retry
+    assert proc.wait(timeout=120) == 130
     trials = _load(url, name).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert _ok_run(run_cli(*args))

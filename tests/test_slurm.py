@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from .conftest import FAST, PG_URL, ROOT, postgres_unreachable, run_cli, skip_or_fail
+from .conftest import FAST, PG_URL, ROOT, load_study, postgres_unreachable, run_cli, skip_or_fail
 
 pytestmark = pytest.mark.slow
 TrialState = optuna.trial.TrialState
@@ -56,7 +56,7 @@ def _slurm_args(url, name, tmp_path, cache_dir, *extra):
 
 
 def _load(url, name):
-    return optuna.load_study(study_name=name, storage=url)
+    return load_study(url, name)
 
 
 def test_four_points_two_slurm_workers_no_duplicate_none_lost(tmp_path, cache_dir, pg_study):

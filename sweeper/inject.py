@@ -1,0 +1,82 @@
+"""Fault injection for the tests and the chaos suite: off unless the environment asks.
+
+- ``SFT_SWEEP_INJECT_OOM_AT_STEP=N``: raise a CUDA OOM at step N whenever the micro-batch exceeds
+  ``SFT_SWEEP_INJECT_OOM_ABOVE`` (default 0: always), like a batch too big for the GPU.
+- ``SFT_SWEEP_INJECT_NAN_AT_STEP=N``: set the model's weights to NaN at step N, like a diverged run.
+- ``SFT_SWEEP_INJECT_KILL_AT_STEP=N``: SIGKILL this process at step N, like a lost worker (kill -9).
+- ``SFT_SWEEP_INJECT_KILL_IN_SAVE=N``: SIGKILL it in the middle of the checkpoint save of step N (the
+  weights written, the optimizer and trainer state not yet).
+- ``SFT_SWEEP_INJECT_KILL_IN_REPORT=N``: SIGKILL it in the middle of the study write that reports step
+  N's evaluation (a transaction open that marks the trial COMPLETE, never committed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+_KEYS = ("OOM_AT_STEP", "NAN_AT_STEP", "KILL_AT_STEP", "KILL_IN_SAVE")
+
+
+def _step(name: str) -> int | None:
+    value = os.environ.get(f"SFT_SWEEP_INJECT_{name}")
+    return int(value) if value else None
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def callback() -> Any:
+    """A TrainerCallback for the training faults asked for, or None; attach it to the trainer with
+    :func:`attach` too (the save fault needs the trainer)."""
+    if not any(_step(k) is not None for k in _KEYS):
+        return None
+    import torch
+    from transformers import TrainerCallback
+
+    oom_at, nan_at, kill_at = _step("OOM_AT_STEP"), _step("NAN_AT_STEP"), _step("KILL_AT_STEP")
+    above = int(os.environ.get("SFT_SWEEP_INJECT_OOM_ABOVE", "0"))
+
+    class InjectFault(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if oom_at == state.global_step and args.per_device_train_batch_size > above:
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory (injected at step {oom_at}, micro-batch {args.per_device_train_batch_size})")
+            if kill_at == state.global_step:
+                _kill()
+            if nan_at == state.global_step:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(float("nan"))
+
+    return InjectFault()
+
+
+def attach(trainer: Any) -> None:
+    """The save fault: cut the checkpoint save of the asked step between the weights and the rest."""
+    save_at = _step("KILL_IN_SAVE")
+    if save_at is None:
+        return
+    save_rest = trainer._save_optimizer_and_scheduler
+
+    def cut(output_dir: str) -> None:
+        if trainer.state.global_step == save_at:
+            _kill()
+        save_rest(output_dir)
+
+    trainer._save_optimizer_and_scheduler = cut
+
+
+def in_report(storage: Any, trial_id: int, step: int) -> None:
+    """The study-write fault: open a transaction that marks the trial COMPLETE, then die before commit."""
+    if _step("KILL_IN_REPORT") != step:
+        return
+    import sqlalchemy
+
+    backend = getattr(storage, "_backend", storage)
+    connection = backend.engine.connect()
+    connection.begin()
+    connection.execute(sqlalchemy.text("UPDATE trials SET state = 'COMPLETE' WHERE trial_id = :id"), {"id": trial_id})
+    _kill()
