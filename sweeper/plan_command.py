@@ -55,6 +55,7 @@ def plan_rows(overrides: list[str]) -> list[dict]:
 
     from sweeper import config as config_mod
     from sweeper import data as data_mod
+    from sweeper import identity
     from sweeper.gpu import pin_one, visible_gpus
     from sweeper.model import model_shape, resolve_compute
     from sweeper.plan import memory_estimate
@@ -71,7 +72,7 @@ def plan_rows(overrides: list[str]) -> list[dict]:
         OmegaConf.set_readonly(cfg, False)
         config_mod.validate(cfg)  # first: it names keys left ??? (model=hub without model.name) in one line
         storage_url = str(cfg.hydra.sweeper.storage)
-        study_name = str(cfg.hydra.sweeper.study_name or f"{cfg.data.name}-{cfg.model.name}")
+        study_name = identity.study_name(cfg)
         key = (repr(dict(cfg.data)), repr(dict(cfg.model)), repr(dict(cfg.precision)))
         if key not in prepared_cache:
             splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
@@ -125,7 +126,7 @@ def _note_other_settings(rows: list[dict]) -> None:
     swept = identity.varying(configs)
     for r, config in zip(rows, configs):
         cfg = r["cfg"]
-        name = str(cfg.hydra.sweeper.study_name or f"{cfg.data.name}-{cfg.model.name}")
+        name = identity.study_name(cfg)
         ran = _study_configs(str(cfg.hydra.sweeper.storage), name)
         if not ran or any(not identity.differences([c], config, swept) for c in ran):
             continue
