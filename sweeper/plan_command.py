@@ -107,7 +107,7 @@ def plan_rows(overrides: list[str]) -> list[dict]:
         tps = measured_throughput(storage_url, study_name)
         wall_s = plan.tokens / tps if tps and plan.tokens else None
         rows.append({
-            "overrides": row_overrides, "cfg": cfg, "plan": plan, "rows": len(splits.train),
+            "overrides": row_overrides, "cfg": cfg, "plan": plan, "study": study_name, "rows": len(splits.train),
             "prepared_rows": len(prepared), "eval_rows": eval_rows, "seq_len": seq_len, "memory": est,
             "gpus": gpus, "fits_on": fits, "wall_s": wall_s, "tokens_per_s": tps,
             "tokens_known": "input_ids" in prepared.column_names, "warnings": plan.warnings() + ([note] if note else []),
@@ -123,10 +123,9 @@ def _note_other_settings(rows: list[dict]) -> None:
     from sweeper import identity
 
     configs = [identity.result_config(r["cfg"]) for r in rows]
-    swept = identity.varying(configs)
     for r, config in zip(rows, configs):
-        cfg = r["cfg"]
-        name = identity.study_name(cfg)
+        cfg, name = r["cfg"], r["study"]
+        swept = identity.varying([c for c, o in zip(configs, rows) if o["study"] == name])  # within its study
         ran = _study_configs(str(cfg.hydra.sweeper.storage), name)
         if not ran or any(not identity.differences([c], config, swept) for c in ran):
             continue
@@ -183,6 +182,26 @@ def _fmt_int(x: float) -> str:
 
 
 def render(rows: list[dict]) -> str:
+    """The plan as text: a table of the runs and a note on each; for a sweep over several datasets (or
+    models), one block per study, in the sweep's order, each headed by the study it runs into."""
+    studies = list(dict.fromkeys(r["study"] for r in rows))
+    if len(studies) <= 1:
+        lines = [_render_block(rows)]
+    else:
+        lines = []
+        for name in studies:
+            mine = [r for r in rows if r["study"] == name]
+            cfg = mine[0]["cfg"]
+            lines += [f"## study {name}: data {cfg.data.name}, model {cfg.model.name}, {len(mine)} run(s)", "",
+                      _render_block(mine), ""]
+    if rows and rows[0]["gpus"]:
+        lines.append("")
+        lines.append("GPUs now: " + "; ".join(f"{g.index} {g.name}: {g.free_gib:.1f} of {g.total_gib:.1f} GiB free"
+                                              for g in rows[0]["gpus"]))
+    return "\n".join(lines).rstrip("\n")
+
+
+def _render_block(rows: list[dict]) -> str:
     lines = [
         "| run | eff. batch | steps/epoch | steps | epochs | samples | tokens/step | tokens | warmup | eval/save every "
         "| peak VRAM est. | fits on GPU | est. time |",
@@ -224,10 +243,6 @@ def render(rows: list[dict]) -> str:
             lines.append(f"  - time: {r['tokens_per_s']:,.0f} tokens/s measured by finished trials of this study")
         for w in r["warnings"]:
             lines.append(f"  - warning: {w}")
-    if rows and rows[0]["gpus"]:
-        lines.append("")
-        lines.append("GPUs now: " + "; ".join(f"{g.index} {g.name}: {g.free_gib:.1f} of {g.total_gib:.1f} GiB free"
-                                              for g in rows[0]["gpus"]))
     return "\n".join(lines)
 
 
