@@ -35,7 +35,7 @@ def _ok(proc):
 
 def _table_rows(text: str) -> dict[str, list[str]]:
     """The table of datasets in ``text``: dataset -> its cells."""
-    section = text.split("## Step count per dataset", 1)[1]
+    section = text.split("## Step count per dataset", 1)[1].split("\n## ", 1)[0]
     lines = [ln for ln in section.splitlines() if ln.startswith("| ")][1:]  # the header row out
     return {cells[0]: cells for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)}
 
