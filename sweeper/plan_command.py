@@ -4,7 +4,8 @@
     python -m sweeper plan schedule=under,sweet,over data=banking77 model=qwen2.5-1.5b batch=aggressive
 
 Takes the same overrides as ``python train.py -m``: comma lists, ``choice`` and ``range`` expand
-into one row each; an ``interval`` is planned at both ends. Each row is computed on the prepared
+into one row each; an ``interval`` is planned at both ends. A sweep over several datasets or models
+(``data=a,b``) prints one block per study. Each row is computed on the prepared
 dataset (tokenised by TRL with the model's tokenizer; with packing, packed sequences), so steps
 per epoch are what the trainer will really run.
 

@@ -18,6 +18,10 @@ Hydra's sweep grammar, translated exactly (:func:`translate`):
   count), never "additional"; it defaults to 10.
 - A command whose unswept settings differ from every earlier trial's is refused before any trial
   (``allow_config_change`` adds it anyway).
+- Points of several datasets or models (``data=a,b``: anything that changes ``<data.name>-<model.name>``)
+  go to one study each, named as a single-dataset command names it; the studies share the workers, and a
+  free worker takes the next trial of any of them (:meth:`StudySweeper._claim_next`). ``n_trials`` and
+  every check apply per study; at the end the report prints a table of datasets.
 
 Workers (``sweeper.workers``): this process is worker 0 and runs its trials in-process; workers
 1..N-1 are copies of the command, each seeing one GPU; with ``launcher=slurm`` every worker is a
