@@ -720,8 +720,7 @@ def dataset_row(study: optuna.Study) -> dict:
            "within_noise": None, "verdict": "no trial completed yet: no step count to recommend"}
     if rec is None:
         return row
-    best = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(study._study_id,
-                                                                                            rec["trial"]))
+    best = next(t for t in study.get_trials(deepcopy=False) if t.number == rec["trial"])
     a, steps = attrs(best), rec["max_steps"]
     plan = a.get("plan") or {}
     spe, tps = plan.get("steps_per_epoch"), plan.get("tokens_per_step")
