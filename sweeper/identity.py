@@ -28,6 +28,19 @@ SEARCHED = ("schedule.",)  # what a study is about: differs between runs, never 
 EFFECTIVE_BATCH = "batch.effective_batch"
 
 
+def study_name(cfg: Any) -> str:
+    """The study a composed config's runs belong to: ``hydra.sweeper.study_name`` when set, else
+    ``<data.name>-<model.name>`` (one study per dataset and model)."""
+    hydra = cfg.get("hydra")
+    named = hydra.sweeper.get("study_name") if hydra is not None and "sweeper" in hydra else None
+    return str(named) if named else default_study_name(cfg)
+
+
+def default_study_name(cfg: Any) -> str:
+    """``<data.name>-<model.name>``: the study a single-dataset sweep of ``cfg`` would create."""
+    return f"{cfg.data.name}-{cfg.model.name}"
+
+
 def result_config(cfg: Any) -> dict[str, Any]:
     """The composed config (``DictConfig``) as dotted keys -> plain values, resolved, without the
     ignored keys; the batch as its effective size (``batch.effective_batch``)."""

@@ -4,7 +4,8 @@
     python -m sweeper plan schedule=under,sweet,over data=banking77 model=qwen2.5-1.5b batch=aggressive
 
 Takes the same overrides as ``python train.py -m``: comma lists, ``choice`` and ``range`` expand
-into one row each; an ``interval`` is planned at both ends. Each row is computed on the prepared
+into one row each; an ``interval`` is planned at both ends. A sweep over several datasets or models
+(``data=a,b``) prints one block per study. Each row is computed on the prepared
 dataset (tokenised by TRL with the model's tokenizer; with packing, packed sequences), so steps
 per epoch are what the trainer will really run.
 
@@ -55,6 +56,7 @@ def plan_rows(overrides: list[str]) -> list[dict]:
 
     from sweeper import config as config_mod
     from sweeper import data as data_mod
+    from sweeper import identity
     from sweeper.gpu import pin_one, visible_gpus
     from sweeper.model import model_shape, resolve_compute
     from sweeper.plan import memory_estimate
@@ -71,7 +73,7 @@ def plan_rows(overrides: list[str]) -> list[dict]:
         OmegaConf.set_readonly(cfg, False)
         config_mod.validate(cfg)  # first: it names keys left ??? (model=hub without model.name) in one line
         storage_url = str(cfg.hydra.sweeper.storage)
-        study_name = str(cfg.hydra.sweeper.study_name or f"{cfg.data.name}-{cfg.model.name}")
+        study_name = identity.study_name(cfg)
         key = (repr(dict(cfg.data)), repr(dict(cfg.model)), repr(dict(cfg.precision)))
         if key not in prepared_cache:
             splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
@@ -106,7 +108,7 @@ def plan_rows(overrides: list[str]) -> list[dict]:
         tps = measured_throughput(storage_url, study_name)
         wall_s = plan.tokens / tps if tps and plan.tokens else None
         rows.append({
-            "overrides": row_overrides, "cfg": cfg, "plan": plan, "rows": len(splits.train),
+            "overrides": row_overrides, "cfg": cfg, "plan": plan, "study": study_name, "rows": len(splits.train),
             "prepared_rows": len(prepared), "eval_rows": eval_rows, "seq_len": seq_len, "memory": est,
             "gpus": gpus, "fits_on": fits, "wall_s": wall_s, "tokens_per_s": tps,
             "tokens_known": "input_ids" in prepared.column_names, "warnings": plan.warnings() + ([note] if note else []),
@@ -122,10 +124,9 @@ def _note_other_settings(rows: list[dict]) -> None:
     from sweeper import identity
 
     configs = [identity.result_config(r["cfg"]) for r in rows]
-    swept = identity.varying(configs)
     for r, config in zip(rows, configs):
-        cfg = r["cfg"]
-        name = str(cfg.hydra.sweeper.study_name or f"{cfg.data.name}-{cfg.model.name}")
+        cfg, name = r["cfg"], r["study"]
+        swept = identity.varying([c for c, o in zip(configs, rows) if o["study"] == name])  # within its study
         ran = _study_configs(str(cfg.hydra.sweeper.storage), name)
         if not ran or any(not identity.differences([c], config, swept) for c in ran):
             continue
@@ -182,6 +183,26 @@ def _fmt_int(x: float) -> str:
 
 
 def render(rows: list[dict]) -> str:
+    """The plan as text: a table of the runs and a note on each; for a sweep over several datasets (or
+    models), one block per study, in the sweep's order, each headed by the study it runs into."""
+    studies = list(dict.fromkeys(r["study"] for r in rows))
+    if len(studies) <= 1:
+        lines = [_render_block(rows)]
+    else:
+        lines = []
+        for name in studies:
+            mine = [r for r in rows if r["study"] == name]
+            cfg = mine[0]["cfg"]
+            lines += [f"## study {name}: data {cfg.data.name}, model {cfg.model.name}, {len(mine)} run(s)", "",
+                      _render_block(mine), ""]
+    if rows and rows[0]["gpus"]:
+        lines.append("")
+        lines.append("GPUs now: " + "; ".join(f"{g.index} {g.name}: {g.free_gib:.1f} of {g.total_gib:.1f} GiB free"
+                                              for g in rows[0]["gpus"]))
+    return "\n".join(lines).rstrip("\n")
+
+
+def _render_block(rows: list[dict]) -> str:
     lines = [
         "| run | eff. batch | steps/epoch | steps | epochs | samples | tokens/step | tokens | warmup | eval/save every "
         "| peak VRAM est. | fits on GPU | est. time |",
@@ -223,10 +244,6 @@ def render(rows: list[dict]) -> str:
             lines.append(f"  - time: {r['tokens_per_s']:,.0f} tokens/s measured by finished trials of this study")
         for w in r["warnings"]:
             lines.append(f"  - warning: {w}")
-    if rows and rows[0]["gpus"]:
-        lines.append("")
-        lines.append("GPUs now: " + "; ".join(f"{g.index} {g.name}: {g.free_gib:.1f} of {g.total_gib:.1f} GiB free"
-                                              for g in rows[0]["gpus"]))
     return "\n".join(lines)
 
 

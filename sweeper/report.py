@@ -12,6 +12,7 @@ import base64
 import functools
 import html
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -413,14 +414,37 @@ def recommend(study: optuna.Study) -> dict | None:
 
     notes = [f"Its curve (trial {best.number}): {d.verdict}: {d.reason}.",
              *_length_notes(best, d, done, maximize)]
-    close = _within_noise(best, done, maximize)
+    close = _shortest_within_noise(best, done, maximize)
     if close is not None:
-        notes.append(close)
+        notes.append(_within_noise(best, *close))
     notes.append(f"Noise ±{noise.sigma:.4f} near its best ({noise.sigma / max(abs(best.value), 1e-8):.1%}; method: "
                  f"{noise.method}); two results are within noise when they differ by at most twice the larger "
                  "noise of their two curves.")
     return {"trial": best.number, "max_steps": steps, "best_step": b_step, "value": best.value,
-            "diagnosis": d, "reason": reason, "notes": notes, "noise": noise}
+            "diagnosis": d, "reason": reason, "notes": notes, "noise": noise,
+            "within_noise": close[0] if close else None, "verdict": _verdict(best, d, notes, close)}
+
+
+def _verdict(best: optuna.trial.FrozenTrial, d: Diagnosis, notes: Sequence[str],
+             close: tuple[optuna.trial.FrozenTrial, float] | None) -> str:
+    """The recommendation in one line, for the table of datasets: the winner's diagnosis and length, the
+    next grid to run when the best may lie outside (or between) the lengths tried, and a shorter length
+    within noise with its share of the cost."""
+    parts = [f"{d.verdict}: train max_steps={best.user_attrs.get('max_steps')}"]
+    for note in notes:
+        kind, _, rest = note.partition(": ")
+        command = re.search(r"`([^`]+)`", rest)
+        if kind == "Edge of the grid" and command:
+            parts.append(("longer may be better" if "longer" in rest else "shorter may do as well")
+                         + f", try `{command.group(1)}`")
+        elif kind == "Between lengths" and command:
+            parts.append(f"the best lies between two lengths tried, try `{command.group(1)}`")
+    if close is not None:
+        c = close[0]
+        (s1, _, _), (s0, _, _) = _cost(c), _cost(best)
+        parts.append(f"max_steps={c.user_attrs.get('max_steps')} is within noise"
+                     + (f" for {s1 / s0:.0%} of the steps" if s1 and s0 else ""))
+    return "; ".join(parts)
 
 
 def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[optuna.trial.FrozenTrial],
@@ -478,11 +502,11 @@ def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[o
     return notes
 
 
-def _within_noise(best: optuna.trial.FrozenTrial, done: Sequence[optuna.trial.FrozenTrial],
-                  maximize: bool) -> str | None:
-    """The shortest length shorter than the winner's whose best value is within noise of the winner's (at
-    most twice the larger :func:`trial_noise` of the two curves), with what each cost (:func:`_cost`);
-    None when there is none."""
+def _shortest_within_noise(best: optuna.trial.FrozenTrial, done: Sequence[optuna.trial.FrozenTrial],
+                           maximize: bool) -> tuple[optuna.trial.FrozenTrial, float] | None:
+    """The trial of the shortest length shorter than the winner's whose best value is within noise of the
+    winner's (at most twice the larger :func:`trial_noise` of the two curves), with that noise; None when
+    there is none."""
     steps, sign = best.user_attrs.get("max_steps") or 0, -1.0 if maximize else 1.0
     own = trial_noise(best, maximize).sigma
     noise = {t.number: max(own, trial_noise(t, maximize).sigma) for t in done}
@@ -491,6 +515,12 @@ def _within_noise(best: optuna.trial.FrozenTrial, done: Sequence[optuna.trial.Fr
     if not close:
         return None
     c = min(close, key=lambda t: (t.user_attrs["max_steps"], sign * t.value))
+    return c, noise[c.number]
+
+
+def _within_noise(best: optuna.trial.FrozenTrial, c: optuna.trial.FrozenTrial, sigma: float) -> str:
+    """The note on ``c``, within noise ``sigma`` of the winner ``best``, with what each cost (:func:`_cost`)."""
+    steps = best.user_attrs.get("max_steps") or 0
     (s1, k1, x1), (s0, k0, x0) = _cost(c), _cost(best)
     parts = [f"{s1:,} vs {s0:,} steps"]
     if k1 and k0:
@@ -499,7 +529,7 @@ def _within_noise(best: optuna.trial.FrozenTrial, done: Sequence[optuna.trial.Fr
         parts.append(f"{x1:,.0f} s vs {x0:,.0f} s of training")
     return (f"Within noise: {_name(c)} reached {c.value:.4f}, within noise of the best {best.value:.4f} at "
             f"max_steps={steps} ({(c.value - best.value) / max(abs(best.value), 1e-8):+.1%}, noise "
-            f"±{noise[c.number]:.4f}), for "
+            f"±{sigma:.4f}), for "
             f"{s1 / s0:.0%} of the cost ({', '.join(parts)}).")
 
 
@@ -663,6 +693,118 @@ def study_report(study: optuna.Study) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- several datasets
+
+
+def _spent(study: optuna.Study) -> tuple[float, str]:
+    """Seconds the study's trials took (each job's ``timing.job_s``, else its ``train_runtime_s``; a WSD
+    branch's time is inside its trunk's job) and on what: ``GPU`` when any trial used one, else ``CPU``."""
+    from sweeper.study import is_branch
+
+    jobs = [attrs(t) for t in study.get_trials(deepcopy=False) if not is_branch(t)]
+    seconds = sum((a.get("timing") or {}).get("job_s") or a.get("train_runtime_s") or 0.0 for a in jobs)
+    return seconds, "GPU" if any(a.get("peak_gpu_gib") is not None for a in jobs) else "CPU"
+
+
+def dataset_row(study: optuna.Study) -> dict:
+    """One study's answer in numbers, for the table of datasets: its data (train rows, median tokens per
+    row), the recommended ``max_steps`` (:func:`recommend`) as epochs, samples and tokens of that data, its
+    best value and accuracy, the noise and the shortest length within it, what the study cost and the
+    one-line verdict. Keys are None where a study has no completed trial (``verdict`` says so)."""
+    rec = recommend(study)
+    seconds, device = _spent(study)
+    row = {"study": study.study_name, "data": study.user_attrs.get("data", study.study_name),
+           "model": study.user_attrs.get("model"), "metric": study.user_attrs.get("metric", "value"),
+           "cost_s": seconds, "device": device, "rows": None, "tokens_per_row": None, "max_steps": None,
+           "epochs": None, "samples": None, "tokens": None, "best": None, "accuracy": None, "noise": None,
+           "within_noise": None, "verdict": "no trial completed yet: no step count to recommend"}
+    if rec is None:
+        return row
+    best = next(t for t in study.get_trials(deepcopy=False) if t.number == rec["trial"])
+    a, steps = attrs(best), rec["max_steps"]
+    plan = a.get("plan") or {}
+    spe, tps = plan.get("steps_per_epoch"), plan.get("tokens_per_step")
+    eff = a.get("effective_batch") or plan.get("effective_batch")
+    close = rec["within_noise"]
+    row.update(rows=a.get("train_rows"), tokens_per_row=a.get("median_tokens_per_row"), max_steps=steps,
+               epochs=steps / spe if steps and spe else None, samples=steps * eff if steps and eff else None,
+               tokens=steps * tps if steps and tps else None, best=rec["value"], accuracy=a.get("best_accuracy"),
+               noise=rec["noise"].sigma, verdict=rec["verdict"],
+               within_noise=close.user_attrs.get("max_steps") if close is not None else None)
+    return row
+
+
+def _count(n: float | None) -> str:
+    return "–" if n is None else f"{n:,.0f}"
+
+
+def datasets_table(studies: Sequence[optuna.Study]) -> str:
+    """Markdown: a row per study (:func:`dataset_row`), so that the step counts of several datasets (or
+    models) read side by side; each row is what that study's own report recommends."""
+    rows = [dataset_row(s) for s in studies]
+    metrics = {r["metric"] for r in rows}
+    best = f"best {metrics.pop()}" if len(metrics) == 1 else "best value"
+    lines = [f"| dataset | model | rows | tokens/row (median) | max_steps | epochs | samples | tokens | {best} "
+             "| accuracy | noise ± | shortest within noise | cost | verdict |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        cells = [r["data"], _fmt(r["model"]), _count(r["rows"]), _fmt(r["tokens_per_row"], ".0f"), _fmt(r["max_steps"]),
+                 _fmt(r["epochs"], ".2f"), _count(r["samples"]), "–" if r["tokens"] is None else _si(r["tokens"]),
+                 _fmt(r["best"]), "–" if r["accuracy"] is None else f"{r['accuracy']:.1%}",
+                 "–" if r["noise"] is None else f"±{r['noise']:.4f}",
+                 "–" if r["within_noise"] is None else f"max_steps={r['within_noise']}",
+                 f"{r['cost_s']:,.0f} {r['device']} s", r["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_datasets(studies: Sequence[optuna.Study], path: Path) -> Path:
+    """Each study's best trial's curve against epochs (left) and tokens seen (right), one line per
+    dataset: whether "the same number of epochs" (or of tokens) holds across the datasets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_e, ax_k) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for study in studies:
+        best = best_trial(study)
+        if best is None:
+            continue
+        plan, curve = attrs(best).get("plan") or {}, _eval_curve(best)
+        spe, tps = plan.get("steps_per_epoch"), plan.get("tokens_per_step")
+        steps, vals = [c[0] for c in curve], [c[1] for c in curve]
+        label = (f"{study.user_attrs.get('data', study.study_name)} ({study.user_attrs.get('model', '?')}), "
+                 f"max_steps={best.user_attrs.get('max_steps')}")
+        line = None
+        if spe:
+            line, = ax_e.plot([x / spe for x in steps], vals, marker=".", label=label)
+        if tps:
+            ax_k.plot([x * tps for x in steps], vals, marker=".", label=None if line else label,
+                      color=line.get_color() if line else None)
+    metrics = {s.user_attrs.get("metric", "value") for s in studies}
+    metric = metrics.pop() if len(metrics) == 1 else "value"
+    ax_e.set(xlabel="epoch", ylabel=metric, title=f"best run of each dataset: {metric} by epoch")
+    ax_k.set(xlabel="tokens seen", title="by tokens")
+    ax_e.set_yscale("log")
+    for ax in (ax_e, ax_k):
+        ax.grid(alpha=0.3)
+    fig.legend(loc="lower center", ncol=min(3, max(1, len(studies))), fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def datasets_section(studies: Sequence[optuna.Study], png: Path) -> str:
+    """Markdown: the table of datasets (:func:`datasets_table`) and its figure (:func:`plot_datasets`,
+    written to ``png``)."""
+    plot_datasets(studies, png)
+    return ("## Step count per dataset\n\n" + datasets_table(studies)
+            + f"\n\n![best curve of each dataset by epoch and by tokens]({png.name})\n")
+
+
 # report.html: the same markdown, rendered. markdown-it-py with raw HTML off (any "<" in a study name, an error
 # or a label is shown as text) and links and images off (user text cannot add markup that fetches anything);
 # only the curves come in, as data: URIs. The Content-Security-Policy makes the browser hold the page to that.
@@ -716,7 +858,7 @@ def report_html(sections: Sequence[tuple[str, str, bytes]]) -> str:
 
 def write_report(storage: Any, out_dir: Path, study_names: Sequence[str] | None = None) -> dict[str, Path]:
     """Write ``summary.md``, ``<study>.png`` and ``report.html`` (markdown rendered, PNGs embedded) under
-    ``out_dir``."""
+    ``out_dir``; with several studies both open with the table of datasets and ``datasets.png``."""
     summaries = optuna.get_all_study_summaries(storage=storage)
     names = list(study_names) if study_names else [s.study_name for s in summaries]
     known = {s.study_name for s in summaries}
@@ -725,8 +867,12 @@ def write_report(storage: Any, out_dir: Path, study_names: Sequence[str] | None 
         raise ValueError(f"--study {missing[0]!r} is not in the storage; studies there: {sorted(known) or 'none'}")
     out_dir.mkdir(parents=True, exist_ok=True)
     md_parts, sections = [], []
-    for name in names:
-        study = optuna.load_study(study_name=name, storage=storage)
+    studies = [optuna.load_study(study_name=name, storage=storage) for name in names]
+    if len(studies) > 1:
+        text = datasets_section(studies, out_dir / "datasets.png")
+        md_parts.append(text)
+        sections.append(("datasets", text.rsplit("\n\n![", 1)[0], (out_dir / "datasets.png").read_bytes()))
+    for name, study in zip(names, studies):
         text = study_report(study)
         png = plot_curves(study, out_dir / f"{name}.png")
         md_parts.append(text + f"\n\n![{name} curves]({png.name})\n")

@@ -18,6 +18,10 @@ Hydra's sweep grammar, translated exactly (:func:`translate`):
   count), never "additional"; it defaults to 10.
 - A command whose unswept settings differ from every earlier trial's is refused before any trial
   (``allow_config_change`` adds it anyway).
+- Points of several datasets or models (``data=a,b``: anything that changes ``<data.name>-<model.name>``)
+  go to one study each, named as a single-dataset command names it; the studies share the workers, and a
+  free worker takes the next trial of any of them (:meth:`StudySweeper._claim_next`). ``n_trials`` and
+  every check apply per study; at the end the report prints a table of datasets.
 
 Workers (``sweeper.workers``): this process is worker 0 and runs its trials in-process; workers
 1..N-1 are copies of the command, each seeing one GPU; with ``launcher=slurm`` every worker is a
@@ -591,17 +595,43 @@ def is_branch(t: optuna.trial.FrozenTrial) -> bool:
 
 @dataclass
 class _Sweep:
-    """One command's sweep, as prepared: its study, search space and workers."""
+    """One study of a command, as prepared: the study, its part of the search space and its points."""
 
     study: optuna.Study
     name: str
-    space: SweepSpace
+    space: SweepSpace  # its own: keys that pick the study (``data=demo``) are fixed overrides here
     points: list  # grid points this command runs ([{}] with distributions only)
     pure_grid: bool
     total: int  # a grid: its own points; sampled: the study's n_trials
     dists: dict
     configs: list = field(default_factory=list)  # each point's result config (sweeper.identity)
+    cfgs: list = field(default_factory=list)  # each point's composed config
+    order: list = field(default_factory=list)  # each point's place in the command's grid (claim order)
+
+    @property
+    def folder(self) -> Path:
+        """The study's folder (``hydra.sweep.dir`` of its runs): its trials and summary.md."""
+        return Path(str(self.cfgs[0].hydra.sweep.dir))
+
+
+@dataclass
+class _Command:
+    """One command's sweep: a study per dataset and model it covers, and the workers they share."""
+
+    sweeps: list[_Sweep]
     plan: workers_mod.WorkerPlan | None = None
+
+    @property
+    def folder(self) -> Path:
+        """Where the command's own files go (worker logs, SLURM logs, the table of datasets): the study's
+        folder, or with several studies the folder that holds theirs (``outputs/sweeps``)."""
+        if len(self.sweeps) == 1:
+            return self.sweeps[0].folder
+        return Path(os.path.commonpath([str(sw.folder.resolve()) for sw in self.sweeps]))
+
+    @property
+    def names(self) -> str:
+        return ", ".join(sw.name for sw in self.sweeps)
 
 
 @dataclass(frozen=True)
@@ -712,18 +742,65 @@ class StudySweeper:
 
     # -- helpers
 
-    def _study_name(self, space: SweepSpace) -> str:
+    def _split_by_study(self, space: SweepSpace, cfgs: list[DictConfig]) -> list[tuple[str, SweepSpace, list, list]]:
+        """The command's grid points grouped by the study each belongs to, ``<data.name>-<model.name>`` of
+        its composed config (whatever changed them: ``data=a,b``, ``model=...``, ``data.train_path=...``),
+        in the command's order: ``[(name, space, points, indices)]``. In each study's own space the keys
+        that are constant within it (``data=demo``) are fixed overrides, so its trials record the params a
+        single-dataset command would, and either command resumes the other's."""
+        points = space.grid_points()
+        names = [identity.default_study_name(c) for c in cfgs]
+        distinct = list(dict.fromkeys(names))
         if self.study_name is not None:
-            return _check_study_name(str(self.study_name))
-        swept = {k for k, _ in space.grid} | set(space.distributions)
-        clash = swept & {"data", "model"}
-        if clash:
-            raise ValueError(
-                f"one study per dataset and model: {sorted(clash)} is swept, so trials of different "
-                "datasets/models would share a study; run one multirun per dataset, or name the study "
-                "with hydra.sweeper.study_name=..."
-            )
-        return f"{self.config.data.name}-{self.config.model.name}"
+            name = _check_study_name(str(self.study_name))
+            if len(distinct) > 1:
+                raise ValueError(
+                    f"hydra.sweeper.study_name={name!r} names one study, but this sweep covers {len(distinct)} "
+                    f"datasets/models ({', '.join(distinct)}) and a study holds one; drop hydra.sweeper.study_name "
+                    "to run one study per dataset and model (each named <data.name>-<model.name>)")
+            return [(name, space, points, list(range(len(points))))]
+        self._check_sampled_names(space, cfgs[0])
+        if len(distinct) == 1:
+            return [(distinct[0], space, points, list(range(len(points))))]
+        out = []
+        for name in distinct:
+            idx = [i for i, n in enumerate(names) if n == name]
+            mine = [points[i] for i in idx]
+            constant = [k for k, _ in space.grid if len({p[k][1] for p in mine}) == 1]
+            sub = SweepSpace(
+                fixed=space.fixed + [f"{k}={mine[0][k][1]}" for k in constant],
+                grid=[(k, [vt for vt in vals if any(p[k][1] == vt[1] for p in mine)])
+                      for k, vals in space.grid if k not in constant],
+                distributions=dict(space.distributions))
+            out.append((name, sub, [{k: v for k, v in p.items() if k not in constant} for p in mine], idx))
+        folders = {}
+        for name, _, _, idx in out:
+            folder = str(cfgs[idx[0]].hydra.sweep.dir)
+            if folder in folders:
+                raise ValueError(
+                    f"hydra.sweep.dir={folder} is one folder for the studies {folders[folder]!r} and {name!r}, whose "
+                    "trial_<n> folders would collide; leave hydra.sweep.dir at its default (a folder per study) or "
+                    "put ${data.name}-${model.name} in it")
+            folders[folder] = name
+        return out
+
+    def _check_sampled_names(self, space: SweepSpace, cfg: DictConfig) -> None:
+        """Refuse a distribution that would pick the study (``data=choice(a,b)``): a sampled value is known
+        only once its trial exists, but each dataset and model has its own study."""
+        for key, dist in space.distributions.items():
+            if not isinstance(dist, optuna.distributions.CategoricalDistribution):
+                continue
+            for value in dist.choices:
+                try:
+                    other = self.hydra_context.config_loader.load_sweep_config(
+                        self.config, space.fixed + [f"{key}={_value_text(value)}"])
+                except Exception:  # a choice that does not compose fails its own trial, as before
+                    continue
+                if identity.default_study_name(other) != identity.default_study_name(cfg):
+                    choices = ",".join(_value_text(v) for v in dist.choices)
+                    raise ValueError(
+                        f"{key}=choice({choices}) samples the dataset or model, but each has its own study "
+                        f"(<data.name>-<model.name>); list them as a grid, {key}={choices}")
 
     def _preflight(self, space: SweepSpace) -> list[DictConfig]:
         """Compose and check every grid point (and the data each one names) before any trial;
@@ -757,8 +834,9 @@ class StudySweeper:
             disk.check_writable(db.parent, "hydra.sweeper.storage")
         return cfgs
 
-    def _create_study(self, name: str) -> optuna.Study:
-        direction = config_mod.metric_direction(self.config.eval.metric)
+    def _create_study(self, name: str, cfg: DictConfig) -> optuna.Study:
+        """Create (or load) the study ``name`` for the runs of ``cfg``, one composed config of it."""
+        direction = config_mod.metric_direction(cfg.eval.metric)
         study = optuna.create_study(
             study_name=name,
             storage=open_storage(self.storage_url, self.heartbeat_interval, self.grace_period, self.max_retry),
@@ -768,12 +846,12 @@ class StudySweeper:
         if study.direction.name.lower() != direction:
             raise ValueError(
                 f"study {name!r} in {mask_url(self.storage_url)} was created to {study.direction.name.lower()}, "
-                f"but eval.metric={self.config.eval.metric} needs {direction}; use another hydra.sweeper.study_name"
+                f"but eval.metric={cfg.eval.metric} needs {direction}; use another hydra.sweeper.study_name"
             )
-        study.set_user_attr("metric", str(self.config.eval.metric))
-        study.set_metric_names([str(self.config.eval.metric)])  # the dashboard's axis label
-        study.set_user_attr("data", str(self.config.data.name))
-        study.set_user_attr("model", str(self.config.model.name))
+        study.set_user_attr("metric", str(cfg.eval.metric))
+        study.set_metric_names([str(cfg.eval.metric)])  # the dashboard's axis label
+        study.set_user_attr("data", str(cfg.data.name))
+        study.set_user_attr("model", str(cfg.model.name))
         return study
 
     def _group_options(self, key: str) -> list[str] | None:
@@ -809,9 +887,10 @@ class StudySweeper:
             return False
         return config is None or identity.same_run(trial.system_attrs.get("config"), config)
 
-    def _next_point(self, sw: "_Sweep", tried: set[int]) -> int | None:
+    def _next_point(self, sw: "_Sweep", tried: set[int], peek: bool = False) -> int | None:
         """The index of the next grid point to run, or None when the sweep is done. A point that
-        failed in this sweep (any of its workers) is not retried until the command is run again."""
+        failed in this sweep (any of its workers) is not retried until the command is run again.
+        ``peek``: only say which, without counting it as tried."""
         trials = [t for t in sw.study.get_trials(deepcopy=False) if not is_branch(t)]
         covered = [t for t in trials if t.state in _COVERED]
         failed_here = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
@@ -820,16 +899,41 @@ class StudySweeper:
             for i, point in enumerate(sw.points):
                 if i in tried or any(self._matches(t, point, sw.configs[i]) for t in covered + failed_here):
                     continue
-                tried.add(i)
+                if not peek:
+                    tried.add(i)
                 return i
             return None
         if len(covered) >= sw.total:  # sampled: n_trials is the study's total
             return None
         if len(tried) >= sw.total:  # every trial of this worker failed: never loop on failures
             return None
-        tried.add(len(tried))
+        if not peek:
+            tried.add(len(tried))
         counts = [sum(self._matches(t, p, c) for t in covered) for p, c in zip(sw.points, sw.configs)]
         return counts.index(min(counts))
+
+    def _claim_next(self, command: "_Command", tried: dict[str, set[int]]) -> tuple["_Sweep", optuna.Trial] | None:
+        """The next trial of any of the command's studies, or None when all are done: no barrier between
+        studies. A study's re-queued trial (WAITING) comes first; then grid points in the command's order
+        (``schedule=a,b data=x,y``: a-x, a-y, b-x, ...), or with distributions the study this worker has
+        claimed fewest trials of."""
+        def rank(sw: "_Sweep") -> tuple:
+            if sw.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+                return (0, 0)
+            if not sw.pure_grid:
+                return (1, len(tried[sw.name]))
+            i = self._next_point(sw, tried[sw.name], peek=True)
+            return (1, sw.order[i]) if i is not None else (2, 0)
+
+        if len(command.sweeps) == 1:
+            order = command.sweeps
+        else:
+            order = [sw for _, _, sw in sorted((rank(sw), n, sw) for n, sw in enumerate(command.sweeps))]
+        for sw in order:
+            trial = self._claim(sw, tried[sw.name])
+            if trial is not None:
+                return sw, trial
+        return None
 
     def _claim(self, sw: "_Sweep", tried: set[int]) -> optuna.Trial | None:
         """Under the cross-worker lock: fail stale trials (their retries become WAITING), then
@@ -868,7 +972,7 @@ class StudySweeper:
         from omegaconf.errors import MissingMandatoryValue
 
         try:
-            sw = self._prepare(arguments)
+            command = self._prepare(arguments)
         except (ValueError, FileNotFoundError) as e:  # bad input: one message, no trial created
             raise config_mod.InputError.wrap(e) from e
         except MissingMandatoryValue as e:
@@ -876,8 +980,8 @@ class StudySweeper:
             raise config_mod.InputError(f"{key} must be set, but is ??? (a required value of the option chosen); "
                                         f"add {key}=... to the command") from None
         if self.launcher_name == "slurm":
-            return self._run_slurm(sw)
-        return self._run(sw)
+            return self._run_slurm(command)
+        return self._run(command)
 
     def _check_numbers(self) -> None:
         """The sweeper's counts and intervals: whole numbers >= 1 (>= 0 for max_retry), or null."""
@@ -887,7 +991,7 @@ class StudySweeper:
             if value is not None and value < least:
                 raise ValueError(f"hydra.sweeper.{key} must be >= {least} or null, but got {value}")
 
-    def _prepare(self, arguments: list[str]) -> "_Sweep":
+    def _prepare(self, arguments: list[str]) -> "_Command":
         import datasets
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -908,36 +1012,44 @@ class StudySweeper:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         parsed = parser.parse_overrides(all_args)
         space = build_space(parsed, grid_sampler=self.sampler_cfg.name == "grid")
-        points = space.grid_points()
         pure_grid = not space.distributions
-        name = self._study_name(space)
-        cfgs = self._preflight(space)  # raises before any trial exists
-        configs = [identity.result_config(c) for c in cfgs]
-        if pure_grid:  # a grid runs its own points, whatever else the study holds
-            total = min(self.n_trials, len(points)) if self.n_trials else len(points)
-            points, cfgs, configs = points[:total], cfgs[:total], configs[:total]
-        else:  # sampled: n_trials is the study's total
-            total = self.n_trials or DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS
-        study = self._create_study(name)
-        dists = {**space.grid_distributions(self._group_options), **space.distributions}
-        self._check_compatible(study, dists)
-        self._check_same_settings(study, space, configs)
-        sw = _Sweep(study, name, space, points, pure_grid, total, dists, configs)
-        self._reclaim_dead_local(study)
-        counts = self._counts(sw)
-        log.info("study %r in %s: %d grid point(s) x %s; %s", name, mask_url(self.storage_url), len(points),
-                 sorted(space.distributions) or "no distributions", counts.describe(pure_grid, total))
+        all_cfgs = self._preflight(space)  # raises before any trial exists
+        sweeps = []
+        for name, sub, points, idx in self._split_by_study(space, all_cfgs):  # every check before any trial
+            cfgs = [all_cfgs[i] for i in idx]
+            configs = [identity.result_config(c) for c in cfgs]
+            if pure_grid:  # a grid runs its own points, whatever else the study holds
+                total = min(self.n_trials, len(points)) if self.n_trials else len(points)
+                points, cfgs, configs, idx = points[:total], cfgs[:total], configs[:total], idx[:total]
+            else:  # sampled: n_trials is the study's total
+                total = self.n_trials or DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS
+            study = self._create_study(name, cfgs[0])
+            dists = {**sub.grid_distributions(self._group_options), **sub.distributions}
+            self._check_compatible(study, dists)
+            self._check_same_settings(study, sub, configs)
+            sweeps.append(_Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx))
+        command = _Command(sweeps)
+        to_run = 0
+        for sw in sweeps:
+            self._reclaim_dead_local(sw.study)
+            counts = self._counts(sw)
+            to_run += counts.to_run
+            log.info("study %r in %s: %d grid point(s) x %s; %s", sw.name, mask_url(self.storage_url), len(sw.points),
+                     sorted(sw.space.distributions) or "no distributions", counts.describe(pure_grid, sw.total))
+        if len(sweeps) > 1:
+            log.info("%d studies, one per dataset and model (%s): %d trial(s) to run in all, on shared workers",
+                     len(sweeps), command.names, to_run)
         if self.launcher_name == "slurm":
             max_workers = int(self.slurm_cfg.max_workers)
-            sw.plan = workers_mod.plan_slurm(self.workers, counts.to_run, max_workers)
+            command.plan = workers_mod.plan_slurm(self.workers, to_run, max_workers)
         else:
             visible = gpu_mod.visible_gpus()
-            need, fraction = self._planned_need_gib(cfgs, visible)
-            sw.plan = workers_mod.plan_local(self.workers, self.gpus, visible, need, fraction, counts.to_run)
-            for line in sw.plan.skipped:
+            need, fraction = self._planned_need_gib(all_cfgs, visible)
+            command.plan = workers_mod.plan_local(self.workers, self.gpus, visible, need, fraction, to_run)
+            for line in command.plan.skipped:
                 log.warning("workers: %s", line)
-        log.info("workers: %s", workers_mod.describe(sw.plan))
-        return sw
+        log.info("workers: %s", workers_mod.describe(command.plan))
+        return command
 
     def _reclaim_dead_local(self, study: optuna.Study) -> None:
         """RUNNING trials whose worker process ran on this host and is gone (``kill -9``, a crash): fail
@@ -1031,35 +1143,36 @@ class StudySweeper:
                 fraction = float(auto.memory_fraction) if auto is not None else 1.0
         return need, fraction
 
-    def _run(self, sw: "_Sweep") -> list[Any]:
-        study, name, space, total = sw.study, sw.name, sw.space, sw.total
-        if sw.plan.gpus[0] is not None:
+    def _run(self, command: "_Command") -> list[Any]:
+        plan, several = command.plan, len(command.sweeps) > 1
+        if plan.gpus[0] is not None:
             if gpu_mod.cuda_initialised():
                 raise config_mod.InputError("CUDA was initialised before the sweep could pin this worker to one GPU; "
                                             "report this as a bug")
-            gpu_mod.pin(sw.plan.gpus[0])  # before this process touches CUDA: one trial, one GPU
-        _share_cpu_threads(sw.plan.n)
-        texts = {k: {v: t for v, t in vals} for k, vals in space.grid}
-        children = self._start_workers(sw.plan)
+            gpu_mod.pin(plan.gpus[0])  # before this process touches CUDA: one trial, one GPU
+        _share_cpu_threads(plan.n)
+        children = self._start_workers(command)
 
         returns: list[Any] = []
-        tried: set[int] = set()
+        tried: dict[str, set[int]] = {sw.name: set() for sw in command.sweeps}
         failures: list[str] = []
         from tqdm.auto import tqdm
 
-        counts = self._counts(sw)
-        progress = tqdm(total=counts.done + counts.running + counts.to_run, initial=counts.done,
-                        desc=f"sweep {name}", unit="trial", position=0)
+        progress = tqdm(total=self._total(command), initial=self._done(command),
+                        desc=f"sweep {command.names}", unit="trial", position=0)
         while True:
-            trial = self._claim(sw, tried)
-            if trial is None:
+            claimed = self._claim_next(command, tried)
+            if claimed is None:
                 break
+            sw, trial = claimed
+            study, name, space = sw.study, sw.name, sw.space
+            texts = {k: {v: t for v, t in vals} for k, vals in space.grid}
             overrides = list(space.fixed)
             for key in [k for k, _ in space.grid] + list(space.distributions):
                 value = trial.params[key]
                 overrides.append(f"{key}={texts.get(key, {}).get(value, _value_text(value))}")
             overrides += [f"study.name={_quote(name)}", f"study.trial_number={trial.number}"]
-            log.info("trial %d: %s", trial.number, " ".join(overrides[:-2]))
+            log.info("%strial %d: %s", f"{name}: " if several else "", trial.number, " ".join(overrides[:-2]))
             try:
                 with _stop_signals(), _Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
                     [ret] = self.launcher.launch([overrides], initial_job_idx=self.job_idx)
@@ -1071,7 +1184,7 @@ class StudySweeper:
             self.job_idx += 1
             returns.append(ret)
             try:
-                self._record(study, trial, ret, failures)
+                self._record(study, trial, ret, failures, f"{name}: " if several else "")
             except (disk.DiskFullError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
                 self._stop_workers(children)
                 raise config_mod.InputError(self._unrecorded(trial, e)) from None
@@ -1085,14 +1198,15 @@ class StudySweeper:
                 )
         progress.close()
         self._wait_workers(children)
-        self._summary(study)
-        self._fail_if_nothing_completed(study)
+        self._summary(command)
+        self._fail_if_nothing_completed(command)
         return returns
 
     @staticmethod
-    def _record(study: optuna.Study, trial: optuna.Trial, ret: Any, failures: list[str]) -> None:
+    def _record(study: optuna.Study, trial: optuna.Trial, ret: Any, failures: list[str], label: str = "") -> None:
         """Tell the study how a trial's job ended. A full disk queues the trial to resume from its
-        checkpoint and raises :class:`disk.DiskFullError` (every later trial would fail the same way)."""
+        checkpoint and raises :class:`disk.DiskFullError` (every later trial would fail the same way).
+        ``label`` names the study in failure lines when a command runs several."""
         from hydra.core.utils import JobStatus
 
         if ret.status == JobStatus.COMPLETED:
@@ -1100,7 +1214,7 @@ class StudySweeper:
             if value is None or not math.isfinite(float(value)):
                 trial.set_user_attr("error", f"objective is {value}")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                failures.append(f"trial {trial.number}: objective is {value}")
+                failures.append(f"{label}trial {trial.number}: objective is {value}")
             else:
                 study.tell(trial, float(value))
             return
@@ -1114,8 +1228,8 @@ class StudySweeper:
         else:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            log.error("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
-            failures.append(f"trial {trial.number}: {type(exc).__name__}: {exc}")
+            log.error("%strial %d failed: %s: %s", label, trial.number, type(exc).__name__, exc)
+            failures.append(f"{label}trial {trial.number}: {type(exc).__name__}: {exc}")
 
     def _unrecorded(self, trial: optuna.Trial, e: BaseException) -> str:
         """The one line for a sweep stopped by a full disk or a study it cannot write."""
@@ -1131,10 +1245,17 @@ class StudySweeper:
                 "re-run from its checkpoint when the same command runs again once the database can be written "
                 "(a full disk: free space there)")
 
-    def _fail_if_nothing_completed(self, study: optuna.Study) -> None:
-        """A command none of whose trials completed (every one FAILed) ends with a non-zero exit code
-        and one line saying so; trials it did not run (all done before) do not count."""
-        mine = [t for t in study.get_trials(deepcopy=False)
+    def _total(self, command: "_Command") -> int:
+        """Trials the command's progress bar counts: done, running elsewhere and to run, over its studies."""
+        return sum(c.done + c.running + c.to_run for c in map(self._counts, command.sweeps))
+
+    def _done(self, command: "_Command") -> int:
+        return sum(self._counts(sw).done for sw in command.sweeps)
+
+    def _fail_if_nothing_completed(self, command: "_Command") -> None:
+        """A command none of whose trials completed (every one FAILed, in all its studies) ends with a
+        non-zero exit code and one line saying so; trials it did not run (all done before) do not count."""
+        mine = [t for sw in command.sweeps for t in sw.study.get_trials(deepcopy=False)
                 if t.system_attrs.get("sweep_id") == self.sweep_id and not is_branch(t)]
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         if mine and not any(t.state in finished for t in mine):
@@ -1144,25 +1265,34 @@ class StudySweeper:
                 f"no trial of this command completed: {len(failed)} of {len(mine)} failed (last: trial "
                 f"{failed[-1].number if failed else '?'}: {last}); fix the cause and re-run the same command")
 
-    def _summary(self, study: optuna.Study) -> None:
-        from sweeper.report import study_report
+    def _summary(self, command: "_Command") -> None:
+        """Print each study's report and write it to its folder's summary.md; with several studies, then
+        the table of datasets (a row per study) and its figure, written to the command's folder."""
+        from sweeper.report import datasets_section, study_report
 
-        text = study_report(study)
-        print(text)
-        sweep_dir = Path(self.config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / "summary.md").write_text(text + "\n", encoding="utf-8")
+        for sw in command.sweeps:
+            text = study_report(sw.study)
+            print(text)
+            sw.folder.mkdir(parents=True, exist_ok=True)
+            (sw.folder / "summary.md").write_text(text + "\n", encoding="utf-8")
+        if len(command.sweeps) > 1:
+            command.folder.mkdir(parents=True, exist_ok=True)
+            text = datasets_section([sw.study for sw in command.sweeps], command.folder / "datasets.png")
+            print(text)
+            (command.folder / "summary.md").write_text(text + "\n", encoding="utf-8")
 
     # -- SLURM: the workers are SLURM jobs; this process submits, watches and replaces them
 
-    def _worker_command(self, sweep_dir: str) -> list[str]:
-        """This command as one more worker: same overrides, one worker, this sweep's folder; the storage
-        URL without its password (see :meth:`_worker_env`)."""
+    def _worker_command(self, command: "_Command") -> list[str]:
+        """This command as one more worker: same overrides, one worker, this sweep's folder (with several
+        studies each job's own, from its config); the storage URL without its password (see
+        :meth:`_worker_env`)."""
         script = str(Path(sys.argv[0]).resolve())
         url, _ = passwords.split_password(self.storage_url)
         args = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweeper.storage=", "+hydra.sweeper.storage="))]
+        folder = [f"hydra.sweep.dir={command.folder.resolve()}"] if len(command.sweeps) == 1 else []
         return [sys.executable, script, *args, f"hydra.sweeper.storage={_quote(url)}", "hydra.sweeper.workers=1",
-                "hydra.sweeper.gpus=null", "hydra.sweeper.launcher=local", f"hydra.sweep.dir={sweep_dir}"]
+                "hydra.sweeper.gpus=null", "hydra.sweeper.launcher=local", *folder]
 
     def _worker_env(self) -> dict:
         """What a worker adds to this process's environment: the sweep id, and the storage password as
@@ -1173,47 +1303,56 @@ class StudySweeper:
             env["PGPASSWORD"] = password
         return env
 
-    def _run_slurm(self, sw: "_Sweep") -> list[Any]:
+    @staticmethod
+    def _note_jobs(command: "_Command", jobs: list[str]) -> None:
+        """Record SLURM worker jobs on every study they serve (``python -m sweeper status`` reads them)."""
+        for sw in command.sweeps:
+            sw.study.set_user_attr("slurm_jobs", sorted(set(sw.study.user_attrs.get("slurm_jobs", [])) | set(jobs)))
+
+    def _run_slurm(self, command: "_Command") -> list[Any]:
         from sweeper import slurm
 
-        sweep_dir = str(Path(self.config.hydra.sweep.dir).resolve())
+        sweep_dir = str(command.folder.resolve())
         env = self._worker_env()
         if "PGPASSWORD" in env:  # SLURM hands the submitting environment to its jobs; never a job's command
             os.environ["PGPASSWORD"] = env.pop("PGPASSWORD")
-        submitter = slurm.Submitter(self.slurm_cfg, Path(sweep_dir) / "slurm", self._worker_command(sweep_dir),
+        submitter = slurm.Submitter(self.slurm_cfg, Path(sweep_dir) / "slurm", self._worker_command(command),
                                     env=env, cwd=os.getcwd())
-        jobs = submitter.submit(sw.plan.n)
-        sw.study.set_user_attr("slurm_jobs", sorted(set(sw.study.user_attrs.get("slurm_jobs", [])) | set(jobs)))
+        jobs = submitter.submit(command.plan.n)
+        self._note_jobs(command, jobs)
         log.info("submitted %d SLURM worker job(s): %s; logs in %s", len(jobs), " ".join(jobs), submitter.folder)
-        status = f"python -m sweeper status --storage {shlex.quote(mask_url(self.storage_url))} --study {shlex.quote(sw.name)}"
+        status = (f"python -m sweeper status --storage {shlex.quote(mask_url(self.storage_url))} "
+                  + " ".join(f"--study {shlex.quote(sw.name)}" for sw in command.sweeps))
         if not self.slurm_cfg.wait:
-            print(f"SLURM jobs {' '.join(jobs)} run the study {sw.name!r}; follow it with: {status}")
+            what = f"the study {command.sweeps[0].name!r}" if len(command.sweeps) == 1 else f"the studies {command.names}"
+            print(f"SLURM jobs {' '.join(jobs)} run {what}; follow it with: {status}")
             return []
         from tqdm.auto import tqdm
 
-        counts = self._counts(sw)
-        progress = tqdm(total=counts.done + counts.running + counts.to_run, initial=counts.done,
-                        desc=f"sweep {sw.name} (SLURM)", unit="trial", position=0)
+        progress = tqdm(total=self._total(command), initial=self._done(command),
+                        desc=f"sweep {command.names} (SLURM)", unit="trial", position=0)
         replacements = 0
         try:
             while True:
                 time.sleep(float(self.slurm_cfg.poll_s))
-                counts = self._counts(sw)
-                progress.n = counts.done
+                counts = [self._counts(sw) for sw in command.sweeps]
+                progress.n = sum(c.done for c in counts)
                 progress.refresh()
                 if submitter.any_active():
                     continue
                 # every worker job ended: trials left over (a worker was cancelled or lost its node) get
                 # new workers, which fail the stale trials and re-run them from their checkpoints
-                waiting = len(sw.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-                left = counts.to_run + counts.running + waiting
+                waiting = sum(len(sw.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+                              for sw in command.sweeps)
+                running = sum(c.running for c in counts)
+                left = sum(c.to_run for c in counts) + running + waiting
                 if left == 0 or replacements >= max(1, int(self.max_retry or 0)):
                     break
                 replacements += 1
-                if counts.running and self.heartbeat_interval:  # let the dead workers' trials go stale
+                if running and self.heartbeat_interval:  # let the dead workers' trials go stale
                     time.sleep(int(self.grace_period or 2 * self.heartbeat_interval))
-                more = submitter.submit(min(sw.plan.n, left))
-                sw.study.set_user_attr("slurm_jobs", sorted(set(sw.study.user_attrs.get("slurm_jobs", [])) | set(more)))
+                more = submitter.submit(min(command.plan.n, left))
+                self._note_jobs(command, more)
                 log.warning("every SLURM worker ended with %d trial(s) left; submitted %s to finish them",
                             left, " ".join(more))
         except KeyboardInterrupt:
@@ -1224,8 +1363,8 @@ class StudySweeper:
         progress.close()
         for line in submitter.failures():
             log.error("%s", line)
-        self._summary(sw.study)
-        self._fail_if_nothing_completed(sw.study)
+        self._summary(command)
+        self._fail_if_nothing_completed(command)
         return []
 
     @staticmethod
@@ -1239,10 +1378,11 @@ class StudySweeper:
 
     # -- parallel workers
 
-    def _start_workers(self, plan: workers_mod.WorkerPlan) -> list[subprocess.Popen]:
-        """Start workers 1..N-1 of ``plan`` as copies of this command, each seeing only its own GPU
-        (this process is worker 0). Each claims trials as it frees up: no batch barrier."""
-        sweep_dir = str(self.config.hydra.sweep.dir)
+    def _start_workers(self, command: "_Command") -> list[subprocess.Popen]:
+        """Start workers 1..N-1 of the command's plan as copies of this command, each seeing only its own
+        GPU (this process is worker 0). Each claims trials of any of its studies as it frees up: no batch
+        barrier."""
+        plan, sweep_dir = command.plan, str(command.folder)
         children = []
         for i in range(1, plan.n):
             env = {**os.environ, **self._worker_env()}
@@ -1252,7 +1392,7 @@ class StudySweeper:
             log_path = Path(sweep_dir) / f"worker{i}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "w") as out:
-                children.append(subprocess.Popen(self._worker_command(sweep_dir), env=env, stdout=out,
+                children.append(subprocess.Popen(self._worker_command(command), env=env, stdout=out,
                                                  stderr=subprocess.STDOUT))
             log.info("worker %d started (pid %d, %s), log: %s", i, children[-1].pid,
                      "CPU" if plan.gpus[i] is None else f"GPU {plan.gpus[i]}", log_path)

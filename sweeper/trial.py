@@ -348,6 +348,15 @@ def _mean_tokens(dataset: Any) -> float:
     return sum(len(x) for x in dataset["input_ids"]) / len(dataset)
 
 
+def _median_tokens(dataset: Any) -> float | None:
+    """Median tokens per prepared train row (per packed sequence with packing); None untokenised."""
+    if dataset is None or len(dataset) == 0 or "input_ids" not in dataset.column_names:
+        return None
+    import statistics
+
+    return float(statistics.median(len(x) for x in dataset["input_ids"]))
+
+
 def _peft_config(cfg: DictConfig) -> Any:
     if cfg.peft.name != "lora":
         return None
@@ -762,6 +771,7 @@ def _run(cfg: DictConfig, reporter: Any = None, segment: Segment | None = None) 
         if reporter is not None:
             reporter.set_attrs({"plan": plan.as_dict(), "choices": _choices(), "run_dir": str(job_dir),
                                 "train_rows": len(splits.train), "prepared_train_rows": prepared_rows,
+                                "median_tokens_per_row": _median_tokens(trainer.train_dataset),
                                 "eval_rows": len(splits.eval), "precision": compute,
                                 "max_steps": plan.max_steps, "effective_batch": plan.effective_batch,
                                 "micro_batch": micro, "grad_accum": accum, "oom_retries": oom_retries,

@@ -52,7 +52,7 @@ def _train_only(rows, text=None):
     return make
 
 
-def _readonly(tmp_path) -> Path:
+def _readonly(tmp_path):
     """A read-only file system (tmpfs mounted ro): root ignores file modes, so only a mount says no."""
     path = tmp_path / "ro"
     path.mkdir()

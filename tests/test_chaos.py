@@ -32,7 +32,7 @@ def _args(out: Path, cache: Path, url: str | None = None, name: str = "chaos", *
             f"paths.output_dir={out}", f"paths.cache_dir={cache}"]
 
 
-def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+def _trials(url: str, name: str) -> list:
     return load_study(url, name).trials
 
 

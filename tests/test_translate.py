@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import optuna
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
