@@ -60,7 +60,7 @@ def plan_rows(overrides: list[str]) -> list[dict]:
     from sweeper.gpu import pin_one, visible_gpus
     from sweeper.model import model_shape, resolve_compute
     from sweeper.plan import memory_estimate
-    from sweeper.trial import plan_for, prepare_for_plan
+    from sweeper.sft import plan_for, prepare_for_plan
 
     config_mod.register()
     gpus = visible_gpus()  # every visible GPU, for the fit table

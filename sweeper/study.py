@@ -807,7 +807,7 @@ class StudySweeper:
         returns the composed configs."""
         from sweeper import data as data_mod
 
-        from sweeper.trial import check_folders
+        from sweeper.spec import check_folders
 
         seen_data: set[str] = set()
         cfgs = []
@@ -824,7 +824,7 @@ class StudySweeper:
                 splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
                 # tokenised as the trials will (then a cache hit for them); a worker's leader did it already
                 if self.launcher_name == "local" and _SWEEP_ID_ENV not in os.environ:
-                    from sweeper.trial import prepare_for_plan
+                    from sweeper.sft import prepare_for_plan
 
                     prepared, eval_rows = prepare_for_plan(cfg, splits)
                     data_mod.check_prepared(splits, cfg.data, len(prepared), eval_rows)

@@ -34,7 +34,6 @@ the study is reached through the reporter (``sweeper.study.TrialReporter``).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shutil
@@ -42,9 +41,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from sweeper import config as config_mod
+from sweeper import data as data_mod
+from sweeper import spec as spec_mod
+from sweeper.reporter import Collect, NullReporter, Reporter
+from sweeper.runner import Segment, train_segment
+from sweeper.spec import RunSpec, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -62,44 +66,29 @@ def should_stop_trunk(values: Sequence[float], stop_after_worse: int | None, max
     return all((v < best) if maximize else (v > best) for v in tail)
 
 
-def wsd_args(steps: int, branch_point: int, warmup: int, decay_type: str) -> dict:
-    """SFTConfig fields of a WSD run of ``steps`` steps whose cooldown starts at ``branch_point``.
-    Checkpoints are the search's own (at branch points), never rotated or chosen by best."""
-    return {
-        "max_steps": int(steps),
-        "warmup_steps": int(warmup),
-        "lr_scheduler_type": SCHEDULER,
-        "lr_scheduler_kwargs": {"num_decay_steps": int(steps - branch_point), "decay_type": str(decay_type)},
-        "save_strategy": "no",
-        "save_total_limit": None,
-        "load_best_model_at_end": False,
-    }
+def wsd_schedule(steps: int, branch_point: int, warmup: int, decay_type: str) -> Schedule:
+    """The schedule of a WSD run of ``steps`` steps whose cooldown starts at ``branch_point``."""
+    return Schedule(max_steps=int(steps), num_train_epochs=None, warmup_steps=int(warmup),
+                    lr_scheduler_type=SCHEDULER,
+                    lr_scheduler_kwargs={"num_decay_steps": int(steps - branch_point), "decay_type": str(decay_type)})
 
 
-def _pin_batch(cfg: DictConfig, batch: dict) -> DictConfig:
-    """``cfg`` with the micro-batch the first segment ran fixed for every later one (``batch=auto``
-    off): a resumed segment skips ``steps x accumulation`` batches of the data, which lands on the
-    right rows only at the same micro-batch, and the later segments need no new probes."""
-    out = copy.deepcopy(cfg)
-    with open_dict(out):
-        out.batch.auto = None
-        out.batch.per_device_train_batch_size = int(batch["micro_batch"])
-        out.batch.gradient_accumulation_steps = int(batch["grad_accum"])
-        if batch.get("eval_batch"):
-            out.batch.per_device_eval_batch_size = int(batch["eval_batch"])
-    return out
+# SFTConfig fields of every segment: checkpoints are the search's own (at branch points), never rotated
+# or chosen by best
+SEGMENT_ARGS = {"save_strategy": "no", "save_total_limit": None, "load_best_model_at_end": False}
 
 
-def _segment_cfg(cfg: DictConfig, steps: int, warmup: int) -> DictConfig:
-    """The plain-run config of one WSD run: max_steps fixed, warmup in steps, no search node."""
-    out = copy.deepcopy(cfg)
-    with open_dict(out):
-        out.schedule.max_steps = int(steps)
-        out.schedule.num_train_epochs = None
-        out.schedule.wsd = None
-        out.lr.warmup_steps = int(warmup)
-        out.lr.lr_scheduler_type = SCHEDULER
-    return out
+def _segment_spec(spec: RunSpec, steps: int, branch_point: int) -> RunSpec:
+    """The spec of one WSD run: its schedule, no early stopping (the search decides the length)."""
+    w = spec.wsd
+    return spec.with_schedule(wsd_schedule(steps, branch_point, w.warmup_steps, w.decay_type), early_stopping=False)
+
+
+def _pin_batch(spec: RunSpec, batch: dict) -> RunSpec:
+    """``spec`` with the micro-batch the first segment ran fixed for every later one (no batch=auto fit):
+    a resumed segment skips ``steps x accumulation`` batches of the data, which lands on the right rows
+    only at the same micro-batch, and the later segments need no new probes."""
+    return spec.with_batch(int(batch["micro_batch"]), int(batch["grad_accum"]), batch.get("eval_batch"))
 
 
 def cooldown_best(curve: Sequence[Sequence[float]], branch_point: int, maximize: bool = False) -> tuple[float, int]:
@@ -111,29 +100,6 @@ def cooldown_best(curve: Sequence[Sequence[float]], branch_point: int, maximize:
         raise RuntimeError(f"WSD search: no evaluation after the branch point {branch_point}")
     step, value = (max if maximize else min)(after, key=lambda x: x[1])  # the first of equal values
     return value, step
-
-
-class _Collect:
-    """Reporter of one segment: keeps its attrs; the trunk's forwards evaluations (and pruning) to
-    the job's trial, a branch's never (its curve becomes its own trial)."""
-
-    def __init__(self, parent: Any = None) -> None:
-        self.parent, self.attrs = parent, {}
-
-    def report(self, value: float, step: int) -> None:
-        if self.parent is not None:
-            self.parent.report(value, step)
-
-    def should_prune(self) -> bool:
-        return self.parent is not None and self.parent.should_prune()
-
-    def prune(self, step: int) -> None:
-        self.parent.prune(step)
-
-    def set_attrs(self, attrs: dict) -> None:
-        self.attrs.update(attrs)
-        if self.parent is not None:  # run_dir first of all: a re-queued trunk finds its checkpoints by it
-            self.parent.set_attrs(attrs)
 
 
 def _stop_at(step: int) -> Any:
@@ -185,51 +151,48 @@ def branch_table(state: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
-def search(cfg: DictConfig, reporter: Any = None, job_dir: Path | None = None) -> float:
-    """Run the WSD search of ``cfg.schedule.wsd`` and return the trunk's best ``eval.metric`` (the
-    longest candidate), or the best branch's when no study is attached and the trunk stopped early.
+def search(cfg: DictConfig, reporter: Reporter | None = None, job_dir: Path | None = None) -> float:
+    """Check and resolve ``cfg`` (``schedule=wsd_search``), load its data and run :func:`run_search`."""
+    spec, splits = spec_mod.prepare(cfg)
+    return run_search(spec, splits, reporter or NullReporter(), Path(job_dir or spec_mod.job_dir(cfg)))
 
-    With a reporter (a multirun job) each shorter branch is recorded as a trial and the trunk is
-    the job's trial; a trunk stopped early raises the reporter's ``stop`` (the trial ends PRUNED).
+
+def run_search(spec: RunSpec, splits: data_mod.Splits, reporter: Reporter, job_dir: Path) -> float:
+    """Run the WSD search of ``spec.wsd`` and return the trunk's best ``eval.metric`` (the longest
+    candidate), or the best branch's when the trunk stopped early and the reporter did not raise.
+
+    In a multirun each shorter branch is recorded as a trial (``reporter.record_branch``) and the trunk
+    is the job's trial; a trunk stopped early calls ``reporter.stop`` (the trial ends PRUNED).
     """
-    from sweeper.trial import Segment, _job_dir, _run, preflight
-
-    preflight(cfg)  # config rules and data, before any model
-    w = cfg.schedule.wsd
-    cands = sorted(int(c) for c in w.candidates)
-    f, decay_type = float(w.decay_fraction), str(w.decay_type)
-    warmup = config_mod.wsd_warmup_steps(cfg)
-    points = {s: config_mod.wsd_branch_point(s, f) for s in cands}
+    w = spec.wsd
+    cands = list(w.candidates)
+    f, decay_type, warmup = w.decay_fraction, w.decay_type, w.warmup_steps
+    points = {s: w.branch_point(s) for s in cands}
     s_max = cands[-1]
-    metric = str(cfg.eval.metric)
-    maximize = config_mod.metric_direction(metric) == "maximize"
-    job_dir = Path(job_dir or _job_dir(cfg))
+    metric, maximize = spec.metric, spec.maximize
 
-    resume = reporter.resume_checkpoint() if reporter is not None and hasattr(reporter, "resume_checkpoint") else None
-    spec = {"candidates": cands, "decay_fraction": f, "decay_type": decay_type, "warmup_steps": warmup}
+    resume = reporter.resume_checkpoint()
+    wanted = {"candidates": cands, "decay_fraction": f, "decay_type": decay_type, "warmup_steps": warmup}
     state = _load_state(Path(resume).parent) if resume else None
-    if state is not None and {k: state.get(k) for k in spec} != spec:
+    if state is not None and {k: state.get(k) for k in wanted} != wanted:
         raise config_mod.InputError(
-            f"schedule.wsd: the interrupted search in {Path(resume).parent} used {({k: state.get(k) for k in spec})}, "
-            f"but this run asks for {spec}; re-run with the same schedule.wsd and lr.warmup_steps")
+            f"schedule.wsd: the interrupted search in {Path(resume).parent} used {({k: state.get(k) for k in wanted})}, "
+            f"but this run asks for {wanted}; re-run with the same schedule.wsd and lr.warmup_steps")
     if state is None:
-        state = {"search_id": uuid.uuid4().hex[:12], **spec, "branches": {}, "trunk_segments": []}
+        state = {"search_id": uuid.uuid4().hex[:12], **wanted, "branches": {}, "trunk_segments": []}
         resume = None  # a checkpoint without the search's state is not a trunk checkpoint
     state["run_dir"] = str(job_dir)
     _save_state(job_dir, state)
     if state.get("batch"):  # a resumed search keeps the micro-batch its first segment ran
-        cfg = _pin_batch(cfg, state["batch"])
-    if reporter is not None:
-        reporter.set_attrs({"method": "wsd", "max_steps": s_max})
-        if hasattr(reporter, "set_wsd_params"):
-            reporter.set_wsd_params(s_max, cands[0], s_max)
+        spec = _pin_batch(spec, state["batch"])
+    reporter.set_attrs({"method": "wsd", "max_steps": s_max})
+    reporter.set_wsd_params(s_max, cands[0], s_max)
     log.info("WSD search: candidates %s, cooldown %.0f%% (%s), warmup %d steps; branch points %s; trunk in %s%s",
              cands, 100 * f, decay_type, warmup, [points[s] for s in cands], job_dir,
              f", resuming from {resume}" if resume else "")
 
-    trunk_cfg = _segment_cfg(cfg, s_max, warmup)
-    trunk_args = wsd_args(s_max, points[s_max], warmup, decay_type)
-    trunk_rep = _Collect(reporter)
+    trunk_spec = _segment_spec(spec, s_max, points[s_max])
+    trunk_rep = Collect(reporter)
     ckpt, at = resume, _step_of(resume)
 
     def values() -> list[float]:
@@ -237,17 +200,17 @@ def search(cfg: DictConfig, reporter: Any = None, job_dir: Path | None = None) -
                 if state["branches"].get(str(s), {}).get("status") == "done"]
 
     def trunk_segment(until: int, final: bool) -> Segment:
-        nonlocal cfg, trunk_cfg
-        seg = Segment(output_dir=job_dir, args=trunk_args, resume=ckpt, final_eval=final,
+        nonlocal spec, trunk_spec
+        seg = Segment(output_dir=job_dir, args=SEGMENT_ARGS, resume=ckpt, final_eval=final, save_state=True,
                       callbacks=[] if final else [_stop_at(until)])
-        _run(trunk_cfg, trunk_rep, seg)
+        train_segment(trunk_spec, splits, seg, trunk_rep)
         if not state.get("batch"):
             a = trunk_rep.attrs
             fitted = (a.get("batch_auto") or {}).get("mode") == "fitted"
             state["batch"] = {"micro_batch": a["micro_batch"], "grad_accum": a["grad_accum"],
                               "eval_batch": a["micro_batch"] if fitted else None}
-            cfg = _pin_batch(cfg, state["batch"])
-            trunk_cfg = _segment_cfg(cfg, s_max, warmup)
+            spec = _pin_batch(spec, state["batch"])
+            trunk_spec = _segment_spec(spec, s_max, points[s_max])
         state["trunk_segments"].append({"from": at, "to": until, "steps": until - at,
                                         "train_runtime_s": seg.results["train_runtime_s"]})
         return seg
@@ -273,14 +236,11 @@ def search(cfg: DictConfig, reporter: Any = None, job_dir: Path | None = None) -
             _save_state(job_dir, state)
             for c in old:  # only the newest trunk checkpoint is needed from here on
                 shutil.rmtree(c, ignore_errors=True)
-        branch = _branch(cfg, s, p, warmup, decay_type, ckpt, job_dir, metric)
+        branch = _branch(spec, s, p, ckpt, job_dir, splits)
         key = f"{state['search_id']}:{s}"
-        attrs = {**branch.pop("attrs"), "method": "wsd",
-                 "branch_of": getattr(reporter, "number", None), "optimizer_steps": s - p}
-        number = None
-        if reporter is not None and hasattr(reporter, "record_branch"):
-            number = reporter.record_branch(key=key, max_steps=s, low=cands[0], high=s_max, value=branch["value"],
-                                            curve=attrs["curve"], user_attrs=_jsonable(attrs))
+        attrs = {**branch.pop("attrs"), "method": "wsd", "branch_of": reporter.number, "optimizer_steps": s - p}
+        number = reporter.record_branch(key=key, max_steps=s, low=cands[0], high=s_max, value=branch["value"],
+                                        curve=attrs["curve"], user_attrs=_jsonable(attrs))
         state["branches"][str(s)] = {**branch, "trial": number, "status": "done"}
         _save_state(job_dir, state)
         log.info("WSD branch %d (cooldown %d..%d): best %s %.4f at step %d%s", s, p, s, metric, branch["value"],
@@ -299,7 +259,7 @@ def search(cfg: DictConfig, reporter: Any = None, job_dir: Path | None = None) -
         trunk_value, trunk_best_step = cooldown_best(seg.results["curve"], points[s_max], maximize)
         state["branches"][str(s_max)] = {"max_steps": s_max, "branch_point": points[s_max],
                                          "decay_steps": s_max - points[s_max], "value": trunk_value,
-                                         "best_step": trunk_best_step, "trial": getattr(reporter, "number", None),
+                                         "best_step": trunk_best_step, "trial": reporter.number,
                                          "status": "done (trunk)"}
     state["finished"] = True
     _save_state(job_dir, state)
@@ -309,7 +269,7 @@ def search(cfg: DictConfig, reporter: Any = None, job_dir: Path | None = None) -
                     if b.get("status") == "done")
     runtime = sum(x["train_runtime_s"] for x in state["trunk_segments"])
     summary = {
-        "method": "wsd", "max_steps": s_max, "wsd": spec,
+        "method": "wsd", "max_steps": s_max, "wsd": wanted,
         "branches": [state["branches"][str(s)] for s in cands],
         "wsd_optimizer_steps": trunk_steps + cooldowns,
         "wsd_train_runtime_s": round(runtime + sum(b.get("train_runtime_s", 0.0) for b in state["branches"].values()
@@ -322,45 +282,40 @@ def search(cfg: DictConfig, reporter: Any = None, job_dir: Path | None = None) -
     if trunk_value is not None:
         summary["best_value"], summary["best_step"] = trunk_value, trunk_best_step  # its cooldown's, as a branch's
         sft = dict(trunk_rep.attrs.get("sft_config") or {})
-        sft["lr_scheduler_kwargs"] = trunk_args["lr_scheduler_kwargs"]
+        sft["lr_scheduler_kwargs"] = trunk_spec.schedule.lr_scheduler_kwargs
         summary["sft_config"] = _jsonable(sft)
     table = branch_table(state, metric)
     log.info("WSD search, %d optimizer steps in all (trunk %d + cooldowns %d):\n%s",
              summary["wsd_optimizer_steps"], trunk_steps, cooldowns, table)
-    if reporter is not None:
-        reporter.set_attrs(_jsonable(summary))
-    else:
+    reporter.set_attrs(_jsonable(summary))
+    if reporter.number is None:  # no study to read it from
         print(table)
     if stopped is not None:
-        if reporter is not None and hasattr(reporter, "stop"):
-            reporter.stop(stopped)  # raises: the trunk trial ends PRUNED
+        reporter.stop(stopped)  # a study's reporter raises: the trunk trial ends PRUNED
         done = values()
         return float(max(done) if maximize else min(done))
     return trunk_value
 
 
-def _branch(cfg: DictConfig, s: int, p: int, warmup: int, decay_type: str, ckpt: str, job_dir: Path,
-            metric: str) -> dict:
+def _branch(spec: RunSpec, s: int, p: int, ckpt: str, job_dir: Path, splits: data_mod.Splits) -> dict:
     """The cooldown of candidate ``s`` from the trunk checkpoint at ``p``, in ``branch-<s>/``."""
-    from sweeper.trial import Segment, _run
-
     out = job_dir / f"branch-{s}"
     if out.exists():  # a cooldown cut short by a kill: start it again
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    rec = _Collect()
-    args = wsd_args(s, p, warmup, decay_type)
-    seg = Segment(output_dir=out, args=args, resume=ckpt, final_eval=True)
-    _run(_segment_cfg(cfg, s, warmup), rec, seg)
-    r = seg.results
-    value, best_step = cooldown_best(r["curve"], p, config_mod.metric_direction(metric) == "maximize")
+    rec = Collect()
+    branch_spec = _segment_spec(spec, s, p)
+    seg = Segment(output_dir=out, args=SEGMENT_ARGS, resume=ckpt, final_eval=True, save_state=True)
+    r = train_segment(branch_spec, splits, seg, rec)
+    value, best_step = cooldown_best(r["curve"], p, spec.maximize)
     attrs = {**rec.attrs, **r, "best_value": value, "best_step": best_step}
     attrs["curve"] = r["curve"]
     attrs["max_steps"] = s
     attrs["resumed_from_checkpoint"] = ckpt
-    attrs["wsd"] = {"warmup_steps": warmup, "branch_point": p, "decay_steps": s - p, "decay_type": decay_type}
+    w = spec.wsd
+    attrs["wsd"] = {"warmup_steps": w.warmup_steps, "branch_point": p, "decay_steps": s - p, "decay_type": w.decay_type}
     sft = dict(attrs.get("sft_config") or {})
-    sft["lr_scheduler_kwargs"] = args["lr_scheduler_kwargs"]
+    sft["lr_scheduler_kwargs"] = branch_spec.schedule.lr_scheduler_kwargs
     attrs["sft_config"] = sft
     return {"max_steps": s, "branch_point": p, "decay_steps": s - p, "value": value,
             "best_step": best_step, "train_runtime_s": r["train_runtime_s"], "attrs": attrs}

@@ -8,7 +8,7 @@ from omegaconf.errors import ValidationError
 
 from sweeper import config as config_mod
 from sweeper.model import resolve_compute
-from sweeper.trial import build_sft_config
+from sweeper.sft import build_sft_config
 
 from .conftest import CONF
 

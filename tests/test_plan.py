@@ -44,7 +44,7 @@ def test_fit_micro_batch_keeps_the_effective_batch_exact():
 
 
 def test_oom_steps_down_through_divisors():
-    from sweeper.trial import _smaller_micro_batch
+    from sweeper.batching import smaller_micro_batch as _smaller_micro_batch
 
     assert _smaller_micro_batch(8, 2) == (4, 4)
     assert _smaller_micro_batch(6, 2) == (3, 4)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sweeper import speed
-from sweeper.trial import build_sft_config, preflight, run
+from sweeper.sft import build_sft_config
+from sweeper.trial import preflight, run
 
 from .conftest import FAST
 from .test_trial import Recorder

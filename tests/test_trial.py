@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from sweeper.reporter import NullReporter
 from sweeper.trial import run
 
 from .conftest import FAST, SHARED_DATA
 
 
-class Recorder:
+class Recorder(NullReporter):
     """Collects what a job reports into its trial (the Optuna-backed reporter is tested via the CLI)."""
 
     def __init__(self):
@@ -98,7 +99,7 @@ def test_prompt_completion_rows_train(compose_cfg, tmp_path):
 
 
 def test_batch_auto_without_a_gpu_uses_the_preset_and_says_so(compose_cfg, caplog):
-    caplog.set_level(logging.INFO, logger="sweeper.trial")
+    caplog.set_level(logging.INFO, logger="sweeper")
     rec = Recorder()
     run(compose_cfg("batch=auto", *[o for o in FAST if not o.startswith("batch.")]), reporter=rec)
     assert rec.attrs["batch_auto"] == {"mode": "no GPU: preset"}
@@ -122,7 +123,7 @@ def test_accuracy_as_the_objective_is_maximised(compose_cfg):
 
 def test_label_set_detection_on_real_data(compose_cfg):
     from sweeper import data as data_mod
-    from sweeper.trial import label_set
+    from sweeper.callbacks import label_set
 
     for name, expect in (("banking77", 77), ("gsm8k", None)):
         path = SHARED_DATA / name / "train.jsonl"
@@ -138,7 +139,7 @@ def test_label_set_detection_on_real_data(compose_cfg):
 
 def test_label_set_is_found_on_all_train_rows_not_the_subsample(compose_cfg):
     from sweeper import data as data_mod
-    from sweeper.trial import label_decision
+    from sweeper.callbacks import label_decision
 
     path = SHARED_DATA / "clinc150" / "train.jsonl"
     if not path.exists():

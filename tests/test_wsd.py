@@ -16,6 +16,7 @@ import pytest
 
 from sweeper.config import validate
 from sweeper.report import attrs
+from sweeper.reporter import NullReporter
 from sweeper.wsd import STATE_FILE, cooldown_best, search, should_stop_trunk
 
 from .conftest import FAST, run_cli
@@ -158,7 +159,7 @@ class _Pruned(Exception):
     pass
 
 
-class _Reporter:
+class _Reporter(NullReporter):
     """The job side of a trial, in memory: records branches, stops by raising."""
 
     number = 0

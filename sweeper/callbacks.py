@@ -1,0 +1,245 @@
+"""Every TrainerCallback of a run: the objective (best value, reports to the study, pruning, divergence),
+early stopping, label accuracy by generation, and the one progress bar per trial with the metrics in
+``train.log``. Fault injection for the tests lives in :mod:`sweeper.inject`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sweeper import config as config_mod
+from sweeper import data as data_mod
+
+__all__ = ["DivergedError", "accuracy_callback", "label_decision", "label_set", "make_callbacks",
+           "replace_progress", "restore_tracker", "thin"]
+
+log = logging.getLogger(__name__)
+
+
+class DivergedError(RuntimeError):
+    """Raised when a logged loss is NaN or infinite."""
+
+
+def label_set(splits: data_mod.Splits) -> list[str] | None:
+    """The distinct answers when they form a label set (classification-style data), else None
+    (generative data, e.g. gsm8k). See :func:`label_decision`."""
+    return label_decision(splits)[0]
+
+
+def label_decision(splits: data_mod.Splits) -> tuple[list[str] | None, str]:
+    """``(labels, why)``: the distinct answers when they form a label set — one short answer (at most 8
+    words) per row and few distinct values (at most 30% of the rows, 500 at most) — over **all** train
+    rows (before ``data.max_train_rows``: a subsample shows fewer rows per label), else None; ``why``
+    says what was found, for the log and the report."""
+    rows = splits.all_train if splits.all_train is not None else splits.train
+    answers = []
+    column = rows["messages"] if splits.format == "messages" else rows["completion"]
+    for i, value in enumerate(column):
+        if splits.format == "messages":
+            turns = [m["content"] for m in value if m["role"] == "assistant"]
+            if len(turns) != 1:
+                return None, f"row {i + 1} has {len(turns)} assistant turns (a label set has one answer per row)"
+            answers.append(str(turns[0]).strip())
+        else:
+            answers.append((value if isinstance(value, str) else value[-1]["content"]).strip())
+    distinct = set(answers)
+    limit = max(2, min(500, int(0.3 * len(answers))))
+    longest = max((len(a.split()) for a in distinct), default=0)
+    if len(distinct) > limit:
+        return None, (f"{len(distinct)} distinct answers in {len(answers)} train rows, more than a label set's "
+                      f"{limit} (30% of the rows, 500 at most)")
+    if longest > 8:
+        return None, f"answers up to {longest} words long (a label has at most 8)"
+    return sorted(distinct), f"{len(distinct)} distinct answers of at most {longest} words in {len(answers)} train rows"
+
+
+def accuracy_callback(cfg: DictConfig, splits: data_mod.Splits, tokenizer: Any, decision: dict) -> Any:
+    """Label accuracy by greedy generation on up to ``eval.accuracy_rows`` eval rows, added to the
+    evaluation's metrics as ``eval_accuracy`` (before early stopping and best-checkpoint tracking read
+    them). None when off, or when ``auto`` and the answers are not a label set. ``decision`` receives
+    ``on`` and ``why`` (stored on the trial as ``accuracy``)."""
+    mode = cfg.eval.accuracy
+    labels, why = label_decision(splits) if mode != "off" else (None, "eval.accuracy=off")
+    decision["why"] = why
+    if mode == "off" or (mode == "auto" and labels is None):
+        if cfg.eval.metric == "eval_accuracy":
+            raise config_mod.InputError(
+                f"eval.metric=eval_accuracy, but the answers of {cfg.data.name} are not a label set ({why}); "
+                "set eval.accuracy=on to score exact matches anyway, or eval.metric=eval_loss")
+        decision["on"] = False
+        log.info("accuracy: off (eval.accuracy=%s): %s", mode, why)
+        return None
+    decision["on"] = True
+    log.info("accuracy: on (eval.accuracy=%s): %s", mode, why)
+    import torch
+    from transformers import TrainerCallback
+
+    rows = splits.eval.select(range(min(len(splits.eval), int(cfg.eval.accuracy_rows))))
+    prompts, targets = [], []
+    for row in rows:
+        if splits.format == "messages":
+            msgs = list(row["messages"])
+            prompts.append(tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True,
+                                                         return_dict=True)["input_ids"])
+            targets.append(str(msgs[-1]["content"]).strip())
+        else:
+            prompts.append(tokenizer(row["prompt"])["input_ids"])
+            c = row["completion"]
+            targets.append((c if isinstance(c, str) else c[-1]["content"]).strip())
+    longest = max(len(tokenizer(t)["input_ids"]) for t in targets) + 2  # + end of turn
+    batch_size = int(cfg.batch.per_device_eval_batch_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    class AccuracyCallback(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            was_training = model.training
+            model.eval()
+            correct = 0
+            with torch.no_grad():
+                for i in range(0, len(prompts), batch_size):
+                    chunk = prompts[i:i + batch_size]
+                    width = max(len(p) for p in chunk)
+                    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
+                    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+                    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
+                                         pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+                    for j, seq in enumerate(out[:, width:]):
+                        text = tokenizer.decode(seq, skip_special_tokens=True).strip()
+                        correct += text == targets[i + j]
+            if was_training:
+                model.train()
+            if metrics is not None:
+                metrics["eval_accuracy"] = correct / len(prompts)
+            log.info("step %d: eval_accuracy %.4f (%d of %d rows)", state.global_step, correct / len(prompts),
+                     correct, len(prompts))
+
+    log.info("accuracy: greedy generation on %d eval rows against %s labels", len(prompts),
+             len(labels) if labels else "free-form")
+    return AccuracyCallback()
+
+
+def make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict, early_stopping: bool = True) -> list:
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    metric = str(cfg.eval.metric)
+    maximize = config_mod.metric_direction(metric) == "maximize"
+
+    class ObjectiveCallback(TrainerCallback):
+        """Track the best metric, report each evaluation to the trial, honour pruning, catch NaN."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise DivergedError(f"diverged at step {state.global_step}: train loss is {loss}")
+            if loss is not None:
+                tracker.setdefault("train_curve", []).append([state.global_step, round(float(loss), 5)])
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            value = (metrics or {}).get(metric)
+            if value is None:
+                raise ValueError(f"eval.metric={metric!r} is not among the evaluation metrics {sorted(metrics or {})}")
+            step = state.global_step
+            tracker["last_eval_step"] = step
+            tracker["eval_s"] = tracker.get("eval_s", 0.0) + float((metrics or {}).get("eval_runtime", 0.0))
+            acc = (metrics or {}).get("eval_accuracy")
+            if acc is not None:
+                tracker.setdefault("accuracy_curve", []).append([step, float(acc)])
+                if acc > tracker.get("best_accuracy", -1.0):
+                    tracker["best_accuracy"], tracker["best_accuracy_step"] = float(acc), step
+            tracker.setdefault("curve", []).append([step, float(value)])
+            if not math.isfinite(value):
+                raise DivergedError(f"diverged at step {step}: {metric} is {value}")
+            best = tracker.get("best")
+            if best is None or (value > best if maximize else value < best):
+                tracker["best"], tracker["best_step"] = float(value), step
+            if reporter is not None:
+                reporter.report(float(value), step)
+                if reporter.should_prune():
+                    reporter.prune(step)
+
+    callbacks = [ObjectiveCallback()]
+    if early_stopping and cfg.eval.early_stopping_patience is not None:
+        stopper = EarlyStoppingCallback(
+            early_stopping_patience=int(cfg.eval.early_stopping_patience),
+            early_stopping_threshold=float(cfg.eval.early_stopping_threshold),
+        )
+        tracker["stopper"] = stopper
+        callbacks.append(stopper)
+    return callbacks
+
+
+def thin(points: list, most: int) -> list:
+    """At most ``most`` points, evenly spaced, always keeping the last."""
+    if len(points) <= most:
+        return points
+    stride = math.ceil(len(points) / most)
+    return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+
+
+def metrics_logger() -> logging.Logger:
+    """``sweeper.metrics``: every logged train/eval metric, into the job's log file (``train.log``) only,
+    not the console, which keeps one progress bar per trial."""
+    mlog = logging.getLogger("sweeper.metrics")
+    mlog.setLevel(logging.INFO)
+    mlog.propagate = False
+    mlog.handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    return mlog
+
+
+def replace_progress(trainer: Any, cfg: DictConfig) -> None:
+    """Swap transformers' progress printer (a bar per evaluation, a metrics dict per log line on the
+    console) for one bar per trial (steps, last loss and eval metric) and the metrics in ``train.log``."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    mlog = metrics_logger()
+    label = f"trial {cfg.study.trial_number}" if cfg.study.trial_number is not None else "run"
+    shown = ("loss", str(cfg.eval.metric), "eval_accuracy")
+
+    class TrialProgress(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=label, unit="step", position=1,
+                            leave=False, dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            mlog.info("step %d: %s", state.global_step, " ".join(
+                f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
+            if self.bar is not None:
+                self.bar.set_postfix({k: round(float(logs[k]), 4) for k in shown if k in logs}, refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    trainer.add_callback(TrialProgress())
+
+
+def restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool) -> None:
+    """Seed the curve and best value from a checkpoint's log history (resumed runs)."""
+    import json
+
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    for entry in state.get("log_history", []):
+        if "loss" in entry and "step" in entry:
+            tracker.setdefault("train_curve", []).append([int(entry["step"]), round(float(entry["loss"]), 5)])
+        if metric in entry:
+            value, step = float(entry[metric]), int(entry["step"])
+            tracker.setdefault("curve", []).append([step, value])
+            best = tracker.get("best")
+            if best is None or (value > best if maximize else value < best):
+                tracker["best"], tracker["best_step"] = value, step

@@ -1,0 +1,210 @@
+"""TRL, in one place: the SFTConfig of a run, its PEFT config, the trainer, and the data exactly as the
+trainer will iterate it (for the plan and the pre-flight)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sweeper import config as config_mod
+from sweeper import data as data_mod
+from sweeper import model as model_mod
+from sweeper import spec as spec_mod
+from sweeper import speed as speed_mod
+from sweeper.plan import Plan, make_plan
+from sweeper.spec import RunSpec, Schedule
+
+__all__ = ["SNIPPET_KEYS", "args_for", "build_sft_config", "make_trainer", "peft_config", "plan_for",
+           "prepare_for_plan", "schedule_of"]
+
+log = logging.getLogger(__name__)
+
+# SFTConfig fields the report's ready-to-paste snippet repeats (TRL's own names)
+SNIPPET_KEYS = (
+    "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim",
+    "bf16", "fp16", "max_length", "packing", "assistant_only_loss", "completion_only_loss",
+    "activation_checkpointing", "eval_steps", "seed",
+)
+
+
+
+
+def schedule_of(cfg: DictConfig) -> Schedule:
+    """The schedule of a composed config (see :func:`sweeper.spec.resolve`)."""
+    s, lr = cfg.schedule, cfg.lr
+    return Schedule(max_steps=int(s.max_steps) if s.max_steps is not None else None,
+                    num_train_epochs=float(s.num_train_epochs) if s.num_train_epochs is not None else None,
+                    warmup_steps=float(lr.warmup_steps) if lr.warmup_steps < 1 else int(lr.warmup_steps),
+                    lr_scheduler_type=str(lr.lr_scheduler_type))
+
+
+def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_format: str,
+                     micro_batch: int | None = None, grad_accum: int | None = None,
+                     eval_batch: int | None = None, speed: dict | None = None,
+                     schedule: Schedule | None = None) -> Any:
+    """Map the composed config onto TRL's SFTConfig (names are TRL's own). ``micro_batch`` and
+    ``grad_accum`` replace the batch group's values (OOM retries); ``speed`` is the resolved
+    ``speed`` group (resolved here when not given); ``schedule`` replaces the schedule and lr groups'
+    length and schedule (a WSD segment). :func:`args_for` builds it from a :class:`RunSpec`."""
+    import torch
+    from trl import SFTConfig
+
+    if compute == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            f"precision={cfg.precision.name} (fp16 mixed precision) needs a CUDA GPU, and none is visible; "
+            "pick precision=auto (fp32 on CPU) or precision=fp32"
+        )
+    e, b, lr = cfg.eval, cfg.batch, cfg.lr
+    s = schedule if schedule is not None else schedule_of(cfg)
+    completion = cfg.data.loss_on == "completion"
+    direction = config_mod.metric_direction(e.metric)
+    speed = speed if speed is not None else spec_mod.resolve_speed(cfg, compute)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        seed=int(cfg.seed),
+        data_seed=int(cfg.data.seed),
+        # schedule
+        max_steps=int(s.max_steps) if s.max_steps is not None else -1,
+        num_train_epochs=float(s.num_train_epochs) if s.num_train_epochs is not None else 1.0,
+        lr_scheduler_type=s.lr_scheduler_type,
+        lr_scheduler_kwargs=dict(s.lr_scheduler_kwargs),
+        warmup_steps=s.warmup_steps,
+        # batch
+        per_device_train_batch_size=int(micro_batch or b.per_device_train_batch_size),
+        gradient_accumulation_steps=int(grad_accum or b.gradient_accumulation_steps),
+        per_device_eval_batch_size=int(eval_batch or b.per_device_eval_batch_size),
+        activation_checkpointing=bool(b.activation_checkpointing),
+        # lr
+        learning_rate=float(lr.learning_rate),
+        weight_decay=float(lr.weight_decay),
+        max_grad_norm=float(lr.max_grad_norm),
+        # precision
+        bf16=compute == "bf16",
+        fp16=compute == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        # data (TRL)
+        max_length=int(cfg.data.max_length),
+        packing=bool(cfg.data.packing),
+        assistant_only_loss=completion and data_format == "messages",
+        completion_only_loss=completion if data_format == "prompt_completion" else None,
+        # evaluation, early stopping, checkpoints
+        eval_strategy="steps",
+        eval_steps=int(e.eval_steps),
+        metric_for_best_model=str(e.metric),
+        greater_is_better=direction == "maximize",
+        save_strategy="best" if e.save_best else "no",
+        save_total_limit=1,
+        load_best_model_at_end=False,
+        logging_steps=int(e.logging_steps),
+        logging_nan_inf_filter=False,  # a NaN loss must show, so the run fails as diverged
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        include_num_input_tokens_seen="non_padding",
+        **speed_mod.sft_config_kwargs(speed),  # optim, padding_free, torch_compile, dataloader workers
+    )
+
+
+
+def args_for(spec: RunSpec, output_dir: Path, data_format: str, fitted: bool = False) -> Any:
+    """The SFTConfig of ``spec`` (its batch, schedule, speed); ``fitted``: batch=auto fitted the
+    micro-batch, so the eval batch is the same (eval logits must fit too)."""
+    return build_sft_config(spec.cfg, output_dir=output_dir, compute=spec.compute, data_format=data_format,
+                            micro_batch=spec.batch.micro, grad_accum=spec.batch.accum,
+                            eval_batch=spec.batch.micro if fitted else spec.batch.eval_batch, speed=spec.speed,
+                            schedule=spec.schedule)
+
+
+def peft_config(cfg: DictConfig) -> Any:
+    if cfg.peft.name != "lora":
+        return None
+    from peft import LoraConfig
+
+    target = cfg.peft.target_modules
+    return LoraConfig(
+        r=int(cfg.peft.r), lora_alpha=int(cfg.peft.lora_alpha), lora_dropout=float(cfg.peft.lora_dropout),
+        target_modules=OmegaConf.to_object(target) if OmegaConf.is_list(target) else target,
+        task_type="CAUSAL_LM",
+    )
+
+
+
+def make_trainer(model: Any, tokenizer: Any, args: Any, splits: data_mod.Splits, cfg: DictConfig,
+                 callbacks: list) -> Any:
+    """TRL's SFTTrainer on the splits (TRL tokenises, truncates and packs; the datasets cache makes that
+    once per sweep)."""
+    from trl import SFTTrainer
+
+    return SFTTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+                      processing_class=tokenizer, peft_config=peft_config(cfg), callbacks=callbacks)
+
+
+def _mean_tokens(dataset: Any) -> float:
+    if dataset is None or len(dataset) == 0 or "input_ids" not in dataset.column_names:
+        return 0.0
+    return sum(len(x) for x in dataset["input_ids"]) / len(dataset)
+
+
+def median_tokens(dataset: Any) -> float | None:
+    """Median tokens per prepared train row (per packed sequence with packing); None untokenised."""
+    if dataset is None or len(dataset) == 0 or "input_ids" not in dataset.column_names:
+        return None
+    import statistics
+
+    return float(statistics.median(len(x) for x in dataset["input_ids"]))
+
+
+def prepare_for_plan(cfg: DictConfig, splits: data_mod.Splits) -> tuple[Any, int]:
+    """The train set exactly as a trial's SFTTrainer will iterate it (tokenised, truncation drops,
+    packing) and the prepared eval rows, without loading the model's weights: TRL prepares the data
+    with the real tokenizer and args; a one-layer stand-in model of the same vocabulary fills the
+    trainer's model slot. The ``datasets`` cache makes the trial's own preparation a cache hit."""
+    import tempfile
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl import SFTTrainer
+
+    tokenizer = model_mod.load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    stand_in = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=max(int(cfg.data.max_length), 8)))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = build_sft_config(cfg, output_dir=Path(tmp), compute="fp32" if not torch.cuda.is_available() else
+                                model_mod.resolve_compute(cfg.precision.compute), data_format=splits.format)
+        args.report_to = []
+        trainer = SFTTrainer(model=stand_in, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+                             processing_class=tokenizer)
+        return trainer.train_dataset, len(trainer.eval_dataset)
+
+
+def plan_for(cfg: DictConfig, splits: data_mod.Splits, prepared: Any, micro: int | None = None,
+             accum: int | None = None, n_gpus: int = 1) -> Plan:
+    """The plan of a composed config on its prepared train set."""
+    return make_plan(
+        train_rows=len(prepared),
+        micro_batch=int(micro or cfg.batch.per_device_train_batch_size),
+        grad_accum=int(accum or cfg.batch.gradient_accumulation_steps),
+        n_gpus=n_gpus,
+        # schedule=wsd_search: the trunk, i.e. the longest candidate
+        max_steps=cfg.schedule.max_steps if cfg.schedule.get("wsd") is None else max(cfg.schedule.wsd.candidates),
+        num_train_epochs=cfg.schedule.num_train_epochs,
+        mean_tokens_per_row=_mean_tokens(prepared),
+        warmup=float(cfg.lr.warmup_steps),
+    )
+
+
+def plan_on_trainer(cfg: DictConfig, trainer: Any, splits: data_mod.Splits, args: Any) -> tuple[Plan, int]:
+    """The plan on the prepared train set (after TRL's truncation drops and packing)."""
+    prepared_rows = len(trainer.train_dataset)
+    dropped = len(splits.train) - prepared_rows if not cfg.data.packing else 0
+    if dropped > 0:
+        log.warning(
+            "%d of %d train rows lost all their loss tokens to truncation at data.max_length=%d and were "
+            "dropped; raise data.max_length to keep them", dropped, len(splits.train), cfg.data.max_length,
+        )
+    plan = plan_for(cfg, splits, trainer.train_dataset, args.per_device_train_batch_size,
+                    args.gradient_accumulation_steps, max(args.world_size, 1))
+    return plan, prepared_rows
