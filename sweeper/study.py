@@ -723,16 +723,7 @@ class StudySweeper:
             self._check_same_settings(study, sub, configs)
             sweeps.append(_Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx))
         command = _Command(sweeps)
-        to_run = 0
-        for sw in sweeps:
-            self._reclaim_dead_local(sw.study)
-            counts = self._counts(sw)
-            to_run += counts.to_run
-            log.info("study %r in %s: %d grid point(s) x %s; %s", sw.name, mask_url(self.storage_url), len(sw.points),
-                     sorted(sw.space.distributions) or "no distributions", counts.describe(pure_grid, sw.total))
-        if len(sweeps) > 1:
-            log.info("%d studies, one per dataset and model (%s): %d trial(s) to run in all, on shared workers",
-                     len(sweeps), command.names, to_run)
+        to_run = self._log_start(command)
         if self.launcher_name == "slurm":
             max_workers = int(self.slurm_cfg.max_workers)
             command.plan = workers_mod.plan_slurm(self.workers, to_run, max_workers)
@@ -744,6 +735,21 @@ class StudySweeper:
                 log.warning("workers: %s", line)
         log.info("workers: %s", workers_mod.describe(command.plan))
         return command
+
+    def _log_start(self, command: "_Command") -> int:
+        """Reclaim this host's dead workers' trials, then log each study's start line (what it will run, what
+        is done, what runs elsewhere) and, with several studies, their total. Returns the trials to run."""
+        to_run = 0
+        for sw in command.sweeps:
+            self._reclaim_dead_local(sw.study)
+            counts = self._counts(sw)
+            to_run += counts.to_run
+            log.info("study %r in %s: %d grid point(s) x %s; %s", sw.name, mask_url(self.storage_url), len(sw.points),
+                     sorted(sw.space.distributions) or "no distributions", counts.describe(sw.pure_grid, sw.total))
+        if len(command.sweeps) > 1:
+            log.info("%d studies, one per dataset and model (%s): %d trial(s) to run in all, on shared workers",
+                     len(command.sweeps), command.names, to_run)
+        return to_run
 
     def _reclaim_dead_local(self, study: optuna.Study) -> None:
         """RUNNING trials whose worker process ran on this host and is gone (``kill -9``, a crash): fail
@@ -859,13 +865,8 @@ class StudySweeper:
             if claimed is None:
                 break
             sw, trial = claimed
-            study, name, space = sw.study, sw.name, sw.space
-            texts = {k: {v: t for v, t in vals} for k, vals in space.grid}
-            overrides = list(space.fixed)
-            for key in [k for k, _ in space.grid] + list(space.distributions):
-                value = trial.params[key]
-                overrides.append(f"{key}={texts.get(key, {}).get(value, value_text(value))}")
-            overrides += [f"study.name={quote(name)}", f"study.trial_number={trial.number}"]
+            study, name = sw.study, sw.name
+            overrides = self._job_overrides(sw, trial)
             log.info("%strial %d: %s", f"{name}: " if several else "", trial.number, " ".join(overrides[:-2]))
             try:
                 with _stop_signals(), Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
@@ -895,6 +896,18 @@ class StudySweeper:
         self._summary(command)
         self._fail_if_nothing_completed(command)
         return returns
+
+    @staticmethod
+    def _job_overrides(sw: "_Sweep", trial: optuna.Trial) -> list[str]:
+        """The overrides of ``trial``'s job: the study's fixed ones, each param as the user wrote it (a
+        grid value keeps its override text), then ``study.name`` and ``study.trial_number`` (last two)."""
+        space = sw.space
+        texts = {k: {v: t for v, t in vals} for k, vals in space.grid}
+        overrides = list(space.fixed)
+        for key in [k for k, _ in space.grid] + list(space.distributions):
+            value = trial.params[key]
+            overrides.append(f"{key}={texts.get(key, {}).get(value, value_text(value))}")
+        return overrides + [f"study.name={quote(sw.name)}", f"study.trial_number={trial.number}"]
 
     @staticmethod
     def _record(study: optuna.Study, trial: optuna.Trial, ret: Any, failures: list[str], label: str = "") -> None:
