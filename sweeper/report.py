@@ -1,5 +1,6 @@
 """Read studies back from storage and say which step count to train for, and why.
-Imports Optuna and matplotlib, never TRL.
+Imports Optuna and matplotlib, never TRL; how a trial is recorded comes from ``sweeper.storage``
+(``SYSTEM_ATTRS``, ``is_branch``). The sweeper prints :func:`study_report` (and :func:`datasets_section`).
 
     python train.py -m schedule=under,sweet,over   # prints study_report() at the end of the sweep
     python -m sweeper report                       # every study: table, diagnosis, winner, PNG + HTML
