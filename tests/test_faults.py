@@ -17,7 +17,7 @@ import pytest
 from sweeper.trial import DivergedError, run
 
 from .conftest import FAST, PG_URL, ROOT, load_study, postgres_unreachable, run_cli, skip_or_fail
-from .test_trial import Recorder
+from .helpers import Recorder
 
 TrialState = optuna.trial.TrialState
 @pytest.fixture(params=["sqlite", "postgresql"])

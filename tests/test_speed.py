@@ -12,7 +12,7 @@ from sweeper import speed
 from sweeper.trial import build_sft_config, preflight, run
 
 from .conftest import FAST
-from .test_trial import Recorder
+from .helpers import Recorder
 
 
 def test_auto_resolves_to_the_plain_path_on_cpu(compose_cfg):
