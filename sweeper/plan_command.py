@@ -51,8 +51,8 @@ def _expand(overrides: list[str]) -> list[list[str]]:
 def plan_rows(overrides: list[str]) -> list[dict]:
     """Compose each row's config, prepare its data, and plan it. Raises on bad input."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
 
     from sweeper import config as config_mod
     from sweeper import data as data_mod
