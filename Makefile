@@ -1,10 +1,10 @@
 # make demo: set up, then run the core sweep on the embedded default (tiny model, demo data, CPU)
-# make test: set up, then run every test (slow ones included); make test-fast skips the slow tier
+# make lint: ruff's check (pinned in the test extra; no reformatting). make test: set up, then run every test (slow ones included); make test-fast skips the slow tier
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo lint test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) train.py -m schedule=under,sweet,over
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test: setup
 	$(PY) -m pytest

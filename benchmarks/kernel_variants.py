@@ -40,8 +40,6 @@ def docs(n):
     return [min(1024, max(8, int(rng.lognormvariate(math.log(200), 0.8)))) for _ in range(n)]
 def packed_batch(micro):
     # BFD-ish: fill rows of 1024 with docs
-    lens = []
-    rows = []
     pool = docs(micro * 12)
     pool.sort(reverse=True)
     bins = []

@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import run_header  # noqa: E402
+
 CPU_OVERRIDES = ["eval.eval_steps=10", "eval.logging_steps=10", "eval.accuracy=off", "eval.save_best=false",
                  "report_to=none", "data.demo_rows=400"]
 

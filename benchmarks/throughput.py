@@ -9,7 +9,7 @@
         --learning-check --results $OUT/throughput.md --json $OUT/throughput.json
 
     # our arm with extra overrides (e.g. the speed group), or the profile of arm (c), on their own
-    python3 benchmarks/throughput.py --out outputs/throughput --arms c --workloads gsm8k --ours-overrides "speed=fast"
+    python3 benchmarks/throughput.py --out outputs/throughput --arms c --workloads gsm8k --ours-overrides "speed=plain"
     python3 benchmarks/throughput.py --out outputs/throughput --arms c --workloads synthetic --profile
 
 The model (``<out>/model``) is built once per ``--out`` and reused; every run writes under ``<out>/<run id>/``
@@ -618,7 +618,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="folder holding gsm8k/train.jsonl (default $SFT_SWEEP_SHARED_DATA or ../shared/data; "
                          "falls back to .data/ in the repo)")
     ap.add_argument("--no-liger", action="store_true", help="arm (b) without Liger's kernels")
-    ap.add_argument("--ours-overrides", default="", help='extra overrides for arm (c), e.g. "speed=fast"')
+    ap.add_argument("--ours-overrides", default="", help='extra overrides for arm (c), e.g. "speed=plain" or "speed.compile=true"')
     ap.add_argument("--ours-packing", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                     help="data.packing of arm (c) (default true)")
     ap.add_argument("--learning-check", action="store_true",

@@ -150,8 +150,7 @@ def run_one(folder, method, optim, mb, seq, r, gc_on, warmup, steps, vocab):
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-    saved = saved_bytes(model, ids)
-    del model, opt, params, ids
+    saved = saved_bytes(model, ids)  # the model, optimizer and batch go with this frame (step() closes over them)
     return dict(static=static / GIB, peak=peak / GIB, reserved=reserved / GIB, saved=saved / GIB, step_s=dt)
 
 

@@ -33,7 +33,7 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import IntervalSweep
 
-    from sweeper.study import translate
+    from sweeper.space import translate
 
     axes: list[list[str]] = []
     for ov in OverridesParser.create().parse_overrides(overrides):
@@ -51,8 +51,8 @@ def _expand(overrides: list[str]) -> list[list[str]]:
 def plan_rows(overrides: list[str]) -> list[dict]:
     """Compose each row's config, prepare its data, and plan it. Raises on bad input."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
 
     from sweeper import config as config_mod
     from sweeper import data as data_mod
@@ -140,9 +140,9 @@ def _study_configs(storage_url: str, study_name: str) -> list[dict]:
     """The settings each trial of a study ran (``config`` system attr); [] when there is no such study."""
     import optuna
 
-    from sweeper.study import _sqlite_path, open_storage
+    from sweeper.storage import open_storage, sqlite_path
 
-    db = _sqlite_path(storage_url)
+    db = sqlite_path(storage_url)
     if db is not None and not db.exists():
         return []
     try:
@@ -163,9 +163,9 @@ def measured_throughput(storage_url: str, study_name: str) -> float | None:
 
     import optuna
 
-    from sweeper.study import _sqlite_path, open_storage
+    from sweeper.storage import open_storage, sqlite_path
 
-    db = _sqlite_path(storage_url)
+    db = sqlite_path(storage_url)
     if db is not None and not db.exists():
         return None
     try:

@@ -1,5 +1,6 @@
 """Read studies back from storage and say which step count to train for, and why.
-Imports Optuna and matplotlib, never TRL.
+Imports Optuna and matplotlib, never TRL; how a trial is recorded comes from ``sweeper.storage``
+(``SYSTEM_ATTRS``, ``is_branch``). The sweeper prints :func:`study_report` (and :func:`datasets_section`).
 
     python train.py -m schedule=under,sweet,over   # prints study_report() at the end of the sweep
     python -m sweeper report                       # every study: table, diagnosis, winner, PNG + HTML
@@ -88,7 +89,7 @@ def _name(t: optuna.trial.FrozenTrial) -> str:
 def attrs(t: optuna.trial.FrozenTrial) -> dict:
     """A trial's results: its user attrs plus those kept as system attrs so that optuna-dashboard's
     attribute table stays readable (curves, ``sft_config``, ``plan``; user attrs in older studies)."""
-    from sweeper.study import SYSTEM_ATTRS
+    from sweeper.storage import SYSTEM_ATTRS
 
     return {**{k: t.system_attrs[k] for k in SYSTEM_ATTRS if k in t.system_attrs}, **t.user_attrs}
 
@@ -699,7 +700,7 @@ def study_report(study: optuna.Study) -> str:
 def _spent(study: optuna.Study) -> tuple[float, str]:
     """Seconds the study's trials took (each job's ``timing.job_s``, else its ``train_runtime_s``; a WSD
     branch's time is inside its trunk's job) and on what: ``GPU`` when any trial used one, else ``CPU``."""
-    from sweeper.study import is_branch
+    from sweeper.storage import is_branch
 
     jobs = [attrs(t) for t in study.get_trials(deepcopy=False) if not is_branch(t)]
     seconds = sum((a.get("timing") or {}).get("job_s") or a.get("train_runtime_s") or 0.0 for a in jobs)

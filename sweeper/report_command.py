@@ -27,12 +27,12 @@ def _defaults() -> tuple[str, str]:
 
 
 def _open(storage: str, need_studies: bool = True):
-    from sweeper.study import mask_url, open_storage
+    from sweeper.storage import mask_url, open_storage, sqlite_path
 
     url = storage
-    db = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
-    if db is not None:
-        path = Path(db).expanduser()
+    path = sqlite_path(url)
+    if path is not None:
+        db = url[len("sqlite:///"):]  # as the user wrote it, for the messages
         if not path.is_file():
             raise ValueError(f"no study storage at {db}: run a sweep first (python train.py -m ...) or pass --storage")
         with open(path, "rb") as f:  # never let opening it turn another file into an Optuna database

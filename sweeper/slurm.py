@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+
 def check(slurm_cfg: Any, storage_url: str, gpus: list | None) -> None:
     """Refuse, in one line, what cannot work on SLURM; raises ValueError/ImportError."""
     if storage_url.startswith("sqlite"):

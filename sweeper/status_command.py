@@ -43,7 +43,7 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
 def study_status(study: Any) -> str:
     import optuna
 
-    from sweeper.study import heartbeat_age_s, is_branch
+    from sweeper.storage import heartbeat_age_s, is_branch
 
     trials = study.get_trials(deepcopy=False)
     counts: dict[str, int] = {}

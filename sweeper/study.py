@@ -1,21 +1,19 @@
-"""Hydra multirun <-> Optuna study: the sweeper, the job's handle on its trial, storage helpers.
+"""Hydra multirun <-> Optuna study: the sweeper (:class:`StudySweeper`), its workers, and the job's handle
+on its trial (:class:`TrialReporter`).
 
     python train.py -m schedule=under,sweet,over                      # a 3-point grid
     python train.py -m 'lr.learning_rate=tag(log,interval(1e-5,3e-4))' hydra.sweeper.n_trials=6
 
-Hydra's sweep grammar, translated exactly (:func:`translate`):
+The overrides become a search space through ``sweeper.space`` (Hydra's sweep grammar, translated exactly);
+studies are opened, locked and kept alive through ``sweeper.storage``. What the sweeper does with them:
 
-- ``a,b,c`` (comma list, also ``glob(...)``) is a **grid**: every combination once, in order. A
-  command runs its own points that have no COMPLETE, PRUNED, RUNNING or WAITING trial of the same
-  settings (``sweeper.identity``), whatever else the study holds (FAILED points run again when the
-  command is re-run); ``n_trials`` only caps how many of its points it runs.
-- ``choice(a,b)`` -> categorical; ``range(start,stop,step)`` -> integers with the stop **excluded**
-  (Hydra's rule; a float range becomes the categorical list of its points, computed in decimal so
-  that float drift never lets the stop in);
-  ``interval(lo,hi)`` -> float in [lo, hi]; ``tag(log, ...)`` -> log scale. These are sampled by
-  ``sampler`` (tpe, random); ``sampler.name=grid`` instead expands choice and range into the grid.
-  With distributions ``n_trials`` is the study's total (COMPLETE, PRUNED, RUNNING and WAITING trials
-  count), never "additional"; it defaults to 10.
+- A grid (comma lists; with ``sampler.name=grid`` also choice and range): a command runs its own points
+  that have no COMPLETE, PRUNED, RUNNING or WAITING trial of the same settings (``sweeper.identity``),
+  whatever else the study holds (FAILED points run again when the command is re-run); ``n_trials`` only
+  caps how many of its points it runs.
+- Distributions (choice, range, interval) are sampled by ``sampler`` (tpe, random). With distributions
+  ``n_trials`` is the study's total (COMPLETE, PRUNED, RUNNING and WAITING trials count), never
+  "additional"; it defaults to 10.
 - A command whose unswept settings differ from every earlier trial's is refused before any trial
   (``allow_config_change`` adds it anyway).
 - Points of several datasets or models (``data=a,b``: anything that changes ``<data.name>-<model.name>``)
@@ -31,17 +29,18 @@ Each job gets ``study.name`` and ``study.trial_number`` overrides and reports in
 through :class:`TrialReporter` (every evaluation -> ``trial.report``; ``should_prune`` honoured).
 The sweeper then tells the trial its value (the job's return: the best metric of the run), or
 FAIL with the error as the ``error`` user attr, or PRUNED; a failing trial never stops the sweep.
+
+Within ``sweeper/``, Optuna is imported here, in ``sweeper.space``, ``sweeper.storage``, ``sweeper.report`` and the commands
+that read studies back; never in ``sweeper.trial``. Public: ``__all__``. ``open_storage``, ``mask_url``,
+``SYSTEM_ATTRS`` and ``is_branch`` (``sweeper.storage``) stay importable from here for older callers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import itertools
 import logging
 import math
 import os
-import re
 import shlex
 import socket
 import subprocess
@@ -52,25 +51,32 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import optuna
 import sqlalchemy.exc
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
-from sweeper import disk
+from sweeper import disk, identity, passwords
 from sweeper import gpu as gpu_mod
-from sweeper import identity
-from sweeper import passwords
 from sweeper import workers as workers_mod
+from sweeper.space import SweepSpace, build_space, quote, value_text
+from sweeper.storage import (
+    SYSTEM_ATTRS,
+    Heartbeat,
+    claim_lock,
+    fail_and_requeue,
+    heartbeat_age_s,
+    is_branch,
+    mask_url,
+    open_storage,
+    sqlite_path,
+)
+
+__all__ = ["StudySweeper", "TrialReporter", "make_pruner", "make_sampler"]
 
 log = logging.getLogger(__name__)
-# Optuna's notes that the user can do nothing about: its experimental-API warnings (heartbeat, retry,
-# metric names) and the heartbeat being used outside Study.optimize (this sweeper beats itself).
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say which study and what runs
 
 _COVERED = (
     optuna.trial.TrialState.COMPLETE,
@@ -79,114 +85,10 @@ _COVERED = (
     optuna.trial.TrialState.WAITING,
 )
 DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS = 10
-# results kept in system attrs, not user attrs: long values (curves, the SFTConfig, the plan) would make
-# optuna-dashboard's attribute table thousands of pixels wide (see TrialReporter.set_attrs)
-SYSTEM_ATTRS = ("train_curve", "accuracy_curve", "sft_config", "plan")
 _SWEEP_ID_ENV = "SFT_SWEEP_SWEEP_ID"
 
 
-# --------------------------------------------------------------------------- storage helpers
-
-
-def mask_url(url: str) -> str:
-    """The storage URL with any password replaced by ***, for printing and logs."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
-
-
-def _sqlite_path(url: str) -> Path | None:
-    return Path(url[len("sqlite:///"):]).expanduser() if url.startswith("sqlite:///") else None
-
-
-def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 max_retry: int | None = None) -> optuna.storages.BaseStorage:
-    """An Optuna RDB storage for an SQLAlchemy URL; creates the SQLite file's folder if needed.
-
-    With ``heartbeat_interval`` (seconds) a trial whose worker stops beating for ``grace_period``
-    (default twice the interval) is failed by the next worker that claims a trial, and re-queued
-    with the same params up to ``max_retry`` times.
-    """
-    engine_kwargs: dict[str, Any] = {}
-    db = _sqlite_path(url)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs["connect_args"] = {"timeout": 60}  # several workers share one file
-    kwargs: dict[str, Any] = {}
-    if heartbeat_interval:
-        kwargs = {
-            "heartbeat_interval": int(heartbeat_interval),
-            "grace_period": int(grace_period) if grace_period else None,
-            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=max_retry, inherit_intermediate_values=True),
-        }
-    try:
-        for attempt in range(5):
-            try:
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-            except Exception as e:  # two workers creating the schema of a fresh database at once
-                if attempt == 4 or not any(s in str(e) for s in ("already exists", "duplicate key")):
-                    raise
-                time.sleep(0.2 * (attempt + 1))  # the other one finished it: open it again
-        raise AssertionError("unreachable")
-    except ImportError as e:
-        hint = "pip install -e '.[postgres]'" if url.startswith("postgres") else f"install its driver ({e.name or e})"
-        raise ValueError(f"hydra.sweeper.storage={mask_url(url)} needs a database driver that is not installed: "
-                         f"{hint}") from None
-    except Exception as e:  # SQLAlchemy/driver errors: say which storage, never with its password
-        detail = str(e).splitlines()[0]
-        password = _password(url)
-        if password:
-            detail = detail.replace(password, "***")
-        raise ValueError(
-            f"hydra.sweeper.storage={mask_url(url)} could not be opened: {type(e).__name__}: {detail}; "
-            "check the URL, that the server runs, and the driver (pip install -e '.[postgres]')"
-        ) from None
-
-
-def _password(url: str) -> str | None:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).password
-    except Exception:
-        return None
-
-
-@contextlib.contextmanager
-def claim_lock(url: str, study_name: str) -> Iterator[None]:
-    """Serialise 'pick the next trial' across workers sharing a study, so that no grid point runs
-    twice and ``n_trials`` is never overshot: a file lock beside a SQLite file, an advisory lock
-    on PostgreSQL; other databases run unlocked (a warning says so)."""
-    db = _sqlite_path(url)
-    if db is not None:
-        import fcntl
-
-        with open(str(db) + ".lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-        return
-    if url.startswith("postgresql"):
-        import sqlalchemy
-
-        key = int(hashlib.sha256(study_name.encode()).hexdigest()[:15], 16)
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        engine.dispose()
-        return
-    log.warning("no cross-worker lock for %s: parallel workers may run a grid point twice", mask_url(url))
-    yield
+# --------------------------------------------------------------------------- worker processes
 
 
 def _threads_per_worker(n: int) -> int:
@@ -253,64 +155,6 @@ def _signals_ignored() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def heartbeat_age_s(storage: Any, trial_id: int) -> float | None:
-    """Seconds since a trial's worker last beat, by the database's clock (None: no heartbeat, or a
-    storage without them). Reads Optuna's heartbeat table, which has no public reader."""
-    try:
-        import sqlalchemy
-        from optuna.storages._rdb import models
-
-        backend = getattr(storage, "_backend", storage)
-        with backend.scoped_session() as session:
-            beat = models.TrialHeartbeatModel.where_trial_id(trial_id, session)
-            if beat is None:
-                return None
-            now = session.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar()
-            return (now.replace(tzinfo=None) - beat.heartbeat.replace(tzinfo=None)).total_seconds()
-    except Exception:  # informational only
-        return None
-
-
-def _fail_and_requeue(study: optuna.Study, trial_id: int, error: str) -> bool:
-    """Record a running trial FAIL with ``error`` and queue its retry (same params, resumed from its
-    checkpoint) through the storage's stale-trial callback; False when the storage has none."""
-    storage = study._storage
-    storage.set_trial_user_attr(trial_id, "error", error)
-    storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
-    retry = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
-    if retry is not None:
-        retry(study, storage.get_trial(trial_id))
-    return retry is not None
-
-
-class _Heartbeat:
-    """Records the running trial's heartbeat from the sweeper while its job runs."""
-
-    def __init__(self, storage: Any, trial_id: int, interval: int | None) -> None:
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "_Heartbeat":
-        if self.interval:
-            self.storage.record_heartbeat(self.trial_id)
-            self._thread = threading.Thread(target=self._beat, daemon=True)
-            self._thread.start()
-        return self
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception as e:  # a missed beat is not worth killing the trial
-                log.warning("heartbeat for trial id %d failed: %s", self.trial_id, e)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
 def make_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner:
     name = pruner_cfg.name
     if name == "none":
@@ -333,138 +177,6 @@ def make_sampler(sampler_cfg: Any) -> optuna.samplers.BaseSampler:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"hydra.sweeper.sampler.name must be one of tpe, random, grid, but got {name!r}")
-
-
-# --------------------------------------------------------------------------- override translation
-
-
-@dataclass
-class SweepSpace:
-    """What a multirun's overrides mean for the study."""
-
-    fixed: list[str] = field(default_factory=list)  # overrides passed unchanged to every job
-    grid: list[tuple[str, list[tuple[Any, str]]]] = field(default_factory=list)  # key -> [(value, override text)]
-    distributions: dict[str, optuna.distributions.BaseDistribution] = field(default_factory=dict)
-
-    def grid_points(self) -> list[dict[str, tuple[Any, str]]]:
-        if not self.grid:
-            return [{}]
-        keys = [k for k, _ in self.grid]
-        return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in self.grid))]
-
-    def grid_distributions(self, group_options: Any = None) -> dict[str, optuna.distributions.BaseDistribution]:
-        """Distributions that record grid values as Optuna params.
-
-        Optuna forbids a categorical param from changing its choices within a study, yet a user
-        extends a grid (``under,sweet`` then ``under,sweet,over``). So numbers are recorded on an
-        int/float range (whose bounds may change), and config-group choices on the group's full
-        option list; other values on the list given.
-        """
-        out: dict[str, optuna.distributions.BaseDistribution] = {}
-        for key, vals in self.grid:
-            values = [v for v, _ in vals]
-            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                out[key] = optuna.distributions.IntDistribution(min(values), max(values))
-            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                out[key] = optuna.distributions.FloatDistribution(float(min(values)), float(max(values)))
-            else:
-                options = group_options(key) if group_options else None
-                choices = options if options and set(values) <= set(options) else values
-                out[key] = optuna.distributions.CategoricalDistribution(choices)
-        return out
-
-
-def _number(x: Any) -> Any:
-    return float(x) if hasattr(x, "as_tuple") else x  # decimal.Decimal from Hydra float ranges
-
-
-def _float_range(value: Any) -> list[float]:
-    """Hydra's range(start, stop, step) on floats, stop excluded, without float drift
-    (Hydra's own expansion of range(0.1,0.4,0.1) yields 0.30000000000000004 and then 0.4)."""
-    from decimal import Decimal
-
-    start, stop, step = (Decimal(str(x)) for x in (value.start, value.stop, value.step))
-    if step == 0:
-        raise ValueError("range(...) step must not be 0")
-    out, x = [], start
-    while (x < stop) if step > 0 else (x > stop):
-        out.append(float(x))
-        x += step
-    return out
-
-
-def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
-    """One parsed Hydra override -> ``("fixed", text)``, ``("grid", [(value, text)])`` or
-    ``("dist", distribution)``. Pure; table-tested against Hydra's basic sweeper expansion."""
-    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep, Transformer
-
-    key = override.get_key_element()
-    if not override.is_sweep_override():
-        return "fixed", override.input_line
-    value = override.value()
-    tags = set(getattr(value, "tags", set()) or set())
-    log_scale = "log" in tags
-    if override.is_choice_sweep():
-        items = list(override.sweep_iterator(transformer=Transformer.encode))
-        texts = list(override.sweep_string_iterator())
-        pairs = [(_number(v) if not isinstance(v, str) else v, t) for v, t in zip(items, texts)]
-        if isinstance(value, ChoiceSweep) and not value.simple_form and not grid_sampler:
-            return "dist", optuna.distributions.CategoricalDistribution([v for v, _ in pairs])
-        return "grid", pairs  # comma list or glob: a grid axis
-    if isinstance(value, RangeSweep):
-        if all(isinstance(x, int) for x in (value.start, value.stop, value.step)):
-            values = [_number(v) for v in override.sweep_iterator()]
-        else:
-            values = _float_range(value)
-        texts = [_value_text(v) for v in values]
-        if not values:
-            raise ValueError(f"{key}={override.input_line.split('=', 1)[1]}: the range is empty (stop is excluded)")
-        if grid_sampler:
-            return "grid", list(zip(values, texts))
-        if all(isinstance(v, int) for v in values):
-            step = int(value.step)
-            if log_scale and step != 1:
-                raise ValueError(f"{key}: tag(log, range(...)) needs step 1, but got step {step}")
-            return "dist", optuna.distributions.IntDistribution(
-                low=values[0], high=values[-1], step=1 if log_scale else step, log=log_scale
-            ) if values[0] <= values[-1] else optuna.distributions.CategoricalDistribution(values)
-        return "dist", optuna.distributions.CategoricalDistribution(_float_range(value))
-    if isinstance(value, IntervalSweep):
-        if grid_sampler:
-            raise ValueError(
-                f"{key}: interval(...) is continuous and cannot be a grid axis; use sampler.name=tpe "
-                "or give a comma list / range(...)"
-            )
-        lo, hi = float(value.start), float(value.end)
-        if lo > hi:
-            raise ValueError(f"{key}=interval({value.start},{value.end}): the low end must not exceed the high end; "
-                             f"write interval({value.end},{value.start})")
-        if log_scale and lo <= 0:
-            raise ValueError(f"{key}: tag(log, interval({value.start},{value.end})) needs a low end above 0")
-        if "int" in tags:
-            return "dist", optuna.distributions.IntDistribution(int(lo), int(hi), log=log_scale)
-        return "dist", optuna.distributions.FloatDistribution(lo, hi, log=log_scale)
-    raise ValueError(f"{override.input_line}: unsupported sweep type {type(value).__name__}")
-
-
-def build_space(overrides: Sequence[Any], *, grid_sampler: bool = False) -> SweepSpace:
-    space = SweepSpace()
-    for ov in overrides:
-        kind, payload = translate(ov, grid_sampler=grid_sampler)
-        key = ov.get_key_element()
-        if kind == "fixed":
-            space.fixed.append(payload)
-        elif kind == "grid":
-            space.grid.append((key, payload))
-        else:
-            space.distributions[key] = payload
-    return space
-
-
-def _value_text(value: Any) -> str:
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
 
 
 # --------------------------------------------------------------------------- the job side
@@ -585,11 +297,6 @@ def _wsd_params(max_steps: int, low: int, high: int) -> list[tuple[str, Any, Any
             ("method", "wsd", optuna.distributions.CategoricalDistribution(["cosine", "wsd"]))]
 
 
-def is_branch(t: optuna.trial.FrozenTrial) -> bool:
-    """A WSD branch recorded by its trunk's job: extra to the sweep's n_trials and grid points."""
-    return "wsd_branch_of" in t.system_attrs
-
-
 # --------------------------------------------------------------------------- the sweeper side
 
 
@@ -693,18 +400,6 @@ def _dead_here(proc: str) -> bool:
     return start not in ("", "?") and _start_ticks(int(pid)) not in (start, "?")  # the pid was reused
 
 
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.:/+-]+")
-
-
-def _quote(value: str) -> str:
-    """A Hydra override value for any string (quoted and escaped unless it is plain)."""
-    if _PLAIN_NAME.fullmatch(value):
-        return value
-    # Hydra's quoted strings: backslashes before a quote (or the closing quote) are doubled, others kept
-    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
-    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"
-
-
 class StudySweeper:
     """Implementation behind ``hydra_plugins.sft_sweep.SftSweepSweeper``."""
 
@@ -793,11 +488,11 @@ class StudySweeper:
             for value in dist.choices:
                 try:
                     other = self.hydra_context.config_loader.load_sweep_config(
-                        self.config, space.fixed + [f"{key}={_value_text(value)}"])
+                        self.config, space.fixed + [f"{key}={value_text(value)}"])
                 except Exception:  # a choice that does not compose fails its own trial, as before
                     continue
                 if identity.default_study_name(other) != identity.default_study_name(cfg):
-                    choices = ",".join(_value_text(v) for v in dist.choices)
+                    choices = ",".join(value_text(v) for v in dist.choices)
                     raise ValueError(
                         f"{key}=choice({choices}) samples the dataset or model, but each has its own study "
                         f"(<data.name>-<model.name>); list them as a grid, {key}={choices}")
@@ -806,7 +501,6 @@ class StudySweeper:
         """Compose and check every grid point (and the data each one names) before any trial;
         returns the composed configs."""
         from sweeper import data as data_mod
-
         from sweeper.spec import check_folders
 
         seen_data: set[str] = set()
@@ -829,7 +523,7 @@ class StudySweeper:
                     prepared, eval_rows = prepare_for_plan(cfg, splits)
                     data_mod.check_prepared(splits, cfg.data, len(prepared), eval_rows)
             cfgs.append(cfg)
-        db = _sqlite_path(self.storage_url)
+        db = sqlite_path(self.storage_url)
         if db is not None:
             disk.check_writable(db.parent, "hydra.sweeper.storage")
         return cfgs
@@ -1029,16 +723,7 @@ class StudySweeper:
             self._check_same_settings(study, sub, configs)
             sweeps.append(_Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx))
         command = _Command(sweeps)
-        to_run = 0
-        for sw in sweeps:
-            self._reclaim_dead_local(sw.study)
-            counts = self._counts(sw)
-            to_run += counts.to_run
-            log.info("study %r in %s: %d grid point(s) x %s; %s", sw.name, mask_url(self.storage_url), len(sw.points),
-                     sorted(sw.space.distributions) or "no distributions", counts.describe(pure_grid, sw.total))
-        if len(sweeps) > 1:
-            log.info("%d studies, one per dataset and model (%s): %d trial(s) to run in all, on shared workers",
-                     len(sweeps), command.names, to_run)
+        to_run = self._log_start(command)
         if self.launcher_name == "slurm":
             max_workers = int(self.slurm_cfg.max_workers)
             command.plan = workers_mod.plan_slurm(self.workers, to_run, max_workers)
@@ -1051,6 +736,21 @@ class StudySweeper:
         log.info("workers: %s", workers_mod.describe(command.plan))
         return command
 
+    def _log_start(self, command: "_Command") -> int:
+        """Reclaim this host's dead workers' trials, then log each study's start line (what it will run, what
+        is done, what runs elsewhere) and, with several studies, their total. Returns the trials to run."""
+        to_run = 0
+        for sw in command.sweeps:
+            self._reclaim_dead_local(sw.study)
+            counts = self._counts(sw)
+            to_run += counts.to_run
+            log.info("study %r in %s: %d grid point(s) x %s; %s", sw.name, mask_url(self.storage_url), len(sw.points),
+                     sorted(sw.space.distributions) or "no distributions", counts.describe(sw.pure_grid, sw.total))
+        if len(command.sweeps) > 1:
+            log.info("%d studies, one per dataset and model (%s): %d trial(s) to run in all, on shared workers",
+                     len(command.sweeps), command.names, to_run)
+        return to_run
+
     def _reclaim_dead_local(self, study: optuna.Study) -> None:
         """RUNNING trials whose worker process ran on this host and is gone (``kill -9``, a crash): fail
         them now and queue their retries, which resume from their checkpoints, instead of waiting for
@@ -1060,7 +760,7 @@ class StudySweeper:
                 proc = t.system_attrs.get("worker_process")
                 if not proc or not _dead_here(proc):
                     continue
-                queued = _fail_and_requeue(study, t._trial_id, f"worker {proc} is gone (its process ended)")
+                queued = fail_and_requeue(study, t._trial_id, f"worker {proc} is gone (its process ended)")
                 log.warning("trial %d: its worker %s is gone; recorded FAIL%s", t.number, proc,
                             " and queued to resume from its checkpoint now" if queued else "")
 
@@ -1165,16 +865,11 @@ class StudySweeper:
             if claimed is None:
                 break
             sw, trial = claimed
-            study, name, space = sw.study, sw.name, sw.space
-            texts = {k: {v: t for v, t in vals} for k, vals in space.grid}
-            overrides = list(space.fixed)
-            for key in [k for k, _ in space.grid] + list(space.distributions):
-                value = trial.params[key]
-                overrides.append(f"{key}={texts.get(key, {}).get(value, _value_text(value))}")
-            overrides += [f"study.name={_quote(name)}", f"study.trial_number={trial.number}"]
+            study, name = sw.study, sw.name
+            overrides = self._job_overrides(sw, trial)
             log.info("%strial %d: %s", f"{name}: " if several else "", trial.number, " ".join(overrides[:-2]))
             try:
-                with _stop_signals(), _Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
+                with _stop_signals(), Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
                     [ret] = self.launcher.launch([overrides], initial_job_idx=self.job_idx)
             except KeyboardInterrupt as e:
                 with _signals_ignored():  # a second Ctrl-C must not cut the retry short
@@ -1203,6 +898,18 @@ class StudySweeper:
         return returns
 
     @staticmethod
+    def _job_overrides(sw: "_Sweep", trial: optuna.Trial) -> list[str]:
+        """The overrides of ``trial``'s job: the study's fixed ones, each param as the user wrote it (a
+        grid value keeps its override text), then ``study.name`` and ``study.trial_number`` (last two)."""
+        space = sw.space
+        texts = {k: {v: t for v, t in vals} for k, vals in space.grid}
+        overrides = list(space.fixed)
+        for key in [k for k, _ in space.grid] + list(space.distributions):
+            value = trial.params[key]
+            overrides.append(f"{key}={texts.get(key, {}).get(value, value_text(value))}")
+        return overrides + [f"study.name={quote(sw.name)}", f"study.trial_number={trial.number}"]
+
+    @staticmethod
     def _record(study: optuna.Study, trial: optuna.Trial, ret: Any, failures: list[str], label: str = "") -> None:
         """Tell the study how a trial's job ended. A full disk queues the trial to resume from its
         checkpoint and raises :class:`disk.DiskFullError` (every later trial would fail the same way).
@@ -1223,7 +930,7 @@ class StudySweeper:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             log.info("trial %d pruned: %s", trial.number, exc)
         elif isinstance(exc, disk.DiskFullError):
-            _fail_and_requeue(study, trial._trial_id, f"{type(exc).__name__}: {exc}")
+            fail_and_requeue(study, trial._trial_id, f"{type(exc).__name__}: {exc}")
             raise exc
         else:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
@@ -1291,7 +998,7 @@ class StudySweeper:
         url, _ = passwords.split_password(self.storage_url)
         args = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweeper.storage=", "+hydra.sweeper.storage="))]
         folder = [f"hydra.sweep.dir={command.folder.resolve()}"] if len(command.sweeps) == 1 else []
-        return [sys.executable, script, *args, f"hydra.sweeper.storage={_quote(url)}", "hydra.sweeper.workers=1",
+        return [sys.executable, script, *args, f"hydra.sweeper.storage={quote(url)}", "hydra.sweeper.workers=1",
                 "hydra.sweeper.gpus=null", "hydra.sweeper.launcher=local", *folder]
 
     def _worker_env(self) -> dict:
@@ -1372,7 +1079,7 @@ class StudySweeper:
         """Ctrl-C or SIGTERM (scancel, docker stop, systemd): fail the running trial now and queue its
         retry (same params), which resumes from its checkpoint when the command is run again (or at
         once by another worker), instead of waiting for the heartbeat."""
-        queued = _fail_and_requeue(study, trial._trial_id, f"KeyboardInterrupt: {why}")
+        queued = fail_and_requeue(study, trial._trial_id, f"KeyboardInterrupt: {why}")
         log.warning("%s: trial %d recorded FAIL%s; re-run the same command to continue", why, trial.number,
                     " and queued to resume from its checkpoint" if queued else "")
 

@@ -17,7 +17,7 @@ import pytest
 from sweeper.trial import DivergedError, run
 
 from .conftest import FAST, PG_URL, ROOT, load_study, postgres_unreachable, run_cli, skip_or_fail
-from .test_trial import Recorder
+from .helpers import Recorder
 
 TrialState = optuna.trial.TrialState
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -266,7 +266,7 @@ def test_workers_opening_a_fresh_postgres_database_at_once(tmp_path):
     with admin.connect() as c:
         c.execute(sqlalchemy.text(f"CREATE DATABASE {db}"))
     url = PG_URL.rsplit("/", 1)[0] + f"/{db}"
-    code = f"from sweeper.study import open_storage; open_storage({url!r}, heartbeat_interval=60); print('ok')"
+    code = f"from sweeper.storage import open_storage; open_storage({url!r}, heartbeat_interval=60); print('ok')"
     try:
         procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(6)]

@@ -13,7 +13,7 @@ from sweeper.plan_command import _expand, plan_rows
 from sweeper.trial import run
 
 from .conftest import FAST, ROOT, SHARED_DATA
-from .test_trial import Recorder
+from .helpers import Recorder
 
 
 def test_expansion_matches_the_sweep_grammar():

@@ -13,7 +13,7 @@ from sweeper.sft import build_sft_config
 from sweeper.trial import preflight, run
 
 from .conftest import FAST
-from .test_trial import Recorder
+from .helpers import Recorder
 
 
 def test_auto_resolves_to_the_plain_path_on_cpu(compose_cfg):

@@ -11,7 +11,8 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from sweeper.study import build_space, mask_url, translate
+from sweeper.space import build_space, translate
+from sweeper.storage import mask_url
 
 from .conftest import ROOT
 

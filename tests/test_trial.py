@@ -9,29 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sweeper.reporter import NullReporter
 from sweeper.trial import run
 
 from .conftest import FAST, SHARED_DATA
-
-
-class Recorder(NullReporter):
-    """Collects what a job reports into its trial (the Optuna-backed reporter is tested via the CLI)."""
-
-    def __init__(self):
-        self.reports, self.attrs = [], {}
-
-    def report(self, value, step):
-        self.reports.append((step, value))
-
-    def should_prune(self):
-        return False
-
-    def prune(self, step):  # pragma: no cover - never asked to
-        raise AssertionError
-
-    def set_attrs(self, attrs):
-        self.attrs.update(attrs)
+from .helpers import Recorder
 
 
 def test_run_returns_the_best_eval_loss_not_the_last(compose_cfg):

@@ -1,0 +1,173 @@
+"""Hydra's sweep grammar -> an Optuna search space: pure translation of parsed overrides, table-tested.
+
+    python train.py -m schedule=under,sweet,over                      # a 3-point grid
+    python train.py -m 'lr.learning_rate=tag(log,interval(1e-5,3e-4))' hydra.sweeper.n_trials=6
+
+Translated exactly (:func:`translate`, one override; :func:`build_space`, a command's):
+
+- ``a,b,c`` (comma list, also ``glob(...)``) is a **grid** axis: every combination once, in order.
+- ``choice(a,b)`` -> categorical; ``range(start,stop,step)`` -> integers with the stop **excluded**
+  (Hydra's rule; a float range becomes the categorical list of its points, computed in decimal so
+  that float drift never lets the stop in);
+  ``interval(lo,hi)`` -> float in [lo, hi]; ``tag(log, ...)`` -> log scale. With ``grid_sampler``
+  (``sampler.name=grid``) choice and range become grid axes instead, and an interval is refused.
+- Anything else is a fixed override, passed unchanged to every job.
+
+:meth:`SweepSpace.grid_distributions` says how grid values are recorded as Optuna params;
+:func:`value_text` and :func:`quote` write values back as override text. Imports Optuna's
+distributions and Hydra's override types (inside :func:`translate`); no storage, no study.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import optuna
+
+__all__ = ["SweepSpace", "build_space", "quote", "translate", "value_text"]
+
+
+@dataclass
+class SweepSpace:
+    """What a multirun's overrides mean for the study."""
+
+    fixed: list[str] = field(default_factory=list)  # overrides passed unchanged to every job
+    grid: list[tuple[str, list[tuple[Any, str]]]] = field(default_factory=list)  # key -> [(value, override text)]
+    distributions: dict[str, optuna.distributions.BaseDistribution] = field(default_factory=dict)
+
+    def grid_points(self) -> list[dict[str, tuple[Any, str]]]:
+        if not self.grid:
+            return [{}]
+        keys = [k for k, _ in self.grid]
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in self.grid))]
+
+    def grid_distributions(self, group_options: Any = None) -> dict[str, optuna.distributions.BaseDistribution]:
+        """Distributions that record grid values as Optuna params.
+
+        Optuna forbids a categorical param from changing its choices within a study, yet a user
+        extends a grid (``under,sweet`` then ``under,sweet,over``). So numbers are recorded on an
+        int/float range (whose bounds may change), and config-group choices on the group's full
+        option list; other values on the list given.
+        """
+        out: dict[str, optuna.distributions.BaseDistribution] = {}
+        for key, vals in self.grid:
+            values = [v for v, _ in vals]
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                out[key] = optuna.distributions.IntDistribution(min(values), max(values))
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                out[key] = optuna.distributions.FloatDistribution(float(min(values)), float(max(values)))
+            else:
+                options = group_options(key) if group_options else None
+                choices = options if options and set(values) <= set(options) else values
+                out[key] = optuna.distributions.CategoricalDistribution(choices)
+        return out
+
+
+def _number(x: Any) -> Any:
+    return float(x) if hasattr(x, "as_tuple") else x  # decimal.Decimal from Hydra float ranges
+
+
+def _float_range(value: Any) -> list[float]:
+    """Hydra's range(start, stop, step) on floats, stop excluded, without float drift
+    (Hydra's own expansion of range(0.1,0.4,0.1) yields 0.30000000000000004 and then 0.4)."""
+    from decimal import Decimal
+
+    start, stop, step = (Decimal(str(x)) for x in (value.start, value.stop, value.step))
+    if step == 0:
+        raise ValueError("range(...) step must not be 0")
+    out, x = [], start
+    while (x < stop) if step > 0 else (x > stop):
+        out.append(float(x))
+        x += step
+    return out
+
+
+def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
+    """One parsed Hydra override -> ``("fixed", text)``, ``("grid", [(value, text)])`` or
+    ``("dist", distribution)``. Pure; table-tested against Hydra's basic sweeper expansion."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep, Transformer
+
+    key = override.get_key_element()
+    if not override.is_sweep_override():
+        return "fixed", override.input_line
+    value = override.value()
+    tags = set(getattr(value, "tags", set()) or set())
+    log_scale = "log" in tags
+    if override.is_choice_sweep():
+        items = list(override.sweep_iterator(transformer=Transformer.encode))
+        texts = list(override.sweep_string_iterator())
+        pairs = [(_number(v) if not isinstance(v, str) else v, t) for v, t in zip(items, texts)]
+        if isinstance(value, ChoiceSweep) and not value.simple_form and not grid_sampler:
+            return "dist", optuna.distributions.CategoricalDistribution([v for v, _ in pairs])
+        return "grid", pairs  # comma list or glob: a grid axis
+    if isinstance(value, RangeSweep):
+        if all(isinstance(x, int) for x in (value.start, value.stop, value.step)):
+            values = [_number(v) for v in override.sweep_iterator()]
+        else:
+            values = _float_range(value)
+        texts = [value_text(v) for v in values]
+        if not values:
+            raise ValueError(f"{key}={override.input_line.split('=', 1)[1]}: the range is empty (stop is excluded)")
+        if grid_sampler:
+            return "grid", list(zip(values, texts))
+        if all(isinstance(v, int) for v in values):
+            step = int(value.step)
+            if log_scale and step != 1:
+                raise ValueError(f"{key}: tag(log, range(...)) needs step 1, but got step {step}")
+            return "dist", optuna.distributions.IntDistribution(
+                low=values[0], high=values[-1], step=1 if log_scale else step, log=log_scale
+            ) if values[0] <= values[-1] else optuna.distributions.CategoricalDistribution(values)
+        return "dist", optuna.distributions.CategoricalDistribution(_float_range(value))
+    if isinstance(value, IntervalSweep):
+        if grid_sampler:
+            raise ValueError(
+                f"{key}: interval(...) is continuous and cannot be a grid axis; use sampler.name=tpe "
+                "or give a comma list / range(...)"
+            )
+        lo, hi = float(value.start), float(value.end)
+        if lo > hi:
+            raise ValueError(f"{key}=interval({value.start},{value.end}): the low end must not exceed the high end; "
+                             f"write interval({value.end},{value.start})")
+        if log_scale and lo <= 0:
+            raise ValueError(f"{key}: tag(log, interval({value.start},{value.end})) needs a low end above 0")
+        if "int" in tags:
+            return "dist", optuna.distributions.IntDistribution(int(lo), int(hi), log=log_scale)
+        return "dist", optuna.distributions.FloatDistribution(lo, hi, log=log_scale)
+    raise ValueError(f"{override.input_line}: unsupported sweep type {type(value).__name__}")
+
+
+def build_space(overrides: Sequence[Any], *, grid_sampler: bool = False) -> SweepSpace:
+    """A command's parsed overrides, each through :func:`translate`, gathered into one :class:`SweepSpace`."""
+    space = SweepSpace()
+    for ov in overrides:
+        kind, payload = translate(ov, grid_sampler=grid_sampler)
+        key = ov.get_key_element()
+        if kind == "fixed":
+            space.fixed.append(payload)
+        elif kind == "grid":
+            space.grid.append((key, payload))
+        else:
+            space.distributions[key] = payload
+    return space
+
+
+def value_text(value: Any) -> str:
+    """A swept value as override text (a float by its repr, so that it reads back the same)."""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.:/+-]+")
+
+
+def quote(value: str) -> str:
+    """A Hydra override value for any string (quoted and escaped unless it is plain)."""
+    if _PLAIN_NAME.fullmatch(value):
+        return value
+    # Hydra's quoted strings: backslashes before a quote (or the closing quote) are doubled, others kept
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"
