@@ -370,11 +370,32 @@ def _grid(values: Sequence[float], unit: int) -> list[int]:
     return sorted({max(unit, unit * round(v / unit)) for v in values})
 
 
-def _grid_command(lengths: Sequence[int], wsd: bool) -> str:
+def _settings(best: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:
+    """The overrides that ran ``best`` besides its schedule (a WSD branch: its trunk's), which a follow-up
+    command repeats; none for trials recorded before the sweeper stored them."""
+    found = best.system_attrs.get("overrides")
+    trunk = attrs(best).get("branch_of")
+    if found is None and trunk is not None:
+        found = next((t.system_attrs.get("overrides") for t in trials if t.number == trunk), None)
+    return list(found or [])
+
+
+def _one_run(steps: int, settings: Sequence[str], extra: str = "") -> str:
+    import shlex
+
+    return f"python train.py schedule.max_steps={steps}{extra}" + "".join(" " + shlex.quote(o) for o in settings)
+
+
+def _grid_command(lengths: Sequence[int], wsd: bool, settings: Sequence[str] = ()) -> str:
+    """The follow-up command: the new lengths, and the ``settings`` (overrides) of the trial it follows, so
+    that it runs in the same study with the same data, model and settings."""
+    import shlex
+
     joined = ",".join(str(n) for n in lengths)
+    rest = "".join(" " + shlex.quote(o) for o in settings)
     if wsd:
-        return f"python train.py -m schedule=wsd_search 'schedule.wsd.candidates=[{joined}]'"
-    return f"python train.py -m schedule.max_steps={joined}"
+        return f"python train.py -m schedule=wsd_search 'schedule.wsd.candidates=[{joined}]'{rest}"
+    return f"python train.py -m schedule.max_steps={joined}{rest}"
 
 
 def recommend(study: optuna.Study) -> dict | None:
@@ -406,8 +427,9 @@ def recommend(study: optuna.Study) -> dict | None:
     elif wsd:
         reason += "; it is the trunk of a WSD search (the longest candidate, with its own cooldown)"
     if wsd:
-        reason += (f"; to train with cosine instead, confirm it with one run (`python train.py schedule.max_steps={steps} "
-                   "lr.lr_scheduler_type=cosine`): how close cosine comes to WSD at equal length depends on the LR")
+        reason += (f"; to train with cosine instead, confirm it with one run "
+                   f"(`{_one_run(steps, _settings(best, done), ' lr.lr_scheduler_type=cosine')}`): how close cosine "
+                   "comes to WSD at equal length depends on the LR")
     others = [f"{_name(t)}: {t.value:.4f}" for t in done if t.number != best.number]
     if others:
         reason += "; the others: " + ", ".join(others)
@@ -474,18 +496,18 @@ def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[o
             when = "at the end of its run" if b_step == steps else f"late in its run (step {b_step} of {steps})"
             grid = _grid([steps, 1.5 * steps, 2 * steps], unit)
             notes.append(f"Edge of the grid: the best length is {which} and its best came {when}, so longer may be "
-                         f"better still: run `{_grid_command(grid, wsd)}`.")
+                         f"better still: run `{_grid_command(grid, wsd, _settings(best, done))}`.")
     if len(lengths) > 1 and steps == lengths[0] and d.verdict != "under-trained":
         grid = _grid([steps / 4, steps / 2, steps], unit)
         notes.append(f"Edge of the grid: the best length is the shortest tried ({tried}): a shorter run may do as "
-                     f"well: run `{_grid_command(grid, wsd)}`.")
+                     f"well: run `{_grid_command(grid, wsd, _settings(best, done))}`.")
     if d.verdict == "under-trained" and steps != lengths[-1]:
         longer = min(n for n in lengths if n > steps)
         there = (max if maximize else min)(t.value for t in done if t.user_attrs.get("max_steps") == longer)
         grid = _grid([steps, steps + (longer - steps) / 3, steps + 2 * (longer - steps) / 3, longer], unit)
         falling = "its trunk was still falling at its branch point" if wsd else "its curve was still falling at its end"
         notes.append(f"Between lengths: {falling}, but max_steps={longer} reached only {there:.4f}: the best "
-                     f"length lies between {steps} and {longer}: run `{_grid_command(grid, wsd)}`.")
+                     f"length lies between {steps} and {longer}: run `{_grid_command(grid, wsd, _settings(best, done))}`.")
     if inside:
         if a.get("stopped_early_step"):
             why = f"early stopping ended it at step {a['stopped_early_step']}"
@@ -498,7 +520,7 @@ def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[o
         notes.append(f"Best step inside the run: step {b_step} of {steps} ({why}); "
                      + (f"that model is the best checkpoint kept, `{ckpt}`; " if ckpt else "")
                      + "to train for that length, confirm it with one run: "
-                     + f"`python train.py schedule.max_steps={b_step}`"
+                     + f"`{_one_run(b_step, _settings(best, done))}`"
                      + (" (with its own LR decay it may end lower)" if decays else "") + ".")
     return notes
 

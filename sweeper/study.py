@@ -51,7 +51,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import optuna
 import sqlalchemy.exc
@@ -89,6 +89,14 @@ _SWEEP_ID_ENV = "SFT_SWEEP_SWEEP_ID"
 
 
 # --------------------------------------------------------------------------- worker processes
+
+
+def _settings(overrides: Sequence[str]) -> list[str]:
+    """The overrides a follow-up command repeats to run in the same study with the same settings: all but
+    the schedule (what a follow-up changes) and the sweeper's, paths' and study's own (a storage URL may
+    hold a password)."""
+    own = ("schedule", "hydra.", "hydra/", "paths.", "study.")
+    return [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith(own)]
 
 
 def _threads_per_worker(n: int) -> int:
@@ -868,6 +876,7 @@ class StudySweeper:
             study, name = sw.study, sw.name
             overrides = self._job_overrides(sw, trial)
             log.info("%strial %d: %s", f"{name}: " if several else "", trial.number, " ".join(overrides[:-2]))
+            study._storage.set_trial_system_attr(trial._trial_id, "overrides", _settings(overrides[:-2]))
             try:
                 with _stop_signals(), Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
                     [ret] = self.launcher.launch([overrides], initial_job_idx=self.job_idx)

@@ -76,6 +76,10 @@ def test_a_sweep_over_datasets_runs_a_study_each_resumes_and_adds_only_new_datas
         assert row["epochs"] == pytest.approx(rec["max_steps"] / plan["steps_per_epoch"])
         assert row["tokens_per_row"] > 0 and row["cost_s"] > 0 and cells[12].endswith("CPU s")
         assert cells[10] == f"±{rec['noise'].sigma:.4f}" and cells[13] == rec["verdict"]
+    # the next grid it proposes runs on the same dataset with the same settings (not on the default data)
+    proposal = rows["banking77_sample"][13]
+    assert "python train.py -m schedule.max_steps=" in proposal and "data=banking77_sample" in proposal
+    assert "data.demo_rows=120" in proposal and "hydra.sweeper" not in proposal and "paths." not in proposal
     assert (tmp_path / "sweeps" / "summary.md").read_text().strip() in out.stdout
     assert (tmp_path / "sweeps" / "datasets.png").stat().st_size > 10_000
 
