@@ -4,6 +4,10 @@ trainer will iterate it (for the plan and the pre-flight)."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
 from sweeper import data as data_mod
+from sweeper import gpu as gpu_mod
 from sweeper import model as model_mod
 from sweeper import spec as spec_mod
 from sweeper import speed as speed_mod
 from sweeper.plan import Plan, make_plan
 from sweeper.spec import RunSpec, Schedule
 
-__all__ = ["SNIPPET_KEYS", "args_for", "build_sft_config", "make_trainer", "peft_config", "plan_for",
+__all__ = ["SNIPPET_KEYS", "args_for", "build_sft_config", "check_prepared_data", "make_trainer", "peft_config", "plan_for",
            "prepare_for_plan", "schedule_of"]
 
 log = logging.getLogger(__name__)
@@ -208,3 +213,43 @@ def plan_on_trainer(cfg: DictConfig, trainer: Any, splits: data_mod.Splits, args
     plan = plan_for(cfg, splits, trainer.train_dataset, args.per_device_train_batch_size,
                     args.gradient_accumulation_steps, max(args.world_size, 1))
     return plan, prepared_rows
+
+
+def check_prepared_data(cfg: DictConfig, splits: data_mod.Splits) -> None:
+    """The sweep's pre-flight of TRL's preparation: ValueError when truncation at ``data.max_length`` leaves
+    no train or no eval row (see :func:`sweeper.data.check_prepared`). With a GPU visible, the sweeper
+    must not touch CUDA before it pins its own GPU (building a trainer does), so the check then runs in a
+    child process that sees no GPU; if that child fails for another reason, each trial checks it itself."""
+    if not gpu_mod.visible_gpus():
+        prepared, eval_rows = prepare_for_plan(cfg, splits)
+        data_mod.check_prepared(splits, cfg.data, len(prepared), eval_rows)
+        return
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(OmegaConf.to_yaml(body, resolve=True))
+        f.flush()
+        proc = subprocess.run([sys.executable, "-m", "sweeper.sft", f.name], capture_output=True, text=True,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    if proc.returncode == 2:
+        raise ValueError(last)
+    if proc.returncode != 0:
+        log.warning("the data check before the sweep failed (%s); each trial checks its data itself", last)
+
+
+def _check_in_child(path: str) -> int:
+    """``python -m sweeper.sft CONFIG.yaml``: :func:`check_prepared_data` of a resolved config on CPU;
+    exit 2 with the one line on stderr when the data cannot be trained on."""
+    cfg = OmegaConf.load(path)
+    try:
+        splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
+        prepared, eval_rows = prepare_for_plan(cfg, splits)
+        data_mod.check_prepared(splits, cfg.data, len(prepared), eval_rows)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_check_in_child(sys.argv[1]))

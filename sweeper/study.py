@@ -526,10 +526,9 @@ class StudySweeper:
                 splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
                 # tokenised as the trials will (then a cache hit for them); a worker's leader did it already
                 if self.launcher_name == "local" and _SWEEP_ID_ENV not in os.environ:
-                    from sweeper.sft import prepare_for_plan
+                    from sweeper.sft import check_prepared_data
 
-                    prepared, eval_rows = prepare_for_plan(cfg, splits)
-                    data_mod.check_prepared(splits, cfg.data, len(prepared), eval_rows)
+                    check_prepared_data(cfg, splits)
             cfgs.append(cfg)
         db = sqlite_path(self.storage_url)
         if db is not None:

@@ -170,3 +170,19 @@ def test_a_command_whose_trials_all_fail_exits_non_zero(tmp_path, cache_dir):
     assert "no trial of this command completed: 2 of 2 failed (last: trial 1: DivergedError" in proc.stderr
     ok = run_cli("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
     assert ok.returncode == 0, ok.stderr[-2000:]  # the same command, fixed: the failed points run again
+
+
+def test_the_data_check_before_a_gpu_sweep_leaves_cuda_alone(tmp_path, cache_dir):
+    """With a GPU visible, the sweeper checks TRL's preparation in a child process that sees no GPU (building
+    a trainer would initialise CUDA before the sweeper pins its own GPU); bad data is still refused in one
+    line before any trial."""
+    import json
+
+    env = fake_nvidia_smi(tmp_path / "bin", [20000])
+    chat = [{"role": "user", "content": "x " * 3000}, {"role": "assistant", "content": "y"}]
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    proc = run_cli("-m", "seed=1", *FAST, f"data.eval_path={tmp_path / 'eval.jsonl'}", "data.max_length=64",
+                   f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", env=env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "0 of 1 eval rows keep a token to score after truncation at data.max_length=64" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "optuna.db").exists()
