@@ -15,7 +15,8 @@ sweeper records every trial's :func:`result_config`; a new command into the stud
 The ``schedule`` group is what a study searches, so it never makes a config "different"; it only
 tells runs apart. Keys ignored everywhere: paths, the study's own bookkeeping, logging, checkpoint
 saving, speed kernels, OOM retry, and how the effective batch is split into micro-batches (the
-effective batch itself counts).
+effective batch itself counts); the accuracy probe unless it is the objective; ``data.demo_rows``
+unless the data is the generated demo.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def result_config(cfg: Any) -> dict[str, Any]:
     if str(cfg.eval.metric) != "eval_accuracy":  # the accuracy probe does not change an eval_loss value
         out.pop("eval.accuracy", None)
         out.pop("eval.accuracy_rows", None)
+    if cfg.data.get("train_path") != "demo":  # the generated demo's size means nothing to other data
+        out.pop("data.demo_rows", None)
     b = cfg.batch
     out[EFFECTIVE_BATCH] = (int(b.auto.target_effective_batch) if b.get("auto") is not None
                             else int(b.per_device_train_batch_size) * int(b.gradient_accumulation_steps))

@@ -39,7 +39,9 @@ class Segment:
     :func:`sweeper.sft.args_for` (e.g. ``save_strategy="no"``); resumed from ``resume`` (model, optimizer,
     scheduler, RNG and global step); ``callbacks`` added; the last step evaluated when ``final_eval``;
     with ``save_state`` the segment's ``trainer_state.json`` (its whole log history, restored part
-    included) is written into ``output_dir``. The results (the trial attrs of a run) land in ``results``."""
+    included) is written into ``output_dir``. An out-of-memory retry starts again from ``resume`` when
+    ``retry_resumes`` (a search segment must), else from step 0 (a plain run). The results (the trial
+    attrs of a run) land in ``results``."""
 
     output_dir: Path
     args: dict = field(default_factory=dict)
@@ -47,6 +49,7 @@ class Segment:
     callbacks: list = field(default_factory=list)
     final_eval: bool = True
     save_state: bool = False
+    retry_resumes: bool = True
     results: dict = field(default_factory=dict)
 
 
@@ -117,7 +120,7 @@ def train_segment(spec: RunSpec, splits: data_mod.Splits, segment: Segment, repo
             batch_state.oom_retries.append({"at_step": oom.step, "micro_batch": smaller[0], "grad_accum": smaller[1]})
             log.warning("CUDA out of memory at step %d; retrying from the start with micro-batch %d x "
                         "accumulation %d (effective batch unchanged)", oom.step, *smaller)
-            resume = segment.resume
+            resume = segment.resume if segment.retry_resumes else None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 

@@ -57,7 +57,7 @@ def run(cfg: DictConfig, reporter: Reporter | None = None) -> float:
             from sweeper import wsd
 
             return wsd.run_search(spec, splits, reporter, job_dir)
-        segment = Segment(output_dir=job_dir, resume=reporter.resume_checkpoint())
+        segment = Segment(output_dir=job_dir, resume=reporter.resume_checkpoint(), retry_resumes=False)
         best = train_segment(spec, splits, segment, reporter)["best_value"]
         return float(best) if best is not None else math.nan
     except (DivergedError, config_mod.InputError):

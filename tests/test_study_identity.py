@@ -28,6 +28,11 @@ def test_differences_ignore_swept_searched_and_bookkeeping_keys(compose_cfg):
     c = identity.result_config(compose_cfg(*FAST[:3], "batch.per_device_train_batch_size=2",
                                            "batch.gradient_accumulation_steps=2", *FAST[5:]))
     assert identity.differences([a], c, set()) == {}
+    # the demo's size counts for the demo only: a banking77 study run with it is the same run without it
+    bank = [o for o in FAST if not o.startswith("data.")] + ["data=banking77_sample"]
+    with_rows = identity.result_config(compose_cfg(*bank, "data.demo_rows=120"))
+    assert identity.differences([with_rows], identity.result_config(compose_cfg(*bank)), set()) == {}
+    assert identity.differences([a], identity.result_config(compose_cfg(*FAST[:-1], "data.demo_rows=400")), set())
 
 
 @pytest.mark.slow
