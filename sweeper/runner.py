@@ -69,11 +69,12 @@ class _OutOfMemory(Exception):
 
 @dataclass
 class _Batching:
-    """What ``batch=auto`` decided, shared by the attempts of one segment."""
+    """What the attempts of one segment share: ``batch=auto``'s decision, the OOM retries, the timings."""
 
     info: dict | None = None  # the trial's ``batch_auto`` attr
     probe_key: str | None = None  # set while the probe is still to run
     oom_retries: list = field(default_factory=list)
+    timing: dict = field(default_factory=dict)  # the trial's ``timing`` attr: the probe's time outlives its attempt
 
     @property
     def fitted(self) -> bool:
@@ -130,7 +131,7 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
     import torch
 
     cfg, out = spec.cfg, Path(segment.output_dir)
-    timing: dict = {}
+    timing = batch_state.timing
     if cfg.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
 
