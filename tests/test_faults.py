@@ -195,6 +195,23 @@ def test_ctrl_c_twice_queues_the_trial_to_resume(tmp_path, cache_dir):
     assert len(_load(url, name).trials) == 2
 
 
+@pytest.mark.slow
+def test_sigterm_queues_the_trial_to_resume(tmp_path, cache_dir):
+    """What docker stop, systemd and scancel send: the same as Ctrl-C, with exit code 143."""
+    url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
+    args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
+            f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    proc = _start_until_checkpointed(args, url, name)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    trials = _load(url, name).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert "stopped by SIGTERM" in trials[0].user_attrs["error"]
+    assert _ok_run(run_cli(*args))
+    retry = _load(url, name).trials[1]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_checkpoint"]
+
+
 def _ok_run(proc):
     assert proc.returncode == 0, proc.stderr[-3000:]
     return True
