@@ -381,9 +381,10 @@ def _settings(best: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.Froz
 
 
 def _one_run(steps: int, settings: Sequence[str], extra: str = "") -> str:
+    """One confirming run of ``steps`` steps with the trial's settings, then ``extra`` (which wins)."""
     import shlex
 
-    return f"python train.py schedule.max_steps={steps}{extra}" + "".join(" " + shlex.quote(o) for o in settings)
+    return f"python train.py schedule.max_steps={steps}" + "".join(" " + shlex.quote(o) for o in settings) + extra
 
 
 def _grid_command(lengths: Sequence[int], wsd: bool, settings: Sequence[str] = ()) -> str:

@@ -232,7 +232,9 @@ def test_storage_password_is_written_nowhere(tmp_path, cache_dir):
     url = PG_URL.replace("postgresql://postgres@", "postgresql://postgres:s3cretPW@")
     assert "s3cretPW" in url
     try:
-        proc = run_cli("-m", "seed=1,2", "hydra.sweeper.workers=2", *FAST, f"hydra.sweeper.storage={url}",
+        # trials long enough that the second worker starts before the first has run them all
+        proc = run_cli("-m", "seed=1,2,3,4", "hydra.sweeper.workers=2", *FAST, "schedule.max_steps=40",
+                       f"hydra.sweeper.storage={url}",
                        f"hydra.sweeper.study_name={name}", f"paths.output_dir={tmp_path}",
                        f"paths.cache_dir={cache_dir}")
         assert proc.returncode == 0, proc.stderr[-3000:]
