@@ -991,6 +991,11 @@ class StudySweeper:
             sw.folder.mkdir(parents=True, exist_ok=True)
             (sw.folder / "summary.md").write_text(text + "\n", encoding="utf-8")
         if len(command.sweeps) > 1:
+            # Hydra's launcher makes the folder of the default study of the unswept config, which
+            # none of these studies may be: leave no empty folder behind
+            default = Path(str(self.config.hydra.sweep.dir))
+            if default.is_dir() and default not in {sw.folder for sw in command.sweeps} and not any(default.iterdir()):
+                default.rmdir()
             command.folder.mkdir(parents=True, exist_ok=True)
             text = datasets_section([sw.study for sw in command.sweeps], command.folder / "datasets.png")
             print(text)

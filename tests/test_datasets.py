@@ -112,14 +112,16 @@ def test_a_sweep_over_datasets_runs_a_study_each_resumes_and_adds_only_new_datas
 @pytest.mark.slow
 def test_wsd_search_over_two_datasets_records_branches_in_each_study(tmp_path, cache_dir):
     base = [*FAST[1:], f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
-    out = _ok(run_cli("-m", "schedule=wsd_search", "schedule.wsd.candidates=[8,12]", "data=demo,banking77_sample",
-                      *base))
-    for name in STUDIES:
+    out = _ok(run_cli("-m", "schedule=wsd_search", "schedule.wsd.candidates=[8,12]",
+                      "data=banking77_sample,snips_sample", *base))
+    for name in ("banking77_sample-tiny", "snips_sample-tiny"):
         trials = _study(tmp_path, name).trials
         assert {t.params.get("method") for t in trials} == {"wsd"}
         assert sorted(t.user_attrs["max_steps"] for t in trials) == [8, 12]  # the trunk and its branch
         assert any("wsd_branch_of" in t.system_attrs for t in trials)
-    assert list(_table_rows(out.stdout)) == ["demo", "banking77_sample"]
+    assert list(_table_rows(out.stdout)) == ["banking77_sample", "snips_sample"]
+    assert sorted(p.name for p in (tmp_path / "sweeps").iterdir() if p.is_dir()) == [
+        "banking77_sample-tiny", "snips_sample-tiny"]  # no empty folder of the default data's study
 
 
 @pytest.mark.parametrize("args,needle", [
