@@ -23,7 +23,7 @@ from sweeper.plan import Plan, make_plan
 from sweeper.spec import RunSpec, Schedule
 
 __all__ = ["SNIPPET_KEYS", "args_for", "build_sft_config", "check_prepared_data", "make_trainer", "peft_config", "plan_for",
-           "prepare_for_plan", "schedule_of"]
+           "prepare_for_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,6 @@ SNIPPET_KEYS = (
 )
 
 
-
-
-def schedule_of(cfg: DictConfig) -> Schedule:
-    """The schedule of a composed config (see :func:`sweeper.spec.resolve`)."""
-    s, lr = cfg.schedule, cfg.lr
-    return Schedule(max_steps=int(s.max_steps) if s.max_steps is not None else None,
-                    num_train_epochs=float(s.num_train_epochs) if s.num_train_epochs is not None else None,
-                    warmup_steps=float(lr.warmup_steps) if lr.warmup_steps < 1 else int(lr.warmup_steps),
-                    lr_scheduler_type=str(lr.lr_scheduler_type))
 
 
 def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_format: str,
@@ -64,7 +55,7 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
             "pick precision=auto (fp32 on CPU) or precision=fp32"
         )
     e, b, lr = cfg.eval, cfg.batch, cfg.lr
-    s = schedule if schedule is not None else schedule_of(cfg)
+    s = schedule if schedule is not None else spec_mod.schedule_of(cfg)
     completion = cfg.data.loss_on == "completion"
     direction = config_mod.metric_direction(e.metric)
     speed = speed if speed is not None else spec_mod.resolve_speed(cfg, compute)

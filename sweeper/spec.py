@@ -22,7 +22,7 @@ from sweeper import gpu as gpu_mod
 from sweeper import model as model_mod
 from sweeper import speed as speed_mod
 
-__all__ = ["Batch", "RunSpec", "Schedule", "Wsd", "check_folders", "job_dir", "prepare", "resolve", "resolve_speed"]
+__all__ = ["Batch", "RunSpec", "Schedule", "Wsd", "check_folders", "job_dir", "prepare", "resolve", "resolve_speed", "schedule_of"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,15 @@ class RunSpec:
                                    if early_stopping is None else early_stopping)
 
 
+def schedule_of(cfg: DictConfig) -> Schedule:
+    """The schedule of a composed config: its length (``schedule``) and LR schedule (``lr``)."""
+    s, lr = cfg.schedule, cfg.lr
+    return Schedule(max_steps=int(s.max_steps) if s.max_steps is not None else None,
+                    num_train_epochs=float(s.num_train_epochs) if s.num_train_epochs is not None else None,
+                    warmup_steps=float(lr.warmup_steps) if lr.warmup_steps < 1 else int(lr.warmup_steps),
+                    lr_scheduler_type=str(lr.lr_scheduler_type))
+
+
 def resolve_speed(cfg: DictConfig, compute: str) -> dict:
     """The ``speed`` group decided for this machine (see ``sweeper/speed.py``)."""
     import torch
@@ -104,22 +113,17 @@ def resolve(cfg: DictConfig) -> RunSpec:
     speed = resolve_speed(cfg, compute)  # e.g. varlen without a GPU is refused here
     check_folders(cfg)
     metric = str(cfg.eval.metric)
-    s, lr, b = cfg.schedule, cfg.lr, cfg.batch
+    s, b = cfg.schedule, cfg.batch
     wsd = None
     if s.get("wsd") is not None:
         w = s.wsd
         wsd = Wsd(candidates=tuple(sorted(int(c) for c in w.candidates)), decay_fraction=float(w.decay_fraction),
                   decay_type=str(w.decay_type), warmup_steps=config_mod.wsd_warmup_steps(cfg),
                   stop_after_worse=None if w.stop_after_worse is None else int(w.stop_after_worse))
-    schedule = Schedule(
-        max_steps=int(s.max_steps) if s.max_steps is not None else None,
-        num_train_epochs=float(s.num_train_epochs) if s.num_train_epochs is not None else None,
-        warmup_steps=float(lr.warmup_steps) if lr.warmup_steps < 1 else int(lr.warmup_steps),
-        lr_scheduler_type=str(lr.lr_scheduler_type))
     return RunSpec(
         cfg=cfg, compute=compute, speed=speed, metric=metric,
         maximize=config_mod.metric_direction(metric) == "maximize", method=str(cfg.peft.name),
-        schedule=schedule, wsd=wsd,
+        schedule=schedule_of(cfg), wsd=wsd,
         batch=Batch(int(b.per_device_train_batch_size), int(b.gradient_accumulation_steps),
                     int(b.per_device_eval_batch_size), auto=b.get("auto") is not None),
         early_stopping=cfg.eval.early_stopping_patience is not None)

@@ -6,6 +6,7 @@ import functools
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,37 @@ def load_study(url: str, name: str):
     import optuna
 
     return optuna.load_study(study_name=name, storage=_storage(url))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request, tmp_path):
+    """(url, study name) on a fresh SQLite file or a unique study on the PostgreSQL server."""
+    name = f"study-{uuid.uuid4().hex[:8]}"
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/optuna.db", name
+        return
+    reason = postgres_unreachable()
+    if reason:
+        skip_or_fail(reason)
+    yield PG_URL, name
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=name, storage=PG_URL)
+    except KeyError:
+        pass
+
+
+def mount_tmpfs(path: Path, options: str) -> Path:
+    """Mount a tmpfs at ``path`` (created) with ``options`` (e.g. ``size=600k`` or ``size=1m,ro``): a full or
+    read-only disk for real, which root's ignored file modes cannot give. Unmount with :func:`unmount`."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        skip_or_fail(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    return path
+
+
+def unmount(path: Path) -> None:
+    if path.is_mount():
+        subprocess.run(["umount", str(path)], check=True)

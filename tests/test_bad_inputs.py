@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from .conftest import FAST, ROOT, run_cli, skip_or_fail
+from .conftest import FAST, ROOT, mount_tmpfs, run_cli, unmount
 
 
 def _non_utf8(tmp_path):
@@ -53,13 +53,8 @@ def _train_only(rows, text=None):
 
 
 def _readonly(tmp_path):
-    """A read-only file system (tmpfs mounted ro): root ignores file modes, so only a mount says no."""
-    path = tmp_path / "ro"
-    path.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        skip_or_fail(f"cannot mount a read-only tmpfs here (needs root): {proc.stderr.strip()}")
-    return path
+    """A read-only file system: root ignores file modes, so only a read-only mount says no."""
+    return mount_tmpfs(tmp_path / "ro", "size=1m,ro")
 
 
 LONG = _chat("x " * 3000, "y")  # its answer starts past any small data.max_length
@@ -142,8 +137,7 @@ def test_bad_sweep_input_is_one_clear_line(tmp_path, cache_dir, case):
         args = overrides(tmp_path) if callable(overrides) else overrides
         proc = run_cli("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *args)
     finally:
-        if (tmp_path / "ro").is_mount():
-            subprocess.run(["umount", str(tmp_path / "ro")], check=True)
+        unmount(tmp_path / "ro")
     assert proc.returncode != 0
     assert needle in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

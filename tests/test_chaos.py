@@ -12,13 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
 
-from .conftest import FAST, PG_URL, ROOT, load_study, postgres_unreachable, run_cli, skip_or_fail
+from .conftest import FAST, ROOT, load_study, mount_tmpfs, run_cli, unmount
 
 pytestmark = pytest.mark.slow
 
@@ -91,15 +90,8 @@ def test_kill_during_a_checkpoint_save(tmp_path, cache_dir, reference_curve):
     _record("kill -9 during a checkpoint save", 1, 1, lost, dup)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_kill_during_a_study_write(tmp_path, cache_dir, reference_curve, backend):
-    if backend == "postgresql":
-        reason = postgres_unreachable()
-        if reason:
-            skip_or_fail(reason)
-        url, name = PG_URL, f"chaos-{os.getpid()}-{time.time_ns()}"
-    else:
-        url, name = f"sqlite:///{tmp_path}/optuna.db", "chaos"
+def test_kill_during_a_study_write(tmp_path, cache_dir, reference_curve, storage):
+    url, name = storage
     args = _args(tmp_path, cache_dir, url, name)
     _killed(args, KILL_IN_REPORT="8")
     [dead] = _trials(url, name)
@@ -113,16 +105,11 @@ def test_kill_during_a_study_write(tmp_path, cache_dir, reference_curve, backend
     _assert_same_curve(trials[1], reference_curve)
     lost, dup = _lost_and_duplicated(trials, {1})
     assert (lost, dup) == (0, 0)
-    _record(f"kill -9 during a study write ({backend})", 1, 1, lost, dup)
+    _record(f"kill -9 during a study write ({url.split(':', 1)[0]})", 1, 1, lost, dup)
 
 
 def test_full_disk_for_the_output_folder(tmp_path, cache_dir, reference_curve):
-    out = tmp_path / "small"
-    out.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(out)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        skip_or_fail(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    out = mount_tmpfs(tmp_path / "small", "size=600k")
     try:
         url = f"sqlite:///{tmp_path}/optuna.db"  # the study lives elsewhere: only the output folder is full
         args = _args(out, cache_dir, url)
@@ -136,7 +123,7 @@ def test_full_disk_for_the_output_folder(tmp_path, cache_dir, reference_curve):
         proc = run_cli(*args)
         assert proc.returncode == 0, proc.stderr[-3000:]
     finally:
-        subprocess.run(["umount", str(out)], check=False)
+        unmount(out)
     trials = _trials(url, "chaos")
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert "DiskFullError" in trials[1].user_attrs["retry_of"]["error"]
@@ -146,16 +133,9 @@ def test_full_disk_for_the_output_folder(tmp_path, cache_dir, reference_curve):
     _record("full disk for the output folder", 1, 1, lost, dup)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_eight_workers_on_one_study(tmp_path, cache_dir, backend):
+def test_eight_workers_on_one_study(tmp_path, cache_dir, storage):
     """A lock storm: 8 worker processes claim, report and finish trials of one study at once."""
-    if backend == "postgresql":
-        reason = postgres_unreachable()
-        if reason:
-            skip_or_fail(reason)
-        url, name = PG_URL, f"storm-{os.getpid()}-{time.time_ns()}"
-    else:
-        url, name = f"sqlite:///{tmp_path}/optuna.db", "storm"
+    url, name = storage
     seeds = list(range(1, 9))
     proc = run_cli("-m", f"seed={','.join(map(str, seeds))}", *FAST,
                    "hydra.sweeper.workers=8", f"hydra.sweeper.storage={url}", f"hydra.sweeper.study_name={name}",
@@ -165,4 +145,4 @@ def test_eight_workers_on_one_study(tmp_path, cache_dir, backend):
     lost, dup = _lost_and_duplicated(trials, set(seeds))
     assert (lost, dup) == (0, 0) and len(trials) == 8
     assert len({t.user_attrs["worker"] for t in trials}) >= 2  # the work really was shared
-    _record(f"8 workers on one study ({backend})", 8, 8 - lost, lost, dup)
+    _record(f"8 workers on one study ({url.split(':', 1)[0]})", 8, 8 - lost, lost, dup)

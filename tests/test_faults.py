@@ -20,23 +20,6 @@ from .conftest import FAST, PG_URL, ROOT, load_study, postgres_unreachable, run_
 from .helpers import Recorder
 
 TrialState = optuna.trial.TrialState
-@pytest.fixture(params=["sqlite", "postgresql"])
-def storage(request, tmp_path):
-    """(url, study name) on a fresh SQLite file or a unique study on the PostgreSQL server."""
-    name = f"faults-{uuid.uuid4().hex[:8]}"
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/optuna.db", name
-        return
-    reason = postgres_unreachable()
-    if reason:
-        skip_or_fail(reason)
-    yield PG_URL, name
-    try:
-        optuna.delete_study(study_name=name, storage=PG_URL)
-    except KeyError:
-        pass
-
-
 def _load(url, name):
     return load_study(url, name)
 
@@ -178,38 +161,26 @@ def _start_until_checkpointed(args: list, url: str, name: str) -> subprocess.Pop
 
 
 @pytest.mark.slow
-def test_ctrl_c_twice_queues_the_trial_to_resume(tmp_path, cache_dir):
+@pytest.mark.parametrize("signals,rc,why", [
+    ([signal.SIGINT, signal.SIGINT], 130, "interrupted by the user"),  # an impatient second Ctrl-C 50 ms later
+    ([signal.SIGTERM], 143, "stopped by SIGTERM"),  # what docker stop, systemd and scancel send
+], ids=["ctrl-c twice", "sigterm"])
+def test_a_stop_signal_queues_the_trial_to_resume(tmp_path, cache_dir, signals, rc, why):
     url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
     args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
     proc = _start_until_checkpointed(args, url, name)
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # an impatient second Ctrl-C must not lose the retry
-    assert proc.wait(timeout=120) == 130
+    for i, sig in enumerate(signals):
+        time.sleep(0.05 if i else 0)
+        proc.send_signal(sig)
+    assert proc.wait(timeout=120) == rc
     trials = _load(url, name).trials
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # the retry was not lost
+    assert why in trials[0].user_attrs["error"]
     assert _ok_run(run_cli(*args))
     retry = _load(url, name).trials[1]
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_checkpoint"]
     assert len(_load(url, name).trials) == 2
-
-
-@pytest.mark.slow
-def test_sigterm_queues_the_trial_to_resume(tmp_path, cache_dir):
-    """What docker stop, systemd and scancel send: the same as Ctrl-C, with exit code 143."""
-    url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
-    args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
-            f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
-    proc = _start_until_checkpointed(args, url, name)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 143
-    trials = _load(url, name).trials
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
-    assert "stopped by SIGTERM" in trials[0].user_attrs["error"]
-    assert _ok_run(run_cli(*args))
-    retry = _load(url, name).trials[1]
-    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_checkpoint"]
 
 
 def _ok_run(proc):
