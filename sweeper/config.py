@@ -104,6 +104,14 @@ class BatchConfig:
 
 
 @dataclass
+class HalvingConfig:
+    """schedule.wsd.halving: successive halving of the learning rates' trunks at each candidate length."""
+
+    rule: str = "successive_halving"  # successive_halving | none (every learning rate runs every length)
+    eta: int = 3  # keep the best ceil(n / eta) of the n trunks at a length
+
+
+@dataclass
 class WsdConfig:
     """schedule=wsd_search: one warmup-stable-decay trunk with a cooldown branch per candidate."""
 
@@ -111,6 +119,8 @@ class WsdConfig:
     decay_fraction: float = MISSING  # cooldown share of each candidate, in (0, 1)
     decay_type: str = MISSING  # linear | cosine | 1-sqrt (transformers' WSD decay types)
     stop_after_worse: Optional[int] = None  # stop the trunk after this many successive worse branches; None: never
+    learning_rates: Optional[List[float]] = None  # one trunk per learning rate (a joint search); None: lr.learning_rate
+    halving: Optional[HalvingConfig] = None  # joint search: which trunks go on at each candidate length
 
 
 @dataclass
@@ -254,6 +264,32 @@ def wsd_branch_point(steps: int, decay_fraction: float) -> int:
     return steps - round(decay_fraction * steps)
 
 
+def _validate_learning_rates(w: Any) -> None:
+    """schedule.wsd.learning_rates (null, or distinct positive numbers) and schedule.wsd.halving."""
+    import math
+
+    from sweeper.halving import RULES
+
+    rates = w.get("learning_rates")
+    if rates is not None:
+        rates = list(rates)
+        if not rates or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0
+                            for r in rates):
+            raise ValueError(f"schedule.wsd.learning_rates must be null or a non-empty list of positive numbers, but "
+                             f"got {rates}; e.g. schedule.wsd.learning_rates=[1e-4,2e-4,4e-4]")
+        if len({float(r) for r in rates}) != len(rates):
+            raise ValueError(f"schedule.wsd.learning_rates must not repeat a rate, but got {rates}; list each "
+                             "learning rate once")
+    h = w.get("halving")
+    if h is not None:
+        if h.rule not in RULES:
+            raise ValueError(f"schedule.wsd.halving.rule must be one of {list(RULES)}, but got {h.rule!r}; set "
+                             "schedule.wsd.halving.rule=successive_halving")
+        if isinstance(h.eta, bool) or not isinstance(h.eta, int) or h.eta < 2:
+            raise ValueError(f"schedule.wsd.halving.eta must be an integer >= 2 (keep the best 1/eta at each "
+                             f"length), but got {h.eta}; set schedule.wsd.halving.eta=3")
+
+
 def _validate_wsd(cfg: Any) -> None:
     s, w = cfg.schedule, cfg.schedule.wsd
     if s.max_steps is not None or s.num_train_epochs is not None:
@@ -277,6 +313,7 @@ def _validate_wsd(cfg: Any) -> None:
     if w.stop_after_worse is not None and w.stop_after_worse < 1:
         raise ValueError(f"schedule.wsd.stop_after_worse must be >= 1 or null (never stop the trunk), but got "
                          f"{w.stop_after_worse}; set schedule.wsd.stop_after_worse=2")
+    _validate_learning_rates(w)
     points = sorted((wsd_branch_point(c, w.decay_fraction), c) for c in cands)
     for (p, c), (q, d) in zip(points, points[1:]):
         if p >= q:

@@ -60,6 +60,17 @@ def result_config(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def joint_group(settings: dict[str, Any]) -> str:
+    """The id of a joint WSD search (``schedule.wsd.learning_rates``) that a run of ``settings``
+    (:func:`result_config`) belongs to: its settings but its own learning rate, hashed, so that every
+    rate's trunk of one search names the same group."""
+    import hashlib
+    import json
+
+    rest = {k: v for k, v in settings.items() if k != "lr.learning_rate"}
+    return hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def _flatten(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(node, dict):
         return [kv for k, v in node.items() for kv in _flatten(v, f"{prefix}{k}.")]

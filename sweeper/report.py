@@ -444,9 +444,35 @@ def recommend(study: optuna.Study) -> dict | None:
     notes.append(f"Noise ±{noise.sigma:.4f} near its best ({noise.sigma / max(abs(best.value), 1e-8):.1%}; method: "
                  f"{noise.method}); two results are within noise when they differ by at most twice the larger "
                  "noise of their two curves.")
+    joint = a.get("learning_rate", (a.get("wsd_trunk") or {}).get("lr"))  # a joint search's learning rate
     return {"trial": best.number, "max_steps": steps, "best_step": b_step, "value": best.value,
+            "learning_rate": float(joint) if joint is not None else None,
             "diagnosis": d, "reason": reason, "notes": notes, "noise": noise,
             "within_noise": close[0] if close else None, "verdict": _verdict(best, d, notes, close)}
+
+
+def joint_sections(study: optuna.Study) -> list[str]:
+    """Markdown lines for each joint (learning rate, steps) WSD search in the study: its table of rates by
+    lengths (:func:`sweeper.halving.joint_table`), the winner, the cost against the full cosine grid and
+    where each stopped trunk stopped. Empty when the study holds none."""
+    from sweeper.halving import joint_table
+    from sweeper.storage import is_branch
+
+    groups: dict[str, dict[float, dict]] = {}
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        rec = t.system_attrs.get("wsd_trunk")
+        if rec and not is_branch(t):  # the newest trial of a rate stands for it (a retry for its failed run)
+            groups.setdefault(rec["group"], {})[float(rec["lr"])] = attrs(t)
+    metric = study.user_attrs.get("metric", "value")
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    out = []
+    for trunks in groups.values():
+        any_trunk = next(iter(trunks.values()))
+        rec, cands = any_trunk["wsd_trunk"], list((any_trunk.get("wsd") or {}).get("candidates") or [])
+        rule = f"successive halving, eta={rec['eta']}" if rec["rule"] != "none" else "no halving"
+        out += [f"### Joint search: learning rate x steps ({len(rec['learning_rates'])} rates x {len(cands)} "
+                f"lengths, {rule})", "", joint_table(trunks, cands, metric, maximize), ""]
+    return out
 
 
 def _verdict(best: optuna.trial.FrozenTrial, d: Diagnosis, notes: Sequence[str],
@@ -704,12 +730,14 @@ def study_report(study: optuna.Study) -> str:
         flag = accuracy_disagrees(t)
         if flag:
             lines.append(f"  - note: {flag}")
+    lines += joint_sections(study)
     rec = recommend(study)
     lines.append("")
     if rec is None:
         lines.append("No trial completed, so no step count can be recommended yet.")
     else:
-        lines.append(f"**Recommended for {study.user_attrs.get('data', study.study_name)}: max_steps={rec['max_steps']}.** "
+        lr = f"lr.learning_rate={rec['learning_rate']:g}, " if rec.get("learning_rate") is not None else ""
+        lines.append(f"**Recommended for {study.user_attrs.get('data', study.study_name)}: {lr}max_steps={rec['max_steps']}.** "
                      + rec["reason"])
         lines += [f"- {note}" for note in rec["notes"]]
         snippet = sftconfig_snippet(by_number[rec["trial"]])

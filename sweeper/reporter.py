@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-__all__ = ["Collect", "NullReporter", "Reporter"]
+__all__ = ["Collect", "NullReporter", "Parked", "Reporter"]
+
+
+class Parked(Exception):
+    """A joint WSD search's trunk waits at a rung for trunks that no worker is training: its job ends, its
+    trial goes back to the queue (WAITING) with its checkpoint, and a worker resumes it once the halving
+    rule has decided (``sweeper.halving``)."""
 
 
 class Reporter(Protocol):
@@ -40,6 +46,13 @@ class Reporter(Protocol):
     def stop(self, reason: str) -> None:
         """A WSD search whose trunk stopped early: end the trial PRUNED with ``reason`` (raises)."""
 
+    def trunks(self, trunk: dict) -> list:
+        """A joint WSD search: every learning rate's trunk (``sweeper.halving.Trunk``) as the study knows
+        it now, ``trunk`` (this one's ``wsd_trunk`` record) standing for this one."""
+
+    def park(self, reason: str) -> None:
+        """A joint WSD search's trunk waits for trunks no worker trains: raise :class:`Parked`."""
+
 
 class NullReporter:
     """A run without a study: nothing is recorded, nothing is pruned."""
@@ -69,6 +82,14 @@ class NullReporter:
 
     def stop(self, reason: str) -> None:
         pass
+
+    def trunks(self, trunk: dict) -> list:
+        from sweeper.halving import Trunk
+
+        return [Trunk(float(trunk["lr"]), {int(k): float(v) for k, v in trunk["rungs"].items()})]
+
+    def park(self, reason: str) -> None:
+        raise Parked(reason)
 
 
 class Collect(NullReporter):

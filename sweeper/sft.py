@@ -75,7 +75,7 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
         per_device_eval_batch_size=int(eval_batch or b.per_device_eval_batch_size),
         activation_checkpointing=bool(b.activation_checkpointing),
         # lr
-        learning_rate=float(lr.learning_rate),
+        learning_rate=float(s.learning_rate if s.learning_rate is not None else lr.learning_rate),
         weight_decay=float(lr.weight_decay),
         max_grad_norm=float(lr.max_grad_norm),
         # precision

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from sweeper import config as config_mod
 from sweeper import data as data_mod
-from sweeper import disk
+from sweeper import disk, identity
 from sweeper import gpu as gpu_mod
 from sweeper import model as model_mod
 from sweeper import speed as speed_mod
@@ -34,6 +34,7 @@ class Schedule:
     warmup_steps: float  # a fraction of the run (< 1) or optimizer steps
     lr_scheduler_type: str
     lr_scheduler_kwargs: dict = field(default_factory=dict)
+    learning_rate: float | None = None  # None: lr.learning_rate (a joint WSD search sets each trunk's)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class Wsd:
     decay_type: str
     warmup_steps: int
     stop_after_worse: int | None
+    learning_rates: tuple[float, ...] = ()  # a joint search: one trunk per rate (sorted); (): lr.learning_rate only
+    halving_rule: str = "successive_halving"
+    eta: int = 3
+    group: str = ""  # the joint search this trunk belongs to: its settings but the learning rate, hashed
 
     def branch_point(self, steps: int) -> int:
         return config_mod.wsd_branch_point(steps, self.decay_fraction)
@@ -77,6 +82,11 @@ class RunSpec:
         """The same run at another micro-batch (the effective batch is the caller's to keep)."""
         return dataclasses.replace(self, batch=Batch(int(micro), int(accum),
                                                      eval_batch if eval_batch is not None else self.batch.eval_batch))
+
+    @property
+    def learning_rate(self) -> float:
+        s = self.schedule.learning_rate
+        return float(s) if s is not None else float(self.cfg.lr.learning_rate)
 
     def with_schedule(self, schedule: Schedule, early_stopping: bool | None = None) -> "RunSpec":
         return dataclasses.replace(self, schedule=schedule, early_stopping=self.early_stopping
@@ -117,9 +127,14 @@ def resolve(cfg: DictConfig) -> RunSpec:
     wsd = None
     if s.get("wsd") is not None:
         w = s.wsd
+        rates = w.get("learning_rates")
+        h = w.get("halving")
         wsd = Wsd(candidates=tuple(sorted(int(c) for c in w.candidates)), decay_fraction=float(w.decay_fraction),
                   decay_type=str(w.decay_type), warmup_steps=config_mod.wsd_warmup_steps(cfg),
-                  stop_after_worse=None if w.stop_after_worse is None else int(w.stop_after_worse))
+                  stop_after_worse=None if w.stop_after_worse is None else int(w.stop_after_worse),
+                  learning_rates=tuple(sorted(float(r) for r in rates)) if rates is not None else (),
+                  halving_rule=str(h.rule) if h is not None else "successive_halving",
+                  eta=int(h.eta) if h is not None else 3, group=identity.joint_group(identity.result_config(cfg)) if rates is not None else "")
     return RunSpec(
         cfg=cfg, compute=compute, speed=speed, metric=metric,
         maximize=config_mod.metric_direction(metric) == "maximize", method=str(cfg.peft.name),

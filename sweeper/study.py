@@ -38,6 +38,7 @@ that read studies back; never in ``sweeper.trial``. Public: ``__all__``. ``open_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -58,9 +59,10 @@ import sqlalchemy.exc
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
-from sweeper import disk, identity, passwords
+from sweeper import disk, halving, identity, passwords
 from sweeper import gpu as gpu_mod
 from sweeper import workers as workers_mod
+from sweeper.reporter import Parked
 from sweeper.space import SweepSpace, build_space, quote, value_text
 from sweeper.storage import (
     SYSTEM_ATTRS,
@@ -85,6 +87,7 @@ _COVERED = (
     optuna.trial.TrialState.WAITING,
 )
 DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS = 10
+PARKED_POLL_S = 2.0  # a worker with nothing to start while joint-search trunks are parked looks again this often
 _SWEEP_ID_ENV = "SFT_SWEEP_SWEEP_ID"
 
 
@@ -193,9 +196,10 @@ def make_sampler(sampler_cfg: Any) -> optuna.samplers.BaseSampler:
 class TrialReporter:
     """The job's handle on its own trial: report, prune, store attrs. Used by ``sweeper.trial``."""
 
-    def __init__(self, trial: optuna.Trial, storage: Any = None) -> None:
+    def __init__(self, trial: optuna.Trial, storage: Any = None, stale_after_s: float | None = None) -> None:
         self.trial = trial
         self._storage = storage
+        self.stale_after_s = stale_after_s  # a RUNNING trial whose heartbeat is older has lost its worker
 
     @classmethod
     def from_job(cls, cfg: DictConfig) -> "TrialReporter":
@@ -211,7 +215,9 @@ class TrialReporter:
             study._storage.set_trial_user_attr(trial_id, "retry_of", {
                 "trial": frozen.system_attrs["failed_trial"], "error": frozen.user_attrs["error"]})
             study._storage.set_trial_user_attr(trial_id, "error", None)
-        return cls(optuna.Trial(study, trial_id), storage)
+        beat = sweeper_cfg.get("heartbeat_interval")
+        stale = sweeper_cfg.get("grace_period") or (2 * beat if beat else None)
+        return cls(optuna.Trial(study, trial_id), storage, stale)
 
     def close(self) -> None:
         """Drop the job's database connections, so that an interrupted write (Ctrl-C in the middle of
@@ -220,9 +226,11 @@ class TrialReporter:
             self._storage.engine.dispose()
 
     def resume_checkpoint(self) -> str | None:
-        """For a trial re-queued after its worker died: the newest checkpoint its run left."""
+        """For a trial re-queued after its worker died, or a joint search's trunk parked at a rung: the
+        newest checkpoint its run left."""
         frozen = self.trial.study._storage.get_trial(self.trial._trial_id)
-        if frozen.system_attrs.get("failed_trial") is None:
+        parked = (frozen.system_attrs.get("wsd_trunk") or {}).get("parked_at") is not None
+        if frozen.system_attrs.get("failed_trial") is None and not parked:
             return None
         run_dir = frozen.user_attrs.get("run_dir")
         if not run_dir or not Path(run_dir).is_dir():
@@ -281,6 +289,10 @@ class TrialReporter:
         if number is not None:
             return number
         params = _wsd_params(max_steps, low, high)
+        if "learning_rate" in user_attrs:  # a joint search's branch: the trunk's learning rate (and grid params)
+            frozen = study._storage.get_trial(self.trial._trial_id)
+            params += [(n, v, frozen.distributions[n]) for n, v in frozen.params.items()
+                       if n not in ("max_steps", "method")]
         curves = {k: user_attrs[k] for k in SYSTEM_ATTRS if k in user_attrs}  # where set_attrs keeps them
         study.add_trial(optuna.trial.create_trial(
             params={n: v for n, v, _ in params}, distributions={n: d for n, _, d in params},
@@ -290,6 +302,18 @@ class TrialReporter:
         ))
         return existing()
 
+    def trunks(self, trunk: dict) -> list[halving.Trunk]:
+        """A joint search: every learning rate's trunk as the study holds it now (see :func:`trunk_table`)."""
+        study = self.trial.study
+        storage = getattr(study._storage, "_backend", study._storage)
+        trials = storage.get_all_trials(study._study_id, deepcopy=False)
+        return trunk_table(trials, trunk, _abandoned(study, trunk["group"]),
+                           lambda t: _fresh(storage, t, self.stale_after_s), own=self.trial.number)
+
+    def park(self, reason: str) -> None:
+        """Raise :class:`sweeper.reporter.Parked`: the sweeper puts the trial back in the queue (WAITING)."""
+        raise Parked(reason)
+
     def set_attrs(self, attrs: dict) -> None:
         """Store the job's results on its trial: ``SYSTEM_ATTRS`` as system attrs (long values would make
         optuna-dashboard's attribute table thousands of pixels wide), the rest as user attrs."""
@@ -298,6 +322,78 @@ class TrialReporter:
                 self.trial.storage.set_trial_system_attr(self.trial._trial_id, k, v)
             else:
                 self.trial.set_user_attr(k, v)
+
+
+def trunk_table(trials: Sequence[optuna.trial.FrozenTrial], trunk: dict, abandoned: Sequence[float] = (),
+                running: Any = None, own: int | None = None, _seen: frozenset = frozenset()) -> list[halving.Trunk]:
+    """The trunks of ``trunk``'s joint search (its ``group``), one per learning rate, from the study's trials:
+    each rate's newest trunk trial (a retry replaces its failed run) with the branch values of its
+    ``wsd_trunk`` record; ``live`` while RUNNING or WAITING (queued, or parked at a rung where the halving
+    rule does not stop it); a rate with no trial yet is live unless ``abandoned`` (no worker of the command
+    will start it). ``running(t)``: whether a RUNNING trial's worker is alive (default: yes). ``trunk``
+    itself counts as running."""
+    def rungs(rec: dict) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (rec.get("rungs") or {}).items()}
+
+    latest: dict[float, tuple[optuna.trial.FrozenTrial, dict]] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        rec = t.system_attrs.get("wsd_trunk") or _claimed_trunk(t)
+        if rec and rec.get("group") == trunk["group"] and "wsd_branch_of" not in t.system_attrs:
+            latest[float(rec["lr"])] = (t, rec)
+    out = []
+    for lr in map(float, trunk["learning_rates"]):
+        if lr == float(trunk["lr"]):
+            out.append(halving.Trunk(lr, rungs(trunk), live=True, running=True))
+        elif lr in latest:
+            t, rec = latest[lr]
+            state = t.state
+            live = state == optuna.trial.TrialState.RUNNING
+            if state == optuna.trial.TrialState.WAITING:  # queued; parked: unless the rule stops it there
+                live = rec.get("parked_at") is None or t.number in _seen or _parked_verdict(
+                    rec, [x for x in trials if x.number != t.number], abandoned, _seen | {t.number}) != "stop"
+            is_running = state == optuna.trial.TrialState.RUNNING and (running is None or running(t))
+            out.append(halving.Trunk(lr, rungs(rec), live=live, running=is_running))
+        else:
+            out.append(halving.Trunk(lr, {}, live=lr not in abandoned, running=False))
+    return out
+
+
+def _claimed_trunk(t: optuna.trial.FrozenTrial) -> dict | None:
+    """A joint search's trunk claimed by a worker whose job has not yet recorded its ``wsd_trunk``: known
+    from the settings the sweeper recorded at the claim (``config``), with no rung reached."""
+    config = t.system_attrs.get("config") or {}
+    if config.get("schedule.wsd.learning_rates") is None or config.get("lr.learning_rate") is None:
+        return None
+    return {"group": identity.joint_group(config), "lr": float(config["lr.learning_rate"]), "rungs": {}}
+
+
+def _parked_verdict(rec: dict, others: Sequence[optuna.trial.FrozenTrial], abandoned: Sequence[float],
+                    seen: frozenset = frozenset()) -> str:
+    """The halving rule's verdict on a trunk parked at rung ``rec["parked_at"]``: continue, stop or pending."""
+    trunks = trunk_table(others, rec, abandoned, _seen=seen)
+    return halving.decide(float(rec["lr"]), int(rec["parked_at"]), trunks, int(rec["eta"]), bool(rec["maximize"]),
+                          str(rec["rule"]), str(rec.get("metric", "eval_loss"))).verdict
+
+
+def _abandoned(study: optuna.Study, group: str) -> list[float]:
+    """Learning rates of a joint search that no worker will start (see ``StudySweeper._abandon``)."""
+    return list(study._storage.get_study_system_attrs(study._study_id).get(f"wsd_abandoned:{group}") or [])
+
+
+def _fresh(storage: Any, t: optuna.trial.FrozenTrial, stale_after_s: float | None) -> bool:
+    """A RUNNING trial's worker still beats (or the storage keeps no heartbeats)."""
+    age = heartbeat_age_s(storage, t._trial_id)
+    return age is None or stale_after_s is None or age < stale_after_s
+
+
+def _parked_decision(trial: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.FrozenTrial],
+                     abandoned: Sequence[float]) -> str | None:
+    """For a joint search's trunk parked at a rung (WAITING): the halving rule's verdict now; None for any
+    other trial."""
+    rec = trial.system_attrs.get("wsd_trunk") or {}
+    if rec.get("parked_at") is None:
+        return None
+    return _parked_verdict(rec, [t for t in trials if t.number != trial.number], abandoned, frozenset({trial.number}))
 
 
 def _wsd_params(max_steps: int, low: int, high: int) -> list[tuple[str, Any, Any]]:
@@ -505,6 +601,37 @@ class StudySweeper:
                         f"{key}=choice({choices}) samples the dataset or model, but each has its own study "
                         f"(<data.name>-<model.name>); list them as a grid, {key}={choices}")
 
+    def _joint_rates(self, space: SweepSpace) -> SweepSpace:
+        """``schedule=wsd_search`` with several learning rates is one trunk, so one trial, per rate: the rates
+        of ``schedule.wsd.learning_rates`` become a grid over ``lr.learning_rate``; a grid over
+        ``lr.learning_rate`` alone (``lr.learning_rate=1e-4,2e-4``) sets ``schedule.wsd.learning_rates``, so
+        each trunk knows the others. Left as it is when a point is not a WSD search or does not compose (the
+        pre-flight names that)."""
+        loader = self.hydra_context.config_loader
+        try:
+            cfgs = [loader.load_sweep_config(self.config, space.fixed + [f"{k}={t}" for k, (_, t) in p.items()])
+                    for p in space.grid_points()]
+        except Exception:
+            return space
+        wsd = [c.schedule.get("wsd") for c in cfgs]
+        if any(w is None for w in wsd):
+            return space
+        lists = {None if w.get("learning_rates") is None else tuple(float(r) for r in w.learning_rates) for w in wsd}
+        swept = dict(space.grid).get("lr.learning_rate")
+        if lists == {None}:
+            if swept and len(swept) > 1:
+                rates = ",".join(value_text(float(v)) for v, _ in swept)
+                return dataclasses.replace(space, fixed=space.fixed + [f"schedule.wsd.learning_rates=[{rates}]"])
+            return space
+        if len(lists) > 1:
+            return space
+        if swept or "lr.learning_rate" in space.distributions:
+            raise ValueError("schedule.wsd.learning_rates lists the learning rates of the joint search, so "
+                             "lr.learning_rate must not be swept as well; give the rates once, as "
+                             "schedule.wsd.learning_rates=[...] or as lr.learning_rate=a,b,c")
+        [rates] = lists
+        return dataclasses.replace(space, grid=space.grid + [("lr.learning_rate", [(r, value_text(r)) for r in rates])])
+
     def _preflight(self, space: SweepSpace) -> list[DictConfig]:
         """Compose and check every grid point (and the data each one names) before any trial;
         returns the composed configs."""
@@ -638,21 +765,31 @@ class StudySweeper:
 
     def _claim(self, sw: "_Sweep", tried: set[int]) -> optuna.Trial | None:
         """Under the cross-worker lock: fail stale trials (their retries become WAITING), then
-        take a WAITING trial if there is one, else start the next point. Records the trial's result
-        config (``config`` system attr; a retry inherits its failed trial's)."""
+        take a WAITING trial if there is one (a joint search's parked trunk only once the halving rule has
+        decided it), else start the next point. Records the trial's result config (``config`` system attr;
+        a retry inherits its failed trial's)."""
         study = sw.study
         with claim_lock(self.storage_url, study.study_name):
             optuna.storages.fail_stale_trials(study)
-            waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-            config = None
-            if not waiting:
+            trials = study.get_trials(deepcopy=False)
+            waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+            ready = [t for t in waiting if _parked_decision(t, trials, self._abandoned_rates(study, t)) != "pending"]
+            config, created = None, False
+            if ready:
+                trial_id = ready[0]._trial_id
+            else:
                 i = self._next_point(sw, tried)
                 if i is None:
                     return None
                 if sw.points[i]:
                     study.enqueue_trial({k: v for k, (v, _) in sw.points[i].items()})
+                    known = {t._trial_id for t in waiting}
+                    trial_id = max(t._trial_id for t in study.get_trials(
+                        deepcopy=False, states=(optuna.trial.TrialState.WAITING,)) if t._trial_id not in known)
+                else:  # sampled: a new trial, as study.ask makes one
+                    trial_id, created = study._storage.create_new_trial(study._study_id), True
                 config = sw.configs[i]
-            trial = study.ask(fixed_distributions=sw.dists)
+            trial = self._take(study, trial_id, sw.dists, created)
             storage = trial.storage
             if config is None:  # a queued retry: the config of the trial it repeats
                 frozen = storage.get_trial(trial._trial_id)
@@ -666,6 +803,47 @@ class StudySweeper:
             if config is not None:
                 storage.set_trial_system_attr(trial._trial_id, "config", config)
             return trial
+
+    @staticmethod
+    def _take(study: optuna.Study, trial_id: int, dists: dict, created: bool) -> optuna.Trial:
+        """The trial ``trial_id`` as ``study.ask`` hands one out: RUNNING (from WAITING, unless ``created``
+        so), its fixed params suggested. ``ask`` itself would take the oldest WAITING trial, which may be a
+        parked trunk the halving rule has not decided yet."""
+        if not created and not study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING):
+            raise RuntimeError(f"trial id {trial_id} was taken by another worker under the claim lock")
+        trial = optuna.Trial(study, trial_id)
+        for name, dist in dists.items():
+            trial._suggest(name, dist)
+        return trial
+
+    @staticmethod
+    def _abandoned_rates(study: optuna.Study, t: optuna.trial.FrozenTrial) -> list[float]:
+        rec = t.system_attrs.get("wsd_trunk") or {}
+        return _abandoned(study, rec["group"]) if rec.get("parked_at") is not None else []
+
+    def _parked(self, command: "_Command") -> list[tuple["_Sweep", optuna.trial.FrozenTrial]]:
+        """The joint-search trunks parked in the command's studies (WAITING for the halving rule)."""
+        return [(sw, t) for sw in command.sweeps
+                for t in sw.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+                if (t.system_attrs.get("wsd_trunk") or {}).get("parked_at") is not None]
+
+    def _abandon(self, command: "_Command") -> None:
+        """Nothing left to start, nothing RUNNING, yet trunks stay parked: the learning rates they wait for
+        have no trial and no worker of this command will start one (``n_trials`` cut them, say). Record them
+        as abandoned, so that the halving rule ranks the parked trunks without them."""
+        for sw, t in self._parked(command):
+            if sw.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                continue
+            rec = t.system_attrs["wsd_trunk"]
+            mine = [x.system_attrs.get("wsd_trunk") or {} for x in sw.study.get_trials(deepcopy=False)]
+            started = {float(r["lr"]) for r in mine if r.get("group") == rec["group"]}
+            missing = sorted(set(map(float, rec["learning_rates"])) - started)
+            key = f"wsd_abandoned:{rec['group']}"
+            if missing and set(missing) - set(_abandoned(sw.study, rec["group"])):
+                sw.study._storage.set_study_system_attr(sw.study._study_id, key,
+                                                        sorted(set(missing) | set(_abandoned(sw.study, rec["group"]))))
+                log.warning("WSD joint search: no trial of lr=%s will run in this command; ranking the other "
+                            "learning rates without it", ",".join(f"{r:g}" for r in missing))
 
     # -- the sweep
 
@@ -712,7 +890,7 @@ class StudySweeper:
         all_args = [a for a in params_args if a.split("=", 1)[0] not in cli_keys] + list(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         parsed = parser.parse_overrides(all_args)
-        space = build_space(parsed, grid_sampler=self.sampler_cfg.name == "grid")
+        space = self._joint_rates(build_space(parsed, grid_sampler=self.sampler_cfg.name == "grid"))
         pure_grid = not space.distributions
         all_cfgs = self._preflight(space)  # raises before any trial exists
         sweeps = []
@@ -870,7 +1048,13 @@ class StudySweeper:
         while True:
             claimed = self._claim_next(command, tried)
             if claimed is None:
-                break
+                if not self._parked(command):
+                    break
+                # a joint search's trunks wait at a rung for trunks other workers train: the halving rule
+                # needs their branches before it can hand the parked ones out again
+                self._abandon(command)
+                time.sleep(PARKED_POLL_S)
+                continue
             sw, trial = claimed
             study, name = sw.study, sw.name
             overrides = self._job_overrides(sw, trial)
@@ -887,7 +1071,8 @@ class StudySweeper:
             self.job_idx += 1
             returns.append(ret)
             try:
-                self._record(study, trial, ret, failures, f"{name}: " if several else "")
+                if self._record(study, trial, ret, failures, f"{name}: " if several else "") == "parked":
+                    continue
             except (disk.DiskFullError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
                 self._stop_workers(children)
                 raise config_mod.InputError(self._unrecorded(trial, e)) from None
@@ -918,8 +1103,8 @@ class StudySweeper:
         return overrides + [f"study.name={quote(sw.name)}", f"study.trial_number={trial.number}"]
 
     @staticmethod
-    def _record(study: optuna.Study, trial: optuna.Trial, ret: Any, failures: list[str], label: str = "") -> None:
-        """Tell the study how a trial's job ended. A full disk queues the trial to resume from its
+    def _record(study: optuna.Study, trial: optuna.Trial, ret: Any, failures: list[str], label: str = "") -> str | None:
+        """Tell the study how a trial's job ended; "parked" for a joint search's trunk put back in the queue. A full disk queues the trial to resume from its
         checkpoint and raises :class:`disk.DiskFullError` (every later trial would fail the same way).
         ``label`` names the study in failure lines when a command runs several."""
         from hydra.core.utils import JobStatus
@@ -934,6 +1119,10 @@ class StudySweeper:
                 study.tell(trial, float(value))
             return
         exc = ret._return_value
+        if isinstance(exc, Parked):  # a joint search's trunk: back in the queue until the halving rule decides
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.WAITING)
+            log.info("%strial %d %s", label, trial.number, exc)
+            return "parked"
         if isinstance(exc, optuna.TrialPruned):
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             log.info("trial %d pruned: %s", trial.number, exc)

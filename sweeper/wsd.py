@@ -34,9 +34,11 @@ the study is reached through the reporter (``sweeper.study.TrialReporter``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,8 +47,9 @@ from omegaconf import DictConfig
 
 from sweeper import config as config_mod
 from sweeper import data as data_mod
+from sweeper import halving
 from sweeper import spec as spec_mod
-from sweeper.reporter import Collect, NullReporter, Reporter
+from sweeper.reporter import Collect, NullReporter, Parked, Reporter
 from sweeper.runner import Segment, train_segment
 from sweeper.spec import RunSpec, Schedule
 
@@ -54,6 +57,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "wsd_branches.json"
 SCHEDULER = "warmup_stable_decay"
+POLL_S = 2.0  # a joint search's trunk waiting at a rung for trunks that train now re-reads the study this often
 
 
 def should_stop_trunk(values: Sequence[float], stop_after_worse: int | None, maximize: bool = False) -> bool:
@@ -79,9 +83,12 @@ SEGMENT_ARGS = {"save_strategy": "no", "save_total_limit": None, "load_best_mode
 
 
 def _segment_spec(spec: RunSpec, steps: int, branch_point: int) -> RunSpec:
-    """The spec of one WSD run: its schedule, no early stopping (the search decides the length)."""
+    """The spec of one WSD run: its schedule (at the trunk's learning rate), no early stopping (the search
+    decides the length)."""
     w = spec.wsd
-    return spec.with_schedule(wsd_schedule(steps, branch_point, w.warmup_steps, w.decay_type), early_stopping=False)
+    schedule = dataclasses.replace(wsd_schedule(steps, branch_point, w.warmup_steps, w.decay_type),
+                                   learning_rate=spec.schedule.learning_rate)
+    return spec.with_schedule(schedule, early_stopping=False)
 
 
 def _pin_batch(spec: RunSpec, batch: dict) -> RunSpec:
@@ -162,9 +169,17 @@ def run_search(spec: RunSpec, splits: data_mod.Splits, reporter: Reporter, job_d
     candidate), or the best branch's when the trunk stopped early and the reporter did not raise.
 
     In a multirun each shorter branch is recorded as a trial (``reporter.record_branch``) and the trunk
-    is the job's trial; a trunk stopped early calls ``reporter.stop`` (the trial ends PRUNED).
+    is the job's trial; a trunk stopped early calls ``reporter.stop`` (the trial ends PRUNED). In a joint
+    search (``schedule.wsd.learning_rates``) the job is the trunk of ``spec.learning_rate``; without a study
+    :func:`run_joint` trains every rate's trunk in this process.
     """
     w = spec.wsd
+    if w.learning_rates and reporter.number is None and not isinstance(reporter, _LocalTrunk):
+        return run_joint(spec, splits, job_dir)
+    if w.learning_rates and spec.learning_rate not in w.learning_rates:
+        raise config_mod.InputError(
+            f"lr.learning_rate={spec.learning_rate:g} is not one of schedule.wsd.learning_rates="
+            f"{[float(r) for r in w.learning_rates]}; a joint search trains one trunk per listed rate")
     cands = list(w.candidates)
     f, decay_type, warmup = w.decay_fraction, w.decay_type, w.warmup_steps
     points = {s: w.branch_point(s) for s in cands}
@@ -187,17 +202,30 @@ def run_search(spec: RunSpec, splits: data_mod.Splits, reporter: Reporter, job_d
         spec = _pin_batch(spec, state["batch"])
     reporter.set_attrs({"method": "wsd", "max_steps": s_max})
     reporter.set_wsd_params(s_max, cands[0], s_max)
-    log.info("WSD search: candidates %s, cooldown %.0f%% (%s), warmup %d steps; branch points %s; trunk in %s%s",
+    joint = bool(w.learning_rates)
+    lr = spec.learning_rate
+
+    def values() -> list[float]:
+        return [state["branches"][str(s)]["value"] for s in cands
+                if state["branches"].get(str(s), {}).get("status") == "done"]
+
+    def trunk_record(parked_at: int | None = None) -> dict:
+        """This trunk as the other rates' trunks read it (``wsd_trunk``): its branch value at each rung."""
+        return {"group": w.group, "lr": lr, "learning_rates": list(w.learning_rates), "rule": w.halving_rule,
+                "eta": w.eta, "maximize": maximize, "metric": metric, "parked_at": parked_at,
+                "rungs": {str(s): state["branches"][str(s)]["value"] for s in cands[:-1]
+                          if state["branches"].get(str(s), {}).get("status") == "done"}}
+
+    if joint:
+        reporter.set_attrs({"wsd_trunk": trunk_record()})
+    log.info("WSD search%s: candidates %s, cooldown %.0f%% (%s), warmup %d steps; branch points %s; trunk in %s%s",
+             f" (trunk of lr={lr:g} of {list(w.learning_rates)}, {w.halving_rule}, eta={w.eta})" if joint else "",
              cands, 100 * f, decay_type, warmup, [points[s] for s in cands], job_dir,
              f", resuming from {resume}" if resume else "")
 
     trunk_spec = _segment_spec(spec, s_max, points[s_max])
     trunk_rep = Collect(reporter)
     ckpt, at = resume, _step_of(resume)
-
-    def values() -> list[float]:
-        return [state["branches"][str(s)]["value"] for s in cands
-                if state["branches"].get(str(s), {}).get("status") == "done"]
 
     def trunk_segment(until: int, final: bool) -> Segment:
         nonlocal spec, trunk_spec
@@ -215,15 +243,48 @@ def run_search(spec: RunSpec, splits: data_mod.Splits, reporter: Reporter, job_d
                                         "train_runtime_s": seg.results["train_runtime_s"]})
         return seg
 
+    def gate(rung: int, next_point: int) -> str | None:
+        """Before the trunk trains past ``rung`` (whose branch is recorded): why it stops there, or None
+        to go on. A joint search's halving rule may wait for the other rates' trunks, or park this one."""
+        done = values()
+        if should_stop_trunk(done, w.stop_after_worse, maximize):
+            return (f"trunk stopped before step {next_point}: the last {w.stop_after_worse} branch(es) were worse "
+                    f"than the best ({'max' if maximize else 'min'} {metric} {(max if maximize else min)(done):.4f}); "
+                    "longer runs cannot help")
+        if not joint:
+            return None
+        waited = 0.0
+        while True:
+            d = halving.decide(lr, rung, reporter.trunks(trunk_record()), w.eta, maximize, w.halving_rule, metric)
+            if d.verdict == "continue":
+                if waited:
+                    log.info("WSD joint search: lr=%g goes on past the %d-step rung (waited %.0f s)", lr, rung, waited)
+                return None
+            if d.verdict == "stop":
+                return f"trunk stopped before step {next_point}: {d.reason}"
+            needs = ", ".join(f"lr={r:g}" for r in d.waiting_for)
+            if not d.running:
+                why = (f"parked at the {rung}-step rung: successive halving needs {needs} there, which no worker "
+                       "trains now; it resumes from its checkpoint once they have")
+                _save_state(job_dir, state)
+                reporter.set_attrs({**_jsonable(_summary(state, cands, wanted, job_dir, resume, None)),
+                                    "wsd_trunk": trunk_record(parked_at=rung)})
+                log.info("WSD joint search: lr=%g %s", lr, why)
+                reporter.park(why)  # raises
+            if not waited:
+                log.info("WSD joint search: lr=%g waits at the %d-step rung for %s (training now)", lr, rung, needs)
+            time.sleep(POLL_S)
+            waited += POLL_S
+
     stopped: str | None = None
+    last: int | None = None  # the newest rung whose branch is recorded
     for s in cands[:-1]:
         p = points[s]
         if str(s) in state["branches"]:
+            last = s
             continue
-        if stopped is None and should_stop_trunk(values(), w.stop_after_worse, maximize):
-            stopped = (f"trunk stopped before step {p}: the last {w.stop_after_worse} branch(es) were worse than "
-                       f"the best ({'max' if maximize else 'min'} {metric} "
-                       f"{(max if maximize else min)(values()):.4f}); longer runs cannot help")
+        if stopped is None and last is not None:
+            stopped = gate(last, p)
         if stopped is not None:
             continue
         if p < at:
@@ -239,16 +300,21 @@ def run_search(spec: RunSpec, splits: data_mod.Splits, reporter: Reporter, job_d
         branch = _branch(spec, s, p, ckpt, job_dir, splits)
         key = f"{state['search_id']}:{s}"
         attrs = {**branch.pop("attrs"), "method": "wsd", "branch_of": reporter.number, "optimizer_steps": s - p}
+        if joint:
+            attrs["learning_rate"] = lr
         number = reporter.record_branch(key=key, max_steps=s, low=cands[0], high=s_max, value=branch["value"],
                                         curve=attrs["curve"], user_attrs=_jsonable(attrs))
         state["branches"][str(s)] = {**branch, "trial": number, "status": "done"}
         _save_state(job_dir, state)
-        log.info("WSD branch %d (cooldown %d..%d): best %s %.4f at step %d%s", s, p, s, metric, branch["value"],
-                 branch["best_step"], f"; recorded as trial {number}" if number is not None else "")
+        last = s
+        if joint:
+            reporter.set_attrs({"wsd_trunk": trunk_record()})
+        log.info("WSD branch %d (cooldown %d..%d)%s: best %s %.4f at step %d%s", s, p, s,
+                 f" of lr={lr:g}" if joint else "", metric, branch["value"], branch["best_step"],
+                 f"; recorded as trial {number}" if number is not None else "")
 
-    if stopped is None and should_stop_trunk(values(), w.stop_after_worse, maximize):
-        stopped = (f"trunk stopped before step {points[s_max]}: the last {w.stop_after_worse} branch(es) were "
-                   f"worse than the best; longer runs cannot help")
+    if stopped is None and last is not None:
+        stopped = gate(last, points[s_max])
     for s in cands:
         if stopped is not None and str(s) not in state["branches"]:
             state["branches"][str(s)] = {"max_steps": s, "branch_point": points[s], "status": f"not run: {stopped}"}
@@ -264,14 +330,37 @@ def run_search(spec: RunSpec, splits: data_mod.Splits, reporter: Reporter, job_d
     state["finished"] = True
     _save_state(job_dir, state)
 
+    summary = _summary(state, cands, wanted, job_dir, resume, stopped)
+    if trunk_value is not None:
+        summary["best_value"], summary["best_step"] = trunk_value, trunk_best_step  # its cooldown's, as a branch's
+        sft = dict(trunk_rep.attrs.get("sft_config") or {})
+        sft["lr_scheduler_kwargs"] = trunk_spec.schedule.lr_scheduler_kwargs
+        summary["sft_config"] = _jsonable(sft)
+    table = branch_table(state, metric)
+    log.info("WSD search, %d optimizer steps in all (trunk %d + cooldowns %d):\n%s", summary["wsd_optimizer_steps"],
+             summary["wsd_optimizer_steps"] - summary["wsd_cooldown_steps"], summary["wsd_cooldown_steps"], table)
+    if joint:
+        summary["wsd_trunk"] = trunk_record()
+    reporter.set_attrs(_jsonable(summary))
+    if reporter.number is None and not joint:  # no study to read it from
+        print(table)
+    if stopped is not None:
+        reporter.stop(stopped)  # a study's reporter raises: the trunk trial ends PRUNED
+        done = values()
+        return float(max(done) if maximize else min(done))
+    return trunk_value
+
+
+def _summary(state: dict, cands: list[int], wanted: dict, job_dir: Path, resume: str | None,
+             stopped: str | None) -> dict:
+    """The trunk trial's record of the search so far: its branches, optimizer steps and seconds."""
     trunk_steps = sum(x["steps"] for x in state["trunk_segments"])
-    cooldowns = sum(b.get("decay_steps", 0) for k, b in state["branches"].items()
-                    if b.get("status") == "done")
+    cooldowns = sum(b.get("decay_steps", 0) for b in state["branches"].values() if b.get("status") == "done")
     runtime = sum(x["train_runtime_s"] for x in state["trunk_segments"])
-    summary = {
-        "method": "wsd", "max_steps": s_max, "wsd": wanted,
-        "branches": [state["branches"][str(s)] for s in cands],
-        "wsd_optimizer_steps": trunk_steps + cooldowns,
+    return {
+        "method": "wsd", "max_steps": cands[-1], "wsd": wanted,
+        "branches": [state["branches"].get(str(s), {"max_steps": s, "status": "not run yet"}) for s in cands],
+        "wsd_optimizer_steps": trunk_steps + cooldowns, "wsd_cooldown_steps": cooldowns,
         "wsd_train_runtime_s": round(runtime + sum(b.get("train_runtime_s", 0.0) for b in state["branches"].values()
                                                    if b.get("status") == "done"), 2),
         "train_runtime_s": round(runtime, 2),  # the trunk's own segments; each branch has its own
@@ -279,22 +368,6 @@ def run_search(spec: RunSpec, splits: data_mod.Splits, reporter: Reporter, job_d
         "run_dir": str(job_dir),
         "stopped_reason": stopped,
     }
-    if trunk_value is not None:
-        summary["best_value"], summary["best_step"] = trunk_value, trunk_best_step  # its cooldown's, as a branch's
-        sft = dict(trunk_rep.attrs.get("sft_config") or {})
-        sft["lr_scheduler_kwargs"] = trunk_spec.schedule.lr_scheduler_kwargs
-        summary["sft_config"] = _jsonable(sft)
-    table = branch_table(state, metric)
-    log.info("WSD search, %d optimizer steps in all (trunk %d + cooldowns %d):\n%s",
-             summary["wsd_optimizer_steps"], trunk_steps, cooldowns, table)
-    reporter.set_attrs(_jsonable(summary))
-    if reporter.number is None:  # no study to read it from
-        print(table)
-    if stopped is not None:
-        reporter.stop(stopped)  # a study's reporter raises: the trunk trial ends PRUNED
-        done = values()
-        return float(max(done) if maximize else min(done))
-    return trunk_value
 
 
 def _branch(spec: RunSpec, s: int, p: int, ckpt: str, job_dir: Path, splits: data_mod.Splits) -> dict:
@@ -319,3 +392,65 @@ def _branch(spec: RunSpec, s: int, p: int, ckpt: str, job_dir: Path, splits: dat
     attrs["sft_config"] = sft
     return {"max_steps": s, "branch_point": p, "decay_steps": s - p, "value": value,
             "best_step": best_step, "train_runtime_s": r["train_runtime_s"], "attrs": attrs}
+
+
+class _LocalTrunk(NullReporter):
+    """One learning rate's trunk of a joint search run without a study (:func:`run_joint`): its rungs are
+    read by the other trunks from ``group`` (learning rate -> its record), in this process."""
+
+    def __init__(self, group: dict[float, dict], lr: float, run_dir: Path) -> None:
+        self.group, self.lr, self.run_dir = group, lr, run_dir
+
+    def trunks(self, trunk: dict) -> list:
+        self.group[self.lr]["trunk"] = trunk
+        return [halving.Trunk(r, {int(k): float(v) for k, v in g["trunk"]["rungs"].items()}, live=g["end"] is None)
+                for r, g in self.group.items()]
+
+    def resume_checkpoint(self) -> str | None:
+        """A parked trunk goes on from its newest whole checkpoint."""
+        if not self.group[self.lr]["parked"]:
+            return None
+        ckpts = sorted((p for p in self.run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                       key=lambda p: int(p.name.split("-")[-1]))
+        return str(ckpts[-1]) if ckpts else None
+
+    def set_attrs(self, attrs: dict) -> None:
+        self.group[self.lr]["attrs"].update(attrs)
+        if "wsd_trunk" in attrs:
+            self.group[self.lr]["trunk"] = attrs["wsd_trunk"]
+
+    def stop(self, reason: str) -> None:
+        self.group[self.lr]["end"] = f"stopped: {reason}"
+
+
+def run_joint(spec: RunSpec, splits: data_mod.Splits, job_dir: Path) -> float:
+    """A joint (learning rate, steps) search without a study (``python train.py schedule=wsd_search
+    'schedule.wsd.learning_rates=[...]'``): every rate's trunk in ``job_dir/lr-<rate>/``, one at a time in
+    this process. A trunk that must wait at a rung for the others parks and is resumed from its checkpoint
+    once :func:`sweeper.halving.decide` has ranked it, so the trunks advance rung by rung, as synchronous
+    successive halving does. Prints the table of rates by lengths and returns the best value."""
+    w = spec.wsd
+    group = {r: {"trunk": {"rungs": {}}, "end": None, "parked": False, "attrs": {}, "value": None}
+             for r in w.learning_rates}
+    while any(g["end"] is None for g in group.values()):
+        progress = False
+        for r, g in group.items():
+            if g["end"] is not None:
+                continue
+            before = dict(g["trunk"]["rungs"])
+            trunk_spec = spec.with_schedule(dataclasses.replace(spec.schedule, learning_rate=r))
+            rep = _LocalTrunk(group, r, job_dir / f"lr-{r:g}")
+            try:
+                g["value"] = run_search(trunk_spec, splits, rep, rep.run_dir)
+                g["end"] = g["end"] or "done"
+                progress = True
+            except Parked:
+                g["parked"] = True
+                progress = progress or g["trunk"]["rungs"] != before
+        if not progress:
+            raise RuntimeError("WSD joint search: no trunk could go on; report this as a bug")
+    table = halving.joint_table({r: g["attrs"] for r, g in group.items()}, list(w.candidates), spec.metric,
+                                spec.maximize)
+    print(table)
+    done = [(g["value"], r) for r, g in group.items() if g["value"] is not None]
+    return float((max if spec.maximize else min)(done)[0])
