@@ -23,6 +23,22 @@ winner's, at <= 70% of the 3-point grid's steps and <= 50% of the 6-point grid's
 versions and command are recorded with the table. ``--summarise-only`` rewrites the tables from the
 studies under ``--out`` and keeps the device, command, settings and wall-time lines of the run that trained
 them (the H100 runs in ``benchmarks/wsd_runs/`` are re-read this way).
+
+``--joint`` compares the learning rate and the length together, per dataset:
+
+    python benchmarks/wsd_search.py --joint --out /tmp/joint --smoke                    # CPU, toy scale
+    python benchmarks/wsd_search.py --joint --out /root/out/joint --learning-rates 1e-4,3e-4,1e-3 \
+        --workers 9 --gpus '[0,0,0,0,0,0,0,0,0]' --parallel --model-overrides '...'     # on a GPU
+
+(a) the cosine grid of every learning rate x the 3-point lengths (``lr.learning_rate=a,b,c
+schedule.max_steps=500,1500,3000``, 9 runs); (b) the same grid under Optuna's Hyperband pruner
+(``hydra.sweeper.pruner.name=hyperband``, min_resource ``--hyperband-min``, max_resource the longest length,
+reduction factor 3); (c) the joint WSD search (``schedule=wsd_search schedule.wsd.learning_rates=[a,b,c]``,
+successive halving with ``--eta``, one worker per rate). It writes ``--out/joint_search.md``: the eval loss of
+every (lr, steps) by each method, each method's winner, its loss against (a)'s best, optimizer steps as a
+share of (a)'s (a pruned run counts the steps to its last report) and training seconds beside them, and
+whether the targets hold: (c) the same winner as (a), or its own loss within 1% of (a)'s best, at <= 35% of
+(a)'s optimizer steps, and cheaper than (b) at an equal (within 1%) or better answer.
 """
 
 from __future__ import annotations
@@ -223,6 +239,165 @@ def summarise(name: str, grid3: list[int], grid6: list[int], cos: dict, wsd3: tu
     return "\n".join(lines + rows), verdicts
 
 
+SMOKE_RATES = "1e-3,3e-3,1e-2"
+
+
+def joint_grid_results(study) -> dict[tuple[float, int], dict]:
+    """(lr, length) -> {value, steps, runtime_s, state} of a cosine grid's trials (COMPLETE or PRUNED): a
+    pruned run's steps are those to its last report and its seconds its trial's wall time (it records no
+    train_runtime_s); a finished run's, its length and train_runtime_s."""
+    out = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name not in ("COMPLETE", "PRUNED"):
+            continue
+        a, iv = t.user_attrs, t.intermediate_values
+        s = int(a.get("max_steps") or t.params.get("schedule.max_steps"))
+        complete = t.state.name == "COMPLETE"
+        wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else 0.0
+        out[(float(t.params["lr.learning_rate"]), s)] = {
+            "value": t.value if complete else (min(iv.values()) if iv else None),
+            "steps": s if complete else (max(iv) if iv else 0),
+            "runtime_s": float(a.get("train_runtime_s") or 0.0) if complete else wall,
+            "state": t.state.name}
+    return out
+
+
+def joint_wsd_results(study) -> tuple[dict[tuple[float, int], dict], dict]:
+    """(lr, length) -> {value} of a joint WSD search's branches and trunks, and its totals (optimizer steps
+    and training seconds of every trunk with its cooldowns, and where trunks stopped)."""
+    per, steps, secs, stopped = {}, 0, 0.0, {}
+    for t in study.get_trials(deepcopy=False):
+        a = {**{k: t.system_attrs[k] for k in ("wsd_trunk",) if k in t.system_attrs}, **t.user_attrs}
+        if "wsd_branch_of" in t.system_attrs:
+            if t.state.name == "COMPLETE":
+                per[(float(t.params["lr.learning_rate"]), int(a["max_steps"]))] = {"value": t.value}
+            continue
+        if a.get("wsd_trunk") is None or t.state.name not in ("COMPLETE", "PRUNED"):
+            continue
+        lr = float(a["wsd_trunk"]["lr"])
+        steps += int(a.get("wsd_optimizer_steps") or 0)
+        secs += float(a.get("wsd_train_runtime_s") or 0.0)
+        if t.state.name == "COMPLETE":
+            per[(lr, int(a["max_steps"]))] = {"value": t.value}
+        else:
+            stopped[lr] = a.get("stopped_reason")
+    return per, {"steps": steps, "runtime_s": secs, "stopped": stopped}
+
+
+def _best(res: dict) -> tuple | None:
+    done = [(r["value"], k) for k, r in res.items() if r.get("value") is not None and r.get("state", "COMPLETE") == "COMPLETE"]
+    return min(done) if done else None
+
+
+def joint_summary(name: str, rates: list[float], lengths: list[int], grid: dict, hb: dict, joint: tuple) -> tuple[str, bool]:
+    """The markdown section of one dataset (see the module docstring) and whether (c) met its targets."""
+    per, totals = joint
+    lines = [f"### {name}", "", "| lr | max_steps | (a) cosine grid | (b) Hyperband | (c) joint WSD branch |",
+             "|---:|---:|---:|---:|---:|"]
+    for r in rates:
+        for s in lengths:
+            g, h, j = grid.get((r, s), {}), hb.get((r, s), {}), per.get((r, s), {})
+            hcell = _f(h.get("value")) + (f" (pruned at {h['steps']})" if h.get("state") == "PRUNED" else "")
+            lines.append(f"| {r:g} | {s} | {_f(g.get('value'))} | {hcell if h else '–'} | {_f(j.get('value'))} |")
+    a_steps = len(rates) * sum(lengths)
+    a_secs = sum(x["runtime_s"] for x in grid.values())
+    ref = _best(grid)
+    rows = ["", "| method | winner (lr, max_steps) | its eval loss | vs (a)'s best | optimizer steps | % of (a) "
+            "| training s | % of (a) | target |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    hb_best, hb_steps = _best(hb), sum(x["steps"] for x in hb.values())
+    ok = False
+    for label, res, steps, secs in [
+        ("(a) cosine grid", grid, a_steps, a_secs),
+        ("(b) Hyperband over (a)", hb, hb_steps, sum(x["runtime_s"] for x in hb.values())),
+        ("(c) joint WSD search", per, totals["steps"], totals["runtime_s"]),
+    ]:
+        win = _best(res)
+        gap = (win[0] - ref[0]) / abs(ref[0]) if win and ref else None
+        verdict = "–"
+        if label.startswith("(c)") and win and ref:
+            answer = win[1] == ref[1] or (gap is not None and gap <= 0.01)
+            cheap = steps <= 0.35 * a_steps
+            beats_b = hb_best is None or (steps < hb_steps and win[0] <= hb_best[0] * 1.01)
+            ok = answer and cheap and beats_b
+            verdict = ("met" if ok else "NOT met") + (f" (answer {'ok' if answer else 'off'}, <=35% "
+                                                      f"{'yes' if cheap else 'no'}, below (b) {'yes' if beats_b else 'no'})")
+        rows.append(f"| {label} | {f'{win[1][0]:g}, {win[1][1]}' if win else '–'} | {_f(win[0] if win else None)} "
+                    f"| {_f(gap, '+.2%')} | {steps:,} | {100 * steps / a_steps:.0f}% | {secs:.0f} "
+                    f"| {100 * secs / a_secs if a_secs else 0:.0f}% | {verdict} |")
+    notes = [f"- (c) lr={r:g}: {why}" for r, why in sorted(totals["stopped"].items())]
+    return "\n".join(lines + rows + ([""] + notes if notes else [])), ok
+
+
+def main_joint(a: argparse.Namespace, argv: list[str] | None) -> int:
+    """``--joint``: (a), (b) and (c) per dataset (see the module docstring)."""
+    lengths = [int(x) for x in a.grid3.split(",")] if a.grid3 else (SMOKE3 if a.smoke else GRID3)
+    rates = sorted(float(x) for x in (a.learning_rates or (SMOKE_RATES if a.smoke else "1e-4,3e-4,1e-3")).split(","))
+    warmup = a.warmup_steps if a.warmup_steps is not None else max(1, math.ceil(0.03 * min(lengths)))
+    hb_min = a.hyperband_min or max(1, min(lengths) // 5)
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    common = [f"lr.warmup_steps={warmup}", "eval.early_stopping_patience=null",
+              *(SMOKE_OVERRIDES if a.smoke else []), *shlex.split(a.model_overrides)]
+    rate_list = ",".join(f"{r:g}" for r in rates)
+    workers = [f"hydra.sweeper.workers={a.workers}", *([f"hydra.sweeper.gpus={a.gpus}"] if a.gpus else [])]
+    n_joint = a.joint_workers or len(rates)
+    n_hb = a.hyperband_workers or n_joint  # Hyperband prunes on what finished runs reported: as many workers as (c)
+    hb_workers = [f"hydra.sweeper.workers={n_hb}", *([f"hydra.sweeper.gpus=[{','.join(['0'] * n_hb)}]"] if a.gpus else [])]
+    jobs = {}
+    for ds in a.datasets:
+        base = [f"data={ds}", *common, f"paths.output_dir={out}/runs/{ds}", f"paths.cache_dir={out}/cache"]
+        grid = ["-m", f"schedule.max_steps={','.join(map(str, lengths))}", f"lr.learning_rate={rate_list}",
+                "lr.lr_scheduler_type=cosine", *workers]
+        runs = {
+            "grid": grid,
+            "hyperband": [*grid[:-len(workers)], *hb_workers, "hydra.sweeper.pruner.name=hyperband", f"hydra.sweeper.pruner.min_resource={hb_min}",
+                          f"hydra.sweeper.pruner.max_resource={max(lengths)}", "hydra.sweeper.pruner.reduction_factor=3"],
+            "joint": ["-m", "schedule=wsd_search", f"schedule.wsd.candidates=[{','.join(map(str, lengths))}]",
+                      f"schedule.wsd.learning_rates=[{rate_list}]", f"schedule.wsd.halving.eta={a.eta}",
+                      f"schedule.wsd.decay_fraction={a.decay_fraction}",
+                      f"schedule.wsd.stop_after_worse={a.stop_after_worse}", f"hydra.sweeper.workers={n_joint}",
+                      *([f"hydra.sweeper.gpus=[{','.join(['0'] * n_joint)}]"] if a.gpus else [])],
+        }
+        for key, extra in runs.items():
+            db = out / f"{ds}-{key}.db"
+            args = [*extra, *base, f"hydra.sweeper.storage=sqlite:///{db}", f"hydra.sweeper.study_name={ds}-{key}",
+                    f"hydra.sweep.dir={out}/sweeps/{ds}-{key}"]
+            print(f"[{ds}] {key}: train.py {' '.join(args)}", flush=True)
+            jobs[f"{ds}-{key}"] = (args, out / "logs" / f"{ds}-{key}.log")
+    walls = {} if a.summarise_only else _train_all(jobs, a.parallel)
+    sections, verdicts = [], {}
+    for ds in a.datasets:
+        text, ok = joint_summary(ds, rates, lengths, joint_grid_results(_study(out / f"{ds}-grid.db", f"{ds}-grid")),
+                                 joint_grid_results(_study(out / f"{ds}-hyperband.db", f"{ds}-hyperband")),
+                                 joint_wsd_results(_study(out / f"{ds}-joint.db", f"{ds}-joint")))
+        sections.append(text)
+        verdicts[ds] = ok
+    md_path = out / "joint_search.md"
+    header = run_header("benchmarks/wsd_search.py", argv if argv is not None else sys.argv[1:])
+    if a.summarise_only and md_path.exists():
+        old = [ln for ln in md_path.read_text(encoding="utf-8").splitlines() if ln.startswith(("- device:", "- command:"))]
+        header = "\n".join(old) or header
+    md = "\n".join([
+        "## Joint (learning rate, steps) search vs the cosine grid and Hyperband"
+        + (" (smoke: CPU toy scale, not evidence)" if a.smoke else ""), "", header,
+        f"- learning rates {rates}, lengths {lengths}; warmup {warmup} steps in every run; WSD cooldown "
+        f"{a.decay_fraction:.0%} (1-sqrt), successive halving eta={a.eta}; Hyperband min_resource={hb_min}, "
+        f"max_resource={max(lengths)}, reduction_factor=3; overrides: `{' '.join(common)}`",
+        "- eval loss = a run's best evaluation (a WSD branch: the best after its branch point); optimizer steps: "
+        "(a) the sum of the lengths, (b) each run's steps to its end or its last report before it was pruned, "
+        "(c) every trunk with all its cooldowns; training s: train_runtime_s summed ((b)'s pruned runs: their "
+        "trials' wall time)",
+        f"- wall seconds per command: {json.dumps({k: round(v, 1) for k, v in walls.items()})}",
+        "", *sections, "",
+        "Targets for (c): the same winner as (a), or its own eval loss within 1% of (a)'s best, at <= 35% of (a)'s "
+        "optimizer steps, and below (b)'s at an equal (within 1%) or better answer: "
+        + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in verdicts.items()),
+    ])
+    md_path.write_text(md + "\n", encoding="utf-8")
+    print(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the studies, runs, logs and wsd_search.md")
@@ -238,10 +413,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="toy scale on CPU: tiny model, 200 rows, lengths up to 24")
     p.add_argument("--summarise-only", action="store_true",
                    help="no training: read the studies already under --out and write the tables")
+    p.add_argument("--joint", action="store_true",
+                   help="learning rate and length together: the lr x length cosine grid, Hyperband over it, and the "
+                        "joint WSD search (writes joint_search.md)")
+    p.add_argument("--learning-rates", default=None, help="--joint: comma list (default 1e-4,3e-4,1e-3; smoke 1e-3,3e-3,1e-2)")
+    p.add_argument("--eta", type=int, default=3, help="--joint: schedule.wsd.halving.eta")
+    p.add_argument("--joint-workers", type=int, default=None, help="--joint: workers of the joint search (default: one per rate)")
+    p.add_argument("--hyperband-workers", type=int, default=None, help="--joint: workers of (b) (default: --joint-workers)")
+    p.add_argument("--hyperband-min", type=int, default=None, help="--joint: Hyperband's min_resource (default: 1/5 of the shortest length)")
     p.add_argument("--parallel", action="store_true",
                    help="start every command (all datasets and methods) at once, sharing the GPU; wall and GPU "
                         "seconds then include the contention, optimizer steps do not")
     a = p.parse_args(argv)
+    if a.joint:
+        return main_joint(a, argv)
 
     grid3 = [int(x) for x in a.grid3.split(",")] if a.grid3 else (SMOKE3 if a.smoke else GRID3)
     grid6 = [int(x) for x in a.grid6.split(",")] if a.grid6 else (SMOKE6 if a.smoke else GRID6)

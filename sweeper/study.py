@@ -175,7 +175,15 @@ def make_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner:
             n_startup_trials=int(pruner_cfg.n_startup_trials), n_warmup_steps=int(pruner_cfg.n_warmup_steps)
         )
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner()
+        top = pruner_cfg.get("max_resource", "auto")
+        low, eta = int(pruner_cfg.get("min_resource", 1)), int(pruner_cfg.get("reduction_factor", 3))
+        if top != "auto" and (isinstance(top, bool) or not isinstance(top, int) or top <= low):
+            raise ValueError(f"hydra.sweeper.pruner.max_resource must be auto or a whole number of steps above "
+                             f"min_resource ({low}), but got {top!r}")
+        if low < 1 or eta < 2:
+            raise ValueError(f"hydra.sweeper.pruner.min_resource must be >= 1 and reduction_factor >= 2, but got "
+                             f"{low} and {eta}")
+        return optuna.pruners.HyperbandPruner(min_resource=low, max_resource=top, reduction_factor=eta)
     raise ValueError(
         f"hydra.sweeper.pruner.name must be one of none, median, hyperband, but got {name!r}"
     )

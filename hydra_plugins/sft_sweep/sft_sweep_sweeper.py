@@ -27,6 +27,9 @@ class PrunerConf:
     name: str = MISSING  # none | median | hyperband
     n_warmup_steps: int = MISSING
     n_startup_trials: int = MISSING
+    min_resource: int = 1  # hyperband: the smallest step count a bracket judges at
+    max_resource: Any = "auto"  # hyperband: the longest run in steps, or auto (the first finished trial's)
+    reduction_factor: int = 3  # hyperband: keep 1/reduction_factor at each rung
 
 
 @dataclass
