@@ -109,7 +109,8 @@ def joint_table(trunks: dict[float, dict], cands: list[int], metric: str, maximi
     """Markdown table of a joint search: one row per learning rate, its branch value at each length, where
     its trunk stopped, its optimizer steps and seconds; then the winning (learning rate, steps) and the cost
     against the full cosine grid of the same rates and lengths; then why each stopped trunk stopped.
-    ``trunks``: learning rate -> its trunk trial's attrs (``sweeper.wsd``'s summary)."""
+    ``trunks``: learning rate -> its trunk trial's attrs (``sweeper.wsd``'s summary; ``state``: its trial's
+    state, when it comes from a study)."""
     head = " | ".join(f"{s} steps" for s in cands)
     lines = [f"| lr | {head} | trunk | optimizer steps | train s |", "|---:|" + "---:|" * len(cands) + "---|---:|---:|"]
     best, spent, seconds, why = None, 0, 0.0, []
@@ -125,7 +126,10 @@ def joint_table(trunks: dict[float, dict], cands: list[int], metric: str, maximi
                 best = (v, r, s)
         stopped = a.get("stopped_reason")
         reached = [int(k) for k in ((a.get("wsd_trunk") or {}).get("rungs") or {})]
-        if stopped:
+        if a.get("state") == "FAIL":
+            where = "failed" + (f" after its {max(reached)}-step branch" if reached else "")
+            why.append(f"- lr={r:g}: failed: {a.get('error') or 'see its train.log'}")
+        elif stopped:
             where = f"stopped after its {max(reached)}-step branch" if reached else "stopped"
             why.append(f"- lr={r:g}: {stopped}")
         elif a.get("best_value") is not None:

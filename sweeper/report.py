@@ -462,7 +462,7 @@ def joint_sections(study: optuna.Study) -> list[str]:
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         rec = t.system_attrs.get("wsd_trunk")
         if rec and not is_branch(t):  # the newest trial of a rate stands for it (a retry for its failed run)
-            groups.setdefault(rec["group"], {})[float(rec["lr"])] = attrs(t)
+            groups.setdefault(rec["group"], {})[float(rec["lr"])] = {**attrs(t), "state": t.state.name}
     metric = study.user_attrs.get("metric", "value")
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     out = []

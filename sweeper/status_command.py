@@ -4,7 +4,7 @@
     python -m sweeper status --storage postgresql://user@db/sweeps --study banking77-qwen2.5-1.5b
 
 Per study: trials by state, each running trial's worker (host:pid, GPU), its last evaluation and
-how long ago its worker last beat; the best trial so far; and the SLURM worker jobs a
+how long ago its worker last beat; each queued trial (a retry, or a joint WSD search's parked trunk); the best trial so far; and the SLURM worker jobs a
 ``hydra.sweeper.launcher=slurm`` sweep submitted, with their state from ``squeue``/``sacct``.
 """
 
@@ -68,9 +68,12 @@ def study_status(study: Any) -> str:
                             else ", no evaluation yet")
                          + (f", heartbeat {age:.0f} s ago" if age is not None else ""))
         elif t.state == optuna.trial.TrialState.WAITING:
+            parked = (t.system_attrs.get("wsd_trunk") or {}).get("parked_at")
             lines.append(f"  waiting: trial {t.number} " + " ".join(f"{k}={v}" for k, v in t.params.items())
                          + (f" (re-run of trial {t.system_attrs['failed_trial']})" if "failed_trial" in t.system_attrs
-                            else ""))
+                            else "")
+                         + (f" (a joint WSD search's trunk, parked at its {parked}-step branch until the other "
+                            "learning rates get there)" if parked is not None else ""))
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if done:
         best = study.best_trial

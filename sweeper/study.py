@@ -316,7 +316,7 @@ class TrialReporter:
         storage = getattr(study._storage, "_backend", study._storage)
         trials = storage.get_all_trials(study._study_id, deepcopy=False)
         return trunk_table(trials, trunk, _abandoned(study, trunk["group"]),
-                           lambda t: _fresh(storage, t, self.stale_after_s), own=self.trial.number)
+                           lambda t: _fresh(storage, t, self.stale_after_s))
 
     def park(self, reason: str) -> None:
         """Raise :class:`sweeper.reporter.Parked`: the sweeper puts the trial back in the queue (WAITING)."""
@@ -333,13 +333,13 @@ class TrialReporter:
 
 
 def trunk_table(trials: Sequence[optuna.trial.FrozenTrial], trunk: dict, abandoned: Sequence[float] = (),
-                running: Any = None, own: int | None = None, _seen: frozenset = frozenset()) -> list[halving.Trunk]:
+                running: Any = None, _seen: frozenset = frozenset(), _callers: tuple = ()) -> list[halving.Trunk]:
     """The trunks of ``trunk``'s joint search (its ``group``), one per learning rate, from the study's trials:
     each rate's newest trunk trial (a retry replaces its failed run) with the branch values of its
     ``wsd_trunk`` record; ``live`` while RUNNING or WAITING (queued, or parked at a rung where the halving
     rule does not stop it); a rate with no trial yet is live unless ``abandoned`` (no worker of the command
     will start it). ``running(t)``: whether a RUNNING trial's worker is alive (default: yes). ``trunk``
-    itself counts as running."""
+    itself counts as running (so do the trunks a parked trunk's verdict is asked for, in the recursion)."""
     def rungs(rec: dict) -> dict[int, float]:
         return {int(k): float(v) for k, v in (rec.get("rungs") or {}).items()}
 
@@ -349,16 +349,19 @@ def trunk_table(trials: Sequence[optuna.trial.FrozenTrial], trunk: dict, abandon
         if rec and rec.get("group") == trunk["group"] and "wsd_branch_of" not in t.system_attrs:
             latest[float(rec["lr"])] = (t, rec)
     out = []
+    callers = {float(c["lr"]): c for c in _callers}
     for lr in map(float, trunk["learning_rates"]):
-        if lr == float(trunk["lr"]):
-            out.append(halving.Trunk(lr, rungs(trunk), live=True, running=True))
+        if lr == float(trunk["lr"]) or lr in callers:
+            out.append(halving.Trunk(lr, rungs(trunk if lr == float(trunk["lr"]) else callers[lr]), live=True,
+                                     running=True))
         elif lr in latest:
             t, rec = latest[lr]
             state = t.state
             live = state == optuna.trial.TrialState.RUNNING
             if state == optuna.trial.TrialState.WAITING:  # queued; parked: unless the rule stops it there
                 live = rec.get("parked_at") is None or t.number in _seen or _parked_verdict(
-                    rec, [x for x in trials if x.number != t.number], abandoned, _seen | {t.number}) != "stop"
+                    rec, [x for x in trials if x.number != t.number], abandoned, _seen | {t.number},
+                    (*_callers, trunk)) != "stop"
             is_running = state == optuna.trial.TrialState.RUNNING and (running is None or running(t))
             out.append(halving.Trunk(lr, rungs(rec), live=live, running=is_running))
         else:
@@ -376,9 +379,9 @@ def _claimed_trunk(t: optuna.trial.FrozenTrial) -> dict | None:
 
 
 def _parked_verdict(rec: dict, others: Sequence[optuna.trial.FrozenTrial], abandoned: Sequence[float],
-                    seen: frozenset = frozenset()) -> str:
+                    seen: frozenset = frozenset(), callers: tuple = ()) -> str:
     """The halving rule's verdict on a trunk parked at rung ``rec["parked_at"]``: continue, stop or pending."""
-    trunks = trunk_table(others, rec, abandoned, _seen=seen)
+    trunks = trunk_table(others, rec, abandoned, _seen=seen, _callers=callers)
     return halving.decide(float(rec["lr"]), int(rec["parked_at"]), trunks, int(rec["eta"]), bool(rec["maximize"]),
                           str(rec["rule"]), str(rec.get("metric", "eval_loss"))).verdict
 

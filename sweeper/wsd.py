@@ -49,6 +49,7 @@ from sweeper import config as config_mod
 from sweeper import data as data_mod
 from sweeper import halving
 from sweeper import spec as spec_mod
+from sweeper.callbacks import DivergedError
 from sweeper.reporter import Collect, NullReporter, Parked, Reporter
 from sweeper.runner import Segment, train_segment
 from sweeper.spec import RunSpec, Schedule
@@ -447,10 +448,16 @@ def run_joint(spec: RunSpec, splits: data_mod.Splits, job_dir: Path) -> float:
             except Parked:
                 g["parked"] = True
                 progress = progress or g["trunk"]["rungs"] != before
+            except DivergedError as e:  # this rate is too high: the others go on without it
+                log.warning("WSD joint search: the trunk of lr=%g failed: %s", r, e)
+                g["end"], g["attrs"]["state"], g["attrs"]["error"] = "failed", "FAIL", f"DivergedError: {e}"
+                progress = True
         if not progress:
             raise RuntimeError("WSD joint search: no trunk could go on; report this as a bug")
     table = halving.joint_table({r: g["attrs"] for r, g in group.items()}, list(w.candidates), spec.metric,
                                 spec.maximize)
     print(table)
     done = [(g["value"], r) for r, g in group.items() if g["value"] is not None]
+    if not done:
+        raise DivergedError(f"every learning rate's trunk failed ({', '.join(g['attrs'].get('error', '?') for g in group.values())})")
     return float((max if spec.maximize else min)(done)[0])

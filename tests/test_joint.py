@@ -117,19 +117,19 @@ def test_stop_only_when_provably_out_and_continue_only_when_provably_in():
 # --------------------------------------------------------------------------- (b) a real multirun
 
 
-def _joint_study(url: str):
-    study = load_study(url, "demo-tiny")
+def _joint_study(url: str, name: str = "demo-tiny"):
+    study = load_study(url, name)
     trials = study.get_trials(deepcopy=False)
     trunks = [t for t in trials if not is_branch(t) and t.state != TrialState.FAIL]
     branches = [t for t in trials if is_branch(t)]
     return study, trunks, branches
 
 
-def _check_records(url: str) -> dict:
+def _check_records(url: str, name: str = "demo-tiny") -> dict:
     """What every finished joint search must hold, whatever the branch values: one trunk per rate; at the
     8-step rung the best rate goes on (3 rates, eta=3) and the two others are PRUNED there with the reason;
     each branch recorded once as a COMPLETE trial with its rate; the report names the winner and the cost."""
-    study, trunks, branches = _joint_study(url)
+    study, trunks, branches = _joint_study(url, name)
     by_lr = {t.params["lr.learning_rate"]: t for t in trunks}
     assert sorted(by_lr) == RATES
     at8 = {b.params["lr.learning_rate"]: b.value for b in branches if b.params["max_steps"] == 8}
@@ -180,11 +180,12 @@ def test_one_worker_runs_every_trunk_and_halves_them(joint_sweep):
 
 
 @pytest.mark.slow
-def test_three_workers_train_the_trunks_at_once(tmp_path, cache_dir):
-    url = f"sqlite:///{tmp_path}/optuna.db"
+def test_three_workers_train_the_trunks_at_once(tmp_path, cache_dir, storage):
+    url, name = storage
     _ok(run_cli("-m", *JOINT, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
-                f"hydra.sweeper.storage={url}", f"hydra.sweep.dir={tmp_path}/sweep", "hydra.sweeper.workers=3"))
-    got = _check_records(url)
+                f"hydra.sweeper.storage={url}", f"hydra.sweeper.study_name={name}", f"hydra.sweep.dir={tmp_path}/sweep",
+                "hydra.sweeper.workers=3"))
+    got = _check_records(url, name)
     workers = {t.system_attrs["worker_process"] for t in got["trunks"].values()}
     assert len(workers) >= 2  # the trunks were spread over the workers
 
@@ -271,3 +272,63 @@ def test_without_a_study_every_trunk_runs_in_one_process(tmp_path, cache_dir):
     best = next(line for line in lines if line.startswith("Best: lr="))
     assert "30 + 8 + 8" not in best and "Cost: 46 optimizer steps" in best and "32% of the 144" in best
     assert sorted(p.name for p in (tmp_path / "run").glob("lr-*")) == ["lr-0.001", "lr-0.003", "lr-0.01"]
+
+
+# --------------------------------------------------------------------------- the sweeper's side
+
+
+def test_status_names_a_parked_trunk_and_hyperband_takes_its_settings():
+    from omegaconf import OmegaConf
+
+    from sweeper.status_command import study_status
+    from sweeper.study import make_pruner
+
+    study = optuna.create_study(study_name="s")
+    rec = {"group": "g", "lr": 1e-4, "learning_rates": RATES, "rule": "successive_halving", "eta": 3,
+           "maximize": False, "metric": "eval_loss", "parked_at": 500, "rungs": {"500": 1.0}}
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, system_attrs={"wsd_trunk": rec}))
+    assert "parked at its 500-step branch" in study_status(study)
+
+    cfg = OmegaConf.create({"name": "hyperband", "min_resource": 100, "max_resource": 3000, "reduction_factor": 2})
+    pruner = make_pruner(cfg)
+    assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (100, 3000, 2)
+    with pytest.raises(ValueError, match="hydra.sweeper.pruner.max_resource must be auto or a whole number"):
+        make_pruner(OmegaConf.create({"name": "hyperband", "min_resource": 100, "max_resource": 50}))
+
+
+def test_the_study_view_of_the_trunks():
+    """``study.trunk_table`` from crafted trials: a failed trunk is dead unless retried, a trunk parked where
+    the rule stops it is dead, one claimed before its job recorded anything counts (from its config), and a
+    rate nobody will start is live until abandoned."""
+    from sweeper.identity import joint_group
+    from sweeper.study import trunk_table
+
+    config = {"schedule.wsd.learning_rates": RATES, "data.name": "x"}
+    group = joint_group(config)
+
+    def rec(lr, rungs, parked=None):
+        return {"group": group, "lr": lr, "learning_rates": RATES, "rule": "successive_halving", "eta": 3,
+                "maximize": False, "metric": "eval_loss", "parked_at": parked, "rungs": rungs}
+
+    def trial(n, state, **system):
+        t = optuna.trial.create_trial(state=state, system_attrs=system)
+        t.number = n
+        return t
+
+    me = rec(1e-3, {"8": 1.0})
+    failed = trial(0, TrialState.FAIL, wsd_trunk=rec(3e-3, {"8": 0.5}))
+    t = {x.lr: x for x in trunk_table([failed], me)}
+    assert t[3e-3].live is False and t[3e-3].values == {8: 0.5}  # failed, no retry: the rule goes on without it
+    assert t[1e-2].live is True and t[1e-2].values == {} and t[1e-2].running is False  # not started yet
+    assert trunk_table([failed], me, abandoned=[1e-2])[2].live is False
+    retry = trial(1, TrialState.WAITING, wsd_trunk=rec(3e-3, {"8": 0.5}), failed_trial=0)
+    assert {x.lr: x for x in trunk_table([failed, retry], me)}[3e-3].live is True
+    claimed = trial(2, TrialState.RUNNING, config={**config, "lr.learning_rate": 1e-2})
+    t = {x.lr: x for x in trunk_table([failed, claimed], me)}
+    assert t[1e-2].running is True and t[1e-2].live is True
+    assert {x.lr: x for x in trunk_table([failed, claimed], me, running=lambda _: False)}[1e-2].running is False
+    # parked at 8 with 2.0, beaten there by lr=1e-3 (1.0): out whatever lr=1e-2 does, so not live
+    parked = trial(3, TrialState.WAITING, wsd_trunk=rec(3e-3, {"8": 2.0}, parked=8))
+    assert {x.lr: x for x in trunk_table([parked], me)}[3e-3].live is False
+    ahead = trial(3, TrialState.WAITING, wsd_trunk=rec(3e-3, {"8": 0.5}, parked=8))
+    assert {x.lr: x for x in trunk_table([ahead], me)}[3e-3].live is True  # leads: may go on
