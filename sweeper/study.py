@@ -29,8 +29,12 @@ Each job gets ``study.name`` and ``study.trial_number`` overrides and reports in
 through :class:`TrialReporter` (every evaluation -> ``trial.report``; ``should_prune`` honoured).
 The sweeper then tells the trial its value (the job's return: the best metric of the run), or
 FAIL with the error as the ``error`` user attr, or PRUNED; a failing trial never stops the sweep.
+A joint WSD search's trunk that must wait at a rung for trunks no worker trains is *parked*: its trial
+goes back to WAITING, and :meth:`StudySweeper._claim` hands it out again only once the halving rule
+(``sweeper.halving``, on the study's view in ``sweeper.trunks``) has decided it; a worker with nothing
+else to start waits for that instead of ending.
 
-Within ``sweeper/``, Optuna is imported here, in ``sweeper.space``, ``sweeper.storage``, ``sweeper.report`` and the commands
+Within ``sweeper/``, Optuna is imported here, in ``sweeper.space``, ``sweeper.storage``, ``sweeper.trunks``, ``sweeper.report`` and the commands
 that read studies back; never in ``sweeper.trial``. Public: ``__all__``. ``open_storage``, ``mask_url``,
 ``SYSTEM_ATTRS`` and ``is_branch`` (``sweeper.storage``) stay importable from here for older callers.
 """
@@ -61,6 +65,7 @@ from omegaconf import DictConfig, OmegaConf
 from sweeper import config as config_mod
 from sweeper import disk, halving, identity, passwords
 from sweeper import gpu as gpu_mod
+from sweeper import trunks as trunks_mod
 from sweeper import workers as workers_mod
 from sweeper.reporter import Parked
 from sweeper.space import SweepSpace, build_space, quote, value_text
@@ -311,12 +316,12 @@ class TrialReporter:
         return existing()
 
     def trunks(self, trunk: dict) -> list[halving.Trunk]:
-        """A joint search: every learning rate's trunk as the study holds it now (see :func:`trunk_table`)."""
+        """A joint search: every learning rate's trunk as the study holds it now (``sweeper.trunks.trunk_table``)."""
         study = self.trial.study
         storage = getattr(study._storage, "_backend", study._storage)
         trials = storage.get_all_trials(study._study_id, deepcopy=False)
-        return trunk_table(trials, trunk, _abandoned(study, trunk["group"]),
-                           lambda t: _fresh(storage, t, self.stale_after_s))
+        return trunks_mod.trunk_table(trials, trunk, trunks_mod.abandoned(study, trunk["group"]),
+                                      lambda t: trunks_mod.fresh(storage, t, self.stale_after_s))
 
     def park(self, reason: str) -> None:
         """Raise :class:`sweeper.reporter.Parked`: the sweeper puts the trial back in the queue (WAITING)."""
@@ -330,81 +335,6 @@ class TrialReporter:
                 self.trial.storage.set_trial_system_attr(self.trial._trial_id, k, v)
             else:
                 self.trial.set_user_attr(k, v)
-
-
-def trunk_table(trials: Sequence[optuna.trial.FrozenTrial], trunk: dict, abandoned: Sequence[float] = (),
-                running: Any = None, _seen: frozenset = frozenset(), _callers: tuple = ()) -> list[halving.Trunk]:
-    """The trunks of ``trunk``'s joint search (its ``group``), one per learning rate, from the study's trials:
-    each rate's newest trunk trial (a retry replaces its failed run) with the branch values of its
-    ``wsd_trunk`` record; ``live`` while RUNNING or WAITING (queued, or parked at a rung where the halving
-    rule does not stop it); a rate with no trial yet is live unless ``abandoned`` (no worker of the command
-    will start it). ``running(t)``: whether a RUNNING trial's worker is alive (default: yes). ``trunk``
-    itself counts as running (so do the trunks a parked trunk's verdict is asked for, in the recursion)."""
-    def rungs(rec: dict) -> dict[int, float]:
-        return {int(k): float(v) for k, v in (rec.get("rungs") or {}).items()}
-
-    latest: dict[float, tuple[optuna.trial.FrozenTrial, dict]] = {}
-    for t in sorted(trials, key=lambda t: t.number):
-        rec = t.system_attrs.get("wsd_trunk") or _claimed_trunk(t)
-        if rec and rec.get("group") == trunk["group"] and "wsd_branch_of" not in t.system_attrs:
-            latest[float(rec["lr"])] = (t, rec)
-    out = []
-    callers = {float(c["lr"]): c for c in _callers}
-    for lr in map(float, trunk["learning_rates"]):
-        if lr == float(trunk["lr"]) or lr in callers:
-            out.append(halving.Trunk(lr, rungs(trunk if lr == float(trunk["lr"]) else callers[lr]), live=True,
-                                     running=True))
-        elif lr in latest:
-            t, rec = latest[lr]
-            state = t.state
-            live = state == optuna.trial.TrialState.RUNNING
-            if state == optuna.trial.TrialState.WAITING:  # queued; parked: unless the rule stops it there
-                live = rec.get("parked_at") is None or t.number in _seen or _parked_verdict(
-                    rec, [x for x in trials if x.number != t.number], abandoned, _seen | {t.number},
-                    (*_callers, trunk)) != "stop"
-            is_running = state == optuna.trial.TrialState.RUNNING and (running is None or running(t))
-            out.append(halving.Trunk(lr, rungs(rec), live=live, running=is_running))
-        else:
-            out.append(halving.Trunk(lr, {}, live=lr not in abandoned, running=False))
-    return out
-
-
-def _claimed_trunk(t: optuna.trial.FrozenTrial) -> dict | None:
-    """A joint search's trunk claimed by a worker whose job has not yet recorded its ``wsd_trunk``: known
-    from the settings the sweeper recorded at the claim (``config``), with no rung reached."""
-    config = t.system_attrs.get("config") or {}
-    if config.get("schedule.wsd.learning_rates") is None or config.get("lr.learning_rate") is None:
-        return None
-    return {"group": identity.joint_group(config), "lr": float(config["lr.learning_rate"]), "rungs": {}}
-
-
-def _parked_verdict(rec: dict, others: Sequence[optuna.trial.FrozenTrial], abandoned: Sequence[float],
-                    seen: frozenset = frozenset(), callers: tuple = ()) -> str:
-    """The halving rule's verdict on a trunk parked at rung ``rec["parked_at"]``: continue, stop or pending."""
-    trunks = trunk_table(others, rec, abandoned, _seen=seen, _callers=callers)
-    return halving.decide(float(rec["lr"]), int(rec["parked_at"]), trunks, int(rec["eta"]), bool(rec["maximize"]),
-                          str(rec["rule"]), str(rec.get("metric", "eval_loss"))).verdict
-
-
-def _abandoned(study: optuna.Study, group: str) -> list[float]:
-    """Learning rates of a joint search that no worker will start (see ``StudySweeper._abandon``)."""
-    return list(study._storage.get_study_system_attrs(study._study_id).get(f"wsd_abandoned:{group}") or [])
-
-
-def _fresh(storage: Any, t: optuna.trial.FrozenTrial, stale_after_s: float | None) -> bool:
-    """A RUNNING trial's worker still beats (or the storage keeps no heartbeats)."""
-    age = heartbeat_age_s(storage, t._trial_id)
-    return age is None or stale_after_s is None or age < stale_after_s
-
-
-def _parked_decision(trial: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.FrozenTrial],
-                     abandoned: Sequence[float]) -> str | None:
-    """For a joint search's trunk parked at a rung (WAITING): the halving rule's verdict now; None for any
-    other trial."""
-    rec = trial.system_attrs.get("wsd_trunk") or {}
-    if rec.get("parked_at") is None:
-        return None
-    return _parked_verdict(rec, [t for t in trials if t.number != trial.number], abandoned, frozenset({trial.number}))
 
 
 def _wsd_params(max_steps: int, low: int, high: int) -> list[tuple[str, Any, Any]]:
@@ -784,7 +714,7 @@ class StudySweeper:
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
-            ready = [t for t in waiting if _parked_decision(t, trials, self._abandoned_rates(study, t)) != "pending"]
+            ready = [t for t in waiting if trunks_mod.parked_decision(t, trials, self._abandoned_rates(study, t)) != "pending"]
             config, created = None, False
             if ready:
                 trial_id = ready[0]._trial_id
@@ -830,7 +760,7 @@ class StudySweeper:
     @staticmethod
     def _abandoned_rates(study: optuna.Study, t: optuna.trial.FrozenTrial) -> list[float]:
         rec = t.system_attrs.get("wsd_trunk") or {}
-        return _abandoned(study, rec["group"]) if rec.get("parked_at") is not None else []
+        return trunks_mod.abandoned(study, rec["group"]) if rec.get("parked_at") is not None else []
 
     def _parked(self, command: "_Command") -> list[tuple["_Sweep", optuna.trial.FrozenTrial]]:
         """The joint-search trunks parked in the command's studies (WAITING for the halving rule)."""
@@ -850,9 +780,9 @@ class StudySweeper:
             started = {float(r["lr"]) for r in mine if r.get("group") == rec["group"]}
             missing = sorted(set(map(float, rec["learning_rates"])) - started)
             key = f"wsd_abandoned:{rec['group']}"
-            if missing and set(missing) - set(_abandoned(sw.study, rec["group"])):
-                sw.study._storage.set_study_system_attr(sw.study._study_id, key,
-                                                        sorted(set(missing) | set(_abandoned(sw.study, rec["group"]))))
+            known = set(trunks_mod.abandoned(sw.study, rec["group"]))
+            if set(missing) - known:
+                sw.study._storage.set_study_system_attr(sw.study._study_id, key, sorted(set(missing) | known))
                 log.warning("WSD joint search: no trial of lr=%s will run in this command; ranking the other "
                             "learning rates without it", ",".join(f"{r:g}" for r in missing))
 

@@ -301,7 +301,7 @@ def test_the_study_view_of_the_trunks():
     the rule stops it is dead, one claimed before its job recorded anything counts (from its config), and a
     rate nobody will start is live until abandoned."""
     from sweeper.identity import joint_group
-    from sweeper.study import trunk_table
+    from sweeper.trunks import trunk_table
 
     config = {"schedule.wsd.learning_rates": RATES, "data.name": "x"}
     group = joint_group(config)
