@@ -28,7 +28,7 @@ from sweeper import speed as speed_mod
 from sweeper.reporter import Reporter
 from sweeper.spec import RunSpec
 
-__all__ = ["Segment", "train_segment"]
+__all__ = ["Segment", "quiet_libraries", "train_segment"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Segment:
     """One training segment: written into ``output_dir``; ``args`` replace SFTConfig fields after
-    :func:`sweeper.sft.args_for` (e.g. ``save_strategy="no"``); resumed from ``resume`` (model, optimizer,
+    :func:`sweeper.sft.build_sft_config` (e.g. ``save_strategy="no"``); resumed from ``resume`` (model, optimizer,
     scheduler, RNG and global step); ``callbacks`` added; the last step evaluated when ``final_eval``;
     with ``save_state`` the segment's ``trainer_state.json`` (its whole log history, restored part
     included) is written into ``output_dir``. An out-of-memory retry starts again from ``resume`` when
@@ -85,10 +85,10 @@ def _fit(spec: RunSpec) -> tuple[RunSpec, _Batching]:
     """batch=auto: the estimate's micro-batch, or the one this worker already probed for these shapes."""
     if not spec.batch.auto:
         return spec, _Batching()
-    micro, accum, info = batching.fit(spec.cfg)
+    micro, accum, info = batching.fit(spec)
     state = _Batching(info=info)
-    if info["mode"] == "fitted" and spec.cfg.batch.auto.probe:
-        key = batching.probe_key(spec.cfg, info)
+    if info["mode"] == "fitted" and spec.batch_config.auto.probe:
+        key = batching.probe_key(spec, info)
         if key in batching.PROBED:  # a later trial of this worker with the same shapes: no second probe
             micro, accum, first = batching.PROBED[key]
             info.update(probes=f"reused the probed micro-batch of {first} in this worker", micro_batch=micro)
@@ -112,10 +112,10 @@ def train_segment(spec: RunSpec, splits: data_mod.Splits, segment: Segment, repo
             spec = spec.with_batch(r.micro, r.accum)
         except _OutOfMemory as oom:
             smaller = batching.smaller_micro_batch(spec.batch.micro, spec.batch.accum)
-            if not spec.cfg.retry_on_oom or smaller is None:
+            if not spec.retry_on_oom or smaller is None:
                 raise RuntimeError(
                     f"CUDA out of memory at step {oom.step} with micro-batch {spec.batch.micro} x accumulation "
-                    f"{spec.batch.accum}" + ("" if spec.cfg.retry_on_oom else " (retry_on_oom=false)")
+                    f"{spec.batch.accum}" + ("" if spec.retry_on_oom else " (retry_on_oom=false)")
                     + f": {oom.error}") from oom.error
             spec = spec.with_batch(*smaller)
             batch_state.oom_retries.append({"at_step": oom.step, "micro_batch": smaller[0], "grad_accum": smaller[1]})
@@ -130,29 +130,28 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
              batch_state: _Batching, started: float) -> dict:
     import torch
 
-    cfg, out = spec.cfg, Path(segment.output_dir)
-    timing = batch_state.timing
-    if cfg.report_to == "tensorboard":
+    out, timing = Path(segment.output_dir), batch_state.timing
+    if spec.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
 
     # the model, with this machine's kernels
     t = time.perf_counter()
-    model, tokenizer, compute = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir,
+    model, tokenizer, compute = model_mod.load(spec.model, spec.precision, spec.paths.cache_dir,
                                                attn_implementation=speed_mod.attn_implementation(spec.speed))
     speed_mod.apply_to_model(model, spec.speed)
     timing["model_load_s"] = round(time.perf_counter() - t, 2)
 
     # TRL's config, and the callbacks that track, report and stop the run
-    args = sft.args_for(spec, out, splits.format, fitted=batch_state.fitted)
+    args = sft.build_sft_config(spec, output_dir=out, data_format=splits.format, fitted=batch_state.fitted)
     if segment.args:
         args = dataclasses.replace(args, **segment.args)
     tracker: dict = {}
     if resume:
         callbacks.restore_tracker(tracker, resume, spec.metric, spec.maximize)
-    trainer_callbacks = callbacks.make_callbacks(cfg, reporter, tracker, early_stopping=spec.early_stopping)
+    trainer_callbacks = callbacks.make_callbacks(spec, reporter, tracker)
     trainer_callbacks += segment.callbacks
     accuracy_decision: dict = {}
-    accuracy = callbacks.accuracy_callback(cfg, splits, tokenizer, accuracy_decision)
+    accuracy = callbacks.accuracy_callback(spec, splits, tokenizer, accuracy_decision)
     if accuracy is not None:
         trainer_callbacks.insert(0, accuracy)  # its metric must exist before the others read the metrics
     injected = inject.callback()
@@ -162,19 +161,19 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
 
     # the trainer; TRL tokenises and packs here (the datasets cache makes that once per sweep)
     t = time.perf_counter()
-    trainer = sft.make_trainer(model, tokenizer, args, splits, cfg, trainer_callbacks)
+    trainer = sft.make_trainer(model, tokenizer, args, splits, spec.peft, trainer_callbacks)
     speed_mod.apply_to_trainer(trainer, spec.speed)
     inject.attach(trainer)
-    callbacks.replace_progress(trainer, cfg)
+    callbacks.replace_progress(trainer, spec)
     timing["prepare_s"] = round(time.perf_counter() - t, 2)
 
     # batch=auto: real probes on the longest rows; another size means building again at that size
     if batch_state.probe_key is not None:
         t = time.perf_counter()
         info = batch_state.info
-        probed = batching.probe_ladder(trainer, cfg, spec.batch.micro, info, info.pop("_states_gib"))
+        probed = batching.probe_ladder(trainer, spec, spec.batch.micro, info, info.pop("_states_gib"))
         timing["batch_probe_s"] = round(time.perf_counter() - t, 2)
-        target = int(cfg.batch.auto.target_effective_batch)
+        target = int(spec.batch_config.auto.target_effective_batch)
         owner = f"trial {reporter.number}" if reporter.number is not None else "a run"
         batching.PROBED[batch_state.probe_key] = (probed, target // probed, owner)
         batch_state.probe_key = None
@@ -184,9 +183,9 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
             raise _Refit(probed, target // probed)
 
     # the plan on the prepared data, and what the trial records before training
-    plan, prepared_rows = sft.plan_on_trainer(cfg, trainer, splits, args)
+    plan, prepared_rows = sft.plan_on_trainer(spec, trainer, splits, args)
     try:
-        data_mod.check_prepared(splits, cfg.data, prepared_rows, len(trainer.eval_dataset))
+        data_mod.check_prepared(splits, spec.data, prepared_rows, len(trainer.eval_dataset))
     except ValueError as e:
         raise config_mod.InputError.wrap(e) from e
     log.info("plan: %s", plan.describe())
@@ -275,3 +274,27 @@ def _slurm_job() -> str | None:
     if array and task:
         return f"{array}_{task}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+class _DropNotes(logging.Filter):
+    """Library notes the user can do nothing about (they describe this tool's own choices)."""
+
+    NOTES = ("load_best_model_at_end",)  # EarlyStoppingCallback: we keep the best checkpoint ourselves
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOTES)
+
+
+def quiet_libraries() -> None:
+    """No nested progress bars from datasets' map and the weight loader (the trial keeps its own bar),
+    and no library notes the user cannot act on."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns on import
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("transformers", "transformers.trainer_callback"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotes) for f in logger.filters):
+            logger.addFilter(_DropNotes())
