@@ -21,6 +21,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+__all__ = ["GpuMemory", "all_gpus", "check_precision", "compute_for", "cuda_initialised", "free_cuda_cache", "pin",
+           "pin_one", "visible_gpus"]
+
 log = logging.getLogger(__name__)
 GIB = 2**30
 
@@ -106,6 +109,18 @@ def cuda_initialised() -> bool:
     """Whether this process has already initialised CUDA (then CUDA_VISIBLE_DEVICES no longer applies)."""
     torch = sys.modules.get("torch")
     return bool(torch is not None and torch.cuda.is_initialized())
+
+
+def free_cuda_cache() -> None:
+    """A worker's earlier trial: give its cached blocks back, so that NVML's free memory (batch=auto's
+    budget) does not count them as taken."""
+    if cuda_initialised():
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def pin(index: int | str) -> None:
