@@ -17,6 +17,11 @@ from typing import Any, List, Optional
 from hydra.errors import CompactHydraException
 from omegaconf import MISSING
 
+__all__ = ["AutoBatchConfig", "BatchConfig", "Config", "DataConfig", "EvalConfig", "InputError", "LrConfig",
+           "ModelConfig", "ModelShape", "PathsConfig", "PeftConfig", "PrecisionConfig", "ScheduleConfig",
+           "SpeedConfig", "StudyRef", "TinyModelConfig", "WSD_DECAY_TYPES", "WsdConfig", "metric_direction",
+           "register", "validate", "wsd_branch_point", "wsd_warmup_steps"]
+
 
 class InputError(CompactHydraException, ValueError):
     """Bad input (config, data, sweep): Hydra prints only its message, no traceback."""

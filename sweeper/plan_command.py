@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+__all__ = ["CONF_DIR", "main", "plan_rows", "render"]
+
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 

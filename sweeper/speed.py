@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sweeper.config import SpeedConfig
 
-__all__ = ["apply_to_model", "apply_to_trainer", "attn_implementation", "describe", "measurement_callbacks",
-           "resolve", "sft_config_kwargs"]
+__all__ = ["VARLEN", "apply_to_model", "apply_to_trainer", "attn_implementation", "describe", "measurement_callbacks",
+           "register_varlen", "resolve", "sft_config_kwargs", "varlen_attention"]
 
 log = logging.getLogger(__name__)
 
