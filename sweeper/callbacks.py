@@ -1,6 +1,7 @@
-"""Every TrainerCallback of a run: the objective (best value, reports to the study, pruning, divergence),
-early stopping, label accuracy by generation, and the one progress bar per trial with the metrics in
-``train.log``. Fault injection for the tests lives in :mod:`sweeper.inject`."""
+"""The TrainerCallbacks of a run, built from its :class:`sweeper.spec.RunSpec`: the objective (best value,
+reports to the study, pruning, divergence), early stopping, label accuracy by generation, and the one
+progress bar per trial with the metrics in ``train.log``. Two kinds live elsewhere: fault injection for
+the tests (:mod:`sweeper.inject`) and the benchmarks' step timer and profiler (:mod:`sweeper.speed`)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ SFTTrainer refuses to train with more than one visible GPU (it would wrap the mo
 ``nn.DataParallel``), and ``CUDA_VISIBLE_DEVICES`` only takes effect before the process initialises
 CUDA (any ``torch.cuda`` call does). So every process that trains calls :func:`pin_one` first: it
 leaves exactly one GPU visible. The sweeper pins its workers itself (``sweeper.study``); a single run
-(``python train.py``) pins to the GPU with the most free memory.
+(``python train.py``) pins to the GPU with the most free memory. A worker's next trial first gives the
+CUDA blocks its last one cached back (:func:`free_cuda_cache`).
 
 Free memory comes from nvidia-ml-py (``pip install -e '.[gpu]'``), or from ``nvidia-smi`` where
 that is not installed. Indices are PCI bus order (NVML's), and pinning sets

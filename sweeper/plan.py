@@ -1,8 +1,10 @@
-"""Steps <-> epochs <-> samples <-> tokens: plain arithmetic, no torch.
+"""Steps <-> epochs <-> samples <-> tokens, the peak-memory estimate of a run and the micro-batch that
+fits a budget: plain arithmetic, no torch.
 
 Every job logs a :class:`Plan` before training, computed on the prepared dataset (the rows or
 packed sequences the trainer will really iterate), and stores it on its trial. Its warnings advise
 lengths; the presets they name are read from ``conf/schedule/*.yaml``, never repeated here.
+:func:`estimate_memory` applies :func:`sweeper.memory.estimate` to a run's :class:`Training`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,15 @@
-"""One run, resolved once: :func:`resolve` checks the composed config and decides what the config leaves
-open (compute precision, speed kernels, metric direction, method, schedule, batch, WSD points); the
-result is a frozen :class:`RunSpec` that :mod:`sweeper.runner` and :mod:`sweeper.wsd` read instead of
-the config. ``with_batch`` / ``with_schedule`` return changed copies (an OOM retry, a WSD segment).
+"""One run, resolved once: the one place below the entry points that reads the composed config.
 
-The groups a leaf still takes whole (``model``, ``precision``, ``peft``, ``data``, ``eval``, ``lr``,
-``paths``) are read from ``spec.cfg``; the schedule and the batch are read from the spec only.
+:func:`resolve` checks the config and decides what it leaves open (compute precision, speed kernels,
+metric direction, method, schedule, batch, WSD points); the result is a frozen :class:`RunSpec` that
+:mod:`sweeper.runner`, :mod:`sweeper.wsd` and the leaves they call read instead of the config.
+``with_batch`` / ``with_schedule`` return changed copies (an OOM retry, a WSD segment). The groups a
+leaf takes whole (``model``, ``precision``, ``peft``, ``data``, ``eval``, ``lr``, ``paths``, the
+``batch`` group as ``batch_config``) are instances of their schema dataclasses (:mod:`sweeper.config`).
+
+Narrower readers serve the commands that plan rather than train: :func:`build` (the spec with the
+compute and speed the caller chose), :func:`for_preparation` (the spec with which TRL prepares the
+data on this machine), :func:`schedule_of`, :func:`batch_of`, :func:`wsd_of`, :func:`training_of`.
 """
 
 from __future__ import annotations
