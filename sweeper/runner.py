@@ -19,6 +19,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sweeper import batching, callbacks, inject, sft
 from sweeper import config as config_mod
@@ -148,16 +149,7 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
     tracker: dict = {}
     if resume:
         callbacks.restore_tracker(tracker, resume, spec.metric, spec.maximize)
-    trainer_callbacks = callbacks.make_callbacks(spec, reporter, tracker)
-    trainer_callbacks += segment.callbacks
-    accuracy_decision: dict = {}
-    accuracy = callbacks.accuracy_callback(spec, splits, tokenizer, accuracy_decision)
-    if accuracy is not None:
-        trainer_callbacks.insert(0, accuracy)  # its metric must exist before the others read the metrics
-    injected = inject.callback()
-    if injected is not None:
-        trainer_callbacks.append(injected)
-    trainer_callbacks += speed_mod.measurement_callbacks()
+    trainer_callbacks, accuracy_decision = _callbacks(spec, splits, tokenizer, reporter, tracker, segment)
 
     # the trainer; TRL tokenises and packs here (the datasets cache makes that once per sweep)
     t = time.perf_counter()
@@ -222,8 +214,37 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
         trainer.evaluate()  # the run's final point, when max_steps is not a multiple of eval_steps
 
     # results
+    results = _results(spec, state, output, tracker, plan.effective_batch, timing, started, segment.final_eval)
+    reporter.set_attrs({k: v for k, v in results.items() if k != "curve"})
+    segment.results = results
+    if segment.save_state:
+        state.save_to_json(str(out / "trainer_state.json"))
+    return results
+
+
+def _callbacks(spec: RunSpec, splits: data_mod.Splits, tokenizer: Any, reporter: Reporter, tracker: dict,
+               segment: Segment) -> tuple[list, dict]:
+    """The callbacks of one attempt, in order, and the accuracy decision (the trial's ``accuracy`` attr)."""
+    trainer_callbacks = callbacks.make_callbacks(spec, reporter, tracker)
+    trainer_callbacks += segment.callbacks
+    accuracy_decision: dict = {}
+    accuracy = callbacks.accuracy_callback(spec, splits, tokenizer, accuracy_decision)
+    if accuracy is not None:
+        trainer_callbacks.insert(0, accuracy)  # its metric must exist before the others read the metrics
+    injected = inject.callback()
+    if injected is not None:
+        trainer_callbacks.append(injected)
+    trainer_callbacks += speed_mod.measurement_callbacks()
+    return trainer_callbacks, accuracy_decision
+
+
+def _results(spec: RunSpec, state: Any, output: Any, tracker: dict, effective_batch: int, timing: dict,
+             started: float, final_eval: bool) -> dict:
+    """What a trained segment records (the trial attrs of a run), from the trainer's state and the tracker."""
+    import torch
+
     best = tracker.get("best")
-    if best is None and segment.final_eval:  # a search's early segment may end before one
+    if best is None and final_eval:  # a search's early segment may end before one
         raise RuntimeError("no evaluation ran; check eval.eval_steps and the eval split")
     stopper = tracker.get("stopper")
     stopped_early = (stopper is not None and state.global_step < state.max_steps
@@ -233,7 +254,7 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
         "best_step": tracker.get("best_step"),
         "steps_trained": state.global_step,
         "epochs_trained": round(float(state.epoch or 0.0), 4),
-        "samples_seen": state.global_step * plan.effective_batch,
+        "samples_seen": state.global_step * effective_batch,
         "tokens_seen": int(state.num_input_tokens_seen or 0),
         "stopped_early_step": state.global_step if stopped_early else None,
         "train_runtime_s": round(float(output.metrics.get("train_runtime", 0.0)), 2),
@@ -250,10 +271,6 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
     }
     log.info("best %s %s at step %s of %d%s", spec.metric, "–" if best is None else f"{best:.4f}",
              results["best_step"], state.global_step, f" (stopped early at {state.global_step})" if stopped_early else "")
-    reporter.set_attrs({k: v for k, v in results.items() if k != "curve"})
-    segment.results = results
-    if segment.save_state:
-        state.save_to_json(str(out / "trainer_state.json"))
     return results
 
 
