@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+__all__ = ["main"]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sweeper", description=__doc__,

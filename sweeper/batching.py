@@ -5,11 +5,12 @@ effective batch unchanged)."""
 from __future__ import annotations
 
 import logging
-from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
+from typing import TYPE_CHECKING, Any
 
 from sweeper import model as model_mod
+
+if TYPE_CHECKING:
+    from sweeper.spec import RunSpec
 
 __all__ = ["PROBED", "fit", "probe_key", "probe_ladder", "smaller_micro_batch"]
 
@@ -25,38 +26,38 @@ def smaller_micro_batch(micro: int, accum: int) -> tuple[int, int] | None:
     return None
 
 
-def fit(cfg: DictConfig) -> tuple[int, int, dict]:
+def fit(spec: RunSpec) -> tuple[int, int, dict]:
     """batch=auto on this process's one GPU (``run`` pinned it): the largest micro-batch whose
     estimated peak fits ``memory_fraction`` of the GPU's free memory and divides the target
     effective batch. Without a GPU: the preset."""
     from sweeper.gpu import visible_gpus
-    from sweeper.plan import fit_micro_batch, memory_estimate
+    from sweeper.plan import estimate_memory, fit_micro_batch
 
-    a, b = cfg.batch.auto, cfg.batch
+    a, b, training = spec.batch_config.auto, spec.batch_config, spec.training
     gpus = visible_gpus()
     if not gpus:
         log.info("batch=auto: no GPU visible, so the preset micro-batch %d x accumulation %d is used",
                     b.per_device_train_batch_size, b.gradient_accumulation_steps)
         return int(b.per_device_train_batch_size), int(b.gradient_accumulation_steps), {"mode": "no GPU: preset"}
     best = gpus[0]
-    compute = model_mod.resolve_compute(cfg.precision.compute)
-    shape = model_mod.model_shape(cfg.model, cfg.paths.cache_dir)
+    compute = model_mod.resolve_compute(spec.precision.compute)
+    shape = model_mod.model_shape(spec.model, spec.paths.cache_dir)
     if shape is None:
-        raise ValueError(f"batch=auto needs the model's shape: no config.json for model.path={cfg.model.path!r}; "
+        raise ValueError(f"batch=auto needs the model's shape: no config.json for model.path={spec.model.path!r}; "
                          "give a local path or set model.shape")
-    seq_len = int(cfg.data.max_length)
+    seq_len = int(spec.data.max_length)
     budget = best.free_gib * float(a.memory_fraction)
     target = int(a.target_effective_batch)
     fit = fit_micro_batch(target, int(a.max_micro_batch), budget,
-                          lambda m: memory_estimate(cfg, shape, m, seq_len, compute, target // m).total_gib)
+                          lambda m: estimate_memory(training, shape, m, seq_len, compute, target // m).total_gib)
     if fit is None:
-        need = memory_estimate(cfg, shape, 1, seq_len, compute).total_gib
+        need = estimate_memory(training, shape, 1, seq_len, compute).total_gib
         raise ValueError(
             f"batch=auto: even micro-batch 1 at data.max_length={seq_len} needs ~{need:.1f} GiB, more than "
             f"{budget:.1f} GiB ({a.memory_fraction:.0%} of {best.free_gib:.1f} GiB free on GPU {best.index}); "
             "try precision=qlora4, batch.activation_checkpointing=true or a smaller data.max_length")
     micro, accum, est = fit
-    states = memory_estimate(cfg, shape, micro, seq_len, compute, accum).optimizer_gib
+    states = estimate_memory(training, shape, micro, seq_len, compute, accum).optimizer_gib
     info = {"mode": "fitted", "gpu": best.index, "gpu_name": best.name, "free_gib": round(best.free_gib, 2),
             "budget_gib": round(budget, 2), "estimate_micro_batch": micro, "estimate_gib": round(est, 2),
             "_states_gib": states}  # optimizer states: allocated at the first step, after the probe
@@ -70,12 +71,12 @@ def fit(cfg: DictConfig) -> tuple[int, int, dict]:
 PROBED: dict[str, tuple[int, int, str]] = {}
 
 
-def probe_key(cfg: DictConfig, info: dict) -> str:
+def probe_key(spec: RunSpec, info: dict) -> str:
     """What the probed micro-batch depends on: the GPU, the model, precision, adapters, data (its
     longest rows and length), batch and speed settings and the optimizer."""
     parts = [str(info.get("gpu")), str(info.get("gpu_name"))]
-    parts += [OmegaConf.to_yaml(cfg[k]) for k in ("model", "precision", "peft", "data", "batch", "speed")]
-    parts.append(str(cfg.lr.optim))
+    parts += [repr(x) for x in (spec.model, spec.precision, spec.peft, spec.data, spec.batch_config, spec.speed)]
+    parts.append(str(spec.lr.optim))
     return "\n".join(parts)
 
 
@@ -110,13 +111,13 @@ def probe(trainer: Any, micro: int) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
-def probe_ladder(trainer: Any, cfg: DictConfig, micro: int, info: dict, states_gib: float) -> int:
+def probe_ladder(trainer: Any, spec: RunSpec, micro: int, info: dict, states_gib: float) -> int:
     """From the estimate's micro-batch, probe up the divisors of the target effective batch while
     the probe's peak plus the optimizer states fits the budget, or down until it does."""
     import torch
 
-    a = cfg.batch.auto
-    target, seq_len, budget = int(a.target_effective_batch), int(cfg.data.max_length), float(info["budget_gib"])
+    a = spec.batch_config.auto
+    target, seq_len, budget = int(a.target_effective_batch), int(spec.data.max_length), float(info["budget_gib"])
     divisors = [d for d in range(1, min(int(a.max_micro_batch), target) + 1) if target % d == 0]
     probes = info.setdefault("probes", [])
 

@@ -1,21 +1,24 @@
-"""Every TrainerCallback of a run: the objective (best value, reports to the study, pruning, divergence),
-early stopping, label accuracy by generation, and the one progress bar per trial with the metrics in
-``train.log``. Fault injection for the tests lives in :mod:`sweeper.inject`."""
+"""The TrainerCallbacks of a run, built from its :class:`sweeper.spec.RunSpec`: the objective (best value,
+reports to the study, pruning, divergence), early stopping, label accuracy by generation, and the one
+progress bar per trial with the metrics in ``train.log``. Two kinds live elsewhere: fault injection for
+the tests (:mod:`sweeper.inject`) and the benchmarks' step timer and profiler (:mod:`sweeper.speed`)."""
 
 from __future__ import annotations
 
 import logging
 import math
 from pathlib import Path
-from typing import Any
-
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING, Any
 
 from sweeper import config as config_mod
 from sweeper import data as data_mod
+from sweeper.reporter import Reporter
+
+if TYPE_CHECKING:
+    from sweeper.spec import RunSpec
 
 __all__ = ["DivergedError", "accuracy_callback", "label_decision", "label_set", "make_callbacks",
-           "replace_progress", "restore_tracker", "thin"]
+           "metrics_logger", "replace_progress", "restore_tracker", "thin"]
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +60,18 @@ def label_decision(splits: data_mod.Splits) -> tuple[list[str] | None, str]:
     return sorted(distinct), f"{len(distinct)} distinct answers of at most {longest} words in {len(answers)} train rows"
 
 
-def accuracy_callback(cfg: DictConfig, splits: data_mod.Splits, tokenizer: Any, decision: dict) -> Any:
+def accuracy_callback(spec: RunSpec, splits: data_mod.Splits, tokenizer: Any, decision: dict) -> Any:
     """Label accuracy by greedy generation on up to ``eval.accuracy_rows`` eval rows, added to the
     evaluation's metrics as ``eval_accuracy`` (before early stopping and best-checkpoint tracking read
     them). None when off, or when ``auto`` and the answers are not a label set. ``decision`` receives
     ``on`` and ``why`` (stored on the trial as ``accuracy``)."""
-    mode = cfg.eval.accuracy
+    mode = spec.eval.accuracy
     labels, why = label_decision(splits) if mode != "off" else (None, "eval.accuracy=off")
     decision["why"] = why
     if mode == "off" or (mode == "auto" and labels is None):
-        if cfg.eval.metric == "eval_accuracy":
+        if spec.metric == "eval_accuracy":
             raise config_mod.InputError(
-                f"eval.metric=eval_accuracy, but the answers of {cfg.data.name} are not a label set ({why}); "
+                f"eval.metric=eval_accuracy, but the answers of {spec.data.name} are not a label set ({why}); "
                 "set eval.accuracy=on to score exact matches anyway, or eval.metric=eval_loss")
         decision["on"] = False
         log.info("accuracy: off (eval.accuracy=%s): %s", mode, why)
@@ -78,7 +81,7 @@ def accuracy_callback(cfg: DictConfig, splits: data_mod.Splits, tokenizer: Any, 
     import torch
     from transformers import TrainerCallback
 
-    rows = splits.eval.select(range(min(len(splits.eval), int(cfg.eval.accuracy_rows))))
+    rows = splits.eval.select(range(min(len(splits.eval), int(spec.eval.accuracy_rows))))
     prompts, targets = [], []
     for row in rows:
         if splits.format == "messages":
@@ -91,7 +94,7 @@ def accuracy_callback(cfg: DictConfig, splits: data_mod.Splits, tokenizer: Any, 
             c = row["completion"]
             targets.append((c if isinstance(c, str) else c[-1]["content"]).strip())
     longest = max(len(tokenizer(t)["input_ids"]) for t in targets) + 2  # + end of turn
-    batch_size = int(cfg.batch.per_device_eval_batch_size)
+    batch_size = int(spec.batch_config.per_device_eval_batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     class AccuracyCallback(TrainerCallback):
@@ -122,11 +125,12 @@ def accuracy_callback(cfg: DictConfig, splits: data_mod.Splits, tokenizer: Any, 
     return AccuracyCallback()
 
 
-def make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict, early_stopping: bool = True) -> list:
+def make_callbacks(spec: RunSpec, reporter: Reporter | None, tracker: dict) -> list:
+    """The objective's callback (best value and step, a report per evaluation, pruning, divergence) into
+    ``tracker``, and early stopping when ``spec.early_stopping`` and a patience is set."""
     from transformers import EarlyStoppingCallback, TrainerCallback
 
-    metric = str(cfg.eval.metric)
-    maximize = config_mod.metric_direction(metric) == "maximize"
+    metric, maximize, e = spec.metric, spec.maximize, spec.eval
 
     class ObjectiveCallback(TrainerCallback):
         """Track the best metric, report each evaluation to the trial, honour pruning, catch NaN."""
@@ -162,10 +166,10 @@ def make_callbacks(cfg: DictConfig, reporter: Any, tracker: dict, early_stopping
                     reporter.prune(step)
 
     callbacks = [ObjectiveCallback()]
-    if early_stopping and cfg.eval.early_stopping_patience is not None:
+    if spec.early_stopping and e.early_stopping_patience is not None:
         stopper = EarlyStoppingCallback(
-            early_stopping_patience=int(cfg.eval.early_stopping_patience),
-            early_stopping_threshold=float(cfg.eval.early_stopping_threshold),
+            early_stopping_patience=int(e.early_stopping_patience),
+            early_stopping_threshold=float(e.early_stopping_threshold),
         )
         tracker["stopper"] = stopper
         callbacks.append(stopper)
@@ -190,7 +194,7 @@ def metrics_logger() -> logging.Logger:
     return mlog
 
 
-def replace_progress(trainer: Any, cfg: DictConfig) -> None:
+def replace_progress(trainer: Any, spec: RunSpec) -> None:
     """Swap transformers' progress printer (a bar per evaluation, a metrics dict per log line on the
     console) for one bar per trial (steps, last loss and eval metric) and the metrics in ``train.log``."""
     from tqdm.auto import tqdm
@@ -200,8 +204,8 @@ def replace_progress(trainer: Any, cfg: DictConfig) -> None:
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     mlog = metrics_logger()
-    label = f"trial {cfg.study.trial_number}" if cfg.study.trial_number is not None else "run"
-    shown = ("loss", str(cfg.eval.metric), "eval_accuracy")
+    label = f"trial {spec.trial_number}" if spec.trial_number is not None else "run"
+    shown = ("loss", spec.metric, "eval_accuracy")
 
     class TrialProgress(TrainerCallback):
         bar = None

@@ -6,7 +6,8 @@ value must come from a YAML file. The schema is registered with Hydra's ``Config
 key or a value of the wrong type fails at compose time, before any model is loaded.
 
 Rules that span several keys (e.g. warmup shorter than the run) are checked by :func:`validate`,
-which every job calls before touching data or a GPU.
+which every job calls (through :func:`sweeper.spec.resolve`) before touching data or a GPU. Below the
+entry points the groups travel as instances of these dataclasses (:class:`sweeper.spec.RunSpec`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from typing import Any, List, Optional
 
 from hydra.errors import CompactHydraException
 from omegaconf import MISSING
+
+__all__ = ["AutoBatchConfig", "BatchConfig", "Config", "DataConfig", "EvalConfig", "InputError", "LrConfig",
+           "ModelConfig", "ModelShape", "PathsConfig", "PeftConfig", "PrecisionConfig", "ScheduleConfig",
+           "SpeedConfig", "StudyRef", "TinyModelConfig", "WSD_DECAY_TYPES", "WsdConfig", "metric_direction",
+           "register", "validate", "wsd_branch_point", "wsd_warmup_steps"]
 
 
 class InputError(CompactHydraException, ValueError):

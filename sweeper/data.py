@@ -1,4 +1,4 @@
-"""Load, check and split the training data (``data`` config group).
+"""Load, check and split the training data (the ``data`` config group, :class:`sweeper.config.DataConfig`).
 
 Accepted inputs: a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a hub dataset id, or
 ``demo`` (a small intent-classification set this module generates). Rows must be in one of TRL's
@@ -17,7 +17,12 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sweeper.config import DataConfig
+
+__all__ = ["FORMATS", "Splits", "check_prepared", "demo_corpus", "demo_rows", "detect_format", "load"]
 
 log = logging.getLogger(__name__)
 
@@ -281,26 +286,26 @@ def _check_rows(ds: Any, fmt: str, key: str, source: str, most: int = 5) -> None
                          "fix or drop them")
 
 
-def load(data_cfg: Any, cache_dir: str | Path) -> Splits:
+def load(data: DataConfig, cache_dir: str | Path) -> Splits:
     """Load train and eval splits for a ``data`` config; raise one clear error on bad input.
 
     Eval comes from ``eval_path`` when given, else a seeded ``eval_fraction`` of the shuffled
     train rows (the remainder trains). ``max_train_rows``/``max_eval_rows`` cap after shuffling.
     """
     cache_dir = Path(cache_dir)
-    if data_cfg.train_path == "demo":
-        train_src = str(_write_demo(cache_dir, int(data_cfg.demo_rows or 1200), int(data_cfg.seed)))
+    if data.train_path == "demo":
+        train_src = str(_write_demo(cache_dir, int(data.demo_rows or 1200), int(data.seed)))
     else:
-        train_src = data_cfg.train_path
-    train, source = _load_one(train_src, data_cfg.train_split, "data.train_path", cache_dir)
+        train_src = data.train_path
+    train, source = _load_one(train_src, data.train_split, "data.train_path", cache_dir)
     fmt = detect_format(train.column_names, "data.train_path", source)
     keep = ["messages"] if fmt == "messages" else ["prompt", "completion"]
     train = train.select_columns(keep)
     _check_rows(train, fmt, "data.train_path", source)
-    train = train.shuffle(seed=int(data_cfg.seed))
+    train = train.shuffle(seed=int(data.seed))
 
-    if data_cfg.eval_path is not None:
-        evals, esource = _load_one(data_cfg.eval_path, data_cfg.eval_split, "data.eval_path", cache_dir)
+    if data.eval_path is not None:
+        evals, esource = _load_one(data.eval_path, data.eval_split, "data.eval_path", cache_dir)
         efmt = detect_format(evals.column_names, "data.eval_path", esource)
         if efmt != fmt:
             raise ValueError(
@@ -310,41 +315,41 @@ def load(data_cfg: Any, cache_dir: str | Path) -> Splits:
         _check_rows(evals, fmt, "data.eval_path", esource)
     else:
         n = len(train)
-        n_eval = int(round(n * float(data_cfg.eval_fraction)))
+        n_eval = int(round(n * float(data.eval_fraction)))
         if n_eval < 1 or n_eval >= n:
             raise ValueError(
-                f"data.eval_fraction={data_cfg.eval_fraction} of {n} rows in {source} leaves "
+                f"data.eval_fraction={data.eval_fraction} of {n} rows in {source} leaves "
                 f"{n_eval} eval and {n - n_eval} train rows; both need at least one. Add rows, "
                 "change data.eval_fraction, or give data.eval_path"
             )
         evals = train.select(range(n_eval))
         train = train.select(range(n_eval, n))
-    if data_cfg.max_eval_rows is not None:
-        if data_cfg.max_eval_rows < 1:
-            raise ValueError(f"data.max_eval_rows must be >= 1 or null, but got {data_cfg.max_eval_rows}")
-        evals = evals.select(range(min(len(evals), int(data_cfg.max_eval_rows))))
+    if data.max_eval_rows is not None:
+        if data.max_eval_rows < 1:
+            raise ValueError(f"data.max_eval_rows must be >= 1 or null, but got {data.max_eval_rows}")
+        evals = evals.select(range(min(len(evals), int(data.max_eval_rows))))
     all_train = None
-    if data_cfg.max_train_rows is not None:
-        if data_cfg.max_train_rows < 1:
-            raise ValueError(f"data.max_train_rows must be >= 1 or null, but got {data_cfg.max_train_rows}")
+    if data.max_train_rows is not None:
+        if data.max_train_rows < 1:
+            raise ValueError(f"data.max_train_rows must be >= 1 or null, but got {data.max_train_rows}")
         all_train = train
-        train = train.select(range(min(len(train), int(data_cfg.max_train_rows))))
+        train = train.select(range(min(len(train), int(data.max_train_rows))))
     log.info("data %s: %d train rows, %d eval rows (%s format) from %s",
-             data_cfg.name, len(train), len(evals), fmt, source)
+             data.name, len(train), len(evals), fmt, source)
     return Splits(train=train, eval=evals, format=fmt, source=source, all_train=all_train)
 
 
-def check_prepared(splits: Splits, data_cfg: Any, train_rows: int, eval_rows: int) -> None:
+def check_prepared(splits: Splits, data: DataConfig, train_rows: int, eval_rows: int) -> None:
     """Raise one clear error when TRL's preparation (truncation at ``data.max_length``, which drops a row
     whose loss tokens are all cut) leaves no train row to learn from or no eval row to score: found
     before training, not at the first evaluation."""
     where = {"train": f"data.train_path ({splits.source})",
-             "eval": f"data.eval_path ({data_cfg.eval_path})" if data_cfg.eval_path is not None
+             "eval": f"data.eval_path ({data.eval_path})" if data.eval_path is not None
              else f"the eval rows held out of data.train_path ({splits.source})"}
     for split, before, after in (("train", len(splits.train), train_rows), ("eval", len(splits.eval), eval_rows)):
         if before and not after:
             raise ValueError(
                 f"{where[split]}: 0 of {before} {split} rows keep a token to "
                 f"{'learn from' if split == 'train' else 'score'} after truncation at data.max_length="
-                f"{data_cfg.max_length} (the {'completion' if splits.format != 'messages' else 'assistant turn'} "
+                f"{data.max_length} (the {'completion' if splits.format != 'messages' else 'assistant turn'} "
                 "starts beyond it); raise data.max_length or shorten the prompts")

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+__all__ = ["DiskFullError", "check_writable", "disk_full"]
+
 # Free space below this after a failed write means the disk filled up (a failed save leaves its partial
 # file behind, so the disk stays full), even when the library's own error does not say so: torch's
 # checkpoint writer reports "unexpected pos 64 vs 0".

@@ -5,7 +5,8 @@ SFTTrainer refuses to train with more than one visible GPU (it would wrap the mo
 ``nn.DataParallel``), and ``CUDA_VISIBLE_DEVICES`` only takes effect before the process initialises
 CUDA (any ``torch.cuda`` call does). So every process that trains calls :func:`pin_one` first: it
 leaves exactly one GPU visible. The sweeper pins its workers itself (``sweeper.study``); a single run
-(``python train.py``) pins to the GPU with the most free memory.
+(``python train.py``) pins to the GPU with the most free memory. A worker's next trial first gives the
+CUDA blocks its last one cached back (:func:`free_cuda_cache`).
 
 Free memory comes from nvidia-ml-py (``pip install -e '.[gpu]'``), or from ``nvidia-smi`` where
 that is not installed. Indices are PCI bus order (NVML's), and pinning sets
@@ -20,6 +21,9 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+
+__all__ = ["GpuMemory", "all_gpus", "check_precision", "compute_for", "cuda_initialised", "free_cuda_cache", "pin",
+           "pin_one", "visible_gpus"]
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -106,6 +110,18 @@ def cuda_initialised() -> bool:
     """Whether this process has already initialised CUDA (then CUDA_VISIBLE_DEVICES no longer applies)."""
     torch = sys.modules.get("torch")
     return bool(torch is not None and torch.cuda.is_initialized())
+
+
+def free_cuda_cache() -> None:
+    """A worker's earlier trial: give its cached blocks back, so that NVML's free memory (batch=auto's
+    budget) does not count them as taken."""
+    if cuda_initialised():
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def pin(index: int | str) -> None:

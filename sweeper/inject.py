@@ -16,6 +16,8 @@ import os
 import signal
 from typing import Any
 
+__all__ = ["attach", "callback", "in_report"]
+
 _KEYS = ("OOM_AT_STEP", "NAN_AT_STEP", "KILL_AT_STEP", "KILL_IN_SAVE")
 
 

@@ -40,6 +40,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+__all__ = ["CONTEXT_GIB", "MemoryEstimate", "count_params", "estimate"]
+
 GIB = 2**30
 METHODS = ("full", "lora", "qlora")
 COMPUTES = ("bf16", "fp16", "fp32")
@@ -86,29 +88,29 @@ class MemoryEstimate:
         return asdict(self)
 
 
-def _get(cfg: Mapping[str, Any], key: str) -> int:
-    value = cfg.get(key)
+def _get(model_config: Mapping[str, Any], key: str) -> int:
+    value = model_config.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"model_config[{key!r}] must be a positive int, but got {value!r}")
     return value
 
 
-def _dims(cfg: Mapping[str, Any]) -> dict[str, int]:
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"model_config must be a mapping (a Hugging Face config as a dict), but got {type(cfg).__name__}")
-    d = {k: _get(cfg, k) for k in _REQUIRED}
+def _dims(model_config: Mapping[str, Any]) -> dict[str, int]:
+    if not isinstance(model_config, Mapping):
+        raise ValueError(f"model_config must be a mapping (a Hugging Face config as a dict), but got {type(model_config).__name__}")
+    d = {k: _get(model_config, k) for k in _REQUIRED}
     heads = d["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or d["hidden_size"] // heads
+    kv_heads = model_config.get("num_key_value_heads") or heads
+    head_dim = model_config.get("head_dim") or d["hidden_size"] // heads
     d["q_dim"] = heads * head_dim
     d["kv_dim"] = int(kv_heads) * head_dim
     return d
 
 
-def _has_qkv_bias(cfg: Mapping[str, Any]) -> bool:
+def _has_qkv_bias(model_config: Mapping[str, Any]) -> bool:
     # Qwen2 always has q/k/v biases; Llama-style configs say so with attention_bias.
-    return cfg.get("model_type") == "qwen2" or "qwen2" in str(cfg.get("architectures", "")).lower() or bool(
-        cfg.get("attention_bias", False)
+    return model_config.get("model_type") == "qwen2" or "qwen2" in str(model_config.get("architectures", "")).lower() or bool(
+        model_config.get("attention_bias", False)
     )
 
 
@@ -126,14 +128,14 @@ def _linear_shapes(d: Mapping[str, int]) -> dict[str, tuple[int, int]]:
     }
 
 
-def _param_split(cfg: Mapping[str, Any]) -> tuple[int, int]:
+def _param_split(model_config: Mapping[str, Any]) -> tuple[int, int]:
     """(block linear weight params, all other params) of the model."""
-    d = _dims(cfg)
+    d = _dims(model_config)
     h, layers, vocab = d["hidden_size"], d["num_hidden_layers"], d["vocab_size"]
     linear = layers * sum(a * b for a, b in _linear_shapes(d).values())
-    bias = (d["q_dim"] + 2 * d["kv_dim"]) if _has_qkv_bias(cfg) else 0
+    bias = (d["q_dim"] + 2 * d["kv_dim"]) if _has_qkv_bias(model_config) else 0
     per_layer_other = bias + 2 * h  # q/k/v biases + two RMSNorm weights
-    embeddings = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
+    embeddings = vocab * h * (1 if model_config.get("tie_word_embeddings", False) else 2)
     return linear, layers * per_layer_other + embeddings + h  # + final norm
 
 

@@ -1,4 +1,5 @@
-"""Model and tokenizer loading (``model`` and ``precision`` config groups).
+"""Model and tokenizer loading: every function takes the ``model`` (and ``precision``) config group as its
+schema dataclass (:class:`sweeper.config.ModelConfig`, :class:`sweeper.config.PrecisionConfig`).
 
 ``model.path=tiny`` builds a small Qwen2-architecture model from a config (random init) and a
 byte-level BPE tokenizer trained offline on the demo corpus, with a ChatML template that marks
@@ -16,8 +17,15 @@ import logging
 import os
 import shutil
 import threading
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sweeper.config import ModelConfig, PrecisionConfig, TinyModelConfig
+
+__all__ = ["CHATML_TEMPLATE", "build_tiny", "load", "load_tokenizer", "model_shape", "resolve_compute", "resolve_path",
+           "torch_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +43,21 @@ CHATML_TEMPLATE = (
 _SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def _tiny_dir(tiny_cfg: Any, cache_dir: Path) -> Path:
-    spec = {k: tiny_cfg[k] for k in sorted(tiny_cfg.keys())}
+def _fields(group: Any) -> dict:
+    """A config group's keys and values, whether a schema dataclass or a config node."""
+    return asdict(group) if is_dataclass(group) else {k: group[k] for k in group}
+
+
+def _tiny_dir(tiny: TinyModelConfig, cache_dir: Path) -> Path:
+    spec = dict(sorted(_fields(tiny).items()))
     spec["template"] = CHATML_TEMPLATE
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     return cache_dir / "models" / f"tiny-{digest}"
 
 
-def build_tiny(tiny_cfg: Any, cache_dir: str | Path) -> Path:
+def build_tiny(tiny: TinyModelConfig, cache_dir: str | Path) -> Path:
     """Build (once) and return the directory of the tiny model + tokenizer."""
-    out = _tiny_dir(tiny_cfg, Path(cache_dir))
+    out = _tiny_dir(tiny, Path(cache_dir))
     if (out / "config.json").exists():
         return out
     import torch
@@ -57,7 +70,7 @@ def build_tiny(tiny_cfg: Any, cache_dir: str | Path) -> Path:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=int(tiny_cfg.vocab_size),
+        vocab_size=int(tiny.vocab_size),
         special_tokens=_SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -65,24 +78,24 @@ def build_tiny(tiny_cfg: Any, cache_dir: str | Path) -> Path:
     bpe.train_from_iterator(demo_corpus(), trainer=trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        model_max_length=int(tiny_cfg.max_position_embeddings),
+        model_max_length=int(tiny.max_position_embeddings),
     )
     tok.chat_template = CHATML_TEMPLATE
 
     config = Qwen2Config(
         vocab_size=len(tok),
-        hidden_size=int(tiny_cfg.hidden_size),
-        intermediate_size=int(tiny_cfg.intermediate_size),
-        num_hidden_layers=int(tiny_cfg.num_hidden_layers),
-        num_attention_heads=int(tiny_cfg.num_attention_heads),
-        num_key_value_heads=int(tiny_cfg.num_key_value_heads),
-        max_position_embeddings=int(tiny_cfg.max_position_embeddings),
+        hidden_size=int(tiny.hidden_size),
+        intermediate_size=int(tiny.intermediate_size),
+        num_hidden_layers=int(tiny.num_hidden_layers),
+        num_attention_heads=int(tiny.num_attention_heads),
+        num_key_value_heads=int(tiny.num_key_value_heads),
+        max_position_embeddings=int(tiny.max_position_embeddings),
         tie_word_embeddings=True,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
     )
-    torch.manual_seed(int(tiny_cfg.seed))
+    torch.manual_seed(int(tiny.seed))
     model = Qwen2ForCausalLM(config)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -114,13 +127,13 @@ def torch_dtype(name: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def resolve_path(model_cfg: Any, cache_dir: str | Path) -> str:
+def resolve_path(model: ModelConfig, cache_dir: str | Path) -> str:
     """A loadable path or hub id; builds the tiny model first when ``model.path=tiny``."""
-    if model_cfg.path == "tiny":
-        if model_cfg.tiny is None:
+    if model.path == "tiny":
+        if model.tiny is None:
             raise ValueError("model.path=tiny needs a model.tiny section; pick model=tiny")
-        return str(build_tiny(model_cfg.tiny, cache_dir))
-    return str(model_cfg.path)
+        return str(build_tiny(model.tiny, cache_dir))
+    return str(model.path)
 
 
 HUB_PROBE_TIMEOUT_S = 3.0  # one request to the hub before any download; huggingface_hub itself retries ~55 s
@@ -151,7 +164,7 @@ def _hub_unreachable(endpoint: str, offline: bool) -> str | None:
     return outcome[0] if outcome else f"no answer within {HUB_PROBE_TIMEOUT_S:g} s"
 
 
-def _from_pretrained(loader: Any, path: str, what: str, model_cfg: Any, **kwargs: Any) -> Any:
+def _from_pretrained(loader: Any, path: str, what: str, model: ModelConfig, **kwargs: Any) -> Any:
     """``loader.from_pretrained(path)`` from local files first (a directory or the Hugging Face cache:
     never the network); then, for a hub id, from the hub, but only after one short request shows it
     is reachable. Raises one-line ValueErrors that name ``model.path`` and what to do."""
@@ -160,11 +173,11 @@ def _from_pretrained(loader: Any, path: str, what: str, model_cfg: Any, **kwargs
     except (OSError, ValueError) as local_error:  # ValueError: a directory without tokenizer files, a bad id
         local = Path(path).expanduser().absolute()
         if local.is_dir():
-            raise ValueError(f"model.path={model_cfg.path!r}: the {what} could not be loaded from the local "
+            raise ValueError(f"model.path={model.path!r}: the {what} could not be loaded from the local "
                              f"directory {local} ({_one_line(local_error)}); point model.path at a directory "
                              "saved with save_pretrained, or give a hub id") from local_error
         if path.startswith(("/", ".", "~")) or path.count("/") > 1:  # not a hub id (owner/name)
-            raise ValueError(f"model.path={model_cfg.path!r}: no such directory ({local}); point model.path at "
+            raise ValueError(f"model.path={model.path!r}: no such directory ({local}); point model.path at "
                              "a local copy of the model, or give a hub id such as Qwen/Qwen2.5-0.5B-Instruct"
                              ) from local_error
         from huggingface_hub import constants
@@ -175,7 +188,7 @@ def _from_pretrained(loader: Any, path: str, what: str, model_cfg: Any, **kwargs
             hub = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else \
                 f"the hub ({constants.ENDPOINT}) cannot be reached ({why})"
             raise ValueError(
-                f"model.path={model_cfg.path!r}: the {what} could not be loaded offline: it is not in the Hugging "
+                f"model.path={model.path!r}: the {what} could not be loaded offline: it is not in the Hugging "
                 f"Face cache ({constants.HF_HUB_CACHE}) and {hub}; download it where the hub is reachable "
                 f"(hf download {path}) into that cache, point model.path at a local copy, or pick model=tiny"
                 + ("" if offline else "; HF_HUB_OFFLINE=1 skips this check")) from local_error
@@ -183,7 +196,7 @@ def _from_pretrained(loader: Any, path: str, what: str, model_cfg: Any, **kwargs
         return loader.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ValueError(
-            f"model.path={model_cfg.path!r}: the {what} could not be loaded ({_one_line(e)}); give a local "
+            f"model.path={model.path!r}: the {what} could not be loaded ({_one_line(e)}); give a local "
             "directory, a reachable hub id, or pick model=tiny"
         ) from e
 
@@ -194,76 +207,76 @@ def _one_line(e: Exception, most: int = 200) -> str:
     return text if len(text) <= most else text[:most - 1] + "…"
 
 
-def load_tokenizer(model_cfg: Any, cache_dir: str | Path) -> Any:
+def load_tokenizer(model: ModelConfig, cache_dir: str | Path) -> Any:
     """The model's tokenizer: local files (directory or Hugging Face cache) first, the hub only when it
     answers (see :func:`_from_pretrained`); offline and not cached, one ValueError within seconds."""
     from transformers import AutoTokenizer
 
-    path = resolve_path(model_cfg, cache_dir)
-    tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", model_cfg,
-                                 trust_remote_code=bool(model_cfg.trust_remote_code))
+    path = resolve_path(model, cache_dir)
+    tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", model,
+                                 trust_remote_code=bool(model.trust_remote_code))
     if tokenizer.chat_template is None:
         raise ValueError(
-            f"model.path={model_cfg.path!r}: the tokenizer has no chat template, which TRL needs for "
+            f"model.path={model.path!r}: the tokenizer has no chat template, which TRL needs for "
             "'messages' data; use an instruct/chat model or set one in its tokenizer_config.json"
         )
     return tokenizer
 
 
-def model_shape(model_cfg: Any, cache_dir: str | Path) -> dict | None:
+def model_shape(model: ModelConfig, cache_dir: str | Path) -> dict | None:
     """The model's architecture as a Hugging Face config dict, without loading weights: config.json
     of a local/tiny model, else ``model.shape``, else the Hugging Face cache, else the hub when it
     answers within seconds (None when none of them has it)."""
-    path = Path(resolve_path(model_cfg, cache_dir))
+    path = Path(resolve_path(model, cache_dir))
     if (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text())
-    if model_cfg.shape is not None:
-        return {k: model_cfg.shape[k] for k in model_cfg.shape}
+    if model.shape is not None:
+        return _fields(model.shape)
     try:
         from transformers import AutoConfig
 
-        return _from_pretrained(AutoConfig, str(model_cfg.path), "config", model_cfg,
-                                trust_remote_code=bool(model_cfg.trust_remote_code)).to_dict()
+        return _from_pretrained(AutoConfig, str(model.path), "config", model,
+                                trust_remote_code=bool(model.trust_remote_code)).to_dict()
     except Exception:
         return None
 
 
-def load(model_cfg: Any, precision_cfg: Any, cache_dir: str | Path,
+def load(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | Path,
          attn_implementation: str | None = None) -> tuple[Any, Any, str]:
     """Return ``(model, tokenizer, compute)`` where compute is the resolved precision name.
     ``attn_implementation`` applies when ``model.attn_implementation`` is not set."""
     from transformers import AutoModelForCausalLM
 
-    compute = resolve_compute(precision_cfg.compute)
-    weights = compute if model_cfg.dtype == "auto" else model_cfg.dtype
+    compute = resolve_compute(precision.compute)
+    weights = compute if model.dtype == "auto" else model.dtype
     if weights == "fp16":
         # fp16 master weights cannot be trained with the AMP grad scaler; keep fp32 masters.
         weights = "fp32"
-    path = resolve_path(model_cfg, cache_dir)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(weights), "trust_remote_code": bool(model_cfg.trust_remote_code)}
-    if model_cfg.attn_implementation or attn_implementation:
-        kwargs["attn_implementation"] = model_cfg.attn_implementation or attn_implementation
-    if precision_cfg.load_in_4bit:
+    path = resolve_path(model, cache_dir)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(weights), "trust_remote_code": bool(model.trust_remote_code)}
+    if model.attn_implementation or attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation or attn_implementation
+    if precision.load_in_4bit:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
             raise ImportError(
-                f"precision={precision_cfg.name} needs bitsandbytes: pip install -e '.[qlora]'"
+                f"precision={precision.name} needs bitsandbytes: pip install -e '.[qlora]'"
             ) from e
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=precision_cfg.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=bool(precision_cfg.bnb_4bit_use_double_quant),
+            bnb_4bit_quant_type=precision.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=bool(precision.bnb_4bit_use_double_quant),
             bnb_4bit_compute_dtype=torch_dtype(compute),
         )
-    tokenizer = load_tokenizer(model_cfg, cache_dir)
+    tokenizer = load_tokenizer(model, cache_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ValueError(
-            f"model.path={model_cfg.path!r} could not be loaded ({e}); give a local directory with "
+            f"model.path={model.path!r} could not be loaded ({e}); give a local directory with "
             "config.json and weights, a reachable hub id, or pick model=tiny"
         ) from e
-    return model, tokenizer, compute
+    return loaded, tokenizer, compute

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+__all__ = ["mask_passwords", "scrub_saved_config", "split_password"]
+
 # scheme://user:password@  (the password: anything up to the last @ before the host)
 _URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^:/@\s'\"]+:)([^@\s'\"]+)(@)")
 

@@ -1,8 +1,10 @@
-"""Steps <-> epochs <-> samples <-> tokens: plain arithmetic, no torch.
+"""Steps <-> epochs <-> samples <-> tokens, the peak-memory estimate of a run and the micro-batch that
+fits a budget: plain arithmetic, no torch.
 
 Every job logs a :class:`Plan` before training, computed on the prepared dataset (the rows or
 packed sequences the trainer will really iterate), and stores it on its trial. Its warnings advise
 lengths; the presets they name are read from ``conf/schedule/*.yaml``, never repeated here.
+:func:`estimate_memory` applies :func:`sweeper.memory.estimate` to a run's :class:`Training`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+__all__ = ["MAX_EPOCHS", "MIN_EPOCHS", "Plan", "SchedulePreset", "Training", "estimate_memory", "finetune_method",
+           "fit_micro_batch", "make_plan", "memory_estimate", "schedule_presets"]
 
 SCHEDULE_DIR = Path(__file__).resolve().parents[1] / "conf" / "schedule"
 MAX_EPOCHS = 5  # more passes than this: the plan warns of over-fitting (common SFT practice)
@@ -177,25 +182,44 @@ def fit_micro_batch(target_effective_batch: int, max_micro_batch: int, budget_gi
     return None
 
 
-def finetune_method(cfg: Any) -> str:
-    """qlora | lora | full, from the composed precision and peft groups."""
-    if cfg.precision.load_in_4bit:
+def finetune_method(load_in_4bit: bool, peft: str) -> str:
+    """qlora | lora | full, from the precision's 4-bit loading and the ``peft`` choice (lora | none)."""
+    if load_in_4bit:
         return "qlora"
-    return "lora" if cfg.peft.name == "lora" else "full"
+    return "lora" if peft == "lora" else "full"
 
 
-def memory_estimate(cfg: Any, shape: dict | None, micro_batch: int, seq_len: int, compute: str,
+@dataclass(frozen=True)
+class Training:
+    """What the memory estimate needs of a run besides the model's shape and its batch."""
+
+    method: str  # qlora | lora | full (:func:`finetune_method`)
+    optim: str  # transformers optimizer name
+    activation_checkpointing: bool
+    lora_r: int
+    lora_targets: str | list[str]  # module names, or "all-linear"
+
+
+def estimate_memory(training: Training, shape: dict | None, micro_batch: int, seq_len: int, compute: str,
                     grad_accum: int = 1) -> Any:
-    """Peak-VRAM estimate (``sweeper.memory.MemoryEstimate``) of a composed config at a micro-batch
-    and sequence length; None when the model's shape is unknown."""
+    """Peak-VRAM estimate (``sweeper.memory.MemoryEstimate``) of a run at a micro-batch and sequence
+    length; None when the model's shape is unknown."""
     if shape is None:
         return None
     from sweeper import memory
 
-    target = cfg.peft.target_modules
     return memory.estimate(
-        shape, method=finetune_method(cfg), compute=compute, optim=str(cfg.lr.optim),
-        activation_checkpointing=bool(cfg.batch.activation_checkpointing), micro_batch=micro_batch,
-        seq_len=seq_len, lora_r=int(cfg.peft.r or 16), grad_accum=grad_accum,
-        lora_targets=list(target) if target is not None and not isinstance(target, str) else (target or "all-linear"),
+        shape, method=training.method, compute=compute, optim=training.optim,
+        activation_checkpointing=training.activation_checkpointing, micro_batch=micro_batch,
+        seq_len=seq_len, lora_r=training.lora_r, grad_accum=grad_accum, lora_targets=training.lora_targets,
     )
+
+
+def memory_estimate(cfg: Any, shape: dict | None, micro_batch: int, seq_len: int, compute: str,
+                    grad_accum: int = 1) -> Any:
+    """:func:`estimate_memory` of a composed config, for the sweeper's worker planning
+    (``sweeper.study``); code below the entry points passes a :class:`Training` instead."""
+    from sweeper.spec import training_of
+
+    return estimate_memory(training_of(cfg.precision, cfg.peft, cfg.lr, cfg.batch), shape, micro_batch, seq_len,
+                           compute, grad_accum)

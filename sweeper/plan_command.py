@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+__all__ = ["CONF_DIR", "main", "plan_rows", "render"]
+
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -57,9 +59,10 @@ def plan_rows(overrides: list[str]) -> list[dict]:
     from sweeper import config as config_mod
     from sweeper import data as data_mod
     from sweeper import identity
+    from sweeper import spec as spec_mod
     from sweeper.gpu import pin_one, visible_gpus
     from sweeper.model import model_shape, resolve_compute
-    from sweeper.plan import memory_estimate
+    from sweeper.plan import estimate_memory
     from sweeper.sft import plan_for, prepare_for_plan
 
     config_mod.register()
@@ -74,15 +77,19 @@ def plan_rows(overrides: list[str]) -> list[dict]:
         config_mod.validate(cfg)  # first: it names keys left ??? (model=hub without model.name) in one line
         storage_url = str(cfg.hydra.sweeper.storage)
         study_name = identity.study_name(cfg)
+        compute = resolve_compute(cfg.precision.compute)
+        if compute == "fp32" and cfg.precision.compute == "auto":
+            compute = "bf16"  # plan for the GPU the run will get, not for this machine's CPU
+        spec = spec_mod.build(cfg, compute=compute, speed=None)  # speed: decided where the data is prepared
         key = (repr(dict(cfg.data)), repr(dict(cfg.model)), repr(dict(cfg.precision)))
         if key not in prepared_cache:
-            splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
+            splits = data_mod.load(spec.data, spec.paths.cache_dir)
             note = None
             _say(f"preparing {cfg.data.name} with the model's tokenizer ({len(splits.train):,} train rows, "
                  f"{len(splits.eval):,} eval rows{', packed' if cfg.data.packing else ''})…")
             started = time.perf_counter()
             try:
-                prepared, eval_rows = prepare_for_plan(cfg, splits)
+                prepared, eval_rows = prepare_for_plan(spec_mod.for_preparation(cfg), splits)
                 _say(f"prepared {cfg.data.name} in {time.perf_counter() - started:.0f} s: {len(prepared):,} "
                      f"{'packed sequences' if cfg.data.packing else 'rows'}")
             except ValueError as e:  # no tokenizer offline: plan on rows, say what is missing
@@ -91,19 +98,15 @@ def plan_rows(overrides: list[str]) -> list[dict]:
                 prepared, eval_rows = splits.train, len(splits.eval)
                 note = f"tokens unknown, rows planned unprepared: {e}"
                 _say(f"planning {cfg.data.name} on unprepared rows: no tokenizer (see the note below the table)")
-            prepared_cache[key] = (splits, prepared, eval_rows, model_shape(cfg.model, cfg.paths.cache_dir), note)
+            prepared_cache[key] = (splits, prepared, eval_rows, model_shape(spec.model, spec.paths.cache_dir), note)
         splits, prepared, eval_rows, shape, note = prepared_cache[key]
-        plan = plan_for(cfg, splits, prepared)
+        plan = plan_for(spec, prepared)
         if "input_ids" in prepared.column_names:
             lengths = [len(x) for x in prepared["input_ids"]]
             seq_len = int(cfg.data.max_length) if cfg.data.packing else min(max(lengths), int(cfg.data.max_length))
         else:
             seq_len = int(cfg.data.max_length)
-        compute = resolve_compute(cfg.precision.compute)
-        if compute == "fp32" and cfg.precision.compute == "auto":
-            compute = "bf16"  # plan for the GPU the run will get, not for this machine's CPU
-        est = memory_estimate(cfg, shape, int(cfg.batch.per_device_train_batch_size), seq_len, compute,
-                              int(cfg.batch.gradient_accumulation_steps))
+        est = estimate_memory(spec.training, shape, spec.batch.micro, seq_len, spec.compute, spec.batch.accum)
         fits = [g.index for g in gpus if est is not None and est.total_gib <= g.free_gib]
         tps = measured_throughput(storage_url, study_name)
         wall_s = plan.tokens / tps if tps and plan.tokens else None
@@ -256,7 +259,8 @@ def _fmt_time(seconds: float | None) -> str:
 def _method_name(cfg: Any) -> str:
     from sweeper.plan import finetune_method
 
-    return {"qlora": "QLoRA (4-bit)", "lora": "LoRA", "full": "full fine-tuning"}[finetune_method(cfg)]
+    method = finetune_method(bool(cfg.precision.load_in_4bit), str(cfg.peft.name))
+    return {"qlora": "QLoRA (4-bit)", "lora": "LoRA", "full": "full fine-tuning"}[method]
 
 
 def main(overrides: list[str]) -> int:

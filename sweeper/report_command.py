@@ -9,8 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+__all__ = ["dashboard", "default_locations", "open_store", "report"]
 
-def _defaults() -> tuple[str, str]:
+
+def default_locations() -> tuple[str, str]:
     """The sweeper's storage URL and the output folder, from conf/ (their one home)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -26,7 +28,7 @@ def _defaults() -> tuple[str, str]:
     return str(cfg.hydra.sweeper.storage), str(cfg.paths.output_dir)
 
 
-def _open(storage: str, need_studies: bool = True):
+def open_store(storage: str, need_studies: bool = True):
     from sweeper.storage import mask_url, open_storage, sqlite_path
 
     url = storage
@@ -68,8 +70,8 @@ def report(storage: str | None, studies: list[str] | None, out: str | None) -> i
     out_dir = out
     try:
         # conf/ is composed only for what was not given (it needs the repo root on sys.path for the plugin)
-        default_storage, output_dir = _defaults() if storage is None or out is None else (storage, out)
-        url, shown, store = _open(storage or default_storage)
+        default_storage, output_dir = default_locations() if storage is None or out is None else (storage, out)
+        url, shown, store = open_store(storage or default_storage)
         out_dir = Path(out) if out else Path(output_dir) / "report"
         paths = write_report(store, out_dir, studies)
     except ValueError as e:
@@ -100,7 +102,7 @@ def dashboard(storage: str | None, host: str, port: int) -> int:
     from optuna_dashboard import run_server
 
     try:
-        url, shown, store = _open(storage or _defaults()[0], need_studies=False)  # a sweep may start later
+        url, shown, store = open_store(storage or default_locations()[0], need_studies=False)  # a sweep may start later
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

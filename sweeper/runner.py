@@ -19,6 +19,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sweeper import batching, callbacks, inject, sft
 from sweeper import config as config_mod
@@ -28,7 +29,7 @@ from sweeper import speed as speed_mod
 from sweeper.reporter import Reporter
 from sweeper.spec import RunSpec
 
-__all__ = ["Segment", "train_segment"]
+__all__ = ["Segment", "quiet_libraries", "train_segment"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Segment:
     """One training segment: written into ``output_dir``; ``args`` replace SFTConfig fields after
-    :func:`sweeper.sft.args_for` (e.g. ``save_strategy="no"``); resumed from ``resume`` (model, optimizer,
+    :func:`sweeper.sft.build_sft_config` (e.g. ``save_strategy="no"``); resumed from ``resume`` (model, optimizer,
     scheduler, RNG and global step); ``callbacks`` added; the last step evaluated when ``final_eval``;
     with ``save_state`` the segment's ``trainer_state.json`` (its whole log history, restored part
     included) is written into ``output_dir``. An out-of-memory retry starts again from ``resume`` when
@@ -85,10 +86,10 @@ def _fit(spec: RunSpec) -> tuple[RunSpec, _Batching]:
     """batch=auto: the estimate's micro-batch, or the one this worker already probed for these shapes."""
     if not spec.batch.auto:
         return spec, _Batching()
-    micro, accum, info = batching.fit(spec.cfg)
+    micro, accum, info = batching.fit(spec)
     state = _Batching(info=info)
-    if info["mode"] == "fitted" and spec.cfg.batch.auto.probe:
-        key = batching.probe_key(spec.cfg, info)
+    if info["mode"] == "fitted" and spec.batch_config.auto.probe:
+        key = batching.probe_key(spec, info)
         if key in batching.PROBED:  # a later trial of this worker with the same shapes: no second probe
             micro, accum, first = batching.PROBED[key]
             info.update(probes=f"reused the probed micro-batch of {first} in this worker", micro_batch=micro)
@@ -112,10 +113,10 @@ def train_segment(spec: RunSpec, splits: data_mod.Splits, segment: Segment, repo
             spec = spec.with_batch(r.micro, r.accum)
         except _OutOfMemory as oom:
             smaller = batching.smaller_micro_batch(spec.batch.micro, spec.batch.accum)
-            if not spec.cfg.retry_on_oom or smaller is None:
+            if not spec.retry_on_oom or smaller is None:
                 raise RuntimeError(
                     f"CUDA out of memory at step {oom.step} with micro-batch {spec.batch.micro} x accumulation "
-                    f"{spec.batch.accum}" + ("" if spec.cfg.retry_on_oom else " (retry_on_oom=false)")
+                    f"{spec.batch.accum}" + ("" if spec.retry_on_oom else " (retry_on_oom=false)")
                     + f": {oom.error}") from oom.error
             spec = spec.with_batch(*smaller)
             batch_state.oom_retries.append({"at_step": oom.step, "micro_batch": smaller[0], "grad_accum": smaller[1]})
@@ -130,51 +131,41 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
              batch_state: _Batching, started: float) -> dict:
     import torch
 
-    cfg, out = spec.cfg, Path(segment.output_dir)
-    timing = batch_state.timing
-    if cfg.report_to == "tensorboard":
+    out, timing = Path(segment.output_dir), batch_state.timing
+    if spec.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
 
     # the model, with this machine's kernels
     t = time.perf_counter()
-    model, tokenizer, compute = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir,
+    model, tokenizer, compute = model_mod.load(spec.model, spec.precision, spec.paths.cache_dir,
                                                attn_implementation=speed_mod.attn_implementation(spec.speed))
     speed_mod.apply_to_model(model, spec.speed)
     timing["model_load_s"] = round(time.perf_counter() - t, 2)
 
     # TRL's config, and the callbacks that track, report and stop the run
-    args = sft.args_for(spec, out, splits.format, fitted=batch_state.fitted)
+    args = sft.build_sft_config(spec, output_dir=out, data_format=splits.format, fitted=batch_state.fitted)
     if segment.args:
         args = dataclasses.replace(args, **segment.args)
     tracker: dict = {}
     if resume:
         callbacks.restore_tracker(tracker, resume, spec.metric, spec.maximize)
-    trainer_callbacks = callbacks.make_callbacks(cfg, reporter, tracker, early_stopping=spec.early_stopping)
-    trainer_callbacks += segment.callbacks
-    accuracy_decision: dict = {}
-    accuracy = callbacks.accuracy_callback(cfg, splits, tokenizer, accuracy_decision)
-    if accuracy is not None:
-        trainer_callbacks.insert(0, accuracy)  # its metric must exist before the others read the metrics
-    injected = inject.callback()
-    if injected is not None:
-        trainer_callbacks.append(injected)
-    trainer_callbacks += speed_mod.measurement_callbacks()
+    trainer_callbacks, accuracy_decision = _callbacks(spec, splits, tokenizer, reporter, tracker, segment)
 
     # the trainer; TRL tokenises and packs here (the datasets cache makes that once per sweep)
     t = time.perf_counter()
-    trainer = sft.make_trainer(model, tokenizer, args, splits, cfg, trainer_callbacks)
+    trainer = sft.make_trainer(model, tokenizer, args, splits, spec.peft, trainer_callbacks)
     speed_mod.apply_to_trainer(trainer, spec.speed)
     inject.attach(trainer)
-    callbacks.replace_progress(trainer, cfg)
+    callbacks.replace_progress(trainer, spec)
     timing["prepare_s"] = round(time.perf_counter() - t, 2)
 
     # batch=auto: real probes on the longest rows; another size means building again at that size
     if batch_state.probe_key is not None:
         t = time.perf_counter()
         info = batch_state.info
-        probed = batching.probe_ladder(trainer, cfg, spec.batch.micro, info, info.pop("_states_gib"))
+        probed = batching.probe_ladder(trainer, spec, spec.batch.micro, info, info.pop("_states_gib"))
         timing["batch_probe_s"] = round(time.perf_counter() - t, 2)
-        target = int(cfg.batch.auto.target_effective_batch)
+        target = int(spec.batch_config.auto.target_effective_batch)
         owner = f"trial {reporter.number}" if reporter.number is not None else "a run"
         batching.PROBED[batch_state.probe_key] = (probed, target // probed, owner)
         batch_state.probe_key = None
@@ -184,9 +175,9 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
             raise _Refit(probed, target // probed)
 
     # the plan on the prepared data, and what the trial records before training
-    plan, prepared_rows = sft.plan_on_trainer(cfg, trainer, splits, args)
+    plan, prepared_rows = sft.plan_on_trainer(spec, trainer, splits, args)
     try:
-        data_mod.check_prepared(splits, cfg.data, prepared_rows, len(trainer.eval_dataset))
+        data_mod.check_prepared(splits, spec.data, prepared_rows, len(trainer.eval_dataset))
     except ValueError as e:
         raise config_mod.InputError.wrap(e) from e
     log.info("plan: %s", plan.describe())
@@ -223,8 +214,37 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
         trainer.evaluate()  # the run's final point, when max_steps is not a multiple of eval_steps
 
     # results
+    results = _results(spec, state, output, tracker, plan.effective_batch, timing, started, segment.final_eval)
+    reporter.set_attrs({k: v for k, v in results.items() if k != "curve"})
+    segment.results = results
+    if segment.save_state:
+        state.save_to_json(str(out / "trainer_state.json"))
+    return results
+
+
+def _callbacks(spec: RunSpec, splits: data_mod.Splits, tokenizer: Any, reporter: Reporter, tracker: dict,
+               segment: Segment) -> tuple[list, dict]:
+    """The callbacks of one attempt, in order, and the accuracy decision (the trial's ``accuracy`` attr)."""
+    trainer_callbacks = callbacks.make_callbacks(spec, reporter, tracker)
+    trainer_callbacks += segment.callbacks
+    accuracy_decision: dict = {}
+    accuracy = callbacks.accuracy_callback(spec, splits, tokenizer, accuracy_decision)
+    if accuracy is not None:
+        trainer_callbacks.insert(0, accuracy)  # its metric must exist before the others read the metrics
+    injected = inject.callback()
+    if injected is not None:
+        trainer_callbacks.append(injected)
+    trainer_callbacks += speed_mod.measurement_callbacks()
+    return trainer_callbacks, accuracy_decision
+
+
+def _results(spec: RunSpec, state: Any, output: Any, tracker: dict, effective_batch: int, timing: dict,
+             started: float, final_eval: bool) -> dict:
+    """What a trained segment records (the trial attrs of a run), from the trainer's state and the tracker."""
+    import torch
+
     best = tracker.get("best")
-    if best is None and segment.final_eval:  # a search's early segment may end before one
+    if best is None and final_eval:  # a search's early segment may end before one
         raise RuntimeError("no evaluation ran; check eval.eval_steps and the eval split")
     stopper = tracker.get("stopper")
     stopped_early = (stopper is not None and state.global_step < state.max_steps
@@ -234,7 +254,7 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
         "best_step": tracker.get("best_step"),
         "steps_trained": state.global_step,
         "epochs_trained": round(float(state.epoch or 0.0), 4),
-        "samples_seen": state.global_step * plan.effective_batch,
+        "samples_seen": state.global_step * effective_batch,
         "tokens_seen": int(state.num_input_tokens_seen or 0),
         "stopped_early_step": state.global_step if stopped_early else None,
         "train_runtime_s": round(float(output.metrics.get("train_runtime", 0.0)), 2),
@@ -251,10 +271,6 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
     }
     log.info("best %s %s at step %s of %d%s", spec.metric, "–" if best is None else f"{best:.4f}",
              results["best_step"], state.global_step, f" (stopped early at {state.global_step})" if stopped_early else "")
-    reporter.set_attrs({k: v for k, v in results.items() if k != "curve"})
-    segment.results = results
-    if segment.save_state:
-        state.save_to_json(str(out / "trainer_state.json"))
     return results
 
 
@@ -275,3 +291,27 @@ def _slurm_job() -> str | None:
     if array and task:
         return f"{array}_{task}"
     return os.environ.get("SLURM_JOB_ID")
+
+
+class _DropNotes(logging.Filter):
+    """Library notes the user can do nothing about (they describe this tool's own choices)."""
+
+    NOTES = ("load_best_model_at_end",)  # EarlyStoppingCallback: we keep the best checkpoint ourselves
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOTES)
+
+
+def quiet_libraries() -> None:
+    """No nested progress bars from datasets' map and the weight loader (the trial keeps its own bar),
+    and no library notes the user cannot act on."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns on import
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("transformers", "transformers.trainer_callback"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotes) for f in logger.filters):
+            logger.addFilter(_DropNotes())

@@ -19,11 +19,12 @@ from sweeper import gpu as gpu_mod
 from sweeper import model as model_mod
 from sweeper import spec as spec_mod
 from sweeper import speed as speed_mod
+from sweeper.config import PeftConfig
 from sweeper.plan import Plan, make_plan
-from sweeper.spec import RunSpec, Schedule
+from sweeper.spec import RunSpec
 
-__all__ = ["SNIPPET_KEYS", "args_for", "build_sft_config", "check_prepared_data", "make_trainer", "peft_config", "plan_for",
-           "prepare_for_plan"]
+__all__ = ["SNIPPET_KEYS", "build_sft_config", "check_prepared_data", "make_trainer", "median_tokens", "peft_config",
+           "plan_for", "plan_on_trainer", "prepare_for_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -36,33 +37,24 @@ SNIPPET_KEYS = (
 )
 
 
-
-
-def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_format: str,
-                     micro_batch: int | None = None, grad_accum: int | None = None,
-                     eval_batch: int | None = None, speed: dict | None = None,
-                     schedule: Schedule | None = None) -> Any:
-    """Map the composed config onto TRL's SFTConfig (names are TRL's own). ``micro_batch`` and
-    ``grad_accum`` replace the batch group's values (OOM retries); ``speed`` is the resolved
-    ``speed`` group (resolved here when not given); ``schedule`` replaces the schedule and lr groups'
-    length and schedule (a WSD segment). :func:`args_for` builds it from a :class:`RunSpec`."""
+def build_sft_config(spec: RunSpec, *, output_dir: Path, data_format: str, fitted: bool = False) -> Any:
+    """TRL's SFTConfig of ``spec`` (names are TRL's own): its schedule, batch, compute and speed settings
+    and the groups it keeps. ``fitted``: batch=auto fitted the micro-batch, so the eval batch is the same
+    (eval logits must fit too)."""
     import torch
     from trl import SFTConfig
 
-    if compute == "fp16" and not torch.cuda.is_available():
+    if spec.compute == "fp16" and not torch.cuda.is_available():
         raise ValueError(
-            f"precision={cfg.precision.name} (fp16 mixed precision) needs a CUDA GPU, and none is visible; "
+            f"precision={spec.precision.name} (fp16 mixed precision) needs a CUDA GPU, and none is visible; "
             "pick precision=auto (fp32 on CPU) or precision=fp32"
         )
-    e, b, lr = cfg.eval, cfg.batch, cfg.lr
-    s = schedule if schedule is not None else spec_mod.schedule_of(cfg)
-    completion = cfg.data.loss_on == "completion"
-    direction = config_mod.metric_direction(e.metric)
-    speed = speed if speed is not None else spec_mod.resolve_speed(cfg, compute)
+    e, b, lr, s, data = spec.eval, spec.batch, spec.lr, spec.schedule, spec.data
+    completion = data.loss_on == "completion"
     return SFTConfig(
         output_dir=str(output_dir),
-        seed=int(cfg.seed),
-        data_seed=int(cfg.data.seed),
+        seed=spec.seed,
+        data_seed=int(data.seed),
         # schedule
         max_steps=int(s.max_steps) if s.max_steps is not None else -1,
         num_train_epochs=float(s.num_train_epochs) if s.num_train_epochs is not None else 1.0,
@@ -70,71 +62,61 @@ def build_sft_config(cfg: DictConfig, *, output_dir: Path, compute: str, data_fo
         lr_scheduler_kwargs=dict(s.lr_scheduler_kwargs),
         warmup_steps=s.warmup_steps,
         # batch
-        per_device_train_batch_size=int(micro_batch or b.per_device_train_batch_size),
-        gradient_accumulation_steps=int(grad_accum or b.gradient_accumulation_steps),
-        per_device_eval_batch_size=int(eval_batch or b.per_device_eval_batch_size),
-        activation_checkpointing=bool(b.activation_checkpointing),
+        per_device_train_batch_size=b.micro,
+        gradient_accumulation_steps=b.accum,
+        per_device_eval_batch_size=b.micro if fitted else int(b.eval_batch or spec.batch_config.per_device_eval_batch_size),
+        activation_checkpointing=bool(spec.batch_config.activation_checkpointing),
         # lr
         learning_rate=float(s.learning_rate if s.learning_rate is not None else lr.learning_rate),
         weight_decay=float(lr.weight_decay),
         max_grad_norm=float(lr.max_grad_norm),
         # precision
-        bf16=compute == "bf16",
-        fp16=compute == "fp16",
+        bf16=spec.compute == "bf16",
+        fp16=spec.compute == "fp16",
         use_cpu=not torch.cuda.is_available(),
         # data (TRL)
-        max_length=int(cfg.data.max_length),
-        packing=bool(cfg.data.packing),
+        max_length=int(data.max_length),
+        packing=bool(data.packing),
         assistant_only_loss=completion and data_format == "messages",
         completion_only_loss=completion if data_format == "prompt_completion" else None,
         # evaluation, early stopping, checkpoints
         eval_strategy="steps",
         eval_steps=int(e.eval_steps),
-        metric_for_best_model=str(e.metric),
-        greater_is_better=direction == "maximize",
+        metric_for_best_model=spec.metric,
+        greater_is_better=spec.maximize,
         save_strategy="best" if e.save_best else "no",
         save_total_limit=1,
         load_best_model_at_end=False,
         logging_steps=int(e.logging_steps),
         logging_nan_inf_filter=False,  # a NaN loss must show, so the run fails as diverged
-        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        report_to=[] if spec.report_to == "none" else [spec.report_to],
         include_num_input_tokens_seen="non_padding",
-        **speed_mod.sft_config_kwargs(speed),  # optim, padding_free, torch_compile, dataloader workers
+        **speed_mod.sft_config_kwargs(spec.speed),  # optim, padding_free, torch_compile, dataloader workers
     )
 
 
-
-def args_for(spec: RunSpec, output_dir: Path, data_format: str, fitted: bool = False) -> Any:
-    """The SFTConfig of ``spec`` (its batch, schedule, speed); ``fitted``: batch=auto fitted the
-    micro-batch, so the eval batch is the same (eval logits must fit too)."""
-    return build_sft_config(spec.cfg, output_dir=output_dir, compute=spec.compute, data_format=data_format,
-                            micro_batch=spec.batch.micro, grad_accum=spec.batch.accum,
-                            eval_batch=spec.batch.micro if fitted else spec.batch.eval_batch, speed=spec.speed,
-                            schedule=spec.schedule)
-
-
-def peft_config(cfg: DictConfig) -> Any:
-    if cfg.peft.name != "lora":
+def peft_config(peft: PeftConfig) -> Any:
+    """PEFT's LoraConfig of the ``peft`` group; None for full fine-tuning (``peft=none``)."""
+    if peft.name != "lora":
         return None
     from peft import LoraConfig
 
-    target = cfg.peft.target_modules
+    target = peft.target_modules
     return LoraConfig(
-        r=int(cfg.peft.r), lora_alpha=int(cfg.peft.lora_alpha), lora_dropout=float(cfg.peft.lora_dropout),
-        target_modules=OmegaConf.to_object(target) if OmegaConf.is_list(target) else target,
+        r=int(peft.r), lora_alpha=int(peft.lora_alpha), lora_dropout=float(peft.lora_dropout),
+        target_modules=list(target) if target is not None and not isinstance(target, str) else target,
         task_type="CAUSAL_LM",
     )
 
 
-
-def make_trainer(model: Any, tokenizer: Any, args: Any, splits: data_mod.Splits, cfg: DictConfig,
+def make_trainer(model: Any, tokenizer: Any, args: Any, splits: data_mod.Splits, peft: PeftConfig,
                  callbacks: list) -> Any:
     """TRL's SFTTrainer on the splits (TRL tokenises, truncates and packs; the datasets cache makes that
     once per sweep)."""
     from trl import SFTTrainer
 
     return SFTTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
-                      processing_class=tokenizer, peft_config=peft_config(cfg), callbacks=callbacks)
+                      processing_class=tokenizer, peft_config=peft_config(peft), callbacks=callbacks)
 
 
 def _mean_tokens(dataset: Any) -> float:
@@ -152,68 +134,68 @@ def median_tokens(dataset: Any) -> float | None:
     return float(statistics.median(len(x) for x in dataset["input_ids"]))
 
 
-def prepare_for_plan(cfg: DictConfig, splits: data_mod.Splits) -> tuple[Any, int]:
+def prepare_for_plan(spec: RunSpec, splits: data_mod.Splits) -> tuple[Any, int]:
     """The train set exactly as a trial's SFTTrainer will iterate it (tokenised, truncation drops,
     packing) and the prepared eval rows, without loading the model's weights: TRL prepares the data
-    with the real tokenizer and args; a one-layer stand-in model of the same vocabulary fills the
-    trainer's model slot. The ``datasets`` cache makes the trial's own preparation a cache hit."""
+    with the real tokenizer and the SFTConfig of ``spec`` (see :func:`sweeper.spec.for_preparation`); a
+    one-layer stand-in model of the same vocabulary fills the trainer's model slot. The ``datasets``
+    cache makes the trial's own preparation a cache hit."""
     import tempfile
 
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl import SFTTrainer
 
-    tokenizer = model_mod.load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    tokenizer = model_mod.load_tokenizer(spec.model, spec.paths.cache_dir)
     stand_in = Qwen2ForCausalLM(Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=max(int(cfg.data.max_length), 8)))
+        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=max(int(spec.data.max_length), 8)))
     with tempfile.TemporaryDirectory() as tmp:
-        args = build_sft_config(cfg, output_dir=Path(tmp), compute="fp32" if not torch.cuda.is_available() else
-                                model_mod.resolve_compute(cfg.precision.compute), data_format=splits.format)
+        args = build_sft_config(spec, output_dir=Path(tmp), data_format=splits.format)
         args.report_to = []
         trainer = SFTTrainer(model=stand_in, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                              processing_class=tokenizer)
         return trainer.train_dataset, len(trainer.eval_dataset)
 
 
-def plan_for(cfg: DictConfig, splits: data_mod.Splits, prepared: Any, micro: int | None = None,
-             accum: int | None = None, n_gpus: int = 1) -> Plan:
-    """The plan of a composed config on its prepared train set."""
+def plan_for(spec: RunSpec, prepared: Any, micro: int | None = None, accum: int | None = None,
+             n_gpus: int = 1) -> Plan:
+    """The plan of ``spec`` on its prepared train set (``micro``/``accum``: the batch it trains with,
+    default ``spec.batch``); a WSD search is planned as its trunk, the longest candidate."""
+    s = spec.schedule
     return make_plan(
         train_rows=len(prepared),
-        micro_batch=int(micro or cfg.batch.per_device_train_batch_size),
-        grad_accum=int(accum or cfg.batch.gradient_accumulation_steps),
+        micro_batch=int(micro or spec.batch.micro),
+        grad_accum=int(accum or spec.batch.accum),
         n_gpus=n_gpus,
-        # schedule=wsd_search: the trunk, i.e. the longest candidate
-        max_steps=cfg.schedule.max_steps if cfg.schedule.get("wsd") is None else max(cfg.schedule.wsd.candidates),
-        num_train_epochs=cfg.schedule.num_train_epochs,
+        max_steps=s.max_steps if spec.wsd is None else max(spec.wsd.candidates),
+        num_train_epochs=s.num_train_epochs if spec.wsd is None else None,
         mean_tokens_per_row=_mean_tokens(prepared),
-        warmup=float(cfg.lr.warmup_steps),
+        warmup=float(spec.lr.warmup_steps),
     )
 
 
-def plan_on_trainer(cfg: DictConfig, trainer: Any, splits: data_mod.Splits, args: Any) -> tuple[Plan, int]:
+def plan_on_trainer(spec: RunSpec, trainer: Any, splits: data_mod.Splits, args: Any) -> tuple[Plan, int]:
     """The plan on the prepared train set (after TRL's truncation drops and packing)."""
     prepared_rows = len(trainer.train_dataset)
-    dropped = len(splits.train) - prepared_rows if not cfg.data.packing else 0
+    dropped = len(splits.train) - prepared_rows if not spec.data.packing else 0
     if dropped > 0:
         log.warning(
             "%d of %d train rows lost all their loss tokens to truncation at data.max_length=%d and were "
-            "dropped; raise data.max_length to keep them", dropped, len(splits.train), cfg.data.max_length,
+            "dropped; raise data.max_length to keep them", dropped, len(splits.train), spec.data.max_length,
         )
-    plan = plan_for(cfg, splits, trainer.train_dataset, args.per_device_train_batch_size,
+    plan = plan_for(spec, trainer.train_dataset, args.per_device_train_batch_size,
                     args.gradient_accumulation_steps, max(args.world_size, 1))
     return plan, prepared_rows
 
 
 def check_prepared_data(cfg: DictConfig, splits: data_mod.Splits) -> None:
-    """The sweep's pre-flight of TRL's preparation: ValueError when truncation at ``data.max_length`` leaves
-    no train or no eval row (see :func:`sweeper.data.check_prepared`). With a GPU visible, the sweeper
-    must not touch CUDA before it pins its own GPU (building a trainer does), so the check then runs in a
-    child process that sees no GPU; if that child fails for another reason, each trial checks it itself."""
+    """The sweep's pre-flight of TRL's preparation (``sweeper.study`` calls it with a composed config):
+    ValueError when truncation at ``data.max_length`` leaves no train or no eval row (see
+    :func:`sweeper.data.check_prepared`). With a GPU visible, the sweeper must not touch CUDA before it
+    pins its own GPU (building a trainer does), so the check then runs in a child process that sees no
+    GPU; if that child fails for another reason, each trial checks it itself."""
     if not gpu_mod.visible_gpus():
-        prepared, eval_rows = prepare_for_plan(cfg, splits)
-        data_mod.check_prepared(splits, cfg.data, len(prepared), eval_rows)
+        _check_prepared(spec_mod.for_preparation(cfg), splits)
         return
     body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
@@ -228,14 +210,18 @@ def check_prepared_data(cfg: DictConfig, splits: data_mod.Splits) -> None:
         log.warning("the data check before the sweep failed (%s); each trial checks its data itself", last)
 
 
+def _check_prepared(spec: RunSpec, splits: data_mod.Splits) -> None:
+    prepared, eval_rows = prepare_for_plan(spec, splits)
+    data_mod.check_prepared(splits, spec.data, len(prepared), eval_rows)
+
+
 def _check_in_child(path: str) -> int:
     """``python -m sweeper.sft CONFIG.yaml``: :func:`check_prepared_data` of a resolved config on CPU;
     exit 2 with the one line on stderr when the data cannot be trained on."""
-    cfg = OmegaConf.load(path)
+    cfg = OmegaConf.merge(OmegaConf.structured(config_mod.Config), OmegaConf.load(path))
     try:
-        splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
-        prepared, eval_rows = prepare_for_plan(cfg, splits)
-        data_mod.check_prepared(splits, cfg.data, len(prepared), eval_rows)
+        spec = spec_mod.for_preparation(cfg)
+        _check_prepared(spec, data_mod.load(spec.data, spec.paths.cache_dir))
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2

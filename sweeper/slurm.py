@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+__all__ = ["Submitter", "check"]
+
 
 def check(slurm_cfg: Any, storage_url: str, gpus: list | None) -> None:
     """Refuse, in one line, what cannot work on SLURM; raises ValueError/ImportError."""

@@ -1,10 +1,15 @@
-"""One run, resolved once: :func:`resolve` checks the composed config and decides what the config leaves
-open (compute precision, speed kernels, metric direction, method, schedule, batch, WSD points); the
-result is a frozen :class:`RunSpec` that :mod:`sweeper.runner` and :mod:`sweeper.wsd` read instead of
-the config. ``with_batch`` / ``with_schedule`` return changed copies (an OOM retry, a WSD segment).
+"""One run, resolved once: the one place below the entry points that reads the composed config.
 
-The groups a leaf still takes whole (``model``, ``precision``, ``peft``, ``data``, ``eval``, ``lr``,
-``paths``) are read from ``spec.cfg``; the schedule and the batch are read from the spec only.
+:func:`resolve` checks the config and decides what it leaves open (compute precision, speed kernels,
+metric direction, method, schedule, batch, WSD points); the result is a frozen :class:`RunSpec` that
+:mod:`sweeper.runner`, :mod:`sweeper.wsd` and the leaves they call read instead of the config.
+``with_batch`` / ``with_schedule`` return changed copies (an OOM retry, a WSD segment). The groups a
+leaf takes whole (``model``, ``precision``, ``peft``, ``data``, ``eval``, ``lr``, ``paths``, the
+``batch`` group as ``batch_config``) are instances of their schema dataclasses (:mod:`sweeper.config`).
+
+Narrower readers serve the commands that plan rather than train: :func:`build` (the spec with the
+compute and speed the caller chose), :func:`for_preparation` (the spec with which TRL prepares the
+data on this machine), :func:`schedule_of`, :func:`batch_of`, :func:`wsd_of`, :func:`training_of`.
 """
 
 from __future__ import annotations
@@ -12,17 +17,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
 from sweeper import data as data_mod
 from sweeper import disk, identity
 from sweeper import gpu as gpu_mod
 from sweeper import model as model_mod
+from sweeper import plan as plan_mod
 from sweeper import speed as speed_mod
 
-__all__ = ["Batch", "RunSpec", "Schedule", "Wsd", "check_folders", "job_dir", "prepare", "resolve", "resolve_speed", "schedule_of"]
+__all__ = ["Batch", "RunSpec", "Schedule", "Wsd", "batch_of", "build", "check_folders", "for_preparation", "job_dir",
+           "prepare", "resolve", "resolve_speed", "schedule_of", "training_of", "wsd_of"]
 
 
 @dataclass(frozen=True)
@@ -67,9 +75,25 @@ class Wsd:
 
 @dataclass(frozen=True)
 class RunSpec:
-    cfg: DictConfig
+    """Everything one run reads, resolved once. The config groups a leaf takes (``model``, ``precision``,
+    ``peft``, ``data``, ``eval``, ``lr``, ``paths``, ``batch_config``) are instances of their schema
+    dataclasses (:mod:`sweeper.config`); ``batch`` and ``schedule`` are what this run trains with (an OOM
+    retry or a WSD segment changes them, the groups never)."""
+
+    model: config_mod.ModelConfig
+    precision: config_mod.PrecisionConfig
+    peft: config_mod.PeftConfig
+    data: config_mod.DataConfig
+    eval: config_mod.EvalConfig
+    lr: config_mod.LrConfig
+    paths: config_mod.PathsConfig
+    batch_config: config_mod.BatchConfig  # the ``batch`` group as configured (batch=auto's settings, eval batch)
+    seed: int
+    retry_on_oom: bool
+    report_to: str  # none | tensorboard
+    trial_number: int | None  # the study's trial of this job; None in a single run
     compute: str  # fp32 | bf16 | fp16
-    speed: dict
+    speed: dict | None  # the ``speed`` group decided for this machine; None: not decided (the plan command)
     metric: str
     maximize: bool
     method: str  # lora | none (peft.name)
@@ -86,11 +110,16 @@ class RunSpec:
     @property
     def learning_rate(self) -> float:
         s = self.schedule.learning_rate
-        return float(s) if s is not None else float(self.cfg.lr.learning_rate)
+        return float(s) if s is not None else float(self.lr.learning_rate)
 
     def with_schedule(self, schedule: Schedule, early_stopping: bool | None = None) -> "RunSpec":
         return dataclasses.replace(self, schedule=schedule, early_stopping=self.early_stopping
                                    if early_stopping is None else early_stopping)
+
+    @property
+    def training(self) -> plan_mod.Training:
+        """What the memory estimate needs of this run besides the model's shape and the batch."""
+        return training_of(self.precision, self.peft, self.lr, self.batch_config)
 
 
 def schedule_of(cfg: DictConfig) -> Schedule:
@@ -102,17 +131,70 @@ def schedule_of(cfg: DictConfig) -> Schedule:
                     lr_scheduler_type=str(lr.lr_scheduler_type))
 
 
+def batch_of(cfg: DictConfig) -> Batch:
+    """The ``batch`` group's micro-batch, accumulation and eval batch; ``auto`` when batch=auto."""
+    b = cfg.batch
+    return Batch(int(b.per_device_train_batch_size), int(b.gradient_accumulation_steps),
+                 int(b.per_device_eval_batch_size), auto=b.get("auto") is not None)
+
+
+def wsd_of(cfg: DictConfig) -> Wsd | None:
+    """``schedule=wsd_search``'s candidates, cooldown and (a joint search) learning rates and halving rule;
+    None for a run of one length."""
+    w = cfg.schedule.get("wsd")
+    if w is None:
+        return None
+    rates, h = w.get("learning_rates"), w.get("halving")
+    return Wsd(candidates=tuple(sorted(int(c) for c in w.candidates)), decay_fraction=float(w.decay_fraction),
+               decay_type=str(w.decay_type), warmup_steps=config_mod.wsd_warmup_steps(cfg),
+               stop_after_worse=None if w.stop_after_worse is None else int(w.stop_after_worse),
+               learning_rates=tuple(sorted(float(r) for r in rates)) if rates is not None else (),
+               halving_rule=str(h.rule) if h is not None else "successive_halving",
+               eta=int(h.eta) if h is not None else 3,
+               group=identity.joint_group(identity.result_config(cfg)) if rates is not None else "")
+
+
+def training_of(precision: Any, peft: Any, lr: Any, batch: Any) -> plan_mod.Training:
+    """The :class:`sweeper.plan.Training` of the ``precision``, ``peft``, ``lr`` and ``batch`` groups."""
+    target = peft.target_modules
+    return plan_mod.Training(
+        method=plan_mod.finetune_method(bool(precision.load_in_4bit), str(peft.name)), optim=str(lr.optim),
+        activation_checkpointing=bool(batch.activation_checkpointing), lora_r=int(peft.r or 16),
+        lora_targets=list(target) if target is not None and not isinstance(target, str) else (target or "all-linear"))
+
+
 def resolve_speed(cfg: DictConfig, compute: str) -> dict:
     """The ``speed`` group decided for this machine (see ``sweeper/speed.py``)."""
     import torch
 
-    return speed_mod.resolve(cfg.speed, cuda=torch.cuda.is_available(), compute=compute, optim=str(cfg.lr.optim))
+    return speed_mod.resolve(_typed(cfg.speed), cuda=torch.cuda.is_available(), compute=compute,
+                             optim=str(cfg.lr.optim))
 
 
 def check_folders(cfg: DictConfig) -> None:
     """The output and cache folders can be written (one line naming the key if not)."""
     disk.check_writable(cfg.paths.output_dir, "paths.output_dir")
     disk.check_writable(cfg.paths.cache_dir, "paths.cache_dir")
+
+
+def _typed(node: Any) -> Any:
+    """A config group as an instance of its schema dataclass (a plain container when it has none)."""
+    return OmegaConf.to_object(node) if OmegaConf.is_config(node) else node
+
+
+def build(cfg: DictConfig, *, compute: str, speed: dict | None) -> RunSpec:
+    """The spec of a checked ``cfg`` with the compute precision and speed settings the caller decided
+    (:func:`resolve` decides them for this machine; the plan command for the GPU a run will get)."""
+    metric = str(cfg.eval.metric)
+    return RunSpec(
+        model=_typed(cfg.model), precision=_typed(cfg.precision), peft=_typed(cfg.peft), data=_typed(cfg.data),
+        eval=_typed(cfg.eval), lr=_typed(cfg.lr), paths=_typed(cfg.paths), batch_config=_typed(cfg.batch),
+        seed=int(cfg.seed), retry_on_oom=bool(cfg.retry_on_oom), report_to=str(cfg.report_to),
+        trial_number=None if cfg.study.trial_number is None else int(cfg.study.trial_number),
+        compute=compute, speed=speed, metric=metric,
+        maximize=config_mod.metric_direction(metric) == "maximize", method=str(cfg.peft.name),
+        schedule=schedule_of(cfg), batch=batch_of(cfg), wsd=wsd_of(cfg),
+        early_stopping=cfg.eval.early_stopping_patience is not None)
 
 
 def resolve(cfg: DictConfig) -> RunSpec:
@@ -122,26 +204,16 @@ def resolve(cfg: DictConfig) -> RunSpec:
     compute = model_mod.resolve_compute(cfg.precision.compute)
     speed = resolve_speed(cfg, compute)  # e.g. varlen without a GPU is refused here
     check_folders(cfg)
-    metric = str(cfg.eval.metric)
-    s, b = cfg.schedule, cfg.batch
-    wsd = None
-    if s.get("wsd") is not None:
-        w = s.wsd
-        rates = w.get("learning_rates")
-        h = w.get("halving")
-        wsd = Wsd(candidates=tuple(sorted(int(c) for c in w.candidates)), decay_fraction=float(w.decay_fraction),
-                  decay_type=str(w.decay_type), warmup_steps=config_mod.wsd_warmup_steps(cfg),
-                  stop_after_worse=None if w.stop_after_worse is None else int(w.stop_after_worse),
-                  learning_rates=tuple(sorted(float(r) for r in rates)) if rates is not None else (),
-                  halving_rule=str(h.rule) if h is not None else "successive_halving",
-                  eta=int(h.eta) if h is not None else 3, group=identity.joint_group(identity.result_config(cfg)) if rates is not None else "")
-    return RunSpec(
-        cfg=cfg, compute=compute, speed=speed, metric=metric,
-        maximize=config_mod.metric_direction(metric) == "maximize", method=str(cfg.peft.name),
-        schedule=schedule_of(cfg), wsd=wsd,
-        batch=Batch(int(b.per_device_train_batch_size), int(b.gradient_accumulation_steps),
-                    int(b.per_device_eval_batch_size), auto=b.get("auto") is not None),
-        early_stopping=cfg.eval.early_stopping_patience is not None)
+    return build(cfg, compute=compute, speed=speed)
+
+
+def for_preparation(cfg: DictConfig) -> RunSpec:
+    """The spec with which TRL prepares the data of ``cfg`` on this machine, as a trial would (CPU: fp32),
+    without the checks of :func:`resolve` (the plan command and the sweep's data check)."""
+    import torch
+
+    compute = model_mod.resolve_compute(cfg.precision.compute) if torch.cuda.is_available() else "fp32"
+    return build(cfg, compute=compute, speed=resolve_speed(cfg, compute))
 
 
 def prepare(cfg: DictConfig) -> tuple[RunSpec, data_mod.Splits]:
@@ -149,7 +221,7 @@ def prepare(cfg: DictConfig) -> tuple[RunSpec, data_mod.Splits]:
     bad input raises :class:`sweeper.config.InputError` (one line, no traceback)."""
     try:
         spec = resolve(cfg)
-        return spec, data_mod.load(cfg.data, cfg.paths.cache_dir)
+        return spec, data_mod.load(spec.data, spec.paths.cache_dir)
     except (ValueError, FileNotFoundError) as e:
         raise config_mod.InputError.wrap(e) from e
 

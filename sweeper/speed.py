@@ -27,7 +27,13 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sweeper.config import SpeedConfig
+
+__all__ = ["VARLEN", "apply_to_model", "apply_to_trainer", "attn_implementation", "describe", "measurement_callbacks",
+           "register_varlen", "resolve", "sft_config_kwargs", "varlen_attention"]
 
 log = logging.getLogger(__name__)
 
@@ -44,40 +50,41 @@ def _liger_available() -> bool:
     return True
 
 
-def resolve(speed_cfg: Any, *, cuda: bool, compute: str, optim: str) -> dict:
+def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str) -> dict:
     """The concrete settings for this machine: ``auto`` decided, every value explicit.
 
-    ``compute`` is the resolved precision (varlen flash attention needs bf16 or fp16 activations);
+    ``group`` is the ``speed`` config group (:class:`sweeper.config.SpeedConfig`); ``compute`` is the
+    resolved precision (varlen flash attention needs bf16 or fp16 activations);
     ``optim`` is the configured optimizer (only ``adamw_torch`` has a fused twin)."""
     def pick(key: str, on: bool) -> bool:
-        value = speed_cfg[key]
+        value = getattr(group, key)
         return on if value == "auto" else bool(value)
 
     half = compute in ("bf16", "fp16")
-    attention = str(speed_cfg.attention)
+    attention = str(group.attention)
     if attention == "auto":
         attention = "varlen" if cuda and half else "sdpa"
     if attention == "varlen" and not (cuda and half):
         raise ValueError(
             f"speed.attention=varlen needs a CUDA GPU and bf16/fp16 compute (here: "
             f"{'CUDA' if cuda else 'no GPU'}, {compute}); use speed.attention=auto or sdpa")
-    liger = str(speed_cfg.liger)
+    liger = str(group.liger)
     if liger == "auto":
         use_liger = cuda and _liger_available()
     else:
-        use_liger = bool(speed_cfg.liger)
+        use_liger = bool(group.liger)
         if use_liger and not (cuda and _liger_available()):
             raise ValueError("speed.liger=true needs a CUDA GPU and liger-kernel (pip install -e '.[kernels]'); "
                              "use speed.liger=auto or false")
     fused = pick("fused_optimizer", cuda) and optim == "adamw_torch"
     return {
-        "name": str(speed_cfg.name),
+        "name": str(group.name),
         "attention": attention,
         "padding_free": pick("padding_free", attention == "varlen"),
         "liger": use_liger,
         "optim": "adamw_torch_fused" if fused else optim,
-        "compile": bool(speed_cfg.compile) and cuda,
-        "dataloader_num_workers": int(speed_cfg.dataloader_num_workers),
+        "compile": bool(group.compile) and cuda,
+        "dataloader_num_workers": int(group.dataloader_num_workers),
     }
 
 

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from typing import Any
 
+__all__ = ["status"]
+
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
     """SLURM state of each job id (``squeue`` for live jobs, then ``sacct``); "ended" when neither
@@ -90,10 +92,10 @@ def study_status(study: Any) -> str:
 def status(storage: str | None, studies: list[str] | None) -> int:
     import optuna
 
-    from sweeper.report_command import _defaults, _open
+    from sweeper.report_command import default_locations, open_store
 
     try:
-        url, shown, store = _open(storage or _defaults()[0])
+        url, shown, store = open_store(storage or default_locations()[0])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,39 +12,33 @@ or run a WSD search (:func:`sweeper.wsd.run_search`). A failure caused by a full
 
 from __future__ import annotations
 
-import logging
 import math
 
 from omegaconf import DictConfig
 
 from sweeper import config as config_mod
 from sweeper import data as data_mod
-from sweeper import disk
-from sweeper import gpu as gpu_mod
+from sweeper import disk, gpu, passwords
 from sweeper import spec as spec_mod
 from sweeper.callbacks import DivergedError
 from sweeper.reporter import NullReporter, Reporter
-from sweeper.runner import Segment, train_segment
+from sweeper.runner import Segment, quiet_libraries, train_segment
 
-__all__ = ["DivergedError", "preflight", "quiet_libraries", "run"]
-
-log = logging.getLogger(__name__)
+__all__ = ["DivergedError", "preflight", "run"]
 
 
 def run(cfg: DictConfig, reporter: Reporter | None = None) -> float:
     """Run the job of ``cfg`` and return its best ``eval.metric`` (NaN when none). In a multirun the
     sweeper fills ``cfg.study`` and the job reports to its own trial; a retried trial resumes from its
     newest whole checkpoint. The job's own connection to the study is closed however the run ends."""
-    from sweeper import passwords
-
     job_dir = spec_mod.job_dir(cfg)
     passwords.scrub_saved_config(job_dir)  # Hydra saved the command line: no storage password in it
     quiet_libraries()
     try:
-        gpu_mod.pin_one()  # one trial, one GPU: before anything initialises CUDA
+        gpu.pin_one()  # one trial, one GPU: before anything initialises CUDA
     except ValueError as e:
         raise config_mod.InputError.wrap(e) from e
-    _free_cuda_cache()
+    gpu.free_cuda_cache()
     own = None
     if reporter is None and cfg.study.trial_number is not None:
         from sweeper.study import TrialReporter
@@ -75,39 +69,3 @@ def run(cfg: DictConfig, reporter: Reporter | None = None) -> float:
 def preflight(cfg: DictConfig) -> data_mod.Splits:
     """Every check that needs no model, and the data (see :func:`sweeper.spec.prepare`)."""
     return spec_mod.prepare(cfg)[1]
-
-
-def _free_cuda_cache() -> None:
-    """A worker's earlier trial: give its cached blocks back, so that NVML's free memory (batch=auto's
-    budget) does not count them as taken."""
-    if gpu_mod.cuda_initialised():
-        import gc
-
-        import torch
-
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-class _DropNotes(logging.Filter):
-    """Library notes the user can do nothing about (they describe this tool's own choices)."""
-
-    NOTES = ("load_best_model_at_end",)  # EarlyStoppingCallback: we keep the best checkpoint ourselves
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(n in record.getMessage() for n in self.NOTES)
-
-
-def quiet_libraries() -> None:
-    """No nested progress bars from datasets' map and the weight loader (the trial keeps its own bar),
-    and no library notes the user cannot act on."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns on import
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    for name in ("transformers", "transformers.trainer_callback"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropNotes) for f in logger.filters):
-            logger.addFilter(_DropNotes())

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 from sweeper.gpu import GpuMemory
 
+__all__ = ["WorkerPlan", "describe", "parse_gpus", "parse_launcher", "parse_workers", "plan_local", "plan_slurm"]
+
 LAUNCHERS = ("local", "slurm")
 
 

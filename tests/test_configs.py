@@ -7,6 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from sweeper import config as config_mod
+from sweeper import spec as spec_mod
 from sweeper.model import resolve_compute
 from sweeper.sft import build_sft_config
 
@@ -31,7 +32,8 @@ def test_every_option_composes_and_builds_sft_config(compose_cfg, tmp_path, grou
     compute = resolve_compute(cfg.precision.compute)
     if compute == "fp16":
         pytest.skip("fp16 mixed precision needs a CUDA GPU")
-    args = build_sft_config(cfg, output_dir=tmp_path, compute=compute, data_format="messages")
+    spec = spec_mod.build(cfg, compute=compute, speed=spec_mod.resolve_speed(cfg, compute))
+    args = build_sft_config(spec, output_dir=tmp_path, data_format="messages")
     assert args.per_device_train_batch_size == cfg.batch.per_device_train_batch_size
     assert args.learning_rate == cfg.lr.learning_rate
     assert args.max_length == cfg.data.max_length

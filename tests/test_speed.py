@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from sweeper import spec as spec_mod
 from sweeper import speed
 from sweeper.sft import build_sft_config
 from sweeper.trial import preflight, run
@@ -53,10 +54,11 @@ def test_sft_config_carries_the_resolved_choices(compose_cfg, tmp_path):
     cfg = compose_cfg()
     fast = {"name": "auto", "attention": "varlen", "padding_free": True, "liger": True,
             "optim": "adamw_torch_fused", "compile": True, "dataloader_num_workers": 2}
-    args = build_sft_config(cfg, output_dir=tmp_path, compute="fp32", data_format="messages", speed=fast)
+    args = build_sft_config(spec_mod.build(cfg, compute="fp32", speed=fast), output_dir=tmp_path, data_format="messages")
     assert args.optim == "adamw_torch_fused" and args.torch_compile
     assert args.dataloader_num_workers == 2
-    plain = build_sft_config(cfg, output_dir=tmp_path, compute="fp32", data_format="messages")
+    plain_spec = spec_mod.build(cfg, compute="fp32", speed=spec_mod.resolve_speed(cfg, "fp32"))
+    plain = build_sft_config(plain_spec, output_dir=tmp_path, data_format="messages")
     assert plain.optim == "adamw_torch" and not plain.torch_compile
 
 
