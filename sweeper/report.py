@@ -1,6 +1,8 @@
 """Read studies back from storage and say which step count to train for, and why.
 Imports Optuna and matplotlib, never TRL; how a trial is recorded comes from ``sweeper.storage``
-(``SYSTEM_ATTRS``, ``is_branch``). The sweeper prints :func:`study_report` (and :func:`datasets_section`).
+(``SYSTEM_ATTRS``, ``is_branch``). The sweeper prints :func:`study_report` (and :func:`datasets_section`);
+a study holding a joint (learning rate, steps) WSD search also gets :func:`joint_sections`, and its
+recommendation names the learning rate with the step count.
 
     python train.py -m schedule=under,sweet,over   # prints study_report() at the end of the sweep
     python -m sweeper report                       # every study: table, diagnosis, winner, PNG + HTML
@@ -20,6 +22,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import optuna
+
+__all__ = ["NOISE_FLOOR", "Diagnosis", "Noise", "accuracy_disagrees", "accuracy_off", "attrs", "best_trial", "curve_attr",
+           "dataset_row", "datasets_section", "datasets_table", "diagnose", "joint_sections", "markdown_html", "method",
+           "noise_estimate", "plot_curves", "plot_datasets", "recommend", "report_html", "schedule_label",
+           "settings_note", "sftconfig_snippet", "study_report", "trial_diagnosis", "trial_noise", "trial_rows",
+           "write_report"]
 
 
 def _fmt(x: Any, spec: str = "") -> str:

@@ -19,7 +19,12 @@ With cosine, 500/1500/3000 steps are three trainings. With warmup-stable-decay (
   branch's cooldown (tests/test_wsd.py checks every logged LR). transformers loads the optimizer
   only when ``scheduler.pt`` is there, so the trunk's scheduler file stays;
 - sequential, in one process, ascending; after each branch, if the last ``stop_after_worse`` branch
-  values are all worse than the best branch so far, the trunk stops (longer cannot help then).
+  values are all worse than the best branch so far, the trunk stops (longer cannot help then);
+- a joint search (``schedule.wsd.learning_rates``): one trunk per learning rate, each its own job; after
+  each branch :func:`sweeper.halving.decide` says whether the trunk goes on, stops (successive halving
+  across the rates' branches at that length), or waits: for trunks other workers train, or parked (the
+  job ends, its trial goes back to the queue and resumes from its checkpoint once the rule has decided).
+  Without a study :func:`run_joint` runs every rate's trunk in this process, rung by rung.
 
 Each shorter branch is recorded as its own COMPLETE trial of the study (params max_steps=s,
 method=wsd; its curve = the trunk's evaluations up to p_s + its cooldown; its value = the best
@@ -53,6 +58,9 @@ from sweeper.callbacks import DivergedError
 from sweeper.reporter import Collect, NullReporter, Parked, Reporter
 from sweeper.runner import Segment, train_segment
 from sweeper.spec import RunSpec, Schedule
+
+__all__ = ["SCHEDULER", "STATE_FILE", "branch_table", "cooldown_best", "run_joint", "run_search", "search",
+           "should_stop_trunk", "wsd_schedule"]
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +180,8 @@ def run_search(spec: RunSpec, splits: data_mod.Splits, reporter: Reporter, job_d
     In a multirun each shorter branch is recorded as a trial (``reporter.record_branch``) and the trunk
     is the job's trial; a trunk stopped early calls ``reporter.stop`` (the trial ends PRUNED). In a joint
     search (``schedule.wsd.learning_rates``) the job is the trunk of ``spec.learning_rate``; without a study
-    :func:`run_joint` trains every rate's trunk in this process.
+    :func:`run_joint` trains every rate's trunk in this process. The trunk trains to each candidate's branch
+    point, branches its cooldown there, and asks :meth:`_Search.gate` before it goes on.
     """
     w = spec.wsd
     if w.learning_rates and reporter.number is None and not isinstance(reporter, _LocalTrunk):
@@ -181,85 +190,148 @@ def run_search(spec: RunSpec, splits: data_mod.Splits, reporter: Reporter, job_d
         raise config_mod.InputError(
             f"lr.learning_rate={spec.learning_rate:g} is not one of schedule.wsd.learning_rates="
             f"{[float(r) for r in w.learning_rates]}; a joint search trains one trunk per listed rate")
-    cands = list(w.candidates)
-    f, decay_type, warmup = w.decay_fraction, w.decay_type, w.warmup_steps
-    points = {s: w.branch_point(s) for s in cands}
-    s_max = cands[-1]
-    metric, maximize = spec.metric, spec.maximize
+    search = _Search(spec, splits, reporter, job_dir)
+    stopped: str | None = None
+    last: int | None = None  # the newest candidate whose branch is recorded
+    for s in search.cands[:-1]:
+        if search.recorded(s):
+            last = s
+            continue
+        if stopped is None and last is not None:
+            stopped = search.gate(last, search.points[s])
+        if stopped is None:
+            search.train_trunk_to(search.points[s])
+            search.branch(s)
+            last = s
+    if stopped is None and last is not None:
+        stopped = search.gate(last, search.points[search.s_max])
+    return search.finish(stopped)
 
-    resume = reporter.resume_checkpoint()
-    wanted = {"candidates": cands, "decay_fraction": f, "decay_type": decay_type, "warmup_steps": warmup}
-    state = _load_state(Path(resume).parent) if resume else None
-    if state is not None and {k: state.get(k) for k in wanted} != wanted:
-        raise config_mod.InputError(
-            f"schedule.wsd: the interrupted search in {Path(resume).parent} used {({k: state.get(k) for k in wanted})}, "
-            f"but this run asks for {wanted}; re-run with the same schedule.wsd and lr.warmup_steps")
-    if state is None:
-        state = {"search_id": uuid.uuid4().hex[:12], **wanted, "branches": {}, "trunk_segments": []}
-        resume = None  # a checkpoint without the search's state is not a trunk checkpoint
-    state["run_dir"] = str(job_dir)
-    _save_state(job_dir, state)
-    if state.get("batch"):  # a resumed search keeps the micro-batch its first segment ran
-        spec = _pin_batch(spec, state["batch"])
-    reporter.set_attrs({"method": "wsd", "max_steps": s_max})
-    reporter.set_wsd_params(s_max, cands[0], s_max)
-    joint = bool(w.learning_rates)
-    lr = spec.learning_rate
 
-    def values() -> list[float]:
-        return [state["branches"][str(s)]["value"] for s in cands
-                if state["branches"].get(str(s), {}).get("status") == "done"]
+class _Search:
+    """One trunk's search: its state file (``wsd_branches.json``, so that a re-run resumes it), its trunk
+    checkpoint, and the steps that :func:`run_search` takes in order."""
 
-    def trunk_record(parked_at: int | None = None) -> dict:
-        """This trunk as the other rates' trunks read it (``wsd_trunk``): its branch value at each rung."""
-        return {"group": w.group, "lr": lr, "learning_rates": list(w.learning_rates), "rule": w.halving_rule,
-                "eta": w.eta, "maximize": maximize, "metric": metric, "parked_at": parked_at,
-                "rungs": {str(s): state["branches"][str(s)]["value"] for s in cands[:-1]
-                          if state["branches"].get(str(s), {}).get("status") == "done"}}
-
-    if joint:
-        reporter.set_attrs({"wsd_trunk": trunk_record()})
-    log.info("WSD search%s: candidates %s, cooldown %.0f%% (%s), warmup %d steps; branch points %s; trunk in %s%s",
-             f" (trunk of lr={lr:g} of {list(w.learning_rates)}, {w.halving_rule}, eta={w.eta})" if joint else "",
-             cands, 100 * f, decay_type, warmup, [points[s] for s in cands], job_dir,
-             f", resuming from {resume}" if resume else "")
-
-    trunk_spec = _segment_spec(spec, s_max, points[s_max])
-    trunk_rep = Collect(reporter)
-    ckpt, at = resume, _step_of(resume)
-
-    def trunk_segment(until: int, final: bool) -> Segment:
-        nonlocal spec, trunk_spec
-        seg = Segment(output_dir=job_dir, args=SEGMENT_ARGS, resume=ckpt, final_eval=final, save_state=True,
-                      callbacks=[] if final else [_stop_at(until)])
-        train_segment(trunk_spec, splits, seg, trunk_rep)
-        if not state.get("batch"):
-            a = trunk_rep.attrs
-            fitted = (a.get("batch_auto") or {}).get("mode") == "fitted"
-            state["batch"] = {"micro_batch": a["micro_batch"], "grad_accum": a["grad_accum"],
-                              "eval_batch": a["micro_batch"] if fitted else None}
+    def __init__(self, spec: RunSpec, splits: data_mod.Splits, reporter: Reporter, job_dir: Path) -> None:
+        w = spec.wsd
+        self.splits, self.reporter, self.job_dir = splits, reporter, job_dir
+        self.cands = list(w.candidates)
+        self.points = {s: w.branch_point(s) for s in self.cands}
+        self.s_max = self.cands[-1]
+        self.joint, self.lr = bool(w.learning_rates), spec.learning_rate
+        resume = reporter.resume_checkpoint()
+        self.wanted = {"candidates": self.cands, "decay_fraction": w.decay_fraction, "decay_type": w.decay_type,
+                       "warmup_steps": w.warmup_steps}
+        state = _load_state(Path(resume).parent) if resume else None
+        if state is not None and {k: state.get(k) for k in self.wanted} != self.wanted:
+            raise config_mod.InputError(
+                f"schedule.wsd: the interrupted search in {Path(resume).parent} used "
+                f"{({k: state.get(k) for k in self.wanted})}, but this run asks for {self.wanted}; re-run with the "
+                "same schedule.wsd and lr.warmup_steps")
+        if state is None:
+            state = {"search_id": uuid.uuid4().hex[:12], **self.wanted, "branches": {}, "trunk_segments": []}
+            resume = None  # a checkpoint without the search's state is not a trunk checkpoint
+        self.state, self.resume = state, resume
+        state["run_dir"] = str(job_dir)
+        _save_state(job_dir, state)
+        if state.get("batch"):  # a resumed search keeps the micro-batch its first segment ran
             spec = _pin_batch(spec, state["batch"])
-            trunk_spec = _segment_spec(spec, s_max, points[s_max])
-        state["trunk_segments"].append({"from": at, "to": until, "steps": until - at,
-                                        "train_runtime_s": seg.results["train_runtime_s"]})
+        self.spec = spec
+        self.trunk_spec = _segment_spec(spec, self.s_max, self.points[self.s_max])
+        self.trunk_rep = Collect(reporter)
+        self.ckpt, self.at = resume, _step_of(resume)
+        reporter.set_attrs({"method": "wsd", "max_steps": self.s_max})
+        reporter.set_wsd_params(self.s_max, self.cands[0], self.s_max)
+        if self.joint:
+            reporter.set_attrs({"wsd_trunk": self.trunk_record()})
+        log.info("WSD search%s: candidates %s, cooldown %.0f%% (%s), warmup %d steps; branch points %s; trunk in %s%s",
+                 f" (trunk of lr={self.lr:g} of {list(w.learning_rates)}, {w.halving_rule}, eta={w.eta})"
+                 if self.joint else "", self.cands, 100 * w.decay_fraction, w.decay_type, w.warmup_steps,
+                 [self.points[s] for s in self.cands], job_dir, f", resuming from {resume}" if resume else "")
+
+    def recorded(self, s: int) -> bool:
+        return str(s) in self.state["branches"]
+
+    def values(self) -> list[float]:
+        """The recorded branch values, in candidate order."""
+        return [self.state["branches"][str(s)]["value"] for s in self.cands
+                if self.state["branches"].get(str(s), {}).get("status") == "done"]
+
+    def trunk_record(self, parked_at: int | None = None) -> dict:
+        """This trunk as the other rates' trunks read it (``wsd_trunk``): its branch value at each rung."""
+        w = self.spec.wsd
+        return {"group": w.group, "lr": self.lr, "learning_rates": list(w.learning_rates), "rule": w.halving_rule,
+                "eta": w.eta, "maximize": self.spec.maximize, "metric": self.spec.metric, "parked_at": parked_at,
+                "rungs": {str(s): self.state["branches"][str(s)]["value"] for s in self.cands[:-1]
+                          if self.state["branches"].get(str(s), {}).get("status") == "done"}}
+
+    def trunk_segment(self, until: int, final: bool) -> Segment:
+        """Train the trunk from its checkpoint to ``until`` (``final``: to its end, with its cooldown)."""
+        seg = Segment(output_dir=self.job_dir, args=SEGMENT_ARGS, resume=self.ckpt, final_eval=final,
+                      save_state=True, callbacks=[] if final else [_stop_at(until)])
+        train_segment(self.trunk_spec, self.splits, seg, self.trunk_rep)
+        if not self.state.get("batch"):
+            a = self.trunk_rep.attrs
+            fitted = (a.get("batch_auto") or {}).get("mode") == "fitted"
+            self.state["batch"] = {"micro_batch": a["micro_batch"], "grad_accum": a["grad_accum"],
+                                   "eval_batch": a["micro_batch"] if fitted else None}
+            self.spec = _pin_batch(self.spec, self.state["batch"])
+            self.trunk_spec = _segment_spec(self.spec, self.s_max, self.points[self.s_max])
+        self.state["trunk_segments"].append({"from": self.at, "to": until, "steps": until - self.at,
+                                             "train_runtime_s": seg.results["train_runtime_s"]})
         return seg
 
-    def gate(rung: int, next_point: int) -> str | None:
+    def train_trunk_to(self, p: int) -> None:
+        """The trunk to the branch point ``p``, saved there; older trunk checkpoints are removed."""
+        if p < self.at:
+            raise RuntimeError(f"WSD search: a branch starts at step {p}, before the trunk checkpoint {self.ckpt}")
+        if p == self.at:
+            return
+        self.trunk_segment(p, final=False)
+        old = [c for c in self.job_dir.glob("checkpoint-*") if c.name != f"checkpoint-{p}"]
+        self.ckpt, self.at = str(self.job_dir / f"checkpoint-{p}"), p
+        self.state["trunk_checkpoint"] = self.ckpt
+        _save_state(self.job_dir, self.state)
+        for c in old:  # only the newest trunk checkpoint is needed from here on
+            shutil.rmtree(c, ignore_errors=True)
+
+    def branch(self, s: int) -> None:
+        """Cool down candidate ``s`` from the trunk checkpoint and record it (a trial of the study)."""
+        p, rep = self.points[s], self.reporter
+        branch = _branch(self.spec, s, p, self.ckpt, self.job_dir, self.splits)
+        attrs = {**branch.pop("attrs"), "method": "wsd", "branch_of": rep.number, "optimizer_steps": s - p}
+        if self.joint:
+            attrs["learning_rate"] = self.lr
+        number = rep.record_branch(key=f"{self.state['search_id']}:{s}", max_steps=s, low=self.cands[0],
+                                   high=self.s_max, value=branch["value"], curve=attrs["curve"],
+                                   user_attrs=_jsonable(attrs))
+        self.state["branches"][str(s)] = {**branch, "trial": number, "status": "done"}
+        _save_state(self.job_dir, self.state)
+        if self.joint:
+            rep.set_attrs({"wsd_trunk": self.trunk_record()})
+        log.info("WSD branch %d (cooldown %d..%d)%s: best %s %.4f at step %d%s", s, p, s,
+                 f" of lr={self.lr:g}" if self.joint else "", self.spec.metric, branch["value"], branch["best_step"],
+                 f"; recorded as trial {number}" if number is not None else "")
+
+    def gate(self, rung: int, next_point: int) -> str | None:
         """Before the trunk trains past ``rung`` (whose branch is recorded): why it stops there, or None
         to go on. A joint search's halving rule may wait for the other rates' trunks, or park this one."""
-        done = values()
+        w, maximize, metric = self.spec.wsd, self.spec.maximize, self.spec.metric
+        done = self.values()
         if should_stop_trunk(done, w.stop_after_worse, maximize):
             return (f"trunk stopped before step {next_point}: the last {w.stop_after_worse} branch(es) were worse "
                     f"than the best ({'max' if maximize else 'min'} {metric} {(max if maximize else min)(done):.4f}); "
                     "longer runs cannot help")
-        if not joint:
+        if not self.joint:
             return None
         waited = 0.0
         while True:
-            d = halving.decide(lr, rung, reporter.trunks(trunk_record()), w.eta, maximize, w.halving_rule, metric)
+            d = halving.decide(self.lr, rung, self.reporter.trunks(self.trunk_record()), w.eta, maximize,
+                               w.halving_rule, metric)
             if d.verdict == "continue":
                 if waited:
-                    log.info("WSD joint search: lr=%g goes on past the %d-step rung (waited %.0f s)", lr, rung, waited)
+                    log.info("WSD joint search: lr=%g goes on past the %d-step rung (waited %.0f s)", self.lr, rung,
+                             waited)
                 return None
             if d.verdict == "stop":
                 return f"trunk stopped before step {next_point}: {d.reason}"
@@ -267,89 +339,53 @@ def run_search(spec: RunSpec, splits: data_mod.Splits, reporter: Reporter, job_d
             if not d.running:
                 why = (f"parked at the {rung}-step rung: successive halving needs {needs} there, which no worker "
                        "trains now; it resumes from its checkpoint once they have")
-                _save_state(job_dir, state)
-                reporter.set_attrs({**_jsonable(_summary(state, cands, wanted, job_dir, resume, None)),
-                                    "wsd_trunk": trunk_record(parked_at=rung)})
-                log.info("WSD joint search: lr=%g %s", lr, why)
-                reporter.park(why)  # raises
+                _save_state(self.job_dir, self.state)
+                self.reporter.set_attrs({**_jsonable(_summary(self.state, self.cands, self.wanted, self.job_dir,
+                                                              self.resume, None)),
+                                         "wsd_trunk": self.trunk_record(parked_at=rung)})
+                log.info("WSD joint search: lr=%g %s", self.lr, why)
+                self.reporter.park(why)  # raises
             if not waited:
-                log.info("WSD joint search: lr=%g waits at the %d-step rung for %s (training now)", lr, rung, needs)
+                log.info("WSD joint search: lr=%g waits at the %d-step rung for %s (training now)", self.lr, rung, needs)
             time.sleep(POLL_S)
             waited += POLL_S
 
-    stopped: str | None = None
-    last: int | None = None  # the newest rung whose branch is recorded
-    for s in cands[:-1]:
-        p = points[s]
-        if str(s) in state["branches"]:
-            last = s
-            continue
-        if stopped is None and last is not None:
-            stopped = gate(last, p)
+    def finish(self, stopped: str | None) -> float:
+        """The trunk's own length (unless ``stopped``), the search's record on the trial, and its value."""
+        state, metric, maximize, s_max = self.state, self.spec.metric, self.spec.maximize, self.s_max
+        for s in self.cands:
+            if stopped is not None and str(s) not in state["branches"]:
+                state["branches"][str(s)] = {"max_steps": s, "branch_point": self.points[s],
+                                             "status": f"not run: {stopped}"}
+        trunk_value = None
+        if stopped is None:
+            seg = self.trunk_segment(s_max, final=True)
+            trunk_value, trunk_best_step = cooldown_best(seg.results["curve"], self.points[s_max], maximize)
+            state["branches"][str(s_max)] = {"max_steps": s_max, "branch_point": self.points[s_max],
+                                             "decay_steps": s_max - self.points[s_max], "value": trunk_value,
+                                             "best_step": trunk_best_step, "trial": self.reporter.number,
+                                             "status": "done (trunk)"}
+        state["finished"] = True
+        _save_state(self.job_dir, state)
+        summary = _summary(state, self.cands, self.wanted, self.job_dir, self.resume, stopped)
+        if trunk_value is not None:
+            summary["best_value"], summary["best_step"] = trunk_value, trunk_best_step  # its cooldown's, as a branch's
+            sft = dict(self.trunk_rep.attrs.get("sft_config") or {})
+            sft["lr_scheduler_kwargs"] = self.trunk_spec.schedule.lr_scheduler_kwargs
+            summary["sft_config"] = _jsonable(sft)
+        table = branch_table(state, metric)
+        log.info("WSD search, %d optimizer steps in all (trunk %d + cooldowns %d):\n%s", summary["wsd_optimizer_steps"],
+                 summary["wsd_optimizer_steps"] - summary["wsd_cooldown_steps"], summary["wsd_cooldown_steps"], table)
+        if self.joint:
+            summary["wsd_trunk"] = self.trunk_record()
+        self.reporter.set_attrs(_jsonable(summary))
+        if self.reporter.number is None and not self.joint:  # no study to read it from
+            print(table)
         if stopped is not None:
-            continue
-        if p < at:
-            raise RuntimeError(f"WSD search: branch {s} starts at step {p}, before the trunk checkpoint {ckpt}")
-        if p > at:
-            trunk_segment(p, final=False)
-            old = [c for c in job_dir.glob("checkpoint-*") if c.name != f"checkpoint-{p}"]
-            ckpt, at = str(job_dir / f"checkpoint-{p}"), p
-            state["trunk_checkpoint"] = ckpt
-            _save_state(job_dir, state)
-            for c in old:  # only the newest trunk checkpoint is needed from here on
-                shutil.rmtree(c, ignore_errors=True)
-        branch = _branch(spec, s, p, ckpt, job_dir, splits)
-        key = f"{state['search_id']}:{s}"
-        attrs = {**branch.pop("attrs"), "method": "wsd", "branch_of": reporter.number, "optimizer_steps": s - p}
-        if joint:
-            attrs["learning_rate"] = lr
-        number = reporter.record_branch(key=key, max_steps=s, low=cands[0], high=s_max, value=branch["value"],
-                                        curve=attrs["curve"], user_attrs=_jsonable(attrs))
-        state["branches"][str(s)] = {**branch, "trial": number, "status": "done"}
-        _save_state(job_dir, state)
-        last = s
-        if joint:
-            reporter.set_attrs({"wsd_trunk": trunk_record()})
-        log.info("WSD branch %d (cooldown %d..%d)%s: best %s %.4f at step %d%s", s, p, s,
-                 f" of lr={lr:g}" if joint else "", metric, branch["value"], branch["best_step"],
-                 f"; recorded as trial {number}" if number is not None else "")
-
-    if stopped is None and last is not None:
-        stopped = gate(last, points[s_max])
-    for s in cands:
-        if stopped is not None and str(s) not in state["branches"]:
-            state["branches"][str(s)] = {"max_steps": s, "branch_point": points[s], "status": f"not run: {stopped}"}
-
-    trunk_value = None
-    if stopped is None:
-        seg = trunk_segment(s_max, final=True)
-        trunk_value, trunk_best_step = cooldown_best(seg.results["curve"], points[s_max], maximize)
-        state["branches"][str(s_max)] = {"max_steps": s_max, "branch_point": points[s_max],
-                                         "decay_steps": s_max - points[s_max], "value": trunk_value,
-                                         "best_step": trunk_best_step, "trial": reporter.number,
-                                         "status": "done (trunk)"}
-    state["finished"] = True
-    _save_state(job_dir, state)
-
-    summary = _summary(state, cands, wanted, job_dir, resume, stopped)
-    if trunk_value is not None:
-        summary["best_value"], summary["best_step"] = trunk_value, trunk_best_step  # its cooldown's, as a branch's
-        sft = dict(trunk_rep.attrs.get("sft_config") or {})
-        sft["lr_scheduler_kwargs"] = trunk_spec.schedule.lr_scheduler_kwargs
-        summary["sft_config"] = _jsonable(sft)
-    table = branch_table(state, metric)
-    log.info("WSD search, %d optimizer steps in all (trunk %d + cooldowns %d):\n%s", summary["wsd_optimizer_steps"],
-             summary["wsd_optimizer_steps"] - summary["wsd_cooldown_steps"], summary["wsd_cooldown_steps"], table)
-    if joint:
-        summary["wsd_trunk"] = trunk_record()
-    reporter.set_attrs(_jsonable(summary))
-    if reporter.number is None and not joint:  # no study to read it from
-        print(table)
-    if stopped is not None:
-        reporter.stop(stopped)  # a study's reporter raises: the trunk trial ends PRUNED
-        done = values()
-        return float(max(done) if maximize else min(done))
-    return trunk_value
+            self.reporter.stop(stopped)  # a study's reporter raises: the trunk trial ends PRUNED
+            done = self.values()
+            return float(max(done) if maximize else min(done))
+        return trunk_value
 
 
 def _summary(state: dict, cands: list[int], wanted: dict, job_dir: Path, resume: str | None,
