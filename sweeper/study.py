@@ -549,9 +549,12 @@ class StudySweeper:
         each trunk knows the others. Left as it is when a point is not a WSD search or does not compose (the
         pre-flight names that)."""
         loader = self.hydra_context.config_loader
+        points = space.grid_points()
+        if not any(k == "schedule" or k.startswith("schedule.wsd") for k, _ in space.grid):
+            points = points[:1]  # the schedule is the same at every point: one composed config tells
         try:
             cfgs = [loader.load_sweep_config(self.config, space.fixed + [f"{k}={t}" for k, (_, t) in p.items()])
-                    for p in space.grid_points()]
+                    for p in points]
         except Exception:
             return space
         wsd = [c.schedule.get("wsd") for c in cfgs]
