@@ -102,7 +102,8 @@ def accuracy_callback(spec: RunSpec, splits: data_mod.Splits, tokenizer: Any, de
             was_training = model.training
             model.eval()
             correct = 0
-            with torch.no_grad():
+            # eager: compiled decoder blocks (speed.compile=regional) would compile again for every decoding shape
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 for i in range(0, len(prompts), batch_size):
                     chunk = prompts[i:i + batch_size]
                     width = max(len(p) for p in chunk)

@@ -173,7 +173,8 @@ class SpeedConfig:
     padding_free: Any = MISSING  # auto | true | false: concatenate a micro-batch's rows, no pad tokens
     liger: Any = MISSING  # auto | true | false: Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA, liger-kernel installed)
     fused_optimizer: Any = MISSING  # auto | true | false: adamw_torch -> adamw_torch_fused on CUDA
-    compile: bool = MISSING  # torch.compile the model (about a minute per trial)
+    compile: Any = MISSING  # false | true: torch.compile the whole model | regional: each decoder block in place
+    lora_upcast: Any = MISSING  # auto | true | false: PEFT's cast of each LoRA layer's input to the adapters' fp32
     dataloader_num_workers: int = MISSING  # collation in worker processes; 0: in the training loop
 
 
@@ -463,7 +464,10 @@ def validate(cfg: Any) -> None:
     if sp.attention not in _ATTENTION:
         raise ValueError(f"speed.attention must be one of {list(_ATTENTION)}, but got {sp.attention!r}; "
                          "pick speed=auto")
-    for key in ("padding_free", "liger", "fused_optimizer"):
+    if sp.compile not in (False, True, "regional"):
+        raise ValueError(f"speed.compile must be false, true (the whole model) or regional (each decoder block), "
+                         f"but got {sp.compile!r}")
+    for key in ("padding_free", "liger", "fused_optimizer", "lora_upcast"):
         if sp[key] not in ("auto", True, False):
             raise ValueError(f"speed.{key} must be auto, true or false, but got {sp[key]!r}")
     if sp.dataloader_num_workers < 0:

@@ -154,7 +154,7 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
     # the trainer; TRL tokenises and packs here (the datasets cache makes that once per sweep)
     t = time.perf_counter()
     trainer = sft.make_trainer(model, tokenizer, args, splits, spec.peft, trainer_callbacks)
-    speed_mod.apply_to_trainer(trainer, spec.speed)
+    speed_mod.apply_to_trainer(trainer, spec.speed, spec.paths.cache_dir)
     inject.attach(trainer)
     callbacks.replace_progress(trainer, spec)
     timing["prepare_s"] = round(time.perf_counter() - t, 2)

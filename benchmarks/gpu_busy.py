@@ -1,0 +1,133 @@
+"""How busy the GPU is over a whole sweep, and while its training steps run.
+
+    # one GPU, from the repo root (wheels in /tmp/site, gsm8k copied to .data/gsm8k/), the 1.5B shape:
+    python3 benchmarks/gpu_busy.py --out /tmp/busy --build-model /tmp/m15 --results $OUT/busy.md -- \
+        schedule.max_steps=300,600,900 data=gsm8k data.train_path=.data/gsm8k/train.jsonl \
+        model=qwen2.5-1.5b model.path=/tmp/m15 eval.accuracy=off
+
+It runs ``python train.py -m <overrides>`` (one worker, its own SQLite study under ``--out``) while a thread
+samples NVML's utilisation of every visible GPU every ``--interval`` seconds (the share of the last sample
+period in which a kernel ran). The trial path's step timer (``SFT_SWEEP_STEP_TIMES``) stamps every
+optimizer step with the same monotonic clock, so the samples split into the whole command and the
+training spans (a trial's first to last step). Printed and appended to ``--results``: busy % of the whole
+command and of the training spans, the seconds before the first step of the sweep, and for every trial
+its seconds from the job's start to its first step and its steady tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import run_header  # noqa: E402
+
+
+def sample(stop: threading.Event, interval: float, out: list) -> None:
+    """Append (monotonic time, [busy % per GPU]) every ``interval`` seconds until ``stop`` is set."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    while not stop.is_set():
+        out.append((time.perf_counter(), [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]))
+        stop.wait(interval)
+    pynvml.nvmlShutdown()
+
+
+def trials_of(steps: list[dict]) -> list[list[dict]]:
+    """The step stamps split into trials: a step number that does not grow starts the next trial."""
+    runs: list[list[dict]] = []
+    for s in steps:
+        if not runs or s["step"] <= runs[-1][-1]["step"]:
+            runs.append([])
+        runs[-1].append(s)
+    return runs
+
+
+def busy(samples: list, spans: list[tuple[float, float]] | None = None) -> float | None:
+    """Mean busy % of the busiest GPU over the samples (inside ``spans`` when given)."""
+    vals = [max(u) for t, u in samples if spans is None or any(a <= t <= b for a, b in spans)]
+    return round(statistics.fmean(vals), 1) if vals else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="work folder: study, logs, step stamps")
+    ap.add_argument("--build-model", type=Path, default=None, help="build the 1.5B-shaped random-init model here first")
+    ap.add_argument("--interval", type=float, default=0.2, help="seconds between NVML samples")
+    ap.add_argument("--warmup-steps", type=int, default=5, help="first steps of each trial left out of tokens/s")
+    ap.add_argument("--results", type=Path, default=None, help="append a markdown section to this file")
+    ap.add_argument("overrides", nargs="*", help="overrides of the sweep (after --)")
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.build_model is not None and not (a.build_model / "config.json").is_file():
+        from benchmarks.batch_auto import build_model
+
+        build_model(a.build_model, a.out / "cache")
+    stamps, db = a.out / "steps.jsonl", a.out / "busy.db"
+    stamps.unlink(missing_ok=True)
+    db.unlink(missing_ok=True)
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *a.overrides, "hydra.sweeper.workers=1",
+           f"hydra.sweeper.storage=sqlite:///{db}", "hydra.sweeper.study_name=busy", f"hydra.sweep.dir={a.out}/sweep",
+           f"paths.output_dir={a.out}/runs", f"paths.cache_dir={a.out}/cache", "report_to=none"]
+    samples: list = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample, args=(stop, a.interval, samples), daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    with open(a.out / "sweep.log", "w") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, "SFT_SWEEP_STEP_TIMES": str(stamps), "PYTHONUNBUFFERED": "1"})
+    t1 = time.perf_counter()
+    stop.set()
+    sampler.join()
+    steps = [json.loads(line) for line in stamps.read_text().splitlines()] if stamps.is_file() else []
+    runs = trials_of(steps)
+    spans = [(r[0]["t"], r[-1]["t"]) for r in runs if len(r) > 1]
+    import optuna
+
+    study = optuna.load_study(study_name="busy", storage=f"sqlite:///{db}")
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.datetime_start or datetime.datetime.max)
+    rows = []
+    for i, r in enumerate(runs):
+        t = trials[i] if i < len(trials) else None
+        start = t.datetime_start.timestamp() if t and t.datetime_start else None
+        steady = r[a.warmup_steps:] if len(r) > a.warmup_steps + 1 else r
+        tok_s = ((steady[-1]["tokens"] - steady[0]["tokens"]) / (steady[-1]["t"] - steady[0]["t"])
+                 if len(steady) > 1 and steady[-1]["t"] > steady[0]["t"] else None)
+        rows.append({"trial": t.number if t else i, "state": t.state.name if t else "?", "steps": r[-1]["step"],
+                     "job_to_first_step_s": round(r[0]["wall"] - start, 1) if start and "wall" in r[0] else None,
+                     "busy_pct": busy(samples, [(r[0]["t"], r[-1]["t"])]), "tokens_per_s": round(tok_s) if tok_s else None})
+    report = {"rc": rc, "wall_s": round(t1 - t0, 1), "busy_sweep_pct": busy([s for s in samples if t0 <= s[0] <= t1]),
+              "busy_training_pct": busy(samples, spans), "first_step_s": round(runs[0][0]["t"] - t0, 1) if runs else None,
+              "trials": rows, "samples": len(samples)}
+    (a.out / "busy.json").write_text(json.dumps(report, indent=1))
+    text = "\n".join([
+        run_header("benchmarks/gpu_busy.py", sys.argv[1:] if argv is None else argv),
+        f"- sweep: exit {rc}, {report['wall_s']} s, first optimizer step after {report['first_step_s']} s; "
+        f"NVML samples every {a.interval} s: {len(samples)}",
+        f"- **GPU busy over the whole sweep: {report['busy_sweep_pct']}%; while training steps run: "
+        f"{report['busy_training_pct']}%**", "",
+        "| trial | state | steps | job start → first step s | busy % (its steps) | steady tokens/s |",
+        "|---:|---|---:|---:|---:|---:|",
+        *[f"| {r['trial']} | {r['state']} | {r['steps']} | {r['job_to_first_step_s']} | {r['busy_pct']} | "
+          f"{r['tokens_per_s']} |" for r in rows], ""])
+    print(text, flush=True)
+    if a.results:
+        with open(a.results, "a") as f:
+            f.write(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
