@@ -17,7 +17,7 @@ import pytest
 from sweeper.trial import DivergedError, run
 
 from .conftest import FAST, PG_URL, ROOT, load_study, postgres_unreachable, run_cli, skip_or_fail
-from .helpers import Recorder
+from .helpers import Recorder, fast
 
 TrialState = optuna.trial.TrialState
 def _load(url, name):
@@ -137,7 +137,7 @@ def test_parallel_workers_share_one_study_without_duplicates(tmp_path, cache_dir
 
 def test_storage_password_never_printed(tmp_path, cache_dir):
     proc = run_cli("-m", "schedule=under", "hydra.sweeper.storage=postgresql://bob:s3cret@127.0.0.1:1/none",
-                   *FAST[1:], f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+                   *fast("schedule.max_steps"), f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
     assert proc.returncode != 0
     assert "s3cret" not in proc.stdout + proc.stderr
     assert "bob:***@127.0.0.1" in proc.stderr

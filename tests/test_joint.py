@@ -22,7 +22,8 @@ from sweeper.halving import Trunk, decide, keep
 from sweeper.report import attrs, study_report
 from sweeper.storage import is_branch
 
-from .conftest import FAST, load_study, run_cli
+from .conftest import load_study, run_cli
+from .helpers import fast
 
 TrialState = optuna.trial.TrialState
 RATES = [1e-3, 3e-3, 1e-2]
@@ -30,7 +31,7 @@ RATES = [1e-3, 3e-3, 1e-2]
 JOINT = ["schedule=wsd_search", "schedule.wsd.candidates=[8,16,24]", "schedule.wsd.decay_fraction=0.25",
          "schedule.wsd.stop_after_worse=null", "lr.warmup_steps=2", "schedule.wsd.learning_rates=[1e-3,3e-3,1e-2]",
          "data.max_train_rows=64", "data.max_eval_rows=16", "eval.eval_steps=2", "eval.logging_steps=1",
-         "eval.accuracy=off", *FAST[3:]]
+         "eval.accuracy=off", *fast("schedule.max_steps", "eval.")]
 
 
 def _ok(proc):

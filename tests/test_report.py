@@ -19,7 +19,8 @@ import pytest
 
 from sweeper.report import diagnose, noise_estimate
 
-from .conftest import FAST, ROOT, run_cli
+from .conftest import ROOT, run_cli
+from .helpers import fast
 
 ARTIFACTS = Path(os.environ.get("SFT_SWEEP_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
@@ -42,7 +43,7 @@ def overfit_sweep(tmp_path_factory, cache_dir):
     """A real sweep: 20 steps (too short) and 300 steps of 24 rows at a high constant LR (over-fits clearly
     above its evaluations' noise)."""
     out = tmp_path_factory.mktemp("overfit")
-    proc = run_cli("-m", "schedule.max_steps=20,300", *FAST[1:], "eval.eval_steps=10", "eval.logging_steps=10",
+    proc = run_cli("-m", "schedule.max_steps=20,300", *fast("schedule.max_steps"), "eval.eval_steps=10", "eval.logging_steps=10",
                    "eval.early_stopping_patience=null", "lr.learning_rate=3e-3",
                    "lr.lr_scheduler_type=constant_with_warmup", "batch.per_device_train_batch_size=8",
                    "data.demo_rows=200", "data.max_train_rows=24", f"paths.output_dir={out}",

@@ -12,7 +12,7 @@ import pytest
 from sweeper.trial import run
 
 from .conftest import FAST, SHARED_DATA
-from .helpers import Recorder
+from .helpers import Recorder, fast
 
 
 def test_run_returns_the_best_eval_loss_not_the_last(compose_cfg):
@@ -82,7 +82,7 @@ def test_prompt_completion_rows_train(compose_cfg, tmp_path):
 def test_batch_auto_without_a_gpu_uses_the_preset_and_says_so(compose_cfg, caplog):
     caplog.set_level(logging.INFO, logger="sweeper")
     rec = Recorder()
-    run(compose_cfg("batch=auto", *[o for o in FAST if not o.startswith("batch.")]), reporter=rec)
+    run(compose_cfg("batch=auto", *fast("batch.")), reporter=rec)
     assert rec.attrs["batch_auto"] == {"mode": "no GPU: preset"}
     assert (rec.attrs["micro_batch"], rec.attrs["grad_accum"], rec.attrs["effective_batch"]) == (8, 2, 16)
     assert "batch=auto: no GPU visible" in caplog.text

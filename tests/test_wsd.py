@@ -19,14 +19,15 @@ from sweeper.report import attrs
 from sweeper.reporter import NullReporter
 from sweeper.wsd import STATE_FILE, cooldown_best, search, should_stop_trunk
 
-from .conftest import FAST, run_cli
+from .conftest import run_cli
+from .helpers import fast
 
 TrialState = optuna.trial.TrialState
 LR, WARMUP, FRACTION = 1e-3, 2, 0.25  # lr=tiny; p_s = s - round(0.25 s): 8 -> 6, 16 -> 12, 24 -> 18
 POINTS = {8: 6, 16: 12, 24: 18}
 WSD = ["schedule=wsd_search", "schedule.wsd.candidates=[8,16,24]", f"schedule.wsd.decay_fraction={FRACTION}",
        "schedule.wsd.stop_after_worse=null", f"lr.warmup_steps={WARMUP}",
-       *FAST[1:], "eval.logging_steps=1"]  # FAST without schedule.max_steps: the search sets it
+       *fast("schedule.max_steps"), "eval.logging_steps=1"]  # FAST without schedule.max_steps: the search sets it
 
 
 def _paths(tmp_path, cache_dir):
