@@ -1,5 +1,10 @@
 """Bad input: one clear line naming the key, file or option, no traceback, nothing written to a study.
-A table of real CLI runs (`python train.py -m ...`, `python -m sweeper ...`) and their expected messages."""
+
+A table of sweep commands (`python train.py -m ...`) and their expected messages, each run through Hydra's
+entry in this process (``tests.helpers.run_in_process``: the same parsing, composition, sweeper and error
+report as the command, without an interpreter start each); one case of each kind of error (composition,
+a config rule, a sweeper setting, the data, the storage) also runs as a real subprocess (slow tier), as do
+the `python -m sweeper ...` commands."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import sys
 import pytest
 
 from .conftest import FAST, ROOT, mount_tmpfs, run_cli, unmount
+from .helpers import run_in_process
 
 
 def _non_utf8(tmp_path):
@@ -130,18 +136,33 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_sweep_input_is_one_clear_line(tmp_path, cache_dir, case):
+# one case per kind of error, run as the real command too: the first line Hydra, a schema rule, the
+# sweeper's settings, the data pre-flight, the storage
+SUBPROCESS = {"unknown schedule", "max_steps zero", "workers zero", "non-UTF-8 data", "storage URL of no known database"}
+
+
+def _refused(tmp_path, cache_dir, case, run):
     _, overrides, needle = case
     try:
         args = overrides(tmp_path) if callable(overrides) else overrides
-        proc = run_cli("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *args)
+        proc = run("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *args)
     finally:
         unmount(tmp_path / "ro")
     assert proc.returncode != 0
     assert needle in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "optuna.db").exists()  # no study, no trial
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_sweep_input_is_one_clear_line(tmp_path, cache_dir, case):
+    _refused(tmp_path, cache_dir, case, run_in_process)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in SUBPROCESS], ids=sorted(SUBPROCESS, key=[c[0] for c in CASES].index))
+def test_bad_sweep_input_is_one_clear_line_from_the_command(tmp_path, cache_dir, case):
+    _refused(tmp_path, cache_dir, case, run_cli)
 
 
 def _sweeper(*args):
