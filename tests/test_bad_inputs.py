@@ -170,6 +170,7 @@ def _sweeper(*args):
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_dashboard_on_a_busy_or_impossible_port(tmp_path):
     import optuna
 
@@ -184,6 +185,7 @@ def test_dashboard_on_a_busy_or_impossible_port(tmp_path):
     assert "Listening" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_report_out_where_nothing_can_be_written(tmp_path):
     import optuna
 

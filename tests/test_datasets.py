@@ -11,7 +11,7 @@ import pytest
 from sweeper.report import dataset_row, datasets_table, recommend, study_report
 
 from .conftest import run_cli
-from .helpers import fast
+from .helpers import fast, run_in_process
 
 TrialState = optuna.trial.TrialState
 STUDIES = ["demo-tiny", "banking77_sample-tiny"]
@@ -135,8 +135,8 @@ def test_wsd_search_over_two_datasets_records_branches_in_each_study(tmp_path, c
      "hydra.sweep.dir=/tmp/one_folder is one folder for the studies 'demo-tiny' and 'banking77_sample-tiny'"),
 ])
 def test_a_study_holds_one_dataset_and_model(tmp_path, cache_dir, args, needle):
-    proc = run_cli("-m", "schedule.max_steps=8", *args, *fast("schedule.max_steps"), f"paths.output_dir={tmp_path}",
-                   f"paths.cache_dir={cache_dir}")
+    proc = run_in_process("-m", "schedule.max_steps=8", *args, *fast("schedule.max_steps"),
+                          f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
     assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     db = tmp_path / "optuna.db"

@@ -27,12 +27,14 @@ def _load(url, name):
 # --------------------------------------------------------------------------- in-process
 
 
+@pytest.mark.slow
 def test_nan_loss_fails_as_diverged_at_its_step(compose_cfg, monkeypatch):
     monkeypatch.setenv("SFT_SWEEP_INJECT_NAN_AT_STEP", "6")
     with pytest.raises(DivergedError, match="diverged at step 7: train loss is nan"):
         run(compose_cfg(*FAST, "eval.logging_steps=1"), reporter=Recorder())
 
 
+@pytest.mark.slow
 def test_oom_retry_halves_micro_batch_and_keeps_the_effective_batch(compose_cfg, monkeypatch):
     monkeypatch.setenv("SFT_SWEEP_INJECT_OOM_AT_STEP", "3")
     monkeypatch.setenv("SFT_SWEEP_INJECT_OOM_ABOVE", "2")  # micro-batches above 2 "do not fit"
@@ -46,6 +48,7 @@ def test_oom_retry_halves_micro_batch_and_keeps_the_effective_batch(compose_cfg,
     assert a["steps_trained"] == 12 and value == a["best_value"]
 
 
+@pytest.mark.slow
 def test_oom_at_micro_batch_one_is_a_clear_failure(compose_cfg, monkeypatch):
     monkeypatch.setenv("SFT_SWEEP_INJECT_OOM_AT_STEP", "2")
     with pytest.raises(RuntimeError, match="out of memory at step 2 with micro-batch 1 x accumulation 4"):
@@ -135,6 +138,7 @@ def test_parallel_workers_share_one_study_without_duplicates(tmp_path, cache_dir
     assert "s3cret" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_storage_password_never_printed(tmp_path, cache_dir):
     proc = run_cli("-m", "schedule=under", "hydra.sweeper.storage=postgresql://bob:s3cret@127.0.0.1:1/none",
                    *fast("schedule.max_steps"), f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")

@@ -20,7 +20,7 @@ import pytest
 from sweeper.report import diagnose, noise_estimate
 
 from .conftest import ROOT, run_cli
-from .helpers import fast
+from .helpers import fast, sweeper_in_process
 
 ARTIFACTS = Path(os.environ.get("SFT_SWEEP_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
@@ -82,9 +82,8 @@ def test_report_names_a_step_count_and_diagnoses_the_real_overfit(overfit_sweep)
 
 def test_report_unknown_study_is_one_clear_error(tmp_path):
     optuna.create_study(study_name="a", storage=f"sqlite:///{tmp_path}/s.db")
-    proc = subprocess.run([sys.executable, "-m", "sweeper", "report", "--storage", f"sqlite:///{tmp_path}/s.db",
-                           "--study", "nope", "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = sweeper_in_process("report", "--storage", f"sqlite:///{tmp_path}/s.db", "--study", "nope",
+                              "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "--study 'nope' is not in the storage; studies there: ['a']" in proc.stderr
 
 
@@ -525,7 +524,6 @@ def test_report_refuses_what_is_not_a_study_storage_and_leaves_it_alone(tmp_path
     for path, needle in expect.items():
         before = path.read_bytes()
         for cmd in ("report", "status"):
-            proc = subprocess.run([sys.executable, "-m", "sweeper", cmd, "--storage", f"sqlite:///{path}"],
-                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            proc = sweeper_in_process(cmd, "--storage", f"sqlite:///{path}")
             assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert path.read_bytes() == before  # not turned into an Optuna database

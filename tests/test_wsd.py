@@ -189,6 +189,7 @@ class _Reporter(NullReporter):
         raise _Pruned(reason)
 
 
+@pytest.mark.slow
 def test_trunk_stops_when_a_longer_branch_is_worse(compose_cfg, tmp_path, monkeypatch):
     import sweeper.wsd as wsd
 
@@ -277,6 +278,7 @@ def test_wsd_defaults_compose_and_validate(compose_cfg):
     validate(cfg)
 
 
+@pytest.mark.slow
 def test_a_trunk_segment_may_end_before_the_first_evaluation(compose_cfg, tmp_path):
     # candidates 4 and 8 branch at steps 3 and 6, before and between evaluations every 4 steps
     cfg = compose_cfg(*WSD, "schedule.wsd.candidates=[4,8]")
@@ -287,6 +289,7 @@ def test_a_trunk_segment_may_end_before_the_first_evaluation(compose_cfg, tmp_pa
     assert rep.attrs["wsd_optimizer_steps"] == 8 + 1
 
 
+@pytest.mark.slow
 def test_the_search_trains_lora_adapters_and_branches_load_their_optimizer(compose_cfg, tmp_path):
     """peft=lora: the trunk's checkpoints hold the adapter and its optimizer state, and the branch
     follows its own schedule at LoRA's learning rate."""
@@ -317,6 +320,7 @@ def _has_qlora() -> bool:
 
 
 @pytest.mark.skipif(not _has_qlora(), reason="QLoRA needs a CUDA GPU and bitsandbytes (extra .[qlora])")
+@pytest.mark.slow
 def test_the_search_trains_qlora_adapters_on_the_4bit_base(compose_cfg, tmp_path):
     """precision=qlora4: every segment reloads the 4-bit base, the checkpoints hold only the adapters and
     their optimizer, and trunk and branch follow their schedules, as with LoRA."""
@@ -341,6 +345,7 @@ def test_the_search_trains_qlora_adapters_on_the_4bit_base(compose_cfg, tmp_path
             assert lr == pytest.approx(_expected_lr(step, s) * lora_lr / LR, rel=1e-6, abs=1e-12), (s, step)
 
 
+@pytest.mark.slow
 def test_every_segment_runs_the_micro_batch_of_the_first(compose_cfg, tmp_path):
     """batch=auto (the default) fits once, in the first trunk segment; the search then pins that
     micro-batch, so resumed segments skip to the right rows and probe nothing again."""

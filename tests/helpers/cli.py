@@ -1,4 +1,5 @@
-"""The sweep command run in this process: ``python train.py ...`` without a new interpreter.
+"""The commands run in this process: ``python train.py ...`` and ``python -m sweeper ...`` without a new
+interpreter.
 
 :func:`run_in_process` calls the same task function through ``hydra.main`` with the given arguments,
 so Hydra parses the command line, composes the config, starts the sweeper plugin and reports an error
@@ -22,7 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["run_in_process"]
+__all__ = ["run_in_process", "sweeper_in_process"]
 
 
 def run_in_process(*args: str) -> subprocess.CompletedProcess:
@@ -45,3 +46,17 @@ def run_in_process(*args: str) -> subprocess.CompletedProcess:
     finally:
         GlobalHydra.instance().clear()
     return subprocess.CompletedProcess([sys.executable, "train.py", *args], code, out.getvalue(), err.getvalue())
+
+
+def sweeper_in_process(*args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m sweeper *args`` here (its ``main``, argparse's exits included); return its exit code and
+    what it wrote, as :func:`subprocess.run` would."""
+    from sweeper.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with mock.patch.dict(os.environ), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess([sys.executable, "-m", "sweeper", *args], code, out.getvalue(), err.getvalue())
