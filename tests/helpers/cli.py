@@ -38,7 +38,9 @@ def run_in_process(*args: str) -> subprocess.CompletedProcess:
     GlobalHydra.instance().clear()
     code = 0
     try:
+        # Hydra re-raises instead of reporting when a tracer is set (a debugger, or coverage): the command has none
         with (mock.patch.object(sys, "argv", [str(ROOT / "train.py"), *args]), mock.patch.dict(os.environ, env),
+              mock.patch("hydra._internal.utils.is_under_debugger", return_value=False),
               contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
             main()
     except SystemExit as e:
