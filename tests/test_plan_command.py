@@ -13,7 +13,7 @@ from sweeper.plan_command import _expand, plan_rows
 from sweeper.trial import run
 
 from .conftest import FAST, ROOT, SHARED_DATA
-from .helpers import Recorder
+from .helpers import Recorder, sweeper_in_process
 
 
 def test_expansion_matches_the_sweep_grammar():
@@ -61,10 +61,8 @@ def test_cli_prints_one_row_per_run_and_warns(tmp_path, cache_dir):
     assert "prepared demo in " in out.stderr
 
 
-@pytest.mark.slow
 def test_cli_bad_input_is_one_line(tmp_path, cache_dir):
-    out = subprocess.run([sys.executable, "-m", "sweeper", "plan", "schedule=forever",
-                          f"paths.cache_dir={cache_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = sweeper_in_process("plan", "schedule=forever", f"paths.cache_dir={cache_dir}")
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "forever" in out.stderr
     assert "Traceback" not in out.stderr
 

@@ -10,7 +10,7 @@ import pytest
 from sweeper.report import attrs
 
 from .conftest import FAST, run_cli
-from .helpers import fast
+from .helpers import fast, run_in_process
 
 pytestmark = pytest.mark.slow
 TrialState = optuna.trial.TrialState
@@ -109,7 +109,8 @@ def _bad_jsonl(tmp_path):
     (lambda t: ["data.eval_fraction=0.999"], "both need at least one"),
 ])
 def test_bad_input_is_one_clear_error_and_no_trial(tmp_path, cache_dir, make_args, needle):
-    proc = run_cli("-m", "schedule=under,sweet", *make_args(tmp_path), *fast("schedule.max_steps"), *_paths(tmp_path, cache_dir))
+    proc = run_in_process("-m", "schedule=under,sweet", *make_args(tmp_path), *fast("schedule.max_steps"),
+                          *_paths(tmp_path, cache_dir))
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
