@@ -31,7 +31,7 @@ def _load(url, name):
 def test_nan_loss_fails_as_diverged_at_its_step(compose_cfg, monkeypatch):
     monkeypatch.setenv("SFT_SWEEP_INJECT_NAN_AT_STEP", "6")
     with pytest.raises(DivergedError, match="diverged at step 7: train loss is nan"):
-        run(compose_cfg(*FAST, "eval.logging_steps=1"), reporter=Recorder())
+        run(compose_cfg(*FAST, "eval.logging_steps=1", "eval.accuracy=off"), reporter=Recorder())
 
 
 @pytest.mark.slow
@@ -39,7 +39,8 @@ def test_oom_retry_halves_micro_batch_and_keeps_the_effective_batch(compose_cfg,
     monkeypatch.setenv("SFT_SWEEP_INJECT_OOM_AT_STEP", "3")
     monkeypatch.setenv("SFT_SWEEP_INJECT_OOM_ABOVE", "2")  # micro-batches above 2 "do not fit"
     rec = Recorder()
-    value = run(compose_cfg(*FAST, "batch.per_device_train_batch_size=8", "batch.gradient_accumulation_steps=2"),
+    value = run(compose_cfg(*FAST, "batch.per_device_train_batch_size=8", "batch.gradient_accumulation_steps=2",
+                            "eval.accuracy=off"),  # generation plays no part here: a quarter of its time
                 reporter=rec)
     a = rec.attrs
     assert a["oom_retries"] == [{"at_step": 3, "micro_batch": 4, "grad_accum": 4},
@@ -52,7 +53,8 @@ def test_oom_retry_halves_micro_batch_and_keeps_the_effective_batch(compose_cfg,
 def test_oom_at_micro_batch_one_is_a_clear_failure(compose_cfg, monkeypatch):
     monkeypatch.setenv("SFT_SWEEP_INJECT_OOM_AT_STEP", "2")
     with pytest.raises(RuntimeError, match="out of memory at step 2 with micro-batch 1 x accumulation 4"):
-        run(compose_cfg(*FAST, "batch.per_device_train_batch_size=2", "batch.gradient_accumulation_steps=2"),
+        run(compose_cfg(*FAST, "batch.per_device_train_batch_size=2", "batch.gradient_accumulation_steps=2",
+                        "eval.accuracy=off"),
             reporter=Recorder())
 
 
