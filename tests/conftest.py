@@ -15,22 +15,17 @@ from hydra.core.global_hydra import GlobalHydra
 
 import sweeper.config
 
+from .helpers import fast
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATA = Path(os.environ.get("SFT_SWEEP_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 sweeper.config.register()
 
-# Small, fast settings for CPU tests; every test that trains starts from these.
-FAST = [
-    "schedule.max_steps=12",
-    "eval.eval_steps=4",
-    "eval.logging_steps=4",
-    "batch.per_device_train_batch_size=4",
-    "batch.gradient_accumulation_steps=1",
-    "report_to=none",
-    "data.demo_rows=120",
-]
+# Small, fast settings for CPU tests (conf/debug/fast.yaml, `+debug=fast` on the command line); every
+# test that trains starts from these.
+FAST = fast()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,10 @@
 """Bad input: one clear line naming the key, file or option, no traceback, nothing written to a study.
-A table of real CLI runs (`python train.py -m ...`, `python -m sweeper ...`) and their expected messages."""
+
+A table of sweep commands (`python train.py -m ...`) and their expected messages, each run through Hydra's
+entry in this process (``tests.helpers.run_in_process``: the same parsing, composition, sweeper and error
+report as the command, without an interpreter start each); one case of each kind of error (composition,
+a config rule, a sweeper setting, the data, the storage) also runs as a real subprocess (slow tier), as do
+the `python -m sweeper ...` commands."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import sys
 import pytest
 
 from .conftest import FAST, ROOT, mount_tmpfs, run_cli, unmount
+from .helpers import run_in_process
 
 
 def _non_utf8(tmp_path):
@@ -130,12 +136,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_sweep_input_is_one_clear_line(tmp_path, cache_dir, case):
+# one case per kind of error, run as the real command too: composition (Hydra), a config rule, a sweeper
+# setting, the data pre-flight, the storage
+SUBPROCESS = [c for c in CASES if c[0] in {"unknown schedule", "max_steps zero", "workers zero", "non-UTF-8 data",
+                                           "storage URL of no known database"}]
+
+
+def _refused(tmp_path, cache_dir, case, run):
     _, overrides, needle = case
     try:
         args = overrides(tmp_path) if callable(overrides) else overrides
-        proc = run_cli("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *args)
+        proc = run("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *args)
     finally:
         unmount(tmp_path / "ro")
     assert proc.returncode != 0
@@ -144,11 +155,23 @@ def test_bad_sweep_input_is_one_clear_line(tmp_path, cache_dir, case):
     assert not (tmp_path / "optuna.db").exists()  # no study, no trial
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_sweep_input_is_one_clear_line(tmp_path, cache_dir, case):
+    _refused(tmp_path, cache_dir, case, run_in_process)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SUBPROCESS, ids=[c[0] for c in SUBPROCESS])
+def test_bad_sweep_input_is_one_clear_line_from_the_command(tmp_path, cache_dir, case):
+    _refused(tmp_path, cache_dir, case, run_cli)
+
+
 def _sweeper(*args):
     return subprocess.run([sys.executable, "-m", "sweeper", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_dashboard_on_a_busy_or_impossible_port(tmp_path):
     import optuna
 
@@ -163,6 +186,7 @@ def test_dashboard_on_a_busy_or_impossible_port(tmp_path):
     assert "Listening" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_report_out_where_nothing_can_be_written(tmp_path):
     import optuna
 

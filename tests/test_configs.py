@@ -11,7 +11,7 @@ from sweeper import spec as spec_mod
 from sweeper.model import resolve_compute
 from sweeper.sft import build_sft_config
 
-from .conftest import CONF
+from .conftest import CONF, FAST
 
 GROUPS = ["model", "data", "batch", "schedule", "lr", "precision", "peft"]
 # options that need a value only the user can give
@@ -39,6 +39,15 @@ def test_every_option_composes_and_builds_sft_config(compose_cfg, tmp_path, grou
     assert args.max_length == cfg.data.max_length
     assert args.eval_steps == cfg.eval.eval_steps
     assert args.bf16 is (compute == "bf16")
+
+
+def test_the_fast_debug_preset_is_what_the_tests_run(compose_cfg):
+    from omegaconf import OmegaConf
+
+    preset, listed, plain = compose_cfg("+debug=fast", hydra=False), compose_cfg(*FAST, hydra=False), compose_cfg(hydra=False)
+    assert OmegaConf.to_container(preset) == OmegaConf.to_container(listed) != OmegaConf.to_container(plain)
+    assert (preset.schedule.max_steps, preset.report_to) == (12, "none")
+    config_mod.validate(preset)
 
 
 def test_presets_hold_the_documented_values(compose_cfg):

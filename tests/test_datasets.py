@@ -10,7 +10,8 @@ import pytest
 
 from sweeper.report import dataset_row, datasets_table, recommend, study_report
 
-from .conftest import FAST, run_cli
+from .conftest import run_cli
+from .helpers import fast, run_in_process
 
 TrialState = optuna.trial.TrialState
 STUDIES = ["demo-tiny", "banking77_sample-tiny"]
@@ -42,7 +43,7 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_a_sweep_over_datasets_runs_a_study_each_resumes_and_adds_only_new_datasets(tmp_path, cache_dir):
-    base = [*FAST[1:], f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    base = [*fast("schedule.max_steps"), f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
     out = _ok(run_cli("-m", "schedule.max_steps=8,12", "data=demo,banking77_sample", *base))
     log = out.stdout + out.stderr
     assert _names(tmp_path) == sorted(STUDIES)
@@ -111,7 +112,7 @@ def test_a_sweep_over_datasets_runs_a_study_each_resumes_and_adds_only_new_datas
 
 @pytest.mark.slow
 def test_wsd_search_over_two_datasets_records_branches_in_each_study(tmp_path, cache_dir):
-    base = [*FAST[1:], f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    base = [*fast("schedule.max_steps"), f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
     out = _ok(run_cli("-m", "schedule=wsd_search", "schedule.wsd.candidates=[8,12]",
                       "data=banking77_sample,snips_sample", *base))
     for name in ("banking77_sample-tiny", "snips_sample-tiny"):
@@ -134,8 +135,8 @@ def test_wsd_search_over_two_datasets_records_branches_in_each_study(tmp_path, c
      "hydra.sweep.dir=/tmp/one_folder is one folder for the studies 'demo-tiny' and 'banking77_sample-tiny'"),
 ])
 def test_a_study_holds_one_dataset_and_model(tmp_path, cache_dir, args, needle):
-    proc = run_cli("-m", "schedule.max_steps=8", *args, *FAST[1:], f"paths.output_dir={tmp_path}",
-                   f"paths.cache_dir={cache_dir}")
+    proc = run_in_process("-m", "schedule.max_steps=8", *args, *fast("schedule.max_steps"),
+                          f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
     assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     db = tmp_path / "optuna.db"
@@ -146,7 +147,7 @@ def test_a_study_holds_one_dataset_and_model(tmp_path, cache_dir, args, needle):
 def test_plan_prints_one_block_per_dataset(tmp_path, cache_dir):
     from sweeper.plan_command import plan_rows, render
 
-    rows = plan_rows(["schedule.max_steps=8,12", "data=demo,banking77_sample", *FAST[1:],
+    rows = plan_rows(["schedule.max_steps=8,12", "data=demo,banking77_sample", *fast("schedule.max_steps"),
                       f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
     text = render(rows)
     heads = re.findall(r"^## study (\S+): data (\S+), model tiny, (\d) run\(s\)$", text, flags=re.M)

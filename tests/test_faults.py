@@ -17,7 +17,7 @@ import pytest
 from sweeper.trial import DivergedError, run
 
 from .conftest import FAST, PG_URL, ROOT, load_study, postgres_unreachable, run_cli, skip_or_fail
-from .helpers import Recorder
+from .helpers import Recorder, fast
 
 TrialState = optuna.trial.TrialState
 def _load(url, name):
@@ -27,17 +27,20 @@ def _load(url, name):
 # --------------------------------------------------------------------------- in-process
 
 
+@pytest.mark.slow
 def test_nan_loss_fails_as_diverged_at_its_step(compose_cfg, monkeypatch):
     monkeypatch.setenv("SFT_SWEEP_INJECT_NAN_AT_STEP", "6")
     with pytest.raises(DivergedError, match="diverged at step 7: train loss is nan"):
-        run(compose_cfg(*FAST, "eval.logging_steps=1"), reporter=Recorder())
+        run(compose_cfg(*FAST, "eval.logging_steps=1", "eval.accuracy=off"), reporter=Recorder())
 
 
+@pytest.mark.slow
 def test_oom_retry_halves_micro_batch_and_keeps_the_effective_batch(compose_cfg, monkeypatch):
     monkeypatch.setenv("SFT_SWEEP_INJECT_OOM_AT_STEP", "3")
     monkeypatch.setenv("SFT_SWEEP_INJECT_OOM_ABOVE", "2")  # micro-batches above 2 "do not fit"
     rec = Recorder()
-    value = run(compose_cfg(*FAST, "batch.per_device_train_batch_size=8", "batch.gradient_accumulation_steps=2"),
+    value = run(compose_cfg(*FAST, "batch.per_device_train_batch_size=8", "batch.gradient_accumulation_steps=2",
+                            "eval.accuracy=off"),  # generation plays no part here: a quarter of its time
                 reporter=rec)
     a = rec.attrs
     assert a["oom_retries"] == [{"at_step": 3, "micro_batch": 4, "grad_accum": 4},
@@ -46,10 +49,12 @@ def test_oom_retry_halves_micro_batch_and_keeps_the_effective_batch(compose_cfg,
     assert a["steps_trained"] == 12 and value == a["best_value"]
 
 
+@pytest.mark.slow
 def test_oom_at_micro_batch_one_is_a_clear_failure(compose_cfg, monkeypatch):
     monkeypatch.setenv("SFT_SWEEP_INJECT_OOM_AT_STEP", "2")
     with pytest.raises(RuntimeError, match="out of memory at step 2 with micro-batch 1 x accumulation 4"):
-        run(compose_cfg(*FAST, "batch.per_device_train_batch_size=2", "batch.gradient_accumulation_steps=2"),
+        run(compose_cfg(*FAST, "batch.per_device_train_batch_size=2", "batch.gradient_accumulation_steps=2",
+                        "eval.accuracy=off"),
             reporter=Recorder())
 
 
@@ -135,9 +140,10 @@ def test_parallel_workers_share_one_study_without_duplicates(tmp_path, cache_dir
     assert "s3cret" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_storage_password_never_printed(tmp_path, cache_dir):
     proc = run_cli("-m", "schedule=under", "hydra.sweeper.storage=postgresql://bob:s3cret@127.0.0.1:1/none",
-                   *FAST[1:], f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+                   *fast("schedule.max_steps"), f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
     assert proc.returncode != 0
     assert "s3cret" not in proc.stdout + proc.stderr
     assert "bob:***@127.0.0.1" in proc.stderr

@@ -22,7 +22,8 @@ from sweeper.halving import Trunk, decide, keep
 from sweeper.report import attrs, study_report
 from sweeper.storage import is_branch
 
-from .conftest import FAST, load_study, run_cli
+from .conftest import load_study, run_cli
+from .helpers import fast, run_in_process
 
 TrialState = optuna.trial.TrialState
 RATES = [1e-3, 3e-3, 1e-2]
@@ -30,7 +31,7 @@ RATES = [1e-3, 3e-3, 1e-2]
 JOINT = ["schedule=wsd_search", "schedule.wsd.candidates=[8,16,24]", "schedule.wsd.decay_fraction=0.25",
          "schedule.wsd.stop_after_worse=null", "lr.warmup_steps=2", "schedule.wsd.learning_rates=[1e-3,3e-3,1e-2]",
          "data.max_train_rows=64", "data.max_eval_rows=16", "eval.eval_steps=2", "eval.logging_steps=1",
-         "eval.accuracy=off", *FAST[3:]]
+         "eval.accuracy=off", *fast("schedule.max_steps", "eval.")]
 
 
 def _ok(proc):
@@ -168,6 +169,7 @@ def joint_sweep(tmp_path_factory, cache_dir):
     return url, proc
 
 
+@pytest.mark.slow
 def test_one_worker_runs_every_trunk_and_halves_them(joint_sweep):
     url, proc = joint_sweep
     got = _check_records(url)
@@ -252,8 +254,8 @@ def test_joint_config_errors_name_the_key(compose_cfg, override, message):
 ])
 def test_a_bad_joint_sweep_is_one_line_and_no_trial(tmp_path, cache_dir, override, message):
     url = f"sqlite:///{tmp_path}/optuna.db"
-    proc = run_cli("-m", *JOINT, override, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
-                   f"hydra.sweeper.storage={url}")
+    proc = run_in_process("-m", *JOINT, override, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+                          f"hydra.sweeper.storage={url}")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "optuna.db").exists()  # no study, no trial
@@ -262,6 +264,7 @@ def test_a_bad_joint_sweep_is_one_line_and_no_trial(tmp_path, cache_dir, overrid
 # --------------------------------------------------------------------------- (e) without a study
 
 
+@pytest.mark.slow
 def test_without_a_study_every_trunk_runs_in_one_process(tmp_path, cache_dir):
     proc = _ok(run_cli(*JOINT, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
                        f"hydra.run.dir={tmp_path}/run"))

@@ -13,7 +13,7 @@ from sweeper.plan_command import _expand, plan_rows
 from sweeper.trial import run
 
 from .conftest import FAST, ROOT, SHARED_DATA
-from .helpers import Recorder
+from .helpers import Recorder, sweeper_in_process
 
 
 def test_expansion_matches_the_sweep_grammar():
@@ -23,6 +23,7 @@ def test_expansion_matches_the_sweep_grammar():
         ["lr.learning_rate=1e-05"], ["lr.learning_rate=0.001"]]
 
 
+@pytest.mark.slow
 def test_plan_equals_what_the_trial_records(compose_cfg, tmp_path, cache_dir):
     paths = [f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
     [row] = plan_rows([*FAST, *paths])
@@ -45,6 +46,7 @@ def test_packing_counts_packed_sequences_on_real_data(tmp_path, cache_dir):
     assert packed["plan"].tokens_per_step > 2 * padded["plan"].tokens_per_step
 
 
+@pytest.mark.slow
 def test_cli_prints_one_row_per_run_and_warns(tmp_path, cache_dir):
     out = subprocess.run(
         [sys.executable, "-m", "sweeper", "plan", "schedule=under,sweet,over", "data.demo_rows=120",
@@ -60,12 +62,12 @@ def test_cli_prints_one_row_per_run_and_warns(tmp_path, cache_dir):
 
 
 def test_cli_bad_input_is_one_line(tmp_path, cache_dir):
-    out = subprocess.run([sys.executable, "-m", "sweeper", "plan", "schedule=forever",
-                          f"paths.cache_dir={cache_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = sweeper_in_process("plan", "schedule=forever", f"paths.cache_dir={cache_dir}")
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "forever" in out.stderr
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_offline_hub_model_plans_rows_within_seconds(tmp_path, cache_dir):
     # a hub id that is not cached, and a hub that refuses connections: no retries, one line, tokens "–"
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}

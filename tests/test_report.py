@@ -19,7 +19,8 @@ import pytest
 
 from sweeper.report import diagnose, noise_estimate
 
-from .conftest import FAST, ROOT, run_cli
+from .conftest import ROOT, run_cli
+from .helpers import fast, sweeper_in_process
 
 ARTIFACTS = Path(os.environ.get("SFT_SWEEP_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
@@ -42,7 +43,7 @@ def overfit_sweep(tmp_path_factory, cache_dir):
     """A real sweep: 20 steps (too short) and 300 steps of 24 rows at a high constant LR (over-fits clearly
     above its evaluations' noise)."""
     out = tmp_path_factory.mktemp("overfit")
-    proc = run_cli("-m", "schedule.max_steps=20,300", *FAST[1:], "eval.eval_steps=10", "eval.logging_steps=10",
+    proc = run_cli("-m", "schedule.max_steps=20,300", *fast("schedule.max_steps"), "eval.eval_steps=10", "eval.logging_steps=10",
                    "eval.early_stopping_patience=null", "lr.learning_rate=3e-3",
                    "lr.lr_scheduler_type=constant_with_warmup", "batch.per_device_train_batch_size=8",
                    "data.demo_rows=200", "data.max_train_rows=24", f"paths.output_dir={out}",
@@ -81,9 +82,8 @@ def test_report_names_a_step_count_and_diagnoses_the_real_overfit(overfit_sweep)
 
 def test_report_unknown_study_is_one_clear_error(tmp_path):
     optuna.create_study(study_name="a", storage=f"sqlite:///{tmp_path}/s.db")
-    proc = subprocess.run([sys.executable, "-m", "sweeper", "report", "--storage", f"sqlite:///{tmp_path}/s.db",
-                           "--study", "nope", "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = sweeper_in_process("report", "--storage", f"sqlite:///{tmp_path}/s.db", "--study", "nope",
+                              "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "--study 'nope' is not in the storage; studies there: ['a']" in proc.stderr
 
 
@@ -524,7 +524,6 @@ def test_report_refuses_what_is_not_a_study_storage_and_leaves_it_alone(tmp_path
     for path, needle in expect.items():
         before = path.read_bytes()
         for cmd in ("report", "status"):
-            proc = subprocess.run([sys.executable, "-m", "sweeper", cmd, "--storage", f"sqlite:///{path}"],
-                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            proc = sweeper_in_process(cmd, "--storage", f"sqlite:///{path}")
             assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert path.read_bytes() == before  # not turned into an Optuna database

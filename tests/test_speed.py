@@ -62,6 +62,7 @@ def test_sft_config_carries_the_resolved_choices(compose_cfg, tmp_path):
     assert plain.optim == "adamw_torch" and not plain.torch_compile
 
 
+@pytest.mark.slow
 def test_padding_free_rows_compute_what_padded_rows_compute(compose_cfg):
     """speed.padding_free concatenates a micro-batch's rows (no pad tokens; SDPA with a block mask on
     CPU, the varlen kernel on a GPU): the eval losses of the run equal the padded run's."""
@@ -79,6 +80,7 @@ def test_padding_free_rows_compute_what_padded_rows_compute(compose_cfg):
     assert runs["true"].attrs["tokens_seen"] == runs["false"].attrs["tokens_seen"]
 
 
+@pytest.mark.slow
 def test_a_cpu_trial_records_its_speed_timing_and_step_times(compose_cfg, tmp_path, monkeypatch):
     times = tmp_path / "steps.jsonl"
     monkeypatch.setenv("SFT_SWEEP_STEP_TIMES", str(times))

@@ -9,6 +9,7 @@ import pytest
 from sweeper import identity
 
 from .conftest import FAST, run_cli
+from .helpers import fast
 
 TrialState = optuna.trial.TrialState
 
@@ -25,14 +26,14 @@ def test_differences_ignore_swept_searched_and_bookkeeping_keys(compose_cfg):
     assert identity.differences([a], b, {"lr.learning_rate"}) == {}  # swept by the command
     assert not identity.same_run(a, b) and identity.same_run(a, dict(a)) and identity.same_run(None, b)
     # the effective batch counts, not how it is split
-    c = identity.result_config(compose_cfg(*FAST[:3], "batch.per_device_train_batch_size=2",
-                                           "batch.gradient_accumulation_steps=2", *FAST[5:]))
+    c = identity.result_config(compose_cfg(*fast("batch."), "batch.per_device_train_batch_size=2",
+                                           "batch.gradient_accumulation_steps=2"))
     assert identity.differences([a], c, set()) == {}
     # the demo's size counts for the demo only: a banking77 study run with it is the same run without it
-    bank = [o for o in FAST if not o.startswith("data.")] + ["data=banking77_sample"]
+    bank = fast("data.") + ["data=banking77_sample"]
     with_rows = identity.result_config(compose_cfg(*bank, "data.demo_rows=120"))
     assert identity.differences([with_rows], identity.result_config(compose_cfg(*bank)), set()) == {}
-    assert identity.differences([a], identity.result_config(compose_cfg(*FAST[:-1], "data.demo_rows=400")), set())
+    assert identity.differences([a], identity.result_config(compose_cfg(*fast("data.demo_rows"), "data.demo_rows=400")), set())
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 from sweeper.report import attrs
 
 from .conftest import FAST, run_cli
+from .helpers import fast, run_in_process
 
 pytestmark = pytest.mark.slow
 TrialState = optuna.trial.TrialState
@@ -62,7 +63,7 @@ def test_core_grid_runs_each_point_once_and_resumes(tmp_path, cache_dir):
 
 def test_range_and_log_interval_stay_inside_hydra_bounds_and_n_trials_is_the_total(tmp_path, cache_dir):
     args = ["-m", "schedule.max_steps=range(4,12,4)", "lr.learning_rate=tag(log,interval(1e-4,1e-3))",
-            "hydra.sweeper.sampler.name=random", "hydra.sweeper.n_trials=3", *FAST[1:], *_paths(tmp_path, cache_dir)]
+            "hydra.sweeper.sampler.name=random", "hydra.sweeper.n_trials=3", *fast("schedule.max_steps"), *_paths(tmp_path, cache_dir)]
     _ok(run_cli(*args))
     study = _study(tmp_path)
     assert len(study.trials) == 3
@@ -108,7 +109,8 @@ def _bad_jsonl(tmp_path):
     (lambda t: ["data.eval_fraction=0.999"], "both need at least one"),
 ])
 def test_bad_input_is_one_clear_error_and_no_trial(tmp_path, cache_dir, make_args, needle):
-    proc = run_cli("-m", "schedule=under,sweet", *make_args(tmp_path), *FAST[1:], *_paths(tmp_path, cache_dir))
+    proc = run_in_process("-m", "schedule=under,sweet", *make_args(tmp_path), *fast("schedule.max_steps"),
+                          *_paths(tmp_path, cache_dir))
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr

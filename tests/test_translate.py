@@ -92,6 +92,7 @@ def test_plugin_discovered_by_hydra():
     assert "SftSweepSweeper" in names
 
 
+@pytest.mark.slow
 def test_train_py_lists_the_plugin():
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--info", "plugins"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)

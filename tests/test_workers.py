@@ -155,6 +155,7 @@ def test_single_run_on_a_many_gpu_box_pins_one_gpu(tmp_path, cache_dir):
     assert "this run uses GPU 1 (Fake GPU 1, 19.5 GiB free, the most of 2 visible)" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_style_launch_is_one_line(tmp_path, cache_dir):
     proc = run_cli(*FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", env={"WORLD_SIZE": "2"})
     assert proc.returncode != 0
@@ -172,6 +173,7 @@ def test_a_command_whose_trials_all_fail_exits_non_zero(tmp_path, cache_dir):
     assert ok.returncode == 0, ok.stderr[-2000:]  # the same command, fixed: the failed points run again
 
 
+@pytest.mark.slow
 def test_the_data_check_before_a_gpu_sweep_leaves_cuda_alone(tmp_path, cache_dir):
     """With a GPU visible, the sweeper checks TRL's preparation in a child process that sees no GPU (building
     a trainer would initialise CUDA before the sweeper pins its own GPU); bad data is still refused in one

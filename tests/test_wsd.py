@@ -19,14 +19,15 @@ from sweeper.report import attrs
 from sweeper.reporter import NullReporter
 from sweeper.wsd import STATE_FILE, cooldown_best, search, should_stop_trunk
 
-from .conftest import FAST, run_cli
+from .conftest import run_cli
+from .helpers import fast
 
 TrialState = optuna.trial.TrialState
 LR, WARMUP, FRACTION = 1e-3, 2, 0.25  # lr=tiny; p_s = s - round(0.25 s): 8 -> 6, 16 -> 12, 24 -> 18
 POINTS = {8: 6, 16: 12, 24: 18}
 WSD = ["schedule=wsd_search", "schedule.wsd.candidates=[8,16,24]", f"schedule.wsd.decay_fraction={FRACTION}",
        "schedule.wsd.stop_after_worse=null", f"lr.warmup_steps={WARMUP}",
-       *FAST[1:], "eval.logging_steps=1"]  # FAST without schedule.max_steps: the search sets it
+       *fast("schedule.max_steps"), "eval.logging_steps=1"]  # FAST without schedule.max_steps: the search sets it
 
 
 def _paths(tmp_path, cache_dir):
@@ -188,6 +189,7 @@ class _Reporter(NullReporter):
         raise _Pruned(reason)
 
 
+@pytest.mark.slow
 def test_trunk_stops_when_a_longer_branch_is_worse(compose_cfg, tmp_path, monkeypatch):
     import sweeper.wsd as wsd
 
@@ -276,6 +278,7 @@ def test_wsd_defaults_compose_and_validate(compose_cfg):
     validate(cfg)
 
 
+@pytest.mark.slow
 def test_a_trunk_segment_may_end_before_the_first_evaluation(compose_cfg, tmp_path):
     # candidates 4 and 8 branch at steps 3 and 6, before and between evaluations every 4 steps
     cfg = compose_cfg(*WSD, "schedule.wsd.candidates=[4,8]")
@@ -286,6 +289,7 @@ def test_a_trunk_segment_may_end_before_the_first_evaluation(compose_cfg, tmp_pa
     assert rep.attrs["wsd_optimizer_steps"] == 8 + 1
 
 
+@pytest.mark.slow
 def test_the_search_trains_lora_adapters_and_branches_load_their_optimizer(compose_cfg, tmp_path):
     """peft=lora: the trunk's checkpoints hold the adapter and its optimizer state, and the branch
     follows its own schedule at LoRA's learning rate."""
@@ -316,6 +320,7 @@ def _has_qlora() -> bool:
 
 
 @pytest.mark.skipif(not _has_qlora(), reason="QLoRA needs a CUDA GPU and bitsandbytes (extra .[qlora])")
+@pytest.mark.slow
 def test_the_search_trains_qlora_adapters_on_the_4bit_base(compose_cfg, tmp_path):
     """precision=qlora4: every segment reloads the 4-bit base, the checkpoints hold only the adapters and
     their optimizer, and trunk and branch follow their schedules, as with LoRA."""
@@ -340,6 +345,7 @@ def test_the_search_trains_qlora_adapters_on_the_4bit_base(compose_cfg, tmp_path
             assert lr == pytest.approx(_expected_lr(step, s) * lora_lr / LR, rel=1e-6, abs=1e-12), (s, step)
 
 
+@pytest.mark.slow
 def test_every_segment_runs_the_micro_batch_of_the_first(compose_cfg, tmp_path):
     """batch=auto (the default) fits once, in the first trunk segment; the search then pins that
     micro-batch, so resumed segments skip to the right rows and probe nothing again."""

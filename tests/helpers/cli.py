@@ -1,0 +1,64 @@
+"""The commands run in this process: ``python train.py ...`` and ``python -m sweeper ...`` without a new
+interpreter.
+
+:func:`run_in_process` calls the same task function through ``hydra.main`` with the given arguments,
+so Hydra parses the command line, composes the config, starts the sweeper plugin and reports an error
+exactly as the command does (one line on stderr, exit code 1); only the interpreter start-up and the
+imports (seconds per command) are saved. For commands that fail before any trial: a sweep that trains
+belongs in a real subprocess (``tests.conftest.run_cli``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+
+ROOT = Path(__file__).resolve().parents[2]
+
+__all__ = ["run_in_process", "sweeper_in_process"]
+
+
+def run_in_process(*args: str) -> subprocess.CompletedProcess:
+    """Run ``train.py *args`` here; return its exit code and what it wrote, as :func:`subprocess.run` would."""
+    import train
+
+    # config_path as train.py gives it, made absolute: Hydra resolves a relative one against the
+    # calling module, which is ``train`` here, not ``__main__``
+    main = hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")(train.main.__wrapped__)
+    out, err = io.StringIO(), io.StringIO()
+    env = {"HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1"}
+    GlobalHydra.instance().clear()
+    code = 0
+    try:
+        # Hydra re-raises instead of reporting when a tracer is set (a debugger, or coverage): the command has none
+        with (mock.patch.object(sys, "argv", [str(ROOT / "train.py"), *args]), mock.patch.dict(os.environ, env),
+              mock.patch("hydra._internal.utils.is_under_debugger", return_value=False),
+              contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess([sys.executable, "train.py", *args], code, out.getvalue(), err.getvalue())
+
+
+def sweeper_in_process(*args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m sweeper *args`` here (its ``main``, argparse's exits included); return its exit code and
+    what it wrote, as :func:`subprocess.run` would."""
+    from sweeper.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with mock.patch.dict(os.environ), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess([sys.executable, "-m", "sweeper", *args], code, out.getvalue(), err.getvalue())
