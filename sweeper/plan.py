@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from sweeper.paths import CONF_DIR
+
 __all__ = ["MAX_EPOCHS", "MIN_EPOCHS", "Plan", "SchedulePreset", "Training", "estimate_memory", "finetune_method",
            "fit_micro_batch", "make_plan", "memory_estimate", "schedule_presets"]
 
-SCHEDULE_DIR = Path(__file__).resolve().parents[1] / "conf" / "schedule"
 MAX_EPOCHS = 5  # more passes than this: the plan warns of over-fitting (common SFT practice)
 MIN_EPOCHS = 0.3  # less of the data than this: the plan warns that the run is likely too short
 
@@ -33,7 +34,7 @@ class SchedulePreset:
 
 
 @functools.lru_cache(maxsize=None)
-def schedule_presets(schedule_dir: Path = SCHEDULE_DIR) -> tuple[SchedulePreset, ...]:
+def schedule_presets(schedule_dir: Path = CONF_DIR / "schedule") -> tuple[SchedulePreset, ...]:
     """The fixed-length options of the ``schedule`` group, read from its YAML files (``under`` 500 steps,
     ``epochs3`` 3 epochs, ...), so the plan's advice names the lengths the presets really have. Options
     that search the length (``wsd_search``) or set neither key are left out; a missing folder gives ()."""

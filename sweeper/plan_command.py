@@ -21,13 +21,11 @@ import itertools
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-__all__ = ["CONF_DIR", "main", "plan_rows", "render"]
+__all__ = ["main", "plan_rows", "render"]
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _expand(overrides: list[str]) -> list[list[str]]:
@@ -50,15 +48,16 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
 
 
-def plan_rows(overrides: list[str]) -> list[dict]:
-    """Compose each row's config, prepare its data, and plan it. Raises on bad input."""
-    from hydra import compose, initialize_config_dir
+def plan_rows(overrides: list[str], config_dir: str | None = None) -> list[dict]:
+    """Compose each row's config (the shipped groups, and ``config_dir``'s as ``--config-dir`` adds them),
+    prepare its data, and plan it. Raises on bad input."""
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     from sweeper import config as config_mod
     from sweeper import data as data_mod
-    from sweeper import identity
+    from sweeper import identity, userconf
     from sweeper import spec as spec_mod
     from sweeper.gpu import pin_one, visible_gpus
     from sweeper.model import model_shape, resolve_compute
@@ -71,7 +70,7 @@ def plan_rows(overrides: list[str]) -> list[dict]:
     rows, prepared_cache = [], {}
     for row_overrides in _expand(overrides):
         GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with userconf.initialize(config_dir):
             cfg = compose(config_name="config", overrides=row_overrides, return_hydra_config=True)
         OmegaConf.set_readonly(cfg, False)
         config_mod.validate(cfg)  # first: it names keys left ??? (model=hub without model.name) in one line
@@ -263,7 +262,7 @@ def _method_name(cfg: Any) -> str:
     return {"qlora": "QLoRA (4-bit)", "lora": "LoRA", "full": "full fine-tuning"}[method]
 
 
-def main(overrides: list[str]) -> int:
+def main(overrides: list[str], config_dir: str | None = None) -> int:
     import os
 
     from hydra.errors import HydraException
@@ -271,7 +270,7 @@ def main(overrides: list[str]) -> int:
     if sys.stderr.isatty():  # show the datasets/TRL progress bars of data preparation on a terminal
         os.environ.pop("TQDM_DISABLE", None)  # set by `python -m sweeper` for its other commands
     try:
-        rows = plan_rows(overrides)
+        rows = plan_rows(overrides, config_dir)
     except (ValueError, FileNotFoundError, HydraException) as e:  # bad input: one message
         print(f"error: {e}", file=sys.stderr)
         return 2

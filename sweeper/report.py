@@ -62,7 +62,7 @@ def _preset_max_steps(choice: str) -> int | None:
     (``epochs3``, ``wsd_search``) or a choice this checkout does not have."""
     from omegaconf import OmegaConf
 
-    from sweeper.plan_command import CONF_DIR
+    from sweeper.paths import CONF_DIR
 
     path = CONF_DIR / "schedule" / f"{choice}.yaml"
     return OmegaConf.load(path).get("max_steps") if path.is_file() else None

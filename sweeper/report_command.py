@@ -12,19 +12,17 @@ from pathlib import Path
 __all__ = ["dashboard", "default_locations", "open_store", "report"]
 
 
-def default_locations() -> tuple[str, str]:
-    """The sweeper's storage URL and the output folder, from conf/ (their one home)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+def default_locations(config_dir: str | None = None) -> tuple[str, str]:
+    """The sweeper's storage URL and the output folder, from the config (their one home), with the
+    user's ``--config-dir`` (e.g. its ``local/default.yaml``) as the sweep reads it."""
+    from hydra import compose
 
     from sweeper import config as config_mod
-    from sweeper.plan_command import CONF_DIR
+    from sweeper import userconf
 
     config_mod.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with userconf.initialize(config_dir):
         cfg = compose(config_name="config", return_hydra_config=True)
-    GlobalHydra.instance().clear()
     return str(cfg.hydra.sweeper.storage), str(cfg.paths.output_dir)
 
 
@@ -64,13 +62,13 @@ def _has_optuna_tables(path: Path) -> bool:
     return {"studies", "trials"} <= names
 
 
-def report(storage: str | None, studies: list[str] | None, out: str | None) -> int:
+def report(storage: str | None, studies: list[str] | None, out: str | None, config_dir: str | None = None) -> int:
     from sweeper.report import write_report
 
     out_dir = out
     try:
         # conf/ is composed only for what was not given (it needs the repo root on sys.path for the plugin)
-        default_storage, output_dir = default_locations() if storage is None or out is None else (storage, out)
+        default_storage, output_dir = default_locations(config_dir) if storage is None or out is None else (storage, out)
         url, shown, store = open_store(storage or default_storage)
         out_dir = Path(out) if out else Path(output_dir) / "report"
         paths = write_report(store, out_dir, studies)
@@ -98,11 +96,11 @@ def _port_problem(host: str, port: int) -> str | None:
         return f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port"
 
 
-def dashboard(storage: str | None, host: str, port: int) -> int:
+def dashboard(storage: str | None, host: str, port: int, config_dir: str | None = None) -> int:
     from optuna_dashboard import run_server
 
     try:
-        url, shown, store = open_store(storage or default_locations()[0], need_studies=False)  # a sweep may start later
+        url, shown, store = open_store(storage or default_locations(config_dir)[0], need_studies=False)  # a sweep may start later
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -89,13 +89,13 @@ def study_status(study: Any) -> str:
     return "\n".join(lines)
 
 
-def status(storage: str | None, studies: list[str] | None) -> int:
+def status(storage: str | None, studies: list[str] | None, config_dir: str | None = None) -> int:
     import optuna
 
     from sweeper.report_command import default_locations, open_store
 
     try:
-        url, shown, store = open_store(storage or default_locations()[0])
+        url, shown, store = open_store(storage or default_locations(config_dir)[0])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,177 @@
+"""The ``sft-sweep`` command: the sweep itself (Hydra's grammar, as ``python train.py`` in a checkout)
+and the commands beside it. Run it in the folder where outputs should go: ``outputs/`` (runs, sweeps,
+``optuna.db``, caches) is made there.
+
+    sft-sweep -m schedule=under,sweet,over                        # one study: 500 / 1500 / 3000 steps
+    sft-sweep --config-dir ./conf -m schedule=under,sweet data=mydata   # your ./conf/data/mydata.yaml too
+    sft-sweep plan schedule=under,sweet,over                      # steps <-> epochs <-> tokens, VRAM, fit
+    sft-sweep report                                              # best step count per dataset, PNG + HTML
+    sft-sweep status                                              # trials by state, running workers, SLURM jobs
+    sft-sweep dashboard                                           # optuna-dashboard on 127.0.0.1:8080
+    sft-sweep cp data/jsonl conf/data/mydata.yaml                 # an editable copy of a shipped option
+    sft-sweep --help | --info plugins | --cfg job                 # Hydra's own flags
+
+A first argument that is a word (no ``=``, no leading ``-``, ``+`` or ``~``) names a command; anything
+else is the sweep's Hydra command line. ``python -m sweeper COMMAND`` runs the commands too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import sys
+
+__all__ = ["COMMANDS", "check_versions", "main", "run_command"]
+
+COMMANDS = {
+    "plan": "plan every run of a sweep without training",
+    "report": "tables, diagnosis and the step count to train each dataset for",
+    "status": "where each study stands: trials by state, running workers, SLURM jobs",
+    "dashboard": "optuna-dashboard on the sweep's storage",
+    "cp": "copy a shipped config option to an editable file of your own (e.g. data/jsonl conf/data/mydata.yaml)",
+}
+_CONFIG_DIR_HELP = "your config folder (group folders such as data/mydata.yaml), searched after the shipped groups"
+
+
+def check_versions(requires: list[str] | None = None, requires_python: str | None = None) -> str | None:
+    """Why this environment cannot run sft-sweep (one line), or None: this Python against
+    ``requires_python`` and each installed dependency against ``requires`` (requirement strings; an
+    extra's are skipped). By default both come from the installed package's metadata, i.e. the ranges
+    of pyproject.toml (a bare checkout, not installed, is not checked)."""
+    from importlib import metadata
+
+    if requires is None:
+        try:
+            dist = metadata.distribution("sft-sweep")
+        except metadata.PackageNotFoundError:
+            return None
+        requires, requires_python = dist.requires or [], dist.metadata.get("Requires-Python")
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    here = ".".join(map(str, sys.version_info[:3]))
+    if requires_python and not SpecifierSet(requires_python).contains(here, prereleases=True):
+        return f"sft-sweep needs Python {requires_python}, but this is Python {here} ({sys.executable})"
+    for line in requires:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue  # an extra's requirement, or one for another platform
+        try:
+            found = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            return f"sft-sweep needs {req.name}{req.specifier}, which is not installed: pip install '{req}'"
+        if req.specifier and not req.specifier.contains(Version(found).public, prereleases=True):
+            return (f"sft-sweep needs {req.name}{req.specifier}, but {req.name} {found} is installed: "
+                    f"pip install '{req.name}{req.specifier}'")
+    return None
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help=COMMANDS["plan"], description=COMMANDS["plan"])
+    plan.add_argument("--config-dir", "-cd", help=_CONFIG_DIR_HELP)
+    plan.add_argument("overrides", nargs="*", help="Hydra overrides, as for the sweep (`-m` not needed)")
+    rep = sub.add_parser("report", help=COMMANDS["report"], description=COMMANDS["report"])
+    rep.add_argument("--storage", help="storage URL (default: the sweeper's, from the config)")
+    rep.add_argument("--study", action="append", help="study name (repeatable; default: every study)")
+    rep.add_argument("--out", default=None, help="output folder (default: <paths.output_dir>/report)")
+    rep.add_argument("--config-dir", "-cd", help=_CONFIG_DIR_HELP + " (for a storage set there)")
+    dash = sub.add_parser("dashboard", help=COMMANDS["dashboard"], description=COMMANDS["dashboard"])
+    dash.add_argument("--storage", help="storage URL (default: the sweeper's, from the config)")
+    dash.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    dash.add_argument("--port", type=int, default=8080)
+    dash.add_argument("--config-dir", "-cd", help=_CONFIG_DIR_HELP + " (for a storage set there)")
+    stat = sub.add_parser("status", help=COMMANDS["status"], description=COMMANDS["status"])
+    stat.add_argument("--storage", help="storage URL (default: the sweeper's, from the config)")
+    stat.add_argument("--study", action="append", help="study name (repeatable; default: every study)")
+    stat.add_argument("--config-dir", "-cd", help=_CONFIG_DIR_HELP + " (for a storage set there)")
+    cp = sub.add_parser("cp", help=COMMANDS["cp"], description=COMMANDS["cp"] + "; its `name:` becomes the "
+                        "file's stem. Options: " + _options_listing())
+    cp.add_argument("source", help="a shipped option as group/option, e.g. data/jsonl, model/hub, schedule/sweet")
+    cp.add_argument("dest", help="the new file, e.g. conf/data/mydata.yaml (never overwritten)")
+    return parser
+
+
+def _options_listing() -> str:
+    from sweeper.userconf import shipped_options
+
+    return "; ".join(f"{g}/{{{','.join(o)}}}" for g, o in shipped_options().items() if not g.startswith("hydra"))
+
+
+def run_command(argv: list[str], prog: str = "sft-sweep") -> int:
+    """One of :data:`COMMANDS` (``argv[0]``) with its arguments; the exit status."""
+    args = _parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns on import
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from sweeper import userconf
+
+    if args.command == "cp":
+        try:
+            print(userconf.copy_option(args.source, args.dest))
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    why = userconf.problem(args.config_dir)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    if args.command == "plan":
+        from sweeper.plan_command import main as plan_main
+
+        return plan_main(args.overrides, args.config_dir)
+    if args.command == "status":
+        from sweeper.status_command import status
+
+        return status(args.storage, args.study, args.config_dir)
+    from sweeper.report_command import dashboard, report
+
+    if args.command == "report":
+        return report(args.storage, args.study, args.out, args.config_dir)
+    return dashboard(args.storage, args.host, args.port, args.config_dir)
+
+
+def _unknown(word: str) -> str:
+    near = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f"did you mean `sft-sweep {near[0]}`? " if near else ""
+    return (f"unknown command {word!r}: {hint}the commands are {', '.join(COMMANDS)}; the sweep takes Hydra "
+            f"overrides (key=value), e.g. sft-sweep -m schedule=under,sweet,over")
+
+
+def _config_dir_arg(argv: list[str]) -> str | None:
+    """``--config-dir`` as Hydra's own parser reads ``argv`` (None if absent or unparsable: Hydra says why)."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:
+        return None
+    return args.config_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry of ``sft-sweep`` (and of a checkout's ``train.py``): a command, or the Hydra app."""
+    argv = sys.argv[1:] if argv is None else argv
+    why = check_versions()
+    if why:
+        sys.exit(f"error: {why}")
+    first = argv[0] if argv else ""
+    if first in COMMANDS:
+        sys.exit(run_command(argv))
+    if first and not first.startswith(("-", "+", "~")) and "=" not in first:
+        sys.exit(f"error: {_unknown(first)}")
+    from sweeper import userconf
+
+    why = userconf.problem(_config_dir_arg(argv))
+    if why:
+        sys.exit(f"error: {why}")
+    from sweeper.train import main as app
+
+    sys.argv[1:] = argv
+    app()
