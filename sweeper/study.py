@@ -63,12 +63,13 @@ import sqlalchemy.exc
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
-from sweeper import disk, halving, identity, passwords
+from sweeper import disk, halving, identity, passwords, typefit
 from sweeper import gpu as gpu_mod
+from sweeper import points as points_mod
 from sweeper import trunks as trunks_mod
 from sweeper import workers as workers_mod
 from sweeper.reporter import Parked
-from sweeper.space import SweepSpace, build_space, quote, value_text
+from sweeper.space import SweepSpace, build_space, exhaust_finite, quote, value_text
 from sweeper.storage import (
     SYSTEM_ATTRS,
     Heartbeat,
@@ -335,6 +336,18 @@ class TrialReporter:
                 self.trial.storage.set_trial_system_attr(self.trial._trial_id, k, v)
             else:
                 self.trial.set_user_attr(k, v)
+
+
+def _not_started(e: Exception) -> Any:
+    """A job that Hydra could not start (its sampled overrides do not compose) as a failed JobReturn whose
+    error is one line: the innermost cause, e.g. a float for an int key."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    first = (str(root).strip().splitlines() or [type(root).__name__])[0]
+    return JobReturn(status=JobStatus.FAILED, _return_value=ValueError(f"the job could not start: {first}"))
 
 
 def _wsd_params(max_steps: int, low: int, high: int) -> list[tuple[str, Any, Any]]:
@@ -653,7 +666,10 @@ class StudySweeper:
     @staticmethod
     def _matches(trial: optuna.trial.FrozenTrial, point: dict[str, tuple[Any, str]], config: dict | None = None) -> bool:
         """Whether ``trial`` ran grid ``point`` (its params) with ``config`` (the point's result config;
-        None: params alone)."""
+        None: params alone). A trial that recorded its config matches by config alone: ``max_steps=10`` run as a
+        fixed value is the point ``10`` of a later ``max_steps=10,15``."""
+        if config is not None and trial.system_attrs.get("config") is not None:
+            return identity.same_run(trial.system_attrs["config"], config)
         params = trial.system_attrs.get("fixed_params", trial.params)
         if not all(k in params and params[k] == v for k, (v, _) in point.items()):
             return False
@@ -835,8 +851,14 @@ class StudySweeper:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         parsed = parser.parse_overrides(all_args)
         space = self._joint_rates(build_space(parsed, grid_sampler=self.sampler_cfg.name == "grid"))
+        space, _ = exhaust_finite(space, self.n_trials or DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS)
         pure_grid = not space.distributions
         all_cfgs = self._preflight(space)  # raises before any trial exists
+        typefit.check(space, all_cfgs[0])  # a sampled value Hydra could not merge: refused now, not at a trial
+        points_mod.check_distinct(space, [identity.result_config(c) for c in all_cfgs],
+                                  lambda ovs: self.hydra_context.config_loader.load_sweep_config(self.config, ovs))
+        for line in space.notes:
+            log.info(line)
         sweeps = []
         for name, sub, points, idx in self._split_by_study(space, all_cfgs):  # every check before any trial
             cfgs = [all_cfgs[i] for i in idx]
@@ -1012,6 +1034,8 @@ class StudySweeper:
                     self._interrupted(study, trial, str(e) or "interrupted by the user")
                     self._stop_workers(children)
                 raise SystemExit(143 if "SIGTERM" in str(e) else 130) from None
+            except Exception as e:  # the job never started (Hydra could not compose it): this trial FAILs
+                ret = _not_started(e)
             self.job_idx += 1
             returns.append(ret)
             try:
