@@ -703,7 +703,12 @@ def accuracy_off(study: optuna.Study) -> str | None:
 
 
 def study_report(study: optuna.Study) -> str:
-    """Markdown: the table (with diagnosis), the recommendation with its notes and the SFTConfig for it."""
+    """Markdown: the table (with diagnosis), the recommendation with its notes and the SFTConfig for it; for a
+    two-objective study, its Pareto front and the point picked (``sweeper.report_front``)."""
+    if len(study.directions) > 1:
+        from sweeper.report_front import front_report
+
+        return front_report(study)
     metric = study.user_attrs.get("metric", "value")
     lines = [
         f"## {study.study_name}",
