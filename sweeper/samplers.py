@@ -21,7 +21,7 @@ from typing import Any
 
 import optuna
 
-__all__ = ["PRUNERS", "SAMPLERS", "make_pruner", "make_sampler", "sampler_name"]
+__all__ = ["PRUNERS", "SAMPLERS", "check_space", "make_pruner", "make_sampler", "sampler_name"]
 
 # name -> (class name in optuna.samplers, packages it needs beyond Optuna)
 SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -115,6 +115,19 @@ def make_sampler(sampler_cfg: Any, n_objectives: int = 1) -> optuna.samplers.Bas
     if name == "grid" and cfg.get("_target_"):  # our grid: points enqueued by the sweeper, not GridSampler's
         return optuna.samplers.TPESampler(seed=seed)
     return _instantiate(where, cls, options)
+
+
+def check_space(sampler_cfg: Any, distributions: dict) -> None:
+    """Refuse, before any trial, a space the sampler cannot draw from: ``bruteforce`` enumerates every point, so
+    a continuous ``interval(...)`` has none to enumerate."""
+    from sweeper.space import finite_values
+
+    if sampler_name(sampler_cfg) != "bruteforce":
+        return
+    for key, dist in distributions.items():
+        if finite_values(dist) is None:
+            raise ValueError(f"hydra.sweeper.sampler.name=bruteforce tries every point, but {key} is continuous; "
+                             f"give it a step (range(a,b,step)) or int(interval(...)), or pick tpe")
 
 
 def make_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner:

@@ -859,6 +859,7 @@ class StudySweeper:
         parsed = parser.parse_overrides(all_args)
         space = self._joint_rates(build_space(parsed, grid_sampler=samplers.sampler_name(self.sampler_cfg) == "grid"))
         space, _ = exhaust_finite(space, self.n_trials or DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS)
+        samplers.check_space(self.sampler_cfg, space.distributions)
         pure_grid = not space.distributions
         all_cfgs = self._preflight(space)  # raises before any trial exists
         typefit.check(space, all_cfgs[0])  # a sampled value Hydra could not merge: refused now, not at a trial
