@@ -7,10 +7,15 @@ Translated exactly (:func:`translate`, one override; :func:`build_space`, a comm
 
 - ``a,b,c`` (comma list, also ``glob(...)``) is a **grid** axis: every combination once, in order.
 - ``choice(a,b)`` -> categorical; ``range(start,stop,step)`` -> integers with the stop **excluded**
-  (Hydra's rule; a float range becomes the categorical list of its points, computed in decimal so
-  that float drift never lets the stop in);
-  ``interval(lo,hi)`` -> float in [lo, hi]; ``tag(log, ...)`` -> log scale. With ``grid_sampler``
-  (``sampler.name=grid``) choice and range become grid axes instead, and an interval is refused.
+  (Hydra's rule; hydra-optuna-sweeper included it, so :func:`range_note` gives the start line naming the
+  values tried); a float range -> a stepped float over its points, computed in decimal so that float drift
+  never lets the stop in; a descending, empty or zero-step range is refused in one line;
+  ``shuffle(range(...))`` -> categorical;
+  ``interval(lo,hi)`` -> float in [lo, hi]; ``int(interval(lo,hi))`` or ``tag(int, interval(...))`` ->
+  integers in [lo, hi]; ``tag(log, ...)`` -> log scale. With ``grid_sampler`` (``sampler.name=grid``)
+  choice and range become grid axes instead, and an interval is refused.
+- :func:`exhaust_finite`: a sampled space of finite points no larger than ``n_trials`` becomes a grid, so
+  each point runs once (a sampler would repeat points of a 2-point space).
 - Anything else is a fixed override, passed unchanged to every job.
 
 :meth:`SweepSpace.grid_distributions` says how grid values are recorded as Optuna params;

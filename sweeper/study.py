@@ -11,7 +11,9 @@ studies are opened, locked and kept alive through ``sweeper.storage``. What the 
   that have no COMPLETE, PRUNED, RUNNING or WAITING trial of the same settings (``sweeper.identity``),
   whatever else the study holds (FAILED points run again when the command is re-run); ``n_trials`` only
   caps how many of its points it runs.
-- Distributions (choice, range, interval) are sampled by ``sampler`` (tpe, random). With distributions
+- Distributions (choice, range, interval) are sampled by ``sampler`` (``sweeper.samplers``: by name or
+  ``_target_``); a sampled value that does not fit its key (``sweeper.typefit``) or two points that are one
+  run (``sweeper.points``) are refused before any trial. With distributions
   ``n_trials`` is the study's total (COMPLETE, PRUNED, RUNNING and WAITING trials count), never
   "additional"; it defaults to 10.
 - A command whose unswept settings differ from every earlier trial's is refused before any trial
@@ -34,7 +36,13 @@ goes back to WAITING, and :meth:`StudySweeper._claim` hands it out again only on
 (``sweeper.halving``, on the study's view in ``sweeper.trunks``) has decided it; a worker with nothing
 else to start waits for that instead of ending.
 
-Within ``sweeper/``, Optuna is imported here, in ``sweeper.space``, ``sweeper.storage``, ``sweeper.trunks``, ``sweeper.report`` and the commands
+Two objectives (``hydra.sweeper.direction``, ``sweeper.objectives``): the job's value and its recorded cost are
+told together; its evaluations are kept as an attr, since Optuna cannot report or prune there.
+hydra-optuna-sweeper's fields map through ``sweeper.hos``.
+
+Within ``sweeper/``, Optuna is imported here, in ``sweeper.space``, ``sweeper.storage``, ``sweeper.trunks``,
+``sweeper.samplers``, ``sweeper.objectives``, ``sweeper.points``, ``sweeper.typefit``, ``sweeper.report``,
+``sweeper.report_front`` and the commands
 that read studies back; never in ``sweeper.trial``. Public: ``__all__``. ``open_storage``, ``mask_url``,
 ``SYSTEM_ATTRS`` and ``is_branch`` (``sweeper.storage``) stay importable from here for older callers.
 """
