@@ -1,11 +1,12 @@
 """Are a command's points distinct runs? Checked on the composed configs before any trial exists.
 
-    python train.py -m schedule=choice(under,sweet) schedule.max_steps=10   # refused: one run, twice
+    python train.py -m schedule=choice(under,sweet) schedule.max_steps=10   # warned: one run, twice
 
 A swept config group whose options a fixed override makes identical (``schedule=under,sweet
 schedule.max_steps=10``: the presets differ only in ``max_steps``) would train the same run once per option
-and rank the copies against each other. :func:`check_distinct` refuses that in one line naming the two points
-and the overrides that erase their difference. Pure apart from the ``compose`` callable it is given.
+and rank the copies against each other. :func:`same_runs` gives the one line the sweep warns with before any
+trial, naming the two points and the overrides that erase their difference (their trials still run: two
+seeds' worth of the same config is a way to measure noise). Pure apart from the ``compose`` callable it is given.
 """
 
 from __future__ import annotations
@@ -17,24 +18,24 @@ import optuna
 from sweeper import identity
 from sweeper.space import SweepSpace, value_text
 
-__all__ = ["check_distinct"]
+__all__ = ["same_runs"]
 
 
 def _erasers(fixed: Sequence[str], keys: Sequence[str]) -> list[str]:
     return [o for o in fixed if any(o.lstrip("+~").startswith(k + ".") for k in keys)]
 
 
-def _refuse(a: str, b: str, keys: Sequence[str], fixed: Sequence[str]) -> ValueError:
+def _line(a: str, b: str, keys: Sequence[str], fixed: Sequence[str]) -> str:
     by = _erasers(fixed, keys)
     why = f" ({' '.join(by)} sets what tells them apart)" if by else ""
-    return ValueError(f"{a} and {b} compose the same run{why}, so the sweep would train it twice; sweep only one "
-                      f"of them, or drop {' '.join(by) if by else 'the override that makes them equal'}")
+    return (f"{a} and {b} compose the same run{why}: the sweep trains it once for each; sweep only one of them, "
+            f"or drop {' '.join(by) if by else 'the override that makes them equal'}")
 
 
-def check_distinct(space: SweepSpace, configs: Sequence[dict], compose: Callable[[list[str]], Any]) -> None:
-    """Raise ValueError when two grid points (``configs``: their result configs, in
+def same_runs(space: SweepSpace, configs: Sequence[dict], compose: Callable[[list[str]], Any]) -> str | None:
+    """The line saying that two grid points (``configs``: their result configs, in
     :meth:`SweepSpace.grid_points` order) or two choices of a sampled ``choice(...)`` over a config group
-    (composed with ``compose(overrides)``) are the same run."""
+    (composed with ``compose(overrides)``) are the same run; None when every point is its own."""
     points = space.grid_points()
     for j in range(len(configs)):
         for i in range(j):
@@ -42,7 +43,7 @@ def check_distinct(space: SweepSpace, configs: Sequence[dict], compose: Callable
                 diff = [k for k in points[i] if points[i][k][1] != points[j][k][1]]
                 a = " ".join(f"{k}={points[i][k][1]}" for k in diff)
                 b = " ".join(f"{k}={points[j][k][1]}" for k in diff)
-                raise _refuse(a, b, diff, space.fixed)
+                return _line(a, b, diff, space.fixed)
     for key, dist in space.distributions.items():
         if not isinstance(dist, optuna.distributions.CategoricalDistribution) or "." in key:
             continue
@@ -54,5 +55,6 @@ def check_distinct(space: SweepSpace, configs: Sequence[dict], compose: Callable
                 continue
             flat = repr(sorted(identity.result_config(cfg).items()))
             if flat in seen:
-                raise _refuse(f"{key}={seen[flat]}", f"{key}={value_text(value)}", [key], space.fixed)
+                return _line(f"{key}={seen[flat]}", f"{key}={value_text(value)}", [key], space.fixed)
             seen[flat] = value_text(value)
+    return None

@@ -26,8 +26,8 @@ __all__ = ["PRUNERS", "SAMPLERS", "check_space", "make_pruner", "make_sampler", 
 # name -> (class name in optuna.samplers, packages it needs beyond Optuna)
 SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tpe": ("TPESampler", ()),
-    "grid": ("TPESampler", ()),  # the grid's points are enqueued by the sweeper; TPE samples the rest
     "random": ("RandomSampler", ()),
+    "grid": ("TPESampler", ()),  # the grid's points are enqueued by the sweeper; TPE samples the rest
     "cmaes": ("CmaEsSampler", ("cmaes",)),
     "nsgaii": ("NSGAIISampler", ()),
     "nsgaiii": ("NSGAIIISampler", ()),

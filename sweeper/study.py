@@ -666,12 +666,12 @@ class StudySweeper:
     @staticmethod
     def _matches(trial: optuna.trial.FrozenTrial, point: dict[str, tuple[Any, str]], config: dict | None = None) -> bool:
         """Whether ``trial`` ran grid ``point`` (its params) with ``config`` (the point's result config;
-        None: params alone). A trial that recorded its config matches by config alone: ``max_steps=10`` run as a
-        fixed value is the point ``10`` of a later ``max_steps=10,15``."""
-        if config is not None and trial.system_attrs.get("config") is not None:
-            return identity.same_run(trial.system_attrs["config"], config)
+        None: params alone). A key the trial has no param for is judged by its recorded config: ``max_steps=10`` run as
+        a fixed value is the point ``10`` of a later ``max_steps=10,15``."""
         params = trial.system_attrs.get("fixed_params", trial.params)
-        if not all(k in params and params[k] == v for k, (v, _) in point.items()):
+        recorded = trial.system_attrs.get("config") is not None and config is not None
+        # a key the trial has no param for (run as a fixed value): its recorded config decides
+        if not all(params[k] == v if k in params else recorded for k, (v, _) in point.items()):
             return False
         return config is None or identity.same_run(trial.system_attrs.get("config"), config)
 
@@ -845,6 +845,7 @@ class StudySweeper:
         self._check_numbers()
         hos.refuse_search_space(self.search_space)
         hos.check_failure_rate(self.max_failure_rate)
+        self.storage_given = self.storage_url is not None
         self.storage_url = hos.storage(self.storage_url, self.config.paths.output_dir)
         self.custom_search_space = hos.custom_search_space(self.custom_search_space_arg)
         self.workers_arg = hos.workers(self.n_jobs, self.workers_arg)
@@ -871,8 +872,10 @@ class StudySweeper:
         pure_grid = not space.distributions
         all_cfgs = self._preflight(space)  # raises before any trial exists
         typefit.check(space, all_cfgs[0])  # a sampled value Hydra could not merge: refused now, not at a trial
-        points_mod.check_distinct(space, [identity.result_config(c) for c in all_cfgs],
-                                  lambda ovs: self.hydra_context.config_loader.load_sweep_config(self.config, ovs))
+        same = points_mod.same_runs(space, [identity.result_config(c) for c in all_cfgs],
+                                    lambda ovs: self.hydra_context.config_loader.load_sweep_config(self.config, ovs))
+        if same:
+            log.warning(same)
         for line in space.notes:
             log.info(line)
         sweeps = []
@@ -1046,6 +1049,8 @@ class StudySweeper:
                 progress.update(1)
                 continue
             overrides = self._job_overrides(sw, trial)
+            if not self.storage_given:  # storage: null -> the job opens the study file this sweep chose
+                overrides.insert(len(overrides) - 2, f"hydra.sweeper.storage={quote(self.storage_url)}")
             log.info("%strial %d: %s", f"{name}: " if several else "", trial.number, " ".join(overrides[:-2]))
             study._storage.set_trial_system_attr(trial._trial_id, "overrides", _settings(overrides[:-2]))
             try:
