@@ -240,3 +240,46 @@ def test_hos_block_in_configs_composes_with_our_sweeper():
     sw = cfg.hydra.sweeper
     assert sw._target_.endswith("SftSweepSweeper") and sw.sampler.name == "nsgaii"
     assert isinstance(samplers.make_sampler(sw.sampler), optuna.samplers.NSGAIISampler)
+
+
+@pytest.mark.slow
+def test_a_job_hydra_cannot_compose_fails_its_trial_and_the_sweep_goes_on(tmp_path, cache_dir):
+    from .conftest import FAST
+
+    proc = run_cli("-m", "seed=1,2", *FAST, "hydra.sweeper.custom_search_space=tests.helpers.search.bad_patience",
+                   f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    states = {t.params["seed"]: t.state for t in study.trials}
+    assert states == {1: optuna.trial.TrialState.COMPLETE, 2: optuna.trial.TrialState.FAIL}  # none left RUNNING
+    [failed] = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed.user_attrs["error"].startswith("ValueError: the job could not start: ")
+    assert "early_stopping_patience" in failed.user_attrs["error"] and "\n" not in failed.user_attrs["error"]
+
+
+def test_a_fixed_value_counts_as_that_grid_point_later():
+    from sweeper.study import StudySweeper
+
+    config = {"schedule.max_steps": 10, "seed": 1}
+    ran = optuna.trial.create_trial(value=1.0, system_attrs={"config": config})  # max_steps=10, not a param
+    assert StudySweeper._matches(ran, {"schedule.max_steps": (10, "10")}, config)
+    assert not StudySweeper._matches(ran, {"schedule.max_steps": (15, "15")}, {**config, "schedule.max_steps": 15})
+    other = optuna.trial.create_trial(value=1.0, params={"schedule.max_steps": 15},
+                                      distributions={"schedule.max_steps": optuna.distributions.IntDistribution(1, 99)},
+                                      system_attrs={"config": config})
+    assert not StudySweeper._matches(other, {"schedule.max_steps": (10, "10")}, config)  # its param says 15
+
+
+def test_two_points_that_compose_one_run_are_named():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sweeper.points import same_runs
+    from sweeper.space import build_space
+
+    space = build_space(OverridesParser.create().parse_overrides(["schedule=under,sweet", "schedule.max_steps=10"]))
+    same = {"schedule.max_steps": 10, "seed": 1}
+    line = same_runs(space, [same, dict(same)], compose=None)
+    assert line == ("schedule=under and schedule=sweet compose the same run (schedule.max_steps=10 sets what tells "
+                    "them apart): the sweep trains it once for each; sweep only one of them, or drop "
+                    "schedule.max_steps=10")
+    assert same_runs(space, [same, {**same, "schedule.max_steps": 11}], compose=None) is None
