@@ -334,7 +334,9 @@ def _not_started(e: Exception) -> Any:
     while root.__cause__ is not None:
         root = root.__cause__
     first = (str(root).strip().splitlines() or [type(root).__name__])[0]
-    return JobReturn(status=JobStatus.FAILED, _return_value=ValueError(f"the job could not start: {first}"))
+    outer = (str(e).strip().splitlines() or [""])[0]
+    text = f"{outer}: {first}" if outer and root is not e and first not in outer else first
+    return JobReturn(status=JobStatus.FAILED, _return_value=ValueError(f"the job could not start: {text}"))
 
 
 def _wsd_params(max_steps: int, low: int, high: int) -> list[tuple[str, Any, Any]]:
@@ -1042,13 +1044,14 @@ class StudySweeper:
                 continue
             sw, trial = claimed
             study, name = sw.study, sw.name
+            before = set(trial.params)
             try:  # hydra.sweeper.custom_search_space: more params, suggested on this trial
                 hos.extend(self.custom_search_space, self.config, trial)
             except Exception as e:
                 self._record(study, trial, _not_started(e), failures, f"{name}: " if several else "")
                 progress.update(1)
                 continue
-            overrides = self._job_overrides(sw, trial)
+            overrides = self._job_overrides(sw, trial, [k for k in trial.params if k not in before])
             if not self.storage_given:  # storage: null -> the job opens the study file this sweep chose
                 overrides.insert(len(overrides) - 2, f"hydra.sweeper.storage={quote(self.storage_url)}")
             log.info("%strial %d: %s", f"{name}: " if several else "", trial.number, " ".join(overrides[:-2]))
@@ -1091,14 +1094,15 @@ class StudySweeper:
         return returns
 
     @staticmethod
-    def _job_overrides(sw: "_Sweep", trial: optuna.Trial) -> list[str]:
+    def _job_overrides(sw: "_Sweep", trial: optuna.Trial, extra: Sequence[str] = ()) -> list[str]:
         """The overrides of ``trial``'s job: the study's fixed ones, each param as the user wrote it (a
-        grid value keeps its override text), then ``study.name`` and ``study.trial_number`` (last two)."""
+        grid value keeps its override text; ``extra``: params the custom search space suggested), then
+        ``study.name`` and ``study.trial_number`` (last two)."""
         space = sw.space
         texts = {k: {v: t for v, t in vals} for k, vals in space.grid}
         overrides = list(space.fixed)
         keys = [k for k, _ in space.grid] + list(space.distributions)
-        keys += [k for k in trial.params if k not in keys]  # added by hydra.sweeper.custom_search_space
+        keys += [k for k in extra if k not in keys]
         for key in keys:
             value = trial.params[key]
             overrides.append(f"{key}={texts.get(key, {}).get(value, value_text(value))}")
