@@ -84,7 +84,7 @@ def is_multi(study: optuna.Study) -> bool:
 
 def pruning_note(pruner_name: Any) -> str:
     """The one line the start of a multi-objective sweep logs."""
-    off = f"hydra.sweeper.pruner.name={pruner_name} is off for this study" if pruner_name not in (None, "none") else (
+    off = f"the pruner ({pruner_name}) is off for this study" if pruner_name not in (None, "none") else (
         "no trial is pruned")
     return (f"two objectives: Optuna cannot prune a multi-objective study (Trial.report takes one value), so "
             f"{off}; early stopping (eval.early_stopping_patience) still ends a run early")

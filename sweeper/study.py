@@ -855,7 +855,8 @@ class StudySweeper:
         self.directions = objectives.directions(self.direction, metric, config_mod.metric_direction(metric), self.cost)
         make_sampler(self.sampler_cfg, len(self.directions)), make_pruner(self.pruner_cfg)  # refused before any study
         if len(self.directions) > 1:
-            log.info(objectives.pruning_note((self.pruner_cfg or {}).get("name")))
+            pruner = self.pruner_cfg or {}
+            log.info(objectives.pruning_note(pruner.get("_target_") or pruner.get("name")))
         self.workers = workers_mod.parse_workers(self.workers_arg)
         self.gpus = workers_mod.parse_gpus(self.gpus_arg)
         self.launcher_name = workers_mod.parse_launcher(self.launcher_arg)
@@ -1216,7 +1217,7 @@ class StudySweeper:
         args = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweeper.storage=", "+hydra.sweeper.storage="))]
         folder = [f"hydra.sweep.dir={command.folder.resolve()}"] if len(command.sweeps) == 1 else []
         return [sys.executable, script, *args, f"hydra.sweeper.storage={quote(url)}", "hydra.sweeper.workers=1",
-                "hydra.sweeper.gpus=null", "hydra.sweeper.launcher=local", *folder]
+                "hydra.sweeper.n_jobs=null", "hydra.sweeper.gpus=null", "hydra.sweeper.launcher=local", *folder]
 
     def _worker_env(self) -> dict:
         """What a worker adds to this process's environment: the sweep id, and the storage password as
