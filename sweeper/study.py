@@ -550,6 +550,18 @@ class StudySweeper:
                         f"{key}=choice({choices}) samples the dataset or model, but each has its own study "
                         f"(<data.name>-<model.name>); list them as a grid, {key}={choices}")
 
+    def _check_sampled_names_early(self, space: SweepSpace) -> None:
+        """:meth:`_check_sampled_names` on the first grid point's config, before a small finite space becomes a
+        grid (a point that does not compose is left to the pre-flight, which names it)."""
+        if not space.distributions or self.study_name is not None:
+            return
+        first = space.fixed + [f"{k}={t}" for k, (_, t) in space.grid_points()[0].items()]
+        try:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, first)
+        except Exception:
+            return
+        self._check_sampled_names(space, cfg)
+
     def _joint_rates(self, space: SweepSpace) -> SweepSpace:
         """``schedule=wsd_search`` with several learning rates is one trunk, so one trial, per rate: the rates
         of ``schedule.wsd.learning_rates`` become a grid over ``lr.learning_rate``; a grid over
@@ -870,6 +882,7 @@ class StudySweeper:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         parsed = parser.parse_overrides(all_args)
         space = self._joint_rates(build_space(parsed, grid_sampler=samplers.sampler_name(self.sampler_cfg) == "grid"))
+        self._check_sampled_names_early(space)  # data=choice(a,b) is refused, not turned into a grid below
         space, _ = exhaust_finite(space, self.n_trials or DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS)
         samplers.check_space(self.sampler_cfg, space.distributions)
         pure_grid = not space.distributions
