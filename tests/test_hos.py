@@ -283,3 +283,53 @@ def test_two_points_that_compose_one_run_are_named():
                     "them apart): the sweep trains it once for each; sweep only one of them, or drop "
                     "schedule.max_steps=10")
     assert same_runs(space, [same, {**same, "schedule.max_steps": 11}], compose=None) is None
+
+
+@pytest.mark.slow
+def test_the_pareto_front_in_optuna_dashboard(tmp_path):
+    """optuna-dashboard on a two-objective study (metric names from the sweeper): its Pareto-front graph, in
+    headless Chromium; the screenshot goes to the test artifacts."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from playwright.sync_api import sync_playwright
+
+    from .test_report import ARTIFACTS, CHROMIUM_ARGS, _chromium, _free_port
+
+    chromium = _chromium()
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = _two_objective_study([(20, 1.50), (40, 1.001), (80, 1.000), (160, 1.02)])
+    stored = optuna.create_study(storage=url, study_name="demo-tiny", directions=["minimize", "minimize"])
+    stored.set_metric_names(["eval_loss", "optimizer steps"])
+    for t in study.trials:
+        stored.add_trial(t)
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "sweeper", "dashboard", "--storage", url, "--port", str(port)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(150):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTIFACTS / "dashboard-pareto-front.png"
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/dashboard/")
+            page.wait_for_selector("text=demo-tiny", timeout=60_000)
+            page.click("text=demo-tiny")
+            page.wait_for_selector("text=Pareto Front", timeout=60_000)
+            page.locator("text=Pareto Front").first.scroll_into_view_if_needed()
+            body = page.content()
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+        assert "eval_loss" in body and "optimizer steps" in body  # the axes carry the metric and cost names
+        assert shot.stat().st_size > 20_000
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
