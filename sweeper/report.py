@@ -933,7 +933,7 @@ def write_report(storage: Any, out_dir: Path, study_names: Sequence[str] | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     md_parts, sections = [], []
     studies = [optuna.load_study(study_name=name, storage=storage) for name in names]
-    if len(studies) > 1:
+    if len(studies) > 1 and all(len(s.directions) == 1 for s in studies):  # a front has no one best trial
         text = datasets_section(studies, out_dir / "datasets.png")
         md_parts.append(text)
         sections.append(("datasets", text.rsplit("\n\n![", 1)[0], (out_dir / "datasets.png").read_bytes()))

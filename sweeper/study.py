@@ -1208,7 +1208,10 @@ class StudySweeper:
             sw.folder.mkdir(parents=True, exist_ok=True)
             (sw.folder / "summary.md").write_text(text + "\n", encoding="utf-8")
             objectives.write_results(sw.study, sw.folder)  # hydra-optuna-sweeper's optimization_results.yaml
-        if len(command.sweeps) > 1:
+        if len(command.sweeps) > 1 and any(objectives.is_multi(sw.study) for sw in command.sweeps):
+            log.info("two objectives: each study's Pareto front is in its summary.md; the table of datasets "
+                     "compares one best trial per study, which a front does not have")
+        elif len(command.sweeps) > 1:
             # Hydra's launcher makes the folder of the default study of the unswept config, which
             # none of these studies may be: leave no empty folder behind
             default = Path(str(self.config.hydra.sweep.dir))
