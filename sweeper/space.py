@@ -164,6 +164,15 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _stop_on_step(value: Any) -> bool:
+    """Whether the stop is a point of the range's steps: only then does hydra-optuna-sweeper (stop included)
+    try a value this range does not."""
+    from decimal import Decimal
+
+    start, stop, step = (Decimal(str(x)) for x in (value.start, value.stop, value.step))
+    return (stop - start) % step == 0
+
+
 def range_note(key: str, value: Any, values: Sequence[Any]) -> str:
     """The one line saying what ``range(...)`` tries here, where hydra-optuna-sweeper would also try its stop."""
     shown = ", ".join(value_text(v) for v in (values if len(values) <= 8 else [*values[:3], "...", *values[-2:]]))
@@ -237,7 +246,7 @@ def build_space(overrides: Sequence[Any], *, grid_sampler: bool = False) -> Swee
     for ov in overrides:
         kind, payload = translate(ov, grid_sampler=grid_sampler)
         key = ov.get_key_element()
-        if kind != "fixed" and type(ov.value()).__name__ == "RangeSweep":
+        if kind != "fixed" and type(ov.value()).__name__ == "RangeSweep" and _stop_on_step(ov.value()):
             space.notes.append(range_note(key, ov.value(), _range_values(key, ov.value())))
         if kind == "fixed":
             space.fixed.append(payload)

@@ -172,6 +172,7 @@ def test_range_note_names_the_values_and_the_stop_rule():
     space = build_space(PARSER.parse_overrides(["schedule.max_steps=range(10,30,10)"]))
     assert space.notes == ["schedule.max_steps=range(10,30,10) tries 10, 20: the stop 30 is excluded (Hydra's "
                            "rule; hydra-optuna-sweeper included it)"]
+    assert build_space(PARSER.parse_overrides(["schedule.max_steps=range(0,10,3)"])).notes == []  # the same points
 
 
 def test_float_range_with_a_step_is_ordered_and_a_grid_axis_with_the_grid_sampler():
