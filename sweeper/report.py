@@ -703,7 +703,12 @@ def accuracy_off(study: optuna.Study) -> str | None:
 
 
 def study_report(study: optuna.Study) -> str:
-    """Markdown: the table (with diagnosis), the recommendation with its notes and the SFTConfig for it."""
+    """Markdown: the table (with diagnosis), the recommendation with its notes and the SFTConfig for it; for a
+    two-objective study, its Pareto front and the point picked (``sweeper.report_front``)."""
+    if len(study.directions) > 1:
+        from sweeper.report_front import front_report
+
+        return front_report(study)
     metric = study.user_attrs.get("metric", "value")
     lines = [
         f"## {study.study_name}",
@@ -928,7 +933,7 @@ def write_report(storage: Any, out_dir: Path, study_names: Sequence[str] | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     md_parts, sections = [], []
     studies = [optuna.load_study(study_name=name, storage=storage) for name in names]
-    if len(studies) > 1:
+    if len(studies) > 1 and all(len(s.directions) == 1 for s in studies):  # a front has no one best trial
         text = datasets_section(studies, out_dir / "datasets.png")
         md_parts.append(text)
         sections.append(("datasets", text.rsplit("\n\n![", 1)[0], (out_dir / "datasets.png").read_bytes()))

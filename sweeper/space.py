@@ -7,10 +7,15 @@ Translated exactly (:func:`translate`, one override; :func:`build_space`, a comm
 
 - ``a,b,c`` (comma list, also ``glob(...)``) is a **grid** axis: every combination once, in order.
 - ``choice(a,b)`` -> categorical; ``range(start,stop,step)`` -> integers with the stop **excluded**
-  (Hydra's rule; a float range becomes the categorical list of its points, computed in decimal so
-  that float drift never lets the stop in);
-  ``interval(lo,hi)`` -> float in [lo, hi]; ``tag(log, ...)`` -> log scale. With ``grid_sampler``
-  (``sampler.name=grid``) choice and range become grid axes instead, and an interval is refused.
+  (Hydra's rule; hydra-optuna-sweeper included it, so :func:`range_note` gives the start line naming the
+  values tried); a float range -> a stepped float over its points, computed in decimal so that float drift
+  never lets the stop in; a descending, empty or zero-step range is refused in one line;
+  ``shuffle(range(...))`` -> categorical;
+  ``interval(lo,hi)`` -> float in [lo, hi]; ``int(interval(lo,hi))`` or ``tag(int, interval(...))`` ->
+  integers in [lo, hi]; ``tag(log, ...)`` -> log scale. With ``grid_sampler`` (``sampler.name=grid``)
+  choice and range become grid axes instead, and an interval is refused.
+- :func:`exhaust_finite`: a sampled space of finite points no larger than ``n_trials`` becomes a grid, so
+  each point runs once (a sampler would repeat points of a 2-point space).
 - Anything else is a fixed override, passed unchanged to every job.
 
 :meth:`SweepSpace.grid_distributions` says how grid values are recorded as Optuna params;
@@ -27,7 +32,7 @@ from typing import Any, Sequence
 
 import optuna
 
-__all__ = ["SweepSpace", "build_space", "quote", "translate", "value_text"]
+__all__ = ["SweepSpace", "build_space", "exhaust_finite", "finite_values", "quote", "range_note", "translate", "value_text"]
 
 
 @dataclass
@@ -37,6 +42,7 @@ class SweepSpace:
     fixed: list[str] = field(default_factory=list)  # overrides passed unchanged to every job
     grid: list[tuple[str, list[tuple[Any, str]]]] = field(default_factory=list)  # key -> [(value, override text)]
     distributions: dict[str, optuna.distributions.BaseDistribution] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # lines the start of a sweep logs once (a range's stop rule)
 
     def grid_points(self) -> list[dict[str, tuple[Any, str]]]:
         if not self.grid:
@@ -66,6 +72,46 @@ class SweepSpace:
         return out
 
 
+def finite_values(dist: optuna.distributions.BaseDistribution) -> list[Any] | None:
+    """Every value ``dist`` can give, ascending where ordered, or None for a continuous one."""
+    D = optuna.distributions
+    if isinstance(dist, D.CategoricalDistribution):
+        return list(dist.choices)
+    if isinstance(dist, D.IntDistribution):
+        return list(range(dist.low, dist.high + 1, dist.step))
+    if isinstance(dist, D.FloatDistribution) and (dist.step is not None or dist.low == dist.high):
+        from decimal import Decimal
+
+        if dist.low == dist.high:
+            return [dist.low]
+        n = int((Decimal(str(dist.high)) - Decimal(str(dist.low))) / Decimal(str(dist.step)))
+        return [float(Decimal(str(dist.low)) + i * Decimal(str(dist.step))) for i in range(n + 1)]
+    return None
+
+
+def exhaust_finite(space: SweepSpace, n_trials: int) -> tuple[SweepSpace, str | None]:
+    """A sampled space with at most ``n_trials`` points, all finite (choice, range, stepped floats): its
+    points as grid axes instead, so each runs once and the sweep stops when they are done (a sampler asked
+    for ``n_trials`` draws of a 2-point space repeats points). Returns the space and the line that says so,
+    or the space unchanged and None."""
+    if not space.distributions:
+        return space, None
+    values = {k: finite_values(d) for k, d in space.distributions.items()}
+    if any(v is None for v in values.values()):
+        return space, None
+    size = 1
+    for v in values.values():
+        size *= len(v)
+    size *= len(space.grid_points()) if space.grid else 1
+    if size > n_trials:
+        return space, None
+    grid = space.grid + [(k, [(x, value_text(x)) for x in v]) for k, v in values.items()]
+    keys = ", ".join(sorted(space.distributions))
+    note = (f"the sampled space ({keys}) has {size} point(s), no more than n_trials={n_trials}: each runs once, "
+            "as a grid, and the sweep stops when they are done (a sampler would repeat points)")
+    return SweepSpace(fixed=list(space.fixed), grid=grid, distributions={}, notes=[*space.notes, note]), note
+
+
 def _number(x: Any) -> Any:
     return float(x) if hasattr(x, "as_tuple") else x  # decimal.Decimal from Hydra float ranges
 
@@ -76,13 +122,62 @@ def _float_range(value: Any) -> list[float]:
     from decimal import Decimal
 
     start, stop, step = (Decimal(str(x)) for x in (value.start, value.stop, value.step))
-    if step == 0:
-        raise ValueError("range(...) step must not be 0")
     out, x = [], start
     while (x < stop) if step > 0 else (x > stop):
         out.append(float(x))
         x += step
     return out
+
+
+def _plus(a: Any, b: Any) -> Any:
+    from decimal import Decimal
+
+    return a + b if isinstance(a, int) and isinstance(b, int) else float(Decimal(str(a)) + Decimal(str(b)))
+
+
+def _range_text(value: Any) -> str:
+    return f"range({value_text(value.start)},{value_text(value.stop)},{value_text(value.step)})"
+
+
+def _range_values(key: str, value: Any) -> list[Any]:
+    """The points of ``range(start, stop, step)``, stop excluded (Hydra's rule), ascending; a zero step,
+    a descending range or an empty one is refused in one line."""
+    if value.step == 0:
+        raise ValueError(f"{key}={_range_text(value)}: the step must not be 0")
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in (value.start, value.stop, value.step)):
+        values = list(range(value.start, value.stop, value.step))
+    else:
+        values = _float_range(value)
+    if value.step < 0:
+        fix = (f", e.g. range({value_text(values[-1])},{value_text(_plus(values[0], -value.step))},"
+               f"{value_text(-value.step)}) for the same points" if values else "")
+        raise ValueError(f"{key}={_range_text(value)}: a descending range is not a search space; write it "
+                         f"ascending{fix} (the stop is excluded)")
+    if not values:
+        raise ValueError(f"{key}={_range_text(value)}: the range is empty (the stop is excluded); the start must "
+                         f"be below the stop, e.g. range({value_text(value.start)},"
+                         f"{value_text(value.start + value.step)})")
+    return values
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _stop_on_step(value: Any) -> bool:
+    """Whether the stop is a point of the range's steps: only then does hydra-optuna-sweeper (stop included)
+    try a value this range does not."""
+    from decimal import Decimal
+
+    start, stop, step = (Decimal(str(x)) for x in (value.start, value.stop, value.step))
+    return (stop - start) % step == 0
+
+
+def range_note(key: str, value: Any, values: Sequence[Any]) -> str:
+    """The one line saying what ``range(...)`` tries here, where hydra-optuna-sweeper would also try its stop."""
+    shown = ", ".join(value_text(v) for v in (values if len(values) <= 8 else [*values[:3], "...", *values[-2:]]))
+    return (f"{key}={_range_text(value)} tries {shown}: the stop {value_text(value.stop)} is excluded (Hydra's "
+            "rule; hydra-optuna-sweeper included it)")
 
 
 def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
@@ -104,36 +199,42 @@ def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
             return "dist", optuna.distributions.CategoricalDistribution([v for v, _ in pairs])
         return "grid", pairs  # comma list or glob: a grid axis
     if isinstance(value, RangeSweep):
-        if all(isinstance(x, int) for x in (value.start, value.stop, value.step)):
-            values = [_number(v) for v in override.sweep_iterator()]
-        else:
-            values = _float_range(value)
+        values = _range_values(key, value)
         texts = [value_text(v) for v in values]
-        if not values:
-            raise ValueError(f"{key}={override.input_line.split('=', 1)[1]}: the range is empty (stop is excluded)")
         if grid_sampler:
             return "grid", list(zip(values, texts))
-        if all(isinstance(v, int) for v in values):
+        if value.shuffle:  # shuffle(range(...)): its points, unordered
+            return "dist", optuna.distributions.CategoricalDistribution(values)
+        if all(_is_int(v) for v in values) and _is_int(value.step) and "float" not in tags:
             step = int(value.step)
             if log_scale and step != 1:
                 raise ValueError(f"{key}: tag(log, range(...)) needs step 1, but got step {step}")
             return "dist", optuna.distributions.IntDistribution(
-                low=values[0], high=values[-1], step=1 if log_scale else step, log=log_scale
-            ) if values[0] <= values[-1] else optuna.distributions.CategoricalDistribution(values)
-        return "dist", optuna.distributions.CategoricalDistribution(_float_range(value))
+                low=values[0], high=values[-1], step=1 if log_scale else step, log=log_scale)
+        if log_scale:
+            raise ValueError(f"{key}: tag(log, range(...)) needs whole numbers; for a float on a log scale use "
+                             f"tag(log, interval({value_text(value.start)},{value_text(value.stop)}))")
+        if len(values) == 1:
+            return "dist", optuna.distributions.FloatDistribution(values[0], values[0])
+        # an ordered, stepped float: the sampler learns from the order (a categorical would not)
+        return "dist", optuna.distributions.FloatDistribution(values[0], values[-1], step=float(value.step))
     if isinstance(value, IntervalSweep):
         if grid_sampler:
             raise ValueError(
                 f"{key}: interval(...) is continuous and cannot be a grid axis; use sampler.name=tpe "
                 "or give a comma list / range(...)"
             )
+        # int(interval(a,b)) keeps whole-number bounds; tag(int, interval(...)) says the same
+        whole = "int" in tags or (_is_int(value.start) and _is_int(value.end))
         lo, hi = float(value.start), float(value.end)
         if lo > hi:
             raise ValueError(f"{key}=interval({value.start},{value.end}): the low end must not exceed the high end; "
                              f"write interval({value.end},{value.start})")
         if log_scale and lo <= 0:
             raise ValueError(f"{key}: tag(log, interval({value.start},{value.end})) needs a low end above 0")
-        if "int" in tags:
+        if whole:
+            if lo != int(lo) or hi != int(hi):
+                raise ValueError(f"{key}: int(interval({value.start},{value.end})) needs whole-number ends")
             return "dist", optuna.distributions.IntDistribution(int(lo), int(hi), log=log_scale)
         return "dist", optuna.distributions.FloatDistribution(lo, hi, log=log_scale)
     raise ValueError(f"{override.input_line}: unsupported sweep type {type(value).__name__}")
@@ -145,6 +246,8 @@ def build_space(overrides: Sequence[Any], *, grid_sampler: bool = False) -> Swee
     for ov in overrides:
         kind, payload = translate(ov, grid_sampler=grid_sampler)
         key = ov.get_key_element()
+        if kind != "fixed" and type(ov.value()).__name__ == "RangeSweep" and _stop_on_step(ov.value()):
+            space.notes.append(range_note(key, ov.value(), _range_values(key, ov.value())))
         if kind == "fixed":
             space.fixed.append(payload)
         elif kind == "grid":

@@ -77,7 +77,11 @@ def study_status(study: Any) -> str:
                          + (f" (a joint WSD search's trunk, parked at its {parked}-step branch until the other "
                             "learning rates get there)" if parked is not None else ""))
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if done:
+    if done and len(study.directions) > 1:  # two objectives: no single best, a front
+        lines.append("  Pareto front so far: " + "; ".join(
+            f"trial {t.number} " + ", ".join(f"{v:.4g}" for v in t.values)
+            for t in sorted(study.best_trials, key=lambda t: t.values[1])))
+    elif done:
         best = study.best_trial
         lines.append(f"  best so far: trial {best.number} {study.user_attrs.get('metric', 'value')} {best.value:.4f} "
                      + " ".join(f"{k}={v}" for k, v in best.params.items()))

@@ -11,7 +11,9 @@ studies are opened, locked and kept alive through ``sweeper.storage``. What the 
   that have no COMPLETE, PRUNED, RUNNING or WAITING trial of the same settings (``sweeper.identity``),
   whatever else the study holds (FAILED points run again when the command is re-run); ``n_trials`` only
   caps how many of its points it runs.
-- Distributions (choice, range, interval) are sampled by ``sampler`` (tpe, random). With distributions
+- Distributions (choice, range, interval) are sampled by ``sampler`` (``sweeper.samplers``: by name or
+  ``_target_``); a sampled value that does not fit its key (``sweeper.typefit``) or two points that are one
+  run (``sweeper.points``) are refused before any trial. With distributions
   ``n_trials`` is the study's total (COMPLETE, PRUNED, RUNNING and WAITING trials count), never
   "additional"; it defaults to 10.
 - A command whose unswept settings differ from every earlier trial's is refused before any trial
@@ -34,7 +36,13 @@ goes back to WAITING, and :meth:`StudySweeper._claim` hands it out again only on
 (``sweeper.halving``, on the study's view in ``sweeper.trunks``) has decided it; a worker with nothing
 else to start waits for that instead of ending.
 
-Within ``sweeper/``, Optuna is imported here, in ``sweeper.space``, ``sweeper.storage``, ``sweeper.trunks``, ``sweeper.report`` and the commands
+Two objectives (``hydra.sweeper.direction``, ``sweeper.objectives``): the job's value and its recorded cost are
+told together; its evaluations are kept as an attr, since Optuna cannot report or prune there.
+hydra-optuna-sweeper's fields map through ``sweeper.hos``.
+
+Within ``sweeper/``, Optuna is imported here, in ``sweeper.space``, ``sweeper.storage``, ``sweeper.trunks``,
+``sweeper.samplers``, ``sweeper.objectives``, ``sweeper.points``, ``sweeper.typefit``, ``sweeper.report``,
+``sweeper.report_front`` and the commands
 that read studies back; never in ``sweeper.trial``. Public: ``__all__``. ``open_storage``, ``mask_url``,
 ``SYSTEM_ATTRS`` and ``is_branch`` (``sweeper.storage``) stay importable from here for older callers.
 """
@@ -63,12 +71,13 @@ import sqlalchemy.exc
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
-from sweeper import disk, halving, identity, passwords
+from sweeper import disk, halving, hos, identity, objectives, passwords, samplers, typefit
 from sweeper import gpu as gpu_mod
+from sweeper import points as points_mod
 from sweeper import trunks as trunks_mod
 from sweeper import workers as workers_mod
 from sweeper.reporter import Parked
-from sweeper.space import SweepSpace, build_space, quote, value_text
+from sweeper.space import SweepSpace, build_space, exhaust_finite, quote, value_text
 from sweeper.storage import (
     SYSTEM_ATTRS,
     Heartbeat,
@@ -172,35 +181,11 @@ def _signals_ignored() -> Iterator[None]:
 
 
 def make_pruner(pruner_cfg: Any) -> optuna.pruners.BasePruner:
-    name = pruner_cfg.name
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    if name == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=int(pruner_cfg.n_startup_trials), n_warmup_steps=int(pruner_cfg.n_warmup_steps)
-        )
-    if name == "hyperband":
-        top = pruner_cfg.get("max_resource", "auto")
-        low, eta = int(pruner_cfg.get("min_resource", 1)), int(pruner_cfg.get("reduction_factor", 3))
-        if top != "auto" and (isinstance(top, bool) or not isinstance(top, int) or top <= low):
-            raise ValueError(f"hydra.sweeper.pruner.max_resource must be auto or a whole number of steps above "
-                             f"min_resource ({low}), but got {top!r}")
-        if low < 1 or eta < 2:
-            raise ValueError(f"hydra.sweeper.pruner.min_resource must be >= 1 and reduction_factor >= 2, but got "
-                             f"{low} and {eta}")
-        return optuna.pruners.HyperbandPruner(min_resource=low, max_resource=top, reduction_factor=eta)
-    raise ValueError(
-        f"hydra.sweeper.pruner.name must be one of none, median, hyperband, but got {name!r}"
-    )
+    return samplers.make_pruner(pruner_cfg)
 
 
-def make_sampler(sampler_cfg: Any) -> optuna.samplers.BaseSampler:
-    name, seed = sampler_cfg.name, sampler_cfg.seed
-    if name in ("tpe", "grid"):  # grid points are ours (enqueued); TPE samples the rest
-        return optuna.samplers.TPESampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"hydra.sweeper.sampler.name must be one of tpe, random, grid, but got {name!r}")
+def make_sampler(sampler_cfg: Any, n_objectives: int = 1) -> optuna.samplers.BaseSampler:
+    return samplers.make_sampler(sampler_cfg, n_objectives)
 
 
 # --------------------------------------------------------------------------- the job side
@@ -258,10 +243,13 @@ class TrialReporter:
         inject.in_report(self.trial.study._storage, self.trial._trial_id, step)
         with warnings.catch_warnings():  # a retry re-reports steps its failed run reported (same values)
             warnings.filterwarnings("ignore", message="The reported value is ignored")
-            self.trial.report(value, step)
+            if len(self.trial.study.directions) == 1:
+                self.trial.report(value, step)
+            else:  # Optuna cannot report into a multi-objective trial: its curve is kept as an attr
+                objectives.record_curve(self.trial, value, step)
 
     def should_prune(self) -> bool:
-        return self.trial.should_prune()
+        return len(self.trial.study.directions) == 1 and self.trial.should_prune()
 
     def prune(self, step: int) -> None:
         raise optuna.TrialPruned(f"pruned at step {step}")
@@ -335,6 +323,20 @@ class TrialReporter:
                 self.trial.storage.set_trial_system_attr(self.trial._trial_id, k, v)
             else:
                 self.trial.set_user_attr(k, v)
+
+
+def _not_started(e: Exception) -> Any:
+    """A job that Hydra could not start (its sampled overrides do not compose) as a failed JobReturn whose
+    error is one line: the innermost cause, e.g. a float for an int key."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    first = (str(root).strip().splitlines() or [type(root).__name__])[0]
+    outer = (str(e).strip().splitlines() or [""])[0]
+    text = f"{outer}: {first}" if outer and root is not e and first not in outer else first
+    return JobReturn(status=JobStatus.FAILED, _return_value=ValueError(f"the job could not start: {text}"))
 
 
 def _wsd_params(max_steps: int, low: int, high: int) -> list[tuple[str, Any, Any]]:
@@ -452,8 +454,14 @@ class StudySweeper:
                  pruner: Any, params: Any = None, heartbeat_interval: int | None = None,
                  grace_period: int | None = None, max_retry: int | None = None,
                  max_failures: int | None = None, workers: Any = "auto", gpus: Any = None,
-                 launcher: str = "local", slurm: Any = None, allow_config_change: bool = False) -> None:
+                 launcher: str = "local", slurm: Any = None, allow_config_change: bool = False,
+                 direction: Any = None, cost: Any = "steps", custom_search_space: str | None = None,
+                 n_jobs: int | None = None, max_failure_rate: float | None = None, search_space: Any = None) -> None:
         self.storage_url = storage
+        # hydra-optuna-sweeper's fields (sweeper.hos, sweeper.objectives): checked in sweep()
+        self.direction, self.cost = direction, str(getattr(cost, "name", cost))
+        self.custom_search_space_arg, self.n_jobs, self.max_failure_rate = custom_search_space, n_jobs, max_failure_rate
+        self.search_space = search_space
         self.study_name = study_name
         self.n_trials = n_trials
         self.sampler_cfg = sampler
@@ -542,6 +550,18 @@ class StudySweeper:
                         f"{key}=choice({choices}) samples the dataset or model, but each has its own study "
                         f"(<data.name>-<model.name>); list them as a grid, {key}={choices}")
 
+    def _check_sampled_names_early(self, space: SweepSpace) -> None:
+        """:meth:`_check_sampled_names` on the first grid point's config, before a small finite space becomes a
+        grid (a point that does not compose is left to the pre-flight, which names it)."""
+        if not space.distributions or self.study_name is not None:
+            return
+        first = space.fixed + [f"{k}={t}" for k, (_, t) in space.grid_points()[0].items()]
+        try:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, first)
+        except Exception:
+            return
+        self._check_sampled_names(space, cfg)
+
     def _joint_rates(self, space: SweepSpace) -> SweepSpace:
         """``schedule=wsd_search`` with several learning rates is one trunk, so one trial, per rate: the rates
         of ``schedule.wsd.learning_rates`` become a grid over ``lr.learning_rate``; a grid over
@@ -608,20 +628,27 @@ class StudySweeper:
 
     def _create_study(self, name: str, cfg: DictConfig) -> optuna.Study:
         """Create (or load) the study ``name`` for the runs of ``cfg``, one composed config of it."""
-        direction = config_mod.metric_direction(cfg.eval.metric)
+        metric = str(cfg.eval.metric)
+        wanted = objectives.directions(self.direction, metric, config_mod.metric_direction(metric), self.cost)
+        multi = len(wanted) > 1
         study = optuna.create_study(
             study_name=name,
             storage=open_storage(self.storage_url, self.heartbeat_interval, self.grace_period, self.max_retry),
-            sampler=make_sampler(self.sampler_cfg),
-            pruner=make_pruner(self.pruner_cfg), direction=direction, load_if_exists=True,
+            sampler=make_sampler(self.sampler_cfg, len(wanted)),
+            pruner=optuna.pruners.NopPruner() if multi else make_pruner(self.pruner_cfg), directions=wanted,
+            load_if_exists=True,
         )
-        if study.direction.name.lower() != direction:
+        had = [d.name.lower() for d in study.directions]
+        if had != wanted:
             raise ValueError(
-                f"study {name!r} in {mask_url(self.storage_url)} was created to {study.direction.name.lower()}, "
-                f"but eval.metric={cfg.eval.metric} needs {direction}; use another hydra.sweeper.study_name"
-            )
-        study.set_user_attr("metric", str(cfg.eval.metric))
-        study.set_metric_names([str(cfg.eval.metric)])  # the dashboard's axis label
+                f"study {name!r} in {mask_url(self.storage_url)} was created to {', '.join(had)}, but this command "
+                f"needs {', '.join(wanted)} (eval.metric={metric}, hydra.sweeper.direction={self.direction}); use "
+                "another hydra.sweeper.study_name")
+        study.set_user_attr("metric", metric)
+        if multi:
+            study.set_user_attr("cost", self.cost)
+        # the dashboard's axis labels
+        study.set_metric_names([metric, objectives.COSTS[self.cost][1]] if multi else [metric])
         study.set_user_attr("data", str(cfg.data.name))
         study.set_user_attr("model", str(cfg.model.name))
         return study
@@ -653,9 +680,12 @@ class StudySweeper:
     @staticmethod
     def _matches(trial: optuna.trial.FrozenTrial, point: dict[str, tuple[Any, str]], config: dict | None = None) -> bool:
         """Whether ``trial`` ran grid ``point`` (its params) with ``config`` (the point's result config;
-        None: params alone)."""
+        None: params alone). A key the trial has no param for is judged by its recorded config: ``max_steps=10`` run as
+        a fixed value is the point ``10`` of a later ``max_steps=10,15``."""
         params = trial.system_attrs.get("fixed_params", trial.params)
-        if not all(k in params and params[k] == v for k, (v, _) in point.items()):
+        recorded = trial.system_attrs.get("config") is not None and config is not None
+        # a key the trial has no param for (run as a fixed value): its recorded config decides
+        if not all(params[k] == v if k in params else recorded for k, (v, _) in point.items()):
             return False
         return config is None or identity.same_run(trial.system_attrs.get("config"), config)
 
@@ -733,7 +763,13 @@ class StudySweeper:
                 else:  # sampled: a new trial, as study.ask makes one
                     trial_id, created = study._storage.create_new_trial(study._study_id), True
                 config = sw.configs[i]
-            trial = self._take(study, trial_id, sw.dists, created)
+            try:
+                trial = self._take(study, trial_id, sw.dists, created)
+            except Exception as e:  # the sampler could not suggest (a package it needs, say): FAIL, not RUNNING
+                study._storage.set_trial_user_attr(trial_id, "error", f"{type(e).__name__}: {e}")
+                study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+                raise config_mod.InputError(f"stopping the sweep: the sampler could not suggest a trial's params "
+                                            f"({type(e).__name__}: {e})") from None
             storage = trial.storage
             if config is None:  # a queued retry: the config of the trial it repeats
                 frozen = storage.get_trial(trial._trial_id)
@@ -821,7 +857,18 @@ class StudySweeper:
         datasets.disable_progress_bars()  # one sweep bar and one bar per trial, nothing nested
 
         self._check_numbers()
-        make_sampler(self.sampler_cfg), make_pruner(self.pruner_cfg)  # a bad name: refused before any study
+        hos.refuse_search_space(self.search_space)
+        hos.check_failure_rate(self.max_failure_rate)
+        self.storage_given = self.storage_url is not None
+        self.storage_url = hos.storage(self.storage_url, self.config.paths.output_dir)
+        self.custom_search_space = hos.custom_search_space(self.custom_search_space_arg)
+        self.workers_arg = hos.workers(self.n_jobs, self.workers_arg)
+        metric = str(self.config.eval.metric)
+        self.directions = objectives.directions(self.direction, metric, config_mod.metric_direction(metric), self.cost)
+        make_sampler(self.sampler_cfg, len(self.directions)), make_pruner(self.pruner_cfg)  # refused before any study
+        if len(self.directions) > 1:
+            pruner = self.pruner_cfg or {}
+            log.info(objectives.pruning_note(pruner.get("_target_") or pruner.get("name")))
         self.workers = workers_mod.parse_workers(self.workers_arg)
         self.gpus = workers_mod.parse_gpus(self.gpus_arg)
         self.launcher_name = workers_mod.parse_launcher(self.launcher_arg)
@@ -834,9 +881,19 @@ class StudySweeper:
         all_args = [a for a in params_args if a.split("=", 1)[0] not in cli_keys] + list(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         parsed = parser.parse_overrides(all_args)
-        space = self._joint_rates(build_space(parsed, grid_sampler=self.sampler_cfg.name == "grid"))
+        space = self._joint_rates(build_space(parsed, grid_sampler=samplers.sampler_name(self.sampler_cfg) == "grid"))
+        self._check_sampled_names_early(space)  # data=choice(a,b) is refused, not turned into a grid below
+        space, _ = exhaust_finite(space, self.n_trials or DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS)
+        samplers.check_space(self.sampler_cfg, space.distributions)
         pure_grid = not space.distributions
         all_cfgs = self._preflight(space)  # raises before any trial exists
+        typefit.check(space, all_cfgs[0])  # a sampled value Hydra could not merge: refused now, not at a trial
+        same = points_mod.same_runs(space, [identity.result_config(c) for c in all_cfgs],
+                                    lambda ovs: self.hydra_context.config_loader.load_sweep_config(self.config, ovs))
+        if same:
+            log.warning(same)
+        for line in space.notes:
+            log.info(line)
         sweeps = []
         for name, sub, points, idx in self._split_by_study(space, all_cfgs):  # every check before any trial
             cfgs = [all_cfgs[i] for i in idx]
@@ -1001,7 +1058,16 @@ class StudySweeper:
                 continue
             sw, trial = claimed
             study, name = sw.study, sw.name
-            overrides = self._job_overrides(sw, trial)
+            before = set(trial.params)
+            try:  # hydra.sweeper.custom_search_space: more params, suggested on this trial
+                hos.extend(self.custom_search_space, self.config, trial)
+            except Exception as e:
+                self._record(study, trial, _not_started(e), failures, f"{name}: " if several else "")
+                progress.update(1)
+                continue
+            overrides = self._job_overrides(sw, trial, [k for k in trial.params if k not in before])
+            if not self.storage_given:  # storage: null -> the job opens the study file this sweep chose
+                overrides.insert(len(overrides) - 2, f"hydra.sweeper.storage={quote(self.storage_url)}")
             log.info("%strial %d: %s", f"{name}: " if several else "", trial.number, " ".join(overrides[:-2]))
             study._storage.set_trial_system_attr(trial._trial_id, "overrides", _settings(overrides[:-2]))
             try:
@@ -1012,6 +1078,8 @@ class StudySweeper:
                     self._interrupted(study, trial, str(e) or "interrupted by the user")
                     self._stop_workers(children)
                 raise SystemExit(143 if "SIGTERM" in str(e) else 130) from None
+            except Exception as e:  # the job never started (Hydra could not compose it): this trial FAILs
+                ret = _not_started(e)
             self.job_idx += 1
             returns.append(ret)
             try:
@@ -1021,6 +1089,11 @@ class StudySweeper:
                 self._stop_workers(children)
                 raise config_mod.InputError(self._unrecorded(trial, e)) from None
             progress.update(1)
+            stop = hos.failure_rate_exceeded(self.max_failure_rate, len(failures), len(returns))
+            if stop:
+                self._stop_workers(children)
+                raise config_mod.InputError(f"{stop}; last: {failures[-1]}. Finished trials are kept; fix the cause "
+                                            "and re-run the same command to resume")
             if self.max_failures is not None and len(failures) >= self.max_failures:
                 self._stop_workers(children)
                 raise config_mod.InputError(
@@ -1035,13 +1108,16 @@ class StudySweeper:
         return returns
 
     @staticmethod
-    def _job_overrides(sw: "_Sweep", trial: optuna.Trial) -> list[str]:
+    def _job_overrides(sw: "_Sweep", trial: optuna.Trial, extra: Sequence[str] = ()) -> list[str]:
         """The overrides of ``trial``'s job: the study's fixed ones, each param as the user wrote it (a
-        grid value keeps its override text), then ``study.name`` and ``study.trial_number`` (last two)."""
+        grid value keeps its override text; ``extra``: params the custom search space suggested), then
+        ``study.name`` and ``study.trial_number`` (last two)."""
         space = sw.space
         texts = {k: {v: t for v, t in vals} for k, vals in space.grid}
         overrides = list(space.fixed)
-        for key in [k for k, _ in space.grid] + list(space.distributions):
+        keys = [k for k, _ in space.grid] + list(space.distributions)
+        keys += [k for k in extra if k not in keys]
+        for key in keys:
             value = trial.params[key]
             overrides.append(f"{key}={texts.get(key, {}).get(value, value_text(value))}")
         return overrides + [f"study.name={quote(sw.name)}", f"study.trial_number={trial.number}"]
@@ -1060,7 +1136,15 @@ class StudySweeper:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 failures.append(f"{label}trial {trial.number}: objective is {value}")
             else:
-                study.tell(trial, float(value))
+                try:  # two objectives: the run's cost as well (sweeper.objectives)
+                    told = objectives.values(study, getattr(study._storage, "_backend", study._storage).get_trial(trial._trial_id).user_attrs,
+                                             float(value), study.user_attrs.get("cost", "steps"))
+                except ValueError as e:
+                    trial.set_user_attr("error", str(e))
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    failures.append(f"{label}trial {trial.number}: {e}")
+                    return
+                study.tell(trial, told)
             return
         exc = ret._return_value
         if isinstance(exc, Parked):  # a joint search's trunk: back in the queue until the halving rule decides
@@ -1123,7 +1207,11 @@ class StudySweeper:
             print(text)
             sw.folder.mkdir(parents=True, exist_ok=True)
             (sw.folder / "summary.md").write_text(text + "\n", encoding="utf-8")
-        if len(command.sweeps) > 1:
+            objectives.write_results(sw.study, sw.folder)  # hydra-optuna-sweeper's optimization_results.yaml
+        if len(command.sweeps) > 1 and any(objectives.is_multi(sw.study) for sw in command.sweeps):
+            log.info("two objectives: each study's Pareto front is in its summary.md; the table of datasets "
+                     "compares one best trial per study, which a front does not have")
+        elif len(command.sweeps) > 1:
             # Hydra's launcher makes the folder of the default study of the unswept config, which
             # none of these studies may be: leave no empty folder behind
             default = Path(str(self.config.hydra.sweep.dir))
@@ -1145,7 +1233,7 @@ class StudySweeper:
         args = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweeper.storage=", "+hydra.sweeper.storage="))]
         folder = [f"hydra.sweep.dir={command.folder.resolve()}"] if len(command.sweeps) == 1 else []
         return [sys.executable, script, *args, f"hydra.sweeper.storage={quote(url)}", "hydra.sweeper.workers=1",
-                "hydra.sweeper.gpus=null", "hydra.sweeper.launcher=local", *folder]
+                "hydra.sweeper.n_jobs=null", "hydra.sweeper.gpus=null", "hydra.sweeper.launcher=local", *folder]
 
     def _worker_env(self) -> dict:
         """What a worker adds to this process's environment: the sweep id, and the storage password as

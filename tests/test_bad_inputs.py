@@ -133,6 +133,12 @@ CASES = [
     ("unknown sampler", ["hydra.sweeper.sampler.name=nope"], "hydra.sweeper.sampler.name must be one of tpe, random, grid"),
     ("unknown pruner", ["hydra.sweeper.pruner.name=nope"], "hydra.sweeper.pruner.name must be one of none, median"),
     ("storage URL of no known database", ["hydra.sweeper.storage=foo://x"], "hydra.sweeper.storage=foo://x could not be opened"),
+    ("floats sampled for an int key", ["schedule.max_steps=interval(10,20)"],
+     "schedule.max_steps takes whole numbers (int), but interval(10.0,20.0) samples floats"),
+    ("descending range", ["schedule.max_steps=range(20,10,-5)"], "a descending range is not a search space"),
+    ("direction against the metric", ["hydra.sweeper.direction=maximize"],
+     "hydra.sweeper.direction=maximize, but the objective is eval.metric=eval_loss"),
+    ("sampler option its class lacks", ["+hydra.sweeper.sampler.n_startup=3"], "TPESampler takes no option 'n_startup'"),
 ]
 
 

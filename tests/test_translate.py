@@ -11,7 +11,7 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from sweeper.space import build_space, translate
+from sweeper.space import build_space, exhaust_finite, finite_values, translate
 from sweeper.storage import mask_url
 
 from .conftest import ROOT
@@ -41,7 +41,7 @@ def _hydra_expansion(text):
     ("schedule.max_steps=tag(log,range(1,100))", "dist", IntDistribution(1, 99, log=True)),
     ("lr.learning_rate=interval(1e-5,3e-4)", "dist", FloatDistribution(1e-5, 3e-4)),
     ("lr.learning_rate=tag(log,interval(1e-5,3e-4))", "dist", FloatDistribution(1e-5, 3e-4, log=True)),
-    ("data.eval_fraction=range(0.1,0.4,0.1)", "dist", CategoricalDistribution([0.1, 0.2, 0.3])),
+    ("data.eval_fraction=range(0.1,0.4,0.1)", "dist", FloatDistribution(0.1, 0.3, step=0.1)),
 ])
 def test_translation_table(text, kind, expected):
     got_kind, payload = _one(text)
@@ -62,7 +62,7 @@ def test_int_range_matches_hydra_stop_excluded(text):
 
 def test_float_range_excludes_stop_without_drift():
     _, dist = _one("data.eval_fraction=range(0.1,0.4,0.1)")
-    assert list(dist.choices) == [0.1, 0.2, 0.3]
+    assert finite_values(dist) == [0.1, 0.2, 0.3]
     kind, pairs = _one("data.eval_fraction=range(0.05,0.2,0.05)", grid_sampler=True)
     assert pairs == [(0.05, "0.05"), (0.1, "0.1"), (0.15, "0.15")]
 
@@ -107,3 +107,111 @@ def test_storage_password_split_off_and_masked():
     assert split_password("sqlite:///tmp/x.db") == ("sqlite:///tmp/x.db", None)
     text = "storage: postgresql+psycopg://bob:s3cret@db/x\n- hydra.sweeper.storage='mysql://a:b@h/d'"
     assert mask_passwords(text) == "storage: postgresql+psycopg://bob:***@db/x\n- hydra.sweeper.storage='mysql://a:***@h/d'"
+
+
+# hydra-optuna-sweeper's own table (plugins/hydra_optuna_sweeper/tests/test_optuna_sweeper_plugin.py): its ten
+# override cases and its params cases, each with what it gives here: "same", "mapped" (the difference is
+# ours on purpose: Hydra's range excludes its stop) or "refused" with the line's gist.
+HOS_OVERRIDES = [
+    ("key=choice(1,2)", "same", CategoricalDistribution([1, 2])),
+    ("key=choice(true, false)", "same", CategoricalDistribution([True, False])),
+    ("key=choice('hello', 'world')", "same", CategoricalDistribution(["hello", "world"])),
+    ("key=shuffle(range(1,3))", "same", CategoricalDistribution([1, 2])),
+    ("key=range(1,3)", "mapped", IntDistribution(1, 2)),  # HOS: IntUniformDistribution(1, 3)
+    ("key=interval(1, 5)", "same", FloatDistribution(1, 5)),
+    ("key=int(interval(1, 5))", "same", IntDistribution(1, 5)),
+    ("key=tag(log, interval(1, 5))", "same", FloatDistribution(1, 5, log=True)),
+    ("key=tag(log, int(interval(1, 5)))", "same", IntDistribution(1, 5, log=True)),
+    # HOS: DiscreteUniformDistribution(0.5, 5.5, 1), i.e. the stop 5.5 included
+    ("key=range(0.5, 5.5, step=1)", "mapped", FloatDistribution(0.5, 4.5, step=1)),
+]
+
+
+@pytest.mark.parametrize("text,how,expected", HOS_OVERRIDES)
+def test_hydra_optuna_sweeper_override_table(text, how, expected):
+    kind, dist = _one(text)
+    assert kind == "dist"
+    if isinstance(expected, CategoricalDistribution):
+        assert set(dist.choices) == set(expected.choices)
+    else:
+        assert dist == expected
+
+
+HOS_PARAMS = [
+    (["key=choice(1,2)"], {"key": CategoricalDistribution([1, 2])}, []),
+    (["key=5"], {}, ["key=5"]),
+    (["key1=choice(1,2)", "key2=5"], {"key1": CategoricalDistribution([1, 2])}, ["key2=5"]),
+    (["key1=choice(1,2)", "key2=5", "key3=range(1,3)"],
+     {"key1": CategoricalDistribution([1, 2]), "key3": IntDistribution(1, 2)}, ["key2=5"]),  # mapped: stop excluded
+    (["x=range(-5.5, 5.5, step=0.5)", "y=choice(-5 ,0 ,5)"],  # its example/conf/config.yaml params
+     {"x": FloatDistribution(-5.5, 5.0, step=0.5), "y": CategoricalDistribution([-5, 0, 5])}, []),
+    (["x=range(-5.5, 5.5, 0.5)", "y=choice(-5, 0, 5)", "z=1"],  # its custom-search-space params
+     {"x": FloatDistribution(-5.5, 5.0, step=0.5), "y": CategoricalDistribution([-5, 0, 5])}, ["z=1"]),
+]
+
+
+@pytest.mark.parametrize("overrides,dists,fixed", HOS_PARAMS)
+def test_hydra_optuna_sweeper_params_table(overrides, dists, fixed):
+    space = build_space(PARSER.parse_overrides(overrides))
+    assert space.distributions == dists and space.fixed == fixed and not space.grid
+
+
+@pytest.mark.parametrize("text,line", [
+    ("schedule.max_steps=range(5,1,-1)", r"descending range .* write it ascending, e.g. range\(2,6,1\) for the same points"),
+    ("schedule.max_steps=range(5,1)", r"the range is empty \(the stop is excluded\)"),
+    ("schedule.max_steps=range(1,5,0)", r"the step must not be 0"),
+    ("data.eval_fraction=range(0.4,0.1,-0.1)", r"e.g. range\(0.2,0.5,0.1\)"),
+    ("lr.learning_rate=tag(log, range(0.1,0.5,0.1))", r"tag\(log, interval\(0.1,0.5\)\)"),
+])
+def test_bad_ranges_refused_in_one_line(text, line):
+    with pytest.raises(ValueError, match=line) as e:
+        _one(text)
+    assert "\n" not in str(e.value)
+
+
+def test_range_note_names_the_values_and_the_stop_rule():
+    space = build_space(PARSER.parse_overrides(["schedule.max_steps=range(10,30,10)"]))
+    assert space.notes == ["schedule.max_steps=range(10,30,10) tries 10, 20: the stop 30 is excluded (Hydra's "
+                           "rule; hydra-optuna-sweeper included it)"]
+    assert build_space(PARSER.parse_overrides(["schedule.max_steps=range(0,10,3)"])).notes == []  # the same points
+
+
+def test_float_range_with_a_step_is_ordered_and_a_grid_axis_with_the_grid_sampler():
+    _, dist = _one("data.eval_fraction=range(0.05,0.2,0.05)")
+    assert dist == FloatDistribution(0.05, 0.15, step=0.05)
+    assert finite_values(dist) == [0.05, 0.1, 0.15]
+    _, pairs = _one("data.eval_fraction=range(0.05,0.2,0.05)", grid_sampler=True)
+    assert [v for v, _ in pairs] == [0.05, 0.1, 0.15]
+
+
+def test_a_finite_space_no_larger_than_n_trials_runs_each_point_once():
+    space = build_space(PARSER.parse_overrides(["schedule.max_steps=range(10,30,10)", "seed=3"]))
+    grid, note = exhaust_finite(space, 4)
+    assert not grid.distributions and [v for v, _ in dict(grid.grid)["schedule.max_steps"]] == [10, 20]
+    assert "2 point(s), no more than n_trials=4" in note
+    assert exhaust_finite(space, 1) == (space, None)  # more points than trials: sampled
+    cont = build_space(PARSER.parse_overrides(["lr.learning_rate=interval(1e-5,1e-4)"]))
+    assert exhaust_finite(cont, 100) == (cont, None)
+
+
+@pytest.mark.parametrize("text,key_value,line", [
+    ("schedule.max_steps=interval(10,20)", 500, r"schedule.max_steps takes whole numbers \(int\), but "
+     r"interval\(10.0,20.0\) samples floats .*write schedule.max_steps='int\(interval\(10,20\)\)'"),
+    ("schedule.max_steps=tag(log, interval(10,20))", 500, r"'tag\(log, int\(interval\(10,20\)\)\)'"),
+    ("schedule.max_steps=range(10.0,30.0,10.0)", 500, r"takes int values, but range\(10.0,30.0,10.0\) gives 10.0"),
+    ("schedule.max_steps=choice(10,abc)", 500, r"takes int values, but choice\(10,abc\) gives abc \(str\)"),
+])
+def test_a_sampled_value_that_does_not_fit_its_key_is_refused(text, key_value, line):
+    from omegaconf import OmegaConf
+
+    from sweeper.config import ScheduleConfig
+    from sweeper.typefit import check
+
+    cfg = OmegaConf.create({"schedule": OmegaConf.structured(ScheduleConfig(max_steps=key_value))})
+    with pytest.raises(ValueError, match=line):
+        check(build_space(PARSER.parse_overrides([text])), cfg)
+    check(build_space(PARSER.parse_overrides(["schedule.max_steps=int(interval(10,20))"])), cfg)  # fits
+    untyped = OmegaConf.create({"lr": {"learning_rate": 1e-4, "n": 3}})
+    check(build_space(PARSER.parse_overrides(["lr.learning_rate=interval(1e-5,1e-3)"])), untyped)
+    with pytest.raises(ValueError, match="lr.n takes whole numbers"):
+        check(build_space(PARSER.parse_overrides(["lr.n=interval(1,5)"])), untyped)

@@ -8,6 +8,7 @@ ConfigStore registration, and a thin Sweeper that imports the Optuna implementat
 
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -16,20 +17,12 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import MISSING, DictConfig
 
 
-@dataclass
-class SamplerConf:
-    name: str = MISSING  # tpe | random | grid
-    seed: Optional[int] = None
+class Cost(Enum):
+    """The second objective of ``direction: [minimize, minimize]`` (sweeper.objectives.COSTS)."""
 
-
-@dataclass
-class PrunerConf:
-    name: str = MISSING  # none | median | hyperband
-    n_warmup_steps: int = MISSING
-    n_startup_trials: int = MISSING
-    min_resource: int = 1  # hyperband: the smallest step count a bracket judges at
-    max_resource: Any = "auto"  # hyperband: the longest run in steps, or auto (the first finished trial's)
-    reduction_factor: int = 3  # hyperband: keep 1/reduction_factor at each rung
+    steps = 1  # optimizer steps trained
+    tokens = 2  # input tokens seen
+    gpu_seconds = 3  # seconds of training on its one GPU
 
 
 @dataclass
@@ -51,12 +44,20 @@ class SlurmConf:
 @dataclass
 class SftSweepSweeperConf:
     _target_: str = "hydra_plugins.sft_sweep.sft_sweep_sweeper.SftSweepSweeper"
-    storage: str = MISSING
+    storage: Optional[str] = MISSING  # null: hydra-optuna-sweeper's in-memory study -> a file in paths.output_dir
     study_name: Optional[str] = None
     n_trials: Optional[int] = None
-    sampler: SamplerConf = field(default_factory=SamplerConf)
-    pruner: PrunerConf = field(default_factory=PrunerConf)
+    # name | _target_, seed and the sampler's options (sweeper.samplers): open, as a sampler class takes any
+    sampler: Dict[str, Any] = field(default_factory=dict)
+    # name (none | median | hyperband) with its keys, or _target_ with a pruner's options; null: none
+    pruner: Optional[Dict[str, Any]] = field(default_factory=dict)
+    direction: Any = None  # null: eval.metric's; minimize | maximize | [metric's, minimize] (metric vs cost)
+    cost: Cost = MISSING  # the second objective of a two-objective direction
     params: Optional[Dict[str, str]] = None
+    custom_search_space: Optional[str] = None  # import path of a function (cfg, trial) that adds params
+    n_jobs: Optional[int] = None  # hydra-optuna-sweeper's parallel trials -> workers
+    max_failure_rate: Optional[float] = None  # stop once this share of finished trials failed (null: never)
+    search_space: Optional[Dict[str, Any]] = None  # hydra-optuna-sweeper's deprecated form: refused, naming params
     heartbeat_interval: Optional[int] = None
     grace_period: Optional[int] = None
     max_retry: Optional[int] = None

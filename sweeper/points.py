@@ -1,0 +1,60 @@
+"""Are a command's points distinct runs? Checked on the composed configs before any trial exists.
+
+    python train.py -m schedule=choice(under,sweet) schedule.max_steps=10   # warned: one run, twice
+
+A swept config group whose options a fixed override makes identical (``schedule=under,sweet
+schedule.max_steps=10``: the presets differ only in ``max_steps``) would train the same run once per option
+and rank the copies against each other. :func:`same_runs` gives the one line the sweep warns with before any
+trial, naming the two points and the overrides that erase their difference (their trials still run: two
+seeds' worth of the same config is a way to measure noise). Pure apart from the ``compose`` callable it is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import optuna
+
+from sweeper import identity
+from sweeper.space import SweepSpace, value_text
+
+__all__ = ["same_runs"]
+
+
+def _erasers(fixed: Sequence[str], keys: Sequence[str]) -> list[str]:
+    return [o for o in fixed if any(o.lstrip("+~").startswith(k + ".") for k in keys)]
+
+
+def _line(a: str, b: str, keys: Sequence[str], fixed: Sequence[str]) -> str:
+    by = _erasers(fixed, keys)
+    why = f" ({' '.join(by)} sets what tells them apart)" if by else ""
+    return (f"{a} and {b} compose the same run{why}: the sweep trains it once for each; sweep only one of them, "
+            f"or drop {' '.join(by) if by else 'the override that makes them equal'}")
+
+
+def same_runs(space: SweepSpace, configs: Sequence[dict], compose: Callable[[list[str]], Any]) -> str | None:
+    """The line saying that two grid points (``configs``: their result configs, in
+    :meth:`SweepSpace.grid_points` order) or two choices of a sampled ``choice(...)`` over a config group
+    (composed with ``compose(overrides)``) are the same run; None when every point is its own."""
+    points = space.grid_points()
+    for j in range(len(configs)):
+        for i in range(j):
+            if identity.same_run(configs[i], configs[j]):
+                diff = [k for k in points[i] if points[i][k][1] != points[j][k][1]]
+                a = " ".join(f"{k}={points[i][k][1]}" for k in diff)
+                b = " ".join(f"{k}={points[j][k][1]}" for k in diff)
+                return _line(a, b, diff, space.fixed)
+    for key, dist in space.distributions.items():
+        if not isinstance(dist, optuna.distributions.CategoricalDistribution) or "." in key:
+            continue
+        seen: dict[str, str] = {}
+        for value in dist.choices:
+            try:
+                cfg = compose(space.fixed + [f"{key}={value_text(value)}"])
+            except Exception:  # a choice that does not compose fails its own trial
+                continue
+            flat = repr(sorted(identity.result_config(cfg).items()))
+            if flat in seen:
+                return _line(f"{key}={seen[flat]}", f"{key}={value_text(value)}", [key], space.fixed)
+            seen[flat] = value_text(value)
+    return None
