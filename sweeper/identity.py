@@ -16,7 +16,9 @@ The ``schedule`` group is what a study searches, so it never makes a config "dif
 tells runs apart. Keys ignored everywhere: paths, the study's own bookkeeping, logging, checkpoint
 saving, speed kernels, OOM retry, and how the effective batch is split into micro-batches (the
 effective batch itself counts); the accuracy probe unless it is the objective; ``data.demo_rows``
-unless the data is the generated demo.
+unless the data is the generated demo. The data files count by their content as well as their path
+(``data.train_content``/``data.eval_content``, :mod:`sweeper.fingerprint`): a file edited in place is a
+different setting.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ def default_study_name(cfg: Any) -> str:
     return f"{cfg.data.name}-{cfg.model.name}"
 
 
-def result_config(cfg: Any) -> dict[str, Any]:
+def result_config(cfg: Any, data_content: dict[str, str] | None = None) -> dict[str, Any]:
     """The composed config (``DictConfig``) as dotted keys -> plain values, resolved, without the
-    ignored keys; the batch as its effective size (``batch.effective_batch``)."""
+    ignored keys; the batch as its effective size (``batch.effective_batch``); plus ``data_content``, the
+    digests of the data files (:func:`sweeper.fingerprint.data_content`: ``data.train_content``,
+    ``data.eval_content``), so that a file changed in place is a changed setting."""
     from omegaconf import OmegaConf
 
     node = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
@@ -60,6 +64,7 @@ def result_config(cfg: Any) -> dict[str, Any]:
     b = cfg.batch
     out[EFFECTIVE_BATCH] = (int(b.auto.target_effective_batch) if b.get("auto") is not None
                             else int(b.per_device_train_batch_size) * int(b.gradient_accumulation_steps))
+    out.update(data_content or {})
     return out
 
 
@@ -108,7 +113,10 @@ def differences(study_configs: list[dict], command: dict, skip: set[str]) -> dic
 def describe_differences(diff: dict[str, tuple[list, Any]], most: int = 6) -> str:
     items = [f"{k}: {', '.join(map(str, old))} in the study, {new} now" for k, (old, new) in sorted(diff.items())]
     more = f" (and {len(items) - most} more)" if len(items) > most else ""
-    return "; ".join(items[:most]) + more
+    changed = [k.removesuffix("_content") + "_path" for k in sorted(diff) if k.endswith("_content")]
+    note = (f" ({' and '.join(changed)} names a file whose content changed since those trials ran)"
+            if changed and not any(k in diff for k in changed) else "")
+    return "; ".join(items[:most]) + more + note
 
 
 def same_run(trial_config: dict | None, point_config: dict) -> bool:

@@ -63,7 +63,7 @@ import sqlalchemy.exc
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
-from sweeper import disk, halving, identity, passwords
+from sweeper import disk, fingerprint, halving, identity, passwords
 from sweeper import gpu as gpu_mod
 from sweeper import trunks as trunks_mod
 from sweeper import workers as workers_mod
@@ -595,6 +595,7 @@ class StudySweeper:
             if key not in seen_data:
                 seen_data.add(key)
                 splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
+                data_mod.check_train_size(splits, cfg.batch)
                 # tokenised as the trials will (then a cache hit for them); a worker's leader did it already
                 if self.launcher_name == "local" and _SWEEP_ID_ENV not in os.environ:
                     from sweeper.sft import check_prepared_data
@@ -840,7 +841,7 @@ class StudySweeper:
         sweeps = []
         for name, sub, points, idx in self._split_by_study(space, all_cfgs):  # every check before any trial
             cfgs = [all_cfgs[i] for i in idx]
-            configs = [identity.result_config(c) for c in cfgs]
+            configs = [identity.result_config(c, fingerprint.data_content(c.data, c.paths.cache_dir)) for c in cfgs]
             if pure_grid:  # a grid runs its own points, whatever else the study holds
                 total = min(self.n_trials, len(points)) if self.n_trials else len(points)
                 points, cfgs, configs, idx = points[:total], cfgs[:total], configs[:total], idx[:total]
