@@ -63,7 +63,7 @@ import sqlalchemy.exc
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
-from sweeper import disk, fingerprint, halving, identity, passwords
+from sweeper import disk, fingerprint, folders, halving, identity, passwords
 from sweeper import gpu as gpu_mod
 from sweeper import trunks as trunks_mod
 from sweeper import workers as workers_mod
@@ -240,7 +240,7 @@ class TrialReporter:
 
     def resume_checkpoint(self) -> str | None:
         """For a trial re-queued after its worker died, or a joint search's trunk parked at a rung: the
-        newest checkpoint its run left."""
+        newest whole checkpoint its run left (:func:`sweeper.checkpoints.newest_resumable`)."""
         frozen = self.trial.study._storage.get_trial(self.trial._trial_id)
         parked = (frozen.system_attrs.get("wsd_trunk") or {}).get("parked_at") is not None
         if frozen.system_attrs.get("failed_trial") is None and not parked:
@@ -248,9 +248,9 @@ class TrialReporter:
         run_dir = frozen.user_attrs.get("run_dir")
         if not run_dir or not Path(run_dir).is_dir():
             return None
-        ckpts = sorted((p for p in Path(run_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
-                       key=lambda p: int(p.name.split("-")[-1]))  # complete ones: a kill can cut a save short
-        return str(ckpts[-1]) if ckpts else None
+        from sweeper import checkpoints  # whole ones only: a kill can cut a save short
+
+        return checkpoints.newest_resumable(run_dir, f"trial {self.trial.number}'s retry")
 
     def report(self, value: float, step: int) -> None:
         from sweeper import inject
@@ -852,6 +852,8 @@ class StudySweeper:
             self._check_compatible(study, dists)
             self._check_same_settings(study, sub, configs)
             sweeps.append(_Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx))
+        for sw in sweeps:  # after every check: another study incarnation's trial folders moved aside
+            folders.claim(sw.folder, sw.study, mask_url(self.storage_url))
         command = _Command(sweeps)
         to_run = self._log_start(command)
         if self.launcher_name == "slurm":

@@ -200,3 +200,95 @@ def test_a_missing_shipped_dataset_names_the_environment_variable(compose_cfg, t
     with pytest.raises(FileNotFoundError) as e:
         data_mod.load(cfg.data, cfg.paths.cache_dir)
     assert "SFT_SWEEP_SHARED_DATA" in str(e.value) and str(tmp_path / "nowhere") in str(e.value)
+
+
+# --------------------------------------------------------------------------- checkpoints and folders
+
+
+def _checkpoint(run_dir, step, drop=()):
+    """A checkpoint as the Trainer writes one (weights, optimizer, scheduler, RNG, state), real files."""
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt = run_dir / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    save_file({"w": torch.randn(64, 64)}, str(ckpt / "model.safetensors"))
+    torch.save({"state": {0: {"exp_avg": torch.randn(64, 64)}}}, ckpt / "optimizer.pt")
+    torch.save({"last_epoch": step}, ckpt / "scheduler.pt")
+    torch.save({"python": 1}, ckpt / "rng_state.pth")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    for name in drop:
+        (ckpt / name).unlink()
+    return ckpt
+
+
+def _cut(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda c: _cut(c / "model.safetensors", 0.6), "model.safetensors is cut short"),
+    (lambda c: _cut(c / "trainer_state.json", 0.5), "trainer_state.json is cut short or damaged"),
+    (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt is missing (resuming without it would train another"),
+    (lambda c: (c / "scheduler.pt").unlink(), "scheduler.pt is missing"),
+    (lambda c: _cut(c / "optimizer.pt", 0.5), "optimizer.pt is cut short or damaged"),
+    (lambda c: (c / "rng_state.pth").unlink(), "rng_state.pth is missing"),
+    (lambda c: (c / "model.safetensors").unlink(), "it holds no weights"),
+])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage, needle):
+    from sweeper import checkpoints
+
+    _checkpoint(tmp_path, 8)
+    newest = _checkpoint(tmp_path, 12)
+    assert checkpoints.newest_resumable(tmp_path) == str(newest)
+    damage(newest)
+    with caplog.at_level(logging.WARNING, logger="sweeper.checkpoints"):
+        assert checkpoints.newest_resumable(tmp_path, "trial 3's retry") == str(tmp_path / "checkpoint-8")
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("trial 3's retry resumes from checkpoint-8:") and str(newest) in line and needle in line
+
+
+def test_no_whole_checkpoint_starts_from_step_0_and_says_so(tmp_path, caplog):
+    from sweeper import checkpoints
+
+    _checkpoint(tmp_path, 4, drop=("optimizer.pt",))
+    with caplog.at_level(logging.WARNING, logger="sweeper.checkpoints"):
+        assert checkpoints.newest_resumable(tmp_path) is None
+    assert "the retry starts from step 0:" in caplog.text and "optimizer.pt is missing" in caplog.text
+    assert checkpoints.newest_resumable(tmp_path / "nothing") is None
+
+
+def test_a_new_study_of_an_old_name_moves_the_old_trial_folders_aside(tmp_path, caplog):
+    """optuna.db deleted and the same command run again: the new trial 0 must not write into the old one's
+    folder (its best checkpoint, its train.log)."""
+    import optuna
+
+    from sweeper import folders
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    sweep = tmp_path / "sweeps" / "demo-tiny"
+    first = optuna.create_study(study_name="demo-tiny", storage=url)
+    assert folders.claim(sweep, first, url) is None
+    (sweep / "trial_0" / "checkpoint-50").mkdir(parents=True)
+    (sweep / "trial_0" / "train.log").write_text("first run\n")
+    (sweep / "summary.md").write_text("first summary\n")
+    first.enqueue_trial({})
+    assert folders.claim(sweep, optuna.load_study(study_name="demo-tiny", storage=url), url) is None  # same study
+    assert (sweep / "trial_0" / "train.log").read_text() == "first run\n"
+
+    (tmp_path / "optuna.db").unlink()
+    second = optuna.create_study(study_name="demo-tiny", storage=url)
+    with caplog.at_level(logging.WARNING, logger="sweeper.folders"):
+        moved = folders.claim(sweep, second, url)
+    assert moved is not None and moved.parent == sweep and moved.name.startswith("previous-")
+    assert (moved / "trial_0" / "train.log").read_text() == "first run\n"
+    assert (moved / "trial_0" / "checkpoint-50").is_dir() and (moved / "summary.md").is_file()
+    assert not (sweep / "trial_0").exists()
+    assert "moved them, whole, to" in caplog.text and "nothing was deleted" in caplog.text
+
+    # folders left by a study that was never marked (an older version) and is gone: moved too
+    (sweep / folders.MARKER).unlink()
+    (sweep / "trial_0").mkdir()
+    third_url = f"sqlite:///{tmp_path}/other.db"
+    assert folders.claim(sweep, optuna.create_study(study_name="demo-tiny", storage=third_url), third_url) is not None
