@@ -60,7 +60,7 @@ from typing import Any, Iterator, Sequence
 
 import optuna
 import sqlalchemy.exc
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from sweeper import config as config_mod
 from sweeper import disk, fingerprint, folders, halving, identity, passwords
@@ -855,6 +855,11 @@ class StudySweeper:
         for sw in sweeps:  # after every check: another study incarnation's trial folders moved aside
             folders.claim(sw.folder, sw.study, mask_url(self.storage_url))
         command = _Command(sweeps)
+        # Hydra's launcher makes the sweep folder of the unswept config, which may name no study (or not
+        # resolve: data=jsonl data.train_path=a.jsonl,b.jsonl leaves data.train_path ??? there): the command's
+        # folder instead, where its summary goes
+        with read_write(self.config), open_dict(self.config):
+            self.config.hydra.sweep.dir = str(command.folder)
         to_run = self._log_start(command)
         if self.launcher_name == "slurm":
             max_workers = int(self.slurm_cfg.max_workers)
@@ -1127,11 +1132,6 @@ class StudySweeper:
             sw.folder.mkdir(parents=True, exist_ok=True)
             (sw.folder / "summary.md").write_text(text + "\n", encoding="utf-8")
         if len(command.sweeps) > 1:
-            # Hydra's launcher makes the folder of the default study of the unswept config, which
-            # none of these studies may be: leave no empty folder behind
-            default = Path(str(self.config.hydra.sweep.dir))
-            if default.is_dir() and default not in {sw.folder for sw in command.sweeps} and not any(default.iterdir()):
-                default.rmdir()
             command.folder.mkdir(parents=True, exist_ok=True)
             text = datasets_section([sw.study for sw in command.sweeps], command.folder / "datasets.png")
             print(text)
