@@ -474,6 +474,8 @@ class StudySweeper:
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
 
+        passwords.install_log_filter(passwords.secret_values(  # the command's log lines and worker logs
+            dict(config.hydra.job.get("env_set") or {}), self.storage_url))
         self.config = config
         self.hydra_context = hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
@@ -1145,15 +1147,17 @@ class StudySweeper:
         :meth:`_worker_env`)."""
         script = str(Path(sys.argv[0]).resolve())
         url, _ = passwords.split_password(self.storage_url)
-        args = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweeper.storage=", "+hydra.sweeper.storage="))]
+        args = [a for a in passwords.split_secret_overrides(sys.argv[1:])[0]
+                if not a.startswith(("hydra.sweeper.storage=", "+hydra.sweeper.storage="))]
         folder = [f"hydra.sweep.dir={command.folder.resolve()}"] if len(command.sweeps) == 1 else []
         return [sys.executable, script, *args, f"hydra.sweeper.storage={quote(url)}", "hydra.sweeper.workers=1",
                 "hydra.sweeper.gpus=null", "hydra.sweeper.launcher=local", *folder]
 
     def _worker_env(self) -> dict:
-        """What a worker adds to this process's environment: the sweep id, and the storage password as
-        PGPASSWORD (so that it is in no command line, log or saved config)."""
-        env = {_SWEEP_ID_ENV: self.sweep_id}
+        """What a worker adds to this process's environment: the sweep id, the storage password as
+        PGPASSWORD and secret ``hydra.job.env_set`` values as themselves (so that they are in no command
+        line, log or saved config)."""
+        env = {_SWEEP_ID_ENV: self.sweep_id, **passwords.split_secret_overrides(sys.argv[1:])[1]}
         _, password = passwords.split_password(self.storage_url)
         if password is not None:
             env["PGPASSWORD"] = password
@@ -1170,8 +1174,8 @@ class StudySweeper:
 
         sweep_dir = str(command.folder.resolve())
         env = self._worker_env()
-        if "PGPASSWORD" in env:  # SLURM hands the submitting environment to its jobs; never a job's command
-            os.environ["PGPASSWORD"] = env.pop("PGPASSWORD")
+        for key in [k for k in env if passwords.is_secret_name(k)]:  # PGPASSWORD, HF_TOKEN, ...: SLURM hands
+            os.environ[key] = env.pop(key)  # the submitting environment to its jobs; never in a job's command
         submitter = slurm.Submitter(self.slurm_cfg, Path(sweep_dir) / "slurm", self._worker_command(command),
                                     env=env, cwd=os.getcwd())
         jobs = submitter.submit(command.plan.n)
