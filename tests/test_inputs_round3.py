@@ -15,6 +15,8 @@ from sweeper import fingerprint, identity
 from sweeper import spec as spec_mod
 from sweeper.config import InputError
 
+from .conftest import FAST, run_cli
+
 
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -292,3 +294,161 @@ def test_a_new_study_of_an_old_name_moves_the_old_trial_folders_aside(tmp_path, 
     (sweep / "trial_0").mkdir()
     third_url = f"sqlite:///{tmp_path}/other.db"
     assert folders.claim(sweep, optuna.create_study(study_name="demo-tiny", storage=third_url), third_url) is not None
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+SECRET = "hf_SeCrEt0123456789"
+
+
+@pytest.mark.parametrize("text,masked", [
+    ("- +hydra.job.env_set.HF_TOKEN=hf_SeCrEt0123456789", "- +hydra.job.env_set.HF_TOKEN=***"),
+    ("      HF_TOKEN: hf_SeCrEt0123456789", "      HF_TOKEN: ***"),
+    ("    WANDB_API_KEY: 'a''b'", "    WANDB_API_KEY: ***"),
+    ("AWS_SECRET_ACCESS_KEY=\"x y\"", "AWS_SECRET_ACCESS_KEY=***"),
+    ("storage: postgresql://bob:pa'ss@db/x", "storage: postgresql://bob:***@db/x"),
+    ("- hydra.sweeper.storage=\"postgresql://bob:p%40s'%22s@db:5432/x\"", "- hydra.sweeper.storage=\"postgresql://bob:***@db:5432/x\""),
+    ("storage: 'postgresql+psycopg://bob:p''w@db/x'", "storage: 'postgresql+psycopg://bob:***@db/x'"),
+    ("tokens_seen: 1200, max_tokens: 5, lr_scheduler_kwargs: {}", "tokens_seen: 1200, max_tokens: 5, lr_scheduler_kwargs: {}"),
+])
+def test_secrets_are_masked_in_any_quoting(text, masked):
+    from sweeper.passwords import mask_secrets
+
+    assert mask_secrets(text) == masked
+
+
+def test_hydra_saved_config_and_logs_hold_no_secret(compose_cfg, tmp_path):
+    """What Hydra saves for a job (hydra.yaml with env_set and the command line, overrides.yaml), scrubbed the
+    way a job does it as it starts; a log line through the filter."""
+    from omegaconf import OmegaConf
+
+    from sweeper import passwords
+
+    url = "postgresql://bob:pa'ss%40w0rd@127.0.0.1:5432/test"
+    cfg = compose_cfg(f"+hydra.job.env_set.HF_TOKEN={SECRET}", f"hydra.sweeper.storage=\"{url}\"")
+    saved = tmp_path / "job" / ".hydra"
+    saved.mkdir(parents=True)
+    OmegaConf.save(cfg.hydra, saved / "hydra.yaml")
+    (saved / "overrides.yaml").write_text(OmegaConf.to_yaml(list(cfg.hydra.overrides.hydra)))
+    raw = (saved / "hydra.yaml").read_text()
+    assert SECRET in raw and "pa'ss" in raw  # what Hydra writes
+    values = passwords.secret_values(dict(cfg.hydra.job.env_set), url)
+    passwords.scrub_saved_config(tmp_path / "job", values)
+    for path in saved.iterdir():
+        text = path.read_text()
+        assert SECRET not in text and "pa'ss" not in text and "w0rd" not in text, path
+    assert "HF_TOKEN: '***'" in (saved / "hydra.yaml").read_text() or "HF_TOKEN: ***" in (saved / "hydra.yaml").read_text()
+
+    logger = logging.getLogger("sweeper.test_secret")
+    handler = logging.FileHandler(tmp_path / "train.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        passwords.install_log_filter(values)
+        logger.warning("token is %s and the URL %s", SECRET, url)
+        logger.warning("decoded password pa'ss@w0rd in an error")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    log_text = (tmp_path / "train.log").read_text()
+    assert SECRET not in log_text and "pa'ss" not in log_text and "***" in log_text
+
+
+def test_workers_get_secret_env_set_values_in_their_environment(monkeypatch):
+    from sweeper.study import StudySweeper
+
+    monkeypatch.setattr("sys.argv", ["train.py", "-m", "schedule=under,sweet", f"+hydra.job.env_set.HF_TOKEN={SECRET}",
+                                     "hydra.job.env_set.OMP_NUM_THREADS=2"])
+    sweeper = StudySweeper(storage="postgresql://bob:pw0rd@db/x", study_name=None, n_trials=None, sampler=None,
+                           pruner=None)
+
+    class _One:
+        sweeps = [object()]
+
+        class folder:
+            @staticmethod
+            def resolve():
+                return "/tmp/sweep"
+
+    command = sweeper._worker_command(_One())
+    assert not any(SECRET in a or "pw0rd" in a for a in command)
+    assert "hydra.job.env_set.OMP_NUM_THREADS=2" in command
+    env = sweeper._worker_env()
+    assert env["HF_TOKEN"] == SECRET and env["PGPASSWORD"] == "pw0rd"
+
+
+# --------------------------------------------------------------------------- config edge values
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("schedule.max_steps=1000000000000", "schedule.max_steps must be at most 10,000,000"),
+    ("schedule.max_steps=10000001", "schedule.max_steps must be at most 10,000,000"),
+    ("seed=-1", "seed must be between 0 and 4294967295"),
+    ("seed=4294967296", "seed must be between 0 and 4294967295"),
+    ("data.seed=-3", "data.seed must be between 0 and 4294967295"),
+])
+def test_absurd_values_are_refused(compose_cfg, override, needle):
+    from sweeper import config as config_mod
+
+    with pytest.raises(ValueError, match=needle):
+        config_mod.validate(compose_cfg(override))
+    config_mod.validate(compose_cfg("schedule.max_steps=10000000", "seed=4294967295"))
+
+
+def test_seed_sets_the_batch_order_and_data_seed_the_rows(compose_cfg):
+    from sweeper import sft
+
+    cfg = compose_cfg("seed=7", "data.seed=3")
+    spec = spec_mod.resolve(cfg)
+    args = sft.build_sft_config(spec, output_dir=cfg.paths.output_dir, data_format="messages")
+    assert (args.seed, args.data_seed) == (7, None)  # the Trainer's sampler follows seed
+
+
+
+@pytest.mark.slow
+def test_a_sweep_over_seed_alone_gives_different_curves(compose_cfg):
+    """Real trainings of the tiny model (its weights do not depend on seed): only the batch order moves."""
+    from sweeper import trial
+
+    def value(seed):
+        return trial.run(compose_cfg(*FAST, "schedule.max_steps=8", f"seed={seed}"))
+
+    assert value(2) != value(1)  # another seed, another order, another curve (one seed, one curve: test_chaos)
+
+
+# --------------------------------------------------------------------------- the CLI, end to end
+
+
+@pytest.mark.slow
+def test_several_files_one_command_no_secret_written_and_a_new_study_moves_old_folders(tmp_path, cache_dir):
+    """`data=jsonl data.train_path=a.jsonl,b.parquet` runs a study per file; a token given with env_set is in
+    no file and no output line; the same command after optuna.db is deleted moves the old trial folders aside."""
+    import datasets
+    import optuna
+
+    rows = [_chat(i, f"label{i % 3}") for i in range(60)]
+    a = _write(tmp_path / "a.jsonl", rows)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "b.parquet"))
+    out = tmp_path / "out"
+    base = [*FAST, "schedule.max_steps=4", f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}",
+            f"+hydra.job.env_set.HF_TOKEN={SECRET}", "data=jsonl"]
+    proc = run_cli("-m", f"data.train_path={a},{tmp_path / 'b.parquet'}", *base)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    url = f"sqlite:///{out}/optuna.db"
+    for name in ("a-tiny", "b-tiny"):
+        [t] = optuna.load_study(study_name=name, storage=url).trials
+        assert t.state == optuna.trial.TrialState.COMPLETE
+    assert SECRET not in proc.stdout + proc.stderr
+    written = [p for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not written, written
+
+    old_log = (out / "sweeps" / "a-tiny" / "trial_0" / "train.log").read_text()
+    (out / "optuna.db").unlink()
+    proc = run_cli("-m", f"data.train_path={a}", *base)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "moved them, whole, to" in proc.stdout + proc.stderr
+    [previous] = (out / "sweeps" / "a-tiny").glob("previous-*")
+    assert (previous / "trial_0" / "train.log").read_text() == old_log  # nothing appended, nothing lost
+    assert list((previous / "trial_0").glob("checkpoint-*"))
+    new_log = (out / "sweeps" / "a-tiny" / "trial_0" / "train.log").read_text()
+    assert old_log not in new_log
