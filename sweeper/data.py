@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,7 @@ class Splits:
     all_train: Any = None  # the train rows before data.max_train_rows (None: the same as train)
     detected: str = ""  # the format read from the file: one of FORMATS or a key of CONVERSIONS
     overlap: int = 0  # eval rows that are also train rows (the same text)
+    notes: list = field(default_factory=list)  # what the plan shows: a format converted, eval rows seen in train
 
 
 # --------------------------------------------------------------------------- demo data
@@ -540,19 +541,22 @@ def load(data: DataConfig, cache_dir: str | Path) -> Splits:
             raise ValueError(f"data.max_train_rows must be >= 1 or null, but got {data.max_train_rows}")
         all_train = train
         train = train.select(range(min(len(train), int(data.max_train_rows))))
+    notes = []
     if detected in CONVERSIONS:
-        log.info("data %s: %s", data.name, CONVERSIONS[detected][2])
+        notes.append(f"data {data.name}: {CONVERSIONS[detected][2]}")
+        log.info("%s", notes[-1])
     overlap = _overlap(train, evals)
     if overlap:
         where = (f"data.eval_path ({data.eval_path}) and data.train_path share rows" if data.eval_path is not None
                  else f"data.train_path ({source}) repeats rows, and data.eval_fraction split copies of them apart")
-        log.warning("data %s: %d of %d eval rows are also train rows (the same text): %s; their eval loss measures "
-                    "memorisation, not generalisation: remove the duplicates or give a separate data.eval_path",
-                    data.name, overlap, len(evals), where)
+        notes.append(f"data {data.name}: {overlap} of {len(evals)} eval rows are also train rows (the same text): "
+                     f"{where}; their eval loss measures memorisation, not generalisation: remove the duplicates "
+                     "or give a separate data.eval_path")
+        log.warning("%s", notes[-1])
     log.info("data %s: %d train rows, %d eval rows (%s format) from %s",
              data.name, len(train), len(evals), fmt, source)
     return Splits(train=train, eval=evals, format=fmt, source=source, all_train=all_train, detected=detected,
-                  overlap=overlap)
+                  overlap=overlap, notes=notes)
 
 
 def check_train_size(splits: Splits, batch: Any) -> None:

@@ -37,21 +37,26 @@ def _marker(folder: Path) -> dict | None:
 
 def claim(folder: str | Path, study: Any, storage: str) -> Path | None:
     """Make ``folder`` the sweep folder of ``study`` (an ``optuna.Study``; ``storage`` its URL, masked):
-    move another incarnation's trial folders aside first. Returns where they went (None: nothing moved)."""
+    move another incarnation's trial folders aside first. Returns where they went (None: nothing moved).
+    Call it under the study's claim lock (:func:`sweeper.storage.claim_lock`): two commands starting one new
+    study at once then agree on its id. A ``trial_<n>`` folder whose number is a trial of ``study`` is its own
+    and never moved."""
     folder = Path(folder)
     mine = study.user_attrs.get(INCARNATION)
     if mine is None:
         mine = uuid.uuid4().hex[:12]
         study.set_user_attr(INCARNATION, mine)
     marker = _marker(folder)
-    old = sorted(p for pattern in _MOVED for p in folder.glob(pattern)) if folder.is_dir() else []
+    numbers = {f"trial_{t.number}" for t in study.get_trials(deepcopy=False)}
+    old = sorted(p for pattern in _MOVED for p in folder.glob(pattern) if p.name not in numbers) \
+        if folder.is_dir() else []
     trial_dirs = [p for p in old if p.name.startswith("trial_")]
     if marker is None:
         foreign = bool(trial_dirs) and not study.get_trials(deepcopy=False)  # folders of a study that is gone
     else:
         foreign = marker.get(INCARNATION) != mine
     moved_to = None
-    if foreign and old:
+    if foreign and trial_dirs:
         moved_to = folder / time.strftime("previous-%Y-%m-%d_%H-%M-%S")
         while moved_to.exists():
             moved_to = moved_to.with_name(moved_to.name + "_")

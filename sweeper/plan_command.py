@@ -115,7 +115,7 @@ def plan_rows(overrides: list[str]) -> list[dict]:
             "overrides": row_overrides, "cfg": cfg, "plan": plan, "study": study_name, "rows": len(splits.train),
             "prepared_rows": len(prepared), "eval_rows": eval_rows, "seq_len": seq_len, "memory": est,
             "gpus": gpus, "fits_on": fits, "wall_s": wall_s, "tokens_per_s": tps,
-            "tokens_known": "input_ids" in prepared.column_names, "warnings": plan.warnings() + ([note] if note else []),
+            "tokens_known": "input_ids" in prepared.column_names, "warnings": plan.warnings() + list(splits.notes) + ([note] if note else []),
         })
     GlobalHydra.instance().clear()
     _note_other_settings(rows)

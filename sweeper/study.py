@@ -855,7 +855,8 @@ class StudySweeper:
             self._check_same_settings(study, sub, configs)
             sweeps.append(_Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx))
         for sw in sweeps:  # after every check: another study incarnation's trial folders moved aside
-            folders.claim(sw.folder, sw.study, mask_url(self.storage_url))
+            with claim_lock(self.storage_url, sw.name):
+                folders.claim(sw.folder, sw.study, mask_url(self.storage_url))
         command = _Command(sweeps)
         # Hydra's launcher makes the sweep folder of the unswept config, which may name no study (or not
         # resolve: data=jsonl data.train_path=a.jsonl,b.jsonl leaves data.train_path ??? there): the command's

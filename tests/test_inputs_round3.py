@@ -293,7 +293,14 @@ def test_a_new_study_of_an_old_name_moves_the_old_trial_folders_aside(tmp_path, 
     (sweep / folders.MARKER).unlink()
     (sweep / "trial_0").mkdir()
     third_url = f"sqlite:///{tmp_path}/other.db"
-    assert folders.claim(sweep, optuna.create_study(study_name="demo-tiny", storage=third_url), third_url) is not None
+    third = optuna.create_study(study_name="demo-tiny", storage=third_url)
+    assert folders.claim(sweep, third, third_url) is not None
+
+    # another command started the same new study a moment earlier (its trial 0 runs): its folder stays
+    third.enqueue_trial({})
+    (sweep / "trial_0").mkdir()
+    (sweep / folders.MARKER).write_text(json.dumps({folders.INCARNATION: "another"}))
+    assert folders.claim(sweep, third, third_url) is None and (sweep / "trial_0").is_dir()
 
 
 # --------------------------------------------------------------------------- secrets
