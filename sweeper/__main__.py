@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     stat.add_argument("--study", action="append", help="study name (repeatable; default: every study)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from sweeper import passwords
+
+    passwords.install_log_filter(passwords.secret_values({}, getattr(args, "storage", None)))  # no password logged
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns on import
     os.environ.setdefault("TQDM_DISABLE", "1")
     if args.command == "plan":

@@ -37,6 +37,7 @@ _URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^:/@\s'\"]*:)([^@\s]+)(@)")
 _SECRET_PARTS = {"TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "PWD", "CREDENTIAL", "CREDENTIALS", "AUTH",
                  "APIKEY", "PASS"}
 _SECRET_ENDINGS = ("TOKEN", "PASSWORD", "SECRET", "APIKEY")
+_TOKENIZER_NAMES = {f"{k}_TOKEN" for k in ("PAD", "EOS", "BOS", "UNK", "SEP", "CLS", "MASK")}  # special tokens
 # name=value (an override) or name: value (YAML); the value plain, '...' (YAML doubles a quote) or "..."
 _NAMED = re.compile(r"""(?P<name>[A-Za-z_][\w.]*)(?P<sep>\s*=\s*|:[ \t]+)"""
                     r"""(?P<value>'(?:[^']|'')*'|"(?:[^"\\]|\\.)*"|[^\s,}\]]+)""")
@@ -44,8 +45,10 @@ _NAMED = re.compile(r"""(?P<name>[A-Za-z_][\w.]*)(?P<sep>\s*=\s*|:[ \t]+)"""
 
 def is_secret_name(name: str) -> bool:
     """Whether a key (its last dotted part) names a secret: ``HF_TOKEN``, ``WANDB_API_KEY``,
-    ``AWS_SECRET_ACCESS_KEY``, ``PGPASSWORD``; not ``tokens_seen`` or ``max_tokens``."""
+    ``AWS_SECRET_ACCESS_KEY``, ``PGPASSWORD``; not ``tokens_seen``, ``max_tokens`` or ``pad_token``."""
     last = name.rsplit(".", 1)[-1].upper()
+    if last in _TOKENIZER_NAMES:
+        return False
     return bool(_SECRET_PARTS & set(last.split("_"))) or last.endswith(_SECRET_ENDINGS)
 
 

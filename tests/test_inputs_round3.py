@@ -317,7 +317,7 @@ SECRET = "hf_SeCrEt0123456789"
     ("storage: postgresql://bob:pa'ss@db/x", "storage: postgresql://bob:***@db/x"),
     ("- hydra.sweeper.storage=\"postgresql://bob:p%40s'%22s@db:5432/x\"", "- hydra.sweeper.storage=\"postgresql://bob:***@db:5432/x\""),
     ("storage: 'postgresql+psycopg://bob:p''w@db/x'", "storage: 'postgresql+psycopg://bob:***@db/x'"),
-    ("tokens_seen: 1200, max_tokens: 5, lr_scheduler_kwargs: {}", "tokens_seen: 1200, max_tokens: 5, lr_scheduler_kwargs: {}"),
+    ("tokens_seen: 1200, max_tokens: 5, pad_token: <pad>", "tokens_seen: 1200, max_tokens: 5, pad_token: <pad>"),
 ])
 def test_secrets_are_masked_in_any_quoting(text, masked):
     from sweeper.passwords import mask_secrets
