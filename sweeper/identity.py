@@ -32,6 +32,7 @@ IGNORED = ("paths.", "study.", "speed.", "hydra.", "batch.", "report_to", "retry
            "eval.save_best", "eval.logging_steps")
 SEARCHED = ("schedule.",)  # what a study is about: differs between runs, never between studies
 EFFECTIVE_BATCH = "batch.effective_batch"
+CONTENT = ("data.train_content", "data.eval_content")  # digests of the data files (sweeper.fingerprint)
 
 
 def study_name(cfg: Any) -> str:
@@ -121,8 +122,9 @@ def describe_differences(diff: dict[str, tuple[list, Any]], most: int = 6) -> st
 
 def same_run(trial_config: dict | None, point_config: dict) -> bool:
     """Whether a trial that recorded ``trial_config`` ran ``point_config`` (None: a trial from before
-    configs were recorded, which counts by its params alone)."""
+    configs were recorded, which counts by its params alone; a trial recorded before data contents were,
+    by the rest of its config)."""
     if trial_config is None:
         return True
-    keys = set(trial_config) | set(point_config)
+    keys = set(trial_config) | {k for k in point_config if k not in CONTENT or k in trial_config}
     return all(trial_config.get(k) == point_config.get(k) for k in keys)

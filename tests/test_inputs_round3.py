@@ -73,6 +73,9 @@ def test_a_file_changed_in_place_is_another_setting_of_the_study(compose_cfg, tm
         sweeper._check_same_settings(study, space, [after])
     assert "data.train_content" in str(e.value) and "whose content changed" in str(e.value)
     assert "hydra.sweeper.study_name" in str(e.value)
+    assert not identity.same_run(before, after)  # a grid point of the new content is not done
+    older = {k: v for k, v in before.items() if k not in identity.CONTENT}  # recorded before contents were
+    assert identity.same_run(older, after)
 
 
 def test_fingerprint_is_cached_by_path_size_and_mtime(tmp_path):
