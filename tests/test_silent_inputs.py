@@ -1,6 +1,7 @@
-"""Inputs that once went through silently or with a misleading error: data identity and shapes, checkpoints,
-secrets in what the tool writes, absurd config values, several files in one command. In-process, on real
-files in tmp_path and real SQLite studies, through the functions the CLI calls."""
+"""Inputs that could pass silently or fail with a misleading error: data identity and row shapes, damaged
+checkpoints and reused trial folders, secrets in what the tool writes, absurd config values, several files in
+one command. In-process, on real files in tmp_path and real SQLite studies, through the functions the CLI
+calls; two slow cases train (a seed sweep, the CLI)."""
 
 from __future__ import annotations
 
