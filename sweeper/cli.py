@@ -107,6 +107,9 @@ def run_command(argv: list[str], prog: str = "sft-sweep") -> int:
     """One of :data:`COMMANDS` (``argv[0]``) with its arguments; the exit status."""
     args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from sweeper import passwords
+
+    passwords.install_log_filter(passwords.secret_values({}, getattr(args, "storage", None)))  # no password logged
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU backend warns on import
     os.environ.setdefault("TQDM_DISABLE", "1")
     from sweeper import userconf

@@ -83,7 +83,7 @@ class DataConfig:
     eval_fraction: float = MISSING  # share of train rows held out when eval_path is None
     max_train_rows: Optional[int] = None  # None: all rows; taken after the seeded shuffle
     max_eval_rows: Optional[int] = None
-    seed: int = MISSING  # shuffle/split seed
+    seed: int = MISSING  # which rows: the eval_fraction split and the max_train_rows sample (top-level seed: their order)
     max_length: int = MISSING  # tokens; longer examples are truncated (TRL max_length)
     packing: bool = MISSING  # TRL bfd packing (+ padding-free)
     loss_on: str = MISSING  # completion | all: completion = assistant turns / completion column only
@@ -254,6 +254,9 @@ def metric_direction(metric: str) -> str:
 
 
 WSD_DECAY_TYPES = ("linear", "cosine", "1-sqrt")
+MAX_STEPS = 10_000_000  # optimizer steps of one run: months at any speed; more is a typo (1e12) or an overflow
+MAX_EPOCHS = 10_000
+MAX_SEED = 2**32 - 1  # numpy's seed range (transformers' set_seed seeds numpy too)
 
 
 def wsd_warmup_steps(cfg: Any) -> int:
@@ -305,6 +308,9 @@ def _validate_wsd(cfg: Any) -> None:
             f"be null, but got max_steps={s.max_steps}, num_train_epochs={s.num_train_epochs}; set "
             "schedule.wsd.candidates=[...] instead")
     cands = list(w.candidates)
+    if any(isinstance(c, int) and c > MAX_STEPS for c in cands):
+        raise ValueError(f"schedule.wsd.candidates must be at most {MAX_STEPS:,} steps each, but got {cands}; "
+                         "e.g. schedule.wsd.candidates=[500,1500,3000]")
     if not cands or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cands):
         raise ValueError(f"schedule.wsd.candidates must be a non-empty list of positive integers (steps), but got "
                          f"{cands}; e.g. schedule.wsd.candidates=[500,1500,3000]")
@@ -389,11 +395,22 @@ def validate(cfg: Any) -> None:
             f"schedule.max_steps must be positive, but got {s.max_steps}; pick schedule=sweet "
             "or set schedule.max_steps=1500"
         )
+    if s.max_steps is not None and s.max_steps > MAX_STEPS:
+        raise ValueError(
+            f"schedule.max_steps must be at most {MAX_STEPS:,} (months of training at any speed), but got "
+            f"{s.max_steps:,}; pick schedule=sweet or set schedule.max_steps=1500")
     if s.num_train_epochs is not None and s.num_train_epochs <= 0:
         raise ValueError(
             f"schedule.num_train_epochs must be positive, but got {s.num_train_epochs}; "
             "pick schedule=epochs3"
         )
+    if s.num_train_epochs is not None and s.num_train_epochs > MAX_EPOCHS:
+        raise ValueError(f"schedule.num_train_epochs must be at most {MAX_EPOCHS:,}, but got {s.num_train_epochs:g}; "
+                         "pick schedule=epochs3")
+    for key, seed in (("seed", cfg.seed), ("data.seed", cfg.data.seed)):
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"{key} must be between 0 and {MAX_SEED} (numpy's seed range), but got {seed}; "
+                             f"e.g. {key}=42")
     w = cfg.lr.warmup_steps
     if w < 0:
         raise ValueError(f"lr.warmup_steps must be >= 0, but got {w}; set lr.warmup_steps=0.03")

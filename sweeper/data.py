@@ -1,10 +1,16 @@
 """Load, check and split the training data (the ``data`` config group, :class:`sweeper.config.DataConfig`).
 
-Accepted inputs: a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a hub dataset id, or
-``demo`` (a small intent-classification set this module generates). Rows must be in one of TRL's
-two formats: conversational ``messages`` or ``prompt``/``completion``. Every check raises one
-``ValueError`` (or ``FileNotFoundError``) that names the option, the file and, for JSON lines, the
-line number.
+Accepted inputs: a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file (its path read literally:
+``[``, ``*`` and ``?`` in a name are not glob patterns), a folder written by ``datasets``'
+``save_to_disk``, a hub dataset id, or ``demo`` (a small intent-classification set this module
+generates). Rows are in one of TRL's two formats, conversational ``messages`` or
+``prompt``/``completion``, or in one this module converts (:data:`CONVERSIONS`): ShareGPT
+``conversations`` (``from``/``value``) and Alpaca ``instruction``/``input``/``output`` become
+``messages``, plain ``text`` becomes a completion with an empty prompt (TRL's language modeling: the
+loss is on every token). Every row's shape is checked once, on the decoded values, before any trial;
+every check raises one ``ValueError`` (or ``FileNotFoundError``) that names the option, the file and the
+row numbers (1-based, in file order). Tool calls (``tool_calls``, ``tool`` messages) are refused as not
+supported. Eval rows that are also train rows are counted and warned about.
 
 Loading goes through ``datasets`` so the Arrow cache and fingerprints are reused across trials.
 """
@@ -15,28 +21,47 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sweeper.config import DataConfig
 
-__all__ = ["FORMATS", "Splits", "check_prepared", "demo_corpus", "demo_rows", "detect_format", "load"]
+__all__ = ["CONVERSIONS", "FORMATS", "Splits", "check_prepared", "check_train_size", "demo_corpus", "demo_rows", "detect_format", "load"]
 
 log = logging.getLogger(__name__)
 
 _LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMATS = ("messages", "prompt_completion")
+# formats read and converted to one of TRL's: {detected: (its columns, the TRL format, words for the log)}
+CONVERSIONS = {
+    "sharegpt": (("conversations",), "messages", "ShareGPT 'conversations' rows, converted to TRL messages"),
+    "alpaca": (("instruction", "input", "output"), "messages",
+               "Alpaca instruction/input/output rows, converted to TRL messages (user: instruction and input; "
+               "assistant: output)"),
+    "text": (("text",), "prompt_completion",
+             "plain 'text' rows, converted to a completion with an empty prompt (language modeling: the loss is "
+             "on every token)"),
+}
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+_TOOL_ROLES = {"tool", "function", "function_call", "observation", "ipython", "tool_call", "tool_response"}
+_ROLES = ("system", "user", "assistant")
+_GLOB_CHARS = set("*?[]")
+_SHARED_DATA_ENV = "SFT_SWEEP_SHARED_DATA"
 
 
 @dataclass
 class Splits:
     train: Any  # datasets.Dataset
     eval: Any  # datasets.Dataset
-    format: str  # "messages" | "prompt_completion"
+    format: str  # "messages" | "prompt_completion" (TRL's)
     source: str  # resolved path or hub id, for logs
     all_train: Any = None  # the train rows before data.max_train_rows (None: the same as train)
+    detected: str = ""  # the format read from the file: one of FORMATS or a key of CONVERSIONS
+    overlap: int = 0  # eval rows that are also train rows (the same text)
+    notes: list = field(default_factory=list)  # what the plan shows: a format converted, eval rows seen in train
 
 
 # --------------------------------------------------------------------------- demo data
@@ -190,16 +215,81 @@ def _check_jsonl(path: Path, key: str) -> int:
     return rows
 
 
+def _missing_hint(path_str: str) -> str:
+    """Where a missing file of the shipped data options is looked for: they read their files under
+    ``$SFT_SWEEP_SHARED_DATA`` (``conf/data/banking77.yaml`` and the like)."""
+    root = os.environ.get(_SHARED_DATA_ENV)
+    if (root and path_str.startswith(root)) or (not root and "shared/data/" in path_str):
+        return (f"; the shipped data options read their files under ${_SHARED_DATA_ENV} "
+                f"({'set to ' + repr(root) if root else 'not set, so ../shared/data relative to where train.py starts'}): "
+                f"set {_SHARED_DATA_ENV} to the folder that holds banking77/, snips/, gsm8k/")
+    return ""
+
+
+def _literal(local: Path, suffix: str, cache_dir: Path, key: str) -> Path:
+    """A path ``datasets`` reads as exactly this file: it takes ``data_files`` as glob patterns, so a name
+    holding ``[``, ``]``, ``*`` or ``?`` is read through a link without them in the cache folder."""
+    if not _GLOB_CHARS & set(str(local)):
+        return local
+    import hashlib
+
+    link = cache_dir / "data" / "literal" / (hashlib.sha1(str(local).encode()).hexdigest()[:16] + suffix)
+    if _GLOB_CHARS & set(str(link)):
+        raise ValueError(f"{key}: {local} holds glob characters ({''.join(sorted(_GLOB_CHARS & set(str(local))))}) "
+                         f"and so does paths.cache_dir={cache_dir}, so it cannot be read literally; rename the "
+                         "file or move the cache")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not (link.is_symlink() and os.readlink(link) == str(local)):
+        tmp = link.with_name(f"{link.name}.tmp{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(local)
+        os.replace(tmp, link)  # atomic: parallel workers see the old link or the new one
+    return link
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """Whether ``folder`` was written by ``Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``)."""
+    return (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file() \
+        or (folder / "state.json").is_file()
+
+
+def _load_from_disk(folder: Path, split: str | None, key: str) -> Any:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as e:
+        raise ValueError(f"{key}: {folder} looks like a datasets save_to_disk folder but could not be read "
+                         f"({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        want = split or "train"
+        if want not in ds:
+            raise ValueError(f"{key}: {folder} holds the splits {sorted(ds)}, not {want!r}; set "
+                             f"{key.replace('_path', '_split')} to one of them")
+        ds = ds[want]
+    return ds
+
+
 def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path) -> tuple[Any, str]:
     import datasets
 
     suffix = Path(path_str).suffix.lower()
     local = _resolve_local(path_str)
+    if local.is_dir():
+        if _is_saved_dataset(local):
+            ds = _load_from_disk(local, split, key)
+        else:
+            raise ValueError(
+                f"{key}: {local} is a folder, not a data file; give one .jsonl, .json, .csv or .parquet file, a "
+                "folder written by datasets' save_to_disk, or a hub id")
+        if len(ds) == 0:
+            raise ValueError(f"{key}: {local} has no rows")
+        return ds, str(local)
     if suffix in _LOCAL_SUFFIXES or local.exists():
         if not local.is_file():
             raise FileNotFoundError(
-                f"{key}: file not found: {local} (accepted: .jsonl, .json, .csv, .parquet files or a hub id)"
-            )
+                f"{key}: file not found: {local} (accepted: .jsonl, .json, .csv, .parquet files, a datasets "
+                f"save_to_disk folder or a hub id){_missing_hint(path_str)}")
         if local.stat().st_size == 0:
             raise ValueError(f"{key}: {local} is empty; it needs at least one row")
         builder = _LOCAL_SUFFIXES.get(suffix)
@@ -211,7 +301,8 @@ def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path) -> tu
             raise ValueError(f"{key}: {local} has no rows (only blank lines)")
         try:
             ds = datasets.load_dataset(
-                builder, data_files=str(local), split="train", cache_dir=str(cache_dir / "datasets")
+                builder, data_files=str(_literal(local, suffix, cache_dir, key)), split="train",
+                cache_dir=str(cache_dir / "datasets")
             )
         except Exception as e:  # datasets wraps parser errors in its own types
             raise ValueError(f"{key}: could not read {local}: {e}") from e
@@ -223,57 +314,135 @@ def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path) -> tu
     except Exception as e:
         raise ValueError(
             f"{key}: {path_str!r} is neither an existing file nor a loadable hub dataset ({type(e).__name__}: {e})"
+            f"{_missing_hint(path_str)}"
         ) from e
     return ds, path_str
 
 
 def detect_format(columns: list[str], key: str, source: str) -> str:
+    """The format of rows with ``columns``: one of :data:`FORMATS` (TRL's) or a key of :data:`CONVERSIONS`."""
     if "messages" in columns:
         return "messages"
     if "prompt" in columns and "completion" in columns:
         return "prompt_completion"
+    if "conversations" in columns:
+        return "sharegpt"
+    if "instruction" in columns and "output" in columns:
+        return "alpaca"
+    if "text" in columns:
+        return "text"
     raise ValueError(
-        f"{key}: rows of {source} need a 'messages' column (TRL conversational format) or "
-        f"'prompt' and 'completion' columns, but found columns {sorted(columns)}"
+        f"{key}: rows of {source} need a 'messages' column (TRL conversational format), 'prompt' and "
+        "'completion' columns, a ShareGPT 'conversations' column, Alpaca 'instruction'/'input'/'output' columns "
+        f"or a 'text' column, but found columns {sorted(columns)}"
     )
 
 
-def _row_problem(fmt: str, row: dict) -> str | None:
-    """Why one row cannot be trained on (None: it can)."""
+def _columns(fmt: str, present: list[str]) -> list[str]:
+    """The columns a row of ``fmt`` is read from (Alpaca's ``input`` only when the file has it)."""
     if fmt == "messages":
-        msgs = row.get("messages")
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
-                and (isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls")))
-                for m in msgs):
-            return "'messages' must be a non-empty list of {'role': ..., 'content': <text>} objects"
+        return ["messages"]
+    if fmt == "prompt_completion":
+        return ["prompt", "completion"]
+    return [c for c in CONVERSIONS[fmt][0] if c in present]
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "missing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    return f"a {type(value).__name__}" + (f" ({value!r:.40})" if isinstance(value, (list, dict)) else "")
+
+
+_TOOLS = ("tool calls are not supported (an assistant message with 'tool_calls', or a tool result); drop these "
+          "rows or write the calls and results as plain text")
+
+
+def _message_problem(msgs: Any, field: str, need_answer: bool) -> str | None:
+    """Why a list of chat messages (``messages``, or a conversational prompt/completion) cannot be trained on."""
+    if not isinstance(msgs, list) or not msgs:
+        return f"'{field}' must be a non-empty list of {{'role': ..., 'content': <text>}} objects, but is {_kind(msgs)}"
+    for j, m in enumerate(msgs):
+        where = f"{field}[{j}]"
+        if not isinstance(m, dict):
+            return f"{where} must be a {{'role': ..., 'content': <text>}} object, but is {_kind(m)}"
+        role = m.get("role")
+        if m.get("tool_calls") or role in _TOOL_ROLES:
+            return f"{where} is a tool {'call' if m.get('tool_calls') else 'result'}: {_TOOLS}"
+        if role not in _ROLES:
+            return f"{where}.role must be one of {', '.join(_ROLES)}, but is {role!r}"
+        if not isinstance(m.get("content"), str):
+            return f"{where}.content must be text, but is {_kind(m.get('content'))}"
+    if need_answer:
         answers = [m["content"] for m in msgs if m["role"] == "assistant"]
         if not answers:
-            roles = sorted({m["role"] for m in msgs})
-            return f"no assistant message to learn from (roles: {', '.join(roles)})"
-        if not any((a or "").strip() for a in answers) and not any(
-                m.get("tool_calls") for m in msgs if m["role"] == "assistant"):
+            return f"no assistant message to learn from (roles: {', '.join(sorted({m['role'] for m in msgs}))})"
+        if not any(a.strip() for a in answers):
             return "its assistant messages are empty"
+    return None
+
+
+def _row_problem(fmt: str, row: dict) -> str | None:
+    """Why one row (decoded values) cannot be trained on (None: it can)."""
+    if fmt == "messages":
+        return _message_problem(row.get("messages"), "messages", True)
+    if fmt == "sharegpt":
+        turns = row.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            return f"'conversations' must be a non-empty list of {{'from': ..., 'value': <text>}}, but is {_kind(turns)}"
+        msgs = []
+        for j, t in enumerate(turns):
+            if not isinstance(t, dict):
+                return f"conversations[{j}] must be a {{'from': ..., 'value': <text>}} object, but is {_kind(t)}"
+            who = t.get("from")
+            if who in _TOOL_ROLES:
+                return f"conversations[{j}] is a tool turn (from {who!r}): {_TOOLS}"
+            if who not in _SHAREGPT_ROLES:
+                return f"conversations[{j}].from must be one of human, gpt, system, but is {who!r}"
+            if not isinstance(t.get("value"), str):
+                return f"conversations[{j}].value must be text, but is {_kind(t.get('value'))}"
+            msgs.append({"role": _SHAREGPT_ROLES[who], "content": t["value"]})
+        return _message_problem(msgs, "conversations", True)
+    if fmt == "alpaca":
+        for name in ("instruction", "input", "output"):
+            value = row.get(name)
+            if not isinstance(value, str) and not (name == "input" and value is None):
+                return f"'{name}' must be text, but is {_kind(value)}"
+        if not row["output"].strip():
+            return "an empty 'output'"
         return None
-    prompt, completion = row.get("prompt"), row.get("completion")
-    for name, value in (("prompt", prompt), ("completion", completion)):
+    if fmt == "text":
+        value = row.get("text")
+        if not isinstance(value, str):
+            return f"'text' must be text, but is {_kind(value)}"
+        return None if value.strip() else "an empty 'text'"
+    for name in ("prompt", "completion"):
+        value = row.get(name)
         if isinstance(value, str):
             if name == "completion" and not value.strip():
                 return "an empty 'completion'"
-        elif isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
-            if name == "completion" and not any(str(m["content"]).strip() for m in value):
+        elif isinstance(value, list):
+            why = _message_problem(value, name, False)
+            if why is not None:
+                return why
+            if name == "completion" and not any(m["content"].strip() for m in value):
                 return "an empty 'completion'"
         else:
-            return f"'{name}' must be text (or a list of messages), but is {type(value).__name__}"
+            return f"'{name}' must be text (or a list of messages), but is {_kind(value)}"
+    if isinstance(row["prompt"], list) != isinstance(row["completion"], list):
+        return "'prompt' and 'completion' must both be text or both lists of messages"
     return None
 
 
 def _check_rows(ds: Any, fmt: str, key: str, source: str, most: int = 5) -> None:
-    """Check every row where TRL would fail later with a less clear error; one error naming the first
-    few bad rows (1-based, in file order) and how many there are."""
-    columns = ["messages"] if fmt == "messages" else ["prompt", "completion"]
-    table = ds.with_format("arrow")[:]  # the rows in order, as one Arrow table (indices mapping applied)
-    data = {c: table[c].to_pylist() for c in columns}  # one pass over plain lists, not row by row
+    """Check every row, on its decoded values (a JSON column keeps a number a number), where TRL or the
+    chat template would fail later with a less clear error; one error naming the first few bad rows
+    (1-based, in file order), the field and the value's kind, and how many there are."""
+    columns = _columns(fmt, ds.column_names)
+    data = ds.select_columns(columns)[:]  # decoded python values, column by column
     bad = []
     for i in range(len(ds)):
         why = _row_problem(fmt, {c: data[c][i] for c in columns})
@@ -286,33 +455,71 @@ def _check_rows(ds: Any, fmt: str, key: str, source: str, most: int = 5) -> None
                          "fix or drop them")
 
 
+def _sharegpt_row(row: dict) -> dict:
+    return {"messages": [{"role": _SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in row["conversations"]]}
+
+
+def _alpaca_row(row: dict) -> dict:
+    extra = (row.get("input") or "").strip()
+    user = row["instruction"] + (f"\n\n{extra}" if extra else "")
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}
+
+
+def _text_row(row: dict) -> dict:
+    return {"prompt": "", "completion": row["text"]}
+
+
+_CONVERTERS = {"sharegpt": _sharegpt_row, "alpaca": _alpaca_row, "text": _text_row}
+
+
+def _read(path: str, split: str | None, key: str, cache_dir: Path) -> tuple[Any, str, str]:
+    """One file (or hub set) as TRL rows: ``(dataset, source, detected format)``; every row checked first."""
+    ds, source = _load_one(path, split, key, cache_dir)
+    detected = detect_format(ds.column_names, key, source)
+    ds = ds.select_columns(_columns(detected, ds.column_names))
+    _check_rows(ds, detected, key, source)
+    if detected in _CONVERTERS:  # a named function: datasets' fingerprint caches the result across trials
+        ds = ds.map(_CONVERTERS[detected], remove_columns=ds.column_names, desc=f"converting {detected} rows")
+    return ds, source, detected
+
+
+def _row_keys(ds: Any) -> list[str]:
+    """One text per row, equal for rows of equal content (for the overlap count)."""
+    table = ds.with_format("arrow")[:]
+    cols = {c: table[c].to_pylist() for c in ds.column_names}
+    return [json.dumps([cols[c][i] for c in ds.column_names], sort_keys=True, default=str) for i in range(len(ds))]
+
+
+def _overlap(train: Any, evals: Any) -> int:
+    """How many eval rows are also train rows (the same content)."""
+    seen = set(_row_keys(train))
+    return sum(k in seen for k in _row_keys(evals))
+
+
 def load(data: DataConfig, cache_dir: str | Path) -> Splits:
     """Load train and eval splits for a ``data`` config; raise one clear error on bad input.
 
     Eval comes from ``eval_path`` when given, else a seeded ``eval_fraction`` of the shuffled
     train rows (the remainder trains). ``max_train_rows``/``max_eval_rows`` cap after shuffling.
+    Eval rows that are also train rows (a copied eval file, repeated rows split by ``eval_fraction``)
+    are counted (``Splits.overlap``) and warned about: their eval loss measures memorisation.
     """
     cache_dir = Path(cache_dir)
     if data.train_path == "demo":
         train_src = str(_write_demo(cache_dir, int(data.demo_rows or 1200), int(data.seed)))
     else:
         train_src = data.train_path
-    train, source = _load_one(train_src, data.train_split, "data.train_path", cache_dir)
-    fmt = detect_format(train.column_names, "data.train_path", source)
-    keep = ["messages"] if fmt == "messages" else ["prompt", "completion"]
-    train = train.select_columns(keep)
-    _check_rows(train, fmt, "data.train_path", source)
+    train, source, detected = _read(train_src, data.train_split, "data.train_path", cache_dir)
+    fmt = CONVERSIONS[detected][1] if detected in CONVERSIONS else detected
     train = train.shuffle(seed=int(data.seed))
 
     if data.eval_path is not None:
-        evals, esource = _load_one(data.eval_path, data.eval_split, "data.eval_path", cache_dir)
-        efmt = detect_format(evals.column_names, "data.eval_path", esource)
+        evals, esource, edetected = _read(data.eval_path, data.eval_split, "data.eval_path", cache_dir)
+        efmt = CONVERSIONS[edetected][1] if edetected in CONVERSIONS else edetected
         if efmt != fmt:
             raise ValueError(
                 f"data.eval_path: {esource} is in {efmt} format but data.train_path is in {fmt}; use one format"
             )
-        evals = evals.select_columns(keep)
-        _check_rows(evals, fmt, "data.eval_path", esource)
     else:
         n = len(train)
         n_eval = int(round(n * float(data.eval_fraction)))
@@ -334,9 +541,41 @@ def load(data: DataConfig, cache_dir: str | Path) -> Splits:
             raise ValueError(f"data.max_train_rows must be >= 1 or null, but got {data.max_train_rows}")
         all_train = train
         train = train.select(range(min(len(train), int(data.max_train_rows))))
+    notes = []
+    if detected in CONVERSIONS:
+        notes.append(f"data {data.name}: {CONVERSIONS[detected][2]}")
+        log.info("%s", notes[-1])
+    overlap = _overlap(train, evals)
+    if overlap:
+        where = (f"data.eval_path ({data.eval_path}) and data.train_path share rows" if data.eval_path is not None
+                 else f"data.train_path ({source}) repeats rows, and data.eval_fraction split copies of them apart")
+        notes.append(f"data {data.name}: {overlap} of {len(evals)} eval rows are also train rows (the same text): "
+                     f"{where}; their eval loss measures memorisation, not generalisation: remove the duplicates "
+                     "or give a separate data.eval_path")
+        log.warning("%s", notes[-1])
     log.info("data %s: %d train rows, %d eval rows (%s format) from %s",
              data.name, len(train), len(evals), fmt, source)
-    return Splits(train=train, eval=evals, format=fmt, source=source, all_train=all_train)
+    return Splits(train=train, eval=evals, format=fmt, source=source, all_train=all_train, detected=detected,
+                  overlap=overlap, notes=notes)
+
+
+def check_train_size(splits: Splits, batch: Any) -> None:
+    """Refuse a train set smaller than one optimizer step's rows (``batch``: the ``batch`` group,
+    :class:`sweeper.config.BatchConfig`): every step would repeat rows, and the plan's rows per step would
+    not be what is trained."""
+    n = len(splits.train)
+    if batch.auto is not None:
+        effective, setting = int(batch.auto.target_effective_batch), "batch.auto.target_effective_batch"
+        fix = f"batch.auto.target_effective_batch={n}"
+    else:
+        effective = int(batch.per_device_train_batch_size) * int(batch.gradient_accumulation_steps)
+        setting = (f"batch.per_device_train_batch_size={batch.per_device_train_batch_size} x "
+                   f"batch.gradient_accumulation_steps={batch.gradient_accumulation_steps}")
+        fix = f"batch.per_device_train_batch_size={n} batch.gradient_accumulation_steps=1"
+    if n < effective:
+        raise ValueError(
+            f"data.train_path ({splits.source}): {n} train row(s), fewer than the effective batch of {effective} rows "
+            f"per optimizer step ({setting}), so every step would repeat rows; add rows, or set {fix}")
 
 
 def check_prepared(splits: Splits, data: DataConfig, train_rows: int, eval_rows: int) -> None:

@@ -16,7 +16,9 @@ The ``schedule`` group is what a study searches, so it never makes a config "dif
 tells runs apart. Keys ignored everywhere: paths, the study's own bookkeeping, logging, checkpoint
 saving, speed kernels, OOM retry, and how the effective batch is split into micro-batches (the
 effective batch itself counts); the accuracy probe unless it is the objective; ``data.demo_rows``
-unless the data is the generated demo.
+unless the data is the generated demo. The data files count by their content as well as their path
+(``data.train_content``/``data.eval_content``, :mod:`sweeper.fingerprint`): a file edited in place is a
+different setting.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ IGNORED = ("paths.", "study.", "speed.", "hydra.", "batch.", "report_to", "retry
            "eval.save_best", "eval.logging_steps")
 SEARCHED = ("schedule.",)  # what a study is about: differs between runs, never between studies
 EFFECTIVE_BATCH = "batch.effective_batch"
+CONTENT = ("data.train_content", "data.eval_content")  # digests of the data files (sweeper.fingerprint)
 
 
 def study_name(cfg: Any) -> str:
@@ -45,9 +48,11 @@ def default_study_name(cfg: Any) -> str:
     return f"{cfg.data.name}-{cfg.model.name}"
 
 
-def result_config(cfg: Any) -> dict[str, Any]:
+def result_config(cfg: Any, data_content: dict[str, str] | None = None) -> dict[str, Any]:
     """The composed config (``DictConfig``) as dotted keys -> plain values, resolved, without the
-    ignored keys; the batch as its effective size (``batch.effective_batch``)."""
+    ignored keys; the batch as its effective size (``batch.effective_batch``); plus ``data_content``, the
+    digests of the data files (:func:`sweeper.fingerprint.data_content`: ``data.train_content``,
+    ``data.eval_content``), so that a file changed in place is a changed setting."""
     from omegaconf import OmegaConf
 
     node = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
@@ -60,6 +65,7 @@ def result_config(cfg: Any) -> dict[str, Any]:
     b = cfg.batch
     out[EFFECTIVE_BATCH] = (int(b.auto.target_effective_batch) if b.get("auto") is not None
                             else int(b.per_device_train_batch_size) * int(b.gradient_accumulation_steps))
+    out.update(data_content or {})
     return out
 
 
@@ -108,13 +114,17 @@ def differences(study_configs: list[dict], command: dict, skip: set[str]) -> dic
 def describe_differences(diff: dict[str, tuple[list, Any]], most: int = 6) -> str:
     items = [f"{k}: {', '.join(map(str, old))} in the study, {new} now" for k, (old, new) in sorted(diff.items())]
     more = f" (and {len(items) - most} more)" if len(items) > most else ""
-    return "; ".join(items[:most]) + more
+    changed = [k.removesuffix("_content") + "_path" for k in sorted(diff) if k.endswith("_content")]
+    note = (f" ({' and '.join(changed)} names a file whose content changed since those trials ran)"
+            if changed and not any(k in diff for k in changed) else "")
+    return "; ".join(items[:most]) + more + note
 
 
 def same_run(trial_config: dict | None, point_config: dict) -> bool:
     """Whether a trial that recorded ``trial_config`` ran ``point_config`` (None: a trial from before
-    configs were recorded, which counts by its params alone)."""
+    configs were recorded, which counts by its params alone; a trial recorded before data contents were,
+    by the rest of its config)."""
     if trial_config is None:
         return True
-    keys = set(trial_config) | set(point_config)
+    keys = set(trial_config) | {k for k in point_config if k not in CONTENT or k in trial_config}
     return all(trial_config.get(k) == point_config.get(k) for k in keys)

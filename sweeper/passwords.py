@@ -1,42 +1,148 @@
-"""Keep a storage password out of every file the sweep writes.
+"""Keep secrets out of every file the sweep writes and every line it logs.
 
-A password in ``hydra.sweeper.storage`` (``postgresql://bob:pw@db/sweeps``) would otherwise land in
-each job's ``.hydra/hydra.yaml`` (Hydra saves the config and the command line) and in the command
-of every worker started as a process or a SLURM job. So:
+Two kinds of secret reach the tool through its command line:
 
-- a job masks URL passwords in its own ``.hydra/*.yaml`` as it starts (:func:`scrub_saved_config`);
-- workers get the storage URL without its password, and the password in ``PGPASSWORD`` (libpq and
-  psycopg read it; SLURM passes the submitting environment to its jobs) (:func:`split_password`).
+- a password in a storage URL (``hydra.sweeper.storage=postgresql://bob:pw@db/sweeps``), in any quoting
+  and with any URL-encoded character;
+- a value whose name says it is secret, mostly set for the jobs' environment with
+  ``+hydra.job.env_set.HF_TOKEN=hf_...`` (names with a ``TOKEN``, ``KEY``, ``SECRET``, ``PASSWORD``,
+  ``PASSWD``, ``PWD``, ``CREDENTIAL(S)`` or ``AUTH`` part, :func:`is_secret_name`).
 
-Better still, never put it in the URL: PostgreSQL reads ``PGPASSWORD`` or ``~/.pgpass`` itself.
+Hydra saves both in each job's ``.hydra/hydra.yaml`` (the config and the command line), and a worker
+started as a copy of the command would carry them in its command line (and SLURM's pickled job). So:
+
+- :func:`mask_secrets` replaces them by ``***`` in any text; a job masks its own ``.hydra/*.yaml`` as it
+  starts (:func:`scrub_saved_config`), and :func:`install_log_filter` masks every log record of the process
+  (its ``train.log``, the console, worker logs), the literal secret values included;
+- workers get the storage URL without its password, and the password in ``PGPASSWORD`` (libpq and psycopg
+  read it; SLURM passes the submitting environment to its jobs) (:func:`split_password`); secret
+  ``env_set`` overrides leave their command line for their environment (:func:`split_secret_overrides`).
+
+Better still, never put them on the command line: PostgreSQL reads ``PGPASSWORD`` or ``~/.pgpass`` itself,
+and ``huggingface_hub`` reads ``HF_TOKEN`` from the environment.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
-__all__ = ["mask_passwords", "scrub_saved_config", "split_password"]
+__all__ = ["install_log_filter", "is_secret_name", "job_secrets", "mask_passwords", "mask_secrets",
+           "scrub_saved_config", "secret_values", "split_password", "split_secret_overrides"]
 
-# scheme://user:password@  (the password: anything up to the last @ before the host)
-_URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^:/@\s'\"]+:)([^@\s'\"]+)(@)")
+MASK = "***"
+# scheme://user:password@  (the password: anything but whitespace up to the @, quotes included)
+_URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^:/@\s'\"]*:)([^@\s]+)(@)")
+_SECRET_PARTS = {"TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "PWD", "CREDENTIAL", "CREDENTIALS", "AUTH",
+                 "APIKEY", "PASS"}
+_SECRET_ENDINGS = ("TOKEN", "PASSWORD", "SECRET", "APIKEY")
+_TOKENIZER_NAMES = {f"{k}_TOKEN" for k in ("PAD", "EOS", "BOS", "UNK", "SEP", "CLS", "MASK")}  # special tokens
+# name=value (an override) or name: value (YAML); the value plain, '...' (YAML doubles a quote) or "..."
+_NAMED = re.compile(r"""(?P<name>[A-Za-z_][\w.]*)(?P<sep>\s*=\s*|:[ \t]+)"""
+                    r"""(?P<value>'(?:[^']|'')*'|"(?:[^"\\]|\\.)*"|[^\s,}\]]+)""")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a key (its last dotted part) names a secret: ``HF_TOKEN``, ``WANDB_API_KEY``,
+    ``AWS_SECRET_ACCESS_KEY``, ``PGPASSWORD``; not ``tokens_seen``, ``max_tokens`` or ``pad_token``."""
+    last = name.rsplit(".", 1)[-1].upper()
+    if last in _TOKENIZER_NAMES:
+        return False
+    return bool(_SECRET_PARTS & set(last.split("_"))) or last.endswith(_SECRET_ENDINGS)
 
 
 def mask_passwords(text: str) -> str:
     """``text`` with the password of every URL in it replaced by ``***``."""
-    return _URL_PASSWORD.sub(r"\1***\3", text)
+    return _URL_PASSWORD.sub(rf"\1{MASK}\3", text)
 
 
-def scrub_saved_config(job_dir: Path) -> None:
-    """Mask URL passwords in the config files Hydra saved for this job (``<job dir>/.hydra/*.yaml``)."""
+def mask_secrets(text: str, values: tuple[str, ...] = ()) -> str:
+    """``text`` with URL passwords, the values of secret names (``HF_TOKEN=...``, ``HF_TOKEN: ...``) and
+    each of ``values`` (known secrets, 4 characters or more) replaced by ``***``."""
+    text = mask_passwords(text)
+    text = _NAMED.sub(lambda m: m.group("name") + m.group("sep") + MASK if is_secret_name(m.group("name"))
+                      and m.group("value").strip("'\"") != MASK else m.group(0), text)
+    for v in sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True):
+        text = text.replace(v, MASK)
+    return text
+
+
+def scrub_saved_config(job_dir: Path, values: tuple[str, ...] = ()) -> None:
+    """Mask secrets (:func:`mask_secrets`) in the config files Hydra saved for this job
+    (``<job dir>/.hydra/*.yaml``)."""
     hydra_dir = Path(job_dir) / ".hydra"
     if not hydra_dir.is_dir():
         return
     for path in hydra_dir.glob("*.yaml"):
         text = path.read_text(encoding="utf-8")
-        masked = mask_passwords(text)
+        masked = mask_secrets(text, values)
         if masked != text:
             path.write_text(masked, encoding="utf-8")
+
+
+class _MaskFilter(logging.Filter):
+    def __init__(self, values: tuple[str, ...]) -> None:
+        super().__init__()
+        self.values = values
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secrets(message, self.values)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def install_log_filter(values: tuple[str, ...] = ()) -> None:
+    """Mask secrets in every record that reaches this process's log handlers (console, ``train.log``,
+    worker logs); ``values``: known secret values to mask wherever they appear. Idempotent."""
+    handlers = [h for logger in (logging.getLogger(), *(logging.getLogger(n) for n in ("sweeper", "hydra")))
+                for h in logger.handlers]
+    for h in handlers:
+        for f in [f for f in h.filters if isinstance(f, _MaskFilter)]:
+            h.removeFilter(f)
+        h.addFilter(_MaskFilter(tuple(values)))
+
+
+def secret_values(env_set: dict | None, storage_url: str | None) -> tuple[str, ...]:
+    """The secrets a command carries: secret-named ``hydra.job.env_set`` values and the storage password."""
+    values = [str(v) for k, v in (env_set or {}).items() if is_secret_name(str(k)) and v is not None]
+    if storage_url:
+        m = _URL_PASSWORD.search(str(storage_url))
+        if m:
+            values.append(m.group(2))
+            from urllib.parse import unquote
+
+            values.append(unquote(m.group(2)))
+    return tuple(values)
+
+
+def job_secrets() -> tuple[str, ...]:
+    """The secrets of the running Hydra job or command (:func:`secret_values` of its ``hydra.job.env_set``
+    and ``hydra.sweeper.storage``); () outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra = HydraConfig.get()
+    except ValueError:
+        return ()
+    storage = hydra.sweeper.get("storage") if "sweeper" in hydra else None
+    return secret_values(dict(hydra.job.get("env_set") or {}), storage)
+
+
+def split_secret_overrides(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``(args without secret env_set overrides, {NAME: value} of those)``: a worker gets them in its
+    environment, where the jobs read them, not in its command line."""
+    kept, env = [], {}
+    for a in args:
+        key, sep, value = a.partition("=")
+        bare = key.lstrip("+~")
+        if sep and bare.startswith("hydra.job.env_set.") and is_secret_name(bare):
+            env[bare.rsplit(".", 1)[-1]] = value.strip("'\"")
+        else:
+            kept.append(a)
+    return kept, env
 
 
 def split_password(url: str) -> tuple[str, str | None]:

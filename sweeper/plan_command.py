@@ -83,6 +83,7 @@ def plan_rows(overrides: list[str], config_dir: str | None = None) -> list[dict]
         key = (repr(dict(cfg.data)), repr(dict(cfg.model)), repr(dict(cfg.precision)))
         if key not in prepared_cache:
             splits = data_mod.load(spec.data, spec.paths.cache_dir)
+            data_mod.check_train_size(splits, spec.batch_config)
             note = None
             _say(f"preparing {cfg.data.name} with the model's tokenizer ({len(splits.train):,} train rows, "
                  f"{len(splits.eval):,} eval rows{', packed' if cfg.data.packing else ''})…")
@@ -113,7 +114,7 @@ def plan_rows(overrides: list[str], config_dir: str | None = None) -> list[dict]
             "overrides": row_overrides, "cfg": cfg, "plan": plan, "study": study_name, "rows": len(splits.train),
             "prepared_rows": len(prepared), "eval_rows": eval_rows, "seq_len": seq_len, "memory": est,
             "gpus": gpus, "fits_on": fits, "wall_s": wall_s, "tokens_per_s": tps,
-            "tokens_known": "input_ids" in prepared.column_names, "warnings": plan.warnings() + ([note] if note else []),
+            "tokens_known": "input_ids" in prepared.column_names, "warnings": plan.warnings() + list(splits.notes) + ([note] if note else []),
         })
     GlobalHydra.instance().clear()
     _note_other_settings(rows)
@@ -123,9 +124,10 @@ def plan_rows(overrides: list[str], config_dir: str | None = None) -> list[dict]
 def _note_other_settings(rows: list[dict]) -> None:
     """Warn on each row whose unswept settings no earlier trial of its study ran: the sweep would refuse
     it (see ``sweeper.identity``), so the plan says so, naming the keys."""
-    from sweeper import identity
+    from sweeper import fingerprint, identity
 
-    configs = [identity.result_config(r["cfg"]) for r in rows]
+    configs = [identity.result_config(r["cfg"], fingerprint.data_content(r["cfg"].data, r["cfg"].paths.cache_dir))
+               for r in rows]
     for r, config in zip(rows, configs):
         cfg, name = r["cfg"], r["study"]
         swept = identity.varying([c for c, o in zip(configs, rows) if o["study"] == name])  # within its study

@@ -53,8 +53,7 @@ def build_sft_config(spec: RunSpec, *, output_dir: Path, data_format: str, fitte
     completion = data.loss_on == "completion"
     return SFTConfig(
         output_dir=str(output_dir),
-        seed=spec.seed,
-        data_seed=int(data.seed),
+        seed=spec.seed,  # also the order of the train rows in batches (data_seed left None follows it)
         # schedule
         max_steps=int(s.max_steps) if s.max_steps is not None else -1,
         num_train_epochs=float(s.num_train_epochs) if s.num_train_epochs is not None else 1.0,

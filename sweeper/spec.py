@@ -221,7 +221,9 @@ def prepare(cfg: DictConfig) -> tuple[RunSpec, data_mod.Splits]:
     bad input raises :class:`sweeper.config.InputError` (one line, no traceback)."""
     try:
         spec = resolve(cfg)
-        return spec, data_mod.load(spec.data, spec.paths.cache_dir)
+        splits = data_mod.load(spec.data, spec.paths.cache_dir)
+        data_mod.check_train_size(splits, spec.batch_config)
+        return spec, splits
     except (ValueError, FileNotFoundError) as e:
         raise config_mod.InputError.wrap(e) from e
 

@@ -68,10 +68,10 @@ from typing import Any, Iterator, Sequence
 
 import optuna
 import sqlalchemy.exc
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from sweeper import config as config_mod
-from sweeper import disk, halving, hos, identity, objectives, passwords, samplers, typefit
+from sweeper import disk, fingerprint, folders, halving, hos, identity, objectives, passwords, samplers, typefit
 from sweeper import gpu as gpu_mod
 from sweeper import points as points_mod
 from sweeper import trunks as trunks_mod
@@ -225,7 +225,7 @@ class TrialReporter:
 
     def resume_checkpoint(self) -> str | None:
         """For a trial re-queued after its worker died, or a joint search's trunk parked at a rung: the
-        newest checkpoint its run left."""
+        newest whole checkpoint its run left (:func:`sweeper.checkpoints.newest_resumable`)."""
         frozen = self.trial.study._storage.get_trial(self.trial._trial_id)
         parked = (frozen.system_attrs.get("wsd_trunk") or {}).get("parked_at") is not None
         if frozen.system_attrs.get("failed_trial") is None and not parked:
@@ -233,9 +233,9 @@ class TrialReporter:
         run_dir = frozen.user_attrs.get("run_dir")
         if not run_dir or not Path(run_dir).is_dir():
             return None
-        ckpts = sorted((p for p in Path(run_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
-                       key=lambda p: int(p.name.split("-")[-1]))  # complete ones: a kill can cut a save short
-        return str(ckpts[-1]) if ckpts else None
+        from sweeper import checkpoints  # whole ones only: a kill can cut a save short
+
+        return checkpoints.newest_resumable(run_dir, f"trial {self.trial.number}'s retry")
 
     def report(self, value: float, step: int) -> None:
         from sweeper import inject
@@ -482,6 +482,8 @@ class StudySweeper:
     def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
 
+        passwords.install_log_filter(passwords.secret_values(  # the command's log lines and worker logs
+            dict(config.hydra.job.get("env_set") or {}), self.storage_url))
         self.config = config
         self.hydra_context = hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
@@ -615,6 +617,7 @@ class StudySweeper:
             if key not in seen_data:
                 seen_data.add(key)
                 splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
+                data_mod.check_train_size(splits, cfg.batch)
                 # tokenised as the trials will (then a cache hit for them); a worker's leader did it already
                 if self.launcher_name == "local" and _SWEEP_ID_ENV not in os.environ:
                     from sweeper.sft import check_prepared_data
@@ -897,7 +900,7 @@ class StudySweeper:
         sweeps = []
         for name, sub, points, idx in self._split_by_study(space, all_cfgs):  # every check before any trial
             cfgs = [all_cfgs[i] for i in idx]
-            configs = [identity.result_config(c) for c in cfgs]
+            configs = [identity.result_config(c, fingerprint.data_content(c.data, c.paths.cache_dir)) for c in cfgs]
             if pure_grid:  # a grid runs its own points, whatever else the study holds
                 total = min(self.n_trials, len(points)) if self.n_trials else len(points)
                 points, cfgs, configs, idx = points[:total], cfgs[:total], configs[:total], idx[:total]
@@ -908,7 +911,15 @@ class StudySweeper:
             self._check_compatible(study, dists)
             self._check_same_settings(study, sub, configs)
             sweeps.append(_Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx))
+        for sw in sweeps:  # after every check: another study incarnation's trial folders moved aside
+            with claim_lock(self.storage_url, sw.name):
+                folders.claim(sw.folder, sw.study, mask_url(self.storage_url))
         command = _Command(sweeps)
+        # Hydra's launcher makes the sweep folder of the unswept config, which may name no study (or not
+        # resolve: data=jsonl data.train_path=a.jsonl,b.jsonl leaves data.train_path ??? there): the command's
+        # folder instead, where its summary goes
+        with read_write(self.config), open_dict(self.config):
+            self.config.hydra.sweep.dir = str(command.folder)
         to_run = self._log_start(command)
         if self.launcher_name == "slurm":
             max_workers = int(self.slurm_cfg.max_workers)
@@ -1212,11 +1223,6 @@ class StudySweeper:
             log.info("two objectives: each study's Pareto front is in its summary.md; the table of datasets "
                      "compares one best trial per study, which a front does not have")
         elif len(command.sweeps) > 1:
-            # Hydra's launcher makes the folder of the default study of the unswept config, which
-            # none of these studies may be: leave no empty folder behind
-            default = Path(str(self.config.hydra.sweep.dir))
-            if default.is_dir() and default not in {sw.folder for sw in command.sweeps} and not any(default.iterdir()):
-                default.rmdir()
             command.folder.mkdir(parents=True, exist_ok=True)
             text = datasets_section([sw.study for sw in command.sweeps], command.folder / "datasets.png")
             print(text)
@@ -1230,15 +1236,17 @@ class StudySweeper:
         :meth:`_worker_env`)."""
         script = str(Path(sys.argv[0]).resolve())
         url, _ = passwords.split_password(self.storage_url)
-        args = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweeper.storage=", "+hydra.sweeper.storage="))]
+        args = [a for a in passwords.split_secret_overrides(sys.argv[1:])[0]
+                if not a.startswith(("hydra.sweeper.storage=", "+hydra.sweeper.storage="))]
         folder = [f"hydra.sweep.dir={command.folder.resolve()}"] if len(command.sweeps) == 1 else []
         return [sys.executable, script, *args, f"hydra.sweeper.storage={quote(url)}", "hydra.sweeper.workers=1",
                 "hydra.sweeper.n_jobs=null", "hydra.sweeper.gpus=null", "hydra.sweeper.launcher=local", *folder]
 
     def _worker_env(self) -> dict:
-        """What a worker adds to this process's environment: the sweep id, and the storage password as
-        PGPASSWORD (so that it is in no command line, log or saved config)."""
-        env = {_SWEEP_ID_ENV: self.sweep_id}
+        """What a worker adds to this process's environment: the sweep id, the storage password as
+        PGPASSWORD and secret ``hydra.job.env_set`` values as themselves (so that they are in no command
+        line, log or saved config)."""
+        env = {_SWEEP_ID_ENV: self.sweep_id, **passwords.split_secret_overrides(sys.argv[1:])[1]}
         _, password = passwords.split_password(self.storage_url)
         if password is not None:
             env["PGPASSWORD"] = password
@@ -1255,8 +1263,8 @@ class StudySweeper:
 
         sweep_dir = str(command.folder.resolve())
         env = self._worker_env()
-        if "PGPASSWORD" in env:  # SLURM hands the submitting environment to its jobs; never a job's command
-            os.environ["PGPASSWORD"] = env.pop("PGPASSWORD")
+        for key in [k for k in env if passwords.is_secret_name(k)]:  # PGPASSWORD, HF_TOKEN, ...: SLURM hands
+            os.environ[key] = env.pop(key)  # the submitting environment to its jobs; never in a job's command
         submitter = slurm.Submitter(self.slurm_cfg, Path(sweep_dir) / "slurm", self._worker_command(command),
                                     env=env, cwd=os.getcwd())
         jobs = submitter.submit(command.plan.n)

@@ -4,7 +4,7 @@ trial of the study).
     python train.py schedule=under          # one trial, no study
     python train.py -m schedule=under,sweet # each job reports into its own Optuna trial
 
-:func:`run` reads a trial top to bottom: scrub the storage password Hydra saved, quiet the libraries,
+:func:`run` reads a trial top to bottom: mask the secrets (storage password, tokens) in what Hydra saved and in the log, quiet the libraries,
 pin one GPU (and give an earlier trial's cached CUDA blocks back), open the job's reporter, resolve the
 run and load its data once (:func:`sweeper.spec.prepare`), then train it (:func:`sweeper.runner.train_segment`)
 or run a WSD search (:func:`sweeper.wsd.run_search`). A failure caused by a full disk is named as such.
@@ -32,7 +32,9 @@ def run(cfg: DictConfig, reporter: Reporter | None = None) -> float:
     sweeper fills ``cfg.study`` and the job reports to its own trial; a retried trial resumes from its
     newest whole checkpoint. The job's own connection to the study is closed however the run ends."""
     job_dir = spec_mod.job_dir(cfg)
-    passwords.scrub_saved_config(job_dir)  # Hydra saved the command line: no storage password in it
+    secrets = passwords.job_secrets()
+    passwords.install_log_filter(secrets)  # train.log and the console: no secret in any line
+    passwords.scrub_saved_config(job_dir, secrets)  # Hydra saved the command line: no password or token in it
     quiet_libraries()
     try:
         gpu.pin_one()  # one trial, one GPU: before anything initialises CUDA

@@ -447,9 +447,9 @@ class _LocalTrunk(NullReporter):
         """A parked trunk goes on from its newest whole checkpoint."""
         if not self.group[self.lr]["parked"]:
             return None
-        ckpts = sorted((p for p in self.run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
-                       key=lambda p: int(p.name.split("-")[-1]))
-        return str(ckpts[-1]) if ckpts else None
+        from sweeper import checkpoints
+
+        return checkpoints.newest_resumable(self.run_dir, f"the parked trunk at lr {self.lr:g}")
 
     def set_attrs(self, attrs: dict) -> None:
         self.group[self.lr]["attrs"].update(attrs)

@@ -95,7 +95,7 @@ CASES = [
      "0 of 3 train rows keep a token to learn from"),
     ("empty train file", _train_only([], text=""), "is empty; it needs at least one row"),
     ("invalid JSON line", _train_only([], text=json.dumps(GOOD[0]) + "\n{not json\n"), "line 2 is not valid JSON"),
-    ("rows in no known format", _train_only([{"text": "hello"}] * 5), "need a 'messages' column"),
+    ("rows in no known format", _train_only([{"body": "hello"}] * 5), "need a 'messages' column"),
     ("train file missing", lambda p: ["data=jsonl", f"data.train_path={p / 'nope.jsonl'}"], "file not found"),
     ("row 31 without an assistant turn", _train_only(GOOD[:30] + [_chat("only a question")] + GOOD[30:]),
      "row 31: no assistant message to learn from"),

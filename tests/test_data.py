@@ -76,8 +76,8 @@ def test_banking77_sample_reads_shared_data(compose_cfg):
     ("\n\n", "has no rows"),
     ('{"messages": []}\n{"messages": [}\n', "line 2 is not valid JSON"),
     ('[1, 2]\n', "line 1 is a JSON list, not an object"),
-    ('{"text": "hello"}\n', "need a 'messages' column"),
-    ('{"prompt": "hello"}\n', "'prompt' and 'completion' columns, but found columns ['prompt']"),
+    ('{"body": "hello"}\n', "need a 'messages' column"),
+    ('{"prompt": "hello"}\n', "but found columns ['prompt']"),
     ('{"messages": [{"role": "user", "content": "hi"}]}\n', "row 1: no assistant message to learn from"),
 ])
 def test_bad_files_give_one_clear_error(compose_cfg, tmp_path, content, needle):
