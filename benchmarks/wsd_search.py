@@ -126,8 +126,9 @@ def cosine_results(study) -> dict[int, dict]:
     for t in study.get_trials(deepcopy=False):
         if t.state.name == "COMPLETE":
             s = int(t.user_attrs["max_steps"])
-            out[s] = {"value": t.value, "runtime_s": float(t.user_attrs.get("train_runtime_s") or 0.0), "steps": s,
-                      **_curve(t)}
+            trained = t.user_attrs.get("steps_trained")  # below s when early stopping ended the run
+            out[s] = {"value": t.value, "runtime_s": float(t.user_attrs.get("train_runtime_s") or 0.0),
+                      "steps": int(trained) if trained is not None else s, **_curve(t)}
     return out
 
 
@@ -190,28 +191,48 @@ def _cell(r: dict | None, length: int) -> str:
     return text
 
 
-def summarise(name: str, grid3: list[int], grid6: list[int], cos: dict, wsd3: tuple, wsd6: tuple) -> tuple[str, dict]:
-    """The markdown section of one dataset and its verdicts."""
+def summarise(name: str, grid3: list[int], grid6: list[int], cos: dict, wsd3: tuple, wsd6: tuple,
+              es: dict | None = None, six: bool = True) -> tuple[str, dict]:
+    """The markdown section of one dataset and its verdicts. ``cos``: the cosine grid run to its end
+    (``eval.early_stopping_patience=null``); ``es``: the same grid as a user runs it, with the default early
+    stopping (its optimizer steps are those each run trained)."""
     (w3, t3), (w6, t6) = wsd3, wsd6
-    lines = [f"### {name}", "", "| max_steps | cosine eval loss | WSD 3-point branch | WSD 6-point branch |",
-             "|---:|---:|---:|---:|"]
+    es = es or {}
+    lines = [f"### {name}", "", "| max_steps | cosine eval loss | cosine, early stopping (steps trained) "
+             "| WSD 3-point branch | WSD 6-point branch |", "|---:|---:|---:|---:|---:|"]
     for s in sorted(set(grid6) | set(grid3)):
-        lines.append(f"| {s} | {_cell(cos.get(s), s)} | {_cell(w3.get(s), s)} | {_cell(w6.get(s), s)} |")
+        e = es.get(s)
+        ecell = _cell(e, s) + (f" ({e['steps']})" if e and e.get("steps") is not None else "")
+        lines.append(f"| {s} | {_cell(cos.get(s), s)} | {ecell if e else '–'} | {_cell(w3.get(s), s)} "
+                     f"| {_cell(w6.get(s), s)} |")
     cos3 = {s: r for s, r in cos.items() if s in grid3}
+    es3 = {s: r for s, r in es.items() if s in grid3}
+    es6 = {s: r for s, r in es.items() if s in grid6}
     verdicts = {}
     rows = ["", "| method | winner (max_steps) | its eval loss | vs cosine winner's loss | cosine loss at that length "
             "| that vs cosine winner "
-            "| optimizer steps | vs 3-pt grid | vs 6-pt grid | GPU time s | vs 3-pt grid | vs 6-pt grid | target |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| optimizer steps | vs 3-pt grid | vs 6-pt grid | vs 3-pt grid, early stopping | vs 6-pt grid, early "
+            "stopping | CPU/GPU time s | vs 3-pt grid | vs 6-pt grid | target |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     steps3, steps6 = sum(grid3), sum(grid6)
+    es_steps3 = sum(r["steps"] for r in es3.values()) if len(es3) == len(grid3) else None
+    es_steps6 = sum(r["steps"] for r in es6.values()) if len(es6) == len(grid6) else None
     time3 = sum(r["runtime_s"] for r in cos3.values())
     time6 = sum(r["runtime_s"] for s, r in cos.items() if s in grid6)
-    for label, res, steps, secs, grid_ref, limit in [
-        ("cosine 3-pt grid", cos3, steps3, time3, cos3, None),
-        ("cosine 6-pt grid", cos, steps6, time6, cos, None),
-        ("WSD 3-pt", w3, t3["steps"], t3["runtime_s"], cos3, 0.70),
-        ("WSD 6-pt", w6, t6["steps"], t6["runtime_s"], cos, 0.50),
-    ]:
+    methods = [("cosine 3-pt grid", cos3, steps3, time3, cos3, None, None, None),
+               ("cosine 6-pt grid", cos, steps6, time6, cos, None, None, None)]
+    if es:
+        methods += [("cosine 3-pt grid, early stopping", es3, es_steps3, sum(r["runtime_s"] for r in es3.values()),
+                     es3, None, None, None),
+                    ("cosine 6-pt grid, early stopping", es6, es_steps6, sum(r["runtime_s"] for r in es6.values()),
+                     es6, None, None, None)]
+    # (label, results, steps, seconds, grid whose winner it must name, limit vs that grid run to its end,
+    #  the early-stopped grid, limit vs that)
+    methods += [("WSD 3-pt", w3, t3["steps"], t3["runtime_s"], cos3, 0.70, es3, 0.60),
+                ("WSD 6-pt", w6, t6["steps"], t6["runtime_s"], cos, 0.50, es6, 0.60)]
+    if not six:  # --three-only: the 3-point grid and search only
+        methods = [m for m in methods if "6-pt" not in m[0]]
+    for label, res, steps, secs, grid_ref, limit, es_ref, es_limit in methods:
         win = _winner(res)
         cw = _winner(grid_ref)
         at = cos.get(win, {}).get("value") if win is not None else None
@@ -220,21 +241,33 @@ def summarise(name: str, grid3: list[int], grid6: list[int], cos: dict, wsd3: tu
         own = res.get(win, {}).get("value") if win is not None else None
         own_gap = (own - best) / abs(best) if own is not None and best else None
         ratio_ref = steps / (steps3 if limit == 0.70 else steps6) if steps and limit else None
+        es_total = (es_steps3 if es_ref is es3 else es_steps6) if es_ref is not None else None
         ok = None
         if limit is not None:
             # the target: the same winner, or the winner's own eval loss (what the search hands the user)
             # within 1% of (or below) the cosine grid's best
             ok = (win == cw or (own_gap is not None and own_gap <= 0.01)) and ratio_ref is not None and ratio_ref <= limit
             verdicts[label] = ok
+            if es_ref and es_total:
+                ew = _winner(es_ref)
+                e_best = es_ref[ew]["value"]
+                e_ok = ((win == ew or (own is not None and (own - e_best) / abs(e_best) <= 0.01))
+                        and steps <= es_limit * es_total)
+                verdicts[f"{label} vs early stopping"] = e_ok
+        label_ok = "–" if ok is None else ("met" if ok else "NOT met")
+        if f"{label} vs early stopping" in verdicts:
+            label_ok += f"; vs early stopping: {'met' if verdicts[f'{label} vs early stopping'] else 'NOT met'}"
         rows.append(
             f"| {label} | {_f(win, 'd')} | {_cell(res.get(win), win) if win is not None else '–'} | {_f(own_gap, '+.2%')} | {_f(at)} "
             f"| {_f(gap, '+.2%')} | {_f(steps, ',d')} | {_f(steps / steps3 if steps else None, '.0%')} "
-            f"| {_f(steps / steps6 if steps else None, '.0%')} | {_f(secs, '.1f')} "
+            f"| {_f(steps / steps6 if steps else None, '.0%')} "
+            f"| {_f(steps / es_steps3 if steps and es_steps3 else None, '.0%')} "
+            f"| {_f(steps / es_steps6 if steps and es_steps6 else None, '.0%')} | {_f(secs, '.1f')} "
             f"| {_f(secs / time3 if secs is not None and time3 else None, '.0%')} "
             f"| {_f(secs / time6 if secs is not None and time6 else None, '.0%')} "
-            f"| {'–' if ok is None else ('met' if ok else 'NOT met')} |")
+            f"| {label_ok} |")
     for label, t in (("WSD 3-pt", t3), ("WSD 6-pt", t6)):
-        if t.get("stopped"):
+        if t.get("stopped") and (six or label == "WSD 3-pt"):
             rows.append(f"\n{label}: {t['stopped']}")
     return "\n".join(lines + rows), verdicts
 
@@ -424,29 +457,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", action="store_true",
                    help="start every command (all datasets and methods) at once, sharing the GPU; wall and GPU "
                         "seconds then include the contention, optimizer steps do not")
+    p.add_argument("--three-only", action="store_true",
+                   help="the 3-point grid and search only (no 6-point lengths): a third of the cost on CPU")
     a = p.parse_args(argv)
     if a.joint:
         return main_joint(a, argv)
 
     grid3 = [int(x) for x in a.grid3.split(",")] if a.grid3 else (SMOKE3 if a.smoke else GRID3)
     grid6 = [int(x) for x in a.grid6.split(",")] if a.grid6 else (SMOKE6 if a.smoke else GRID6)
+    if a.three_only:
+        grid6 = grid3
     warmup = a.warmup_steps if a.warmup_steps is not None else max(1, math.ceil(0.03 * min(grid6)))
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    common = [f"lr.warmup_steps={warmup}", "eval.early_stopping_patience=null",
-              *(SMOKE_OVERRIDES if a.smoke else []), *shlex.split(a.model_overrides)]
+    common = [f"lr.warmup_steps={warmup}", *(SMOKE_OVERRIDES if a.smoke else []), *shlex.split(a.model_overrides)]
     sections, verdicts, walls, jobs = [], {}, {}, {}
     for ds in a.datasets:
         base = [f"data={ds}", *common, f"paths.output_dir={out}/runs/{ds}", f"paths.cache_dir={out}/cache"]
+        lengths = ",".join(str(s) for s in sorted(set(grid3) | set(grid6)))
+        workers = [f"hydra.sweeper.workers={a.workers}", *([f"hydra.sweeper.gpus={a.gpus}"] if a.gpus else [])]
         runs = {
-            "cosine": ["-m", f"schedule.max_steps={','.join(str(s) for s in sorted(set(grid3) | set(grid6)))}",
-                       "lr.lr_scheduler_type=cosine", f"hydra.sweeper.workers={a.workers}",
-                       *([f"hydra.sweeper.gpus={a.gpus}"] if a.gpus else [])],
+            "cosine": ["-m", f"schedule.max_steps={lengths}", "lr.lr_scheduler_type=cosine",
+                       "eval.early_stopping_patience=null", *workers],
+            # the grid as a user runs it: the default early stopping (conf/config.yaml eval.early_stopping_*)
+            "cosine_es": ["-m", f"schedule.max_steps={lengths}", "lr.lr_scheduler_type=cosine", *workers],
             "wsd3": ["-m", "schedule=wsd_search", f"schedule.wsd.candidates=[{','.join(map(str, grid3))}]"],
             "wsd6": ["-m", "schedule=wsd_search", f"schedule.wsd.candidates=[{','.join(map(str, grid6))}]"],
         }
+        if a.three_only:
+            del runs["wsd6"]
         for key, extra in runs.items():
-            if key != "cosine":
+            if key.startswith("wsd"):
                 extra += [f"schedule.wsd.decay_fraction={a.decay_fraction}", f"schedule.wsd.stop_after_worse={a.stop_after_worse}"]
             db = out / f"{ds}-{key}.db"
             args = [*extra, *base, f"hydra.sweeper.storage=sqlite:///{db}", f"hydra.sweeper.study_name={ds}-{key}",
@@ -457,8 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     for ds in a.datasets:
         cos = cosine_results(_study(out / f"{ds}-cosine.db", f"{ds}-cosine"))
         w3 = wsd_results(_study(out / f"{ds}-wsd3.db", f"{ds}-wsd3"))
-        w6 = wsd_results(_study(out / f"{ds}-wsd6.db", f"{ds}-wsd6"))
-        text, v = summarise(ds, grid3, grid6, cos, w3, w6)
+        w6 = w3 if a.three_only else wsd_results(_study(out / f"{ds}-wsd6.db", f"{ds}-wsd6"))
+        es_db = out / f"{ds}-cosine_es.db"
+        es = cosine_results(_study(es_db, f"{ds}-cosine_es")) if es_db.exists() else None
+        text, v = summarise(ds, grid3, grid6, cos, w3, w6, es, six=not a.three_only)
         sections.append(text)
         verdicts.update({f"{ds} {k}": ok for k, ok in v.items()})
 
@@ -489,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         lines["wall"],
         "", *sections, "",
         "Targets (the same winner, or the WSD winner's own eval loss within 1% of the cosine grid's best, at <= 70% "
-        "/ <= 50% of the 3-point / 6-point grid's optimizer steps): "
+        "/ <= 50% of the 3-point / 6-point grid's optimizer steps; against the grid as a user runs it, with the "
+        "default early stopping: its winner, or within 1% of its best, at <= 60% of its optimizer steps): "
         + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in verdicts.items()),
     ])
     md_path.write_text(md + "\n", encoding="utf-8")
