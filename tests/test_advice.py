@@ -35,3 +35,33 @@ def test_a_maximised_metric_ranks_the_highest_first():
     trunks = {1e-4: _trunk({8: 0.5}, "stopped"), 3e-4: _trunk({8: 0.9, 16: 0.95})}
     text = joint_table(trunks, [8, 16], "eval_accuracy", maximize=True)
     assert "ranks 2 of 2 learning rates at 8 steps (best: lr=0.0003, 0.9000)" in text
+
+
+# --------------------------------------------------------------------------- proposals (sweeper.advice)
+
+from sweeper.advice import between, peak, prune_measured  # noqa: E402
+
+
+def test_a_peak_is_a_best_step_strictly_inside_the_curve_or_its_stable_part():
+    rising = [(100, 1.0), (200, 0.8), (300, 0.7), (400, 0.75), (500, 0.8)]
+    assert peak(rising) == 300
+    assert peak(rising[:3]) is None  # best at the end: no peak
+    assert peak(rising, until=300) is None and peak(rising, until=400) == 300  # a trunk before its branch point
+    assert peak([(s, -v) for s, v in rising], maximize=True) == 300
+
+
+def test_lengths_measured_worse_are_never_proposed():
+    assert prune_measured([1500, 2000, 2500, 3000], {1500: 0.72, 3000: 0.85}, 0.72) == [1500, 2000, 2500]
+    assert prune_measured([8, 16], {16: 0.4}, 0.9, maximize=True) == [8]
+
+
+def test_between_uses_thirds_without_a_peak_and_narrows_around_one():
+    grid, m = between(1500, 3000, 50, {1500: 0.72, 3000: 0.85}, 0.72)
+    assert (grid, m) == ([2000, 2500], None)
+    grid, m = between(1500, 3000, 50, {1500: 0.72, 3000: 0.85}, 0.72, peaks=[600, 1300, 2100])
+    assert (grid, m) == ([1800, 2100, 2550], 2100)
+    # a peak at or below the winner says nothing about the interval
+    assert between(1500, 3000, 50, {}, 0.72, peaks=[1300])[1] is None
+    # a length inside measured worse is dropped; all measured: nothing new to run
+    assert between(1500, 3000, 50, {2100: 0.9}, 0.72, peaks=[2100])[0] == [1800, 2550]
+    assert between(100, 150, 50, {}, 0.7)[0] == []

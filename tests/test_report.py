@@ -420,8 +420,22 @@ def test_the_shortest_length_winning_is_an_edge_and_an_under_trained_winner_has_
     md = study_report(study)
     assert "under-trained" in _lines(md, "- Its curve")[0] and _agrees(md)
     assert ("- Between lengths: its curve was still falling at its end, but max_steps=3000 reached only 0.2500: the "
-            "best length lies between 1500 and 3000: run `python train.py -m schedule.max_steps=1500,2000,2500,3000`."
-            ) in md
+            "best length lies between 1500 and 3000: run `python train.py -m schedule.max_steps=2000,2500`."
+            ) in md  # neither end again: 1500 is measured, 3000 measured worse
+
+
+def test_a_peak_inside_a_run_narrows_the_proposal_and_no_length_measured_worse_is_proposed(tmp_path):
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    _add(study, 500, _falling(500, 0.30))
+    _add(study, 1500, _falling(1500, 0.20))
+    _add(study, 3000, _peaked(3000, 0.25, 2100))  # measured worse; its best at step 2100, well inside
+    md = study_report(study)
+    line = _lines(md, "- Between lengths")[0]
+    assert "a curve of the study peaked at step 2100, so the grid is narrowed around it" in line
+    assert line.endswith("run `python train.py -m schedule.max_steps=1800,2100,2550`."), line
+    assert "3000" not in line.split("run `")[1]
 
 
 def test_the_shortest_length_within_noise_is_named_with_its_cost(tmp_path):
