@@ -272,6 +272,101 @@ def summarise(name: str, grid3: list[int], grid6: list[int], cos: dict, wsd3: tu
     return "\n".join(lines + rows), verdicts
 
 
+def early_stopped(cos: dict[int, dict], curves: dict[int, list], patience: int, threshold: float = 0.0) -> dict:
+    """The cosine grid as a user runs it, from the same runs trained to their end: transformers'
+    EarlyStoppingCallback on each curve (an evaluation not better than the best so far by more than
+    ``threshold`` adds one to a counter, a better one resets it; training stops at the evaluation where the
+    counter reaches ``patience``). Stopping changes nothing before it, so each run is the full run up to its
+    stop: its steps are those to the stop, its value the best evaluation up to there."""
+    out = {}
+    for s, r in cos.items():
+        pts = sorted(curves[s])
+        best, count, stop = None, 0, pts[-1][0] if pts else s
+        for step, v in pts:
+            if best is None or (v < best and abs(v - best) > threshold):
+                best, count = v, 0
+            else:
+                count += 1
+            if count >= patience:
+                stop = step
+                break
+        kept = [(step, v) for step, v in pts if step <= stop]
+        b_step, b_val = min(kept, key=lambda x: x[1])
+        out[s] = {"value": b_val, "steps": stop if stop < s else s, "best_step": b_step, "end": kept[-1][1],
+                  "runtime_s": r["runtime_s"] * (stop if stop < s else s) / s}
+    return out
+
+
+def replay_no_win(study, patience: int, margin: float) -> tuple[dict[int, dict], dict]:
+    """A stored WSD search replayed under the no-win rule (:func:`sweeper.trunk_stop.check`): at each trunk
+    evaluation of its constant-LR phase, on the trunk's curve so far and the branches recorded by then (a
+    branch at s is recorded before the trunk trains past its branch point). The rule only ends the trunk
+    earlier, so the search is the stored one up to that evaluation: its steps are the trunk's to there plus
+    the cooldowns recorded, its branches those recorded. Returns what :func:`wsd_results` returns, with
+    ``no_win`` (the rule's reason or None) and ``stored_steps`` in the totals; seconds are not replayed."""
+    from sweeper.trunk_stop import Branch, check
+
+    per, totals = wsd_results(study)
+    trunk = next(t for t in study.get_trials(deepcopy=False) if (t.user_attrs.get("method") == "wsd"
+                 and "wsd_branch_of" not in t.system_attrs and t.user_attrs.get("wsd_optimizer_steps") is not None
+                 and t.state.name in ("COMPLETE", "PRUNED")))
+    a = trunk.user_attrs
+    cands = [int(b["max_steps"]) for b in a["branches"]]
+    points = {int(b["max_steps"]): int(b["branch_point"]) for b in a["branches"]}
+    curve = sorted(trunk.intermediate_values.items())
+    out = {**totals, "stored_steps": totals["steps"], "no_win": None}
+    for i, (step, _) in enumerate(curve):
+        if step > points[cands[-1]]:
+            break
+        done = [Branch(c, points[c], per[c]["value"]) for c in cands[:-1] if c in per and points[c] < step]
+        verdict = check(curve[:i + 1], done, patience, margin)
+        if verdict is not None:
+            steps = step + sum(b.max_steps - b.branch_point for b in done)
+            if steps < totals["steps"]:
+                kept = {b.max_steps for b in done}
+                return ({c: r for c, r in per.items() if c in kept},
+                        {**out, "steps": steps, "runtime_s": None, "no_win": verdict.reason(),
+                         "stopped": verdict.reason()})
+            break
+    return per, out
+
+
+def replay(a: argparse.Namespace, grid3: list[int], grid6: list[int]) -> int:
+    """``--replay``: the fair-baseline tables from stored studies (``--out``), without training."""
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(ROOT / "conf" / "config.yaml")
+    wsd_conf = OmegaConf.load(ROOT / "conf" / "schedule" / "wsd_search.yaml").wsd
+    patience = int(conf.eval.early_stopping_patience)
+    no_win, margin = int(wsd_conf.no_win_patience), float(wsd_conf.gain_margin)
+    out = a.out.resolve()
+    sections, verdicts = [], {}
+    for ds in a.datasets:
+        cstudy = _study(out / f"{ds}-cosine.db", f"{ds}-cosine")
+        cos = cosine_results(cstudy)
+        curves = {int(t.user_attrs["max_steps"]): sorted(t.intermediate_values.items())
+                  for t in cstudy.get_trials(deepcopy=False) if t.state.name == "COMPLETE"}
+        es = early_stopped(cos, curves, patience, float(conf.eval.early_stopping_threshold))
+        w3 = replay_no_win(_study(out / f"{ds}-wsd3.db", f"{ds}-wsd3"), no_win, margin)
+        w6 = replay_no_win(_study(out / f"{ds}-wsd6.db", f"{ds}-wsd6"), no_win, margin)
+        text, v = summarise(ds, grid3, grid6, cos, w3, w6, es)
+        stored = ", ".join(f"{label} {t['stored_steps']:,}" for label, (_, t) in (("3-pt", w3), ("6-pt", w6)))
+        sections.append(text + f"\n\nStored searches (stop_after_worse only), optimizer steps: {stored}.")
+        verdicts.update({f"{ds} {k}": ok for k, ok in v.items()})
+    md = "\n".join([
+        "## WSD search vs the cosine grid as a user runs it (replayed from stored studies)", "",
+        run_header("benchmarks/wsd_search.py", sys.argv[1:]),
+        f"- studies: {out}; early stopping as conf/config.yaml sets it (patience {patience}, threshold "
+        f"{conf.eval.early_stopping_threshold}) applied to the cosine runs' full curves; the WSD searches replayed "
+        f"under the no-win rule (no_win_patience={no_win}, gain_margin={margin}) on their trunks' curves",
+        "", *sections, "",
+        "Targets: " + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in verdicts.items()),
+    ])
+    (out / "wsd_search_replay.md").write_text(md + "\n", encoding="utf-8")
+    print(md)
+    return 0
+
+
 SMOKE_RATES = "1e-3,3e-3,1e-2"
 
 
@@ -457,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", action="store_true",
                    help="start every command (all datasets and methods) at once, sharing the GPU; wall and GPU "
                         "seconds then include the contention, optimizer steps do not")
+    p.add_argument("--replay", action="store_true",
+                   help="no training: from the studies under --out (a cosine grid run to its end and the WSD "
+                        "searches), the early-stopped grid and the searches under the no-win rule, replayed")
     p.add_argument("--three-only", action="store_true",
                    help="the 3-point grid and search only (no 6-point lengths): a third of the cost on CPU")
     a = p.parse_args(argv)
@@ -467,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     grid6 = [int(x) for x in a.grid6.split(",")] if a.grid6 else (SMOKE6 if a.smoke else GRID6)
     if a.three_only:
         grid6 = grid3
+    if a.replay:
+        return replay(a, grid3, grid6)
     warmup = a.warmup_steps if a.warmup_steps is not None else max(1, math.ceil(0.03 * min(grid6)))
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,7 @@ class WsdConfig:
     decay_type: str = MISSING  # linear | cosine | 1-sqrt (transformers' WSD decay types)
     stop_after_worse: Optional[int] = None  # stop the trunk after this many successive worse branches; None: never
     no_win_patience: Optional[int] = None  # evaluations for which no later branch could win before the trunk stops; None: never
-    gain_margin: float = 0.0  # a later cooldown may gain this much more than the largest gain so far (0.1: 10%)
+    gain_margin: float = 0.0  # a later cooldown may gain this much more than the newest one did (0.1: 10%)
     learning_rates: Optional[List[float]] = None  # one trunk per learning rate (a joint search); None: lr.learning_rate
     halving: Optional[HalvingConfig] = None  # joint search: which trunks go on at each candidate length
 
@@ -329,7 +329,7 @@ def _validate_wsd(cfg: Any) -> None:
     margin = w.get("gain_margin", 0.0)
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin <= 10:
         raise ValueError(f"schedule.wsd.gain_margin must be a number from 0 to 10 (0.1: a later cooldown may gain "
-                         f"10% more than the largest so far), but got {margin}; set schedule.wsd.gain_margin=0.1")
+                         f"10% more than the newest one), but got {margin}; set schedule.wsd.gain_margin=0.1")
     points = sorted((wsd_branch_point(c, w.decay_fraction), c) for c in cands)
     for (p, c), (q, d) in zip(points, points[1:]):
         if p >= q:

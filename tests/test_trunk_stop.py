@@ -49,7 +49,7 @@ def test_a_climbing_trunk_stops_once_its_bound_stays_above_the_best_branch():
     # one evaluation earlier the rule had not yet seen 3 such evaluations
     earlier = [p for p in TRUNK if p[0] < stop.step]
     assert check(earlier, [BRANCH], patience=3, sigma=0.005) is None
-    assert stop.best_steps == 500 and stop.best_value == 0.75 and stop.largest_gain == pytest.approx(g)
+    assert stop.best_steps == 500 and stop.best_value == 0.75 and stop.gain == pytest.approx(g)
     assert "no later branch can win" in stop.reason() and f"step {stop.step}" in stop.reason()
     assert stop.record()["rule"] == "no_win"
 
@@ -69,16 +69,21 @@ def test_noise_patience_and_margin_hold_it_back():
     assert quick is not None and slow is not None and slow.step > quick.step
 
 
-def test_the_largest_gain_and_the_best_branch_count_not_the_newest():
-    # the best branch gained little (0.01), an earlier, worse one much (0.15): the bound subtracts 0.15
-    best = Branch(500, 400, smoothed(TRUNK, 400) - 0.01)
-    worse = Branch(250, 200, best.value + 0.02)  # the trunk at 200 (1.05) is far above it: a gain of 0.22
-    longer = _trunk(FALL + RISE + [1.04 + 0.02 * k for k in range(1, 12)])  # climbs on to 1.26
-    only_best = live(longer, [best], patience=3, sigma=0.005)
-    both = live(longer, [worse, best], patience=3, sigma=0.005)
-    assert only_best is not None and both is not None and both.step > only_best.step
-    assert both.largest_gain == pytest.approx(gain(longer, worse)) and both.best_steps == 500
-    assert both.bound == pytest.approx(smoothed(longer, both.step) - gain(longer, worse))
+def test_the_newest_cooldowns_gain_bounds_a_later_one_and_the_best_branch_is_the_target():
+    # an early branch gained much (at step 200 the trunk was at 1.05), the newest little: a later cooldown,
+    # cut from a trunk that has stopped improving, gains about what the newest gained, not what the first did
+    early = Branch(250, 200, 0.90)
+    newest = Branch(500, 400, smoothed(TRUNK, 400) - 0.01)
+    stop = live(TRUNK, [early, newest], patience=3, sigma=0.005)
+    assert stop is not None and stop.gain == pytest.approx(0.01) and stop.best_steps == 500
+    assert stop.bound == pytest.approx(smoothed(TRUNK, stop.step) - 0.01)
+    # an early branch that is the best: the target is its value, and a lower target is passed no later
+    best_early = Branch(250, 200, 0.70)
+    later = live(TRUNK, [best_early, newest], patience=3, sigma=0.005)
+    assert later is not None and later.best_steps == 250 and later.best_value == 0.70 and later.step <= stop.step
+    # a negative gain (the cooldown did worse than the trunk) bounds at 0, not below
+    worse = Branch(500, 400, smoothed(TRUNK, 400) + 0.05)
+    assert live(TRUNK, [worse], patience=1, sigma=0.005).gain == 0.0
 
 
 def test_a_maximised_metric_mirrors_the_rule():
