@@ -445,7 +445,7 @@ def recommend(study: optuna.Study) -> dict | None:
     reason += "."
 
     notes = [f"Its curve (trial {best.number}): {d.verdict}: {d.reason}.",
-             *_length_notes(best, d, done, maximize, study.get_trials(deepcopy=False))]
+             *_generalisation(best, metric), *_length_notes(best, d, done, maximize, study.get_trials(deepcopy=False))]
     close = _shortest_within_noise(best, done, maximize)
     if close is not None:
         notes.append(_within_noise(best, *close))
@@ -503,6 +503,18 @@ def _verdict(best: optuna.trial.FrozenTrial, d: Diagnosis, notes: Sequence[str],
         parts.append(f"max_steps={c.user_attrs.get('max_steps')} is within noise"
                      + (f" for {s1 / s0:.0%} of the steps" if s1 and s0 else ""))
     return "; ".join(parts)
+
+
+def _generalisation(t: optuna.trial.FrozenTrial, metric: str) -> list[str]:
+    """The train/eval gap line of :mod:`sweeper.generalisation` for ``t`` (its eval-loss curve: the objective's
+    when it is ``eval_loss``, else the ``loss_curve`` stored beside it), or none."""
+    from sweeper.generalisation import gap, note
+
+    a = attrs(t)
+    loss = _eval_curve(t) if metric == "eval_loss" else (a.get("loss_curve") or [])
+    g = gap(loss, curve_attr(t, "train_curve"), noise_estimate([loss]).sigma) if loss else None
+    per_step = (a["epochs_trained"] / a["steps_trained"]) if a.get("epochs_trained") and a.get("steps_trained") else None
+    return [note(g, per_step)] if g else []
 
 
 def _peaks(trials: Sequence[optuna.trial.FrozenTrial], maximize: bool) -> list[int]:

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sweeper.halving import joint_table
 
 
@@ -65,3 +67,38 @@ def test_between_uses_thirds_without_a_peak_and_narrows_around_one():
     # a length inside measured worse is dropped; all measured: nothing new to run
     assert between(1500, 3000, 50, {2100: 0.9}, 0.72, peaks=[2100])[0] == [1800, 2550]
     assert between(100, 150, 50, {}, 0.7)[0] == []
+
+
+# --------------------------------------------------------------------------- train/eval gap (sweeper.generalisation)
+
+from sweeper.generalisation import gap, note, train_at  # noqa: E402
+
+# eval every 50 steps: falls to 0.80 at step 300, then rises to 0.95; train loss logged every 10 steps falls to 0.02
+EVAL = [(50 * (i + 1), v) for i, v in enumerate([2.0, 1.4, 1.1, 0.9, 0.82, 0.80, 0.83, 0.86, 0.90, 0.95])]
+TRAIN = [(10 * (i + 1), max(0.02, 2.2 - 0.05 * i)) for i in range(50)]
+
+
+def test_the_train_loss_at_an_eval_step_is_the_mean_logged_in_its_interval():
+    assert train_at(TRAIN, 300, 50) == sum(v for s, v in TRAIN if 250 < s <= 300) / 5
+    assert train_at([(100, 1.0)], 150, 10) == 1.0  # logged less often than evaluated: the last one before
+    assert train_at([(100, 1.0)], 50, 50) is None
+
+
+def test_a_memorising_run_gets_the_gap_at_its_best_and_end_and_what_helps():
+    g = gap(EVAL, TRAIN, sigma=0.01)
+    assert (g.best_step, g.end_step, g.memorising) == (300, 500, True)
+    assert g.train_best == train_at(TRAIN, 300, 50) and g.train_end == pytest.approx(0.02)
+    text = note(g, epochs_per_step=0.1)
+    assert "at the best step 300: train loss" in text and "eval loss 0.8000" in text
+    assert "at the end, step 500: train loss 0.0200, eval loss 0.9500 (gap +0.9300)" in text
+    assert "The model is memorising the training rows" in text and "rose +0.1500 after step 300" in text
+    for remedy in ("fewer epochs (stop near step 300 (30.0 epochs))", "more data", "a lower learning rate", "dropout"):
+        assert remedy in text
+
+
+def test_no_memorising_without_a_rise_above_the_noise_or_with_train_close_to_eval():
+    assert not gap(EVAL, TRAIN, sigma=0.1).memorising  # a rise of 0.15 inside 2 sigma
+    close = [(s, v * 0.9) for s, v in EVAL for _ in [0]]  # train loss near the eval loss: no gap to speak of
+    g = gap(EVAL, [(s, v) for s, v in close], sigma=0.01)
+    assert not g.memorising and "memorising" not in note(g)
+    assert gap(EVAL[:1], TRAIN, 0.01) is None and gap(EVAL, [], 0.01) is None

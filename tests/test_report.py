@@ -542,3 +542,16 @@ def test_report_refuses_what_is_not_a_study_storage_and_leaves_it_alone(tmp_path
                                   cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert path.read_bytes() == before  # not turned into an Optuna database
+
+
+def test_the_report_states_the_train_eval_gap_and_says_when_the_model_memorises(tmp_path):
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    curve = _peaked(1500, 0.80, 600)  # best at 600, then up 10%
+    train = [[s, max(0.02, 2.0 - s / 500)] for s in range(10, 1510, 10)]  # train loss falls to 0.02
+    _add(study, 1500, curve, train_curve=train, epochs_trained=11.0, steps_trained=1500)
+    _add(study, 500, _falling(500, 1.0))
+    line = _lines(study_report(study), "- Train/eval gap")[0]
+    assert "at the best step 600: train loss" in line and "at the end, step 1500: train loss 0.0200" in line
+    assert "The model is memorising the training rows" in line and "fewer epochs (stop near step 600 (4.4 epochs))" in line
