@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-__all__ = ["between", "peak", "prune_measured"]
+__all__ = ["between", "metric_steps", "peak", "prune_measured"]
 
 
 def peak(curve: Sequence[Sequence[float]], until: int | None = None, maximize: bool = False) -> int | None:
@@ -55,3 +55,26 @@ def between(winner: int, longer: int, unit: int, measured: dict[int, float], bes
         raw = [winner + (longer - winner) / 3, winner + 2 * (longer - winner) / 3]
     grid = [s for s in _round(raw, unit) if winner < s < longer]
     return prune_measured(grid, measured, best, maximize), m
+
+
+def _best(curve: Sequence[Sequence[float]], maximize: bool) -> tuple[int, float] | None:
+    pts = [(int(s), float(v)) for s, v in curve]
+    return (max if maximize else min)(pts, key=lambda p: p[1]) if pts else None
+
+
+def metric_steps(metric: str, loss_curve: Sequence[Sequence[float]], task: str,
+                 task_curve: Sequence[Sequence[float]]) -> str | None:
+    """With a task metric on (``task``: ``eval_accuracy`` or ``eval_mean_token_accuracy``, maximised, with its
+    curve): the step of the lowest eval loss and the step of the best task metric, and which of the two the
+    recommendation uses (the study's objective ``metric``). None without both curves."""
+    lo, hi = _best(loss_curve, False), _best(task_curve, True)
+    if lo is None or hi is None:
+        return None
+    shown = f"{hi[1]:.1%}" if task.endswith("accuracy") else f"{hi[1]:.4f}"
+    text = (f"Loss and task metric: lowest eval_loss {lo[1]:.4f} at step {lo[0]}; best {task} {shown} at step "
+            f"{hi[0]}" + (" (the same step)" if lo[0] == hi[0] else
+                          f" ({'later' if hi[0] > lo[0] else 'earlier'} than the loss's)"))
+    if metric == task:
+        return text + f". The recommendation uses {task} (eval.metric), so its step {hi[0]}."
+    return (text + f". The recommendation uses eval_loss (eval.metric), so its step {lo[0]}"
+            + (f"; to choose by the task, set eval.metric={task}." if lo[0] != hi[0] else "."))

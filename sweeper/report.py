@@ -445,7 +445,7 @@ def recommend(study: optuna.Study) -> dict | None:
     reason += "."
 
     notes = [f"Its curve (trial {best.number}): {d.verdict}: {d.reason}.",
-             *_generalisation(best, metric), *_length_notes(best, d, done, maximize, study.get_trials(deepcopy=False))]
+             *_generalisation(best, metric), *_metric_steps(best, metric), *_length_notes(best, d, done, maximize, study.get_trials(deepcopy=False))]
     close = _shortest_within_noise(best, done, maximize)
     if close is not None:
         notes.append(_within_noise(best, *close))
@@ -515,6 +515,21 @@ def _generalisation(t: optuna.trial.FrozenTrial, metric: str) -> list[str]:
     g = gap(loss, curve_attr(t, "train_curve"), noise_estimate([loss]).sigma) if loss else None
     per_step = (a["epochs_trained"] / a["steps_trained"]) if a.get("epochs_trained") and a.get("steps_trained") else None
     return [note(g, per_step)] if g else []
+
+
+def _metric_steps(t: optuna.trial.FrozenTrial, metric: str) -> list[str]:
+    """The line of :func:`sweeper.advice.metric_steps` when a task metric is on: the objective itself (its
+    curve and the eval loss kept beside it), else label accuracy or TRL's mean token accuracy beside the loss."""
+    from sweeper.advice import metric_steps
+
+    a = attrs(t)
+    if metric != "eval_loss":
+        line = metric_steps(metric, a.get("loss_curve") or [], metric, _eval_curve(t))
+    elif a.get("accuracy_curve"):
+        line = metric_steps(metric, _eval_curve(t), "eval_accuracy", a["accuracy_curve"])
+    else:
+        line = metric_steps(metric, _eval_curve(t), "eval_mean_token_accuracy", a.get("token_accuracy_curve") or [])
+    return [line] if line else []
 
 
 def _peaks(trials: Sequence[optuna.trial.FrozenTrial], maximize: bool) -> list[int]:

@@ -102,3 +102,22 @@ def test_no_memorising_without_a_rise_above_the_noise_or_with_train_close_to_eva
     g = gap(EVAL, [(s, v) for s, v in close], sigma=0.01)
     assert not g.memorising and "memorising" not in note(g)
     assert gap(EVAL[:1], TRAIN, 0.01) is None and gap(EVAL, [], 0.01) is None
+
+
+# --------------------------------------------------------------------------- loss and task metric steps
+
+from sweeper.advice import metric_steps  # noqa: E402
+
+LOSS = [(50, 1.2), (100, 0.9), (150, 0.95), (200, 1.0)]
+TOKACC = [(50, 0.40), (100, 0.55), (150, 0.58), (200, 0.60)]
+
+
+def test_both_steps_and_which_one_the_recommendation_uses():
+    by_task = metric_steps("eval_mean_token_accuracy", LOSS, "eval_mean_token_accuracy", TOKACC)
+    assert by_task == ("Loss and task metric: lowest eval_loss 0.9000 at step 100; best eval_mean_token_accuracy "
+                       "60.0% at step 200 (later than the loss's). The recommendation uses eval_mean_token_accuracy "
+                       "(eval.metric), so its step 200.")
+    by_loss = metric_steps("eval_loss", LOSS, "eval_mean_token_accuracy", TOKACC)
+    assert by_loss.endswith("The recommendation uses eval_loss (eval.metric), so its step 100; to choose by the "
+                            "task, set eval.metric=eval_mean_token_accuracy.")
+    assert metric_steps("eval_loss", LOSS, "eval_accuracy", []) is None

@@ -555,3 +555,20 @@ def test_the_report_states_the_train_eval_gap_and_says_when_the_model_memorises(
     line = _lines(study_report(study), "- Train/eval gap")[0]
     assert "at the best step 600: train loss" in line and "at the end, step 1500: train loss 0.0200" in line
     assert "The model is memorising the training rows" in line and "fewer epochs (stop near step 600 (4.4 epochs))" in line
+
+
+def test_a_task_metric_objective_reports_the_loss_step_and_the_metric_step(tmp_path):
+    from sweeper.report import study_report
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db", direction="maximize")
+    study.set_user_attr("metric", "eval_mean_token_accuracy")
+    study.set_user_attr("data", "gsm8k")
+    acc = {50 * i: 0.30 + 0.02 * i for i in range(1, 21)}  # still rising at 1000
+    loss = [[50 * i, 1.0 + (i - 8) ** 2 / 100] for i in range(1, 21)]  # lowest at 400
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE, value=max(acc.values()), intermediate_values=acc,
+        user_attrs={"max_steps": 1000, "best_step": 1000, "loss_curve": loss,
+                    "sft_config": {"lr_scheduler_type": "cosine", "eval_steps": 50, "max_steps": 1000}}))
+    line = _lines(study_report(study), "- Loss and task metric")[0]
+    assert ("lowest eval_loss 1.0000 at step 400; best eval_mean_token_accuracy 70.0% at step 1000 (later than the "
+            "loss's). The recommendation uses eval_mean_token_accuracy (eval.metric), so its step 1000.") in line
