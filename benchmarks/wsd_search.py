@@ -6,20 +6,28 @@
 
 For each dataset (banking77 and gsm8k by default) it runs, through the real CLI (`train.py -m`):
 
-1. the cosine grid of the 6 lengths (which include the 3 of the 3-point set):
+1. the cosine grid of the 6 lengths (which include the 3 of the 3-point set), run to their end:
    `schedule.max_steps=<6 values> lr.lr_scheduler_type=cosine eval.early_stopping_patience=null`,
    with `hydra.sweeper.workers=N hydra.sweeper.gpus=[...]` (several workers may share one GPU);
-2. `schedule=wsd_search` with the 3-point candidates [500,1500,3000];
-3. `schedule=wsd_search` with the 6-point candidates [250,500,1000,1500,2000,3000];
+2. the same grid as a user runs it, with the default early stopping (`conf/config.yaml`): its optimizer
+   steps are those each run trained;
+3. `schedule=wsd_search` with the 3-point candidates [500,1500,3000];
+4. `schedule=wsd_search` with the 6-point candidates [250,500,1000,1500,2000,3000] (not with
+   ``--three-only``);
 
-each into its own SQLite study under ``--out`` (`<data>-cosine.db`, `<data>-wsd3.db`, `<data>-wsd6.db`).
+each into its own SQLite study under ``--out`` (`<data>-cosine.db`, `<data>-cosine_es.db`, `<data>-wsd3.db`,
+`<data>-wsd6.db`). ``--replay`` trains nothing: from a folder of studies of 1, 3 and 4 (e.g. those in
+``benchmarks/wsd_runs/``) it derives 2 (early stopping applied to the full curves: it only ends a run) and
+replays each search under the trunk's no-win rule (:mod:`sweeper.trunk_stop`; it only ends a trunk earlier)
+and writes ``--out/wsd_search_replay.md``.
 Every run uses the same integer warmup (``--warmup-steps``, default 3% of the smallest length), the
 same eval cadence and the same ``--model-overrides``. It then prints and writes ``--out/wsd_search.md``:
 per length the eval loss by cosine and by each WSD branch set; the winner (best length) by each
 method; optimizer steps (cosine grid: the sum of its max_steps; WSD: trunk + cooldowns) and GPU time
 (sum of train_runtime_s) with their ratios to the 3-point and 6-point cosine grids; and whether the
 targets hold: the same winner, or the WSD winner's cosine eval loss within 1% of the cosine
-winner's, at <= 70% of the 3-point grid's steps and <= 50% of the 6-point grid's. The device, date,
+winner's, at <= 70% of the 3-point grid's steps and <= 50% of the 6-point grid's; and against the
+early-stopped grid (on data that over-fits): its winner, or within 1% of its best, at <= 60% of its steps. The device, date,
 versions and command are recorded with the table. ``--summarise-only`` rewrites the tables from the
 studies under ``--out`` and keeps the device, command, settings and wall-time lines of the run that trained
 them (the H100 runs in ``benchmarks/wsd_runs/`` are re-read this way).

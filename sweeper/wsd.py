@@ -19,7 +19,9 @@ With cosine, 500/1500/3000 steps are three trainings. With warmup-stable-decay (
   branch's cooldown (tests/test_wsd.py checks every logged LR). transformers loads the optimizer
   only when ``scheduler.pt`` is there, so the trunk's scheduler file stays;
 - sequential, in one process, ascending; after each branch, if the last ``stop_after_worse`` branch
-  values are all worse than the best branch so far, the trunk stops (longer cannot help then);
+  values are all worse than the best branch so far, the trunk stops (longer cannot help then); and after
+  each trunk evaluation at constant LR, once no later branch can win (:mod:`sweeper.trunk_stop`, with
+  ``no_win_patience`` and ``gain_margin``) the trunk stops there, between branch points;
 - a joint search (``schedule.wsd.learning_rates``): one trunk per learning rate, each its own job; after
   each branch :func:`sweeper.halving.decide` says whether the trunk goes on, stops (successive halving
   across the rates' branches at that length), or waits: for trunks other workers train, or parked (the
