@@ -17,7 +17,7 @@ from sweeper.reporter import Reporter
 if TYPE_CHECKING:
     from sweeper.spec import RunSpec
 
-__all__ = ["DivergedError", "accuracy_callback", "label_decision", "label_set", "make_callbacks",
+__all__ = ["BESIDE", "DivergedError", "accuracy_callback", "label_decision", "label_set", "make_callbacks",
            "metrics_logger", "replace_progress", "restore_tracker", "thin"]
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ def make_callbacks(spec: RunSpec, reporter: Reporter | None, tracker: dict) -> l
                 if acc > tracker.get("best_accuracy", -1.0):
                     tracker["best_accuracy"], tracker["best_accuracy_step"] = float(acc), step
             tracker.setdefault("curve", []).append([step, float(value)])
+            _track_beside(tracker, metric, metrics or {}, step)
             if not math.isfinite(value):
                 raise DivergedError(f"diverged at step {step}: {metric} is {value}")
             best = tracker.get("best")
@@ -175,6 +176,23 @@ def make_callbacks(spec: RunSpec, reporter: Reporter | None, tracker: dict) -> l
         tracker["stopper"] = stopper
         callbacks.append(stopper)
     return callbacks
+
+
+# the metrics kept beside the objective, each as a curve and its best: eval loss when the objective is a task
+# metric, and TRL's mean token accuracy of the completion tokens (logged at evaluation as eval_mean_token_accuracy)
+BESIDE = {"eval_loss": ("loss_curve", "best_loss", "best_loss_step", False),
+          "eval_mean_token_accuracy": ("token_accuracy_curve", "best_token_accuracy", "best_token_accuracy_step", True)}
+
+
+def _track_beside(tracker: dict, metric: str, metrics: dict, step: int) -> None:
+    """Record the :data:`BESIDE` metrics of one evaluation into ``tracker`` (not the objective's own)."""
+    for key, (curve, best, best_step, maximize) in BESIDE.items():
+        v = metrics.get(key)
+        if key == metric or v is None or not math.isfinite(float(v)):
+            continue
+        tracker.setdefault(curve, []).append([step, float(v)])
+        if tracker.get(best) is None or (v > tracker[best] if maximize else v < tracker[best]):
+            tracker[best], tracker[best_step] = float(v), step
 
 
 def thin(points: list, most: int) -> list:
@@ -242,6 +260,8 @@ def restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool)
     for entry in state.get("log_history", []):
         if "loss" in entry and "step" in entry:
             tracker.setdefault("train_curve", []).append([int(entry["step"]), round(float(entry["loss"]), 5)])
+        if "step" in entry and any(k in entry for k in BESIDE):
+            _track_beside(tracker, metric, entry, int(entry["step"]))
         if metric in entry:
             value, step = float(entry[metric]), int(entry["step"])
             tracker.setdefault("curve", []).append([step, value])

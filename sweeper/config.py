@@ -125,6 +125,8 @@ class WsdConfig:
     decay_fraction: float = MISSING  # cooldown share of each candidate, in (0, 1)
     decay_type: str = MISSING  # linear | cosine | 1-sqrt (transformers' WSD decay types)
     stop_after_worse: Optional[int] = None  # stop the trunk after this many successive worse branches; None: never
+    no_win_patience: Optional[int] = None  # evaluations for which no later branch could win before the trunk stops; None: never
+    gain_margin: float = 0.0  # a later cooldown may gain this much more than the newest one did (0.1: 10%)
     learning_rates: Optional[List[float]] = None  # one trunk per learning rate (a joint search); None: lr.learning_rate
     halving: Optional[HalvingConfig] = None  # joint search: which trunks go on at each candidate length
 
@@ -240,7 +242,8 @@ _COMPUTE = ("auto", "bf16", "fp16", "fp32")
 _LOSS_ON = ("completion", "all")
 _PEFT = ("lora", "none")
 _ATTENTION = ("auto", "varlen", "sdpa", "eager")
-_METRICS = {"eval_loss": "minimize", "eval_accuracy": "maximize"}
+# eval_mean_token_accuracy: TRL's share of completion tokens predicted right (top-1), logged at every evaluation
+_METRICS = {"eval_loss": "minimize", "eval_accuracy": "maximize", "eval_mean_token_accuracy": "maximize"}
 
 
 def metric_direction(metric: str) -> str:
@@ -327,6 +330,14 @@ def _validate_wsd(cfg: Any) -> None:
         raise ValueError(f"schedule.wsd.stop_after_worse must be >= 1 or null (never stop the trunk), but got "
                          f"{w.stop_after_worse}; set schedule.wsd.stop_after_worse=2")
     _validate_learning_rates(w)
+    patience = w.get("no_win_patience")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"schedule.wsd.no_win_patience must be an integer >= 1 (trunk evaluations) or null (never "
+                         f"stop on it), but got {patience}; set schedule.wsd.no_win_patience=3")
+    margin = w.get("gain_margin", 0.0)
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin <= 10:
+        raise ValueError(f"schedule.wsd.gain_margin must be a number from 0 to 10 (0.1: a later cooldown may gain "
+                         f"10% more than the newest one), but got {margin}; set schedule.wsd.gain_margin=0.1")
     points = sorted((wsd_branch_point(c, w.decay_fraction), c) for c in cands)
     for (p, c), (q, d) in zip(points, points[1:]):
         if p >= q:

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["RULES", "Decision", "Trunk", "decide", "joint_table", "keep", "rank"]
+__all__ = ["RULES", "Decision", "Trunk", "decide", "joint_table", "keep", "rank", "stop_reason"]
 
 RULES = ("successive_halving", "none")
 
@@ -114,6 +114,7 @@ def joint_table(trunks: dict[float, dict], cands: list[int], metric: str, maximi
     head = " | ".join(f"{s} steps" for s in cands)
     lines = [f"| lr | {head} | trunk | optimizer steps | train s |", "|---:|" + "---:|" * len(cands) + "---|---:|---:|"]
     best, spent, seconds, why = None, 0, 0.0, []
+    table: dict[int, dict[float, float]] = {}  # length -> learning rate -> its value, as the table shows it
     for r in sorted(trunks):
         a = trunks[r]
         by_steps = {int(b["max_steps"]): b for b in a.get("branches") or [] if "max_steps" in b}
@@ -122,6 +123,8 @@ def joint_table(trunks: dict[float, dict], cands: list[int], metric: str, maximi
             b = by_steps.get(s, {})
             v = b.get("value") if str(b.get("status", "")).startswith("done") else None
             cells.append(f"{v:.4f}" if v is not None else "–")
+            if v is not None:
+                table.setdefault(s, {})[r] = v
             if v is not None and (best is None or (v > best[0] if maximize else v < best[0])):
                 best = (v, r, s)
         stopped = a.get("stopped_reason")
@@ -131,7 +134,7 @@ def joint_table(trunks: dict[float, dict], cands: list[int], metric: str, maximi
             why.append(f"- lr={r:g}: failed: {a.get('error') or 'see its train.log'}")
         elif stopped:
             where = f"stopped after its {max(reached)}-step branch" if reached else "stopped"
-            why.append(f"- lr={r:g}: {stopped}")
+            why.append((r, max(reached) if reached else None, stopped))
         elif a.get("best_value") is not None:
             where = "ran every length"
         else:
@@ -146,4 +149,19 @@ def joint_table(trunks: dict[float, dict], cands: list[int], metric: str, maximi
         lines.append(f"Best: lr={best[1]:g}, max_steps={best[2]} ({metric} {best[0]:.4f}). Cost: {spent} optimizer "
                      f"steps ({seconds:.0f} s of training), {100 * spent / grid:.0f}% of the {grid} of the "
                      f"{len(trunks)} x {len(cands)} cosine grid (one run per learning rate and length).")
-    return "\n".join(lines + why)
+    return "\n".join(lines + [w if isinstance(w, str) else stop_reason(*w, table, metric, maximize) for w in why])
+
+
+def stop_reason(lr: float, at: int | None, reason: str, table: dict[int, dict[float, float]], metric: str,
+                maximize: bool) -> str:
+    """Why the trunk of ``lr`` stopped, with the final facts first: its rank among the learning rates at the
+    last length it reached (``at``) and the best rate there, from ``table`` (length -> rate -> value, the
+    values the joint table shows), then the decision-time ``reason`` ("when it was stopped, ...")."""
+    there = table.get(at, {}) if at is not None else {}
+    if lr not in there:
+        return f"- lr={lr:g}: {reason}"
+    order = sorted(there, key=lambda r: (-there[r] if maximize else there[r], r))
+    top = order[0]
+    final = (f"its {at}-step branch's {metric} {there[lr]:.4f} ranks {order.index(lr) + 1} of {len(order)} learning "
+             f"rates at {at} steps (best: lr={top:g}, {there[top]:.4f})")
+    return f"- lr={lr:g}: {final}; when it was stopped, {reason}"

@@ -445,7 +445,7 @@ def recommend(study: optuna.Study) -> dict | None:
     reason += "."
 
     notes = [f"Its curve (trial {best.number}): {d.verdict}: {d.reason}.",
-             *_length_notes(best, d, done, maximize)]
+             *_generalisation(best, metric), *_metric_steps(best, metric), *_length_notes(best, d, done, maximize, study.get_trials(deepcopy=False))]
     close = _shortest_within_noise(best, done, maximize)
     if close is not None:
         notes.append(_within_noise(best, *close))
@@ -505,8 +505,45 @@ def _verdict(best: optuna.trial.FrozenTrial, d: Diagnosis, notes: Sequence[str],
     return "; ".join(parts)
 
 
+def _generalisation(t: optuna.trial.FrozenTrial, metric: str) -> list[str]:
+    """The train/eval gap line of :mod:`sweeper.generalisation` for ``t`` (its eval-loss curve: the objective's
+    when it is ``eval_loss``, else the ``loss_curve`` stored beside it), or none."""
+    from sweeper.generalisation import gap, note
+
+    a = attrs(t)
+    loss = _eval_curve(t) if metric == "eval_loss" else (a.get("loss_curve") or [])
+    g = gap(loss, curve_attr(t, "train_curve"), noise_estimate([loss]).sigma) if loss else None
+    per_step = (a["epochs_trained"] / a["steps_trained"]) if a.get("epochs_trained") and a.get("steps_trained") else None
+    return [note(g, per_step)] if g else []
+
+
+def _metric_steps(t: optuna.trial.FrozenTrial, metric: str) -> list[str]:
+    """The line of :func:`sweeper.advice.metric_steps` when a task metric is on: the objective itself (its
+    curve and the eval loss kept beside it), else label accuracy or TRL's mean token accuracy beside the loss."""
+    from sweeper.advice import metric_steps
+
+    a = attrs(t)
+    if metric != "eval_loss":
+        line = metric_steps(metric, a.get("loss_curve") or [], metric, _eval_curve(t))
+    elif a.get("accuracy_curve"):
+        line = metric_steps(metric, _eval_curve(t), "eval_accuracy", a["accuracy_curve"])
+    else:
+        line = metric_steps(metric, _eval_curve(t), "eval_mean_token_accuracy", a.get("token_accuracy_curve") or [])
+    return [line] if line else []
+
+
+def _peaks(trials: Sequence[optuna.trial.FrozenTrial], maximize: bool) -> list[int]:
+    """Where curves peaked inside their runs (:func:`sweeper.advice.peak`): a WSD trial's trunk before its
+    branch point (a stopped trunk's too), a cosine run's best step before its end."""
+    from sweeper.advice import peak
+
+    found = [peak(_eval_curve(t), _branch_point(t) if method(t) == "wsd" else None, maximize) for t in trials
+             if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    return sorted({m for m in found if m is not None})
+
+
 def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[optuna.trial.FrozenTrial],
-                  maximize: bool) -> list[str]:
+                  maximize: bool, trials: Sequence[optuna.trial.FrozenTrial] = ()) -> list[str]:
     """Where the winner's length sits among the lengths tried (``max_steps`` of the COMPLETE trials ``done``)
     and what to run next: above the longest when it won with its best late in its run (not when its best
     came well inside it: see :data:`INSIDE`), below the shortest when it won, between the winner and the
@@ -519,6 +556,13 @@ def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[o
         return []
     unit = int((a.get("sft_config") or {}).get("eval_steps") or 1)
     tried = "/".join(map(str, lengths))
+    from sweeper.advice import between, prune_measured
+
+    measured: dict[int, float] = {}  # length -> its best value in the study
+    for t in done:
+        n = t.user_attrs.get("max_steps")
+        if n and (n not in measured or (t.value > measured[n] if maximize else t.value < measured[n])):
+            measured[int(n)] = t.value
     inside = bool(b_step and b_step < steps and not wsd
                   and (b_step <= INSIDE * steps or a.get("stopped_early_step") or d.verdict == "over-trained"))
     notes = []
@@ -529,20 +573,23 @@ def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[o
                          "well inside the run: longer runs will not help.")
         else:
             when = "at the end of its run" if b_step == steps else f"late in its run (step {b_step} of {steps})"
-            grid = _grid([steps, 1.5 * steps, 2 * steps], unit)
+            grid = prune_measured(_grid([steps, 1.5 * steps, 2 * steps], unit), measured, best.value, maximize)
             notes.append(f"Edge of the grid: the best length is {which} and its best came {when}, so longer may be "
                          f"better still: run `{_grid_command(grid, wsd, _settings(best, done))}`.")
     if len(lengths) > 1 and steps == lengths[0] and d.verdict != "under-trained":
-        grid = _grid([steps / 4, steps / 2, steps], unit)
+        grid = prune_measured(_grid([steps / 4, steps / 2, steps], unit), measured, best.value, maximize)
         notes.append(f"Edge of the grid: the best length is the shortest tried ({tried}): a shorter run may do as "
                      f"well: run `{_grid_command(grid, wsd, _settings(best, done))}`.")
     if d.verdict == "under-trained" and steps != lengths[-1]:
         longer = min(n for n in lengths if n > steps)
         there = (max if maximize else min)(t.value for t in done if t.user_attrs.get("max_steps") == longer)
-        grid = _grid([steps, steps + (longer - steps) / 3, steps + 2 * (longer - steps) / 3, longer], unit)
+        grid, m = between(steps, longer, unit, measured, best.value, _peaks(trials or done, maximize), maximize)
         falling = "its trunk was still falling at its branch point" if wsd else "its curve was still falling at its end"
+        near = f"; a curve of the study peaked at step {m}, so the grid is narrowed around it" if m else ""
+        run = (f"run `{_grid_command(grid, wsd, _settings(best, done))}`" if grid
+               else "every length between them on the evaluation grid is measured already")
         notes.append(f"Between lengths: {falling}, but max_steps={longer} reached only {there:.4f}: the best "
-                     f"length lies between {steps} and {longer}: run `{_grid_command(grid, wsd, _settings(best, done))}`.")
+                     f"length lies between {steps} and {longer}{near}: {run}.")
     if inside:
         if a.get("stopped_early_step"):
             why = f"early stopping ended it at step {a['stopped_early_step']}"

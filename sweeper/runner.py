@@ -268,6 +268,8 @@ def _results(spec: RunSpec, state: Any, output: Any, tracker: dict, effective_ba
         "accuracy_curve": tracker.get("accuracy_curve"),
         "best_accuracy": tracker.get("best_accuracy"),
         "best_accuracy_step": tracker.get("best_accuracy_step"),
+        # eval loss beside a task-metric objective, and TRL's mean token accuracy (callbacks.BESIDE)
+        **{k: tracker.get(k) for names in callbacks.BESIDE.values() for k in names[:3]},
     }
     log.info("best %s %s at step %s of %d%s", spec.metric, "–" if best is None else f"{best:.4f}",
              results["best_step"], state.global_step, f" (stopped early at {state.global_step})" if stopped_early else "")

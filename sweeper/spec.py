@@ -64,6 +64,8 @@ class Wsd:
     decay_type: str
     warmup_steps: int
     stop_after_worse: int | None
+    no_win_patience: int | None = None  # trunk evaluations without a possible winner before it stops (sweeper.trunk_stop)
+    gain_margin: float = 0.0
     learning_rates: tuple[float, ...] = ()  # a joint search: one trunk per rate (sorted); (): lr.learning_rate only
     halving_rule: str = "successive_halving"
     eta: int = 3
@@ -148,6 +150,8 @@ def wsd_of(cfg: DictConfig) -> Wsd | None:
     return Wsd(candidates=tuple(sorted(int(c) for c in w.candidates)), decay_fraction=float(w.decay_fraction),
                decay_type=str(w.decay_type), warmup_steps=config_mod.wsd_warmup_steps(cfg),
                stop_after_worse=None if w.stop_after_worse is None else int(w.stop_after_worse),
+               no_win_patience=None if w.get("no_win_patience") is None else int(w.no_win_patience),
+               gain_margin=float(w.get("gain_margin") or 0.0),
                learning_rates=tuple(sorted(float(r) for r in rates)) if rates is not None else (),
                halving_rule=str(h.rule) if h is not None else "successive_halving",
                eta=int(h.eta) if h is not None else 3,

@@ -53,7 +53,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say which 
 
 # results kept in system attrs, not user attrs: long values (curves, the SFTConfig, the plan) would make
 # optuna-dashboard's attribute table thousands of pixels wide (see sweeper.study.TrialReporter.set_attrs)
-SYSTEM_ATTRS = ("train_curve", "accuracy_curve", "sft_config", "plan", "wsd_trunk")
+SYSTEM_ATTRS = ("train_curve", "accuracy_curve", "loss_curve", "token_accuracy_curve", "sft_config", "plan", "wsd_trunk")
 
 
 def mask_url(url: str) -> str:

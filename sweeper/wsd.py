@@ -19,7 +19,9 @@ With cosine, 500/1500/3000 steps are three trainings. With warmup-stable-decay (
   branch's cooldown (tests/test_wsd.py checks every logged LR). transformers loads the optimizer
   only when ``scheduler.pt`` is there, so the trunk's scheduler file stays;
 - sequential, in one process, ascending; after each branch, if the last ``stop_after_worse`` branch
-  values are all worse than the best branch so far, the trunk stops (longer cannot help then);
+  values are all worse than the best branch so far, the trunk stops (longer cannot help then); and after
+  each trunk evaluation at constant LR, once no later branch can win (:mod:`sweeper.trunk_stop`, with
+  ``no_win_patience`` and ``gain_margin``) the trunk stops there, between branch points;
 - a joint search (``schedule.wsd.learning_rates``): one trunk per learning rate, each its own job; after
   each branch :func:`sweeper.halving.decide` says whether the trunk goes on, stops (successive halving
   across the rates' branches at that length), or waits: for trunks other workers train, or parked (the
@@ -52,7 +54,7 @@ from omegaconf import DictConfig
 
 from sweeper import config as config_mod
 from sweeper import data as data_mod
-from sweeper import halving
+from sweeper import halving, trunk_stop
 from sweeper import spec as spec_mod
 from sweeper.callbacks import DivergedError
 from sweeper.reporter import Collect, NullReporter, Parked, Reporter
@@ -133,6 +135,27 @@ def _stop_at(step: int) -> Any:
     return StopAtBranchPoint()
 
 
+def _no_win(search: "_Search") -> Any:
+    from transformers import TrainerCallback
+
+    class NoWinStop(TrainerCallback):
+        """After each trunk evaluation in its constant-LR phase: stop the trunk once no later branch can win
+        (:func:`sweeper.trunk_stop.check` on the trunk's whole eval curve and the branches recorded)."""
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if state.global_step > search.points[search.s_max] or search.no_win is not None:
+                return control
+            verdict = search.no_win_check([(e["step"], e[search.spec.metric]) for e in state.log_history
+                                           if search.spec.metric in e and "step" in e])
+            if verdict is not None:
+                search.no_win = verdict
+                control.should_training_stop = True
+                log.info("WSD search%s: %s", f" (lr={search.lr:g})" if search.joint else "", verdict.reason())
+            return control
+
+    return NoWinStop()
+
+
 def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
@@ -200,7 +223,8 @@ def run_search(spec: RunSpec, splits: data_mod.Splits, reporter: Reporter, job_d
         if stopped is None and last is not None:
             stopped = search.gate(last, search.points[s])
         if stopped is None:
-            search.train_trunk_to(search.points[s])
+            stopped = search.train_trunk_to(search.points[s])
+        if stopped is None:
             search.branch(s)
             last = s
     if stopped is None and last is not None:
@@ -240,6 +264,7 @@ class _Search:
         self.trunk_spec = _segment_spec(spec, self.s_max, self.points[self.s_max])
         self.trunk_rep = Collect(reporter)
         self.ckpt, self.at = resume, _step_of(resume)
+        self.no_win: trunk_stop.NoWin | None = None  # set when the trunk stopped because no branch can win
         reporter.set_attrs({"method": "wsd", "max_steps": self.s_max})
         reporter.set_wsd_params(self.s_max, self.cands[0], self.s_max)
         if self.joint:
@@ -257,6 +282,14 @@ class _Search:
         return [self.state["branches"][str(s)]["value"] for s in self.cands
                 if self.state["branches"].get(str(s), {}).get("status") == "done"]
 
+    def no_win_check(self, trunk_curve: Sequence[Sequence[float]]) -> trunk_stop.NoWin | None:
+        """:func:`sweeper.trunk_stop.check` of this trunk's curve against its recorded branches."""
+        w = self.spec.wsd
+        done = [trunk_stop.Branch(s, self.points[s], float(self.state["branches"][str(s)]["value"]))
+                for s in self.cands[:-1] if self.state["branches"].get(str(s), {}).get("status") == "done"]
+        return trunk_stop.check(trunk_curve, done, w.no_win_patience, w.gain_margin, self.spec.maximize,
+                                metric=self.spec.metric)
+
     def trunk_record(self, parked_at: int | None = None) -> dict:
         """This trunk as the other rates' trunks read it (``wsd_trunk``): its branch value at each rung."""
         w = self.spec.wsd
@@ -268,7 +301,7 @@ class _Search:
     def trunk_segment(self, until: int, final: bool) -> Segment:
         """Train the trunk from its checkpoint to ``until`` (``final``: to its end, with its cooldown)."""
         seg = Segment(output_dir=self.job_dir, args=SEGMENT_ARGS, resume=self.ckpt, final_eval=final,
-                      save_state=True, callbacks=[] if final else [_stop_at(until)])
+                      save_state=True, callbacks=[_no_win(self)] + ([] if final else [_stop_at(until)]))
         train_segment(self.trunk_spec, self.splits, seg, self.trunk_rep)
         if not self.state.get("batch"):
             a = self.trunk_rep.attrs
@@ -277,23 +310,31 @@ class _Search:
                                    "eval_batch": a["micro_batch"] if fitted else None}
             self.spec = _pin_batch(self.spec, self.state["batch"])
             self.trunk_spec = _segment_spec(self.spec, self.s_max, self.points[self.s_max])
-        self.state["trunk_segments"].append({"from": self.at, "to": until, "steps": until - self.at,
+        reached = int(seg.results.get("steps_trained") or until)
+        self.state["trunk_segments"].append({"from": self.at, "to": reached, "steps": reached - self.at,
                                              "train_runtime_s": seg.results["train_runtime_s"]})
+        if self.no_win is not None:
+            self.state["trunk_stop"] = self.no_win.record()
         return seg
 
-    def train_trunk_to(self, p: int) -> None:
-        """The trunk to the branch point ``p``, saved there; older trunk checkpoints are removed."""
+    def train_trunk_to(self, p: int) -> str | None:
+        """The trunk to the branch point ``p``, saved there; older trunk checkpoints are removed. Returns why
+        the trunk stopped before ``p`` (no later branch can win: :mod:`sweeper.trunk_stop`), else None."""
         if p < self.at:
             raise RuntimeError(f"WSD search: a branch starts at step {p}, before the trunk checkpoint {self.ckpt}")
         if p == self.at:
-            return
+            return None
         self.trunk_segment(p, final=False)
+        if self.no_win is not None:
+            _save_state(self.job_dir, self.state)
+            return self.no_win.reason()
         old = [c for c in self.job_dir.glob("checkpoint-*") if c.name != f"checkpoint-{p}"]
         self.ckpt, self.at = str(self.job_dir / f"checkpoint-{p}"), p
         self.state["trunk_checkpoint"] = self.ckpt
         _save_state(self.job_dir, self.state)
         for c in old:  # only the newest trunk checkpoint is needed from here on
             shutil.rmtree(c, ignore_errors=True)
+        return None
 
     def branch(self, s: int) -> None:
         """Cool down candidate ``s`` from the trunk checkpoint and record it (a trial of the study)."""
@@ -360,6 +401,11 @@ class _Search:
         trunk_value = None
         if stopped is None:
             seg = self.trunk_segment(s_max, final=True)
+            if self.no_win is not None:  # stopped before its own cooldown: not a result of the longest length
+                stopped = self.no_win.reason()
+                state["branches"][str(s_max)] = {"max_steps": s_max, "branch_point": self.points[s_max],
+                                                 "status": f"not run: {stopped}"}
+        if stopped is None:
             trunk_value, trunk_best_step = cooldown_best(seg.results["curve"], self.points[s_max], maximize)
             state["branches"][str(s_max)] = {"max_steps": s_max, "branch_point": self.points[s_max],
                                              "decay_steps": s_max - self.points[s_max], "value": trunk_value,
@@ -404,6 +450,7 @@ def _summary(state: dict, cands: list[int], wanted: dict, job_dir: Path, resume:
         "resumed_from_checkpoint": resume,
         "run_dir": str(job_dir),
         "stopped_reason": stopped,
+        "trunk_stop": state.get("trunk_stop"),  # the no-win rule's facts (sweeper.trunk_stop.NoWin), when it stopped
     }
 
 

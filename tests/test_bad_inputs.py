@@ -120,7 +120,7 @@ CASES = [
     ("negative warmup", ["lr.warmup_steps=-1"], "lr.warmup_steps must be >= 0"),
     ("warmup longer than the run", ["lr.warmup_steps=50"], "must be shorter than schedule.max_steps (12)"),
     ("micro-batch zero", ["batch.per_device_train_batch_size=0"], "batch.per_device_train_batch_size must be >= 1"),
-    ("unknown metric", ["eval.metric=eval_foo"], "eval.metric must be one of ['eval_accuracy', 'eval_loss']"),
+    ("unknown metric", ["eval.metric=eval_foo"], "eval.metric must be one of ['eval_accuracy', 'eval_loss', 'eval_mean_token_accuracy']"),
     ("eval_steps zero", ["eval.eval_steps=0"], "eval.eval_steps must be >= 1"),
     ("unknown accuracy mode", ["eval.accuracy=maybe"], "eval.accuracy must be one of ['auto', 'on', 'off']"),
     ("patience zero", ["eval.early_stopping_patience=0"], "eval.early_stopping_patience must be >= 1 or null"),

@@ -95,7 +95,7 @@ def test_unknown_group_option_names_the_valid_ones(compose_cfg):
     (["schedule.max_steps=null"], "set exactly one of schedule.max_steps and schedule.num_train_epochs"),
     (["data.eval_fraction=1.5"], "data.eval_fraction must be between 0 and 1"),
     (["precision=qlora4", "peft=none"], "add peft=lora"),
-    (["eval.metric=accuracy"], "eval.metric must be one of ['eval_accuracy', 'eval_loss'], but got 'accuracy'"),
+    (["eval.metric=accuracy"], "eval.metric must be one of ['eval_accuracy', 'eval_loss', 'eval_mean_token_accuracy'], but got 'accuracy'"),
     (["batch.gradient_accumulation_steps=0"], "batch.gradient_accumulation_steps must be >= 1"),
 ])
 def test_cross_key_rules_say_rule_value_fix(compose_cfg, overrides, needle):

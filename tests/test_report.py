@@ -420,8 +420,22 @@ def test_the_shortest_length_winning_is_an_edge_and_an_under_trained_winner_has_
     md = study_report(study)
     assert "under-trained" in _lines(md, "- Its curve")[0] and _agrees(md)
     assert ("- Between lengths: its curve was still falling at its end, but max_steps=3000 reached only 0.2500: the "
-            "best length lies between 1500 and 3000: run `python train.py -m schedule.max_steps=1500,2000,2500,3000`."
-            ) in md
+            "best length lies between 1500 and 3000: run `python train.py -m schedule.max_steps=2000,2500`."
+            ) in md  # neither end again: 1500 is measured, 3000 measured worse
+
+
+def test_a_peak_inside_a_run_narrows_the_proposal_and_no_length_measured_worse_is_proposed(tmp_path):
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    _add(study, 500, _falling(500, 0.30))
+    _add(study, 1500, _falling(1500, 0.20))
+    _add(study, 3000, _peaked(3000, 0.25, 2100))  # measured worse; its best at step 2100, well inside
+    md = study_report(study)
+    line = _lines(md, "- Between lengths")[0]
+    assert "a curve of the study peaked at step 2100, so the grid is narrowed around it" in line
+    assert line.endswith("run `python train.py -m schedule.max_steps=1800,2100,2550`."), line
+    assert "3000" not in line.split("run `")[1]
 
 
 def test_the_shortest_length_within_noise_is_named_with_its_cost(tmp_path):
@@ -527,3 +541,33 @@ def test_report_refuses_what_is_not_a_study_storage_and_leaves_it_alone(tmp_path
             proc = sweeper_in_process(cmd, "--storage", f"sqlite:///{path}")
             assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert path.read_bytes() == before  # not turned into an Optuna database
+
+
+def test_the_report_states_the_train_eval_gap_and_says_when_the_model_memorises(tmp_path):
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    curve = _peaked(1500, 0.80, 600)  # best at 600, then up 10%
+    train = [[s, max(0.02, 2.0 - s / 500)] for s in range(10, 1510, 10)]  # train loss falls to 0.02
+    _add(study, 1500, curve, train_curve=train, epochs_trained=11.0, steps_trained=1500)
+    _add(study, 500, _falling(500, 1.0))
+    line = _lines(study_report(study), "- Train/eval gap")[0]
+    assert "at the best step 600: train loss" in line and "at the end, step 1500: train loss 0.0200" in line
+    assert "The model is memorising the training rows" in line and "fewer epochs (stop near step 600 (4.4 epochs))" in line
+
+
+def test_a_task_metric_objective_reports_the_loss_step_and_the_metric_step(tmp_path):
+    from sweeper.report import study_report
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db", direction="maximize")
+    study.set_user_attr("metric", "eval_mean_token_accuracy")
+    study.set_user_attr("data", "gsm8k")
+    acc = {50 * i: 0.30 + 0.02 * i for i in range(1, 21)}  # still rising at 1000
+    loss = [[50 * i, 1.0 + (i - 8) ** 2 / 100] for i in range(1, 21)]  # lowest at 400
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE, value=max(acc.values()), intermediate_values=acc,
+        user_attrs={"max_steps": 1000, "best_step": 1000, "loss_curve": loss,
+                    "sft_config": {"lr_scheduler_type": "cosine", "eval_steps": 50, "max_steps": 1000}}))
+    line = _lines(study_report(study), "- Loss and task metric")[0]
+    assert ("lowest eval_loss 1.0000 at step 400; best eval_mean_token_accuracy 70.0% at step 1000 (later than the "
+            "loss's). The recommendation uses eval_mean_token_accuracy (eval.metric), so its step 1000.") in line

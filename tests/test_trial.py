@@ -111,6 +111,18 @@ def test_accuracy_as_the_objective_is_maximised(compose_cfg):
     assert value == rec.attrs["best_accuracy"] == max(v for _, v in rec.reports)
 
 
+def test_trls_mean_token_accuracy_as_the_objective_keeps_the_eval_loss_beside_it(compose_cfg):
+    rec = Recorder()
+    value = run(compose_cfg(*FAST, "schedule.max_steps=8", "eval.accuracy=off",
+                            "eval.metric=eval_mean_token_accuracy"), reporter=rec)
+    assert [s for s, _ in rec.reports] == [4, 8] and all(0.0 <= v <= 1.0 for _, v in rec.reports)
+    assert value == max(v for _, v in rec.reports)  # maximised
+    loss = rec.attrs["loss_curve"]
+    assert [s for s, _ in loss] == [4, 8] and all(v > 1.0 for _, v in loss)  # eval loss, not the accuracy
+    assert (rec.attrs["best_loss"], rec.attrs["best_loss_step"]) == min((v, s) for s, v in loss)
+    assert rec.attrs["token_accuracy_curve"] is None  # the objective's own curve is the token accuracy
+
+
 def test_label_set_detection_on_real_data(compose_cfg):
     from sweeper import data as data_mod
     from sweeper.callbacks import label_set

@@ -26,7 +26,7 @@ TrialState = optuna.trial.TrialState
 LR, WARMUP, FRACTION = 1e-3, 2, 0.25  # lr=tiny; p_s = s - round(0.25 s): 8 -> 6, 16 -> 12, 24 -> 18
 POINTS = {8: 6, 16: 12, 24: 18}
 WSD = ["schedule=wsd_search", "schedule.wsd.candidates=[8,16,24]", f"schedule.wsd.decay_fraction={FRACTION}",
-       "schedule.wsd.stop_after_worse=null", f"lr.warmup_steps={WARMUP}",
+       "schedule.wsd.stop_after_worse=null", "schedule.wsd.no_win_patience=null", f"lr.warmup_steps={WARMUP}",
        *fast("schedule.max_steps"), "eval.logging_steps=1"]  # FAST without schedule.max_steps: the search sets it
 
 
@@ -214,6 +214,29 @@ def test_trunk_stops_when_a_longer_branch_is_worse(compose_cfg, tmp_path, monkey
     assert rep.attrs["wsd_optimizer_steps"] == 12 + 2 + 4 and rep.attrs["stopped_reason"]
 
 
+def test_trunk_stops_mid_segment_once_no_later_branch_can_win(compose_cfg, tmp_path, monkeypatch):
+    """The no-win rule inside a real trunk segment: the trunk stops at an evaluation between branch points,
+    records why (``stopped_reason`` and the rule's facts in ``trunk_stop``) and runs no later branch."""
+    import sweeper.trunk_stop as trunk_stop
+    import sweeper.wsd as wsd
+
+    real = wsd._branch
+    monkeypatch.setattr(wsd, "_branch", lambda cfg, s, *args: {**real(cfg, s, *args), "value": 0.0})
+    monkeypatch.setattr(trunk_stop, "gain", lambda *a, **k: 0.0)  # no cooldown gain: the trunk is far above 0.0
+    cfg = compose_cfg(*WSD, "schedule.wsd.no_win_patience=1")
+    rep = _Reporter()
+    with pytest.raises(_Pruned, match="trunk stopped at step 8: no later branch can win"):
+        search(cfg, rep, job_dir=tmp_path / "trunk")
+    assert rep.branches == {8: 0.0}  # 16 and 24 never ran
+    assert max(s for s, _ in rep.reports) == 8  # the first trunk evaluation after the branch point 6
+    state = json.loads((tmp_path / "trunk" / STATE_FILE).read_text())
+    assert [(x["from"], x["to"]) for x in state["trunk_segments"]] == [(0, 6), (6, 8)]
+    assert state["branches"]["16"]["status"].startswith("not run: trunk stopped at step 8")
+    assert rep.attrs["wsd_optimizer_steps"] == 8 + 2 and rep.attrs["stopped_reason"].startswith("trunk stopped at")
+    stop = rep.attrs["trunk_stop"]
+    assert stop["rule"] == "no_win" and stop["step"] == 8 and stop["best_steps"] == 8 and stop["patience"] == 1
+
+
 # --------------------------------------------------------------------------- (d): a killed trunk resumes
 
 
@@ -259,6 +282,8 @@ def test_killed_trunk_resumes_from_its_checkpoint_and_records_each_candidate_onc
     ("schedule.wsd.decay_fraction=0", "schedule.wsd.decay_fraction must be between 0 and 1"),
     ("schedule.wsd.decay_type=exp", "schedule.wsd.decay_type must be one of ['linear', 'cosine', '1-sqrt']"),
     ("schedule.wsd.stop_after_worse=0", "schedule.wsd.stop_after_worse must be >= 1 or null"),
+    ("schedule.wsd.no_win_patience=0", "schedule.wsd.no_win_patience must be an integer >= 1"),
+    ("schedule.wsd.gain_margin=-0.5", "schedule.wsd.gain_margin must be a number from 0 to 10"),
     ("lr.warmup_steps=6", "lr.warmup_steps (6 steps) must be shorter than the first WSD branch point (6"),
     ("schedule.wsd.candidates=[10,11]", "branch at steps 8 and 8"),
     ("schedule.max_steps=100", "schedule.max_steps and schedule.num_train_epochs must be null"),
@@ -275,6 +300,7 @@ def test_wsd_defaults_compose_and_validate(compose_cfg):
     w = cfg.schedule.wsd
     assert list(w.candidates) == [500, 1500, 3000] and w.decay_fraction == 0.2 and w.decay_type == "1-sqrt"
     assert w.stop_after_worse == 2 and cfg.schedule.max_steps is None
+    assert w.no_win_patience == 3 and w.gain_margin == 0.1
     validate(cfg)
 
 
