@@ -90,9 +90,9 @@ CASES = [
     # data
     ("eval rows all cut by max_length", _train_and_eval([LONG] * 3, **{"data.max_length": 64}),
      "0 of 3 eval rows keep a token to score after truncation at data.max_length=64"),
-    ("train rows all cut by max_length", lambda p: ["data=jsonl", f"data.train_path={_jsonl(p, 't.jsonl', [LONG] * 3)}",
+    ("train rows all cut by max_length", lambda p: ["data=jsonl", f"data.train_path={_jsonl(p, 't.jsonl', [LONG] * 20)}",
                                                     f"data.eval_path={_jsonl(p, 'e.jsonl', GOOD)}", "data.max_length=64"],
-     "0 of 3 train rows keep a token to learn from"),
+     "0 of 20 train rows keep a token to learn from"),
     ("empty train file", _train_only([], text=""), "is empty; it needs at least one row"),
     ("invalid JSON line", _train_only([], text=json.dumps(GOOD[0]) + "\n{not json\n"), "line 2 is not valid JSON"),
     ("rows in no known format", _train_only([{"body": "hello"}] * 5), "need a 'messages' column"),

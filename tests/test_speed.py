@@ -21,7 +21,8 @@ def test_auto_resolves_to_the_plain_path_on_cpu(compose_cfg):
     cfg = compose_cfg()
     got = speed.resolve(cfg.speed, cuda=False, compute="fp32", optim="adamw_torch")
     assert got == {"name": "auto", "attention": "sdpa", "padding_free": False, "liger": False,
-                   "optim": "adamw_torch", "compile": False, "dataloader_num_workers": 0}
+                   "optim": "adamw_torch", "compile": False, "lora_upcast": True,
+                   "dataloader_num_workers": 0}
 
 
 def test_auto_turns_the_fast_path_on_for_a_cuda_gpu(compose_cfg):
@@ -29,6 +30,7 @@ def test_auto_turns_the_fast_path_on_for_a_cuda_gpu(compose_cfg):
     got = speed.resolve(cfg.speed, cuda=True, compute="bf16", optim="adamw_torch")
     assert got["attention"] == "varlen" and got["padding_free"] is True
     assert got["optim"] == "adamw_torch_fused"
+    assert got["lora_upcast"] is False  # LoRA layers skip PEFT's fp32 input cast under bf16 autocast
     assert got["liger"] == speed._liger_available()
     # fp32 compute on a GPU: flash attention cannot run, so SDPA (and no padding-free rows)
     fp32 = speed.resolve(cfg.speed, cuda=True, compute="fp32", optim="adamw_torch")
@@ -53,7 +55,7 @@ def test_gpu_only_choices_are_refused_on_cpu_before_any_model_loads(compose_cfg)
 def test_sft_config_carries_the_resolved_choices(compose_cfg, tmp_path):
     cfg = compose_cfg()
     fast = {"name": "auto", "attention": "varlen", "padding_free": True, "liger": True,
-            "optim": "adamw_torch_fused", "compile": True, "dataloader_num_workers": 2}
+            "optim": "adamw_torch_fused", "compile": True, "lora_upcast": False, "dataloader_num_workers": 2}
     args = build_sft_config(spec_mod.build(cfg, compute="fp32", speed=fast), output_dir=tmp_path, data_format="messages")
     assert args.optim == "adamw_torch_fused" and args.torch_compile
     assert args.dataloader_num_workers == 2
@@ -126,3 +128,36 @@ def test_varlen_attention_matches_sdpa_per_packed_row():
     g_ref = torch.autograd.grad(ref, (q, k, v), grad)
     for a, b in zip(g_out, g_ref):
         assert (a.float() - b.float()).abs().max().item() < 5e-2 * max(1.0, b.float().abs().max().item())
+
+
+def test_lora_layers_skip_their_input_cast_only_under_autocast():
+    """speed.lora_upcast=false: under bf16 autocast the loss and every adapter gradient equal PEFT's cast
+    path (the matmuls see the same bf16 values); outside autocast the cast is kept, so a bf16 input still
+    meets fp32 adapters without a dtype error."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128)
+
+    def build():
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def step(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    cast, skip = build(), build()
+    assert speed.skip_lora_upcast(skip) == 14  # 7 adapted linears per layer
+    (l1, g1), (l2, g2) = step(cast), step(skip)
+    assert l1 == l2 and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert next(p for n, p in skip.named_parameters() if "lora_A" in n).dtype == torch.float32
+    with torch.no_grad():
+        assert skip(input_ids=ids).logits.dtype == torch.bfloat16  # no autocast: PEFT's cast still applies

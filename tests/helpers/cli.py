@@ -28,11 +28,11 @@ __all__ = ["run_in_process", "sweeper_in_process"]
 
 def run_in_process(*args: str) -> subprocess.CompletedProcess:
     """Run ``train.py *args`` here; return its exit code and what it wrote, as :func:`subprocess.run` would."""
-    import train
+    from sweeper import train
+    from sweeper.paths import CONF_DIR
 
-    # config_path as train.py gives it, made absolute: Hydra resolves a relative one against the
-    # calling module, which is ``train`` here, not ``__main__``
-    main = hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")(train.main.__wrapped__)
+    # the Hydra app that train.py (through sweeper.cli) runs, wrapped again so that Hydra starts afresh
+    main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(train.main.__wrapped__)
     out, err = io.StringIO(), io.StringIO()
     env = {"HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1"}
     GlobalHydra.instance().clear()
