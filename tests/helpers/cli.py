@@ -20,6 +20,7 @@ from unittest import mock
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +47,9 @@ def run_in_process(*args: str) -> subprocess.CompletedProcess:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     finally:
+        # the command's process ends here; this one goes on, so nothing of Hydra's run may outlive it
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
     return subprocess.CompletedProcess([sys.executable, "train.py", *args], code, out.getvalue(), err.getvalue())
 
 
