@@ -305,7 +305,8 @@ def early_stopped(cos: dict[int, dict], curves: dict[int, list], patience: int, 
     return out
 
 
-def replay_no_win(study, patience: int, margin: float) -> tuple[dict[int, dict], dict]:
+def replay_no_win(study, patience: int, margin: float, es_patience: int | None = None,
+                  es_threshold: float = 0.0) -> tuple[dict[int, dict], dict]:
     """A stored WSD search replayed under the no-win rule (:func:`sweeper.trunk_stop.check`): at each trunk
     evaluation of its constant-LR phase, on the trunk's curve so far and the branches recorded by then (a
     branch at s is recorded before the trunk trains past its branch point). The rule only ends the trunk
@@ -327,7 +328,7 @@ def replay_no_win(study, patience: int, margin: float) -> tuple[dict[int, dict],
         if step > points[cands[-1]]:
             break
         done = [Branch(c, points[c], per[c]["value"]) for c in cands[:-1] if c in per and points[c] < step]
-        verdict = check(curve[:i + 1], done, patience, margin)
+        verdict = check(curve[:i + 1], done, patience, margin, es_patience=es_patience, es_threshold=es_threshold)
         if verdict is not None:
             steps = step + sum(b.max_steps - b.branch_point for b in done)
             if steps < totals["steps"]:
@@ -355,8 +356,9 @@ def replay(a: argparse.Namespace, grid3: list[int], grid6: list[int]) -> int:
         curves = {int(t.user_attrs["max_steps"]): sorted(t.intermediate_values.items())
                   for t in cstudy.get_trials(deepcopy=False) if t.state.name == "COMPLETE"}
         es = early_stopped(cos, curves, patience, float(conf.eval.early_stopping_threshold))
-        w3 = replay_no_win(_study(out / f"{ds}-wsd3.db", f"{ds}-wsd3"), no_win, margin)
-        w6 = replay_no_win(_study(out / f"{ds}-wsd6.db", f"{ds}-wsd6"), no_win, margin)
+        threshold = float(conf.eval.early_stopping_threshold)
+        w3 = replay_no_win(_study(out / f"{ds}-wsd3.db", f"{ds}-wsd3"), no_win, margin, patience, threshold)
+        w6 = replay_no_win(_study(out / f"{ds}-wsd6.db", f"{ds}-wsd6"), no_win, margin, patience, threshold)
         text, v = summarise(ds, grid3, grid6, cos, w3, w6, es)
         stored = ", ".join(f"{label} {t['stored_steps']:,}" for label, (_, t) in (("3-pt", w3), ("6-pt", w6)))
         sections.append(text + f"\n\nStored searches (stop_after_worse only), optimizer steps: {stored}.")

@@ -287,8 +287,10 @@ class _Search:
         w = self.spec.wsd
         done = [trunk_stop.Branch(s, self.points[s], float(self.state["branches"][str(s)]["value"]))
                 for s in self.cands[:-1] if self.state["branches"].get(str(s), {}).get("status") == "done"]
+        e = self.spec.eval
         return trunk_stop.check(trunk_curve, done, w.no_win_patience, w.gain_margin, self.spec.maximize,
-                                metric=self.spec.metric)
+                                metric=self.spec.metric, es_patience=e.early_stopping_patience,
+                                es_threshold=float(e.early_stopping_threshold or 0.0))
 
     def trunk_record(self, parked_at: int | None = None) -> dict:
         """This trunk as the other rates' trunks read it (``wsd_trunk``): its branch value at each rung."""

@@ -100,3 +100,48 @@ def test_the_noise_defaults_to_the_reports_estimate_of_the_trunk():
     stop = live(TRUNK, [BRANCH], patience=3)
     seen = [p for p in TRUNK if p[0] <= stop.step]  # the curve when it stopped
     assert stop.sigma == pytest.approx(noise_estimate([seen]).sigma)
+
+
+# a trunk that reached its best (0.45 at step 550) and then drifts up slowly, less than twice its noise
+PLATEAU = _trunk([1.40, 1.00, 0.80, 0.60, 0.50, 0.47, 0.46, 0.455, 0.452, 0.451, 0.45,
+                  0.452, 0.453, 0.455, 0.456, 0.457, 0.458, 0.459, 0.460, 0.461, 0.462])
+# its 600-step branch (branch point 480 -> the trunk near 0.452) did not gain: 0.454
+FLAT = Branch(600, 480, 0.454)
+
+
+def test_a_stalled_trunk_stops_at_early_stoppings_patience_when_its_bound_is_no_better():
+    from sweeper.trunk_stop import stalled_for
+
+    assert stalled_for(PLATEAU[:11]) == 0 and stalled_for(PLATEAU[:14]) == 3
+    # by more than 0.01: 0.455 (step 400) is the last best, 0.452 ... 0.455 after it are six evaluations
+    assert stalled_for(PLATEAU[:14], threshold=0.01) == 6
+    stop = live(PLATEAU, [FLAT], patience=3, sigma=0.01, es_patience=5)
+    # five evaluations after the best (step 550): at step 800; the 2-sigma rule alone never stops this trunk
+    assert stop is not None and stop.step == 800 and stop.stalled_for == 5
+    assert live(PLATEAU, [FLAT], patience=3, sigma=0.01) is None
+    assert stop.bound == pytest.approx(smoothed(PLATEAU, 800) - stop.gain) and stop.bound >= FLAT.value
+    assert "has not improved on its best eval_loss for 5 evaluations" in stop.reason()
+    assert "no better than the best branch (max_steps=600, 0.4540)" in stop.reason()
+    # a larger patience waits longer; none (early stopping off) leaves only the 2-sigma rule
+    assert live(PLATEAU, [FLAT], patience=3, sigma=0.01, es_patience=8).step == 950
+    assert live(PLATEAU, [FLAT], patience=3, sigma=0.01, es_patience=None) is None
+
+
+def test_a_stalled_trunk_goes_on_while_a_cooldown_could_still_win():
+    # the newest cooldown gained 0.05 and a later one may gain 10% more: a branch cut from this plateau could
+    # still reach below the best branch, so the stalled trunk goes on until it has climbed that much more
+    # (with no margin its bound is no better five evaluations after its best, and it stops there)
+    gained = Branch(600, 480, smoothed(PLATEAU, 480) - 0.05)
+    assert live(PLATEAU, [gained], patience=3, sigma=0.01, es_patience=5).step == 800
+    later = live(PLATEAU, [gained], patience=3, sigma=0.01, es_patience=5, margin=0.1)
+    assert later.step == 1000 and later.bound >= gained.value > smoothed(PLATEAU, 950) - 1.1 * later.gain
+    # a trunk that keeps setting new bests never stalls, however small the steps
+    falling = _trunk([1.0 - 0.001 * k for k in range(30)])
+    assert live(falling, [Branch(500, 400, 0.99)], patience=30, sigma=0.0, es_patience=2) is None
+
+
+def test_a_stalled_maximised_trunk_mirrors_the_rule():
+    acc = [(s, 2.0 - v) for s, v in PLATEAU]
+    stop = live(acc, [Branch(600, 480, 2.0 - 0.454)], patience=3, sigma=0.01, es_patience=5, maximize=True,
+                metric="eval_accuracy")
+    assert stop is not None and stop.step == 800 and "eval_accuracy" in stop.reason()
