@@ -15,6 +15,7 @@ Trial system attrs (kept out of optuna-dashboard's attribute table, or Optuna's 
   halving rule's ``rule``/``eta``/``maximize``/``metric``, ``rungs`` {step: branch value}, and
   :data:`PARKED_AT`, the rung where it waits in the queue, or None).
 - :data:`WSD_BRANCH_KEY` ``str`` and :data:`WSD_BRANCH_OF` ``int``: a WSD branch trial and its trunk's number.
+- :data:`EVAL_CURVE` ``[[step, value], ...]``: a two-objective trial's evaluations (Optuna cannot report them).
 - :data:`SYSTEM_ATTRS`: the job's long results (curves, the SFTConfig, the plan, the trunk record).
 
 Trial user attrs: :data:`ERROR` ``str`` (why it failed), :data:`RETRY_OF` ``{"trial", "error"}`` (the failed run
@@ -22,18 +23,19 @@ a retry repeats), :data:`RUN_DIR` ``str``, :data:`STOPPED_REASON` ``str`` and th
 Study attrs: :data:`METRIC`, :data:`COST`, :data:`DATA`, :data:`MODEL`, :data:`SLURM_JOBS` (user) and the
 abandoned learning rates of a joint search (system, :func:`abandoned_rates`).
 
-Optuna's trial and study ids, its storage behind a study and ``Trial._suggest`` are private; they are
-reached only here (:func:`storage`, :func:`trial_id`, :func:`new_trial`, :func:`suggest`, ...).
+Optuna's trial and study ids, its storage behind a study and ``Trial._suggest`` are private; within the
+sweeper they are reached only here (:func:`storage`, :func:`trial_id`, :func:`new_trial`, :func:`suggest`, ...).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
+if TYPE_CHECKING:  # for annotations only: the job side reads these names without importing Optuna
+    import optuna
 
 __all__ = [
-    "ABANDONED", "CONFIG", "COST", "DATA", "ERROR", "FAILED_TRIAL", "FIXED_PARAMS", "METRIC", "MODEL", "OVERRIDES",
+    "ABANDONED", "CONFIG", "COST", "DATA", "ERROR", "EVAL_CURVE", "FAILED_TRIAL", "FIXED_PARAMS", "METRIC", "MODEL", "OVERRIDES",
     "PARKED_AT", "RETRY_OF", "RUN_DIR", "SLURM_JOBS", "STOPPED_REASON", "SWEEP_ID", "SYSTEM_ATTRS", "WORKER_PROCESS",
     "WSD_BRANCH_KEY", "WSD_BRANCH_OF", "WSD_TRUNK",
     "abandoned_rates", "add_slurm_jobs", "config_of", "error_of", "failed_trial_of", "frozen", "is_branch",
@@ -52,6 +54,7 @@ WSD_TRUNK = "wsd_trunk"
 PARKED_AT = "parked_at"  # a key of the WSD_TRUNK record
 WSD_BRANCH_KEY = "wsd_branch_key"
 WSD_BRANCH_OF = "wsd_branch_of"
+EVAL_CURVE = "eval_curve"  # a multi-objective trial's evaluations [[step, value], ...] (sweeper.objectives)
 # results kept in system attrs, not user attrs: long values (curves, the SFTConfig, the plan) would make
 # optuna-dashboard's attribute table thousands of pixels wide (see sweeper.sweep.handle.TrialReporter.set_attrs)
 SYSTEM_ATTRS = ("train_curve", "accuracy_curve", "loss_curve", "token_accuracy_curve", "sft_config", "plan", WSD_TRUNK)
