@@ -173,7 +173,13 @@ def _parked_trunk(study: optuna.Study) -> int:
 
 
 def test_a_parked_trunk_is_handed_out_once_the_halving_rule_decides(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "PARKED_POLL_S", 0.01)
+    polls = []
+
+    def poll(seconds: float) -> None:  # the loop's wait for parked trunks: never more than a few rounds here
+        polls.append(seconds)
+        assert len(polls) < 5, "the parked trunk was never handed out"
+
+    monkeypatch.setattr(loop.time, "sleep", poll)
     s = _settings(tmp_path)
     sw = _grid(s, "lr.learning_rate", [1e-3])
     number = _parked_trunk(sw.study)
@@ -195,6 +201,7 @@ def test_a_parked_trunk_is_handed_out_once_the_halving_rule_decides(tmp_path, mo
     assert [c["study.trial_number"] for c in jobs.calls] == [str(number), str(number)]
     assert [t.state for t in sw.study.trials] == [State.COMPLETE]
     assert sw.study.trials[number].value == 0.7
+    assert polls == [loop.PARKED_POLL_S]  # one wait, then lr=1e-4 was abandoned and the trunk went on
 
 
 def test_a_parked_trunk_waits_while_the_rung_is_undecided_and_goes_once_it_is(tmp_path):
