@@ -16,7 +16,7 @@ asynchronous (as ASHA's promotions are), from what is known now:
   fewer than ``ceil(n_recorded / eta)``;
 - else ``pending``: the rule needs a trunk that has not reached the rung yet. The job then waits for it when
   every such trunk is training on some worker, or parks (its trial goes back to the queue, WAITING, with
-  its checkpoint) so that its worker can train that trunk; ``sweeper.study`` hands a parked trunk out again
+  its checkpoint) so that its worker can train that trunk; ``sweeper.sweep.queue`` hands a parked trunk out again
   once the rule decides it.
 
 When every trunk has reached the rung the two bounds meet, so the decisions are exactly synchronous

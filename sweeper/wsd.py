@@ -36,7 +36,7 @@ the job's own trial is the trunk = the longest candidate (PRUNED, with ``stopped
 the trunk stopped early). The search's state lives in ``wsd_branches.json`` in the trunk's run dir,
 so a re-run of a killed trunk skips the branches already recorded and continues from the newest
 trunk checkpoint. Branch runs live in ``branch-<s>/`` subfolders. Optuna is never imported here:
-the study is reached through the reporter (``sweeper.study.TrialReporter``).
+the study is reached through the reporter (``sweeper.sweep.handle.TrialReporter``).
 """
 
 from __future__ import annotations

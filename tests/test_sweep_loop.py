@@ -253,3 +253,13 @@ def test_claims_follow_the_commands_order_across_studies_and_a_queued_retry_come
     jobs = _run(s2, [a, b], lambda p: 0.5)
     assert [(c["study.name"], c["schedule"]) for c in jobs.calls] == [
         ("b", "sweet"), ("a", "under"), ("b", "under"), ("a", "sweet")]
+
+
+def test_the_older_import_path_gives_the_same_objects():
+    from sweeper import samplers, storage, study
+    from sweeper.sweep import handle, plugin
+
+    assert study.StudySweeper is plugin.StudySweeper and study.TrialReporter is handle.TrialReporter
+    assert study.open_storage is storage.open_storage and study.mask_url is storage.mask_url
+    assert study.SYSTEM_ATTRS is records.SYSTEM_ATTRS is storage.SYSTEM_ATTRS and study.is_branch is records.is_branch
+    assert study.make_pruner is samplers.make_pruner and study.make_sampler is samplers.make_sampler
