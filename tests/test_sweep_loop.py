@@ -21,8 +21,8 @@ from sweeper import records
 from sweeper.config import InputError
 from sweeper.reporter import Parked
 from sweeper.space import SweepSpace
-from sweeper.storage import open_storage
-from sweeper.sweep import loop, summary
+from sweeper.storage import fail_and_requeue, open_storage
+from sweeper.sweep import loop, summary, tell
 from sweeper.sweep.command import Command, Sweep
 from sweeper.sweep.queue import Queue
 from sweeper.sweep.settings import Settings
@@ -263,3 +263,87 @@ def test_the_older_import_path_gives_the_same_objects():
     assert study.open_storage is storage.open_storage and study.mask_url is storage.mask_url
     assert study.SYSTEM_ATTRS is records.SYSTEM_ATTRS is storage.SYSTEM_ATTRS and study.is_branch is records.is_branch
     assert study.make_pruner is samplers.make_pruner and study.make_sampler is samplers.make_sampler
+
+
+# --------------------------------------------------------------------------- nothing left RUNNING, nothing silent
+
+
+class _Broken(Jobs):
+    """A launcher that raises for ``max_steps=20`` before any job runs (as a launcher plugin can)."""
+
+    def launch(self, job_overrides: list[list[str]], initial_job_idx: int) -> list[JobReturn]:
+        if "schedule.max_steps=20" in job_overrides[0]:
+            self.calls.append({})
+            raise RuntimeError("launcher broke")
+        return super().launch(job_overrides, initial_job_idx)
+
+
+def test_a_launcher_that_raises_fails_its_trial_and_the_sweep_goes_on(tmp_path):
+    s = _settings(tmp_path)
+    sw = _grid(s, "schedule.max_steps", [10, 20, 30])
+    jobs = _Broken(lambda p: 0.5)
+    queue = Queue(s, Command([sw]))
+    loop.run(s, queue, jobs, app_config=None)
+    assert _states(sw.study, "schedule.max_steps") == {10: State.COMPLETE, 20: State.FAIL, 30: State.COMPLETE}
+    assert records.error_of(sw.study.trials[1]) == "ValueError: the job could not start: launcher broke"
+
+
+def test_a_job_that_calls_sys_exit_fails_its_trial_and_the_sweep_goes_on(tmp_path):
+    def job(p: dict) -> float:
+        if p["schedule.max_steps"] == "10":
+            raise SystemExit(3)  # Hydra's launcher lets a SystemExit through
+        return 0.5
+
+    class Exits(Jobs):
+        def launch(self, job_overrides: list[list[str]], initial_job_idx: int) -> list[JobReturn]:
+            self.calls.append(dict(o.split("=", 1) for o in job_overrides[0]))
+            return [JobReturn(status=JobStatus.COMPLETED, _return_value=self.job(self.calls[-1]))]
+
+    s = _settings(tmp_path)
+    sw = _grid(s, "schedule.max_steps", [10, 20])
+    loop.run(s, Queue(s, Command([sw])), Exits(job), app_config=None)
+    assert _states(sw.study, "schedule.max_steps") == {10: State.FAIL, 20: State.COMPLETE}
+    assert records.error_of(sw.study.trials[0]) == "SystemExit: 3"
+
+
+def test_a_trial_taken_over_while_its_worker_was_stopped_is_left_to_the_other_worker(tmp_path, caplog):
+    s = _settings(tmp_path, heartbeat_interval=60, max_retry=2)
+    sw = _grid(s, "schedule.max_steps", [10, 20])
+    other = Queue(_settings(tmp_path, sweep_id="sweep-0", heartbeat_interval=60, max_retry=2), Command([sw]))
+
+    def job(p: dict) -> float:
+        if p["schedule.max_steps"] == "10":  # stopped for longer than the grace period: another worker takes over
+            fail_and_requeue(sw.study, records.trial_by_number(sw.study, int(p["study.trial_number"])),
+                             "its heartbeat went stale")
+            assert other.claim(sw) is not None  # the retry, now RUNNING on the other worker
+        return 0.5
+
+    jobs = Jobs(job)
+    loop.run(s, Queue(s, Command([sw])), jobs, app_config=None)  # no UpdateFinishedTrialError
+    first, retry = sw.study.trials[:2]
+    assert first.state == State.FAIL and records.error_of(first) == "its heartbeat went stale"  # left as it was
+    assert retry.state == State.RUNNING and retry.system_attrs[records.SWEEP_ID] == "sweep-0" and retry.value is None
+    assert jobs.ran("schedule.max_steps") == ["10", "20"]  # then this worker went on
+    lines = [r.getMessage() for r in caplog.records if "another worker while this one was stopped" in r.getMessage()]
+    assert lines == ["trial 0 was recorded FAIL by another worker while this one was stopped (its heartbeat went "
+                     "stale; its retry runs there); this worker's run of it is not recorded"]
+    summary.fail_if_nothing_completed(Command([sw]), s.sweep_id)  # trial 2 completed here: exit code 0
+
+
+def test_a_worker_stopped_mid_trial_leaves_work_that_the_command_names(tmp_path):
+    s = _settings(tmp_path)
+    sw = _grid(s, "schedule.max_steps", [10, 20])
+    _run(s, [sw], lambda p: 0.5)
+    summary.fail_if_work_left(Command([sw]), s.sweep_id)  # all done: nothing said
+
+    stopped = _settings(tmp_path / "stopped")
+    sw = _grid(stopped, "schedule.max_steps", [10])
+    trial = Queue(stopped, Command([sw])).claim(sw)
+    tell.interrupted(sw.study, trial, "stopped by SIGTERM")  # on a worker without heartbeats: no retry queued
+    with pytest.raises(InputError) as e:
+        summary.fail_if_work_left(Command([sw]), stopped.sweep_id)
+    assert str(e.value) == ("this command's workers ended with trials of study 's' not run: trial 0 was stopped by "
+                            "SIGTERM and has no retry; re-run the same command to run them")
+    sw.study.enqueue_trial({"schedule.max_steps": 10})
+    with pytest.raises(InputError, match="trial 1 is queued; re-run the same command"):
+        summary.fail_if_work_left(Command([sw]), "another sweep")

@@ -7,7 +7,8 @@ Ask, run, tell, as in Optuna's ``study.optimize``: the trial comes from ``sweepe
 Hydra's launcher's (``launch([overrides])``, in this process for the basic launcher) with the overrides of its
 params, ``study.name`` and ``study.trial_number``; Optuna's heartbeat is beaten meanwhile
 (``sweeper.storage.Heartbeat``); ``sweeper.sweep.tell`` records the end. Ctrl-C, SIGTERM and SIGUSR2
-(:func:`stop_signals`) fail the trial, queue its retry and end the sweep with one line. A failing trial never
+and SIGHUP (:func:`stop_signals`) fail the trial, queue its retry and end the sweep with one line. A trial that
+another worker failed as stale while this one was stopped (SIGSTOP, a suspended laptop) is left to that worker. A failing trial never
 stops the sweep, unless ``max_failures`` or ``max_failure_rate`` says so.
 """
 
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 import sqlalchemy.exc
+from hydra.core.utils import JobReturn, JobStatus
 from tqdm.auto import tqdm
 
 from sweeper import config as config_mod
@@ -38,15 +40,17 @@ __all__ = ["PARKED_POLL_S", "job_overrides", "run", "settings_of", "signals_igno
 log = logging.getLogger(__name__)
 
 PARKED_POLL_S = 2.0  # a worker with nothing to start while joint-search trunks are parked looks again this often
-STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
-PARKED, NOT_STARTED, RAN = tell.PARKED, "not started", "ran"  # how one claimed trial went
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)
+# the exit code of a sweep a stop signal ended: 128 + the signal's number, as a shell reports it; 130 (Ctrl-C) else
+EXIT_CODES = {"SIGTERM": 143, "SIGHUP": 129}
+PARKED, NOT_STARTED, RAN, TAKEN_OVER = tell.PARKED, "not started", "ran", tell.TAKEN_OVER  # how a claimed trial went
 
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[None]:
-    """While a trial runs: Ctrl-C, SIGTERM (what scancel, docker and systemd send) and SIGUSR2 (SLURM's
-    warning before a time limit) raise KeyboardInterrupt, so the trial's retry is queued before the
-    process ends. The first one turns the others off for good: a second Ctrl-C, 50 ms later, cannot cut
+    """While a trial runs: Ctrl-C, SIGTERM (what scancel, docker and systemd send), SIGUSR2 (SLURM's
+    warning before a time limit) and SIGHUP (the terminal closed) raise KeyboardInterrupt, so the trial's retry
+    is queued before the process ends. The first one turns the others off for good: a second Ctrl-C, 50 ms later, cannot cut
     the queuing short."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -126,7 +130,8 @@ class _Worker:
 
     def run_one(self, sw: Sweep, trial: optuna.Trial) -> str:
         """Launch ``trial``'s job and record it: :data:`PARKED` (a trunk back in the queue), :data:`NOT_STARTED`
-        (the custom search space failed: no job ran) or :data:`RAN`."""
+        (the custom search space failed: no job ran), :data:`TAKEN_OVER` (another worker failed it as stale while
+        this one was stopped: nothing recorded) or :data:`RAN`."""
         study = sw.study
         before = set(trial.params)
         try:  # hydra.sweeper.custom_search_space: more params, suggested on this trial
@@ -143,14 +148,16 @@ class _Worker:
         self.job_idx += 1
         self.returns.append(ret)
         try:
-            return PARKED if tell.record(study, trial, ret, self.failures, self.label(sw)) == tell.PARKED else RAN
+            told = tell.record(study, trial, ret, self.failures, self.label(sw))
+            return told if told in (PARKED, TAKEN_OVER) else RAN
         except (disk.DiskFullError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
             self.stop_others()
             raise config_mod.InputError(tell.unrecorded(trial, e, self.settings.storage_url)) from None
 
     def launch(self, study: optuna.Study, trial: optuna.Trial, overrides: list[str]) -> Any:
         """The job's return, run under the heartbeat and the stop signals; a stop records the trial and ends
-        the sweep (exit 143 for SIGTERM, else 130)."""
+        the sweep (:data:`EXIT_CODES`). A launcher that raises is the job's failure (Hydra could not compose
+        it, say); so is a ``SystemExit`` from the job, which Hydra's launcher passes on."""
         try:
             with stop_signals(), Heartbeat(records.storage(study), records.trial_id(trial),
                                            self.settings.heartbeat_interval):
@@ -160,9 +167,11 @@ class _Worker:
             with signals_ignored():  # a second Ctrl-C must not cut the retry short
                 tell.interrupted(study, trial, str(e) or "interrupted by the user")
                 self.stop_others()
-            raise SystemExit(143 if "SIGTERM" in str(e) else 130) from None
+            raise SystemExit(next((c for name, c in EXIT_CODES.items() if name in str(e)), 130)) from None
         except Exception as e:  # the job never started (Hydra could not compose it): this trial FAILs
             return tell.not_started(e)
+        except SystemExit as e:  # the job called sys.exit: this trial FAILs with it, the sweep goes on
+            return JobReturn(status=JobStatus.FAILED, _return_value=e)
 
     def check_limits(self) -> None:
         """Stop the sweep once ``max_failure_rate`` or ``max_failures`` is reached (one line)."""
@@ -201,7 +210,7 @@ def run(settings: Settings, queue: Queue, launcher: Any, app_config: Any,
             time.sleep(PARKED_POLL_S)
             continue
         outcome = worker.run_one(*claimed)
-        if outcome == PARKED:
+        if outcome in (PARKED, TAKEN_OVER):
             continue
         progress.update(1)
         if outcome == RAN:

@@ -6,12 +6,14 @@
 :meth:`StudySweeper.sweep` reads top to bottom: the settings checked once (``settings``), the command's points
 checked and its studies opened (``command``, ``preflight``), the start line of each study and the workers
 planned (``queue``, ``launchers``), the workers started, this process's own loop over the queue (``loop``,
-``tell``) or, with SLURM, watching the jobs, then each study's summary and the exit code (``summary``). Bad input
+``tell``) or, with SLURM, watching the jobs; once the other workers have ended, the trials they left queued (a
+worker stopped mid-trial) run here; then each study's summary and the exit code (``summary``). Bad input
 is one line (``sweeper.config.InputError``) before any trial exists. Nothing in the package imports this module.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import datasets
@@ -28,6 +30,8 @@ from sweeper.sweep.queue import Queue
 from sweeper.sweep.settings import Settings, new_sweep_id, parse
 
 __all__ = ["StudySweeper"]
+
+log = logging.getLogger(__name__)
 
 
 class StudySweeper:
@@ -51,9 +55,15 @@ class StudySweeper:
         settings, command, queue = self._prepare(arguments)
         workers = launchers.start(settings, command, queue)
         returns = loop.run(settings, queue, self.launcher, self.config, workers.stop) if workers.works_here else []
-        if workers.finish():
-            summary.write(command)
-            summary.fail_if_nothing_completed(command, settings.sweep_id)  # exit code 1, one line
+        if not workers.finish():
+            return returns  # SLURM jobs that run on, unwatched
+        if workers.works_here and queue.has_work():  # a worker stopped mid-trial left its retry in the queue
+            log.warning("the other workers ended with trials left in the queue; running them here")
+            returns += loop.run(settings, queue, self.launcher, self.config, workers.stop)
+        summary.write(command)
+        if workers.works_here:
+            summary.fail_if_work_left(command, settings.sweep_id)  # exit code 1, one line
+        summary.fail_if_nothing_completed(command, settings.sweep_id)
         return returns
 
     def _prepare(self, arguments: list[str]) -> tuple[Settings, Command, Queue]:

@@ -167,6 +167,12 @@ class Queue:
         until = datetime.datetime.now() + datetime.timedelta(seconds=grace - min(ages))
         return f"{until:%H:%M:%S} (grace period {grace} s)"
 
+    def has_work(self) -> bool:
+        """Whether this worker would claim a trial now: a queued retry (or a decided parked trunk), or a point
+        it has not run."""
+        return any(_ready(sw.study, sw.study.get_trials(deepcopy=False)) or self.next_point(sw, peek=True) is not None
+                   for sw in self.command.sweeps)
+
     def total(self) -> int:
         """Trials the command's progress bar counts: done, running elsewhere and to run, over its studies."""
         return sum(c.done + c.running + c.to_run for c in map(self.counts, self.command.sweeps))
@@ -207,7 +213,7 @@ class Queue:
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             waiting = [t for t in trials if t.state == State.WAITING]
-            ready = [t for t in waiting if trunks_mod.parked_decision(t, trials, _abandoned_rates(study, t)) != "pending"]
+            ready = _ready(study, trials)
             config, created = None, False
             if ready:
                 tid = records.trial_id(ready[0])
@@ -314,6 +320,12 @@ def take(study: optuna.Study, tid: int, dists: dict, created: bool) -> optuna.Tr
     for name, dist in dists.items():
         records.suggest(trial, name, dist)
     return trial
+
+
+def _ready(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The WAITING trials a worker may take now: queued ones, and parked trunks the halving rule has decided."""
+    return [t for t in trials if t.state == State.WAITING
+            and trunks_mod.parked_decision(t, trials, _abandoned_rates(study, t)) != "pending"]
 
 
 def _abandoned_rates(study: optuna.Study, t: optuna.trial.FrozenTrial) -> list[float]:

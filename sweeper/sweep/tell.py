@@ -23,18 +23,44 @@ from sweeper import disk, objectives, records
 from sweeper.reporter import Parked
 from sweeper.storage import fail_and_requeue, mask_url
 
-__all__ = ["PARKED", "interrupted", "not_started", "record", "unrecorded"]
+__all__ = ["PARKED", "STOPPED", "TAKEN_OVER", "interrupted", "not_started", "record", "taken_over", "unrecorded"]
 
 log = logging.getLogger(__name__)
 
 PARKED = "parked"
+TAKEN_OVER = "taken over"
+STOPPED = "KeyboardInterrupt: "  # how the error of a trial a stop signal ended begins
 State = optuna.trial.TrialState
 
 
 def record(study: optuna.Study, trial: optuna.Trial, ret: Any, failures: list[str], label: str = "") -> str | None:
-    """Tell the study how a trial's job ended; :data:`PARKED` for a joint search's trunk put back in the queue.
-    A failure's line is added to ``failures``. A full disk queues the trial to resume from its checkpoint and
-    raises :class:`disk.DiskFullError`. ``label`` names the study in failure lines when a command runs several."""
+    """Tell the study how a trial's job ended; :data:`PARKED` for a joint search's trunk put back in the queue,
+    :data:`TAKEN_OVER` for a trial that is no longer RUNNING (:func:`taken_over`). A failure's line is added to
+    ``failures``. A full disk queues the trial to resume from its checkpoint and raises
+    :class:`disk.DiskFullError`. ``label`` names the study in failure lines when a command runs several."""
+    if taken_over(study, trial, label):
+        return TAKEN_OVER
+    try:
+        return _record(study, trial, ret, failures, label)
+    except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale between the check and the write
+        taken_over(study, trial, label)
+        return TAKEN_OVER
+
+
+def taken_over(study: optuna.Study, trial: optuna.Trial, label: str = "") -> bool:
+    """Whether another worker ended ``trial`` while its job ran here: it failed it as stale (this process was
+    stopped longer than the heartbeat's grace period) and runs its retry. Says so in one line; the trial's
+    record is that worker's, so nothing is written."""
+    frozen = records.frozen(study, records.trial_id(trial), fresh=True)
+    if frozen.state == State.RUNNING:
+        return False
+    log.warning("%strial %d was recorded %s by another worker while this one was stopped (its heartbeat went "
+                "stale; its retry runs there); this worker's run of it is not recorded", label, trial.number,
+                frozen.state.name)
+    return True
+
+
+def _record(study: optuna.Study, trial: optuna.Trial, ret: Any, failures: list[str], label: str) -> str | None:
     if ret.status == JobStatus.COMPLETED:
         _complete(study, trial, ret.return_value, failures, label)
         return None
@@ -78,8 +104,10 @@ def _complete(study: optuna.Study, trial: optuna.Trial, value: Any, failures: li
 def interrupted(study: optuna.Study, trial: optuna.Trial, why: str) -> None:
     """Ctrl-C or SIGTERM (scancel, docker stop, systemd): fail the running trial now and queue its
     retry (same params), which resumes from its checkpoint when the command is run again (or at
-    once by another worker), instead of waiting for the heartbeat."""
-    queued = fail_and_requeue(study, records.trial_id(trial), f"KeyboardInterrupt: {why}")
+    once by another worker), instead of waiting for the heartbeat. A trial another worker took over is left alone."""
+    if taken_over(study, trial):
+        return
+    queued = fail_and_requeue(study, records.trial_id(trial), f"{STOPPED}{why}")
     log.warning("%s: trial %d recorded FAIL%s; re-run the same command to continue", why, trial.number,
                 " and queued to resume from its checkpoint" if queued else "")
 
