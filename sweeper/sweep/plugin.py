@@ -61,7 +61,7 @@ class StudySweeper:
             log.warning("the other workers ended with trials left in the queue; running them here")
             returns += loop.run(settings, queue, self.launcher, self.config, workers.stop)
         summary.write(command)
-        if workers.works_here:
+        if workers.works_here and settings.leads:  # the command's first process: the workers it started have ended
             summary.fail_if_work_left(command, settings.sweep_id)  # exit code 1, one line
         summary.fail_if_nothing_completed(command, settings.sweep_id)
         return returns

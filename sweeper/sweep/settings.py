@@ -66,6 +66,11 @@ class Settings:
     sweep_id: str = dataclasses.field(default_factory=new_sweep_id)
 
     @property
+    def leads(self) -> bool:
+        """Whether this process is the command's first, not a worker another process started."""
+        return SWEEP_ID_ENV not in os.environ
+
+    @property
     def sampled_total(self) -> int:
         """With distributions: the study's total of trials."""
         return self.n_trials or DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS
