@@ -4,7 +4,7 @@ one-GPU-per-trial rule.
 SFTTrainer refuses to train with more than one visible GPU (it would wrap the model in
 ``nn.DataParallel``), and ``CUDA_VISIBLE_DEVICES`` only takes effect before the process initialises
 CUDA (any ``torch.cuda`` call does). So every process that trains calls :func:`pin_one` first: it
-leaves exactly one GPU visible. The sweeper pins its workers itself (``sweeper.study``); a single run
+leaves exactly one GPU visible. The sweeper pins its workers itself (``sweeper.sweep.launchers``); a single run
 (``python train.py``) pins to the GPU with the most free memory. A worker's next trial first gives the
 CUDA blocks its last one cached back (:func:`free_cuda_cache`).
 

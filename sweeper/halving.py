@@ -16,7 +16,7 @@ asynchronous (as ASHA's promotions are), from what is known now:
   fewer than ``ceil(n_recorded / eta)``;
 - else ``pending``: the rule needs a trunk that has not reached the rung yet. The job then waits for it when
   every such trunk is training on some worker, or parks (its trial goes back to the queue, WAITING, with
-  its checkpoint) so that its worker can train that trunk; ``sweeper.study`` hands a parked trunk out again
+  its checkpoint) so that its worker can train that trunk; ``sweeper.sweep.queue`` hands a parked trunk out again
   once the rule decides it.
 
 When every trunk has reached the rung the two bounds meet, so the decisions are exactly synchronous
@@ -28,6 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from sweeper import records
 
 __all__ = ["RULES", "Decision", "Trunk", "decide", "joint_table", "keep", "rank", "stop_reason"]
 
@@ -127,11 +129,11 @@ def joint_table(trunks: dict[float, dict], cands: list[int], metric: str, maximi
                 table.setdefault(s, {})[r] = v
             if v is not None and (best is None or (v > best[0] if maximize else v < best[0])):
                 best = (v, r, s)
-        stopped = a.get("stopped_reason")
-        reached = [int(k) for k in ((a.get("wsd_trunk") or {}).get("rungs") or {})]
+        stopped = a.get(records.STOPPED_REASON)
+        reached = [int(k) for k in ((a.get(records.WSD_TRUNK) or {}).get("rungs") or {})]
         if a.get("state") == "FAIL":
             where = "failed" + (f" after its {max(reached)}-step branch" if reached else "")
-            why.append(f"- lr={r:g}: failed: {a.get('error') or 'see its train.log'}")
+            why.append(f"- lr={r:g}: failed: {a.get(records.ERROR) or 'see its train.log'}")
         elif stopped:
             where = f"stopped after its {max(reached)}-step branch" if reached else "stopped"
             why.append((r, max(reached) if reached else None, stopped))

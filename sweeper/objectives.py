@@ -20,22 +20,23 @@ from typing import Any
 
 import optuna
 
+from sweeper import records
+from sweeper.records import EVAL_CURVE
+
 __all__ = ["COSTS", "EVAL_CURVE", "cost_of", "eval_curve", "record_curve", "directions", "is_multi", "pruning_note", "results", "values", "write_results"]
 
 # cost name -> (trial user attr, unit); GPU-seconds: a trial trains on one GPU, so its training seconds
 COSTS = {"steps": ("steps_trained", "optimizer steps"), "tokens": ("tokens_seen", "tokens"),
          "gpu_seconds": ("train_runtime_s", "GPU-seconds")}
-EVAL_CURVE = "eval_curve"  # system attr: a multi-objective trial's evaluations [[step, value], ...]
 
 
 def record_curve(trial: optuna.Trial, value: float, step: int) -> None:
     """Keep an evaluation of a multi-objective trial (which ``Trial.report`` refuses) in its ``eval_curve``
     system attr, for the report's noise estimate; a step reported again (a retry) keeps its first value."""
-    storage = trial.study._storage
-    storage = getattr(storage, "_backend", storage)
-    curve = list(storage.get_trial(trial._trial_id).system_attrs.get(EVAL_CURVE) or [])
+    tid = records.trial_id(trial)
+    curve = list(records.frozen(trial.study, tid, fresh=True).system_attrs.get(EVAL_CURVE) or [])
     if all(s != step for s, _ in curve):
-        storage.set_trial_system_attr(trial._trial_id, EVAL_CURVE, [*curve, [int(step), float(value)]])
+        records.set_system(trial.study, tid, EVAL_CURVE, [*curve, [int(step), float(value)]], fresh=True)
 
 
 def eval_curve(t: optuna.trial.FrozenTrial) -> list[list[float]]:

@@ -219,7 +219,7 @@ def estimate_memory(training: Training, shape: dict | None, micro_batch: int, se
 def memory_estimate(cfg: Any, shape: dict | None, micro_batch: int, seq_len: int, compute: str,
                     grad_accum: int = 1) -> Any:
     """:func:`estimate_memory` of a composed config, for the sweeper's worker planning
-    (``sweeper.study``); code below the entry points passes a :class:`Training` instead."""
+    (``sweeper.sweep.launchers``); code below the entry points passes a :class:`Training` instead."""
     from sweeper.spec import training_of
 
     return estimate_memory(training_of(cfg.precision, cfg.peft, cfg.lr, cfg.batch), shape, micro_batch, seq_len,

@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any
 
+from sweeper import records
+
 __all__ = ["main", "plan_rows", "render"]
 
 log = logging.getLogger(__name__)
@@ -153,7 +155,7 @@ def _study_configs(storage_url: str, study_name: str) -> list[dict]:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
     except (KeyError, ValueError):
         return []
-    return [t.system_attrs["config"] for t in study.get_trials(deepcopy=False) if "config" in t.system_attrs]
+    return [t.system_attrs[records.CONFIG] for t in study.get_trials(deepcopy=False) if records.CONFIG in t.system_attrs]
 
 
 def _say(line: str) -> None:

@@ -1,6 +1,6 @@
 """How a run talks to its study without importing Optuna.
 
-:class:`Reporter` is what :mod:`sweeper.runner` and :mod:`sweeper.wsd` call; ``sweeper.study.TrialReporter``
+:class:`Reporter` is what :mod:`sweeper.runner` and :mod:`sweeper.wsd` call; ``sweeper.sweep.handle.TrialReporter``
 implements it on an Optuna trial, :class:`NullReporter` is a run without a study (``python train.py``),
 and :class:`Collect` keeps one segment's attrs inside a WSD search. Tests subclass :class:`NullReporter`.
 """

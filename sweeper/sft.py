@@ -188,7 +188,7 @@ def plan_on_trainer(spec: RunSpec, trainer: Any, splits: data_mod.Splits, args: 
 
 
 def check_prepared_data(cfg: DictConfig, splits: data_mod.Splits) -> None:
-    """The sweep's pre-flight of TRL's preparation (``sweeper.study`` calls it with a composed config):
+    """The sweep's pre-flight of TRL's preparation (``sweeper.sweep.preflight`` calls it with a composed config):
     ValueError when truncation at ``data.max_length`` leaves no train or no eval row (see
     :func:`sweeper.data.check_prepared`). With a GPU visible, the sweeper must not touch CUDA before it
     pins its own GPU (building a trainer does), so the check then runs in a child process that sees no

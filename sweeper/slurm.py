@@ -1,4 +1,4 @@
-"""Sweep workers as SLURM jobs, through submitit. No Optuna here: ``sweeper.study`` decides how many
+"""Sweep workers as SLURM jobs, through submitit. No Optuna here: ``sweeper.sweep.launchers`` decides how many
 workers and watches the study; this module submits, lists and cancels the jobs.
 
     python train.py -m schedule=under,sweet,over hydra.sweeper.launcher=slurm \\

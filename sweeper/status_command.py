@@ -16,6 +16,8 @@ import subprocess
 import sys
 from typing import Any
 
+from sweeper import records
+
 __all__ = ["status"]
 
 
@@ -60,7 +62,7 @@ def study_status(study: Any) -> str:
             a = t.user_attrs
             params = " ".join(f"{k}={v}" for k, v in t.params.items())
             last = max(t.intermediate_values) if t.intermediate_values else None
-            age = heartbeat_age_s(study._storage, t._trial_id)
+            age = heartbeat_age_s(records.storage(study), records.trial_id(t))
             where = a.get("worker", "a worker")
             if a.get("cuda_visible_devices"):
                 where += f" (GPU {a['cuda_visible_devices']})"
@@ -70,10 +72,10 @@ def study_status(study: Any) -> str:
                             else ", no evaluation yet")
                          + (f", heartbeat {age:.0f} s ago" if age is not None else ""))
         elif t.state == optuna.trial.TrialState.WAITING:
-            parked = (t.system_attrs.get("wsd_trunk") or {}).get("parked_at")
+            parked = records.parked_at(t)
+            retry_of = records.failed_trial_of(t)
             lines.append(f"  waiting: trial {t.number} " + " ".join(f"{k}={v}" for k, v in t.params.items())
-                         + (f" (re-run of trial {t.system_attrs['failed_trial']})" if "failed_trial" in t.system_attrs
-                            else "")
+                         + (f" (re-run of trial {retry_of})" if records.FAILED_TRIAL in t.system_attrs else "")
                          + (f" (a joint WSD search's trunk, parked at its {parked}-step branch until the other "
                             "learning rates get there)" if parked is not None else ""))
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -83,9 +85,9 @@ def study_status(study: Any) -> str:
             for t in sorted(study.best_trials, key=lambda t: t.values[1])))
     elif done:
         best = study.best_trial
-        lines.append(f"  best so far: trial {best.number} {study.user_attrs.get('metric', 'value')} {best.value:.4f} "
+        lines.append(f"  best so far: trial {best.number} {study.user_attrs.get(records.METRIC, 'value')} {best.value:.4f} "
                      + " ".join(f"{k}={v}" for k, v in best.params.items()))
-    jobs = list(study.user_attrs.get("slurm_jobs", []))
+    jobs = records.slurm_jobs(study)
     if jobs:
         states = slurm_states(jobs)
         lines.append("  SLURM worker jobs: " + "; ".join(f"{j} {s}" for j, s in states.items()))

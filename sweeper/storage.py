@@ -2,7 +2,7 @@
 
     python -m sweeper status --storage sqlite:///outputs/optuna.db      # reads a storage through this module
 
-Used by the sweeper (``sweeper.study``) and by the commands that read studies back (``report``, ``status``,
+Used by the sweeper (``sweeper.sweep``) and by the commands that read studies back (``report``, ``status``,
 ``plan``). Imports Optuna and SQLAlchemy, never TRL or Hydra.
 
 - :func:`open_storage`: an ``RDBStorage`` for an SQLAlchemy URL (SQLite or PostgreSQL), optionally with
@@ -13,8 +13,8 @@ Used by the sweeper (``sweeper.study``) and by the commands that read studies ba
   advisory lock on PostgreSQL).
 - :class:`Heartbeat` (beats for a running trial from the sweeper), :func:`heartbeat_age_s` (reads one back)
   and :func:`fail_and_requeue` (FAIL now, retry queued through the storage's stale-trial callback).
-- How a trial is recorded: :data:`SYSTEM_ATTRS` (results kept as system attrs) and :func:`is_branch`
-  (a WSD branch, extra to a sweep's points).
+- :data:`SYSTEM_ATTRS` and :func:`is_branch` stay importable from here; they are declared in ``sweeper.records``
+  with every other attr of a trial.
 
 Importing it also quiets Optuna's notes the user can do nothing about (see below).
 """
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import optuna
+
+from sweeper.records import SYSTEM_ATTRS, is_branch  # declared with every other attr of a trial
 
 __all__ = [
     "SYSTEM_ATTRS",
@@ -51,9 +53,6 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say which study and what runs
 
-# results kept in system attrs, not user attrs: long values (curves, the SFTConfig, the plan) would make
-# optuna-dashboard's attribute table thousands of pixels wide (see sweeper.study.TrialReporter.set_attrs)
-SYSTEM_ATTRS = ("train_curve", "accuracy_curve", "loss_curve", "token_accuracy_curve", "sft_config", "plan", "wsd_trunk")
 
 
 def mask_url(url: str) -> str:
@@ -214,8 +213,3 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-
-
-def is_branch(t: optuna.trial.FrozenTrial) -> bool:
-    """A WSD branch recorded by its trunk's job: extra to the sweep's n_trials and grid points."""
-    return "wsd_branch_of" in t.system_attrs

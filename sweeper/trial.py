@@ -43,7 +43,7 @@ def run(cfg: DictConfig, reporter: Reporter | None = None) -> float:
     gpu.free_cuda_cache()
     own = None
     if reporter is None and cfg.study.trial_number is not None:
-        from sweeper.study import TrialReporter
+        from sweeper.sweep.handle import TrialReporter
 
         reporter = own = TrialReporter.from_job(cfg)
     reporter = reporter or NullReporter()

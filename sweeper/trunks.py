@@ -2,7 +2,7 @@
 
 Each trunk trial carries a ``wsd_trunk`` system attr (its group, learning rate, the rates of the search, the
 halving rule and its branch value at each rung reached; ``parked_at`` while it waits in the queue), written
-by :mod:`sweeper.wsd` through ``study.TrialReporter``. :func:`trunk_table` turns a study's trials into the
+by :mod:`sweeper.wsd` through ``sweeper.sweep.handle.TrialReporter`` (its shape: ``sweeper.records``). :func:`trunk_table` turns a study's trials into the
 :class:`sweeper.halving.Trunk` list that :func:`sweeper.halving.decide` ranks: the job calls it before it
 trains past a rung (``TrialReporter.trunks``), the sweeper when it hands out a parked trunk
 (:func:`parked_decision`). A retried trial inherits ``wsd_trunk`` with its other system attrs.
@@ -14,10 +14,10 @@ from typing import Any, Sequence
 
 import optuna
 
-from sweeper import halving, identity
+from sweeper import halving, identity, records
 from sweeper.storage import heartbeat_age_s
 
-__all__ = ["abandoned", "claimed_trunk", "fresh", "parked_decision", "parked_verdict", "trunk_table"]
+__all__ = ["claimed_trunk", "fresh", "parked_decision", "parked_verdict", "trunk_table"]
 
 
 def trunk_table(trials: Sequence[optuna.trial.FrozenTrial], trunk: dict, abandoned: Sequence[float] = (),
@@ -33,8 +33,8 @@ def trunk_table(trials: Sequence[optuna.trial.FrozenTrial], trunk: dict, abandon
 
     latest: dict[float, tuple[optuna.trial.FrozenTrial, dict]] = {}
     for t in sorted(trials, key=lambda t: t.number):
-        rec = t.system_attrs.get("wsd_trunk") or claimed_trunk(t)
-        if rec and rec.get("group") == trunk["group"] and "wsd_branch_of" not in t.system_attrs:
+        rec = records.trunk_of(t) or claimed_trunk(t)
+        if rec and rec.get("group") == trunk["group"] and not records.is_branch(t):
             latest[float(rec["lr"])] = (t, rec)
     out = []
     callers = {float(c["lr"]): c for c in _callers}
@@ -47,7 +47,7 @@ def trunk_table(trials: Sequence[optuna.trial.FrozenTrial], trunk: dict, abandon
             state = t.state
             live = state == optuna.trial.TrialState.RUNNING
             if state == optuna.trial.TrialState.WAITING:  # queued; parked: unless the rule stops it there
-                live = rec.get("parked_at") is None or t.number in _seen or parked_verdict(
+                live = rec.get(records.PARKED_AT) is None or t.number in _seen or parked_verdict(
                     rec, [x for x in trials if x.number != t.number], abandoned, _seen | {t.number},
                     (*_callers, trunk)) != "stop"
             is_running = state == optuna.trial.TrialState.RUNNING and (running is None or running(t))
@@ -60,7 +60,7 @@ def trunk_table(trials: Sequence[optuna.trial.FrozenTrial], trunk: dict, abandon
 def claimed_trunk(t: optuna.trial.FrozenTrial) -> dict | None:
     """A joint search's trunk claimed by a worker whose job has not yet recorded its ``wsd_trunk``: known
     from the settings the sweeper recorded at the claim (``config``), with no rung reached."""
-    config = t.system_attrs.get("config") or {}
+    config = records.config_of(t) or {}
     if config.get("schedule.wsd.learning_rates") is None or config.get("lr.learning_rate") is None:
         return None
     return {"group": identity.joint_group(config), "lr": float(config["lr.learning_rate"]), "rungs": {}}
@@ -68,20 +68,15 @@ def claimed_trunk(t: optuna.trial.FrozenTrial) -> dict | None:
 
 def parked_verdict(rec: dict, others: Sequence[optuna.trial.FrozenTrial], abandoned: Sequence[float],
                     seen: frozenset = frozenset(), callers: tuple = ()) -> str:
-    """The halving rule's verdict on a trunk parked at rung ``rec["parked_at"]``: continue, stop or pending."""
+    """The halving rule's verdict on a trunk parked at rung ``rec[records.PARKED_AT]``: continue, stop or pending."""
     trunks = trunk_table(others, rec, abandoned, _seen=seen, _callers=callers)
-    return halving.decide(float(rec["lr"]), int(rec["parked_at"]), trunks, int(rec["eta"]), bool(rec["maximize"]),
+    return halving.decide(float(rec["lr"]), int(rec[records.PARKED_AT]), trunks, int(rec["eta"]), bool(rec["maximize"]),
                           str(rec["rule"]), str(rec.get("metric", "eval_loss"))).verdict
-
-
-def abandoned(study: optuna.Study, group: str) -> list[float]:
-    """Learning rates of a joint search that no worker will start (see ``sweeper.study.StudySweeper._abandon``)."""
-    return list(study._storage.get_study_system_attrs(study._study_id).get(f"wsd_abandoned:{group}") or [])
 
 
 def fresh(storage: Any, t: optuna.trial.FrozenTrial, stale_after_s: float | None) -> bool:
     """A RUNNING trial's worker still beats (or the storage keeps no heartbeats)."""
-    age = heartbeat_age_s(storage, t._trial_id)
+    age = heartbeat_age_s(storage, records.trial_id(t))
     return age is None or stale_after_s is None or age < stale_after_s
 
 
@@ -89,7 +84,7 @@ def parked_decision(trial: optuna.trial.FrozenTrial, trials: Sequence[optuna.tri
                      abandoned: Sequence[float]) -> str | None:
     """For a joint search's trunk parked at a rung (WAITING): the halving rule's verdict now; None for any
     other trial."""
-    rec = trial.system_attrs.get("wsd_trunk") or {}
-    if rec.get("parked_at") is None:
+    if not records.is_parked(trial):
         return None
+    rec = records.trunk_of(trial)
     return parked_verdict(rec, [t for t in trials if t.number != trial.number], abandoned, frozenset({trial.number}))

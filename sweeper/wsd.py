@@ -36,7 +36,7 @@ the job's own trial is the trunk = the longest candidate (PRUNED, with ``stopped
 the trunk stopped early). The search's state lives in ``wsd_branches.json`` in the trunk's run dir,
 so a re-run of a killed trunk skips the branches already recorded and continues from the newest
 trunk checkpoint. Branch runs live in ``branch-<s>/`` subfolders. Optuna is never imported here:
-the study is reached through the reporter (``sweeper.study.TrialReporter``).
+the study is reached through the reporter (``sweeper.sweep.handle.TrialReporter``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from omegaconf import DictConfig
 
 from sweeper import config as config_mod
 from sweeper import data as data_mod
-from sweeper import halving, trunk_stop
+from sweeper import halving, records, trunk_stop
 from sweeper import spec as spec_mod
 from sweeper.callbacks import DivergedError
 from sweeper.reporter import Collect, NullReporter, Parked, Reporter
@@ -268,7 +268,7 @@ class _Search:
         reporter.set_attrs({"method": "wsd", "max_steps": self.s_max})
         reporter.set_wsd_params(self.s_max, self.cands[0], self.s_max)
         if self.joint:
-            reporter.set_attrs({"wsd_trunk": self.trunk_record()})
+            reporter.set_attrs({records.WSD_TRUNK: self.trunk_record()})
         log.info("WSD search%s: candidates %s, cooldown %.0f%% (%s), warmup %d steps; branch points %s; trunk in %s%s",
                  f" (trunk of lr={self.lr:g} of {list(w.learning_rates)}, {w.halving_rule}, eta={w.eta})"
                  if self.joint else "", self.cands, 100 * w.decay_fraction, w.decay_type, w.warmup_steps,
@@ -293,10 +293,10 @@ class _Search:
                                 es_threshold=float(e.early_stopping_threshold or 0.0))
 
     def trunk_record(self, parked_at: int | None = None) -> dict:
-        """This trunk as the other rates' trunks read it (``wsd_trunk``): its branch value at each rung."""
+        """This trunk as the other rates' trunks read it (``sweeper.records.WSD_TRUNK``): its branch value at each rung."""
         w = self.spec.wsd
         return {"group": w.group, "lr": self.lr, "learning_rates": list(w.learning_rates), "rule": w.halving_rule,
-                "eta": w.eta, "maximize": self.spec.maximize, "metric": self.spec.metric, "parked_at": parked_at,
+                "eta": w.eta, "maximize": self.spec.maximize, "metric": self.spec.metric, records.PARKED_AT: parked_at,
                 "rungs": {str(s): self.state["branches"][str(s)]["value"] for s in self.cands[:-1]
                           if self.state["branches"].get(str(s), {}).get("status") == "done"}}
 
@@ -351,7 +351,7 @@ class _Search:
         self.state["branches"][str(s)] = {**branch, "trial": number, "status": "done"}
         _save_state(self.job_dir, self.state)
         if self.joint:
-            rep.set_attrs({"wsd_trunk": self.trunk_record()})
+            rep.set_attrs({records.WSD_TRUNK: self.trunk_record()})
         log.info("WSD branch %d (cooldown %d..%d)%s: best %s %.4f at step %d%s", s, p, s,
                  f" of lr={self.lr:g}" if self.joint else "", self.spec.metric, branch["value"], branch["best_step"],
                  f"; recorded as trial {number}" if number is not None else "")
@@ -385,7 +385,7 @@ class _Search:
                 _save_state(self.job_dir, self.state)
                 self.reporter.set_attrs({**_jsonable(_summary(self.state, self.cands, self.wanted, self.job_dir,
                                                               self.resume, None)),
-                                         "wsd_trunk": self.trunk_record(parked_at=rung)})
+                                         records.WSD_TRUNK: self.trunk_record(parked_at=rung)})
                 log.info("WSD joint search: lr=%g %s", self.lr, why)
                 self.reporter.park(why)  # raises
             if not waited:
@@ -425,7 +425,7 @@ class _Search:
         log.info("WSD search, %d optimizer steps in all (trunk %d + cooldowns %d):\n%s", summary["wsd_optimizer_steps"],
                  summary["wsd_optimizer_steps"] - summary["wsd_cooldown_steps"], summary["wsd_cooldown_steps"], table)
         if self.joint:
-            summary["wsd_trunk"] = self.trunk_record()
+            summary[records.WSD_TRUNK] = self.trunk_record()
         self.reporter.set_attrs(_jsonable(summary))
         if self.reporter.number is None and not self.joint:  # no study to read it from
             print(table)
@@ -450,8 +450,8 @@ def _summary(state: dict, cands: list[int], wanted: dict, job_dir: Path, resume:
                                                    if b.get("status") == "done"), 2),
         "train_runtime_s": round(runtime, 2),  # the trunk's own segments; each branch has its own
         "resumed_from_checkpoint": resume,
-        "run_dir": str(job_dir),
-        "stopped_reason": stopped,
+        records.RUN_DIR: str(job_dir),
+        records.STOPPED_REASON: stopped,
         "trunk_stop": state.get("trunk_stop"),  # the no-win rule's facts (sweeper.trunk_stop.NoWin), when it stopped
     }
 
@@ -502,8 +502,8 @@ class _LocalTrunk(NullReporter):
 
     def set_attrs(self, attrs: dict) -> None:
         self.group[self.lr]["attrs"].update(attrs)
-        if "wsd_trunk" in attrs:
-            self.group[self.lr]["trunk"] = attrs["wsd_trunk"]
+        if records.WSD_TRUNK in attrs:
+            self.group[self.lr]["trunk"] = attrs[records.WSD_TRUNK]
 
     def stop(self, reason: str) -> None:
         self.group[self.lr]["end"] = f"stopped: {reason}"
@@ -535,7 +535,7 @@ def run_joint(spec: RunSpec, splits: data_mod.Splits, job_dir: Path) -> float:
                 progress = progress or g["trunk"]["rungs"] != before
             except DivergedError as e:  # this rate is too high: the others go on without it
                 log.warning("WSD joint search: the trunk of lr=%g failed: %s", r, e)
-                g["end"], g["attrs"]["state"], g["attrs"]["error"] = "failed", "FAIL", f"DivergedError: {e}"
+                g["end"], g["attrs"]["state"], g["attrs"][records.ERROR] = "failed", "FAIL", f"DivergedError: {e}"
                 progress = True
         if not progress:
             raise RuntimeError("WSD joint search: no trunk could go on; report this as a bug")

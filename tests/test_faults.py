@@ -170,7 +170,8 @@ def _start_until_checkpointed(args: list, url: str, name: str) -> subprocess.Pop
 @pytest.mark.parametrize("signals,rc,why", [
     ([signal.SIGINT, signal.SIGINT], 130, "interrupted by the user"),  # an impatient second Ctrl-C 50 ms later
     ([signal.SIGTERM], 143, "stopped by SIGTERM"),  # what docker stop, systemd and scancel send
-], ids=["ctrl-c twice", "sigterm"])
+    ([signal.SIGHUP], 129, "stopped by SIGHUP"),  # the terminal closed
+], ids=["ctrl-c twice", "sigterm", "sighup"])
 def test_a_stop_signal_queues_the_trial_to_resume(tmp_path, cache_dir, signals, rc, why):
     url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
     args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
@@ -187,6 +188,88 @@ def test_a_stop_signal_queues_the_trial_to_resume(tmp_path, cache_dir, signals, 
     retry = _load(url, name).trials[1]
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_checkpoint"]
     assert len(_load(url, name).trials) == 2
+
+
+def _worker_pid(t) -> int | None:
+    proc = t.system_attrs.get("worker_process") or ""
+    return int(proc.split(":")[1]) if proc.count(":") == 2 else None
+
+
+def _checkpointed(t) -> bool:
+    run_dir = t.user_attrs.get("run_dir")
+    return bool(run_dir) and len(t.intermediate_values) >= 2 and bool(list(Path(run_dir).glob("checkpoint-*")))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_its_retry_runs_before_the_sweep_ends(tmp_path, cache_dir):
+    """Worker 0 has finished its own trial and waits; worker 1 is stopped mid-trial: the retry it queued runs
+    on worker 0, and the sweep ends with every point done and exit code 0."""
+    url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
+    args = ["-m", "seed=1,2", *FAST, "schedule.max_steps=150", "eval.eval_steps=5", "hydra.sweeper.workers=2",
+            f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    out_path = tmp_path / "out.log"
+    with open(out_path, "w") as out:
+        sweep = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=out,
+                                 stderr=subprocess.STDOUT)
+    deadline, stopped = time.time() + 400, None
+    while time.time() < deadline and sweep.poll() is None and stopped is None:
+        try:
+            trials = _load(url, name).trials
+        except KeyError:
+            trials = []
+        own_done = any(t.state == TrialState.COMPLETE and _worker_pid(t) == sweep.pid for t in trials)
+        other = [t for t in trials if t.state == TrialState.RUNNING and _worker_pid(t) not in (None, sweep.pid)]
+        if own_done and other and _checkpointed(other[0]):
+            stopped = other[0].number
+            os.kill(_worker_pid(other[0]), signal.SIGTERM)
+        time.sleep(0.2)
+    assert stopped is not None, "worker 1 was not mid-trial once worker 0 had finished"
+    assert sweep.wait(timeout=400) == 0, out_path.read_text()[-3000:]
+    text = out_path.read_text()
+    assert "worker 1 exited with code 143" in text
+    assert "the other workers ended with trials left in the queue; running them here" in text
+    trials = _load(url, name).trials
+    assert trials[stopped].state == TrialState.FAIL and "stopped by SIGTERM" in trials[stopped].user_attrs["error"]
+    assert not [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == stopped)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_checkpoint"]
+    assert sorted(t.params["seed"] for t in trials if t.state == TrialState.COMPLETE) == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_whose_trial_was_taken_over_leaves_it_alone(tmp_path, cache_dir):
+    """SIGSTOP past the heartbeat's grace period: another command fails the trial as stale and completes its
+    retry; resumed (SIGCONT), the first command says so in one line, writes nothing and exits 0."""
+    url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
+    args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5", "hydra.sweeper.heartbeat_interval=1",
+            "hydra.sweeper.grace_period=3", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    out_path = tmp_path / "out.log"
+    with open(out_path, "w") as out:
+        first = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=out,
+                                 stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            trials = _load(url, name).trials
+        except KeyError:
+            trials = []
+        if trials and _checkpointed(trials[0]):
+            break
+        time.sleep(0.2)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(5)  # past the grace period
+        assert _ok_run(run_cli(*args))  # fails trial 0 as stale and runs its retry to the end
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, out_path.read_text()[-3000:]
+    text = out_path.read_text()
+    assert "Traceback" not in text and "UpdateFinishedTrialError" not in text, text[-3000:]
+    lines = [line for line in text.splitlines() if "by another worker while this one was stopped" in line]
+    assert len(lines) == 1 and "trial 0 was recorded FAIL" in lines[0], text[-3000:]
+    trials = _load(url, name).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].user_attrs["steps_trained"] == 150
 
 
 def _ok_run(proc):

@@ -258,16 +258,16 @@ def test_a_job_hydra_cannot_compose_fails_its_trial_and_the_sweep_goes_on(tmp_pa
 
 
 def test_a_fixed_value_counts_as_that_grid_point_later():
-    from sweeper.study import StudySweeper
+    from sweeper.sweep.queue import matches
 
     config = {"schedule.max_steps": 10, "seed": 1}
     ran = optuna.trial.create_trial(value=1.0, system_attrs={"config": config})  # max_steps=10, not a param
-    assert StudySweeper._matches(ran, {"schedule.max_steps": (10, "10")}, config)
-    assert not StudySweeper._matches(ran, {"schedule.max_steps": (15, "15")}, {**config, "schedule.max_steps": 15})
+    assert matches(ran, {"schedule.max_steps": (10, "10")}, config)
+    assert not matches(ran, {"schedule.max_steps": (15, "15")}, {**config, "schedule.max_steps": 15})
     other = optuna.trial.create_trial(value=1.0, params={"schedule.max_steps": 15},
                                       distributions={"schedule.max_steps": optuna.distributions.IntDistribution(1, 99)},
                                       system_attrs={"config": config})
-    assert not StudySweeper._matches(other, {"schedule.max_steps": (10, "10")}, config)  # its param says 15
+    assert not matches(other, {"schedule.max_steps": (10, "10")}, config)  # its param says 15
 
 
 def test_two_points_that_compose_one_run_are_named():

@@ -49,7 +49,7 @@ def test_a_file_changed_in_place_is_another_setting_of_the_study(compose_cfg, tm
     import optuna
 
     from sweeper.space import SweepSpace
-    from sweeper.study import StudySweeper
+    from sweeper.sweep.preflight import check_same_settings
 
     path = _write(tmp_path / "rows.jsonl", [_chat(i) for i in range(40)])
     cfg = compose_cfg("data=jsonl", f"data.train_path={path}")
@@ -58,10 +58,9 @@ def test_a_file_changed_in_place_is_another_setting_of_the_study(compose_cfg, tm
     trial = study.ask()
     study._storage.set_trial_system_attr(trial._trial_id, "config", before)
     study.tell(trial, 1.0)
-    sweeper = StudySweeper(storage=f"sqlite:///{tmp_path}/optuna.db", study_name="s", n_trials=None,
-                           sampler=None, pruner=None)
     space = SweepSpace(fixed=[], grid=[], distributions={})
-    sweeper._check_same_settings(study, space, [before])  # the same file: accepted
+    same = dict(storage_url=f"sqlite:///{tmp_path}/optuna.db", allow_change=False)
+    check_same_settings(study, space, [before], **same)  # the same file: accepted
 
     size = path.stat().st_size
     rows = [_chat(i) for i in range(40)]
@@ -71,7 +70,7 @@ def test_a_file_changed_in_place_is_another_setting_of_the_study(compose_cfg, tm
     after = identity.result_config(cfg, fingerprint.data_content(cfg.data, cfg.paths.cache_dir))
     assert after["data.train_content"] != before["data.train_content"]
     with pytest.raises(ValueError) as e:
-        sweeper._check_same_settings(study, space, [after])
+        check_same_settings(study, space, [after], **same)
     assert "data.train_content" in str(e.value) and "whose content changed" in str(e.value)
     assert "hydra.sweeper.study_name" in str(e.value)
     assert not identity.same_run(before, after)  # a grid point of the new content is not done
@@ -366,12 +365,11 @@ def test_hydra_saved_config_and_logs_hold_no_secret(compose_cfg, tmp_path):
 
 
 def test_workers_get_secret_env_set_values_in_their_environment(monkeypatch):
-    from sweeper.study import StudySweeper
+    from sweeper.sweep.launchers import Workers
+    from sweeper.sweep.settings import Settings
 
     monkeypatch.setattr("sys.argv", ["train.py", "-m", "schedule=under,sweet", f"+hydra.job.env_set.HF_TOKEN={SECRET}",
                                      "hydra.job.env_set.OMP_NUM_THREADS=2"])
-    sweeper = StudySweeper(storage="postgresql://bob:pw0rd@db/x", study_name=None, n_trials=None, sampler=None,
-                           pruner=None)
 
     class _One:
         sweeps = [object()]
@@ -381,10 +379,11 @@ def test_workers_get_secret_env_set_values_in_their_environment(monkeypatch):
             def resolve():
                 return "/tmp/sweep"
 
-    command = sweeper._worker_command(_One())
+    workers = Workers(Settings(storage_url="postgresql://bob:pw0rd@db/x"), _One(), queue=None)
+    command = workers.worker_command()
     assert not any(SECRET in a or "pw0rd" in a for a in command)
     assert "hydra.job.env_set.OMP_NUM_THREADS=2" in command
-    env = sweeper._worker_env()
+    env = workers.worker_env()
     assert env["HF_TOKEN"] == SECRET and env["PGPASSWORD"] == "pw0rd"
 
 

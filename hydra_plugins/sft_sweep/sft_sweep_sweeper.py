@@ -1,4 +1,4 @@
-"""Hydra Sweeper plugin that runs a multirun as an Optuna study (see ``sweeper.study``).
+"""Hydra Sweeper plugin that runs a multirun as an Optuna study (see ``sweeper.sweep``).
 
 Hydra imports this module at start-up of every app, so it stays import-light: the schema, its
 ConfigStore registration, and a thin Sweeper that imports the Optuna implementation lazily.
@@ -76,7 +76,7 @@ ConfigStore.instance().store(
 
 class SftSweepSweeper(Sweeper):
     def __init__(self, **kwargs: Any) -> None:
-        from sweeper.study import StudySweeper
+        from sweeper.sweep.plugin import StudySweeper
 
         self._impl = StudySweeper(**kwargs)
 

@@ -1,0 +1,90 @@
+"""The Hydra face of the sweep: :class:`StudySweeper`, behind ``hydra_plugins.sft_sweep.SftSweepSweeper``.
+
+    python train.py -m schedule=under,sweet,over                      # a 3-point grid
+    python train.py -m 'lr.learning_rate=tag(log,interval(1e-5,3e-4))' hydra.sweeper.n_trials=6
+
+:meth:`StudySweeper.sweep` reads top to bottom: the settings checked once (``settings``), the command's points
+checked and its studies opened (``command``, ``preflight``), the start line of each study and the workers
+planned (``queue``, ``launchers``), the workers started, this process's own loop over the queue (``loop``,
+``tell``) or, with SLURM, watching the jobs; once the other workers have ended, the trials they left queued (a
+worker stopped mid-trial) run here; then each study's summary and the exit code (``summary``). Bad input
+is one line (``sweeper.config.InputError``) before any trial exists. Nothing in the package imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import datasets
+from hydra.core.plugins import Plugins
+from omegaconf import DictConfig, open_dict, read_write
+from omegaconf.errors import MissingMandatoryValue
+
+from sweeper import config as config_mod
+from sweeper import passwords
+from sweeper.sweep import command as command_mod
+from sweeper.sweep import launchers, loop, summary
+from sweeper.sweep.command import Command
+from sweeper.sweep.queue import Queue
+from sweeper.sweep.settings import Settings, new_sweep_id, parse
+
+__all__ = ["StudySweeper"]
+
+log = logging.getLogger(__name__)
+
+
+class StudySweeper:
+    """Implementation behind ``hydra_plugins.sft_sweep.SftSweepSweeper``: its fields are the plugin schema's
+    (``hydra.sweeper.*``), checked when the sweep starts."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.fields = fields
+        self.sweep_id = new_sweep_id()  # shared by the workers this sweep starts
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
+        passwords.install_log_filter(passwords.secret_values(  # the command's log lines and worker logs
+            dict(config.hydra.job.get("env_set") or {}), self.fields.get("storage")))
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def sweep(self, arguments: list[str]) -> list[Any]:
+        settings, command, queue = self._prepare(arguments)
+        workers = launchers.start(settings, command, queue)
+        returns = loop.run(settings, queue, self.launcher, self.config, workers.stop) if workers.works_here else []
+        if not workers.finish():
+            return returns  # SLURM jobs that run on, unwatched
+        if workers.works_here and queue.has_work():  # a worker stopped mid-trial left its retry in the queue
+            log.warning("the other workers ended with trials left in the queue; running them here")
+            returns += loop.run(settings, queue, self.launcher, self.config, workers.stop)
+        summary.write(command)
+        if workers.works_here and settings.leads:  # the command's first process: the workers it started have ended
+            summary.fail_if_work_left(command, settings.sweep_id)  # exit code 1, one line
+        summary.fail_if_nothing_completed(command, settings.sweep_id)
+        return returns
+
+    def _prepare(self, arguments: list[str]) -> tuple[Settings, Command, Queue]:
+        """Settings, the command's checked studies and its queue, the start lines and the workers' plan; bad
+        input as one line, no trial created."""
+        try:
+            datasets.disable_progress_bars()  # one sweep bar and one bar per trial, nothing nested
+            settings = parse(self.fields, self.config, self.sweep_id)
+            compose = command_mod.Composer(self.hydra_context.config_loader, self.config)
+            command = command_mod.prepare(settings, compose, arguments)
+            # Hydra's launcher makes the sweep folder of the unswept config, which may name no study (or not
+            # resolve: data=jsonl data.train_path=a.jsonl,b.jsonl leaves data.train_path ??? there): the
+            # command's folder instead, where its summary goes
+            with read_write(self.config), open_dict(self.config):
+                self.config.hydra.sweep.dir = str(command.folder)
+            queue = Queue(settings, command)
+            command.plan = launchers.plan(settings, command, queue.start_lines())
+            return settings, command, queue
+        except (ValueError, FileNotFoundError) as e:
+            raise config_mod.InputError.wrap(e) from e
+        except MissingMandatoryValue as e:
+            key = e.full_key
+            raise config_mod.InputError(f"{key} must be set, but is ??? (a required value of the option chosen); "
+                                        f"add {key}=... to the command") from None

@@ -1,0 +1,158 @@
+"""Every check of a sweep point before GPU time: each one raises one ``ValueError`` line naming the setting and
+what would be valid, before any trial exists (``sweeper.sweep.command`` calls them in order).
+
+    python train.py -m schedule=under,sweet data=demo,banking77_sample     # each point checked before training
+
+- :func:`check_points`: every grid point composed and validated (``sweeper.config``), its folders writable, its
+  precision available here, the data it names loaded, checked and prepared once as the trials will; and the
+  study file's folder writable.
+- :func:`check_sampled_names` (and :func:`check_sampled_names_early`): a distribution must not pick the study
+  (``data=choice(a,b)``).
+- :func:`check_study_name`: a study name is also a folder name.
+- :func:`check_compatible`: a param's distribution the study can take; :func:`check_same_settings`: the command
+  runs the settings the study's trials ran (unless ``allow_config_change``).
+
+Composition is the caller's: each function takes ``compose(overrides) -> DictConfig``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Sequence
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from sweeper import config as config_mod
+from sweeper import data as data_mod
+from sweeper import disk, identity, records
+from sweeper import gpu as gpu_mod
+from sweeper.sft import check_prepared_data
+from sweeper.space import SweepSpace, value_text
+from sweeper.spec import check_folders
+from sweeper.storage import mask_url, sqlite_path
+from sweeper.sweep.settings import SWEEP_ID_ENV
+
+__all__ = ["check_compatible", "check_points", "check_same_settings", "check_sampled_names",
+           "check_sampled_names_early", "check_study_name", "point_overrides"]
+
+log = logging.getLogger(__name__)
+
+Compose = Callable[[Sequence[str]], DictConfig]
+
+
+def point_overrides(space: SweepSpace, point: dict) -> list[str]:
+    """The overrides that compose grid ``point`` of ``space``: its fixed ones, then the point's values."""
+    return space.fixed + [f"{k}={t}" for k, (_, t) in point.items()]
+
+
+def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url: str) -> list[DictConfig]:
+    """Compose and check every grid point (and the data each one names) before any trial; returns the
+    composed configs. SLURM jobs run where the GPUs are, so their precision is not checked here; TRL's
+    preparation of the data runs once, in the command's first process, so that the trials hit its cache."""
+    seen_data: set[str] = set()
+    cfgs = []
+    for point in space.grid_points():
+        cfg = compose(point_overrides(space, point))
+        config_mod.validate(cfg)
+        check_folders(cfg)
+        if launcher == "local":
+            gpu_mod.check_precision(str(cfg.precision.compute), str(cfg.precision.name))
+        key = OmegaConf.to_yaml(cfg.data) + OmegaConf.to_yaml(cfg.model)
+        if key not in seen_data:
+            seen_data.add(key)
+            splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
+            data_mod.check_train_size(splits, cfg.batch)
+            if launcher == "local" and SWEEP_ID_ENV not in os.environ:
+                check_prepared_data(cfg, splits)
+        cfgs.append(cfg)
+    db = sqlite_path(storage_url)
+    if db is not None:
+        disk.check_writable(db.parent, "hydra.sweeper.storage")
+    return cfgs
+
+
+def check_sampled_names(space: SweepSpace, cfg: DictConfig, compose: Compose) -> None:
+    """Refuse a distribution that would pick the study (``data=choice(a,b)``): a sampled value is known
+    only once its trial exists, but each dataset and model has its own study."""
+    for key, dist in space.distributions.items():
+        if not isinstance(dist, optuna.distributions.CategoricalDistribution):
+            continue
+        for value in dist.choices:
+            try:
+                other = compose(space.fixed + [f"{key}={value_text(value)}"])
+            except Exception:  # a choice that does not compose fails its own trial, as before
+                continue
+            if identity.default_study_name(other) != identity.default_study_name(cfg):
+                choices = ",".join(value_text(v) for v in dist.choices)
+                raise ValueError(
+                    f"{key}=choice({choices}) samples the dataset or model, but each has its own study "
+                    f"(<data.name>-<model.name>); list them as a grid, {key}={choices}")
+
+
+def check_sampled_names_early(space: SweepSpace, study_name: str | None, compose: Compose) -> None:
+    """:func:`check_sampled_names` on the first grid point's config, before a small finite space becomes a
+    grid (a point that does not compose is left to :func:`check_points`, which names it)."""
+    if not space.distributions or study_name is not None:
+        return
+    try:
+        cfg = compose(point_overrides(space, space.grid_points()[0]))
+    except Exception:
+        return
+    check_sampled_names(space, cfg, compose)
+
+
+def check_study_name(name: str) -> str:
+    """A study name also names its folder (``outputs/sweeps/<study>``): any letters, digits, spaces and
+    punctuation, but no path separator, control character or ``.``/``..``, at most 200 characters."""
+    bad = next((c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127), None)
+    if not name.strip() or name in (".", "..") or bad is not None or len(name) > 200:
+        why = (f"it holds {bad!r}" if bad is not None else "it is empty" if not name.strip()
+               else "it is longer than 200 characters" if len(name) > 200 else "it is a relative folder name")
+        raise ValueError(f"hydra.sweeper.study_name={name!r} cannot name a study and its folder: {why}; use letters, "
+                         "digits, spaces and punctuation other than / and \\ (e.g. hydra.sweeper.study_name=intents-v2)")
+    return name
+
+
+def check_compatible(study: optuna.Study, dists: dict[str, optuna.distributions.BaseDistribution]) -> None:
+    """Refuse, before any trial is created, a param whose distribution the study cannot take."""
+    seen: dict[str, optuna.distributions.BaseDistribution] = {}
+    for t in study.get_trials(deepcopy=False):
+        seen.update({k: d for k, d in t.distributions.items() if k in dists and k not in seen})
+    for key, old in seen.items():
+        try:
+            optuna.distributions.check_distribution_compatibility(old, dists[key])
+        except ValueError as e:
+            raise ValueError(
+                f"{key}: study {study.study_name!r} already samples it as {old}, which cannot change to "
+                f"{dists[key]} ({e}); keep the earlier values or start a new study with "
+                "hydra.sweeper.study_name=..."
+            ) from None
+
+
+def check_same_settings(study: optuna.Study, space: SweepSpace, configs: list[dict], *, storage_url: str,
+                        allow_change: bool) -> None:
+    """Refuse a command whose unswept settings differ from what the study's trials ran (unless
+    ``allow_change``, ``hydra.sweeper.allow_config_change``): a re-run must never serve old results as this
+    command's."""
+    ran = [records.config_of(t) for t in study.get_trials(deepcopy=False)
+           if records.config_of(t) is not None and not records.is_branch(t)]
+    if not ran or not configs:
+        return
+    swept = set(space.distributions) | {k for k, _ in space.grid}
+    skip = identity.varying(configs) | {k for k in configs[0] if any(k == s or k.startswith(s + ".")
+                                                                     for s in swept)}
+    if any(not identity.differences([c], configs[0], skip) for c in ran):
+        return  # some earlier trials ran these very settings
+    diff = identity.differences(ran, configs[0], skip)
+    text = identity.describe_differences(diff)
+    if allow_change:
+        log.warning("study %r: this command's settings differ from its earlier trials (%s); adding them "
+                    "(hydra.sweeper.allow_config_change=true)", study.study_name, text)
+        return
+    raise ValueError(
+        f"study {study.study_name!r} in {mask_url(storage_url)} ran other settings than this command: "
+        f"{text}. Its results are not this command's: start a new study with "
+        f"hydra.sweeper.study_name=<new name>, or add these runs to it with "
+        "hydra.sweeper.allow_config_change=true")
