@@ -392,6 +392,14 @@ def validate(cfg: Any) -> None:
             "a required value of the option chosen"
         raise ValueError(f"{', '.join(missing)} must be set, but {'is' if len(missing) == 1 else 'are'} ??? ({why}); "
                          f"add {' '.join(k + '=...' for k in missing)} to the command")
+    _validate_schedule(cfg)
+    _validate_training(cfg)
+    _validate_eval(cfg)
+    _validate_speed(cfg)
+
+
+def _validate_schedule(cfg: Any) -> None:
+    """The schedule: one of max_steps and num_train_epochs, in range (a WSD search: its own rules)."""
     s = cfg.schedule
     if s.get("wsd") is not None:
         _validate_wsd(cfg)
@@ -418,6 +426,11 @@ def validate(cfg: Any) -> None:
     if s.num_train_epochs is not None and s.num_train_epochs > MAX_EPOCHS:
         raise ValueError(f"schedule.num_train_epochs must be at most {MAX_EPOCHS:,}, but got {s.num_train_epochs:g}; "
                          "pick schedule=epochs3")
+
+
+def _validate_training(cfg: Any) -> None:
+    """Seeds, warmup and learning rate, batch, data, precision and method."""
+    s = cfg.schedule
     for key, seed in (("seed", cfg.seed), ("data.seed", cfg.data.seed)):
         if not 0 <= seed <= MAX_SEED:
             raise ValueError(f"{key} must be between 0 and {MAX_SEED} (numpy's seed range), but got {seed}; "
@@ -473,6 +486,10 @@ def validate(cfg: Any) -> None:
                 f"{a.target_effective_batch} and {a.max_micro_batch}")
         if not 0.1 <= a.memory_fraction <= 0.98:
             raise ValueError(f"batch.auto.memory_fraction must be in [0.1, 0.98], but got {a.memory_fraction}")
+
+
+def _validate_eval(cfg: Any) -> None:
+    """Evaluation cadence, early stopping, the metric and the accuracy metric."""
     e = cfg.eval
     if e.eval_steps < 1:
         raise ValueError(f"eval.eval_steps must be >= 1, but got {e.eval_steps}; set eval.eval_steps=50")
@@ -488,6 +505,10 @@ def validate(cfg: Any) -> None:
                          "set eval.accuracy=on (or auto for classification data)")
     if e.accuracy_rows < 1:
         raise ValueError(f"eval.accuracy_rows must be >= 1, but got {e.accuracy_rows}")
+
+
+def _validate_speed(cfg: Any) -> None:
+    """The ``speed`` group's choices and ``report_to``."""
     sp = cfg.speed
     if sp.attention not in _ATTENTION:
         raise ValueError(f"speed.attention must be one of {list(_ATTENTION)}, but got {sp.attention!r}; "

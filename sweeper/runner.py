@@ -161,42 +161,15 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
 
     # batch=auto: real probes on the longest rows; another size means building again at that size
     if batch_state.probe_key is not None:
-        t = time.perf_counter()
-        info = batch_state.info
-        probed = batching.probe_ladder(trainer, spec, spec.batch.micro, info, info.pop("_states_gib"))
-        timing["batch_probe_s"] = round(time.perf_counter() - t, 2)
-        target = int(spec.batch_config.auto.target_effective_batch)
-        owner = f"trial {reporter.number}" if reporter.number is not None else "a run"
-        batching.PROBED[batch_state.probe_key] = (probed, target // probed, owner)
-        batch_state.probe_key = None
+        probed = _probe(trainer, spec, reporter, batch_state)
         if probed != spec.batch.micro:
             del trainer, model
             torch.cuda.empty_cache()
+            target = int(spec.batch_config.auto.target_effective_batch)
             raise _Refit(probed, target // probed)
 
     # the plan on the prepared data, and what the trial records before training
-    plan, prepared_rows = sft.plan_on_trainer(spec, trainer, splits, args)
-    try:
-        data_mod.check_prepared(splits, spec.data, prepared_rows, len(trainer.eval_dataset))
-    except ValueError as e:
-        raise config_mod.InputError.wrap(e) from e
-    log.info("plan: %s", plan.describe())
-    for warning in plan.warnings():
-        log.warning("plan: %s", warning)
-    log.info("precision: %s; method: %s; speed: %s; job dir: %s", compute, spec.method,
-             speed_mod.describe(spec.speed), out)
-    log.info("model load %.1f s, data preparation %.1f s", timing["model_load_s"], timing["prepare_s"])
-    reporter.set_attrs({
-        "plan": plan.as_dict(), "choices": _choices(), "run_dir": str(out), "train_rows": len(splits.train),
-        "prepared_train_rows": prepared_rows, "eval_rows": len(splits.eval), "precision": compute,
-        "max_steps": plan.max_steps, "effective_batch": plan.effective_batch,
-        "median_tokens_per_row": sft.median_tokens(trainer.train_dataset),
-        "micro_batch": spec.batch.micro, "grad_accum": spec.batch.accum, "oom_retries": batch_state.oom_retries,
-        "batch_auto": batch_state.info, "timing": timing, "accuracy": accuracy_decision,
-        "speed": {**spec.speed, "collator_padding_free": bool(getattr(trainer.data_collator, "padding_free", False))},
-        "sft_config": {k: getattr(args, k) for k in sft.SNIPPET_KEYS},
-        "resumed_from_checkpoint": resume, "worker": f"{socket.gethostname()}:{os.getpid()}",
-        "slurm_job": _slurm_job(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
+    plan = _record_plan(spec, splits, trainer, args, out, reporter, batch_state, compute, accuracy_decision, resume)
 
     # train
     if resume:
@@ -220,6 +193,50 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
     if segment.save_state:
         state.save_to_json(str(out / "trainer_state.json"))
     return results
+
+
+def _probe(trainer: Any, spec: RunSpec, reporter: Reporter, batch_state: _Batching) -> int:
+    """``batch=auto``'s probe ladder on the built trainer: the micro-batch that fits, remembered for the
+    sweep's later trials of the same shape (``batching.PROBED``)."""
+    t = time.perf_counter()
+    info = batch_state.info
+    probed = batching.probe_ladder(trainer, spec, spec.batch.micro, info, info.pop("_states_gib"))
+    batch_state.timing["batch_probe_s"] = round(time.perf_counter() - t, 2)
+    target = int(spec.batch_config.auto.target_effective_batch)
+    owner = f"trial {reporter.number}" if reporter.number is not None else "a run"
+    batching.PROBED[batch_state.probe_key] = (probed, target // probed, owner)
+    batch_state.probe_key = None
+    return probed
+
+
+def _record_plan(spec: RunSpec, splits: data_mod.Splits, trainer: Any, args: Any, out: Path, reporter: Reporter,
+                 batch_state: _Batching, compute: str, accuracy_decision: Any, resume: str | None) -> Any:
+    """The plan on the prepared data (checked against the rows TRL kept), logged, and what the trial records
+    before it trains; returns the plan."""
+    timing = batch_state.timing
+    plan, prepared_rows = sft.plan_on_trainer(spec, trainer, splits, args)
+    try:
+        data_mod.check_prepared(splits, spec.data, prepared_rows, len(trainer.eval_dataset))
+    except ValueError as e:
+        raise config_mod.InputError.wrap(e) from e
+    log.info("plan: %s", plan.describe())
+    for warning in plan.warnings():
+        log.warning("plan: %s", warning)
+    log.info("precision: %s; method: %s; speed: %s; job dir: %s", compute, spec.method,
+             speed_mod.describe(spec.speed), out)
+    log.info("model load %.1f s, data preparation %.1f s", timing["model_load_s"], timing["prepare_s"])
+    reporter.set_attrs({
+        "plan": plan.as_dict(), "choices": _choices(), "run_dir": str(out), "train_rows": len(splits.train),
+        "prepared_train_rows": prepared_rows, "eval_rows": len(splits.eval), "precision": compute,
+        "max_steps": plan.max_steps, "effective_batch": plan.effective_batch,
+        "median_tokens_per_row": sft.median_tokens(trainer.train_dataset),
+        "micro_batch": spec.batch.micro, "grad_accum": spec.batch.accum, "oom_retries": batch_state.oom_retries,
+        "batch_auto": batch_state.info, "timing": timing, "accuracy": accuracy_decision,
+        "speed": {**spec.speed, "collator_padding_free": bool(getattr(trainer.data_collator, "padding_free", False))},
+        "sft_config": {k: getattr(args, k) for k in sft.SNIPPET_KEYS},
+        "resumed_from_checkpoint": resume, "worker": f"{socket.gethostname()}:{os.getpid()}",
+        "slurm_job": _slurm_job(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")})
+    return plan
 
 
 def _callbacks(spec: RunSpec, splits: data_mod.Splits, tokenizer: Any, reporter: Reporter, tracker: dict,
