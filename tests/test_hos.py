@@ -9,8 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sweeper import hos, objectives, samplers
-from sweeper.report import attrs
-from sweeper.report_front import front_report, pick
+from sweeper.report import attrs, front_report, pick
 
 from .conftest import ROOT, run_cli
 

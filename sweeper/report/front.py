@@ -5,7 +5,7 @@
 
 The front is Optuna's (``study.best_trials``: no other trial is better on one objective without being worse on
 the other), listed from the cheapest. The recommendation is the cheapest front point whose metric is within
-noise of the front's best metric (at most twice the larger eval noise of the two runs, ``sweeper.report``'s
+noise of the front's best metric (at most twice the larger eval noise of the two runs, ``sweeper.report.curves``'
 estimate from each run's evaluations), so that paying more buys a difference larger than the noise; when no
 cheaper point is that close, the best-metric point. Reads the study only.
 """
@@ -15,13 +15,12 @@ from __future__ import annotations
 import optuna
 
 from sweeper import objectives
+from sweeper.report.curves import noise_estimate
 
 __all__ = ["front_report", "pick"]
 
 
 def _noise(t: optuna.trial.FrozenTrial, maximize: bool) -> float:
-    from sweeper.report import noise_estimate
-
     return noise_estimate([objectives.eval_curve(t)], maximize=maximize).sigma
 
 
