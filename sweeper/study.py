@@ -781,6 +781,9 @@ class StudySweeper:
                     config = study._storage.get_trial(
                         study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(failed))
                     ).system_attrs.get("config")
+            if created and not sw.dists and config is not None:  # a command sweeping nothing: the study's params
+                for pname, (value, dist) in points_mod.fixed_params(config, trials).items():
+                    storage.set_trial_param(trial._trial_id, pname, dist.to_internal_repr(value), dist)
             storage.set_trial_system_attr(trial._trial_id, "sweep_id", self.sweep_id)
             storage.set_trial_system_attr(trial._trial_id, "worker_process", _this_process())
             if config is not None:
@@ -1214,7 +1217,7 @@ class StudySweeper:
         from sweeper.report import datasets_section, study_report
 
         for sw in command.sweeps:
-            text = study_report(sw.study)
+            text = study_report(sw.study, self.storage_url)
             print(text)
             sw.folder.mkdir(parents=True, exist_ok=True)
             (sw.folder / "summary.md").write_text(text + "\n", encoding="utf-8")
@@ -1224,7 +1227,8 @@ class StudySweeper:
                      "compares one best trial per study, which a front does not have")
         elif len(command.sweeps) > 1:
             command.folder.mkdir(parents=True, exist_ok=True)
-            text = datasets_section([sw.study for sw in command.sweeps], command.folder / "datasets.png")
+            text = datasets_section([sw.study for sw in command.sweeps], command.folder / "datasets.png",
+                                    self.storage_url)
             print(text)
             (command.folder / "summary.md").write_text(text + "\n", encoding="utf-8")
 

@@ -194,13 +194,18 @@ def trial_noise(t: optuna.trial.FrozenTrial, maximize: bool = False) -> Noise:
 def trial_diagnosis(t: optuna.trial.FrozenTrial) -> Diagnosis:
     """:func:`diagnose` with what the trial knows: its scheduler, length, WSD branch point and own noise
     (:func:`trial_noise`: the jitter of evaluations differs between runs, e.g. with the LR at their best).
-    A FAIL trial's diagnosis is its ``error`` attr; a running one without two evaluations yet is *running*."""
+    A FAIL trial's diagnosis is its ``error`` attr; a RUNNING or WAITING one is *running*, never diagnosed: its
+    curve so far is part of a run (a partial curve still falls at its end), so it says how far the run got."""
     a = attrs(t)
     if t.state == optuna.trial.TrialState.FAIL:
         return Diagnosis("failed", str(a.get("error") or "no error recorded; see the job log in its run_dir"))
     curve = eval_curve(t)
-    if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING) and len(curve) < 2:
-        return Diagnosis("running", "fewer than two evaluations so far")
+    if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING):
+        if len(curve) < 2:
+            return Diagnosis("running", "fewer than two evaluations so far")
+        of = f" of {a['max_steps']}" if a.get("max_steps") else ""
+        return Diagnosis("running", f"{len(curve)} evaluations so far, the last at step {int(curve[-1][0])}{of}; "
+                                    "diagnosed once it finishes")
     return diagnose(curve, curve_attr(t, "train_curve"), noise=trial_noise(t).sigma,
                     scheduler=(a.get("sft_config") or {}).get("lr_scheduler_type"), max_steps=a.get("max_steps"),
                     branch_point=branch_point(t))

@@ -5,6 +5,7 @@ datasets (:func:`datasets_table`, :func:`datasets_section`)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -16,64 +17,70 @@ from sweeper.report.figures import plot_datasets
 from sweeper.report.front import front_report
 from sweeper.report.recommend import recommend
 from sweeper.report.stored import accuracy_off, attrs, params_text, settings_note, spent, trial_rows
-from sweeper.report.text import count, fmt, si
+from sweeper.report.text import cell, count, escape, fmt, si
 from sweeper.storage import is_branch
 
 __all__ = ["dataset_row", "datasets_section", "datasets_table", "joint_sections", "sftconfig_snippet", "study_report"]
 
 
-def study_report(study: optuna.Study) -> str:
+def study_report(study: optuna.Study, storage: str | None = None) -> str:
     """Markdown: the table (with diagnosis), the recommendation with its notes and the SFTConfig for it; for a
-    two-objective study, its Pareto front and the point picked (``sweeper.report_front``)."""
+    two-objective study, its Pareto front and the point picked (:mod:`sweeper.report.front`). ``storage``: the
+    URL the study is in, which the commands it proposes name (None: the default storage, left out). Names,
+    paths and errors are escaped (:mod:`sweeper.report.text`)."""
     if len(study.directions) > 1:
         return front_report(study)
-    metric = study.user_attrs.get("metric", "value")
-    lines = [
-        f"## {study.study_name}",
-        "",
-        f"| trial | schedule | method | params | max_steps | epochs | eff. batch | tokens/step | best {metric} "
-        "| best step | stopped early | accuracy (step) | state | diagnosis |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
-    ]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     rows = trial_rows(study)
     diagnoses = {r["trial"]: trial_diagnosis(by_number[r["trial"]]) for r in rows}
-    for r in rows:
-        t = by_number[r["trial"]]
-        lines.append(
-            f"| {r['trial']} | {fmt(r['schedule'])} | {fmt(r['method'])} | {params_text(r['params'])} "
-            f"| {fmt(r['max_steps'])} "
-            f"| {fmt(r['epochs'], '.2f')} | {fmt(r['effective_batch'])} | {fmt(r['tokens_per_step'], ',.0f')} "
-            f"| {fmt(r['best'])} "
-            f"| {fmt(r['best_step'])} | {fmt(r['stopped_early'])} | {_accuracy(t)} | {r['state']} "
-            f"| {diagnoses[r['trial']].verdict} |")
-    lines.append("")
+    lines = [f"## {escape(study.study_name)}", "", *_table(study, rows, by_number, diagnoses), ""]
     settings = settings_note(study)
     if settings:
-        lines += [f"- {settings}", ""]
+        lines += [f"- {escape(settings)}", ""]
     off = accuracy_off(study)
     if off:
-        lines += [f"- accuracy off: {off}", ""]
+        lines += [f"- accuracy off: {escape(off)}", ""]
     for r in rows:
         t, d = by_number[r["trial"]], diagnoses[r["trial"]]
-        error = f" (error: {r['error']})" if r["error"] and d.verdict != "failed" else ""
-        lines.append(f"- trial {r['trial']}: {d.verdict}: {d.reason}{error}")
+        error = f" (error: {escape(r['error'])})" if r["error"] and d.verdict != "failed" else ""
+        lines.append(f"- trial {r['trial']}: {d.verdict}: {escape(d.reason) if d.verdict == 'failed' else d.reason}"
+                     f"{error}")
         flag = accuracy_disagrees(t)
         if flag:
             lines.append(f"  - note: {flag}")
     lines += joint_sections(study)
-    rec = recommend(study)
+    rec = recommend(study, storage)
     lines.append("")
     if rec is None:
         lines.append("No trial completed, so no step count can be recommended yet.")
     else:
         lr = f"lr.learning_rate={rec['learning_rate']:g}, " if rec.get("learning_rate") is not None else ""
-        lines.append(f"**Recommended for {study.user_attrs.get('data', study.study_name)}: {lr}max_steps={rec['max_steps']}.** "
-                     + rec["reason"])
+        data = escape(study.user_attrs.get("data", study.study_name))
+        lines.append(f"**Recommended for {data}: {lr}max_steps={rec['max_steps']}.** " + rec["reason"])
         lines += [f"- {note}" for note in rec["notes"]]
-        snippet = sftconfig_snippet(by_number[rec["trial"]])
-        lines += ["", "```python", snippet, "```"]
+        snippet = sftconfig_snippet(by_number[rec["trial"]], study.user_attrs.get("metric"),
+                                    study.direction == optuna.study.StudyDirection.MAXIMIZE)
+        fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", snippet)), default=0))
+        lines += ["", f"{fence}python", snippet, fence]
     return "\n".join(lines)
+
+
+def _table(study: optuna.Study, rows: Sequence[dict], by_number: dict, diagnoses: dict) -> list[str]:
+    """The study's table of trials: one row per trial (:func:`sweeper.report.stored.trial_rows`)."""
+    metric = study.user_attrs.get("metric", "value")
+    lines = [f"| trial | schedule | method | params | max_steps | epochs | eff. batch | tokens/step | best {metric} "
+             "| best step | stopped early | accuracy (step) | state | diagnosis |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        t = by_number[r["trial"]]
+        lines.append(
+            f"| {r['trial']} | {cell(escape(fmt(r['schedule'])))} | {cell(escape(fmt(r['method'])))} "
+            f"| {cell(escape(params_text(r['params'])))} | {fmt(r['max_steps'])} "
+            f"| {fmt(r['epochs'], '.2f')} | {fmt(r['effective_batch'])} | {fmt(r['tokens_per_step'], ',.0f')} "
+            f"| {fmt(r['best'])} "
+            f"| {fmt(r['best_step'])} | {fmt(r['stopped_early'])} | {_accuracy(t)} | {r['state']} "
+            f"| {diagnoses[r['trial']].verdict} |")
+    return lines
 
 
 def _accuracy(t: optuna.trial.FrozenTrial) -> str:
@@ -83,23 +90,57 @@ def _accuracy(t: optuna.trial.FrozenTrial) -> str:
     return f"{a['best_accuracy']:.1%} ({a.get('best_accuracy_step')})"
 
 
-def sftconfig_snippet(trial: optuna.trial.FrozenTrial) -> str:
-    """A ready-to-paste SFTConfig for the winning trial (TRL's own names)."""
+# the metrics a plain SFTTrainer logs at evaluation, which metric_for_best_model can name
+_TRAINER_METRICS = ("eval_loss", "eval_mean_token_accuracy")
+
+
+def sftconfig_snippet(trial: optuna.trial.FrozenTrial, metric: str | None = None, maximize: bool = False) -> str:
+    """A ready-to-paste SFTConfig for the winning trial (TRL 1.x / transformers 5 names): the run's settings
+    (``sft_config`` attr), then its evaluation (``eval_strategy``, ``eval_steps``) with the best model kept and
+    loaded at the end by ``metric`` (``metric_for_best_model``, ``greater_is_better``: ``maximize``), and the
+    ``EarlyStoppingCallback`` the trial ran with (:func:`_early_stopping`), so that a run of the recommended
+    length stops and ends where the trial's best did rather than at its over-trained end."""
     a = attrs(trial)
     cfg = a.get("sft_config")
     if not cfg:
         return f"# trial {trial.number} predates the sft_config attr; its run config is in {a.get('run_dir')}/.hydra"
-    lines = ["SFTConfig("]
+    stop = _early_stopping(trial)
+    lines = ["from transformers import EarlyStoppingCallback"] if "EarlyStoppingCallback(" in stop else []
+    lines += ["from trl import SFTConfig", ""]
     if a.get("method") == "wsd":
         # The schedule that was measured: WSD with this run's cooldown (lr_scheduler_kwargs below).
         # Cosine at the same length comes close at a well-chosen LR (Hägele et al. 2024); our H100 runs
         # found its eval loss 21% below to 25% above WSD's, depending on the LR (benchmarks/RESULTS.md).
-        lines = ["# warmup-stable-decay, as measured: constant LR, then the cooldown of lr_scheduler_kwargs",
-                 *lines]
-    for key, value in cfg.items():
+        lines.append("# warmup-stable-decay, as measured: constant LR, then the cooldown of lr_scheduler_kwargs")
+    lines.append("args = SFTConfig(")
+    evaluation: dict = {"eval_strategy": "steps"} if cfg.get("eval_steps") else {}
+    if metric and metric.startswith("eval_"):
+        evaluation.update(save_strategy="best", load_best_model_at_end=True, metric_for_best_model=metric,
+                          greater_is_better=bool(maximize))
+    for key, value in {**cfg, **{k: v for k, v in evaluation.items() if k not in cfg}}.items():
         lines.append(f"    {key}={value!r},")
     lines.append(")")
+    if metric and metric.startswith("eval_") and metric not in _TRAINER_METRICS:
+        lines.append(f"# {metric} is measured by sft-sweep's own evaluation callback; a plain SFTTrainer logs "
+                     f"{' and '.join(_TRAINER_METRICS)} (or add compute_metrics)")
+    lines.append(stop)
     return "\n".join(lines)
+
+
+def _early_stopping(trial: optuna.trial.FrozenTrial) -> str:
+    """The snippet's line for early stopping, as the trial ran: the callback with its patience and threshold
+    (``eval.early_stopping_patience`` / ``_threshold`` of the trial's recorded config), or why there is none."""
+    if attrs(trial).get("method") == "wsd":
+        return "callbacks = []  # a WSD run is not stopped early: its cooldown is part of the schedule"
+    config = trial.system_attrs.get("config") or {}
+    if "eval.early_stopping_patience" not in config:
+        return "callbacks = []  # this trial's early stopping is not recorded (it predates the config attr)"
+    patience = config["eval.early_stopping_patience"]
+    if patience is None:
+        return "callbacks = []  # the trial ran without early stopping (eval.early_stopping_patience=null)"
+    threshold = float(config.get("eval.early_stopping_threshold") or 0.0)
+    return (f"callbacks = [EarlyStoppingCallback(early_stopping_patience={int(patience)}, "
+            f"early_stopping_threshold={threshold!r})]  # SFTTrainer(..., args=args, callbacks=callbacks)")
 
 
 def joint_sections(study: optuna.Study) -> list[str]:
@@ -123,12 +164,13 @@ def joint_sections(study: optuna.Study) -> list[str]:
     return out
 
 
-def dataset_row(study: optuna.Study) -> dict:
+def dataset_row(study: optuna.Study, storage: str | None = None) -> dict:
     """One study's answer in numbers, for the table of datasets: its data (train rows, median tokens per
     row), the recommended ``max_steps`` (:func:`recommend`) as epochs, samples and tokens of that data, its
     best value and accuracy, the noise and the shortest length within it, what the study cost and the
-    one-line verdict. Keys are None where a study has no completed trial (``verdict`` says so)."""
-    rec = recommend(study)
+    one-line verdict (markdown; its commands name the study and ``storage``, as :func:`recommend`). Keys are
+    None where a study has no completed trial (``verdict`` says so)."""
+    rec = recommend(study, storage)
     seconds, device = spent(study)
     row = {"study": study.study_name, "data": study.user_attrs.get("data", study.study_name),
            "model": study.user_attrs.get("model"), "metric": study.user_attrs.get("metric", "value"),
@@ -151,29 +193,29 @@ def dataset_row(study: optuna.Study) -> dict:
     return row
 
 
-def datasets_table(studies: Sequence[optuna.Study]) -> str:
+def datasets_table(studies: Sequence[optuna.Study], storage: str | None = None) -> str:
     """Markdown: a row per study (:func:`dataset_row`), so that the step counts of several datasets (or
     models) read side by side; each row is what that study's own report recommends."""
-    rows = [dataset_row(s) for s in studies]
+    rows = [dataset_row(s, storage) for s in studies]
     metrics = {r["metric"] for r in rows}
     best = f"best {metrics.pop()}" if len(metrics) == 1 else "best value"
     lines = [f"| dataset | model | rows | tokens/row (median) | max_steps | epochs | samples | tokens | {best} "
              "| accuracy | noise ± | shortest within noise | cost | verdict |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        cells = [r["data"], fmt(r["model"]), count(r["rows"]), fmt(r["tokens_per_row"], ".0f"), fmt(r["max_steps"]),
+        cells = [escape(r["data"]), escape(fmt(r["model"])), count(r["rows"]), fmt(r["tokens_per_row"], ".0f"), fmt(r["max_steps"]),
                  fmt(r["epochs"], ".2f"), count(r["samples"]), "–" if r["tokens"] is None else si(r["tokens"]),
                  fmt(r["best"]), "–" if r["accuracy"] is None else f"{r['accuracy']:.1%}",
                  "–" if r["noise"] is None else f"±{r['noise']:.4f}",
                  "–" if r["within_noise"] is None else f"max_steps={r['within_noise']}",
                  f"{r['cost_s']:,.0f} {r['device']} s", r["verdict"]]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
-def datasets_section(studies: Sequence[optuna.Study], png: Path) -> str:
-    """Markdown: the table of datasets (:func:`datasets_table`) and its figure (:func:`plot_datasets`,
-    written to ``png``)."""
+def datasets_section(studies: Sequence[optuna.Study], png: Path, storage: str | None = None) -> str:
+    """Markdown: the table of datasets (:func:`datasets_table`; ``storage`` as there) and its figure
+    (:func:`plot_datasets`, written to ``png``)."""
     plot_datasets(studies, png)
-    return ("## Step count per dataset\n\n" + datasets_table(studies)
+    return ("## Step count per dataset\n\n" + datasets_table(studies, storage)
             + f"\n\n![best curve of each dataset by epoch and by tokens]({png.name})\n")

@@ -1,5 +1,5 @@
 """What a study holds, read back: a trial's attrs and curves, its schedule in words, its cost, the
-overrides that ran it and the settings its trials differ in. Reads storage only (Optuna's frozen trials);
+overrides that ran it, the settings its trials differ in and the trials that ran the same ones. Reads storage only (Optuna's frozen trials);
 how a trial is recorded comes from ``sweeper.storage`` (``SYSTEM_ATTRS``, ``is_branch``)."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import optuna
 from sweeper import identity, plan
 from sweeper.storage import SYSTEM_ATTRS, is_branch
 
-__all__ = ["accuracy_off", "attrs", "best_trial", "branch_point", "cost", "curve_attr", "eval_curve", "method",
-           "overrides", "params_text", "schedule_label", "settings_note", "spent", "trial_name", "trial_rows"]
+__all__ = ["LENGTH_PARAMS", "accuracy_off", "attrs", "best_trial", "branch_point", "cost", "curve_attr", "eval_curve",
+           "like_with_like", "method", "overrides", "params_text", "schedule_label", "settings_note", "spent",
+           "trial_name", "trial_rows", "unswept_differences"]
 
 
 def attrs(t: optuna.trial.FrozenTrial) -> dict:
@@ -148,14 +149,29 @@ def overrides(best: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.Froz
     return list(found or [])
 
 
+# the params that are a trial's length itself (its schedule), not a setting it ran with
+LENGTH_PARAMS = ("schedule", "schedule.max_steps", "max_steps", "method")
+
+
+def _config(t: optuna.trial.FrozenTrial) -> dict:
+    return t.system_attrs.get("config") or {}
+
+
+def unswept_differences(trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:
+    """The unswept settings (config keys, not a param's and not searched) whose values differ among the trials
+    that recorded their config (added with ``hydra.sweeper.allow_config_change=true``), sorted."""
+    trials = [t for t in trials if "config" in t.system_attrs]
+    params = {k for t in trials for k in t.params}
+    return sorted(k for k in identity.varying([t.system_attrs["config"] for t in trials])
+                  if not k.startswith(identity.SEARCHED) and k not in params
+                  and not any(k.startswith(p + ".") for p in params))
+
+
 def settings_note(study: optuna.Study) -> str | None:
     """Which trials ran which settings, when a study holds trials whose unswept settings differ (added
     with ``hydra.sweeper.allow_config_change=true``); None when every trial ran the same ones."""
     trials = [t for t in study.get_trials(deepcopy=False) if "config" in t.system_attrs]
-    params = {k for t in trials for k in t.params}
-    keys = sorted(k for k in identity.varying([t.system_attrs["config"] for t in trials])
-                  if not k.startswith(identity.SEARCHED) and k not in params
-                  and not any(k.startswith(p + ".") for p in params))
+    keys = unswept_differences(trials)
     if not keys:
         return None
     groups: dict[str, list[int]] = {}
@@ -164,6 +180,32 @@ def settings_note(study: optuna.Study) -> str | None:
         groups.setdefault(label, []).append(t.number)
     parts = [f"{label} for trial(s) {', '.join(map(str, nums))}" for label, nums in groups.items()]
     return "Settings differ between trials (added with hydra.sweeper.allow_config_change=true): " + "; ".join(parts)
+
+
+def like_with_like(best: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.FrozenTrial]
+                   ) -> tuple[list[optuna.trial.FrozenTrial], str | None]:
+    """The ``trials`` that ran ``best``'s settings besides their length, so that lengths are compared like with
+    like: the same swept params other than the schedule (:data:`LENGTH_PARAMS`; a learning rate, a dataset
+    option) and the same unswept settings (:func:`unswept_differences`; a trial without a recorded config is
+    judged by its params). Returns them and the one line that says which settings they share and which
+    trials were left out (None when none was)."""
+    params = sorted({k for t in trials for k in t.params if k not in LENGTH_PARAMS})
+    unswept = unswept_differences(trials)
+
+    def same(t: optuna.trial.FrozenTrial) -> bool:
+        if any(repr(t.params.get(k)) != repr(best.params.get(k)) for k in params):
+            return False
+        mine, theirs = _config(best), _config(t)
+        return not (mine and theirs) or all(repr(mine.get(k)) == repr(theirs.get(k)) for k in unswept)
+
+    kept = [t for t in trials if same(t)]
+    out = [t.number for t in trials if not same(t)]
+    if not out:
+        return kept, None
+    shared = [f"{k}={best.params.get(k)}" for k in params] + [f"{k}={_config(best).get(k)}" for k in unswept]
+    return kept, (f"Like with like: lengths are compared only among the trials that ran the winner's settings "
+                  f"({' '.join(shared)}: trial(s) {', '.join(str(t.number) for t in kept)}); trial(s) "
+                  f"{', '.join(map(str, out))} ran other settings and are left out of the comparison.")
 
 
 def accuracy_off(study: optuna.Study) -> str | None:
