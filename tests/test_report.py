@@ -129,7 +129,10 @@ def test_report_html_renders_the_markdown(overfit_report):
     assert "<td>over-trained</td>" in table and "<td>under-trained</td>" in table
     assert "<strong>Recommended for demo: max_steps=300.</strong>" in page
     snippet = re.search(r'<pre><code class="language-python">(.*?)</code></pre>', page, re.S).group(1)
-    assert snippet.startswith("SFTConfig(\n    max_steps=") and "learning_rate=0.003" in snippet
+    assert snippet.startswith("from trl import SFTConfig\n\nargs = SFTConfig(\n    max_steps=") and "learning_rate=0.003" in snippet
+    # as the trial ran: evaluated every 10 steps, no early stopping (eval.early_stopping_patience=null)
+    assert "load_best_model_at_end=True" in snippet and "eval_strategy='steps'" in snippet
+    assert "callbacks = []  # the trial ran without early stopping" in snippet
     assert "<li>Noise ±" in page and "<h2>demo-tiny</h2>" in page
     # the curves right after the study's text, embedded; nothing else is loaded
     section = re.search(r"<section>.*?</section>", page, re.S).group(0)
