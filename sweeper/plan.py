@@ -4,7 +4,8 @@ fits a budget: plain arithmetic, no torch.
 Every job logs a :class:`Plan` before training, computed on the prepared dataset (the rows or
 packed sequences the trainer will really iterate), and stores it on its trial. Its warnings advise
 lengths; the presets they name are read from ``conf/schedule/*.yaml``, never repeated here.
-:func:`estimate_memory` applies :func:`sweeper.memory.estimate` to a run's :class:`Training`.
+:func:`estimate_memory` applies :func:`sweeper.memory.estimate` to a run's :class:`Training`
+(:func:`training_of` of its config groups).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 from sweeper.paths import CONF_DIR
 
 __all__ = ["MAX_EPOCHS", "MIN_EPOCHS", "Plan", "SchedulePreset", "Training", "estimate_memory", "finetune_method",
-           "fit_micro_batch", "make_plan", "memory_estimate", "schedule_presets"]
+           "fit_micro_batch", "make_plan", "memory_estimate", "preset_max_steps", "schedule_presets", "training_of"]
 
 MAX_EPOCHS = 5  # more passes than this: the plan warns of over-fitting (common SFT practice)
 MIN_EPOCHS = 0.3  # less of the data than this: the plan warns that the run is likely too short
@@ -51,6 +52,12 @@ def schedule_presets(schedule_dir: Path = CONF_DIR / "schedule") -> tuple[Schedu
             out.append(SchedulePreset(path.stem, None if steps is None else int(steps),
                                       None if epochs is None else float(epochs)))
     return tuple(out)
+
+
+def preset_max_steps(choice: str) -> int | None:
+    """``max_steps`` of the ``schedule`` option ``choice`` (:func:`schedule_presets`); None for an option
+    without one (``epochs3``, ``wsd_search``) or one that does not exist."""
+    return next((p.max_steps for p in schedule_presets() if p.name == choice), None)
 
 
 def _fmt_epochs(epochs: float) -> str:
@@ -220,7 +227,15 @@ def memory_estimate(cfg: Any, shape: dict | None, micro_batch: int, seq_len: int
                     grad_accum: int = 1) -> Any:
     """:func:`estimate_memory` of a composed config, for the sweeper's worker planning
     (``sweeper.sweep.launchers``); code below the entry points passes a :class:`Training` instead."""
-    from sweeper.spec import training_of
-
     return estimate_memory(training_of(cfg.precision, cfg.peft, cfg.lr, cfg.batch), shape, micro_batch, seq_len,
                            compute, grad_accum)
+
+
+def training_of(precision: Any, peft: Any, lr: Any, batch: Any) -> Training:
+    """The :class:`Training` of the ``precision``, ``peft``, ``lr`` and ``batch`` config groups (composed
+    nodes or their schema dataclasses)."""
+    target = peft.target_modules
+    return Training(
+        method=finetune_method(bool(precision.load_in_4bit), str(peft.name)), optim=str(lr.optim),
+        activation_checkpointing=bool(batch.activation_checkpointing), lora_r=int(peft.r or 16),
+        lora_targets=list(target) if target is not None and not isinstance(target, str) else (target or "all-linear"))

@@ -18,7 +18,7 @@ import optuna
 from sweeper import identity
 from sweeper.space import SweepSpace, value_text
 
-__all__ = ["same_runs"]
+__all__ = ["fixed_params", "same_runs"]
 
 
 def _erasers(fixed: Sequence[str], keys: Sequence[str]) -> list[str]:
@@ -58,3 +58,27 @@ def same_runs(space: SweepSpace, configs: Sequence[dict], compose: Callable[[lis
                 return _line(f"{key}={seen[flat]}", f"{key}={value_text(value)}", [key], space.fixed)
             seen[flat] = value_text(value)
     return None
+
+
+def fixed_params(config: dict, trials: Sequence[optuna.trial.FrozenTrial]
+                 ) -> dict[str, tuple[Any, optuna.distributions.BaseDistribution]]:
+    """The params a trial of a command that sweeps nothing records: the study's earlier trials' param names
+    (``schedule.max_steps`` after a sweep over it), each at this trial's value in its result ``config``, with a
+    distribution Optuna accepts beside the earlier ones (same kind and scale), so that the dashboard and
+    ``status`` show what it ran and it ranks beside them. A name the config does not hold, or a categorical
+    value outside the earlier choices, is left out."""
+    out: dict[str, tuple[Any, optuna.distributions.BaseDistribution]] = {}
+    for t in trials:
+        for name, dist in t.distributions.items():
+            value = config.get(name)
+            if name in out or value is None or isinstance(value, bool):
+                continue
+            if isinstance(dist, optuna.distributions.IntDistribution) and isinstance(value, int):
+                if value >= 1 or not dist.log:
+                    out[name] = (value, optuna.distributions.IntDistribution(value, value, log=dist.log))
+            elif isinstance(dist, optuna.distributions.FloatDistribution) and isinstance(value, (int, float)):
+                if value > 0 or not dist.log:
+                    out[name] = (float(value), optuna.distributions.FloatDistribution(value, value, log=dist.log))
+            elif isinstance(dist, optuna.distributions.CategoricalDistribution) and value in dist.choices:
+                out[name] = (value, dist)
+    return out

@@ -51,6 +51,15 @@ def open_store(storage: str, need_studies: bool = True):
     return url, mask_url(url), store
 
 
+def _default_storage(config_dir: str | None) -> str | None:
+    """The storage a command uses when it names none (:func:`default_locations`), for the report's commands to
+    leave it out; None when the config cannot be composed here (then they name the storage)."""
+    try:
+        return default_locations(config_dir)[0]
+    except Exception:  # e.g. run from a folder where the sweeper's Hydra plugin is not on the path
+        return None
+
+
 def _has_optuna_tables(path: Path) -> bool:
     import sqlite3
 
@@ -67,11 +76,12 @@ def report(storage: str | None, studies: list[str] | None, out: str | None, conf
 
     out_dir = out
     try:
-        # conf/ is composed only for what was not given (it needs the repo root on sys.path for the plugin)
-        default_storage, output_dir = default_locations(config_dir) if storage is None or out is None else (storage, out)
+        # conf/ is composed for what was not given and for the default storage, which the commands leave out
+        default_storage, output_dir = default_locations(config_dir) if storage is None or out is None else (None, out)
         url, shown, store = open_store(storage or default_storage)
         out_dir = Path(out) if out else Path(output_dir) / "report"
-        paths = write_report(store, out_dir, studies)
+        default = default_storage if default_storage is not None else _default_storage(config_dir)
+        paths = write_report(store, out_dir, studies, url=None if url == default else url)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@ leaf takes whole (``model``, ``precision``, ``peft``, ``data``, ``eval``, ``lr``
 
 Narrower readers serve the commands that plan rather than train: :func:`build` (the spec with the
 compute and speed the caller chose), :func:`for_preparation` (the spec with which TRL prepares the
-data on this machine), :func:`schedule_of`, :func:`batch_of`, :func:`wsd_of`, :func:`training_of`.
+data on this machine), :func:`schedule_of`, :func:`batch_of`, :func:`wsd_of`; the memory estimate's
+:class:`sweeper.plan.Training` of the config groups is :func:`sweeper.plan.training_of`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sweeper import plan as plan_mod
 from sweeper import speed as speed_mod
 
 __all__ = ["Batch", "RunSpec", "Schedule", "Wsd", "batch_of", "build", "check_folders", "for_preparation", "job_dir",
-           "prepare", "resolve", "resolve_speed", "schedule_of", "training_of", "wsd_of"]
+           "prepare", "resolve", "resolve_speed", "schedule_of", "wsd_of"]
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class RunSpec:
     @property
     def training(self) -> plan_mod.Training:
         """What the memory estimate needs of this run besides the model's shape and the batch."""
-        return training_of(self.precision, self.peft, self.lr, self.batch_config)
+        return plan_mod.training_of(self.precision, self.peft, self.lr, self.batch_config)
 
 
 def schedule_of(cfg: DictConfig) -> Schedule:
@@ -156,15 +157,6 @@ def wsd_of(cfg: DictConfig) -> Wsd | None:
                halving_rule=str(h.rule) if h is not None else "successive_halving",
                eta=int(h.eta) if h is not None else 3,
                group=identity.joint_group(identity.result_config(cfg)) if rates is not None else "")
-
-
-def training_of(precision: Any, peft: Any, lr: Any, batch: Any) -> plan_mod.Training:
-    """The :class:`sweeper.plan.Training` of the ``precision``, ``peft``, ``lr`` and ``batch`` groups."""
-    target = peft.target_modules
-    return plan_mod.Training(
-        method=plan_mod.finetune_method(bool(precision.load_in_4bit), str(peft.name)), optim=str(lr.optim),
-        activation_checkpointing=bool(batch.activation_checkpointing), lora_r=int(peft.r or 16),
-        lora_targets=list(target) if target is not None and not isinstance(target, str) else (target or "all-linear"))
 
 
 def resolve_speed(cfg: DictConfig, compute: str) -> dict:

@@ -68,7 +68,7 @@ def test_a_sweep_over_datasets_runs_a_study_each_resumes_and_adds_only_new_datas
     assert list(rows) == ["demo", "banking77_sample"]
     for name, data in zip(STUDIES, rows):
         study, cells = _study(tmp_path, name), rows[data]
-        rec, row = recommend(study), dataset_row(study)
+        rec, row = recommend(study, _storage(tmp_path)), dataset_row(study, _storage(tmp_path))
         assert f"**Recommended for {data}: max_steps={rec['max_steps']}.**" in study_report(study)
         assert cells[4] == str(rec["max_steps"]) and cells[8] == f"{rec['value']:.4f}"
         best = study.best_trial
@@ -80,7 +80,10 @@ def test_a_sweep_over_datasets_runs_a_study_each_resumes_and_adds_only_new_datas
     # the next grid it proposes runs on the same dataset with the same settings (not on the default data)
     proposal = rows["banking77_sample"][13]
     assert "python train.py -m schedule.max_steps=" in proposal and "data=banking77_sample" in proposal
-    assert "data.demo_rows=120" in proposal and "hydra.sweeper" not in proposal and "paths." not in proposal
+    assert "data.demo_rows=120" in proposal and "paths." not in proposal
+    # ... in the same study and storage (named: the sweep's storage is not the default), no other sweeper setting
+    assert [w for w in proposal.rstrip("`").split() if w.startswith("hydra.")] == [
+        "hydra.sweeper.study_name=banking77_sample-tiny", f"hydra.sweeper.storage={_storage(tmp_path)}"]
     assert (tmp_path / "sweeps" / "summary.md").read_text().strip() in out.stdout
     assert (tmp_path / "sweeps" / "datasets.png").stat().st_size > 10_000
 
@@ -91,7 +94,7 @@ def test_a_sweep_over_datasets_runs_a_study_each_resumes_and_adds_only_new_datas
     md = (tmp_path / "report" / "summary.md").read_text()
     assert md.index("## Step count per dataset") < md.index("## demo-tiny")
     assert _table_rows(md) == {**rows}
-    assert datasets_table([_study(tmp_path, n) for n in STUDIES]) in md
+    assert datasets_table([_study(tmp_path, n) for n in STUDIES], _storage(tmp_path)) in md
     assert "Step count per dataset" in (tmp_path / "report" / "report.html").read_text()
 
     # re-running resumes both studies: nothing to run

@@ -9,8 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from sweeper import hos, objectives, samplers
-from sweeper.report import attrs
-from sweeper.report_front import front_report, pick
+from sweeper.report import attrs, front_report, pick
 
 from .conftest import ROOT, run_cli
 
@@ -333,3 +332,20 @@ def test_the_pareto_front_in_optuna_dashboard(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_trial_of_a_command_sweeping_nothing_records_the_studys_params_at_its_values():
+    from sweeper.points import fixed_params
+
+    dists = {"schedule.max_steps": optuna.distributions.IntDistribution(20, 40),
+             "lr.learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True),
+             "schedule": optuna.distributions.CategoricalDistribution(["under", "over"])}
+    earlier = optuna.trial.create_trial(value=1.0, params={"schedule.max_steps": 20, "lr.learning_rate": 1e-3,
+                                                           "schedule": "under"}, distributions=dists)
+    found = fixed_params({"schedule.max_steps": 60, "lr.learning_rate": 3e-3, "seed": 1}, [earlier])
+    assert {k: v for k, (v, _) in found.items()} == {"schedule.max_steps": 60, "lr.learning_rate": 3e-3}
+    study = optuna.create_study()  # Optuna takes them beside the earlier trial's (same kind and scale)
+    study.add_trial(earlier)
+    study.add_trial(optuna.trial.create_trial(value=0.5, params={k: v for k, (v, _) in found.items()},
+                                              distributions={k: d for k, (_, d) in found.items()}))
+    assert study.best_trial.params == {"schedule.max_steps": 60, "lr.learning_rate": 3e-3}

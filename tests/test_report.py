@@ -129,7 +129,10 @@ def test_report_html_renders_the_markdown(overfit_report):
     assert "<td>over-trained</td>" in table and "<td>under-trained</td>" in table
     assert "<strong>Recommended for demo: max_steps=300.</strong>" in page
     snippet = re.search(r'<pre><code class="language-python">(.*?)</code></pre>', page, re.S).group(1)
-    assert snippet.startswith("SFTConfig(\n    max_steps=") and "learning_rate=0.003" in snippet
+    assert snippet.startswith("from trl import SFTConfig\n\nargs = SFTConfig(\n    max_steps=") and "learning_rate=0.003" in snippet
+    # as the trial ran: evaluated every 10 steps, no early stopping (eval.early_stopping_patience=null)
+    assert "load_best_model_at_end=True" in snippet and "eval_strategy='steps'" in snippet
+    assert "callbacks = []  # the trial ran without early stopping" in snippet
     assert "<li>Noise ±" in page and "<h2>demo-tiny</h2>" in page
     # the curves right after the study's text, embedded; nothing else is loaded
     section = re.search(r"<section>.*?</section>", page, re.S).group(0)
@@ -330,7 +333,7 @@ def test_schedule_and_noise_aware_diagnosis(curve, kwargs, verdict, needle):
 
 
 def _add(study, steps, curve, *, state=optuna.trial.TrialState.COMPLETE, choice="sweet", param=True,
-         scheduler="cosine", **attrs):
+         scheduler="cosine", system=None, **attrs):
     """A crafted trial of ``steps`` optimizer steps with this eval curve ([step, loss] pairs)."""
     values = {int(s): float(v) for s, v in curve}
     best_step = min(values, key=values.get) if values else None
@@ -343,7 +346,8 @@ def _add(study, steps, curve, *, state=optuna.trial.TrialState.COMPLETE, choice=
         dists = {"schedule.max_steps": optuna.distributions.IntDistribution(1, 10_000)}
     study.add_trial(optuna.trial.create_trial(
         state=state, value=min(values.values()) if state == optuna.trial.TrialState.COMPLETE else None,
-        intermediate_values=values, params=params, distributions=dists, user_attrs=user_attrs))
+        intermediate_values=values, params=params, distributions=dists, user_attrs=user_attrs,
+        system_attrs=system or {}))
 
 
 def _falling(steps, end, every=50):
@@ -385,7 +389,7 @@ def test_the_longest_length_winning_is_an_edge_with_the_next_grid(tmp_path):
     md = study_report(study)
     assert "**Recommended for demo: max_steps=3000.** max_steps=3000 reached the lowest eval_loss, 0.2000" in md
     assert ("- Edge of the grid: the best length is the longest tried (500/1500/3000) and its best came at the end of "
-            "its run, so longer may be better still: run `python train.py -m schedule.max_steps=3000,4500,6000`.") in md
+            "its run, so longer may be better still: run `python train.py -m schedule.max_steps=3000,4500,6000 hydra.sweeper.study_name=s`.") in md
     assert "under-trained" in _lines(md, "- Its curve")[0] and _agrees(md)
 
 
@@ -412,7 +416,7 @@ def test_the_shortest_length_winning_is_an_edge_and_an_under_trained_winner_has_
     _add(study, 1500, _peaked(1500, 0.24, 300))
     md = study_report(study)
     assert ("- Edge of the grid: the best length is the shortest tried (500/1500): a shorter run may do as well: run "
-            "`python train.py -m schedule.max_steps=100,250,500`.") in md
+            "`python train.py -m schedule.max_steps=100,250,500 hydra.sweeper.study_name=s`.") in md
     study = _study(tmp_path / "gap") if (tmp_path / "gap").mkdir() is None else None
     _add(study, 500, _falling(500, 0.30))
     _add(study, 1500, _falling(1500, 0.20))
@@ -420,7 +424,7 @@ def test_the_shortest_length_winning_is_an_edge_and_an_under_trained_winner_has_
     md = study_report(study)
     assert "under-trained" in _lines(md, "- Its curve")[0] and _agrees(md)
     assert ("- Between lengths: its curve was still falling at its end, but max_steps=3000 reached only 0.2500: the "
-            "best length lies between 1500 and 3000: run `python train.py -m schedule.max_steps=2000,2500`."
+            "best length lies between 1500 and 3000: run `python train.py -m schedule.max_steps=2000,2500 hydra.sweeper.study_name=s`."
             ) in md  # neither end again: 1500 is measured, 3000 measured worse
 
 
@@ -434,7 +438,7 @@ def test_a_peak_inside_a_run_narrows_the_proposal_and_no_length_measured_worse_i
     md = study_report(study)
     line = _lines(md, "- Between lengths")[0]
     assert "a curve of the study peaked at step 2100, so the grid is narrowed around it" in line
-    assert line.endswith("run `python train.py -m schedule.max_steps=1800,2100,2550`."), line
+    assert line.endswith("run `python train.py -m schedule.max_steps=1800,2100,2550 hydra.sweeper.study_name=s`."), line
     assert "3000" not in line.split("run `")[1]
 
 
@@ -510,7 +514,7 @@ def test_a_wsd_study_reads_the_cooldowns_and_extends_its_candidates(tmp_path):
     md = study_report(study)
     assert "the cooldown took it from 0.1960 at the branch point (step 2400) to 0.0900 at step 3000 (-54.1%)" in md
     assert "over the last" not in md  # a cooldown's drop is not "still falling at the end"
-    assert ("run `python train.py -m schedule=wsd_search 'schedule.wsd.candidates=[3000,4500,6000]'`" in md
+    assert ("run `python train.py -m schedule=wsd_search 'schedule.wsd.candidates=[3000,4500,6000]' hydra.sweeper.study_name=s`" in md
             and _agrees(md))
 
 
@@ -571,3 +575,195 @@ def test_a_task_metric_objective_reports_the_loss_step_and_the_metric_step(tmp_p
     line = _lines(study_report(study), "- Loss and task metric")[0]
     assert ("lowest eval_loss 1.0000 at step 400; best eval_mean_token_accuracy 70.0% at step 1000 (later than the "
             "loss's). The recommendation uses eval_mean_token_accuracy (eval.metric), so its step 1000.") in line
+
+
+# --------------------------------------------------------------------------- answers a user copies
+
+
+ODD = "my `data`_|*v[1]"  # every markdown special a name can hold: backticks, pipe, emphasis, brackets
+
+
+def _codes(md: str) -> list[str]:
+    """The code spans of ``md`` as a reader sees them (rendered by the report's own markdown-it)."""
+    import html as html_mod
+
+    from sweeper.report import markdown_html
+
+    return [html_mod.unescape(c) for c in re.findall(r"<code>(.*?)</code>", markdown_html(md), re.S)]
+
+
+def _hydra_value(override: str):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides([override])[0].value()
+
+
+def test_the_follow_up_command_names_its_study_and_storage_and_keeps_odd_names_and_paths(tmp_path):
+    import html as html_mod
+    import shlex
+
+    from sweeper.report import datasets_table, markdown_html, study_report
+    from sweeper.space import quote
+
+    study = optuna.create_study(study_name=f"{ODD}-tiny", storage=f"sqlite:///{tmp_path}/s.db")
+    study.set_user_attr("metric", "eval_loss")
+    study.set_user_attr("data", ODD)
+    path = f"/data/{ODD}.jsonl"
+    for steps, end in ((500, 0.30), (1000, 0.20)):
+        _add(study, steps, _falling(steps, end), system={"overrides": ["data=jsonl", f"data.train_path={quote(path)}"]})
+    md = study_report(study, "postgresql://bob:s3cret@db.example:5432/sweeps")
+    assert "s3cret" not in md
+    page = markdown_html(md)
+    assert html_mod.unescape(re.search(r"<h2>(.*?)</h2>", page).group(1)) == f"{ODD}-tiny"  # the heading is the name
+    assert f"<strong>Recommended for {html_mod.escape(ODD, quote=False)}: max_steps=1000.</strong>" in page
+    [command] = [c for c in _codes(md) if c.startswith("python train.py -m")]
+    args = shlex.split(command)  # as a shell reads the pasted command
+    values = dict(a.split("=", 1) for a in args[3:])
+    assert _hydra_value(f"data.train_path={values['data.train_path']}") == path  # the same file
+    assert _hydra_value(f"x={values['hydra.sweeper.study_name']}") == f"{ODD}-tiny"  # this study
+    assert _hydra_value(f"x={values['hydra.sweeper.storage']}") == "postgresql://bob@db.example:5432/sweeps"  # no password
+    assert "- The commands name the storage without its password: set PGPASSWORD" in md
+    # the table of datasets: the row keeps its 14 cells, and its verdict the same command
+    table = datasets_table([study], "postgresql://bob:s3cret@db.example:5432/sweeps")
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", markdown_html(table), re.S)
+    assert len(cells) == 14 and html_mod.unescape(re.sub("<[^>]+>", "", cells[0])) == ODD
+    assert command in _codes(table)
+    # the default storage is not named; a failed trial's error with markup stays text
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
+                                              user_attrs={"error": f"no file {path} (`x` | *y*)"}))
+    md = study_report(study)
+    assert "hydra.sweeper.storage" not in md
+    assert shlex.quote(f"hydra.sweeper.study_name={quote(f'{ODD}-tiny')}") in md
+    assert f"no file {path} (`x` | *y*)" in html_mod.unescape(markdown_html(md))
+
+
+def test_a_code_span_holding_backticks_uses_a_longer_fence():
+    from sweeper.report.text import code, escape
+
+    for text in ("plain", "a`b", "``x", "x`", "`", "a ``` b"):
+        assert _codes(code(text)) == [text]
+    assert escape("my_data") == "my_data" and escape("_x_") == r"\_x\_" and escape("a|b") == r"a\|b"
+
+
+def test_a_running_trial_is_shown_as_running_never_diagnosed_or_recommended_from(tmp_path):
+    from sweeper.report import datasets_table, study_report
+
+    study = _study(tmp_path)
+    _add(study, 500, _peaked(500, 0.30, 300))
+    _add(study, 3000, _falling(1500, 0.10), state=optuna.trial.TrialState.RUNNING)  # half-way, still falling
+    md = study_report(study)
+    row = [line for line in _lines(md, "| 1 |")][0]
+    assert row.endswith("| RUNNING | running |")
+    assert "- trial 1: running: 30 evaluations so far, the last at step 1500 of 3000; diagnosed once it finishes" in md
+    assert "under-trained" not in md.replace("trial 0", "")  # trial 0 peaked: nothing is under-trained
+    assert "**Recommended for demo: max_steps=500.**" in md and "the others" not in md
+    assert "max_steps=3000" not in md.split("**Recommended")[1] and "max_steps=3000" not in datasets_table([study])
+
+    alone = optuna.create_study()
+    alone.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING,
+                                              intermediate_values={10: 3.0, 20: 2.0, 30: 1.0}))
+    md = study_report(alone)
+    assert "No trial completed, so no step count can be recommended yet." in md and "under-trained" not in md
+
+
+def test_lengths_are_compared_like_with_like(tmp_path):
+    from sweeper.report import recommend, study_report
+
+    study = _study(tmp_path)
+    base = {"schedule.max_steps": 0, "data.name": "demo"}
+    for steps, end, lr in ((500, 0.30, 1e-3), (1500, 0.22, 1e-3), (1000, 0.10, 3e-3)):
+        _add(study, steps, _falling(steps, end),
+             system={"config": {**base, "schedule.max_steps": steps, "lr.learning_rate": lr}})
+    md = study_report(study)
+    assert ("- Like with like: lengths are compared only among the trials that ran the winner's settings "
+            "(lr.learning_rate=0.003: trial(s) 2); trial(s) 0, 1 ran other settings and are left out of the "
+            "comparison.") in md
+    assert "the others" not in md and "the only length tried (1000)" in md  # not 500/1000/1500
+    assert recommend(study)["within_noise"] is None
+    # a swept learning rate: the same, by its param
+    swept = _study(tmp_path / "b") if (tmp_path / "b").mkdir() is None else None
+    for steps, end, lr in ((500, 0.30, 1e-3), (1500, 0.22, 1e-3), (1000, 0.10, 3e-3), (500, 0.12, 3e-3)):
+        values = {int(s): float(v) for s, v in _falling(steps, end)}
+        swept.add_trial(optuna.trial.create_trial(
+            value=min(values.values()), intermediate_values=values,
+            params={"schedule.max_steps": steps, "lr.learning_rate": lr},
+            distributions={"schedule.max_steps": optuna.distributions.IntDistribution(1, 10_000),
+                           "lr.learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)},
+            user_attrs={"max_steps": steps, "best_step": steps, "sft_config": {"eval_steps": 50}}))
+    md = study_report(swept)
+    assert "(lr.learning_rate=0.003: trial(s) 2, 3); trial(s) 0, 1 ran other settings" in md
+    assert "the longest tried (500/1000)" in md and "max_steps=1500" not in md.split("**Recommended")[1]
+
+
+@pytest.mark.parametrize("patience,metric,maximize,line", [
+    (3, "eval_loss", False, "callbacks = [EarlyStoppingCallback(early_stopping_patience=3, early_stopping_threshold=0.01)]"),
+    (None, "eval_mean_token_accuracy", True, "callbacks = []  # the trial ran without early stopping"),
+])
+def test_the_sftconfig_snippet_evaluates_stops_early_and_reloads_the_best_model_as_the_trial_did(
+        tmp_path, patience, metric, maximize, line):
+    from sweeper.report import sftconfig_snippet
+
+    trial = optuna.trial.create_trial(
+        value=1.0, intermediate_values={10: 2.0, 20: 1.0},
+        user_attrs={"max_steps": 20, "best_step": 20},
+        system_attrs={"sft_config": {"max_steps": 20, "learning_rate": 0.001, "bf16": False, "eval_steps": 10},
+                      "config": {"eval.early_stopping_patience": patience, "eval.early_stopping_threshold": 0.01}})
+    snippet = sftconfig_snippet(trial, metric, maximize)
+    assert line in snippet
+    scope: dict = {}
+    exec(snippet, scope)  # pasted as it is: a real SFTConfig of TRL and the callbacks the trial ran with
+    args = scope["args"]
+    assert (args.max_steps, args.eval_steps, args.eval_strategy, args.save_strategy) == (20, 10, "steps", "best")
+    assert args.load_best_model_at_end and args.metric_for_best_model == metric and args.greater_is_better is maximize
+    stoppers = scope["callbacks"]
+    assert [(s.early_stopping_patience, s.early_stopping_threshold) for s in stoppers] == (
+        [(patience, 0.01)] if patience else [])
+
+
+@pytest.mark.slow
+def test_a_config_change_keeps_its_params_and_the_pasted_follow_up_continues_the_study(tmp_path, cache_dir):
+    """Real CLI: a study on a file whose name holds markdown specials, a trial added at another learning rate with
+    allow_config_change, then the report's follow-up command pasted into a shell in another folder."""
+    import json
+    import shlex
+
+    from sweeper import data as data_mod
+    from sweeper.space import quote
+
+    name = "my `data`_|v1"  # no glob characters: the data loader reads the path as it is
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in data_mod.demo_rows(120, seed=0)))
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    base = [*fast("schedule.max_steps", "data."), "data=jsonl", f"data.train_path={quote(str(path))}",
+            f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={cache_dir}", f"hydra.sweeper.storage={url}"]
+    first = run_cli("-m", "schedule.max_steps=4,8", *base)
+    assert first.returncode == 0, first.stderr[-3000:]
+    added = run_cli("-m", "schedule.max_steps=8", "lr.learning_rate=3e-3", "hydra.sweeper.allow_config_change=true",
+                    *base)
+    assert added.returncode == 0, added.stderr[-3000:]
+    study = optuna.load_study(study_name=f"{name}-tiny", storage=url)
+    # the added trial has its params (the dashboard's "Params", status's best), beside the earlier ones
+    assert [t.params for t in study.trials] == [{"schedule.max_steps": 4}, {"schedule.max_steps": 8},
+                                                {"schedule.max_steps": 8}]
+    status = sweeper_in_process("status", "--storage", url)
+    best = [line for line in status.stdout.splitlines() if "best so far" in line][0]
+    assert best.endswith(f"schedule.max_steps={study.best_trial.params['schedule.max_steps']}"), status.stdout
+
+    report = sweeper_in_process("report", "--storage", url, "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    md = (tmp_path / "report" / "summary.md").read_text()
+    best_lr = study.best_trial.system_attrs["sft_config"]["learning_rate"]
+    assert "- Like with like: lengths are compared only among the trials that ran the winner's settings " in md
+    [command] = [c for c in _codes(md) if c.startswith("python train.py -m")]
+    pasted = command.replace("python train.py", f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'train.py'))}",
+                             1) + f" paths.cache_dir={shlex.quote(str(cache_dir))}"
+    paste_dir = tmp_path / "elsewhere"
+    paste_dir.mkdir()
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1"}
+    done = subprocess.run(pasted, shell=True, cwd=paste_dir, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == [f"{name}-tiny"]  # no other study
+    new = optuna.load_study(study_name=f"{name}-tiny", storage=url).trials[3:]
+    assert new and all(t.state == optuna.trial.TrialState.COMPLETE for t in new)
+    assert all(t.system_attrs["config"]["data.train_path"] == str(path) for t in new)  # the same file
+    assert all(t.system_attrs["sft_config"]["learning_rate"] == best_lr for t in new)  # the winner's settings

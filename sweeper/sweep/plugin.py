@@ -60,7 +60,7 @@ class StudySweeper:
         if workers.works_here and queue.has_work():  # a worker stopped mid-trial left its retry in the queue
             log.warning("the other workers ended with trials left in the queue; running them here")
             returns += loop.run(settings, queue, self.launcher, self.config, workers.stop)
-        summary.write(command)
+        summary.write(command, settings.storage_url)
         if workers.works_here and settings.leads:  # the command's first process: the workers it started have ended
             summary.fail_if_work_left(command, settings.sweep_id)  # exit code 1, one line
         summary.fail_if_nothing_completed(command, settings.sweep_id)

@@ -30,6 +30,7 @@ import optuna
 
 from sweeper import config as config_mod
 from sweeper import identity, records
+from sweeper import points as points_mod
 from sweeper import trunks as trunks_mod
 from sweeper.storage import claim_lock, fail_and_requeue, heartbeat_age_s, mask_url
 from sweeper.sweep.command import Command, Sweep
@@ -226,6 +227,9 @@ class Queue:
             trial = self._take_or_fail(study, tid, sw.dists, created)
             if config is None:  # a queued retry: the config of the trial it repeats
                 config = records.retried_config(study, records.frozen(study, tid))
+            if created and not sw.dists and config is not None:  # a command sweeping nothing: the study's params
+                for pname, (value, dist) in points_mod.fixed_params(config, trials).items():
+                    records.set_param(study, tid, pname, value, dist)
             records.set_system(study, tid, records.SWEEP_ID, self.settings.sweep_id)
             records.set_system(study, tid, records.WORKER_PROCESS, this_process())
             if config is not None:

@@ -25,11 +25,12 @@ __all__ = ["fail_if_nothing_completed", "fail_if_work_left", "write"]
 log = logging.getLogger(__name__)
 
 
-def write(command: Command) -> None:
+def write(command: Command, storage_url: str) -> None:
     """Print each study's report and write it to its folder's summary.md; with several studies, then
-    the table of datasets (a row per study) and its figure, written to the command's folder."""
+    the table of datasets (a row per study) and its figure, written to the command's folder. The commands
+    they propose name ``storage_url`` (password left out), so that pasted they add to the same study."""
     for sw in command.sweeps:
-        text = study_report(sw.study)
+        text = study_report(sw.study, storage_url)
         print(text)
         sw.folder.mkdir(parents=True, exist_ok=True)
         (sw.folder / "summary.md").write_text(text + "\n", encoding="utf-8")
@@ -39,7 +40,7 @@ def write(command: Command) -> None:
                  "compares one best trial per study, which a front does not have")
     elif len(command.sweeps) > 1:
         command.folder.mkdir(parents=True, exist_ok=True)
-        text = datasets_section([sw.study for sw in command.sweeps], command.folder / "datasets.png")
+        text = datasets_section([sw.study for sw in command.sweeps], command.folder / "datasets.png", storage_url)
         print(text)
         (command.folder / "summary.md").write_text(text + "\n", encoding="utf-8")
 

@@ -5,7 +5,7 @@
 
 The front is Optuna's (``study.best_trials``: no other trial is better on one objective without being worse on
 the other), listed from the cheapest. The recommendation is the cheapest front point whose metric is within
-noise of the front's best metric (at most twice the larger eval noise of the two runs, ``sweeper.report``'s
+noise of the front's best metric (at most twice the larger eval noise of the two runs, ``sweeper.report.curves``'
 estimate from each run's evaluations), so that paying more buys a difference larger than the noise; when no
 cheaper point is that close, the best-metric point. Reads the study only.
 """
@@ -15,13 +15,13 @@ from __future__ import annotations
 import optuna
 
 from sweeper import objectives
+from sweeper.report.curves import noise_estimate
+from sweeper.report.text import cell, escape
 
 __all__ = ["front_report", "pick"]
 
 
 def _noise(t: optuna.trial.FrozenTrial, maximize: bool) -> float:
-    from sweeper.report import noise_estimate
-
     return noise_estimate([objectives.eval_curve(t)], maximize=maximize).sigma
 
 
@@ -52,13 +52,13 @@ def front_report(study: optuna.Study) -> str:
     cost = study.user_attrs.get("cost", "steps")
     unit = objectives.COSTS.get(cost, (cost, cost))[1]
     front = {t.number for t in study.best_trials}
-    lines = [f"## {study.study_name}", "",
+    lines = [f"## {escape(study.study_name)}", "",
              f"Two objectives: {metric} ({study.directions[0].name.lower()}) and the cost in {unit} (minimize).", "",
              f"| trial | params | {metric} | {unit} | on the front | state |", "|---:|---|---:|---:|---|---|"]
     for t in study.get_trials(deepcopy=False):
         vals = t.values or [None, None]
         shown = [_fmt(v) if v is not None else "–" for v in vals]
-        params = ", ".join(f"{k}={v}" for k, v in t.params.items())
+        params = cell(escape(", ".join(f"{k}={v}" for k, v in t.params.items())))
         lines.append(f"| {t.number} | {params} | {shown[0]} | {shown[1]} | {'*' if t.number in front else ''} "
                      f"| {t.state.name} |")
     chosen = pick(study)
@@ -71,7 +71,7 @@ def front_report(study: optuna.Study) -> str:
     lines.append("Pareto front (cheapest first): " + "; ".join(
         f"trial {t.number}: {metric} {t.values[0]:.4f} for {_fmt(t.values[1])} {unit}" for t in ordered) + ".")
     lines.append("")
-    params = ", ".join(f"{k}={v}" for k, v in picked.params.items()) or f"trial {picked.number}"
+    params = escape(", ".join(f"{k}={v}" for k, v in picked.params.items()) or f"trial {picked.number}")
     if picked.number == best.number:
         why = (f"it has the best {metric} on the front ({best.values[0]:.4f}) and no cheaper front point is within "
                f"noise of it (±{noise:.4f}, twice that allowed)")
@@ -80,6 +80,6 @@ def front_report(study: optuna.Study) -> str:
                f"{best.values[0]:.4f} (trial {best.number}), within twice the noise ±{noise:.4f}, for "
                f"{picked.values[1] / best.values[1]:.0%} of its cost ({_fmt(picked.values[1])} vs "
                f"{_fmt(best.values[1])} {unit})")
-    lines.append(f"**Recommended for {study.user_attrs.get('data', study.study_name)}: trial {picked.number} "
+    lines.append(f"**Recommended for {escape(study.user_attrs.get('data', study.study_name))}: trial {picked.number} "
                  f"({params}).** Picked as {why}.")
     return "\n".join(lines)

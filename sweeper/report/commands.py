@@ -1,0 +1,63 @@
+"""The commands the report prints for a user to paste: one confirming run (:func:`one_run`) and the next
+grid of lengths (:func:`grid_command`), each repeating the overrides that ran the trial it follows. A grid
+command also names the study it continues and, when it is not the default, the storage (:class:`Target`),
+so that pasted anywhere it adds its trials to this study; a confirming run is a single run, outside any
+study. Every override is a valid Hydra override (:func:`sweeper.space.quote`) and shell-quoted
+(``shlex.quote``), so that the pasted command passes the same values, paths included."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from typing import Sequence
+
+from sweeper.passwords import split_password
+from sweeper.space import quote
+from sweeper.storage import mask_url
+
+__all__ = ["Target", "grid_command", "one_run"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a pasted sweep command adds its trials: the study and its storage URL as the command names it
+    (a PostgreSQL password left out: libpq reads ``PGPASSWORD`` or ``~/.pgpass``; any other masked), or None
+    for the default storage, which the command leaves out."""
+
+    study: str
+    storage: str | None = None
+    password_left_out: bool = False
+
+    @classmethod
+    def of(cls, study: str, storage_url: str | None) -> "Target":
+        """The target of study ``study`` in ``storage_url`` (None: the default storage)."""
+        if storage_url is None:
+            return cls(study)
+        url, password = split_password(storage_url)
+        return cls(study, mask_url(url), password is not None)
+
+    def overrides(self) -> list[str]:
+        """``hydra.sweeper.study_name=...`` and, unless default, ``hydra.sweeper.storage=...``."""
+        out = [f"hydra.sweeper.study_name={quote(self.study)}"]
+        if self.storage is not None:
+            out.append(f"hydra.sweeper.storage={quote(self.storage)}")
+        return out
+
+
+def _args(overrides: Sequence[str]) -> str:
+    return "".join(" " + shlex.quote(o) for o in overrides)
+
+
+def one_run(steps: int, settings: Sequence[str], extra: str = "") -> str:
+    """One confirming run of ``steps`` steps with the trial's settings, then ``extra`` (which wins)."""
+    return f"python train.py schedule.max_steps={steps}" + _args(settings) + extra
+
+
+def grid_command(lengths: Sequence[int], wsd: bool, settings: Sequence[str] = (), target: Target | None = None) -> str:
+    """The follow-up command: the new lengths, the ``settings`` (overrides) of the trial it follows and its
+    ``target``, so that it runs in the same study with the same data, model and settings."""
+    joined = ",".join(str(n) for n in lengths)
+    rest = _args([*settings, *(target.overrides() if target is not None else [])])
+    if wsd:
+        return f"python train.py -m schedule=wsd_search 'schedule.wsd.candidates=[{joined}]'{rest}"
+    return f"python train.py -m schedule.max_steps={joined}{rest}"
