@@ -627,6 +627,12 @@ class StudySweeper:
         db = sqlite_path(self.storage_url)
         if db is not None:
             disk.check_writable(db.parent, "hydra.sweeper.storage")
+        elif _SWEEP_ID_ENV not in os.environ:  # the first process, before any study: room for every worker
+            from sweeper.storage import check_connections
+
+            n = self.workers if self.workers != "auto" else (
+                int(self.slurm_cfg.max_workers) if self.launcher_name == "slurm" else len(self.gpus or gpu_mod.visible_gpus()))
+            check_connections(self.storage_url, max(1, n))
         return cfgs
 
     def _create_study(self, name: str, cfg: DictConfig) -> optuna.Study:
@@ -745,8 +751,10 @@ class StudySweeper:
         take a WAITING trial if there is one (a joint search's parked trunk only once the halving rule has
         decided it), else start the next point. Records the trial's result config (``config`` system attr;
         a retry inherits its failed trial's)."""
+        from sweeper.interrupt import deferred  # a Ctrl-C waits until the claimed trial names its worker
+
         study = sw.study
-        with claim_lock(self.storage_url, study.study_name):
+        with claim_lock(self.storage_url, study.study_name), deferred():
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
