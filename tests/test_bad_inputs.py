@@ -322,11 +322,13 @@ def test_a_study_name_that_needs_quoting_runs_and_resumes(tmp_path, cache_dir):
 
 def test_postgres_role_at_its_limit_leaves_no_study(tmp_path, cache_dir):
     """Refused before any study exists: nothing in the role's database (it could have created one there)."""
-    url = _postgres(LIMITED_ROLE, limit=2)(tmp_path)
+    import uuid
+
+    url, name = _postgres(LIMITED_ROLE, limit=2)(tmp_path), f"limited-{uuid.uuid4().hex[:8]}"
     proc = run_in_process("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
-                          f"hydra.sweeper.storage={url}", "hydra.sweeper.study_name=limited")
+                          f"hydra.sweeper.storage={url}", f"hydra.sweeper.study_name={name}")
     assert proc.returncode == 1 and "CONNECTION LIMIT 2" in proc.stderr, proc.stderr[-2000:]
-    assert "limited" not in _studies_in(LIMITED_ROLE)
+    assert name not in _studies_in(LIMITED_ROLE)
 
 
 def _sha(path):
@@ -375,3 +377,70 @@ def test_commands_on_a_postgresql_role_at_its_limit(tmp_path, command):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "pa55w0rd" not in proc.stdout + proc.stderr
     assert (f"error: hydra.sweeper.storage=postgresql://{LIMITED_ROLE}:***@127.0.0.1:5432/{LIMITED_ROLE}: role "
             f"'{LIMITED_ROLE}' is at its connection limit") in proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def _ctrl_c(args: list[str], when: str | float, env: dict | None = None) -> tuple[int, str]:
+    """Run ``python *args`` in its own process group and press Ctrl-C (SIGINT to the group, as a terminal
+    does) once a line of its output matches the regex ``when``, or after ``when`` seconds. Returns the exit
+    code (as a shell reports it) and the whole output."""
+    import os
+    import re
+    import signal
+    import threading
+    import time
+
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    start = time.monotonic()
+    while proc.poll() is None and time.monotonic() - start < 300:
+        if (isinstance(when, str) and any(re.search(when, x) for x in list(lines))) or (
+                not isinstance(when, str) and time.monotonic() - start >= when):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.02)
+    code = proc.wait(timeout=300)
+    reader.join(timeout=10)
+    return (128 - code if code < 0 else code), "".join(lines)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_sweep_prepares_its_data(tmp_path, cache_dir):
+    code, out = _ctrl_c(["train.py", "-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}",
+                         f"paths.cache_dir={tmp_path / 'cache'}"], when=r"data demo: \d+ train rows")
+    assert code == 130 and "Traceback" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): "), out[-2000:]
+    db = tmp_path / "optuna.db"
+    if db.exists():  # the Ctrl-C came after the study was opened: nothing of it RUNNING
+        import optuna
+
+        for s in optuna.get_all_study_summaries(f"sqlite:///{db}"):
+            assert s.n_trials == 0 or all(t.state.name != "RUNNING" for t in optuna.load_study(
+                study_name=s.study_name, storage=f"sqlite:///{db}").trials)
+    else:
+        assert "before the sweep opened its study: nothing was recorded" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seconds", [1.0, 2.5, 4.0])
+def test_ctrl_c_in_report_and_status(tmp_path, seconds):
+    """At any moment: one line, exit code 130, and the report files of the last whole run (never part of one)."""
+    path = _study_file(tmp_path / "optuna.db")
+    out_dir = tmp_path / "report"
+    assert _sweeper("report", "--storage", f"sqlite:///{path}", "--out", str(out_dir)).returncode == 0
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    for command in ("report", "status"):
+        extra = ["--out", str(out_dir)] if command == "report" else []
+        code, out = _ctrl_c(["-m", "sweeper", command, "--storage", f"sqlite:///{path}", *extra], when=seconds)
+        assert "Traceback" not in out, out[-3000:]
+        if code == 0:
+            continue  # it finished before the Ctrl-C
+        assert code == 130 and out.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): "), out[-2000:]
+        assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # no scratch folder, no half file
