@@ -174,14 +174,16 @@ def check_sqlite_file(db: Path) -> None:
                            f"header; something overwrote it?): it was left as it is; {what}")
     problem = None
     try:
-        con = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True)
+        con = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=60)  # workers may be writing
         try:
             rows = con.execute("PRAGMA quick_check").fetchall()
         finally:
             con.close()
         if rows != [("ok",)]:
             problem = "; ".join(str(r[0]) for r in rows[:2])
-    except sqlite3.Error as e:
+    except sqlite3.OperationalError:  # locked, a hot journal to roll back, no read access: no verdict here
+        return  # (opening the storage says what it is)
+    except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
         problem = str(e)
     if problem:
         raise StorageError(f"{db} is not a readable Optuna SQLite database (SQLite says: {problem}; cut short, or "
