@@ -10,8 +10,9 @@ Used by the sweeper (``sweeper.study``) and by the commands that read studies ba
   is retried; a failure is one :class:`StorageError` line naming the URL without its password: an SQLite
   file that is not a readable database (checked read-only first, so it is never modified), a PostgreSQL
   server that does not answer, a wrong database or role, a role or database at its connection limit.
-- :func:`check_connections`: before a sweep creates its study, that the PostgreSQL role and database allow
-  the connections its workers will open (:data:`CONNECTIONS_PER_WORKER` each).
+- :func:`check_connections`: before a sweep creates its study, that an SQLite file can be written, and that
+  the PostgreSQL role and database allow the connections its workers will open (:data:`CONNECTIONS_PER_WORKER`
+  each); :func:`describe_error`: one line for a storage error met later.
 - :func:`opened_urls`: the storages this process opened (what a Ctrl-C must tidy, see ``sweeper.interrupt``).
 - :func:`mask_url` (password -> ``***``) and :func:`sqlite_path` (the one parser of ``sqlite:///`` URLs).
 - :func:`claim_lock`: the cross-worker lock around "pick the next trial" (a file lock beside SQLite, an
@@ -43,6 +44,7 @@ __all__ = [
     "Heartbeat",
     "StorageError",
     "check_connections",
+    "describe_error",
     "claim_lock",
     "fail_and_requeue",
     "heartbeat_age_s",
@@ -246,10 +248,27 @@ def _connect(url: str) -> Any:
             "check the URL, that the server runs, and the driver (pip install -e '.[postgres]')")) from None
 
 
+def describe_error(url: str, e: BaseException) -> str:
+    """One line for a storage error met while a sweep runs: the storage (password masked) and the error's
+    first line (the server's reason when it is one the user can act on)."""
+    return _server_problem(url, e) or (f"hydra.sweeper.storage={mask_url(url)}: {type(e).__name__}: "
+                                       f"{_first_line(url, e)}")
+
+
 def check_connections(url: str, workers: int) -> None:
-    """For a PostgreSQL URL: raise :class:`StorageError` when its role or database allows fewer new connections
-    than ``workers`` workers hold at once (:data:`CONNECTIONS_PER_WORKER` each), or cannot be reached at all.
-    Other storages: nothing to check."""
+    """Before a sweep creates its study, raise :class:`StorageError` when the storage cannot take its writes:
+    an SQLite file this user cannot write (read-only, immutable); a PostgreSQL role or database that allows
+    fewer new connections than ``workers`` workers hold at once (:data:`CONNECTIONS_PER_WORKER` each), or a
+    server that cannot be reached."""
+    import os
+
+    db = sqlite_path(url)
+    if db is not None:
+        if db.exists() and not os.access(db, os.W_OK):
+            raise StorageError(f"hydra.sweeper.storage={url}: {db} cannot be written (read-only file); a sweep "
+                               "records its trials there: make it writable, or use another file (the report and "
+                               "status commands read it as it is)")
+        return
     if not url.startswith("postgres"):
         return
     import sqlalchemy

@@ -627,7 +627,7 @@ class StudySweeper:
         db = sqlite_path(self.storage_url)
         if db is not None:
             disk.check_writable(db.parent, "hydra.sweeper.storage")
-        elif _SWEEP_ID_ENV not in os.environ:  # the first process, before any study: room for every worker
+        if _SWEEP_ID_ENV not in os.environ:  # the first process, before any study: writable, room for every worker
             from sweeper.storage import check_connections
 
             n = self.workers if self.workers != "auto" else (

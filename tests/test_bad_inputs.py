@@ -444,3 +444,21 @@ def test_ctrl_c_in_report_and_status(tmp_path, seconds):
             continue  # it finished before the Ctrl-C
         assert code == 130 and out.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): "), out[-2000:]
         assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # no scratch folder, no half file
+
+
+def test_a_read_only_study_file_is_refused_by_a_sweep_and_read_by_status(tmp_path, cache_dir):
+    """An immutable file (``chattr +i``: read-only even to root, who ignores file modes)."""
+    path = _study_file(tmp_path / "ro" / "optuna.db")
+    before = _sha(path)
+    made = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if made.returncode != 0:
+        skip_or_fail(f"cannot make a file immutable here: {made.stderr.strip()}")
+    try:
+        proc = run_in_process("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+                              f"hydra.sweeper.storage=sqlite:///{path}")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"hydra.sweeper.storage=sqlite:///{path}: {path} cannot be written (read-only file)" in proc.stderr
+        assert sweeper_in_process("status", "--storage", f"sqlite:///{path}").returncode == 0
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    assert _sha(path) == before
