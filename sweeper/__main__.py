@@ -17,8 +17,11 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sweeper.cli import check_versions, run_command
-
+    try:
+        from sweeper.cli import check_versions, run_command
+    except KeyboardInterrupt:  # Ctrl-C while Python imports: one line, as every command ends on Ctrl-C
+        print("interrupted (Ctrl-C): nothing was changed", file=sys.stderr)
+        return 130
     why = check_versions()
     if why:
         print(f"error: {why}", file=sys.stderr)

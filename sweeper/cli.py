@@ -103,8 +103,31 @@ def _options_listing() -> str:
     return "; ".join(f"{g}/{{{','.join(o)}}}" for g, o in shipped_options().items() if not g.startswith("hydra"))
 
 
+# what a Ctrl-C leaves, per command (sweeper.interrupt: one line, exit code 130)
+_INTERRUPTED = {
+    "plan": "the plan stopped; it writes nothing but the data and model caches, which keep only finished "
+            "entries; run it again",
+    "report": "no report file was replaced (each is written whole, then moved into place); the study storage is "
+              "only read; run it again",
+    "status": "status only reads the study storage; nothing was changed",
+    "dashboard": "the dashboard stopped; it only serves the study storage",
+    "cp": "nothing was copied; run it again",
+}
+
+
 def run_command(argv: list[str], prog: str = "sft-sweep") -> int:
-    """One of :data:`COMMANDS` (``argv[0]``) with its arguments; the exit status."""
+    """One of :data:`COMMANDS` (``argv[0]``) with its arguments; the exit status (130 after Ctrl-C, with one
+    line saying what it left)."""
+    from sweeper import interrupt
+
+    try:
+        return _run_command(argv, prog)
+    except KeyboardInterrupt:
+        print(interrupt.line(_INTERRUPTED.get(argv[0] if argv else "", "nothing was changed")), file=sys.stderr)
+        return interrupt.EXIT_CODE
+
+
+def _run_command(argv: list[str], prog: str) -> int:
     args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from sweeper import passwords
@@ -159,8 +182,23 @@ def _config_dir_arg(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry of ``sft-sweep`` (and of a checkout's ``train.py``): a command, or the Hydra app."""
+    """Entry of ``sft-sweep`` (and of a checkout's ``train.py``): a command, or the Hydra app. A Ctrl-C
+    ends it with one line and exit code 130 (:mod:`sweeper.interrupt`)."""
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        from sweeper import interrupt
+
+        sweep = any(a in ("-m", "--multirun") or a.replace(" ", "").lower() == "hydra.mode=multirun" for a in argv)
+        what = ("before the sweep opened its study: nothing was recorded; run the same command again to start it"
+                if sweep else "the run stopped before it finished (a run without -m records no study); run the "
+                "same command again to start it over")
+        print(interrupt.line(what), file=sys.stderr)
+        sys.exit(interrupt.EXIT_CODE)
+
+
+def _main(argv: list[str]) -> None:
     why = check_versions()
     if why:
         sys.exit(f"error: {why}")

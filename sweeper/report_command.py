@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-__all__ = ["dashboard", "default_locations", "open_store", "report"]
+__all__ = ["dashboard", "default_locations", "open_store", "report", "write_whole"]
 
 
 def default_locations(config_dir: str | None = None) -> tuple[str, str]:
@@ -27,7 +27,7 @@ def default_locations(config_dir: str | None = None) -> tuple[str, str]:
 
 
 def open_store(storage: str, need_studies: bool = True):
-    from sweeper.storage import mask_url, open_storage, sqlite_path
+    from sweeper.storage import check_sqlite_file, mask_url, open_storage, sqlite_path
 
     url = storage
     path = sqlite_path(url)
@@ -41,6 +41,7 @@ def open_store(storage: str, need_studies: bool = True):
             what = "an empty file" if not header else "not an SQLite database"
             raise ValueError(f"{db} is {what}, not a study storage; pass the sweep's --storage "
                              "(sqlite:///outputs/optuna.db by default)")
+        check_sqlite_file(path)  # a damaged file: one line, and it is not touched
         if not _has_optuna_tables(path):
             raise ValueError(f"no studies in {mask_url(url)}: this SQLite database holds no Optuna tables")
     store = open_storage(url)
@@ -71,9 +72,28 @@ def _has_optuna_tables(path: Path) -> bool:
     return {"studies", "trials"} <= names
 
 
-def report(storage: str | None, studies: list[str] | None, out: str | None, config_dir: str | None = None) -> int:
+def write_whole(store, out_dir: Path, studies: list[str] | None, url: str | None = None) -> dict[str, Path]:
+    """``sweeper.report.write_report`` into a scratch folder inside ``out_dir``, then each file moved into
+    place: a report cut short (Ctrl-C, an error) leaves the last whole report, and no scratch folder."""
+    import shutil
+    import tempfile
+
+    from sweeper.interrupt import deferred
     from sweeper.report import write_report
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    try:
+        paths = write_report(store, scratch, studies, url=url)
+        with deferred():  # every file moves, or (Ctrl-C before this) none does
+            for f in sorted(scratch.iterdir()):
+                f.replace(out_dir / f.name)
+        return {k: out_dir / p.name for k, p in paths.items()}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def report(storage: str | None, studies: list[str] | None, out: str | None, config_dir: str | None = None) -> int:
     out_dir = out
     try:
         # conf/ is composed for what was not given and for the default storage, which the commands leave out
@@ -81,7 +101,7 @@ def report(storage: str | None, studies: list[str] | None, out: str | None, conf
         url, shown, store = open_store(storage or default_storage)
         out_dir = Path(out) if out else Path(output_dir) / "report"
         default = default_storage if default_storage is not None else _default_storage(config_dir)
-        paths = write_report(store, out_dir, studies, url=None if url == default else url)
+        paths = write_whole(store, out_dir, studies, url=None if url == default else url)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from .conftest import FAST, ROOT, mount_tmpfs, run_cli, unmount
-from .helpers import run_in_process
+from .conftest import FAST, PG_URL, ROOT, mount_tmpfs, postgres_unreachable, run_cli, skip_or_fail, unmount
+from .helpers import run_in_process, sweeper_in_process
 
 
 def _non_utf8(tmp_path):
@@ -61,6 +61,92 @@ def _train_only(rows, text=None):
 def _readonly(tmp_path):
     """A read-only file system: root ignores file modes, so only a read-only mount says no."""
     return mount_tmpfs(tmp_path / "ro", "size=1m,ro")
+
+
+def _study_file(path):
+    """A real SQLite study file (one finished trial) at ``path``."""
+    import optuna
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(storage=f"sqlite:///{path}", study_name="s")
+    for i in range(30):  # some pages beyond the schema's
+        study.add_trial(optuna.trial.create_trial(value=1.0 + i, intermediate_values={1: 1.0 + i},
+                                                  user_attrs={"max_steps": 1, "note": "x" * 500}))
+    return path
+
+
+def _cut_short(tmp_path):
+    """A study file cut to half its size (a copy interrupted, a full disk)."""
+    path = _study_file(tmp_path / "damaged" / "optuna.db")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _overwritten(tmp_path):
+    """A study file whose pages after SQLite's header were overwritten with other bytes."""
+    path = _study_file(tmp_path / "damaged" / "optuna.db")
+    data = bytearray(path.read_bytes())
+    data[100:] = bytes((i * 7 + 3) % 256 for i in range(len(data) - 100))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _postgres(role: str, database: str = "test", limit: int | None = None):
+    """A PostgreSQL URL on the tests' server for ``role`` (with ``limit``: a role of that CONNECTION LIMIT
+    owning a database of its name, so that it could create a study there); its password must be masked in
+    every message. Skips when the server is down."""
+    def make(tmp_path):
+        reason = postgres_unreachable()
+        if reason:
+            skip_or_fail(reason)
+        if limit is not None:
+            _limited_role(role, limit)
+        return f"postgresql://{role}:pa55w0rd@127.0.0.1:5432/{role if limit is not None else database}"
+    return make
+
+
+def _limited_role(role: str, limit: int) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as c:
+        if not c.execute(sqlalchemy.text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).first():
+            c.execute(sqlalchemy.text(f"CREATE ROLE {role} LOGIN"))
+        if not c.execute(sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :r"), {"r": role}).first():
+            c.execute(sqlalchemy.text(f"CREATE DATABASE {role} OWNER {role}"))
+        c.execute(sqlalchemy.text(f"ALTER ROLE {role} CONNECTION LIMIT {limit}"))
+    engine.dispose()
+
+
+def _studies_in(database: str) -> list[str]:
+    """Study names in a database of the tests' server, read as its superuser (no schema: none)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(PG_URL.rsplit("/", 1)[0] + f"/{database}")
+    with engine.connect() as c:
+        if not c.execute(sqlalchemy.text("SELECT to_regclass('public.studies')")).scalar():
+            return []
+        names = [r[0] for r in c.execute(sqlalchemy.text("SELECT study_name FROM studies"))]
+    engine.dispose()
+    return names
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LIMITED_ROLE = "sft_sweep_limited"  # CONNECTION LIMIT 2: a sweep's worker holds up to 4
+
+
+def _storage(url_of):
+    return lambda p: [f"hydra.sweeper.storage={url_of(p) if callable(url_of) else url_of}"]
+
+
+def _sqlite(path_of):
+    return lambda p: [f"hydra.sweeper.storage=sqlite:///{path_of(p)}"]
 
 
 LONG = _chat("x " * 3000, "y")  # its answer starts past any small data.max_length
@@ -133,6 +219,19 @@ CASES = [
     ("unknown sampler", ["hydra.sweeper.sampler.name=nope"], "hydra.sweeper.sampler.name must be one of tpe, random, grid"),
     ("unknown pruner", ["hydra.sweeper.pruner.name=nope"], "hydra.sweeper.pruner.name must be one of none, median"),
     ("storage URL of no known database", ["hydra.sweeper.storage=foo://x"], "hydra.sweeper.storage=foo://x could not be opened"),
+    # the study storage itself
+    ("SQLite study file cut short", _sqlite(_cut_short),
+     "/damaged/optuna.db is not a readable Optuna SQLite database (SQLite says: database disk image is malformed"),
+    ("SQLite study file overwritten", _sqlite(_overwritten), "/damaged/optuna.db is not a readable Optuna SQLite database"),
+    ("PostgreSQL role at its connection limit", _storage(_postgres(LIMITED_ROLE, limit=2)),
+     f"hydra.sweeper.storage=postgresql://{LIMITED_ROLE}:***@127.0.0.1:5432/{LIMITED_ROLE}: role '{LIMITED_ROLE}' "
+     "allows 2 connection(s) (CONNECTION LIMIT 2)"),
+    ("PostgreSQL server down", lambda p: [f"hydra.sweeper.storage=postgresql://postgres:pa55w0rd@127.0.0.1:"
+                                          f"{_closed_port()}/test"], "no PostgreSQL server answers at 127.0.0.1:"),
+    ("PostgreSQL database missing", _storage(_postgres("postgres", "no_such_db")),
+     "the server at 127.0.0.1:5432 has no database 'no_such_db'; create it"),
+    ("PostgreSQL role missing", _storage(_postgres("no_such_role")),
+     "the server at 127.0.0.1:5432 has no role 'no_such_role'; create it"),
     ("floats sampled for an int key", ["schedule.max_steps=interval(10,20)"],
      "schedule.max_steps takes whole numbers (int), but interval(10.0,20.0) samples floats"),
     ("descending range", ["schedule.max_steps=range(20,10,-5)"], "a descending range is not a search space"),
@@ -157,7 +256,7 @@ def _refused(tmp_path, cache_dir, case, run):
         unmount(tmp_path / "ro")
     assert proc.returncode != 0
     assert needle in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "pa55w0rd" not in proc.stdout + proc.stderr
     assert not (tmp_path / "optuna.db").exists()  # no study, no trial
 
 
@@ -219,3 +318,147 @@ def test_a_study_name_that_needs_quoting_runs_and_resumes(tmp_path, cache_dir):
     trials = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db").trials
     assert [t.state.name for t in trials] == ["COMPLETE"]
     assert (tmp_path / "sweeps" / name / "trial_0").is_dir()
+
+
+def test_postgres_role_at_its_limit_leaves_no_study(tmp_path, cache_dir):
+    """Refused before any study exists: nothing in the role's database (it could have created one there)."""
+    import uuid
+
+    url, name = _postgres(LIMITED_ROLE, limit=2)(tmp_path), f"limited-{uuid.uuid4().hex[:8]}"
+    proc = run_in_process("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+                          f"hydra.sweeper.storage={url}", f"hydra.sweeper.study_name={name}")
+    assert proc.returncode == 1 and "CONNECTION LIMIT 2" in proc.stderr, proc.stderr[-2000:]
+    assert name not in _studies_in(LIMITED_ROLE)
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("damage", [_cut_short, _overwritten], ids=["cut short", "overwritten"])
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_a_damaged_study_file_is_one_line_and_left_as_it_is(tmp_path, damage, command):
+    path = damage(tmp_path)
+    before = _sha(path)
+    extra = ["--out", str(tmp_path / "report")] if command == "report" else []
+    proc = sweeper_in_process(command, "--storage", f"sqlite:///{path}", *extra)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {path} is not a readable Optuna SQLite database (SQLite says: ")
+    assert line.endswith("it was left as it is; restore it from a backup, or use another file (a new file starts new "
+                         "studies)")
+    assert _sha(path) == before and not (tmp_path / "report").exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["optuna.db"]  # no journal, no lock file beside it
+
+
+def test_a_damaged_study_file_is_left_as_it_is_by_a_sweep(tmp_path, cache_dir):
+    path = _cut_short(tmp_path)
+    before = _sha(path)
+    proc = run_in_process("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+                          f"hydra.sweeper.storage=sqlite:///{path}")
+    assert proc.returncode == 1 and f"{path} is not a readable Optuna SQLite database" in proc.stderr
+    assert _sha(path) == before
+
+
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_commands_on_a_postgresql_role_at_its_limit(tmp_path, command):
+    """A command needs one connection: when the role has none left, one line naming the storage and the limit."""
+    import sqlalchemy
+
+    url = _postgres(LIMITED_ROLE, limit=1)(tmp_path)
+    extra = ["--out", str(tmp_path / "report")] if command == "report" else []
+    held = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool).connect()  # the role's one connection
+    try:
+        proc = sweeper_in_process(command, "--storage", url, *extra)
+    finally:
+        held.close()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "pa55w0rd" not in proc.stdout + proc.stderr
+    assert (f"error: hydra.sweeper.storage=postgresql://{LIMITED_ROLE}:***@127.0.0.1:5432/{LIMITED_ROLE}: role "
+            f"'{LIMITED_ROLE}' is at its connection limit") in proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def _ctrl_c(args: list[str], when: str | float, env: dict | None = None) -> tuple[int, str]:
+    """Run ``python *args`` in its own process group and press Ctrl-C (SIGINT to the group, as a terminal
+    does) once a line of its output matches the regex ``when``, or after ``when`` seconds. Returns the exit
+    code (as a shell reports it) and the whole output."""
+    import os
+    import re
+    import signal
+    import threading
+    import time
+
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    start = time.monotonic()
+    while proc.poll() is None and time.monotonic() - start < 300:
+        if (isinstance(when, str) and any(re.search(when, x) for x in list(lines))) or (
+                not isinstance(when, str) and time.monotonic() - start >= when):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.02)
+    code = proc.wait(timeout=300)
+    reader.join(timeout=10)
+    return (128 - code if code < 0 else code), "".join(lines)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_sweep_prepares_its_data(tmp_path, cache_dir):
+    code, out = _ctrl_c(["train.py", "-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}",
+                         f"paths.cache_dir={tmp_path / 'cache'}"], when=r"data demo: \d+ train rows")
+    assert code == 130 and "Traceback" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): "), out[-2000:]
+    db = tmp_path / "optuna.db"
+    if db.exists():  # the Ctrl-C came after the study was opened: nothing of it RUNNING
+        import optuna
+
+        for s in optuna.get_all_study_summaries(f"sqlite:///{db}"):
+            assert s.n_trials == 0 or all(t.state.name != "RUNNING" for t in optuna.load_study(
+                study_name=s.study_name, storage=f"sqlite:///{db}").trials)
+    else:
+        assert "before the sweep opened its study: nothing was recorded" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seconds", [1.0, 2.5, 4.0])
+def test_ctrl_c_in_report_and_status(tmp_path, seconds):
+    """At any moment: one line, exit code 130, and the report files of the last whole run (never part of one)."""
+    path = _study_file(tmp_path / "optuna.db")
+    out_dir = tmp_path / "report"
+    assert _sweeper("report", "--storage", f"sqlite:///{path}", "--out", str(out_dir)).returncode == 0
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    for command in ("report", "status"):
+        extra = ["--out", str(out_dir)] if command == "report" else []
+        code, out = _ctrl_c(["-m", "sweeper", command, "--storage", f"sqlite:///{path}", *extra], when=seconds)
+        assert "Traceback" not in out, out[-3000:]
+        if code == 0:
+            continue  # it finished before the Ctrl-C
+        assert code == 130 and out.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): "), out[-2000:]
+        assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # no scratch folder, no half file
+
+
+def test_a_read_only_study_file_is_refused_by_a_sweep_and_read_by_status(tmp_path, cache_dir):
+    """An immutable file (``chattr +i``: read-only even to root, who ignores file modes)."""
+    path = _study_file(tmp_path / "ro" / "optuna.db")
+    before = _sha(path)
+    made = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if made.returncode != 0:
+        skip_or_fail(f"cannot make a file immutable here: {made.stderr.strip()}")
+    try:
+        proc = run_in_process("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+                              f"hydra.sweeper.storage=sqlite:///{path}")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"hydra.sweeper.storage=sqlite:///{path}: {path} cannot be written (read-only file)" in proc.stderr
+        assert sweeper_in_process("status", "--storage", f"sqlite:///{path}").returncode == 0
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    assert _sha(path) == before

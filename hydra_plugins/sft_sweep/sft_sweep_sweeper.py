@@ -84,4 +84,28 @@ class SftSweepSweeper(Sweeper):
         self._impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
-        return self._impl.sweep(arguments)
+        """The study's sweep. A Ctrl-C outside a running trial (which the sweeper handles itself) ends it
+        with one line and exit code 130; a storage that fails mid-sweep (a PostgreSQL role at its connection
+        limit, a server gone, a database error) with one line and exit code 1."""
+        from sweeper.config import InputError
+        from sweeper.storage import StorageError
+
+        try:
+            return self._impl.sweep(arguments)
+        except KeyboardInterrupt:
+            from sweeper.interrupt import sweep_stopped
+
+            raise sweep_stopped() from None
+        except StorageError as e:
+            raise InputError(str(e)) from None
+        except Exception as e:  # a database error no check foresaw (the file or server changed meanwhile)
+            import sqlalchemy.exc
+            from optuna.exceptions import StorageInternalError
+
+            from sweeper.storage import describe_error
+
+            if not isinstance(e, (sqlalchemy.exc.SQLAlchemyError, StorageInternalError)):
+                raise
+            cause = e.__cause__ if isinstance(e, StorageInternalError) and e.__cause__ is not None else e
+            raise InputError(f"{describe_error(str(self._impl.storage_url), cause)}; finished trials are kept: fix "
+                             "it and run the same command again to resume") from None

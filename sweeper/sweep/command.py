@@ -107,6 +107,7 @@ def prepare(settings: Settings, compose: Composer, arguments: list[str]) -> Comm
     space = _space(settings, compose, arguments)
     pure_grid = not space.distributions
     all_cfgs = preflight.check_points(space, compose, settings.launcher, settings.storage_url)
+    preflight.check_connections(settings)
     typefit.check(space, all_cfgs[0])  # a sampled value Hydra could not merge: refused now, not at a trial
     same = points_mod.same_runs(space, [identity.result_config(c) for c in all_cfgs], compose)
     if same:

@@ -28,13 +28,14 @@ from sweeper import config as config_mod
 from sweeper import data as data_mod
 from sweeper import disk, identity, records
 from sweeper import gpu as gpu_mod
+from sweeper import storage as storage_mod
 from sweeper.sft import check_prepared_data
 from sweeper.space import SweepSpace, value_text
 from sweeper.spec import check_folders
 from sweeper.storage import mask_url, sqlite_path
-from sweeper.sweep.settings import SWEEP_ID_ENV
+from sweeper.sweep.settings import SWEEP_ID_ENV, Settings
 
-__all__ = ["check_compatible", "check_points", "check_same_settings", "check_sampled_names",
+__all__ = ["check_compatible", "check_connections", "check_points", "check_same_settings", "check_sampled_names",
            "check_sampled_names_early", "check_study_name", "point_overrides"]
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,18 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     if db is not None:
         disk.check_writable(db.parent, "hydra.sweeper.storage")
     return cfgs
+
+
+def check_connections(settings: Settings) -> None:
+    """In the command's first process, before any study: a SQLite file can be written, and a PostgreSQL role
+    or database has room under its ``CONNECTION LIMIT`` for every worker this command may start
+    (``storage.check_connections``); one ``ValueError`` line otherwise."""
+    if not settings.leads:
+        return
+    n = settings.workers
+    if n == "auto":
+        n = int(settings.slurm.max_workers) if settings.launcher == "slurm" else len(settings.gpus or gpu_mod.visible_gpus())
+    storage_mod.check_connections(settings.storage_url, max(1, int(n)))
 
 
 def check_sampled_names(space: SweepSpace, cfg: DictConfig, compose: Compose) -> None:

@@ -32,6 +32,7 @@ from sweeper import config as config_mod
 from sweeper import identity, records
 from sweeper import points as points_mod
 from sweeper import trunks as trunks_mod
+from sweeper.interrupt import deferred
 from sweeper.storage import claim_lock, fail_and_requeue, heartbeat_age_s, mask_url
 from sweeper.sweep.command import Command, Sweep
 from sweeper.sweep.settings import Settings
@@ -210,7 +211,7 @@ class Queue:
         decided it), else start the next point. Records the trial's result config (``config`` system attr;
         a retry inherits its failed trial's)."""
         study = sw.study
-        with claim_lock(self.settings.storage_url, study.study_name):
+        with claim_lock(self.settings.storage_url, study.study_name), deferred():  # a Ctrl-C waits for the claim
             optuna.storages.fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
             waiting = [t for t in trials if t.state == State.WAITING]
@@ -289,7 +290,7 @@ class Queue:
         """RUNNING trials whose worker process ran on this host and is gone (``kill -9``, a crash): fail
         them now and queue their retries, which resume from their checkpoints, instead of waiting for
         their heartbeats to go stale. Trials of other hosts keep the heartbeat's grace period."""
-        with claim_lock(self.settings.storage_url, study.study_name):
+        with claim_lock(self.settings.storage_url, study.study_name), deferred():  # a Ctrl-C waits for the claim
             for t in study.get_trials(deepcopy=False, states=(State.RUNNING,)):
                 proc = t.system_attrs.get(records.WORKER_PROCESS)
                 if not proc or not dead_here(proc):

@@ -1,0 +1,121 @@
+"""Ctrl-C (SIGINT) in any command: one line on stderr saying what was stopped and what state is left,
+then exit code 130 (the shell's code for SIGINT), never a traceback.
+
+    python train.py -m schedule=under,sweet      # Ctrl-C while the data is prepared: nothing recorded
+    python -m sweeper report                     # Ctrl-C while it writes: the old report files stay whole
+
+Who catches it: :func:`sweeper.cli.main` (the sweep before its sweeper starts, and a single run),
+:func:`sweeper.cli.run_command` (``plan``, ``report``, ``status``, ``dashboard``, ``cp``), and the sweeper
+plugin (:func:`sweep_stopped`, once the sweeper runs). A Ctrl-C while a trial trains is the sweeper's own
+(``sweeper.study``: that trial is recorded FAIL and queued to resume from its checkpoint).
+
+- :func:`deferred`: hold Ctrl-C until a short block of storage writes is done (a claimed trial is never
+  left RUNNING without its worker recorded).
+- :func:`release_claimed`: trials this process claimed but did not start go back to WAITING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Iterator
+
+__all__ = ["EXIT_CODE", "deferred", "ignored", "line", "release_claimed", "sweep_stopped"]
+
+EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
+
+log = logging.getLogger(__name__)
+
+
+def line(what: str) -> str:
+    """The one line printed for a Ctrl-C: ``interrupted (Ctrl-C): <what>``."""
+    return f"interrupted (Ctrl-C): {what}"
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Run the block to its end even if Ctrl-C comes meanwhile; then raise the KeyboardInterrupt it held
+    (through the handler that was in place). A no-op off the main thread or where Ctrl-C is ignored."""
+    if not _main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+    held: list[Any] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if held:
+            if callable(old):
+                old(signal.SIGINT, held[0])
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def ignored() -> Iterator[None]:
+    """Ctrl-C is ignored in the block (the clean-up after a first Ctrl-C must not be cut short by a second)."""
+    if not _main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def release_claimed(urls: list[str]) -> list[str]:
+    """Trials left RUNNING by this process (its ``host:pid:`` starts their ``worker_process`` system attr) in
+    the storages ``urls``, claimed but never started, go back to WAITING: the next command runs them. Returns
+    ``study: trial N`` for each one."""
+    import os
+    import socket
+
+    import optuna
+
+    from sweeper.storage import open_storage
+
+    mine = f"{socket.gethostname()}:{os.getpid()}:"
+
+    released = []
+    for url in urls:
+        storage = open_storage(url)
+        for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if str(t.system_attrs.get("worker_process", "")).startswith(mine):
+                    storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.WAITING)
+                    released.append(f"{summary.study_name}: trial {t.number}")
+    return released
+
+
+def sweep_stopped() -> SystemExit:
+    """After a Ctrl-C escaped the sweeper (outside a running trial): release what this process claimed,
+    print the one line, and return the SystemExit(130) to raise."""
+    from sweeper.storage import mask_url, opened_urls
+
+    urls = opened_urls()
+    with ignored():
+        try:
+            released = release_claimed(urls)
+        except Exception as e:  # noqa: BLE001 - the line must still come; the next command reclaims them
+            released = []
+            log.debug("could not release this process's claimed trials: %s", e)
+        if not urls:
+            what = ("before the sweep opened its study: nothing was recorded; run the same command again to "
+                    "start it")
+        else:
+            where = ", ".join(mask_url(u) for u in urls)
+            what = (f"no trial was training; finished trials are kept in {where}"
+                    + (f", and {', '.join(released)} (claimed, not started) {'is' if len(released) == 1 else 'are'} "
+                       "queued again" if released else "")
+                    + "; run the same command again to resume")
+        print(line(what), file=sys.stderr, flush=True)
+    return SystemExit(EXIT_CODE)

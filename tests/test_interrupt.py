@@ -1,0 +1,37 @@
+"""Ctrl-C while the sweeper claims a trial: held until the claim is recorded, and a claimed trial that never
+started goes back to WAITING (real SIGINT to this process, a real SQLite study)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import optuna
+import pytest
+
+from sweeper import interrupt
+from sweeper.storage import open_storage
+
+
+def test_ctrl_c_waits_for_the_end_of_a_deferred_block():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the rest of the block")
+    assert done == ["the rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_claimed_trial_that_never_started_goes_back_to_waiting(tmp_path):
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(storage=url, study_name="s")
+    storage = open_storage(url)
+    mine, theirs, done = study.ask(), study.ask(), study.ask()
+    storage.set_trial_system_attr(mine._trial_id, "worker_process", f"{socket.gethostname()}:{os.getpid()}:7")
+    storage.set_trial_system_attr(theirs._trial_id, "worker_process", "another-host:1:7")
+    storage.set_trial_system_attr(done._trial_id, "worker_process", f"{socket.gethostname()}:{os.getpid()}:7")
+    study.tell(done, 1.0)
+    assert interrupt.release_claimed([url]) == ["s: trial 0"]
+    assert [t.state.name for t in study.trials] == ["WAITING", "RUNNING", "COMPLETE"]
