@@ -71,7 +71,7 @@ import sqlalchemy.exc
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from sweeper import config as config_mod
-from sweeper import disk, fingerprint, folders, halving, hos, identity, objectives, passwords, samplers, typefit
+from sweeper import disk, fingerprint, folders, halving, hos, identity, objectives, passwords, samplers, tracking, typefit
 from sweeper import gpu as gpu_mod
 from sweeper import points as points_mod
 from sweeper import trunks as trunks_mod
@@ -1081,6 +1081,7 @@ class StudySweeper:
                 overrides.insert(len(overrides) - 2, f"hydra.sweeper.storage={quote(self.storage_url)}")
             log.info("%strial %d: %s", f"{name}: " if several else "", trial.number, " ".join(overrides[:-2]))
             study._storage.set_trial_system_attr(trial._trial_id, "overrides", _settings(overrides[:-2]))
+            tracking.open_trial(self.config, study, trial)  # tracking=mlflow|wandb: the trial's run, opened or continued
             try:
                 with _stop_signals(), Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
                     [ret] = self.launcher.launch([overrides], initial_job_idx=self.job_idx)
@@ -1094,11 +1095,13 @@ class StudySweeper:
             self.job_idx += 1
             returns.append(ret)
             try:
-                if self._record(study, trial, ret, failures, f"{name}: " if several else "") == "parked":
-                    continue
+                outcome = self._record(study, trial, ret, failures, f"{name}: " if several else "")
             except (disk.DiskFullError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
                 self._stop_workers(children)
                 raise config_mod.InputError(self._unrecorded(trial, e)) from None
+            tracking.close_trial(study, trial)  # its run gets the state, the trial number and the value
+            if outcome == "parked":
+                continue
             progress.update(1)
             stop = hos.failure_rate_exceeded(self.max_failure_rate, len(failures), len(returns))
             if stop:
@@ -1227,6 +1230,7 @@ class StudySweeper:
             text = datasets_section([sw.study for sw in command.sweeps], command.folder / "datasets.png")
             print(text)
             (command.folder / "summary.md").write_text(text + "\n", encoding="utf-8")
+        tracking.close_study(self.config, [sw.study for sw in command.sweeps], command.folder)  # the study runs
 
     # -- SLURM: the workers are SLURM jobs; this process submits, watches and replaces them
 
