@@ -71,9 +71,10 @@ import sqlalchemy.exc
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from sweeper import config as config_mod
-from sweeper import disk, fingerprint, folders, halving, hos, identity, objectives, passwords, samplers, tracking, typefit
+from sweeper import disk, fingerprint, folders, halving, hos, identity, objectives, passwords, samplers, typefit
 from sweeper import gpu as gpu_mod
 from sweeper import points as points_mod
+from sweeper import tracking as tracking_mod
 from sweeper import trunks as trunks_mod
 from sweeper import workers as workers_mod
 from sweeper.reporter import Parked
@@ -1081,7 +1082,7 @@ class StudySweeper:
                 overrides.insert(len(overrides) - 2, f"hydra.sweeper.storage={quote(self.storage_url)}")
             log.info("%strial %d: %s", f"{name}: " if several else "", trial.number, " ".join(overrides[:-2]))
             study._storage.set_trial_system_attr(trial._trial_id, "overrides", _settings(overrides[:-2]))
-            tracking.open_trial(self.config, study, trial)  # tracking=mlflow|wandb: the trial's run, opened or continued
+            tracking_mod.open_trial(self.config, study, trial)  # tracking=mlflow|wandb: the trial's run, opened or continued
             try:
                 with _stop_signals(), Heartbeat(study._storage, trial._trial_id, self.heartbeat_interval):
                     [ret] = self.launcher.launch([overrides], initial_job_idx=self.job_idx)
@@ -1099,7 +1100,7 @@ class StudySweeper:
             except (disk.DiskFullError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
                 self._stop_workers(children)
                 raise config_mod.InputError(self._unrecorded(trial, e)) from None
-            tracking.close_trial(study, trial)  # its run gets the state, the trial number and the value
+            tracking_mod.close_trial(study, trial)  # its run gets the state, the trial number and the value
             if outcome == "parked":
                 continue
             progress.update(1)
@@ -1230,7 +1231,7 @@ class StudySweeper:
             text = datasets_section([sw.study for sw in command.sweeps], command.folder / "datasets.png")
             print(text)
             (command.folder / "summary.md").write_text(text + "\n", encoding="utf-8")
-        tracking.close_study(self.config, [sw.study for sw in command.sweeps], command.folder)  # the study runs
+        tracking_mod.close_study(self.config, [sw.study for sw in command.sweeps], command.folder)  # the study runs
 
     # -- SLURM: the workers are SLURM jobs; this process submits, watches and replaces them
 
