@@ -143,7 +143,7 @@ def _tracker(t: dict) -> Tracker:
 
 def _failed(where: str, e: BaseException, what: str) -> None:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    log.warning("tracking: %s did not answer at %s (%s: %s); %s goes on without tracking, the study keeps it",
+    log.warning("tracking: %s failed for %s (%s: %s); %s goes on without tracking, the study keeps it",
                 where, what, type(e).__name__, passwords.mask_secrets(first), what)
 
 
@@ -195,11 +195,11 @@ def close_trial(study: Any, trial: Any) -> None:
     try:
         frozen = _frozen(study, trial)
         cur.tracker.close_run(cur.run_id, frozen.state.name, *_outcome(frozen))
-        if cur.children:
+        if frozen.params.get("method") == "wsd":  # its branches' trials, this job's and those of a killed run before it
             storage = getattr(study._storage, "_backend", study._storage)
             for t in storage.get_all_trials(study._study_id, deepcopy=False):
                 run = t.user_attrs.get(RUN_ATTR) or {}
-                if t.system_attrs.get("wsd_branch_of") == trial.number and run.get("run_id") in cur.children.values():
+                if "wsd_branch_of" in t.system_attrs and run.get("parent") == cur.run_id:
                     cur.tracker.close_run(run["run_id"], t.state.name, *_outcome(t))
     except Exception as e:
         _failed(cur.tracker.where, e, f"trial {trial.number}")

@@ -94,6 +94,8 @@ class MlflowTracker(Tracker):
         self.client.log_batch(run_id, metrics=[Metric(_metric_name(k), float(v), now, step) for k, v in metrics.items()])
 
     def close_run(self, run_id: str, state: str, tags: dict[str, str], metrics: dict[str, float]) -> None:
+        if self.client.get_run(run_id).info.status != "RUNNING":  # closed already (a branch of an earlier job)
+            return
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
         if metrics:

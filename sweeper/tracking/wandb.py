@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,11 @@ class WandbTracker(Tracker):
     def open_run(self, study: str, *, name: str, run_id: str | None, parent: str | None, kind: str,
                  tags: dict[str, str], params: dict[str, Any], key: str | None = None) -> str:
         if run_id is None:
-            run_id = _id(key) if key is not None else self.wandb.util.generate_id()
+            run_id = _id(key) if key is not None else uuid.uuid4().hex[:16]
         if run_id in self.runs:
             return run_id
-        config = {**params, "sft_sweep": {**tags, "parent_run": parent, "key": key}}
+        config = {**params, "sft_sweep": {**{k: v for k, v in tags.items() if k != "sft_sweep.state"},
+                                          "parent_run": parent, "key": key}}
         if kind == "branch":
             config["trunk_run"] = parent
         run = self._init(run_id, study=study, name=name, job_type=kind, config=config, tags=[kind])
