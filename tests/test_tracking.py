@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -41,34 +42,46 @@ def _ok(proc):
     return proc
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server on 127.0.0.1 (SQLite backend, artifacts under the test folder)."""
-    pytest.importorskip("mlflow")
-    tmp = tmp_path_factory.mktemp("mlflow")
+def _start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
+    """A real MLflow tracking server on 127.0.0.1 (SQLite backend, artifacts under ``tmp``), up and answering."""
     port = _free_port()
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
          "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **QUIET}, cwd=tmp)
+    log.close()
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return proc, uri
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
             pytest.fail(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
         time.sleep(1)
-    yield uri
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One server for the module's MLflow tests."""
+    pytest.importorskip("mlflow")
+    proc, uri = _start_server(tmp_path_factory.mktemp("mlflow"))
+    yield uri
+    _stop_server(proc)
 
 
 def _client(uri: str):
@@ -109,6 +122,20 @@ def test_nothing_of_mlflow_or_wandb_is_imported_unless_chosen():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("option", ["none", "mlflow", "wandb"])
+def test_every_tracking_option_composes_and_validates(compose_cfg, option):
+    from sweeper import config as config_mod
+    from sweeper import identity
+
+    if option != "none":
+        pytest.importorskip(option)
+    cfg = compose_cfg(f"tracking={option}")
+    assert cfg.hydra.runtime.choices["tracking"] == option and cfg.tracking.backend == option
+    config_mod.validate(cfg)
+    assert not any(k.startswith("tracking.") for k in identity.result_config(cfg))  # never a changed setting
+    assert compose_cfg(hydra=False).tracking.backend == "none"  # the default
+
+
 def test_tracking_uri_with_a_password_is_refused_in_one_line(tmp_path):
     pytest.importorskip("mlflow")
     proc = run_in_process("-m", *fast(), "tracking=mlflow", f"tracking.uri=http://bob:{PLANTED}@127.0.0.1:9",
@@ -131,7 +158,7 @@ def test_grid_and_wsd_search_land_in_one_experiment(tmp_path, cache_dir, mlflow_
                        env=env))
     wsd = _ok(run_cli("-m", *BASE, *WSD, "schedule.wsd.candidates=[8,16]", "tracking=mlflow",
                       *_paths(tmp_path, cache_dir), env=env))
-    assert "tracking:" not in grid.stderr + wsd.stderr  # nothing went wrong with the tracker
+    assert "tracking:" not in grid.stdout + grid.stderr + wsd.stdout + wsd.stderr  # nothing went wrong with the tracker
     study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     trials = {t.number: t for t in study.trials}
     assert [t.state for t in trials.values()] == [TrialState.COMPLETE] * 4  # 2 grid, the trunk, its branch
@@ -216,7 +243,7 @@ def test_a_tracker_that_is_down_costs_one_line_and_no_trial(tmp_path, cache_dir)
                        env={**_env(down), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}))
     study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
-    lines = [line for line in proc.stderr.splitlines() if "tracking:" in line]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "tracking:" in line]
     for n in (0, 1):  # one line per trial, naming the server and what goes on
         mine = [line for line in lines if f"for trial {n} " in line]
         assert len(mine) == 1 and f"MLflow at {down} failed" in mine[0] and "goes on without tracking" in mine[0]
@@ -225,6 +252,46 @@ def test_a_tracker_that_is_down_costs_one_line_and_no_trial(tmp_path, cache_dir)
     assert all("tracking_run" not in t.user_attrs for t in study.trials)
     assert PLANTED not in proc.stdout + proc.stderr
     _no_secret_under(tmp_path / "outputs", tmp_path / "optuna.db")
+
+
+@pytest.mark.slow
+def test_a_server_stopped_mid_sweep_loses_no_trial(tmp_path, cache_dir):
+    pytest.importorskip("mlflow")
+    (tmp_path / "server").mkdir()
+    server, uri = _start_server(tmp_path / "server")
+    client = _client(uri)
+    stopped = threading.Event()
+
+    def stop_once_trial_0_logs() -> None:  # while trial 0 trains: its first evaluation reached the server
+        deadline = time.time() + 300
+        while time.time() < deadline and not stopped.is_set():
+            try:
+                e = client.get_experiment_by_name("demo-tiny")
+                runs = client.search_runs([e.experiment_id], "attributes.run_name = 'trial_0'") if e else []
+                if runs and client.get_metric_history(runs[0].info.run_id, "eval_loss"):
+                    _stop_server(server)
+                    stopped.set()
+                    return
+            except Exception:
+                pass
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=stop_once_trial_0_logs, daemon=True)
+    watcher.start()
+    try:
+        proc = _ok(run_cli("-m", *BASE, "schedule.max_steps=12,16", "tracking=mlflow", *_paths(tmp_path, cache_dir),
+                           env={**_env(uri), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}))
+    finally:
+        stopped.set()
+        watcher.join()
+        _stop_server(server)
+    study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert len(study.trials[0].intermediate_values) == 3  # trial 0 trained on to its end
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "tracking:" in line]
+    for n in (0, 1):
+        assert len([line for line in lines if f"for trial {n} " in line]) == 1, lines
+    assert "Traceback" not in proc.stderr
 
 
 # --------------------------------------------------------------------------- W&B, offline
@@ -238,7 +305,7 @@ def test_wandb_offline_runs_hold_the_group_names_states_and_curves(tmp_path, cac
     env = {**QUIET, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": PLANTED * 3}
     proc = _ok(run_cli("-m", *BASE, "schedule.max_steps=8,12", "tracking=wandb", "tracking.project=sweeps",
                        *_paths(tmp_path, cache_dir), env=env))
-    assert "tracking:" not in proc.stderr
+    assert "tracking:" not in proc.stdout + proc.stderr
     study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     runs = {r["run"]["name"]: r for r in map(read_run, sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))}
     assert sorted(runs) == ["study demo-tiny", "trial_0", "trial_1"]

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("none", "mlflow", "wandb")
 _EXTRAS = {"mlflow": "mlflow", "wandb": "wandb"}  # backend -> the module it needs (and the extra that installs it)
-RUN_ATTR = "tracking_run"  # the trial's user attr: {"backend", "run_id", "parent"}
+RUN_ATTR = "tracking_run"  # the trial's user attr: {"backend", "run_id", "parent", "name"}
 
 
 class Tracker(ABC):
@@ -85,6 +85,7 @@ class _Trial:
     study: str
     number: int
     run_id: str
+    name: str  # the run's name: trial_<number of the trial that opened it> (a retry keeps it)
     off: bool = False  # a call failed: the rest of this trial goes untracked
     children: dict[str, str] = field(default_factory=dict)  # branch folder -> run id
 
@@ -168,6 +169,7 @@ def open_trial(config: Any, study: Any, trial: Any) -> None:
         frozen = _frozen(study, trial)
         before = frozen.user_attrs.get(RUN_ATTR) or {}
         run_id = before.get("run_id") if before.get("backend") == tracker.backend else None
+        name = before.get("name", f"trial_{number}") if run_id else f"trial_{number}"
         parent = tracker.study_run(study.study_name)
         params = dict(frozen.system_attrs.get("config") or {})
         params.update({f"param.{k}": v for k, v in frozen.params.items()})
@@ -175,14 +177,14 @@ def open_trial(config: Any, study: Any, trial: Any) -> None:
                 "sft_sweep.state": "RUNNING"}
         if frozen.system_attrs.get("failed_trial") is not None:
             tags["sft_sweep.retry_of"] = str(frozen.system_attrs["failed_trial"])
-        run_id = tracker.open_run(study.study_name, name=f"trial_{number}", run_id=run_id, parent=parent,
+        run_id = tracker.open_run(study.study_name, name=name, run_id=run_id, parent=parent,
                                   kind="trial", tags=tags, params=params)
     except Exception as e:
         _failed(getattr(locals().get("tracker"), "where", t["backend"]), e, what)
         return
     study._storage.set_trial_user_attr(trial._trial_id, RUN_ATTR,
-                                       {"backend": tracker.backend, "run_id": run_id, "parent": parent})
-    _current = _Trial(tracker, study.study_name, number, run_id)
+                                       {"backend": tracker.backend, "run_id": run_id, "parent": parent, "name": name})
+    _current = _Trial(tracker, study.study_name, number, run_id, name)
 
 
 def close_trial(study: Any, trial: Any) -> None:
@@ -232,7 +234,7 @@ def callbacks(output_dir: Path, reporter: Any) -> list:
     if folder.startswith("branch-"):
         try:
             run_id = cur.children.get(folder) or cur.tracker.open_run(
-                cur.study, name=f"trial_{cur.number}/{folder}", run_id=None, parent=cur.run_id, kind="branch",
+                cur.study, name=f"{cur.name}/{folder}", run_id=None, parent=cur.run_id, kind="branch",
                 tags={"sft_sweep.study": cur.study, "sft_sweep.kind": "branch", "sft_sweep.branch_of": str(cur.number),
                       "sft_sweep.state": "RUNNING"},
                 params={"branch.max_steps": folder.split("-", 1)[1]}, key=f"{cur.run_id}/{folder}")
@@ -241,7 +243,8 @@ def callbacks(output_dir: Path, reporter: Any) -> list:
             _failed(cur.tracker.where, e, f"trial {cur.number}")
             return []
         cur.children[folder] = run_id
-        reporter.set_attrs({RUN_ATTR: {"backend": cur.tracker.backend, "run_id": run_id, "parent": cur.run_id}})
+        reporter.set_attrs({RUN_ATTR: {"backend": cur.tracker.backend, "run_id": run_id, "parent": cur.run_id,
+                                       "name": f"{cur.name}/{folder}"}})
     return [_callback(cur, run_id)]
 
 
