@@ -142,10 +142,11 @@ def _tracker(t: dict) -> Tracker:
     return _trackers[key]
 
 
-def _failed(where: str, e: BaseException, what: str) -> None:
+def _failed(where: str, e: BaseException, what: str, then: str | None = None) -> None:
+    """The one line for a tracker call that failed: where, for what, why, and what happens now."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    log.warning("tracking: %s failed for %s (%s: %s); %s goes on without tracking, the study keeps it",
-                where, what, type(e).__name__, passwords.mask_secrets(first), what)
+    log.warning("tracking: %s failed for %s (%s: %s); %s", where, what, type(e).__name__,
+                passwords.mask_secrets(first), then or f"{what} goes on without tracking, the study keeps it")
 
 
 def _frozen(study: Any, trial: Any) -> Any:
@@ -278,7 +279,7 @@ def close_study(config: Any, studies: list, folder: Path) -> None:
     try:
         tracker = _tracker(t)
     except Exception as e:
-        _failed(t["backend"], e, "the study summary")
+        _failed(t["backend"], e, "the study runs", "they are not updated; the report is in the sweep folder")
         return
     from sweeper.report import recommend, write_report
 
@@ -310,4 +311,5 @@ def close_study(config: Any, studies: list, folder: Path) -> None:
         try:
             tracker.summarise(study.study_name, tags, metrics, passwords.mask_secrets(note), files)
         except Exception as e:
-            _failed(tracker.where, e, f"the summary of study {study.study_name!r}")
+            _failed(tracker.where, e, f"the summary of study {study.study_name!r}",
+                    f"its run is not updated; the report is in {out}")
