@@ -303,23 +303,40 @@ def test_wandb_offline_runs_hold_the_group_names_states_and_curves(tmp_path, cac
     from .helpers.wandb_files import read_run
 
     env = {**QUIET, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": PLANTED * 3}
-    proc = _ok(run_cli("-m", *BASE, "schedule.max_steps=8,12", "tracking=wandb", "tracking.project=sweeps",
+    grid = _ok(run_cli("-m", *BASE, "schedule.max_steps=8,12", "tracking=wandb", "tracking.project=sweeps",
                        *_paths(tmp_path, cache_dir), env=env))
-    assert "tracking:" not in proc.stdout + proc.stderr
+    wsd = _ok(run_cli("-m", *BASE, *WSD, "schedule.wsd.candidates=[8,16]", "tracking=wandb", "tracking.project=sweeps",
+                      *_paths(tmp_path, cache_dir), env=env))
+    assert "tracking:" not in grid.stdout + grid.stderr + wsd.stdout + wsd.stderr
     study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
-    runs = {r["run"]["name"]: r for r in map(read_run, sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))}
-    assert sorted(runs) == ["study demo-tiny", "trial_0", "trial_1"]
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4  # 2 grid, the trunk, its branch
+    trunk = next(t for t in trials if t.params.get("method") == "wsd" and "wsd_branch_of" not in t.system_attrs)
+    branch = next(t for t in trials if t.system_attrs.get("wsd_branch_of") == trunk.number)
+    files = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    runs = {}
+    for r in map(read_run, files):  # the study's summary run is resumed by each command: keep its last file
+        runs[r["run"]["name"]] = r
+    assert sorted(runs) == ["study demo-tiny", "trial_0", "trial_1", f"trial_{trunk.number}",
+                            f"trial_{trunk.number}/branch-8"]
     assert {r["run"]["group"] for r in runs.values()} == {"demo-tiny"}
     assert runs["study demo-tiny"]["run"]["job_type"] == "summary"
-    for t in study.trials:
-        r = runs[f"trial_{t.number}"]
-        assert r["run"]["job_type"] == "trial" and r["run"]["id"] == t.user_attrs["tracking_run"]["run_id"]
+    for t in trials:
+        name = f"trial_{trunk.number}/branch-8" if t is branch else f"trial_{t.number}"
+        r = runs[name]
+        assert r["run"]["job_type"] == ("branch" if t is branch else "trial")
+        assert r["run"]["id"] == t.user_attrs["tracking_run"]["run_id"]
         assert r["summary"]["state"] == "COMPLETE" and r["summary"]["optuna.trial_number"] == str(t.number)
         assert r["summary"]["objective"] == pytest.approx(t.value)
-        assert r["config"]["schedule.max_steps"] == t.params["schedule.max_steps"]
-        evals = {h["train/global_step"]: h["eval/loss"] for h in r["history"] if "eval/loss" in h}
-        assert evals == pytest.approx(dict(t.intermediate_values), rel=1e-6)
-        assert any("train/loss" in h for h in r["history"])
         assert r["exit_code"] == 0
+        evals = {h["train/global_step"]: h["eval/loss"] for h in r["history"] if "eval/loss" in h}
+        curve = dict(t.intermediate_values)
+        if t is branch:  # its run holds its cooldown; the trunk's evaluations before are the trunk run's
+            curve = {s: v for s, v in curve.items() if s > t.user_attrs["wsd"]["branch_point"]}
+        assert evals == pytest.approx(curve, rel=1e-6)
+        assert any("train/loss" in h for h in r["history"])
+    for t in trials[:2]:
+        assert runs[f"trial_{t.number}"]["config"]["schedule.max_steps"] == t.params["schedule.max_steps"]
+    assert runs[f"trial_{trunk.number}/branch-8"]["config"]["trunk_run"] == trunk.user_attrs["tracking_run"]["run_id"]
     assert runs["study demo-tiny"]["summary"]["sft_sweep.best_trial"] == str(study.best_trial.number)
     _no_secret_under(tmp_path / "outputs", tmp_path / "optuna.db")
