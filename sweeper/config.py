@@ -201,6 +201,17 @@ class StudyRef:
 
 
 @dataclass
+class TrackingConfig:
+    """Trials copied into a tracker besides the study (``sweeper/tracking``); credentials never here."""
+
+    backend: str = MISSING  # none | mlflow | wandb
+    uri: Optional[str] = None  # mlflow: the tracking server; null: $MLFLOW_TRACKING_URI
+    project: Optional[str] = None  # wandb: null: $WANDB_PROJECT, else sft-sweep
+    entity: Optional[str] = None  # wandb: the team or user; null: $WANDB_ENTITY or the key's default
+    mode: Optional[str] = None  # wandb: online | offline; null: $WANDB_MODE, else online
+
+
+@dataclass
 class PathsConfig:
     output_dir: str = MISSING
     cache_dir: str = MISSING
@@ -219,6 +230,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     study: StudyRef = field(default_factory=StudyRef)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = MISSING
     retry_on_oom: bool = MISSING  # halve micro-batch, double accumulation (effective batch kept), down to 1
     report_to: str = MISSING  # none | tensorboard
@@ -396,6 +408,9 @@ def validate(cfg: Any) -> None:
     _validate_training(cfg)
     _validate_eval(cfg)
     _validate_speed(cfg)
+    from sweeper import tracking
+
+    tracking.check(cfg)  # the tracker's package installed, no password in tracking.uri
 
 
 def _validate_schedule(cfg: Any) -> None:

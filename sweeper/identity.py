@@ -28,7 +28,7 @@ from typing import Any
 __all__ = ["SEARCHED", "default_study_name", "describe_differences", "differences", "result_config", "same_run",
            "study_name", "varying"]
 
-IGNORED = ("paths.", "study.", "speed.", "hydra.", "batch.", "report_to", "retry_on_oom",
+IGNORED = ("paths.", "study.", "speed.", "hydra.", "batch.", "tracking.", "report_to", "retry_on_oom",
            "eval.save_best", "eval.logging_steps")
 SEARCHED = ("schedule.",)  # what a study is about: differs between runs, never between studies
 EFFECTIVE_BATCH = "batch.effective_batch"

@@ -27,7 +27,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from tqdm.auto import tqdm
 
 from sweeper import config as config_mod
-from sweeper import disk, hos, records
+from sweeper import disk, hos, records, tracking
 from sweeper.space import quote, value_text
 from sweeper.storage import Heartbeat
 from sweeper.sweep import tell
@@ -144,15 +144,18 @@ class _Worker:
             overrides.insert(len(overrides) - 2, f"hydra.sweeper.storage={quote(self.settings.storage_url)}")
         log.info("%strial %d: %s", self.label(sw), trial.number, " ".join(overrides[:-2]))
         records.set_system(study, records.trial_id(trial), records.OVERRIDES, settings_of(overrides[:-2]))
+        tracking.open_trial(self.app_config, study, trial)  # tracking=mlflow|wandb: the trial's run, opened or continued
         ret = self.launch(study, trial, overrides)
         self.job_idx += 1
         self.returns.append(ret)
         try:
             told = tell.record(study, trial, ret, self.failures, self.label(sw))
-            return told if told in (PARKED, TAKEN_OVER) else RAN
         except (disk.DiskFullError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
             self.stop_others()
             raise config_mod.InputError(tell.unrecorded(trial, e, self.settings.storage_url)) from None
+        if told != TAKEN_OVER:  # the other worker's retry continues the run
+            tracking.close_trial(study, trial)  # its run gets the state, the trial number and the value
+        return told if told in (PARKED, TAKEN_OVER) else RAN
 
     def launch(self, study: optuna.Study, trial: optuna.Trial, overrides: list[str]) -> Any:
         """The job's return, run under the heartbeat and the stop signals; a stop records the trial and ends

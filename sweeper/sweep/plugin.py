@@ -22,7 +22,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue
 
 from sweeper import config as config_mod
-from sweeper import passwords
+from sweeper import passwords, tracking
 from sweeper.sweep import command as command_mod
 from sweeper.sweep import launchers, loop, summary
 from sweeper.sweep.command import Command
@@ -61,6 +61,7 @@ class StudySweeper:
             log.warning("the other workers ended with trials left in the queue; running them here")
             returns += loop.run(settings, queue, self.launcher, self.config, workers.stop)
         summary.write(command, settings.storage_url)
+        tracking.close_study(self.config, [sw.study for sw in command.sweeps], command.folder)  # the study runs
         if workers.works_here and settings.leads:  # the command's first process: the workers it started have ended
             summary.fail_if_work_left(command, settings.sweep_id)  # exit code 1, one line
         summary.fail_if_nothing_completed(command, settings.sweep_id)

@@ -1,0 +1,342 @@
+"""tracking=mlflow / tracking=wandb: trials in the team's tracker, grouped by study.
+
+MLflow: a real ``mlflow server`` (SQLite backend, artifacts proxied, a free localhost port) started by a
+fixture; what the sweeps left there is read back with MLflow's own client. W&B: offline mode
+(``WANDB_MODE=offline``), its run files read back as ``wandb sync`` reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+
+from .conftest import run_cli
+from .helpers import fast
+from .helpers.cli import run_in_process
+
+TrialState = optuna.trial.TrialState
+PLANTED = "planted-pw-7Qx9"  # MLFLOW_TRACKING_PASSWORD: must be written nowhere
+BASE = [*fast("schedule.max_steps"), "lr.warmup_steps=2"]  # the grid and the WSD search share every setting
+WSD = ["schedule=wsd_search", "schedule.wsd.decay_fraction=0.25", "schedule.wsd.stop_after_worse=null",
+       "schedule.wsd.no_win_patience=null"]
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "WANDB_DISABLE_CODE": "true"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
+    """A real MLflow tracking server on 127.0.0.1 (SQLite backend, artifacts under ``tmp``), up and answering."""
+    port = _free_port()
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+         "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **QUIET}, cwd=tmp)
+    log.close()
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, uri
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}")
+        time.sleep(1)
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One server for the module's MLflow tests."""
+    pytest.importorskip("mlflow")
+    proc, uri = _start_server(tmp_path_factory.mktemp("mlflow"))
+    yield uri
+    _stop_server(proc)
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(client, experiment: str) -> dict[str, object]:
+    e = client.get_experiment_by_name(experiment)
+    assert e is not None, f"no experiment {experiment!r}"
+    return {r.info.run_name: r for r in client.search_runs([e.experiment_id], max_results=1000)}
+
+
+def _env(uri: str) -> dict:
+    return {**QUIET, "MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": PLANTED}
+
+
+def _paths(tmp: Path, cache_dir: Path, study: str = "demo-tiny") -> list[str]:
+    return [f"paths.output_dir={tmp}/outputs", f"paths.cache_dir={cache_dir}",
+            f"hydra.sweeper.storage=sqlite:///{tmp}/optuna.db", f"hydra.sweeper.study_name={study}"]
+
+
+def _no_secret_under(*places: Path) -> None:
+    for place in places:
+        files = [place] if place.is_file() else [p for p in place.rglob("*") if p.is_file()]
+        for path in files:
+            assert PLANTED.encode() not in path.read_bytes(), f"the planted password is in {path}"
+
+
+# --------------------------------------------------------------------------- fast: configs and bad input
+
+
+def test_nothing_of_mlflow_or_wandb_is_imported_unless_chosen():
+    code = ("import sys; from sweeper import study, runner, tracking, trial; from sweeper.train import main; "
+            "bad = [m for m in ('mlflow', 'wandb') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("option", ["none", "mlflow", "wandb"])
+def test_every_tracking_option_composes_and_validates(compose_cfg, option):
+    from sweeper import config as config_mod
+    from sweeper import identity
+
+    if option != "none":
+        pytest.importorskip(option)
+    cfg = compose_cfg(f"tracking={option}")
+    assert cfg.hydra.runtime.choices["tracking"] == option and cfg.tracking.backend == option
+    config_mod.validate(cfg)
+    assert not any(k.startswith("tracking.") for k in identity.result_config(cfg))  # never a changed setting
+    assert compose_cfg(hydra=False).tracking.backend == "none"  # the default
+
+
+def test_tracking_uri_with_a_password_is_refused_in_one_line(tmp_path):
+    pytest.importorskip("mlflow")
+    proc = run_in_process("-m", *fast(), "tracking=mlflow", f"tracking.uri=http://bob:{PLANTED}@127.0.0.1:9",
+                          f"paths.output_dir={tmp_path}", f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db")
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+    assert len(lines) == 1 and "tracking.uri=http://bob:***@127.0.0.1:9 carries a password" in lines[0], proc.stderr
+    assert "MLFLOW_TRACKING_PASSWORD" in lines[0]
+    assert PLANTED not in proc.stdout + proc.stderr
+    _no_secret_under(tmp_path)
+
+
+# --------------------------------------------------------------------------- MLflow, a real server
+
+
+@pytest.mark.slow
+def test_grid_and_wsd_search_land_in_one_experiment(tmp_path, cache_dir, mlflow_server):
+    env = _env(mlflow_server)
+    grid = _ok(run_cli("-m", *BASE, "schedule.max_steps=8,12", "tracking=mlflow", *_paths(tmp_path, cache_dir),
+                       env=env))
+    wsd = _ok(run_cli("-m", *BASE, *WSD, "schedule.wsd.candidates=[8,16]", "tracking=mlflow",
+                      *_paths(tmp_path, cache_dir), env=env))
+    assert "tracking:" not in grid.stdout + grid.stderr + wsd.stdout + wsd.stderr  # nothing went wrong with the tracker
+    study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trials = {t.number: t for t in study.trials}
+    assert [t.state for t in trials.values()] == [TrialState.COMPLETE] * 4  # 2 grid, the trunk, its branch
+    trunk = next(t for t in trials.values() if t.params.get("method") == "wsd" and "wsd_branch_of" not in t.system_attrs)
+    branch = next(t for t in trials.values() if t.system_attrs.get("wsd_branch_of") == trunk.number)
+
+    client = _client(mlflow_server)
+    runs = _runs(client, "demo-tiny")
+    study_run = runs["study demo-tiny"]
+    assert sorted(runs) == ["study demo-tiny", "trial_0", "trial_1", f"trial_{trunk.number}",
+                            f"trial_{trunk.number}/branch-8"]
+    for t in trials.values():  # one run per trial, its id kept on the trial, its state and number on the run
+        name = f"trial_{trunk.number}/branch-8" if t is branch else f"trial_{t.number}"
+        run = runs[name]
+        assert t.user_attrs["tracking_run"]["run_id"] == run.info.run_id
+        tags = run.data.tags
+        assert tags["sft_sweep.state"] == "COMPLETE" and tags["optuna.trial_number"] == str(t.number)
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["objective"] == pytest.approx(t.value)
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")}
+        curve = dict(t.intermediate_values)  # the eval curve as the study holds it; a branch's run has its cooldown's
+        if t is branch:
+            curve = {s: v for s, v in curve.items() if s > t.user_attrs["wsd"]["branch_point"]}
+        assert sorted(history) == sorted(curve) and list(history.values()) == pytest.approx([curve[s] for s in history])
+        assert client.get_metric_history(run.info.run_id, "loss")  # the train curve
+    # grouped: the trials under the study's run, the branch under its trunk's
+    for n in (0, 1, trunk.number):
+        assert runs[f"trial_{n}"].data.tags["mlflow.parentRunId"] == study_run.info.run_id
+    assert runs[f"trial_{trunk.number}/branch-8"].data.tags["mlflow.parentRunId"] == runs[f"trial_{trunk.number}"].info.run_id
+    # params: the trial's settings
+    assert runs["trial_0"].data.params["schedule.max_steps"] == "8"
+    assert runs["trial_1"].data.params["schedule.max_steps"] == "12"
+    assert runs[f"trial_{trunk.number}"].data.params["schedule.wsd.candidates"] == "[8, 16]"
+    # the study's run: the recommendation, the report and its figures
+    best = study.best_trial
+    assert study_run.data.tags["sft_sweep.best_trial"] == str(best.number)
+    assert study_run.data.metrics["recommended.max_steps"] == best.user_attrs["max_steps"]
+    assert "reached the lowest eval_loss" in study_run.data.tags["mlflow.note.content"]
+    artifacts = {Path(a.path).name for a in client.list_artifacts(study_run.info.run_id, "report")}
+    assert {"report.html", "summary.md", "demo-tiny.png"} <= artifacts
+    # no secret in the outputs, the study or the command's output
+    assert PLANTED not in grid.stdout + grid.stderr + wsd.stdout + wsd.stderr
+    _no_secret_under(tmp_path / "outputs", tmp_path / "optuna.db")
+
+
+@pytest.mark.slow
+def test_killed_trunk_resumes_into_the_same_run(tmp_path, cache_dir, mlflow_server):
+    env = _env(mlflow_server)
+    args = ["-m", *BASE, *WSD, "schedule.wsd.candidates=[8,16,24]", "tracking=mlflow",
+            *_paths(tmp_path, cache_dir, "killed"), "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
+    # kill -9 at trunk step 10: after branch 8 was recorded, between the trunk's checkpoints 6 and 12
+    killed = run_cli(*args, env={**env, "SFT_SWEEP_INJECT_KILL_AT_STEP": "10"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    client = _client(mlflow_server)
+    first = _runs(client, "killed")["trial_0"]
+    assert first.info.status == "RUNNING"
+    time.sleep(4)  # past the grace period
+    _ok(run_cli(*args, env=env))  # the same command again resumes the trunk from its checkpoint
+
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trunk = next(t for t in study.trials if t.state == TrialState.COMPLETE and t.params["max_steps"] == 24)
+    assert trunk.system_attrs["failed_trial"] == 0 and trunk.number != 0
+    runs = _runs(client, "killed")
+    assert sorted(runs) == ["study killed", "trial_0", "trial_0/branch-16", "trial_0/branch-8"]  # one trunk run
+    run = runs["trial_0"]
+    assert run.info.run_id == first.info.run_id == trunk.user_attrs["tracking_run"]["run_id"]
+    assert run.info.status == "FINISHED" and run.data.tags["sft_sweep.state"] == "COMPLETE"
+    assert run.data.tags["optuna.trial_number"] == str(trunk.number) and run.data.tags["sft_sweep.retry_of"] == "0"
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")})
+    assert steps == [4, 8, 12, 16, 20, 24]  # before the kill and after the resume, in one run
+    for name in ("trial_0/branch-8", "trial_0/branch-16"):
+        b = runs[name]
+        assert b.info.status == "FINISHED" and b.data.tags["sft_sweep.state"] == "COMPLETE"
+        assert b.data.tags["mlflow.parentRunId"] == run.info.run_id
+
+
+@pytest.mark.slow
+def test_a_tracker_that_is_down_costs_one_line_and_no_trial(tmp_path, cache_dir):
+    pytest.importorskip("mlflow")
+    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    proc = _ok(run_cli("-m", *BASE, "schedule.max_steps=8,12", "tracking=mlflow", *_paths(tmp_path, cache_dir),
+                       env={**_env(down), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}))
+    study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "tracking:" in line]
+    for n in (0, 1):  # one line per trial, naming the server and what goes on
+        mine = [line for line in lines if f"for trial {n} " in line]
+        assert len(mine) == 1 and f"MLflow at {down} failed" in mine[0] and "goes on without tracking" in mine[0]
+    assert len(lines) == 3 and "the summary of study 'demo-tiny'" in lines[-1], lines
+    assert "Traceback" not in proc.stderr
+    assert all("tracking_run" not in t.user_attrs for t in study.trials)
+    assert PLANTED not in proc.stdout + proc.stderr
+    _no_secret_under(tmp_path / "outputs", tmp_path / "optuna.db")
+
+
+@pytest.mark.slow
+def test_a_server_stopped_mid_sweep_loses_no_trial(tmp_path, cache_dir):
+    pytest.importorskip("mlflow")
+    (tmp_path / "server").mkdir()
+    server, uri = _start_server(tmp_path / "server")
+    client = _client(uri)
+    stopped = threading.Event()
+
+    def stop_once_trial_0_logs() -> None:  # while trial 0 trains: its first evaluation reached the server
+        deadline = time.time() + 300
+        while time.time() < deadline and not stopped.is_set():
+            try:
+                e = client.get_experiment_by_name("demo-tiny")
+                runs = client.search_runs([e.experiment_id], "attributes.run_name = 'trial_0'") if e else []
+                if runs and client.get_metric_history(runs[0].info.run_id, "eval_loss"):
+                    _stop_server(server)
+                    stopped.set()
+                    return
+            except Exception:
+                pass
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=stop_once_trial_0_logs, daemon=True)
+    watcher.start()
+    try:
+        proc = _ok(run_cli("-m", *BASE, "schedule.max_steps=12,16", "tracking=mlflow", *_paths(tmp_path, cache_dir),
+                           env={**_env(uri), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}))
+    finally:
+        stopped.set()
+        watcher.join()
+        _stop_server(server)
+    study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert len(study.trials[0].intermediate_values) == 3  # trial 0 trained on to its end
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "tracking:" in line]
+    for n in (0, 1):
+        assert len([line for line in lines if f"for trial {n} " in line]) == 1, lines
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- W&B, offline
+
+
+@pytest.mark.slow
+def test_wandb_offline_runs_hold_the_group_names_states_and_curves(tmp_path, cache_dir):
+    pytest.importorskip("wandb")
+    from .helpers.wandb_files import read_run
+
+    env = {**QUIET, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": PLANTED * 3}
+    grid = _ok(run_cli("-m", *BASE, "schedule.max_steps=8,12", "tracking=wandb", "tracking.project=sweeps",
+                       *_paths(tmp_path, cache_dir), env=env))
+    wsd = _ok(run_cli("-m", *BASE, *WSD, "schedule.wsd.candidates=[8,16]", "tracking=wandb", "tracking.project=sweeps",
+                      *_paths(tmp_path, cache_dir), env=env))
+    assert "tracking:" not in grid.stdout + grid.stderr + wsd.stdout + wsd.stderr
+    study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4  # 2 grid, the trunk, its branch
+    trunk = next(t for t in trials if t.params.get("method") == "wsd" and "wsd_branch_of" not in t.system_attrs)
+    branch = next(t for t in trials if t.system_attrs.get("wsd_branch_of") == trunk.number)
+    files = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    runs = {}
+    for r in map(read_run, files):  # the study's summary run is resumed by each command: keep its last file
+        runs[r["run"]["name"]] = r
+    assert sorted(runs) == ["study demo-tiny", "trial_0", "trial_1", f"trial_{trunk.number}",
+                            f"trial_{trunk.number}/branch-8"]
+    assert {r["run"]["group"] for r in runs.values()} == {"demo-tiny"}
+    assert runs["study demo-tiny"]["run"]["job_type"] == "summary"
+    for t in trials:
+        name = f"trial_{trunk.number}/branch-8" if t is branch else f"trial_{t.number}"
+        r = runs[name]
+        assert r["run"]["job_type"] == ("branch" if t is branch else "trial")
+        assert r["run"]["id"] == t.user_attrs["tracking_run"]["run_id"]
+        assert r["summary"]["state"] == "COMPLETE" and r["summary"]["optuna.trial_number"] == str(t.number)
+        assert r["summary"]["objective"] == pytest.approx(t.value)
+        assert r["exit_code"] == 0
+        evals = {h["train/global_step"]: h["eval/loss"] for h in r["history"] if "eval/loss" in h}
+        curve = dict(t.intermediate_values)
+        if t is branch:  # its run holds its cooldown; the trunk's evaluations before are the trunk run's
+            curve = {s: v for s, v in curve.items() if s > t.user_attrs["wsd"]["branch_point"]}
+        assert evals == pytest.approx(curve, rel=1e-6)
+        assert any("train/loss" in h for h in r["history"])
+    for t in trials[:2]:
+        assert runs[f"trial_{t.number}"]["config"]["schedule.max_steps"] == t.params["schedule.max_steps"]
+    assert runs[f"trial_{trunk.number}/branch-8"]["config"]["trunk_run"] == trunk.user_attrs["tracking_run"]["run_id"]
+    assert runs["study demo-tiny"]["summary"]["sft_sweep.best_trial"] == str(study.best_trial.number)
+    _no_secret_under(tmp_path / "outputs", tmp_path / "optuna.db")
