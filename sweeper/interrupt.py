@@ -7,7 +7,7 @@ then exit code 130 (the shell's code for SIGINT), never a traceback.
 Who catches it: :func:`sweeper.cli.main` (the sweep before its sweeper starts, and a single run),
 :func:`sweeper.cli.run_command` (``plan``, ``report``, ``status``, ``dashboard``, ``cp``), and the sweeper
 plugin (:func:`sweep_stopped`, once the sweeper runs). A Ctrl-C while a trial trains is the sweeper's own
-(``sweeper.study``: that trial is recorded FAIL and queued to resume from its checkpoint).
+(``sweeper.sweep.loop``: that trial is recorded FAIL and queued to resume from its checkpoint).
 
 - :func:`deferred`: hold Ctrl-C until a short block of storage writes is done (a claimed trial is never
   left RUNNING without its worker recorded).
@@ -22,6 +22,8 @@ import signal
 import sys
 import threading
 from typing import Any, Iterator
+
+from sweeper import records
 
 __all__ = ["EXIT_CODE", "deferred", "ignored", "line", "release_claimed", "sweep_stopped"]
 
@@ -90,8 +92,8 @@ def release_claimed(urls: list[str]) -> list[str]:
         for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
             study = optuna.load_study(study_name=summary.study_name, storage=storage)
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                if str(t.system_attrs.get("worker_process", "")).startswith(mine):
-                    storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.WAITING)
+                if records.worker_process_of(t).startswith(mine):
+                    records.set_state(study, records.trial_id(t), optuna.trial.TrialState.WAITING)
                     released.append(f"{summary.study_name}: trial {t.number}")
     return released
 

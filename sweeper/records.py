@@ -19,7 +19,8 @@ Trial system attrs (kept out of optuna-dashboard's attribute table, or Optuna's 
 - :data:`SYSTEM_ATTRS`: the job's long results (curves, the SFTConfig, the plan, the trunk record).
 
 Trial user attrs: :data:`ERROR` ``str`` (why it failed), :data:`RETRY_OF` ``{"trial", "error"}`` (the failed run
-a retry repeats), :data:`RUN_DIR` ``str``, :data:`STOPPED_REASON` ``str`` and the job's results.
+a retry repeats), :data:`RUN_DIR` ``str``, :data:`STOPPED_REASON` ``str``, :data:`TRACKING_RUN`
+``{"backend", "run_id", "parent", "name"}`` (its run in MLflow or W&B, ``sweeper.tracking``) and the job's results.
 Study attrs: :data:`METRIC`, :data:`COST`, :data:`DATA`, :data:`MODEL`, :data:`SLURM_JOBS` (user) and the
 abandoned learning rates of a joint search (system, :func:`abandoned_rates`).
 
@@ -36,11 +37,12 @@ if TYPE_CHECKING:  # for annotations only: the job side reads these names withou
 
 __all__ = [
     "ABANDONED", "CONFIG", "COST", "DATA", "ERROR", "EVAL_CURVE", "FAILED_TRIAL", "FIXED_PARAMS", "METRIC", "MODEL", "OVERRIDES",
-    "PARKED_AT", "RETRY_OF", "RUN_DIR", "SLURM_JOBS", "STOPPED_REASON", "SWEEP_ID", "SYSTEM_ATTRS", "WORKER_PROCESS",
+    "PARKED_AT", "RETRY_OF", "RUN_DIR", "SLURM_JOBS", "STOPPED_REASON", "SWEEP_ID", "SYSTEM_ATTRS", "TRACKING_RUN", "WORKER_PROCESS",
     "WSD_BRANCH_KEY", "WSD_BRANCH_OF", "WSD_TRUNK",
     "abandoned_rates", "add_slurm_jobs", "config_of", "error_of", "failed_trial_of", "frozen", "is_branch",
     "is_parked", "new_trial", "parked_at", "retried_config", "set_abandoned_rates", "set_state", "set_system",
-    "set_user", "slurm_jobs", "storage", "suggest", "trial_by_number", "trial_id", "trunk_of",
+    "set_user", "slurm_jobs", "stopped_reason_of", "storage", "suggest", "tracking_run_of", "trial_by_number",
+    "trial_id", "trunk_of", "worker_process_of",
 ]
 
 # trial system attrs
@@ -64,6 +66,7 @@ ERROR = "error"
 RETRY_OF = "retry_of"
 RUN_DIR = "run_dir"
 STOPPED_REASON = "stopped_reason"
+TRACKING_RUN = "tracking_run"
 
 # study attrs: user (METRIC ... SLURM_JOBS) and system (ABANDONED + group)
 METRIC = "metric"
@@ -139,6 +142,21 @@ def study_system_attrs(study: optuna.Study) -> dict:
 
 def error_of(t: optuna.trial.FrozenTrial, default: Any = None) -> Any:
     return t.user_attrs.get(ERROR, default)
+
+
+def stopped_reason_of(t: optuna.trial.FrozenTrial) -> str | None:
+    """Why a run stopped before its length (a WSD trunk's rule, early stopping), when it says."""
+    return t.user_attrs.get(STOPPED_REASON)
+
+
+def worker_process_of(t: optuna.trial.FrozenTrial) -> str:
+    """``host:pid:start`` of the worker that claimed the trial ('' before a claim)."""
+    return str(t.system_attrs.get(WORKER_PROCESS, ""))
+
+
+def tracking_run_of(t: optuna.trial.FrozenTrial) -> dict:
+    """The trial's run in a tracker (:data:`TRACKING_RUN`); {} when it has none."""
+    return t.user_attrs.get(TRACKING_RUN) or {}
 
 
 def config_of(t: optuna.trial.FrozenTrial) -> dict | None:

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import optuna
 
+from sweeper import records
 from sweeper.halving import joint_table
 from sweeper.report.curves import accuracy_disagrees, trial_diagnosis
 from sweeper.report.figures import plot_datasets
@@ -132,7 +133,7 @@ def _early_stopping(trial: optuna.trial.FrozenTrial) -> str:
     (``eval.early_stopping_patience`` / ``_threshold`` of the trial's recorded config), or why there is none."""
     if attrs(trial).get("method") == "wsd":
         return "callbacks = []  # a WSD run is not stopped early: its cooldown is part of the schedule"
-    config = trial.system_attrs.get("config") or {}
+    config = records.config_of(trial) or {}
     if "eval.early_stopping_patience" not in config:
         return "callbacks = []  # this trial's early stopping is not recorded (it predates the config attr)"
     patience = config["eval.early_stopping_patience"]
@@ -149,7 +150,7 @@ def joint_sections(study: optuna.Study) -> list[str]:
     where each stopped trunk stopped. Empty when the study holds none."""
     groups: dict[str, dict[float, dict]] = {}
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        rec = t.system_attrs.get("wsd_trunk")
+        rec = records.trunk_of(t)
         if rec and not is_branch(t):  # the newest trial of a rate stands for it (a retry for its failed run)
             groups.setdefault(rec["group"], {})[float(rec["lr"])] = {**attrs(t), "state": t.state.name}
     metric = study.user_attrs.get("metric", "value")
@@ -157,7 +158,7 @@ def joint_sections(study: optuna.Study) -> list[str]:
     out = []
     for trunks in groups.values():
         any_trunk = next(iter(trunks.values()))
-        rec, cands = any_trunk["wsd_trunk"], list((any_trunk.get("wsd") or {}).get("candidates") or [])
+        rec, cands = any_trunk[records.WSD_TRUNK], list((any_trunk.get("wsd") or {}).get("candidates") or [])
         rule = f"successive halving, eta={rec['eta']}" if rec["rule"] != "none" else "no halving"
         out += [f"### Joint search: learning rate x steps ({len(rec['learning_rates'])} rates x {len(cands)} "
                 f"lengths, {rule})", "", joint_table(trunks, cands, metric, maximize), ""]

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import optuna
 
-from sweeper import advice, generalisation
+from sweeper import advice, generalisation, records
 from sweeper.report.commands import Target, grid_command, one_run
 from sweeper.report.curves import DECAYING, Diagnosis, noise_estimate, trial_diagnosis, trial_noise
 from sweeper.report.stored import (
@@ -71,7 +71,7 @@ def recommend(study: optuna.Study, storage: str | None = None) -> dict | None:
         notes.append("The commands name the storage without its password: set PGPASSWORD (or use ~/.pgpass) "
                      "before pasting them.")
     a = attrs(best)
-    joint = a.get("learning_rate", (a.get("wsd_trunk") or {}).get("lr"))  # a joint search's learning rate
+    joint = a.get("learning_rate", (a.get(records.WSD_TRUNK) or {}).get("lr"))  # a joint search's learning rate
     return {"trial": best.number, "max_steps": a.get("max_steps"), "best_step": a.get("best_step"),
             "value": best.value, "learning_rate": float(joint) if joint is not None else None,
             "diagnosis": d, "reason": _reason(best, done, metric), "notes": notes, "noise": noise,

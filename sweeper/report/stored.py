@@ -8,7 +8,7 @@ from typing import Sequence
 
 import optuna
 
-from sweeper import identity, plan
+from sweeper import identity, plan, records
 from sweeper.storage import SYSTEM_ATTRS, is_branch
 
 __all__ = ["LENGTH_PARAMS", "accuracy_off", "attrs", "best_trial", "branch_point", "cost", "curve_attr", "eval_curve",
@@ -142,10 +142,10 @@ def spent(study: optuna.Study) -> tuple[float, str]:
 def overrides(best: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:
     """The overrides that ran ``best`` besides its schedule (a WSD branch: its trunk's), which a follow-up
     command repeats; none for trials recorded before the sweeper stored them."""
-    found = best.system_attrs.get("overrides")
+    found = best.system_attrs.get(records.OVERRIDES)
     trunk = attrs(best).get("branch_of")
     if found is None and trunk is not None:
-        found = next((t.system_attrs.get("overrides") for t in trials if t.number == trunk), None)
+        found = next((t.system_attrs.get(records.OVERRIDES) for t in trials if t.number == trunk), None)
     return list(found or [])
 
 
@@ -154,7 +154,7 @@ LENGTH_PARAMS = ("schedule", "schedule.max_steps", "max_steps", "method")
 
 
 def _config(t: optuna.trial.FrozenTrial) -> dict:
-    return t.system_attrs.get("config") or {}
+    return records.config_of(t) or {}
 
 
 def unswept_differences(trials: Sequence[optuna.trial.FrozenTrial]) -> list[str]:

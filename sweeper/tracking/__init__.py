@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeper import passwords
+from sweeper import passwords, records
 
 __all__ = ["BACKENDS", "Tracker", "callbacks", "check", "close_study", "close_trial", "open_trial"]
 
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("none", "mlflow", "wandb")
 _EXTRAS = {"mlflow": "mlflow", "wandb": "wandb"}  # backend -> the module it needs (and the extra that installs it)
-RUN_ATTR = "tracking_run"  # the trial's user attr: {"backend", "run_id", "parent", "name"}
 
 
 class Tracker(ABC):
@@ -150,8 +149,7 @@ def _failed(where: str, e: BaseException, what: str, then: str | None = None) ->
 
 
 def _frozen(study: Any, trial: Any) -> Any:
-    storage = getattr(study._storage, "_backend", study._storage)  # the cache does not see other processes' writes
-    return storage.get_trial(trial._trial_id)
+    return records.frozen(study, records.trial_id(trial), fresh=True)  # past the cache: the job wrote attrs
 
 
 def open_trial(config: Any, study: Any, trial: Any) -> None:
@@ -168,23 +166,23 @@ def open_trial(config: Any, study: Any, trial: Any) -> None:
     try:
         tracker = _tracker(t)
         frozen = _frozen(study, trial)
-        before = frozen.user_attrs.get(RUN_ATTR) or {}
+        before = records.tracking_run_of(frozen)
         run_id = before.get("run_id") if before.get("backend") == tracker.backend else None
         name = before.get("name", f"trial_{number}") if run_id else f"trial_{number}"
         parent = tracker.study_run(study.study_name)
-        params = dict(frozen.system_attrs.get("config") or {})
+        params = dict(records.config_of(frozen) or {})
         params.update({f"param.{k}": v for k, v in frozen.params.items()})
         tags = {"sft_sweep.study": study.study_name, "sft_sweep.kind": "trial", "optuna.trial_number": str(number),
                 "sft_sweep.state": "RUNNING"}
-        if frozen.system_attrs.get("failed_trial") is not None:
-            tags["sft_sweep.retry_of"] = str(frozen.system_attrs["failed_trial"])
+        if records.failed_trial_of(frozen) is not None:
+            tags["sft_sweep.retry_of"] = str(records.failed_trial_of(frozen))
         run_id = tracker.open_run(study.study_name, name=name, run_id=run_id, parent=parent,
                                   kind="trial", tags=tags, params=params)
     except Exception as e:
         _failed(getattr(locals().get("tracker"), "where", t["backend"]), e, what)
         return
-    study._storage.set_trial_user_attr(trial._trial_id, RUN_ATTR,
-                                       {"backend": tracker.backend, "run_id": run_id, "parent": parent, "name": name})
+    records.set_user(study, records.trial_id(trial), records.TRACKING_RUN,
+                     {"backend": tracker.backend, "run_id": run_id, "parent": parent, "name": name}, fresh=True)
     _current = _Trial(tracker, study.study_name, number, run_id, name)
 
 
@@ -199,10 +197,9 @@ def close_trial(study: Any, trial: Any) -> None:
         frozen = _frozen(study, trial)
         cur.tracker.close_run(cur.run_id, frozen.state.name, *_outcome(frozen))
         if frozen.params.get("method") == "wsd":  # its branches' trials, this job's and those of a killed run before it
-            storage = getattr(study._storage, "_backend", study._storage)
-            for t in storage.get_all_trials(study._study_id, deepcopy=False):
-                run = t.user_attrs.get(RUN_ATTR) or {}
-                if "wsd_branch_of" in t.system_attrs and run.get("parent") == cur.run_id:
+            for t in records.all_trials(study, fresh=True):
+                run = records.tracking_run_of(t)
+                if records.is_branch(t) and run.get("parent") == cur.run_id:
                     cur.tracker.close_run(run["run_id"], t.state.name, *_outcome(t))
     except Exception as e:
         _failed(cur.tracker.where, e, f"trial {trial.number}")
@@ -211,7 +208,7 @@ def close_trial(study: Any, trial: Any) -> None:
 def _outcome(t: Any) -> tuple[dict, dict]:
     """Tags and metrics of a finished trial's run."""
     tags = {"optuna.trial_number": str(t.number), "sft_sweep.state": t.state.name}
-    error = t.user_attrs.get("error") or t.user_attrs.get("stopped_reason")
+    error = records.error_of(t) or records.stopped_reason_of(t)
     if error:
         tags["sft_sweep.reason"] = passwords.mask_secrets(str(error))[:500]
     metrics = {}
@@ -244,8 +241,8 @@ def callbacks(output_dir: Path, reporter: Any) -> list:
             _failed(cur.tracker.where, e, f"trial {cur.number}")
             return []
         cur.children[folder] = run_id
-        reporter.set_attrs({RUN_ATTR: {"backend": cur.tracker.backend, "run_id": run_id, "parent": cur.run_id,
-                                       "name": f"{cur.name}/{folder}"}})
+        reporter.set_attrs({records.TRACKING_RUN: {"backend": cur.tracker.backend, "run_id": run_id,
+                                                   "parent": cur.run_id, "name": f"{cur.name}/{folder}"}})
     return [_callback(cur, run_id)]
 
 
@@ -285,7 +282,7 @@ def close_study(config: Any, studies: list, folder: Path) -> None:
 
     out = Path(folder) / "report"
     try:
-        write_report(studies[0]._storage, out, [s.study_name for s in studies])
+        write_report(records.storage(studies[0]), out, [s.study_name for s in studies])
     except Exception as e:  # the report itself failing is not the tracker's fault, but it is no reason to stop
         log.warning("tracking: the report for the study runs could not be written (%s: %s)", type(e).__name__, e)
     files = sorted(p for p in out.glob("*") if p.suffix in (".html", ".md", ".png"))
