@@ -294,6 +294,41 @@ def test_a_server_stopped_mid_sweep_loses_no_trial(tmp_path, cache_dir):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
+def test_the_experiment_page_in_the_mlflow_ui(tmp_path, cache_dir, request):
+    """The experiment's runs page of the tests' MLflow server, in headless Chromium: the study's run and its
+    trials by name; the full-page screenshot goes to the test artifacts."""
+    from .test_report import ARTIFACTS, CHROMIUM_ARGS, _chromium
+
+    chromium = _chromium()
+    mlflow = pytest.importorskip("mlflow")
+    if not (Path(mlflow.__file__).parent / "server" / "js" / "build" / "index.html").is_file():
+        pytest.skip("the MLflow UI is not installed: mlflow-skinny has none, the full `mlflow` package brings it")
+    from playwright.sync_api import sync_playwright
+
+    mlflow_server = request.getfixturevalue("mlflow_server")  # started only when the page can be shown
+    _ok(run_cli("-m", *BASE, "schedule.max_steps=8,12", "tracking=mlflow", *_paths(tmp_path, cache_dir, "ui-tiny"),
+                env=_env(mlflow_server)))
+    experiment = _client(mlflow_server).get_experiment_by_name("ui-tiny")
+    assert experiment is not None
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "mlflow-experiment.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1800, "height": 1000})
+        page.goto(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs")
+        page.wait_for_selector("text=study ui-tiny", timeout=90_000)
+        # the trials are nested under the study's run, collapsed: its row's expander shows them
+        page.locator('[role="gridcell"]', has_text="study ui-tiny").locator("button").first.click()
+        page.wait_for_selector("text=trial_1", timeout=60_000)
+        body = page.inner_text("body")
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert "ui-tiny" in body and "study ui-tiny" in body  # the experiment and the study's run
+    assert "trial_0" in body and "trial_1" in body and "3 matching runs" in body  # its trials, nothing else
+    assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
+
+
 # --------------------------------------------------------------------------- W&B, offline
 
 
