@@ -42,12 +42,24 @@ def _ok(proc):
     return proc
 
 
+# the tracking server is a service beside the project, as PostgreSQL is: .ci/run installs the full `mlflow` (its web
+# UI included) into a venv of its own and names its Python here; without it, this environment's mlflow serves
+SERVER_PYTHON = os.environ.get("SFT_SWEEP_TEST_MLFLOW_PYTHON") or sys.executable
+
+
+def _server_has_ui() -> bool:
+    """Whether the server's mlflow ships the web UI (the full package does, mlflow-skinny does not)."""
+    found = subprocess.run([SERVER_PYTHON, "-c", "import mlflow, pathlib; print(pathlib.Path(mlflow.__file__).parent)"],
+                           capture_output=True, text=True)
+    return found.returncode == 0 and (Path(found.stdout.strip()) / "server" / "js" / "build" / "index.html").is_file()
+
+
 def _start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
     """A real MLflow tracking server on 127.0.0.1 (SQLite backend, artifacts under ``tmp``), up and answering."""
     port = _free_port()
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+        [SERVER_PYTHON, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
          "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **QUIET}, cwd=tmp)
     log.close()
@@ -301,9 +313,12 @@ def test_the_experiment_page_in_the_mlflow_ui(tmp_path, cache_dir, request):
     from .test_report import ARTIFACTS, CHROMIUM_ARGS, _chromium
 
     chromium = _chromium()
-    mlflow = pytest.importorskip("mlflow")
-    if not (Path(mlflow.__file__).parent / "server" / "js" / "build" / "index.html").is_file():
-        pytest.skip("the MLflow UI is not installed: mlflow-skinny has none, the full `mlflow` package brings it")
+    pytest.importorskip("mlflow")
+    if not _server_has_ui():
+        if os.environ.get("SFT_SWEEP_TEST_MLFLOW_PYTHON"):
+            pytest.fail(f"{SERVER_PYTHON} has no MLflow UI: .ci/run installs the full mlflow there")
+        pytest.skip("the MLflow UI is not installed: mlflow-skinny has none; set SFT_SWEEP_TEST_MLFLOW_PYTHON to the "
+                    "Python of a venv holding the full `mlflow` (as .ci/run does)")
     from playwright.sync_api import sync_playwright
 
     mlflow_server = request.getfixturevalue("mlflow_server")  # started only when the page can be shown
