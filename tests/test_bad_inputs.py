@@ -442,7 +442,12 @@ def test_ctrl_c_in_report_and_status(tmp_path, seconds):
         assert "Traceback" not in out, out[-3000:]
         if code == 0:
             continue  # it finished before the Ctrl-C
-        assert code == 130 and out.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): "), out[-2000:]
+        # one line, or none when the signal met the interpreter at its very start or end (before Python's handler
+        # is in place, or after the command has written everything): killed then, with nothing half-done
+        lines = [ln for ln in out.splitlines() if ln.startswith("interrupted (Ctrl-C): ")]
+        assert code == 130 and len(lines) <= 1, out[-2000:]
+        if not lines and command == "status":
+            assert not out.strip() or "(as of" in out, out[-2000:]
         assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # no scratch folder, no half file
 
 
