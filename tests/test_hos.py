@@ -288,14 +288,13 @@ def test_two_points_that_compose_one_run_are_named():
 def test_the_pareto_front_in_optuna_dashboard(tmp_path):
     """optuna-dashboard on a two-objective study (metric names from the sweeper): its Pareto-front graph, in
     headless Chromium; the screenshot goes to the test artifacts."""
-    import socket
     import subprocess
     import sys
-    import time
 
     from playwright.sync_api import sync_playwright
 
-    from .test_report import ARTIFACTS, CHROMIUM_ARGS, _chromium, _free_port
+    from .helpers.ports import free_port, wait_for_port
+    from .test_report import ARTIFACTS, CHROMIUM_ARGS, _chromium
 
     chromium = _chromium()
     url = f"sqlite:///{tmp_path}/optuna.db"
@@ -304,16 +303,11 @@ def test_the_pareto_front_in_optuna_dashboard(tmp_path):
     stored.set_metric_names(["eval_loss", "optimizer steps"])
     for t in study.trials:
         stored.add_trial(t)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "sweeper", "dashboard", "--storage", url, "--port", str(port)],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        for _ in range(150):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_for_port(port)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "dashboard-pareto-front.png"
         with sync_playwright() as pw:

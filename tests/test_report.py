@@ -8,10 +8,8 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -21,6 +19,7 @@ from sweeper.report import diagnose, noise_estimate
 
 from .conftest import ROOT, run_cli
 from .helpers import fast, sweeper_in_process
+from .helpers.ports import free_port, wait_for_port
 
 ARTIFACTS = Path(os.environ.get("SFT_SWEEP_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
@@ -85,12 +84,6 @@ def test_report_unknown_study_is_one_clear_error(tmp_path):
     proc = sweeper_in_process("report", "--storage", f"sqlite:///{tmp_path}/s.db", "--study", "nope",
                               "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "--study 'nope' is not in the storage; studies there: ['a']" in proc.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chromium() -> str:
@@ -196,19 +189,14 @@ def test_dashboard_in_headless_chromium(overfit_sweep):
     chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "sweeper", "dashboard", "--storage",
                                f"sqlite:///{overfit_sweep}/optuna.db", "--port", str(port)],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = server.stdout.readline()
         assert f"at http://127.0.0.1:{port}" in first
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_for_port(port)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)

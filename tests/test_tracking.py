@@ -8,7 +8,6 @@ fixture; what the sweeps left there is read back with MLflow's own client. W&B: 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import pytest
 from .conftest import run_cli
 from .helpers import fast
 from .helpers.cli import run_in_process
+from .helpers.ports import free_port
 
 TrialState = optuna.trial.TrialState
 PLANTED = "planted-pw-7Qx9"  # MLFLOW_TRACKING_PASSWORD: must be written nowhere
@@ -29,12 +29,6 @@ BASE = [*fast("schedule.max_steps"), "lr.warmup_steps=2"]  # the grid and the WS
 WSD = ["schedule=wsd_search", "schedule.wsd.decay_fraction=0.25", "schedule.wsd.stop_after_worse=null",
        "schedule.wsd.no_win_patience=null"]
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "WANDB_DISABLE_CODE": "true"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ok(proc):
@@ -56,7 +50,7 @@ def _server_has_ui() -> bool:
 
 def _start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
     """A real MLflow tracking server on 127.0.0.1 (SQLite backend, artifacts under ``tmp``), up and answering."""
-    port = _free_port()
+    port = free_port()
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
         [SERVER_PYTHON, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
@@ -250,7 +244,7 @@ def test_killed_trunk_resumes_into_the_same_run(tmp_path, cache_dir, mlflow_serv
 @pytest.mark.slow
 def test_a_tracker_that_is_down_costs_one_line_and_no_trial(tmp_path, cache_dir):
     pytest.importorskip("mlflow")
-    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     proc = _ok(run_cli("-m", *BASE, "schedule.max_steps=8,12", "tracking=mlflow", *_paths(tmp_path, cache_dir),
                        env={**_env(down), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}))
     study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
