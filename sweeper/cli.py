@@ -184,12 +184,13 @@ def _config_dir_arg(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     """Entry of ``sft-sweep`` (and of a checkout's ``train.py``): a command, or the Hydra app. A Ctrl-C
     ends it with one line and exit code 130 (:mod:`sweeper.interrupt`)."""
+    from sweeper import interrupt
+
     argv = sys.argv[1:] if argv is None else argv
     try:
-        _main(argv)
+        with interrupt.remembered():  # a Ctrl-C that a finalizer swallowed is honoured later (the sweep's checks)
+            _main(argv)
     except KeyboardInterrupt:
-        from sweeper import interrupt
-
         sweep = any(a in ("-m", "--multirun") or a.replace(" ", "").lower() == "hydra.mode=multirun" for a in argv)
         what = ("before the sweep opened its study: nothing was recorded; run the same command again to start it"
                 if sweep else "the run stopped before it finished (a run without -m records no study); run the "

@@ -12,6 +12,10 @@ plugin (:func:`sweep_stopped`, once the sweeper runs). A Ctrl-C while a trial tr
 - :func:`deferred`: hold Ctrl-C until a short block of storage writes is done (a claimed trial is never
   left RUNNING without its worker recorded).
 - :func:`release_claimed`: trials this process claimed but did not start go back to WAITING.
+- :func:`remembered` and :func:`honour`: a Ctrl-C that Python swallowed still stops the command. Python drops
+  an exception raised inside a finalizer (a ``datasets.Dataset.__del__`` run by the garbage collector, say: it
+  prints "Exception ignored in ..." and carries on), so a KeyboardInterrupt that lands there is lost; the
+  press is remembered, and the sweep honours it before it opens its queue and before each trial it claims.
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from typing import Any, Iterator
 
 from sweeper import records
 
-__all__ = ["EXIT_CODE", "deferred", "ignored", "line", "release_claimed", "sweep_stopped"]
+__all__ = ["EXIT_CODE", "deferred", "honour", "ignored", "line", "note", "release_claimed", "remembered",
+           "sweep_stopped"]
 
 EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
 
 log = logging.getLogger(__name__)
+
+_pressed = False  # a Ctrl-C came since :func:`remembered` began (whether or not its KeyboardInterrupt got through)
 
 
 def line(what: str) -> str:
@@ -39,6 +46,41 @@ def line(what: str) -> str:
 
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
+
+
+def note(signum: int) -> None:
+    """Remember a stop signal (a handler of this process calls it before it raises): only Ctrl-C is kept."""
+    global _pressed
+    if signum == signal.SIGINT:
+        _pressed = True
+
+
+def _remembering_handler(signum: int, frame: Any) -> None:
+    note(signum)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def remembered() -> Iterator[None]:
+    """Within the block, Ctrl-C raises KeyboardInterrupt as Python's own handler does, and is also remembered
+    for :func:`honour`. A no-op off the main thread or where Ctrl-C is ignored."""
+    global _pressed
+    _pressed = False
+    if not _main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    signal.signal(signal.SIGINT, _remembering_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _pressed = False
+
+
+def honour() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C that came in :func:`remembered` but was swallowed on its way."""
+    if _pressed:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

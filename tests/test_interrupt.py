@@ -1,5 +1,6 @@
-"""Ctrl-C while the sweeper claims a trial: held until the claim is recorded, and a claimed trial that never
-started goes back to WAITING (real SIGINT to this process, a real SQLite study)."""
+"""Ctrl-C while the sweeper claims a trial: held until the claim is recorded; a Ctrl-C that a finalizer swallowed
+is still honoured; a claimed trial that never started goes back to WAITING (real SIGINT to this process, a real
+SQLite study)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,29 @@ def test_ctrl_c_waits_for_the_end_of_a_deferred_block():
                 done.append("the rest of the block")
         assert done == ["the rest of the block"]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+class _SwallowsCtrlC:
+    """An object whose finalizer receives the Ctrl-C: Python prints "Exception ignored in ..." and drops it."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGINT)
+        sum(range(1000))  # bytecodes after the signal: its handler runs here, inside the finalizer
+
+
+def test_a_ctrl_c_a_finalizer_swallowed_is_honoured_later():
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _SwallowsCtrlC()  # Python's own handler: the KeyboardInterrupt is lost, nothing remembers it
+        interrupt.honour()
+        with interrupt.remembered():
+            _SwallowsCtrlC()  # lost again on its way ...
+            with pytest.raises(KeyboardInterrupt):
+                interrupt.honour()  # ... but the sweep's next check raises it
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        interrupt.honour()  # the block is over: nothing left pending for a later command in this process
     finally:
         signal.signal(signal.SIGINT, before)
 

@@ -27,7 +27,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from tqdm.auto import tqdm
 
 from sweeper import config as config_mod
-from sweeper import disk, hos, records, tracking
+from sweeper import disk, hos, interrupt, records, tracking
 from sweeper.space import quote, value_text
 from sweeper.storage import Heartbeat
 from sweeper.sweep import tell
@@ -57,6 +57,7 @@ def stop_signals() -> Iterator[None]:
         return
 
     def stop(signum: int, frame: Any) -> None:
+        interrupt.note(signum)  # kept even if a finalizer swallows the KeyboardInterrupt below
         for s in STOPS:
             signal.signal(s, signal.SIG_IGN)
         raise KeyboardInterrupt("" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}")
@@ -203,6 +204,7 @@ def run(settings: Settings, queue: Queue, launcher: Any, app_config: Any,
     progress = tqdm(total=queue.total(), initial=queue.done(), desc=f"sweep {queue.command.names}", unit="trial",
                     position=0)
     while True:
+        interrupt.honour()  # a Ctrl-C that a finalizer swallowed still ends the sweep before its next trial
         claimed = queue.claim_next()
         if claimed is None:
             if not queue.parked():

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue
 
 from sweeper import config as config_mod
-from sweeper import passwords, tracking
+from sweeper import interrupt, passwords, tracking
 from sweeper.sweep import command as command_mod
 from sweeper.sweep import launchers, loop, summary
 from sweeper.sweep.command import Command
@@ -53,6 +53,7 @@ class StudySweeper:
 
     def sweep(self, arguments: list[str]) -> list[Any]:
         settings, command, queue = self._prepare(arguments)
+        interrupt.honour()  # a Ctrl-C swallowed while the data was prepared: nothing is started
         workers = launchers.start(settings, command, queue)
         returns = loop.run(settings, queue, self.launcher, self.config, workers.stop) if workers.works_here else []
         if not workers.finish():
