@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# test processes (pytest-xdist): two fill the 2-core CI machine, as most tests wait on a subprocess or a server;
+# SLURM's tests share one group (one node), so they run one after another
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo lint test test-fast installed clean
 
@@ -26,10 +29,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 installed:  # the wheel in a fresh venv outside the repo: a sweep and a report with the installed `sft-sweep`
 	bash .ci/installed $(PYTHON)

@@ -130,3 +130,9 @@ def mount_tmpfs(path: Path, options: str) -> Path:
 def unmount(path: Path) -> None:
     if path.is_mount():
         subprocess.run(["umount", str(path)], check=True)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow tier first: with several test processes (make test: pytest-xdist), the long tests start early
+    and the short ones fill the gaps at the end, instead of one process finishing a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
