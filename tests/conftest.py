@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 
 import sweeper.config
 
@@ -26,6 +27,15 @@ sweeper.config.register()
 # Small, fast settings for CPU tests (conf/debug/fast.yaml, `+debug=fast` on the command line); every
 # test that trains starts from these.
 FAST = fast()
+
+
+@pytest.fixture(autouse=True)
+def no_hydra_run_left():
+    """Each test starts without an earlier test's Hydra run in this process (Hydra's ``run_job`` and its
+    ``--cfg``/``--info`` paths set the ``HydraConfig`` singleton and leave it set): a trial called directly then
+    writes to ``paths.output_dir``, as outside ``@hydra.main``, whatever ran before it on this test process."""
+    HydraConfig.instance().cfg = None
+    yield
 
 
 @pytest.fixture(scope="session")

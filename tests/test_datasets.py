@@ -10,7 +10,6 @@ import pytest
 
 from sweeper.report import dataset_row, datasets_table, recommend, study_report
 
-from .conftest import run_cli
 from .helpers import fast, run_in_process
 
 TrialState = optuna.trial.TrialState
@@ -44,7 +43,7 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 @pytest.mark.slow
 def test_a_sweep_over_datasets_runs_a_study_each_resumes_and_adds_only_new_datasets(tmp_path, cache_dir):
     base = [*fast("schedule.max_steps"), f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
-    out = _ok(run_cli("-m", "schedule.max_steps=8,12", "data=demo,banking77_sample", *base))
+    out = _ok(run_in_process("-m", "schedule.max_steps=8,12", "data=demo,banking77_sample", *base))
     log = out.stdout + out.stderr
     assert _names(tmp_path) == sorted(STUDIES)
     for name, data in zip(STUDIES, ["demo", "banking77_sample"]):
@@ -98,15 +97,15 @@ def test_a_sweep_over_datasets_runs_a_study_each_resumes_and_adds_only_new_datas
     assert "Step count per dataset" in (tmp_path / "report" / "report.html").read_text()
 
     # re-running resumes both studies: nothing to run
-    again = _ok(run_cli("-m", "schedule.max_steps=8,12", "data=demo,banking77_sample", *base))
+    again = _ok(run_in_process("-m", "schedule.max_steps=8,12", "data=demo,banking77_sample", *base))
     assert (again.stdout + again.stderr).count("0 to run, 2 already done") == 2
     assert all(len(_study(tmp_path, n).trials) == 2 for n in STUDIES)
     # a single-dataset command resumes its study too (named as it would name it)
-    one = _ok(run_cli("-m", "schedule.max_steps=8,12", "data=banking77_sample", *base))
+    one = _ok(run_in_process("-m", "schedule.max_steps=8,12", "data=banking77_sample", *base))
     assert "0 to run, 2 already done" in one.stdout + one.stderr and _names(tmp_path) == sorted(STUDIES)
 
     # a third dataset in the list: only its trials run
-    more = _ok(run_cli("-m", "schedule.max_steps=8,12", "data=demo,banking77_sample,snips_sample", *base))
+    more = _ok(run_in_process("-m", "schedule.max_steps=8,12", "data=demo,banking77_sample,snips_sample", *base))
     assert _names(tmp_path) == sorted([*STUDIES, "snips_sample-tiny"])
     assert all(len(_study(tmp_path, n).trials) == 2 for n in STUDIES)
     assert [t.state for t in _study(tmp_path, "snips_sample-tiny").trials] == [TrialState.COMPLETE] * 2
@@ -116,7 +115,7 @@ def test_a_sweep_over_datasets_runs_a_study_each_resumes_and_adds_only_new_datas
 @pytest.mark.slow
 def test_wsd_search_over_two_datasets_records_branches_in_each_study(tmp_path, cache_dir):
     base = [*fast("schedule.max_steps"), f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
-    out = _ok(run_cli("-m", "schedule=wsd_search", "schedule.wsd.candidates=[8,12]",
+    out = _ok(run_in_process("-m", "schedule=wsd_search", "schedule.wsd.candidates=[8,12]",
                       "data=banking77_sample,snips_sample", *base))
     for name in ("banking77_sample-tiny", "snips_sample-tiny"):
         trials = _study(tmp_path, name).trials

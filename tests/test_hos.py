@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from sweeper import hos, objectives, samplers
 from sweeper.report import attrs, front_report, pick
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT
+from .helpers.cli import run_in_process
 
 
 @pytest.mark.parametrize("cfg,cls,seed", [
@@ -190,7 +191,7 @@ def test_a_hydra_optuna_sweeper_example_block_runs(tmp_path, cache_dir):
     conf = tmp_path / "conf"
     conf.mkdir()
     (conf / "hos.yaml").write_text(HOS_EXAMPLE)
-    proc = run_cli("-m", f"--config-dir={conf}", "--config-name=hos", "eval.eval_steps=8", "eval.logging_steps=8",
+    proc = run_in_process("-m", f"--config-dir={conf}", "--config-name=hos", "eval.eval_steps=8", "eval.logging_steps=8",
                    "data.demo_rows=120", "batch.per_device_train_batch_size=4", "batch.gradient_accumulation_steps=1",
                    "report_to=none", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -211,7 +212,7 @@ def test_a_hydra_optuna_sweeper_example_block_runs(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_two_objective_sweep_shows_its_front(tmp_path, cache_dir):
-    proc = run_cli("-m", "schedule.max_steps=20,40", "eval.eval_steps=10", "eval.logging_steps=10", "data.demo_rows=200",
+    proc = run_in_process("-m", "schedule.max_steps=20,40", "eval.eval_steps=10", "eval.logging_steps=10", "data.demo_rows=200",
                    "batch.per_device_train_batch_size=4", "batch.gradient_accumulation_steps=1", "report_to=none",
                    "hydra.sweeper.direction=[minimize,minimize]", "hydra.sweeper.cost=steps",
                    "hydra.sweeper.pruner.name=median", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
@@ -245,7 +246,7 @@ def test_hos_block_in_configs_composes_with_our_sweeper():
 def test_a_job_hydra_cannot_compose_fails_its_trial_and_the_sweep_goes_on(tmp_path, cache_dir):
     from .conftest import FAST
 
-    proc = run_cli("-m", "seed=1,2", *FAST, "hydra.sweeper.custom_search_space=tests.helpers.search.bad_patience",
+    proc = run_in_process("-m", "seed=1,2", *FAST, "hydra.sweeper.custom_search_space=tests.helpers.search.bad_patience",
                    f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")

@@ -164,7 +164,7 @@ def _check_records(url: str, name: str = "demo-tiny") -> dict:
 def joint_sweep(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("joint")
     url = f"sqlite:///{tmp}/optuna.db"
-    proc = _ok(run_cli("-m", *JOINT, f"paths.output_dir={tmp}", f"paths.cache_dir={cache_dir}",
+    proc = _ok(run_in_process("-m", *JOINT, f"paths.output_dir={tmp}", f"paths.cache_dir={cache_dir}",
                        f"hydra.sweeper.storage={url}", f"hydra.sweep.dir={tmp}/sweep"))
     return url, proc
 
@@ -196,7 +196,7 @@ def test_three_workers_train_the_trunks_at_once(tmp_path, cache_dir, storage):
 def test_a_sweep_over_the_learning_rate_is_a_joint_search(tmp_path, cache_dir):
     url = f"sqlite:///{tmp_path}/optuna.db"
     args = [a for a in JOINT if not a.startswith("schedule.wsd.learning_rates")]
-    _ok(run_cli("-m", *args, "lr.learning_rate=1e-3,3e-3,1e-2", f"paths.output_dir={tmp_path}",
+    _ok(run_in_process("-m", *args, "lr.learning_rate=1e-3,3e-3,1e-2", f"paths.output_dir={tmp_path}",
                 f"paths.cache_dir={cache_dir}", f"hydra.sweeper.storage={url}", f"hydra.sweep.dir={tmp_path}/sweep"))
     _check_records(url)
 
@@ -266,7 +266,7 @@ def test_a_bad_joint_sweep_is_one_line_and_no_trial(tmp_path, cache_dir, overrid
 
 @pytest.mark.slow
 def test_without_a_study_every_trunk_runs_in_one_process(tmp_path, cache_dir):
-    proc = _ok(run_cli(*JOINT, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+    proc = _ok(run_in_process(*JOINT, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
                        f"hydra.run.dir={tmp_path}/run"))
     lines = proc.stdout.splitlines()
     rows = [line for line in lines if line.startswith("| 0.0")]

@@ -17,8 +17,9 @@ import pytest
 
 from sweeper.report import diagnose, noise_estimate
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT
 from .helpers import fast, sweeper_in_process
+from .helpers.cli import run_in_process
 from .helpers.ports import free_port, wait_for_port
 
 ARTIFACTS = Path(os.environ.get("SFT_SWEEP_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -42,7 +43,7 @@ def overfit_sweep(tmp_path_factory, cache_dir):
     """A real sweep: 20 steps (too short) and 300 steps of 24 rows at a high constant LR (over-fits clearly
     above its evaluations' noise)."""
     out = tmp_path_factory.mktemp("overfit")
-    proc = run_cli("-m", "schedule.max_steps=20,300", *fast("schedule.max_steps"), "eval.eval_steps=10", "eval.logging_steps=10",
+    proc = run_in_process("-m", "schedule.max_steps=20,300", *fast("schedule.max_steps"), "eval.eval_steps=10", "eval.logging_steps=10",
                    "eval.early_stopping_patience=null", "lr.learning_rate=3e-3",
                    "lr.lr_scheduler_type=constant_with_warmup", "batch.per_device_train_batch_size=8",
                    "data.demo_rows=200", "data.max_train_rows=24", f"paths.output_dir={out}",
@@ -724,9 +725,9 @@ def test_a_config_change_keeps_its_params_and_the_pasted_follow_up_continues_the
     url = f"sqlite:///{tmp_path}/optuna.db"
     base = [*fast("schedule.max_steps", "data."), "data=jsonl", f"data.train_path={quote(str(path))}",
             f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={cache_dir}", f"hydra.sweeper.storage={url}"]
-    first = run_cli("-m", "schedule.max_steps=4,8", *base)
+    first = run_in_process("-m", "schedule.max_steps=4,8", *base)
     assert first.returncode == 0, first.stderr[-3000:]
-    added = run_cli("-m", "schedule.max_steps=8", "lr.learning_rate=3e-3", "hydra.sweeper.allow_config_change=true",
+    added = run_in_process("-m", "schedule.max_steps=8", "lr.learning_rate=3e-3", "hydra.sweeper.allow_config_change=true",
                     *base)
     assert added.returncode == 0, added.stderr[-3000:]
     study = optuna.load_study(study_name=f"{name}-tiny", storage=url)

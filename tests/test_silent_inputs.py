@@ -16,7 +16,8 @@ from sweeper import fingerprint, identity
 from sweeper import spec as spec_mod
 from sweeper.config import InputError
 
-from .conftest import FAST, run_cli
+from .conftest import FAST
+from .helpers.cli import run_in_process
 
 
 def _write(path, rows):
@@ -442,7 +443,7 @@ def test_several_files_one_command_no_secret_written_and_a_new_study_moves_old_f
     out = tmp_path / "out"
     base = [*FAST, "schedule.max_steps=4", f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}",
             f"+hydra.job.env_set.HF_TOKEN={SECRET}", "data=jsonl"]
-    proc = run_cli("-m", f"data.train_path={a},{tmp_path / 'b.parquet'}", *base)
+    proc = run_in_process("-m", f"data.train_path={a},{tmp_path / 'b.parquet'}", *base)
     assert proc.returncode == 0, proc.stderr[-3000:]
     url = f"sqlite:///{out}/optuna.db"
     for name in ("a-tiny", "b-tiny"):
@@ -454,7 +455,7 @@ def test_several_files_one_command_no_secret_written_and_a_new_study_moves_old_f
 
     old_log = (out / "sweeps" / "a-tiny" / "trial_0" / "train.log").read_text()
     (out / "optuna.db").unlink()
-    proc = run_cli("-m", f"data.train_path={a}", *base)
+    proc = run_in_process("-m", f"data.train_path={a}", *base)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "moved them, whole, to" in proc.stdout + proc.stderr
     [previous] = (out / "sweeps" / "a-tiny").glob("previous-*")

@@ -10,6 +10,7 @@ from sweeper import identity
 
 from .conftest import FAST, run_cli
 from .helpers import fast
+from .helpers.cli import run_in_process
 
 TrialState = optuna.trial.TrialState
 
@@ -41,7 +42,7 @@ def test_stale_settings_refused_follow_up_grids_run_their_own_points(tmp_path, c
     base = [*FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
 
     def cli(*args):
-        return run_cli("-m", *args, *base)
+        return run_in_process("-m", *args, *base)
 
     first = cli("schedule.max_steps=8,12")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -74,7 +75,7 @@ def test_stale_settings_refused_follow_up_grids_run_their_own_points(tmp_path, c
     assert "0 to run, 2 already done" in again.stdout + again.stderr
     assert len(_trials(tmp_path)) == 6
 
-    wsd = run_cli("-m", "schedule=wsd_search", "schedule.wsd.candidates=[8,12]", *base[1:])  # into the cosine study
+    wsd = run_in_process("-m", "schedule=wsd_search", "schedule.wsd.candidates=[8,12]", *base[1:])  # into the cosine study
     assert wsd.returncode == 0, wsd.stderr[-3000:]
     new = _trials(tmp_path)[6:]
     assert new and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in new)

@@ -33,10 +33,10 @@ def _ok(proc):
 
 def test_core_grid_runs_each_point_once_and_resumes(tmp_path, cache_dir):
     base = [*FAST, *_paths(tmp_path, cache_dir)]
-    _ok(run_cli("-m", "schedule=under,sweet", *base))
+    _ok(run_in_process("-m", "schedule=under,sweet", *base))
     assert [t.params["schedule"] for t in _study(tmp_path).trials] == ["under", "sweet"]
 
-    out = _ok(run_cli("-m", "schedule=under,sweet,over", *base))  # resumes: only "over" is missing
+    out = _ok(run_in_process("-m", "schedule=under,sweet,over", *base))  # resumes: only "over" is missing
     study = _study(tmp_path)
     assert [t.params["schedule"] for t in study.trials] == ["under", "sweet", "over"]
     for t in study.trials:
@@ -51,7 +51,7 @@ def test_core_grid_runs_each_point_once_and_resumes(tmp_path, cache_dir):
     job_dirs = {t.user_attrs["run_dir"] for t in study.trials}
     assert job_dirs == {str(tmp_path / "sweeps" / "demo-tiny" / f"trial_{n}") for n in range(3)}
 
-    _ok(run_cli("-m", "schedule=under,sweet,over", *base))  # nothing missing: no new trial
+    _ok(run_in_process("-m", "schedule=under,sweet,over", *base))  # nothing missing: no new trial
     assert len(_study(tmp_path).trials) == 3
 
     # the plan now knows this study's measured throughput and estimates wall time from it
@@ -64,7 +64,7 @@ def test_core_grid_runs_each_point_once_and_resumes(tmp_path, cache_dir):
 def test_range_and_log_interval_stay_inside_hydra_bounds_and_n_trials_is_the_total(tmp_path, cache_dir):
     args = ["-m", "schedule.max_steps=range(4,12,4)", "lr.learning_rate=tag(log,interval(1e-4,1e-3))",
             "hydra.sweeper.sampler.name=random", "hydra.sweeper.n_trials=3", *fast("schedule.max_steps"), *_paths(tmp_path, cache_dir)]
-    _ok(run_cli(*args))
+    _ok(run_in_process(*args))
     study = _study(tmp_path)
     assert len(study.trials) == 3
     for t in study.trials:
@@ -72,12 +72,12 @@ def test_range_and_log_interval_stay_inside_hydra_bounds_and_n_trials_is_the_tot
         assert 1e-4 <= t.params["lr.learning_rate"] <= 1e-3
         assert t.distributions["lr.learning_rate"].log
         assert t.user_attrs["max_steps"] == t.params["schedule.max_steps"]
-    _ok(run_cli(*args[:-4], "hydra.sweeper.n_trials=4", *args[-3:]))
+    _ok(run_in_process(*args[:-4], "hydra.sweeper.n_trials=4", *args[-3:]))
     assert len(_study(tmp_path).trials) == 4  # the total, not 4 more
 
 
 def test_failing_trial_is_recorded_and_the_sweep_continues(tmp_path, cache_dir):
-    out = _ok(run_cli("-m", "model.attn_implementation=no_such_attention,eager", *FAST, *_paths(tmp_path, cache_dir)))
+    out = _ok(run_in_process("-m", "model.attn_implementation=no_such_attention,eager", *FAST, *_paths(tmp_path, cache_dir)))
     failed, done = _study(tmp_path).trials
     assert failed.state == TrialState.FAIL and "no_such_attention" in failed.user_attrs["error"]
     assert done.state == TrialState.COMPLETE
@@ -86,7 +86,7 @@ def test_failing_trial_is_recorded_and_the_sweep_continues(tmp_path, cache_dir):
 
 def test_median_pruner_stops_a_lagging_trial(tmp_path, cache_dir):
     # two healthy learning rates finish; a 1000x smaller one lags the median at its first report
-    out = _ok(run_cli("-m", "lr.learning_rate=1e-3,2e-3,1e-6", "hydra.sweeper.pruner.name=median",
+    out = _ok(run_in_process("-m", "lr.learning_rate=1e-3,2e-3,1e-6", "hydra.sweeper.pruner.name=median",
                       "hydra.sweeper.pruner.n_startup_trials=2", *FAST, *_paths(tmp_path, cache_dir)))
     states = [t.state for t in _study(tmp_path).trials]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]

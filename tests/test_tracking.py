@@ -160,9 +160,9 @@ def test_tracking_uri_with_a_password_is_refused_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_grid_and_wsd_search_land_in_one_experiment(tmp_path, cache_dir, mlflow_server):
     env = _env(mlflow_server)
-    grid = _ok(run_cli("-m", *BASE, "schedule.max_steps=8,12", "tracking=mlflow", *_paths(tmp_path, cache_dir),
+    grid = _ok(run_in_process("-m", *BASE, "schedule.max_steps=8,12", "tracking=mlflow", *_paths(tmp_path, cache_dir),
                        env=env))
-    wsd = _ok(run_cli("-m", *BASE, *WSD, "schedule.wsd.candidates=[8,16]", "tracking=mlflow",
+    wsd = _ok(run_in_process("-m", *BASE, *WSD, "schedule.wsd.candidates=[8,16]", "tracking=mlflow",
                       *_paths(tmp_path, cache_dir), env=env))
     assert "tracking:" not in grid.stdout + grid.stderr + wsd.stdout + wsd.stderr  # nothing went wrong with the tracker
     study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
@@ -285,7 +285,7 @@ def test_a_server_stopped_mid_sweep_loses_no_trial(tmp_path, cache_dir):
     watcher = threading.Thread(target=stop_once_trial_0_logs, daemon=True)
     watcher.start()
     try:
-        proc = _ok(run_cli("-m", *BASE, "schedule.max_steps=12,16", "tracking=mlflow", *_paths(tmp_path, cache_dir),
+        proc = _ok(run_in_process("-m", *BASE, "schedule.max_steps=12,16", "tracking=mlflow", *_paths(tmp_path, cache_dir),
                            env={**_env(uri), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}))
     finally:
         stopped.set()
@@ -316,7 +316,7 @@ def test_the_experiment_page_in_the_mlflow_ui(tmp_path, cache_dir, request):
     from playwright.sync_api import sync_playwright
 
     mlflow_server = request.getfixturevalue("mlflow_server")  # started only when the page can be shown
-    _ok(run_cli("-m", *BASE, "schedule.max_steps=8,12", "tracking=mlflow", *_paths(tmp_path, cache_dir, "ui-tiny"),
+    _ok(run_in_process("-m", *BASE, "schedule.max_steps=8,12", "tracking=mlflow", *_paths(tmp_path, cache_dir, "ui-tiny"),
                 env=_env(mlflow_server)))
     experiment = _client(mlflow_server).get_experiment_by_name("ui-tiny")
     assert experiment is not None

@@ -21,6 +21,7 @@ from sweeper.wsd import STATE_FILE, cooldown_best, search, should_stop_trunk
 
 from .conftest import run_cli
 from .helpers import fast
+from .helpers.cli import run_in_process
 
 TrialState = optuna.trial.TrialState
 LR, WARMUP, FRACTION = 1e-3, 2, 0.25  # lr=tiny; p_s = s - round(0.25 s): 8 -> 6, 16 -> 12, 24 -> 18
@@ -57,7 +58,7 @@ def _expected_lr(step: int, s: int) -> float:
 @pytest.fixture(scope="module")
 def wsd_sweep(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("wsd_sweep")
-    proc = _ok(run_cli("-m", *WSD, *_paths(tmp, cache_dir), f"hydra.sweeper.storage=sqlite:///{tmp}/optuna.db",
+    proc = _ok(run_in_process("-m", *WSD, *_paths(tmp, cache_dir), f"hydra.sweeper.storage=sqlite:///{tmp}/optuna.db",
                        f"hydra.sweep.dir={tmp}/sweep"))
     study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp}/optuna.db")
     return proc, study

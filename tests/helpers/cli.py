@@ -4,8 +4,9 @@ interpreter.
 :func:`run_in_process` calls the same task function through ``hydra.main`` with the given arguments,
 so Hydra parses the command line, composes the config, starts the sweeper plugin and reports an error
 exactly as the command does (one line on stderr, exit code 1); only the interpreter start-up and the
-imports (seconds per command) are saved. For commands that fail before any trial: a sweep that trains
-belongs in a real subprocess (``tests.conftest.run_cli``).
+imports (seconds per command) are saved. A sweep that trains runs here too (its trials run in this process,
+as Hydra's basic launcher runs them in the command's); what needs a process of its own stays in a real
+subprocess (``tests.conftest.run_cli``): a kill or a signal, the process's exit, several workers, SLURM.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ ROOT = Path(__file__).resolve().parents[2]
 __all__ = ["run_in_process", "sweeper_in_process"]
 
 
-def run_in_process(*args: str) -> subprocess.CompletedProcess:
-    """Run ``train.py *args`` here; return its exit code and what it wrote, as :func:`subprocess.run` would."""
+def run_in_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``train.py *args`` here (``env``: variables set while it runs); return its exit code and what it
+    wrote, as :func:`subprocess.run` would."""
     from sweeper import train
     from sweeper.paths import CONF_DIR
 
     # the Hydra app that train.py (through sweeper.cli) runs, wrapped again so that Hydra starts afresh
     main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(train.main.__wrapped__)
     out, err = io.StringIO(), io.StringIO()
-    env = {"HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1"}
+    env = {"HYDRA_FULL_ERROR": "0", "TQDM_DISABLE": "1", **(env or {})}
     GlobalHydra.instance().clear()
     code = 0
     try:
