@@ -4,8 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# test processes (pytest-xdist): two fill the 2-core CI machine, as most tests wait on a subprocess or a server;
-# SLURM's tests share one group (one node), so they run one after another
+# test processes (pytest-xdist): two keep the 2-core CI machine busy while a test waits on a subprocess or a server.
+# --dist loadgroup hands out one test at a time (its xdist_group marks do nothing under pytest 9.2: xdist 3.8 sets
+# a node id attribute that pytest no longer reads)
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo lint test test-fast installed clean

@@ -143,15 +143,6 @@ def unmount(path: Path) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """For several test processes (make test: pytest-xdist with ``--dist loadgroup``): the slow tier first, so
-    that the long tests start early and the short ones fill the gaps at the end; and the tests of one module
-    that share a module-scoped fixture (a real sweep, a server) in one group, so that the fixture runs once,
-    not once per process."""
-    manager = config.pluginmanager.get_plugin("funcmanage")
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None or manager is None:
-            continue
-        scopes = {d.scope for name in item.fixturenames for d in (manager.getfixturedefs(name, item) or ())}
-        if "module" in scopes:
-            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}: its module fixtures"))
+    """The slow tier first: with several test processes (make test: pytest-xdist), the long tests start early
+    and the short ones fill the gaps at the end, instead of one process finishing a long test alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -17,7 +17,7 @@ import pytest
 
 from .conftest import FAST, PG_URL, ROOT, load_study, postgres_unreachable, run_cli, skip_or_fail
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one node: one test at a time
+pytestmark = pytest.mark.slow
 TrialState = optuna.trial.TrialState
 
 
