@@ -319,6 +319,8 @@ def test_the_pareto_front_in_optuna_dashboard(tmp_path):
             page.click("text=demo-tiny")
             page.wait_for_selector("text=Pareto Front", timeout=60_000)
             page.locator("text=Pareto Front").first.scroll_into_view_if_needed()
+            # the graph draws its axes after its heading appears (seconds later on a loaded machine)
+            page.wait_for_function("() => document.body.innerHTML.includes('optimizer steps')", timeout=60_000)
             body = page.content()
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
