@@ -12,16 +12,25 @@ and leaves CPU runs on the plain path, so no GPU-only flag ever reaches a CPU ru
 - ``padding_free``: the rows of a micro-batch are concatenated into one sequence, so no compute
   goes to pad tokens (TRL's padding-free collator; ``data.packing=true`` implies it).
 - ``liger``: Liger's RMSNorm, RoPE and SwiGLU kernels, applied to the model instance (TRL's
-  ``use_liger_kernel`` is deprecated; its fused LM head already replaces Liger's fused loss).
+  ``use_liger_kernel`` is deprecated; its fused LM head already replaces Liger's fused loss). ``auto``
+  leaves them off when ``compile`` is on: they break the compiled graph, and Inductor fuses the same ops.
 - ``fused_optimizer``: ``adamw_torch`` becomes ``adamw_torch_fused`` (one kernel per step).
 - ``lora_upcast``: PEFT casts every LoRA layer's input to the adapters' dtype (fp32), a copy of the
   activations per adapted linear and step that autocast then casts back to bf16/fp16 for the matmul.
   ``auto`` skips that round trip while autocast is on (the adapters stay fp32, the optimizer's update is
   the same; the matmul sees the same bf16 values) and keeps PEFT's cast wherever autocast is off (e.g.
   the accuracy metric's generation), so no dtype mismatch can arise.
+- ``lora_fused``: each LoRA linear adds its adapters' product into the base layer's output inside one
+  matrix multiply (``addmm_`` with the scaling as its ``alpha``) instead of PEFT's separate scale and add over
+  the whole output (two passes over a tokens x out_features tensor forward and one backward, per adapted
+  linear and step). The adapters, their dropout and the loss are PEFT's; only the rounding differs (one
+  rounding of the sum instead of three). ``auto``: on under bf16/fp16 autocast on CUDA; any layer or call it
+  does not cover (DoRA and other variants, LoRA biases, several active adapters, merged weights, no autocast)
+  runs PEFT's own forward.
 - ``compile``: ``true`` is ``torch.compile`` of the whole model (TRL's ``torch_compile``; about a minute
   per trial); ``regional`` compiles each repeated decoder block in place, so one block's graph serves
-  every layer (accelerate's regional compilation) and fuses LoRA's cast, dropout, scale and add; the
+  every layer (accelerate's regional compilation), with dynamic shapes (a packed micro-batch's length
+  changes every step), and fuses LoRA's cast, dropout, scale and add; the
   Inductor cache (``TORCHINDUCTOR_CACHE_DIR``; ``paths.cache_dir``/inductor unless set) lets a worker's
   later trials, and later sweeps, reuse the compiled kernels.
 
@@ -36,13 +45,14 @@ import json
 import logging
 import os
 import time
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sweeper.config import SpeedConfig
 
 __all__ = ["VARLEN", "COMPILE_CHOICES", "apply_to_model", "apply_to_trainer", "attn_implementation", "compile_blocks", "describe", "measurement_callbacks",
-           "register_varlen", "resolve", "sft_config_kwargs", "skip_lora_upcast", "varlen_attention"]
+           "fuse_lora", "register_varlen", "resolve", "sft_config_kwargs", "skip_lora_upcast", "varlen_attention"]
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +91,11 @@ def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str) -> dict
             f"speed.attention=varlen needs a CUDA GPU and bf16/fp16 compute (here: "
             f"{'CUDA' if cuda else 'no GPU'}, {compute}); use speed.attention=auto or sdpa")
     liger = str(group.liger)
+    compile_ = (group.compile if group.compile in COMPILE_CHOICES else bool(group.compile)) if cuda else False
     if liger == "auto":
-        use_liger = cuda and _liger_available()
+        # Liger's Triton kernels split a compiled graph (RoPE) or fail to trace with dynamic shapes (RMSNorm);
+        # Inductor fuses the same norm, RoPE and SwiGLU itself, so a compiled model runs without them
+        use_liger = cuda and _liger_available() and not compile_
     else:
         use_liger = bool(group.liger)
         if use_liger and not (cuda and _liger_available()):
@@ -95,8 +108,9 @@ def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str) -> dict
         "padding_free": pick("padding_free", attention == "varlen"),
         "liger": use_liger,
         "optim": "adamw_torch_fused" if fused else optim,
-        "compile": (group.compile if group.compile in COMPILE_CHOICES else bool(group.compile)) if cuda else False,
+        "compile": compile_,
         "lora_upcast": pick("lora_upcast", not half),
+        "lora_fused": pick("lora_fused", cuda and half),
         "dataloader_num_workers": int(group.dataloader_num_workers),
     }
 
@@ -137,7 +151,9 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     q = query.transpose(1, 2).reshape(b * t, h, d)
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
     v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
-    longest = int(kwargs.get("max_length_q") or t)
+    longest = kwargs.get("max_length_q")  # kept symbolic under torch.compile: int() would pin each value
+    if longest is None:
+        longest = t
     out = torch.ops.aten._flash_attention_forward(
         q, k, v, cu.to(torch.int32), cu.to(torch.int32), longest, longest, float(dropout), True, False, scale=scaling,
     )[0]
@@ -171,6 +187,7 @@ def apply_to_trainer(trainer: Any, speed: dict, cache_dir: str | None = None) ->
       ``max_length`` when not packing (``SFTTrainer._prepare_dataset``), so the rows the collator
       concatenates are already cut;
     - ``lora_upcast=false``: LoRA layers skip PEFT's input cast while autocast is on;
+    - ``lora_fused``: LoRA linears add their adapters' product inside one ``addmm_`` (:func:`fuse_lora`);
     - ``compile=regional``: each repeated decoder block compiled in place, with Inductor's cache under
       ``cache_dir``/inductor unless the user set ``TORCHINDUCTOR_CACHE_DIR``."""
     collator = trainer.data_collator
@@ -179,6 +196,8 @@ def apply_to_trainer(trainer: Any, speed: dict, cache_dir: str | None = None) ->
         trainer.padding_free = True
     if not speed.get("lora_upcast", True):
         skip_lora_upcast(trainer.model)
+    if speed.get("lora_fused", False):
+        fuse_lora(trainer.model)
     if speed["compile"] == "regional":
         if cache_dir and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.abspath(cache_dir), "inductor")
@@ -214,6 +233,41 @@ def skip_lora_upcast(model: Any) -> int:
     return n
 
 
+def fuse_lora(model: Any) -> int:
+    """Give every plain LoRA linear of ``model`` (PEFT's ``lora.Linear``; not its quantised or other layer
+    classes) the fused forward of :func:`_fused_lora_forward`; returns how many layers were changed (0: no
+    LoRA layer, e.g. full fine-tuning)."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except Exception:  # PEFT missing: nothing to change
+        return 0
+    n = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            n += 1
+    return n
+
+
+def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """PEFT's LoRA forward, ``base(x) + lora_B(lora_A(dropout(x))) * scaling``, as ``base(x).addmm_(
+    lora_A(dropout(x)), lora_B.weight.T, alpha=scaling)`` under autocast; PEFT's own forward otherwise."""
+    import torch
+
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
+            or name in self.lora_variant or not torch.is_autocast_enabled(x.device.type)
+            or getattr(self.lora_A[name], "bias", None) is not None
+            or getattr(self.lora_B[name], "bias", None) is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    flat = x.reshape(-1, x.shape[-1])
+    result = self.base_layer(flat)
+    h = torch.nn.functional.linear(self.lora_dropout[name](flat), self.lora_A[name].weight)
+    result.addmm_(h, self.lora_B[name].weight.to(result.dtype).t(), alpha=self.scaling[name])
+    return result.view(*x.shape[:-1], result.shape[-1])
+
+
 def compile_blocks(model: Any) -> int:
     """Compile, in place, every block of the model's repeated blocks (a ``ModuleList`` of one class: the
     decoder layers), so one compiled graph serves every layer and the module's parameters and state
@@ -226,7 +280,8 @@ def compile_blocks(model: Any) -> int:
         if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and \
                 all(type(m) is type(module[0]) for m in module):
             for block in module:
-                block.compile()
+                # dynamic: a packed micro-batch's length changes every step; one graph serves every length
+                block.compile(dynamic=True)
                 n += 1
             break  # the outermost repeated blocks only
     log.info("speed.compile=regional: %d %s blocks compiled in place", n,
@@ -236,7 +291,8 @@ def compile_blocks(model: Any) -> int:
 
 def describe(speed: dict) -> str:
     return (f"attention={speed['attention']} padding_free={speed['padding_free']} liger={speed['liger']} "
-            f"optim={speed['optim']} lora_upcast={speed.get('lora_upcast', True)} compile={speed['compile']}")
+            f"optim={speed['optim']} lora_upcast={speed.get('lora_upcast', True)} "
+            f"lora_fused={speed.get('lora_fused', False)} compile={speed['compile']}")
 
 
 # --------------------------------------------------------------------------- measurement hooks

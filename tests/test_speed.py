@@ -22,7 +22,7 @@ def test_auto_resolves_to_the_plain_path_on_cpu(compose_cfg):
     got = speed.resolve(cfg.speed, cuda=False, compute="fp32", optim="adamw_torch")
     assert got == {"name": "auto", "attention": "sdpa", "padding_free": False, "liger": False,
                    "optim": "adamw_torch", "compile": False, "lora_upcast": True,
-                   "dataloader_num_workers": 0}
+                   "lora_fused": False, "dataloader_num_workers": 0}
 
 
 def test_auto_turns_the_fast_path_on_for_a_cuda_gpu(compose_cfg):
@@ -31,7 +31,13 @@ def test_auto_turns_the_fast_path_on_for_a_cuda_gpu(compose_cfg):
     assert got["attention"] == "varlen" and got["padding_free"] is True
     assert got["optim"] == "adamw_torch_fused"
     assert got["lora_upcast"] is False  # LoRA layers skip PEFT's fp32 input cast under bf16 autocast
+    assert got["lora_fused"] is True  # and add their adapters' product inside one addmm_
     assert got["liger"] == speed._liger_available()
+    # a compiled model runs without Liger's kernels (they break the graph; Inductor fuses the same ops)
+    for mode in ("regional", True):
+        compiled = speed.resolve(compose_cfg(f"speed.compile={str(mode).lower()}").speed, cuda=True, compute="bf16",
+                                 optim="adamw_torch")
+        assert compiled["compile"] == mode and compiled["liger"] is False
     # fp32 compute on a GPU: flash attention cannot run, so SDPA (and no padding-free rows)
     fp32 = speed.resolve(cfg.speed, cuda=True, compute="fp32", optim="adamw_torch")
     assert fp32["attention"] == "sdpa" and fp32["padding_free"] is False
@@ -39,6 +45,7 @@ def test_auto_turns_the_fast_path_on_for_a_cuda_gpu(compose_cfg):
     assert speed.resolve(cfg.speed, cuda=True, compute="bf16", optim="sgd")["optim"] == "sgd"
     plain = speed.resolve(compose_cfg("speed=plain").speed, cuda=True, compute="bf16", optim="adamw_torch")
     assert plain["attention"] == "sdpa" and not plain["liger"] and plain["optim"] == "adamw_torch"
+    assert not plain["lora_fused"]
 
 
 def test_gpu_only_choices_are_refused_on_cpu_before_any_model_loads(compose_cfg):
@@ -161,3 +168,62 @@ def test_lora_layers_skip_their_input_cast_only_under_autocast():
     assert next(p for n, p in skip.named_parameters() if "lora_A" in n).dtype == torch.float32
     with torch.no_grad():
         assert skip(input_ids=ids).logits.dtype == torch.bfloat16  # no autocast: PEFT's cast still applies
+
+
+def test_fused_lora_layers_compute_what_peft_computes():
+    """speed.lora_fused: under bf16 autocast the loss and every adapter gradient are as close to the fp32
+    computation as PEFT's own forward is (only the rounding differs); LoRA's dropout draws the same masks;
+    outside autocast PEFT's own forward runs, bit for bit."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128)
+
+    def build(dtype, dropout=0.0):
+        torch.manual_seed(0)
+        model = get_peft_model(Qwen2ForCausalLM(cfg).to(dtype), LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():  # lora_B starts at zero: give it values, so the adapters' product counts
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        return model
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def step(model, autocast=True):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), [p.grad.float() for p in model.parameters() if p.requires_grad]
+
+    peft_path, fused = build(torch.bfloat16), build(torch.bfloat16)
+    speed.skip_lora_upcast(peft_path)
+    assert speed.fuse_lora(fused) == 14  # 7 adapted linears per layer
+    ref_loss, ref = step(build(torch.float32), autocast=False)
+    (l1, g1), (l2, g2) = step(peft_path), step(fused)
+
+    def err(grads):
+        return max(((g - r).norm() / r.norm()).item() for g, r in zip(grads, ref))
+
+    assert len(g2) == len(ref) == 28
+    assert abs(l2 - ref_loss) <= 2 * abs(l1 - ref_loss) + 1e-3
+    assert err(g2) <= 1.5 * err(g1)
+    assert err([2 * g for g in g1]) > 10 * err(g2)  # a gradient off by the scaling fails the check above
+
+    # LoRA's dropout: the same masks (same draws in the same order) as PEFT's forward
+    layer = build(torch.bfloat16, dropout=0.5).base_model.model.model.layers[0].mlp.up_proj
+    x = torch.randn(2, 16, 32, dtype=torch.bfloat16)
+
+    def out(fuse):
+        torch.manual_seed(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return (speed._fused_lora_forward(layer, x) if fuse else type(layer).forward(layer, x)).float()
+
+    assert (out(True) - out(False)).norm() <= 1e-2 * out(False).norm()
+    layer.eval()
+    assert (out(True) - out(False)).norm() <= 1e-2 * out(False).norm()
+    with torch.no_grad():  # no autocast: PEFT's forward, bit for bit
+        assert torch.equal(peft_path(input_ids=ids).logits, fused(input_ids=ids).logits)
