@@ -32,3 +32,26 @@ def test_a_searchs_answer_is_its_branches_and_its_trunks_best_state_where_that_i
     assert worse[450]["trunk"] and min(worse, key=lambda s: worse[s]["value"]) == 500
     assert answer(branches, (350, 0.2255))[350]["trunk"] and answer(branches, (350, 0.2255))[500] == branches[500]
     assert answer(branches, None) == branches
+
+
+def test_a_stored_search_replayed_under_the_trunk_rules_stops_where_the_table_says(tmp_path):
+    """benchmarks/wsd_runs/cpu-banking77_sample: the 3-point search trained under stop_after_worse only (3,400
+    steps), replayed under the no-win and stall rules of conf/: the trunk stops at step 1,300 (1,700 steps with the
+    cooldowns), and its best state up to there is step 1,050, which is the search's answer (RESULTS.md)."""
+    import shutil
+    from pathlib import Path
+
+    import optuna
+
+    from benchmarks.wsd_search import replay_no_win
+
+    db = tmp_path / "wsd3.db"
+    shutil.copy(Path(__file__).resolve().parents[1] / "benchmarks/wsd_runs/cpu-banking77_sample/banking77_sample-wsd3.db", db)
+    study = optuna.load_study(study_name="banking77_sample-wsd3", storage=f"sqlite:///{db}")
+    per, totals = replay_no_win(study, patience=3, margin=0.1, es_patience=5)
+    assert totals["stored_steps"] == 3400 and totals["steps"] == 1700
+    assert totals["no_win"].startswith("trunk stopped at step 1300: no later branch can win")
+    step, value = totals["trunk_best"]
+    assert sorted(per) == [500, 1500] and step == 1050 and round(value, 4) == 0.4422
+    won = answer(per, totals["trunk_best"])
+    assert min(won, key=lambda s: won[s]["value"]) == 1050 and won[1050]["trunk"]
