@@ -23,7 +23,8 @@ and writes ``--out/wsd_search_replay.md``.
 Every run uses the same integer warmup (``--warmup-steps``, default 3% of the smallest length), the
 same eval cadence and the same ``--model-overrides``. It then prints and writes ``--out/wsd_search.md``:
 per length the eval loss by cosine and by each WSD branch set; the winner (best length) by each
-method; optimizer steps (cosine grid: the sum of its max_steps; WSD: trunk + cooldowns) and GPU time
+method (a search's answer: its branches and its trunk's best state before its cooldown, a constant-LR run of
+that many steps, labelled as such: :func:`answer`); optimizer steps (cosine grid: the sum of its max_steps; WSD: trunk + cooldowns) and GPU time
 (sum of train_runtime_s) with their ratios to the 3-point and 6-point cosine grids; and whether the
 targets hold: the same winner, or the WSD winner's cosine eval loss within 1% of the cosine
 winner's, at <= 70% of the 3-point grid's steps and <= 50% of the 6-point grid's; and against the
@@ -149,8 +150,9 @@ def _curve(trial) -> dict:
 
 
 def wsd_results(study) -> tuple[dict[int, dict], dict]:
-    """length -> {value} of the WSD branches (the trunk is the longest), and the search's totals."""
-    per, totals = {}, {"steps": None, "runtime_s": None, "stopped": None}
+    """length -> {value} of the WSD branches (the trunk is the longest), and the search's totals, with
+    ``trunk_best``: the trunk's best (step, value) before its own cooldown (:func:`_trunk_best`)."""
+    per, totals = {}, {"steps": None, "runtime_s": None, "stopped": None, "trunk_best": None}
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
         if a.get("method") != "wsd":
@@ -158,10 +160,36 @@ def wsd_results(study) -> tuple[dict[int, dict], dict]:
         if "wsd_branch_of" not in t.system_attrs and a.get("wsd_optimizer_steps") is not None:
             if t.state.name in ("COMPLETE", "PRUNED"):  # the trunk (a retried one replaces a failed one)
                 totals = {"steps": int(a["wsd_optimizer_steps"]), "runtime_s": float(a.get("wsd_train_runtime_s") or 0),
-                          "stopped": a.get("stopped_reason")}
+                          "stopped": a.get("stopped_reason"), "trunk_best": _trunk_best(t)}
         if t.state.name == "COMPLETE":
             per[int(a["max_steps"])] = _cooldown(t)
     return per, totals
+
+
+def _trunk_best(trunk, until_step: int | None = None) -> tuple[int, float] | None:
+    """The trunk's best evaluation before its own cooldown (and at or before ``until_step``, a replayed stop):
+    :func:`sweeper.trunk_stop.trunk_best`, computed from the curve so that studies recorded before the search
+    stored it read the same. Its state there is a constant-LR run of that many steps."""
+    from sweeper.trunk_stop import trunk_best
+
+    a = trunk.user_attrs
+    s = int(a["max_steps"])
+    p = next(int(b["branch_point"]) for b in a.get("branches", []) if int(b["max_steps"]) == s)
+    curve = sorted(trunk.intermediate_values.items())
+    return trunk_best(curve, p if until_step is None else min(p, until_step))
+
+
+def answer(per: dict[int, dict], trunk: tuple[int, float] | None) -> dict[int, dict]:
+    """What a search hands the user, by length: each branch's value, and the trunk's best state before its
+    cooldown (``trunk``: (step, value)) at its own step, where it is better than a branch of that length (or
+    there is none): a constant-LR run of that many steps is a model the search measured, as early stopping
+    keeps a cosine run's best checkpoint."""
+    out = dict(per)
+    if trunk is not None:
+        step, value = trunk
+        if step not in out or value < out[step]["value"]:
+            out[step] = {"value": value, "best_step": step, "end": None, "trunk": True}
+    return out
 
 
 def _cooldown(trial) -> dict:
@@ -193,6 +221,8 @@ def _cell(r: dict | None, length: int) -> str:
     if not r or r.get("value") is None:
         return "–"
     text = f"{r['value']:.4f} @{r['best_step']}" if r.get("best_step") is not None else f"{r['value']:.4f}"
+    if r.get("trunk"):
+        return text + " (the trunk's own state: constant LR, no cooldown)"
     if (r.get("best_step") is not None and r["best_step"] < length and r.get("end") is not None
             and f"{r['end']:.4f}" != f"{r['value']:.4f}"):
         text += f" (end {r['end']:.4f})"
@@ -236,8 +266,9 @@ def summarise(name: str, grid3: list[int], grid6: list[int], cos: dict, wsd3: tu
                      es6, None, None, None)]
     # (label, results, steps, seconds, grid whose winner it must name, limit vs that grid run to its end,
     #  the early-stopped grid, limit vs that)
-    methods += [("WSD 3-pt", w3, t3["steps"], t3["runtime_s"], cos3, 0.70, es3, 0.60),
-                ("WSD 6-pt", w6, t6["steps"], t6["runtime_s"], cos, 0.50, es6, 0.60)]
+    # a search's answer: its branches and its trunk's best state before its cooldown (answer())
+    methods += [("WSD 3-pt", answer(w3, t3.get("trunk_best")), t3["steps"], t3["runtime_s"], cos3, 0.70, es3, 0.60),
+                ("WSD 6-pt", answer(w6, t6.get("trunk_best")), t6["steps"], t6["runtime_s"], cos, 0.50, es6, 0.60)]
     if not six:  # --three-only: the 3-point grid and search only
         methods = [m for m in methods if "6-pt" not in m[0]]
     for label, res, steps, secs, grid_ref, limit, es_ref, es_limit in methods:
@@ -335,7 +366,7 @@ def replay_no_win(study, patience: int, margin: float, es_patience: int | None =
                 kept = {b.max_steps for b in done}
                 return ({c: r for c, r in per.items() if c in kept},
                         {**out, "steps": steps, "runtime_s": None, "no_win": verdict.reason(),
-                         "stopped": verdict.reason()})
+                         "stopped": verdict.reason(), "trunk_best": _trunk_best(trunk, step)})
             break
     return per, out
 
@@ -358,9 +389,11 @@ def replay(a: argparse.Namespace, grid3: list[int], grid6: list[int]) -> int:
         es = early_stopped(cos, curves, patience, float(conf.eval.early_stopping_threshold))
         threshold = float(conf.eval.early_stopping_threshold)
         w3 = replay_no_win(_study(out / f"{ds}-wsd3.db", f"{ds}-wsd3"), no_win, margin, patience, threshold)
-        w6 = replay_no_win(_study(out / f"{ds}-wsd6.db", f"{ds}-wsd6"), no_win, margin, patience, threshold)
-        text, v = summarise(ds, grid3, grid6, cos, w3, w6, es)
-        stored = ", ".join(f"{label} {t['stored_steps']:,}" for label, (_, t) in (("3-pt", w3), ("6-pt", w6)))
+        w6 = w3 if a.three_only else replay_no_win(_study(out / f"{ds}-wsd6.db", f"{ds}-wsd6"), no_win, margin,
+                                                    patience, threshold)
+        text, v = summarise(ds, grid3, grid6, cos, w3, w6, es, six=not a.three_only)
+        stored = ", ".join(f"{label} {t['stored_steps']:,}" for label, (_, t) in
+                           (("3-pt", w3), ("6-pt", w6))[:1 if a.three_only else 2])
         sections.append(text + f"\n\nStored searches (stop_after_worse only), optimizer steps: {stored}.")
         verdicts.update({f"{ds} {k}": ok for k, ok in v.items()})
     md = "\n".join([

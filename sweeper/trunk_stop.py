@@ -25,6 +25,10 @@ trunk to climb first, several hundred steps later on a slowly over-fitting curve
 On data that the model over-fits this is where the trunk's eval loss climbs at constant LR; on data that it
 does not, the trunk keeps falling below where the newest branch started and the bound stays below the best
 branch. A maximised metric (``eval_accuracy``) mirrors every sign.
+
+The trunk's own evaluations are models too: its state at step t, before any cooldown, is what a run of t
+steps at constant LR (the same warmup, then ``constant_with_warmup``) trains. :func:`trunk_best` is the best
+of them, which the search records (``trunk_best``) and the report compares with the branches.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-__all__ = ["WINDOW", "Branch", "NoWin", "check", "gain", "smoothed", "stalled_for", "trunk_noise"]
+__all__ = ["WINDOW", "Branch", "NoWin", "check", "gain", "smoothed", "stalled_for", "trunk_best", "trunk_noise"]
 
 WINDOW = 3  # evaluations in the trunk's running median
 
@@ -100,6 +104,17 @@ def gain(trunk_curve: Sequence[Sequence[float]], branch: Branch, maximize: bool 
     if at is None:
         return None
     return (branch.value - at) if maximize else (at - branch.value)
+
+
+def trunk_best(trunk_curve: Sequence[Sequence[float]], until: int | None = None,
+               maximize: bool = False) -> tuple[int, float] | None:
+    """The trunk's best evaluation at or before ``until`` (its constant-LR phase: up to its own cooldown's
+    branch point; None: the whole curve), as (step, value), the first of equal values; None without one. That
+    state is a constant-LR run of ``step`` steps (see the module docstring)."""
+    pts = [(s, v) for s, v in _points(trunk_curve) if until is None or s <= until]
+    if not pts:
+        return None
+    return (max if maximize else min)(pts, key=lambda p: p[1])
 
 
 def trunk_noise(trunk_curve: Sequence[Sequence[float]], maximize: bool = False) -> float:

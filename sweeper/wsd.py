@@ -31,7 +31,9 @@ With cosine, 500/1500/3000 steps are three trainings. With warmup-stable-decay (
 Each shorter branch is recorded as its own COMPLETE trial of the study (params max_steps=s,
 method=wsd; its curve = the trunk's evaluations up to p_s + its cooldown; its value = the best
 evaluation after p_s, so that a trunk state from before p_s, which no cooldown annealed, never stands
-for it and the stop rule sees each branch's own result) when its cooldown ends;
+for it and the stop rule sees each branch's own result) when its cooldown ends. The trunk's own states
+are models too (its state at step t is a t-step constant-LR run): the best of them before its own
+cooldown is recorded as ``trunk_best`` (step, value), beside the branches, for the report;
 the job's own trial is the trunk = the longest candidate (PRUNED, with ``stopped_reason``, when
 the trunk stopped early). The search's state lives in ``wsd_branches.json`` in the trunk's run dir,
 so a re-run of a killed trunk skips the branches already recorded and continues from the newest
@@ -292,6 +294,16 @@ class _Search:
                                 metric=self.spec.metric, es_patience=e.early_stopping_patience,
                                 es_threshold=float(e.early_stopping_threshold or 0.0))
 
+    def trunk_best(self) -> dict | None:
+        """The trunk's best evaluation before its own cooldown (:func:`sweeper.trunk_stop.trunk_best` of its curve
+        up to the longest candidate's branch point): the model a constant-LR run of that many steps trains (this
+        search's warmup, then ``constant_with_warmup``). None before its first evaluation."""
+        found = trunk_stop.trunk_best(self.state.get("trunk_curve") or [], self.points[self.s_max], self.spec.maximize)
+        if found is None:
+            return None
+        return {"step": found[0], "value": found[1], "warmup_steps": self.spec.wsd.warmup_steps,
+                "lr_scheduler_type": "constant_with_warmup"}
+
     def trunk_record(self, parked_at: int | None = None) -> dict:
         """This trunk as the other rates' trunks read it (``sweeper.records.WSD_TRUNK``): its branch value at each rung."""
         w = self.spec.wsd
@@ -313,6 +325,10 @@ class _Search:
             self.spec = _pin_batch(self.spec, self.state["batch"])
             self.trunk_spec = _segment_spec(self.spec, self.s_max, self.points[self.s_max])
         reached = int(seg.results.get("steps_trained") or until)
+        kept = {int(st): v for st, v in self.state.get("trunk_curve", [])}  # a re-run segment replaces its steps
+        kept.update({int(st): float(v) for st, v in seg.results.get("curve") or []})
+        self.state["trunk_curve"] = sorted([st, v] for st, v in kept.items())
+        self.state["trunk_best"] = self.trunk_best()
         self.state["trunk_segments"].append({"from": self.at, "to": reached, "steps": reached - self.at,
                                              "train_runtime_s": seg.results["train_runtime_s"]})
         if self.no_win is not None:
@@ -422,6 +438,11 @@ class _Search:
             sft["lr_scheduler_kwargs"] = self.trunk_spec.schedule.lr_scheduler_kwargs
             summary["sft_config"] = _jsonable(sft)
         table = branch_table(state, metric)
+        tb = state.get("trunk_best")
+        if tb is not None:
+            table += (f"\n\nThe trunk's own best state before its cooldown: {metric} {tb['value']:.4f} at step {tb['step']} "
+                      f"(constant LR after a {tb['warmup_steps']}-step warmup, no cooldown: the model of a "
+                      f"{tb['step']}-step run with lr.lr_scheduler_type=constant_with_warmup)")
         log.info("WSD search, %d optimizer steps in all (trunk %d + cooldowns %d):\n%s", summary["wsd_optimizer_steps"],
                  summary["wsd_optimizer_steps"] - summary["wsd_cooldown_steps"], summary["wsd_cooldown_steps"], table)
         if self.joint:
@@ -453,7 +474,9 @@ def _summary(state: dict, cands: list[int], wanted: dict, job_dir: Path, resume:
         records.RUN_DIR: str(job_dir),
         records.STOPPED_REASON: stopped,
         "trunk_stop": state.get("trunk_stop"),  # the no-win rule's facts (sweeper.trunk_stop.NoWin), when it stopped
+        "trunk_best": state.get("trunk_best"),  # the trunk's best state before its cooldown (_Search.trunk_best)
     }
+
 
 
 def _branch(spec: RunSpec, s: int, p: int, ckpt: str, job_dir: Path, splits: data_mod.Splits) -> dict:

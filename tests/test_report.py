@@ -322,8 +322,9 @@ def test_schedule_and_noise_aware_diagnosis(curve, kwargs, verdict, needle):
 
 
 def _add(study, steps, curve, *, state=optuna.trial.TrialState.COMPLETE, choice="sweet", param=True,
-         scheduler="cosine", system=None, **attrs):
-    """A crafted trial of ``steps`` optimizer steps with this eval curve ([step, loss] pairs)."""
+         scheduler="cosine", system=None, value=None, **attrs):
+    """A crafted trial of ``steps`` optimizer steps with this eval curve ([step, loss] pairs); its value: ``value``,
+    else the curve's lowest."""
     values = {int(s): float(v) for s, v in curve}
     best_step = min(values, key=values.get) if values else None
     user_attrs = {"max_steps": steps, "best_step": best_step, "choices": {"schedule": choice},
@@ -334,7 +335,8 @@ def _add(study, steps, curve, *, state=optuna.trial.TrialState.COMPLETE, choice=
         params = {"schedule.max_steps": steps}
         dists = {"schedule.max_steps": optuna.distributions.IntDistribution(1, 10_000)}
     study.add_trial(optuna.trial.create_trial(
-        state=state, value=min(values.values()) if state == optuna.trial.TrialState.COMPLETE else None,
+        state=state, value=(min(values.values()) if value is None else value)
+        if state == optuna.trial.TrialState.COMPLETE else None,
         intermediate_values=values, params=params, distributions=dists, user_attrs=user_attrs,
         system_attrs=system or {}))
 
@@ -505,6 +507,60 @@ def test_a_wsd_study_reads_the_cooldowns_and_extends_its_candidates(tmp_path):
     assert "over the last" not in md  # a cooldown's drop is not "still falling at the end"
     assert ("run `python train.py -m schedule=wsd_search 'schedule.wsd.candidates=[3000,4500,6000]' hydra.sweeper.study_name=s`" in md
             and _agrees(md))
+
+
+def test_a_trunk_state_better_than_every_branch_is_named_with_the_constant_lr_run_that_trains_it(tmp_path):
+    """The demo's shape: the trunk, stopped at 750, was lowest at step 500 at constant LR (0.2193); the 500-step
+    branch cooled down from a noisy high at 400 to 0.2298. The report names the trunk's state and the run that
+    trains it; a trunk state worse than the winner is not mentioned."""
+    from sweeper import records
+    from sweeper.report import recommend, study_report
+
+    trunk = [[50, 2.66], [100, 1.35], [150, 0.99], [200, 0.56], [250, 0.337], [300, 0.2486], [350, 0.2255],
+             [400, 0.2689], [450, 0.2393], [500, 0.2193], [550, 0.2511], [600, 0.2341], [650, 0.2479], [700, 0.2528],
+             [750, 0.2616]]
+    wsd = {"method": "wsd", "choice": "wsd_search", "param": False, "scheduler": "warmup_stable_decay"}
+    study = _study(tmp_path)
+    _add(study, 3000, trunk, state=optuna.trial.TrialState.PRUNED, stopped_reason="trunk stopped at step 750",
+         branches=[{"max_steps": 500, "branch_point": 400}, {"max_steps": 1500, "branch_point": 1200},
+                   {"max_steps": 3000, "branch_point": 2400}],
+         wsd={"candidates": [500, 1500, 3000], "decay_fraction": 0.2, "decay_type": "1-sqrt", "warmup_steps": 15},
+         system={records.OVERRIDES: ["data=demo", "lr.warmup_steps=0.03"]}, **wsd)
+    # the branch: the trunk's states to its branch point 400, then its cooldown, whose best is its value
+    _add(study, 500, trunk[:8] + [[450, 0.2353], [500, 0.2298]], value=0.2298, branch_of=0,
+         wsd={"warmup_steps": 15, "branch_point": 400, "decay_steps": 100, "decay_type": "1-sqrt"},
+         system={records.WSD_BRANCH_OF: 0, "train_curve": [[450, 0.14], [500, 0.10]],
+                 "token_accuracy_curve": [[450, 0.95], [500, 0.962]]}, **wsd)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/s.db")
+    rec = recommend(study)
+    assert rec["max_steps"] == 500 and rec["trunk_state"]["step"] == 500 and rec["trunk_state"]["value"] == 0.2193
+    command = ("python train.py schedule.max_steps=500 data=demo lr.lr_scheduler_type=constant_with_warmup "
+               "lr.warmup_steps=15")
+    assert rec["trunk_state"]["command"] == command and rec["trunk_state"]["within_noise"]
+    md = study_report(study)
+    line = _lines(md, "- The trunk's own state")[0]
+    assert line.startswith("- The trunk's own state: the WSD trunk (trial 0) reached 0.2193 at step 500, at constant "
+                           "LR before any cooldown, better than the winner's 0.2298 (-4.6%, within noise ±"), line
+    assert line.endswith(f"That model is a 500-step run at constant LR after a 15-step warmup; the search keeps no "
+                         f"checkpoint of it: to train it, run `{command}`.")
+    assert f"a WSD trunk at constant LR did better at step 500 (0.2193), try `{command}`" in rec["verdict"]
+    # the search's own verdict on longer runs: its trunk trained on to 750 and stopped, so no "longer may be better"
+    assert _lines(md, "- Not an edge of the grid: the best length is the only length tried (500), but the WSD "
+                      "search's trunk (trial 0) trained on to step 750 and stopped: trunk stopped at step 750; "
+                      "longer runs will not help.")
+    assert "Edge of the grid" not in md and "longer may be better" not in rec["verdict"]
+    # the branch's gap and steps are those of its cooldown (its value), not the trunk's 0.2255 at step 350
+    assert _lines(md, "- Train/eval gap: at the best step 500: train loss 0.1000, eval loss 0.2298")
+    assert _lines(md, "- Loss and task metric: lowest eval_loss 0.2298 at step 500; best eval_mean_token_accuracy "
+                      "96.2% at step 500 (the same step)")
+
+    worse = _study(tmp_path / "worse") if (tmp_path / "worse").mkdir() is None else None
+    _add(worse, 3000, [[s, v + 0.1] for s, v in trunk], state=optuna.trial.TrialState.PRUNED,
+         branches=[{"max_steps": 3000, "branch_point": 2400}], **wsd)
+    _add(worse, 500, [[400, 0.2689], [450, 0.2353], [500, 0.2298]], system={records.WSD_BRANCH_OF: 0},
+         wsd={"warmup_steps": 15, "branch_point": 400, "decay_steps": 100, "decay_type": "1-sqrt"}, **wsd)
+    rec = recommend(worse)
+    assert rec["trunk_state"] is None and "trunk's own state" not in study_report(worse)
 
 
 def test_report_says_why_accuracy_was_off():

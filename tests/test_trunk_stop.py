@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sweeper.trunk_stop import Branch, check, gain, smoothed
+from sweeper.trunk_stop import Branch, check, gain, smoothed, trunk_best
 
 
 def _trunk(values, every=50):
@@ -145,3 +145,13 @@ def test_a_stalled_maximised_trunk_mirrors_the_rule():
     stop = live(acc, [Branch(600, 480, 2.0 - 0.454)], patience=3, sigma=0.01, es_patience=5, maximize=True,
                 metric="eval_accuracy")
     assert stop is not None and stop.step == 800 and "eval_accuracy" in stop.reason()
+
+
+def test_the_trunks_best_state_is_its_best_evaluation_before_its_own_cooldown():
+    assert trunk_best(TRUNK) == (300, 0.80)
+    assert trunk_best(TRUNK, until=250) == (250, 0.86)  # only up to its branch point (or a stop)
+    cooled = TRUNK + [(950, 0.70)]  # its own cooldown, after the branch point 900, is not a constant-LR state
+    assert trunk_best(cooled, until=900) == (300, 0.80)
+    assert trunk_best([(50, 0.5), (100, 0.4), (150, 0.4)]) == (100, 0.4)  # the first of equal values
+    assert trunk_best([(50, 0.5), (100, 0.9)], maximize=True) == (100, 0.9)
+    assert trunk_best([], until=100) is None and trunk_best(TRUNK, until=10) is None

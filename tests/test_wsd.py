@@ -101,6 +101,9 @@ def test_each_candidate_is_a_complete_trial_of_the_study(wsd_sweep):
     assert [b["max_steps"] for b in a["branches"]] == [8, 16, 24]
     assert [b["trial"] for b in a["branches"]] == [by_steps[8].number, by_steps[16].number, trunk.number]
     assert a["sft_config"]["lr_scheduler_kwargs"] == {"num_decay_steps": 6, "decay_type": "1-sqrt"}
+    constant = {k: v for k, v in trunk.intermediate_values.items() if k <= POINTS[24]}  # before its own cooldown
+    best = min(constant, key=constant.get)
+    assert (a["trunk_best"]["step"], a["trunk_best"]["value"]) == (best, constant[best])
     # the report puts the method beside each trial and recommends one of them
     assert "| method |" in proc.stdout and proc.stdout.count("| wsd |") == 3
     assert "**Recommended for demo: max_steps=" in proc.stdout
@@ -236,6 +239,33 @@ def test_trunk_stops_mid_segment_once_no_later_branch_can_win(compose_cfg, tmp_p
     assert rep.attrs["wsd_optimizer_steps"] == 8 + 2 and rep.attrs["stopped_reason"].startswith("trunk stopped at")
     stop = rep.attrs["trunk_stop"]
     assert stop["rule"] == "no_win" and stop["step"] == 8 and stop["best_steps"] == 8 and stop["patience"] == 1
+    # a stopped trunk's own states are recorded too: its best evaluation up to its stop
+    step, value = min(rep.reports, key=lambda r: r[1])
+    assert rep.attrs["trunk_best"] == {"step": step, "value": value, "warmup_steps": WARMUP,
+                                       "lr_scheduler_type": "constant_with_warmup"}
+    assert state["trunk_curve"] == [list(r) for r in rep.reports]
+
+
+def test_the_trunks_best_state_is_the_constant_lr_run_of_that_length(compose_cfg, tmp_path):
+    """What the report tells the user to run for the trunk's best state (``trunk_best``): a plain run of that
+    many steps at constant LR after the search's warmup reaches the same eval loss; the trunk was saved and
+    resumed at the branch point 6 on its way."""
+    from sweeper import trial
+
+    rep = _Reporter()
+    search(compose_cfg(*WSD, "schedule.wsd.candidates=[8,16]"), rep, job_dir=tmp_path / "trunk")
+    tb = rep.attrs["trunk_best"]
+    before_cooldown = [(s, v) for s, v in rep.reports if s <= 12]  # the 16-step trunk cools down from step 12
+    assert (tb["step"], tb["value"]) == min(before_cooldown, key=lambda r: r[1])
+    plain = _Reporter()
+    trial.run(compose_cfg(*fast("schedule.max_steps"), "eval.logging_steps=1", f"schedule.max_steps={max(tb['step'], 8)}",
+                          f"lr.lr_scheduler_type={tb['lr_scheduler_type']}", f"lr.warmup_steps={tb['warmup_steps']}"),
+              plain)
+    same = dict(plain.reports)
+    assert [s for s, _ in before_cooldown if s <= max(tb["step"], 8)] == sorted(same)
+    for s, v in before_cooldown:
+        if s in same:
+            assert same[s] == pytest.approx(v, rel=1e-4), (s, same[s], v)
 
 
 # --------------------------------------------------------------------------- (d): a killed trunk resumes

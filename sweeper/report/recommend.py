@@ -1,6 +1,7 @@
 """The step count to recommend for a study (:func:`recommend`): the best trial's length, why, and the notes
 that qualify it: its curve, the train/eval gap, the loss and task-metric steps, where it sits among the
-lengths tried (the next grid to run), the shortest length within noise and the noise itself."""
+lengths tried (the next grid to run), a WSD trunk's own state that did better than every trial (a constant-LR
+run of that length), the shortest length within noise and the noise itself."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Sequence
 
 import optuna
 
-from sweeper import advice, generalisation, records
+from sweeper import advice, generalisation, records, trunk_stop
 from sweeper.report.commands import Target, grid_command, one_run
 from sweeper.report.curves import DECAYING, Diagnosis, noise_estimate, trial_diagnosis, trial_noise
 from sweeper.report.stored import (
@@ -45,8 +46,10 @@ def recommend(study: optuna.Study, storage: str | None = None) -> dict | None:
     which trials it is compared with (those that ran its settings: :func:`sweeper.report.stored.like_with_like`);
     whether it is at an edge of the lengths tried (then the next grid to run, a command naming this study and
     ``storage``, the URL its trials are in; None: the default storage); where its best step lies well inside
-    the run, how to get that model; the shortest length within noise of it and its cost; the noise and how it
-    was measured. None when no trial completed. Running trials are never compared: only COMPLETE ones."""
+    the run, how to get that model; a WSD trunk's state before its cooldown that did better than the winner, and
+    the constant-LR run that trains it (``trunk_state``: :func:`_trunk_state`, None when none did); the shortest
+    length within noise of it and its cost; the noise and how it was measured. None when no trial completed.
+    Running trials are never compared: only COMPLETE ones."""
     best = best_trial(study)
     if best is None:
         return None
@@ -61,6 +64,9 @@ def recommend(study: optuna.Study, storage: str | None = None) -> dict | None:
     lengths = _length_notes(best, d, done, maximize, trials, target)
     notes = [f"Its curve (trial {best.number}): {d.verdict}: {d.reason}.", *([like] if like else []),
              *_generalisation(best, metric), *_metric_steps(best, metric), *(n for n, _ in lengths)]
+    state = _trunk_state(best, trials, maximize)
+    if state is not None:
+        notes.append(state["note"])
     close = _shortest_within_noise(best, done, maximize)
     if close is not None:
         notes.append(_within_noise(best, *close))
@@ -75,7 +81,8 @@ def recommend(study: optuna.Study, storage: str | None = None) -> dict | None:
     return {"trial": best.number, "max_steps": a.get("max_steps"), "best_step": a.get("best_step"),
             "value": best.value, "learning_rate": float(joint) if joint is not None else None,
             "diagnosis": d, "reason": _reason(best, done, metric), "notes": notes, "noise": noise,
-            "within_noise": close[0] if close else None, "verdict": _verdict(best, d, lengths, close)}
+            "within_noise": close[0] if close else None, "trunk_state": state,
+            "verdict": _verdict(best, d, lengths, close, state)}
 
 
 def _reason(best: optuna.trial.FrozenTrial, done: Sequence[optuna.trial.FrozenTrial], metric: str) -> str:
@@ -105,10 +112,11 @@ def _reason(best: optuna.trial.FrozenTrial, done: Sequence[optuna.trial.FrozenTr
 
 
 def _verdict(best: optuna.trial.FrozenTrial, d: Diagnosis, lengths: Sequence[tuple[str, str | None]],
-             close: tuple[optuna.trial.FrozenTrial, float] | None) -> str:
+             close: tuple[optuna.trial.FrozenTrial, float] | None, state: dict | None = None) -> str:
     """The recommendation in one line of markdown, for the table of datasets: the winner's diagnosis and length,
     the next grid to run when the best may lie outside (or between) the lengths tried (``lengths``: the notes
-    of :func:`_length_notes` with their commands), and a shorter length within noise with its share of the
+    of :func:`_length_notes` with their commands), a WSD trunk's state that did better (``state``:
+    :func:`_trunk_state`) with the run that trains it, and a shorter length within noise with its share of the
     cost."""
     parts = [f"{d.verdict}: train max_steps={best.user_attrs.get('max_steps')}"]
     for note, command in lengths:
@@ -118,6 +126,9 @@ def _verdict(best: optuna.trial.FrozenTrial, d: Diagnosis, lengths: Sequence[tup
                          + f", try {code(command)}")
         elif kind == "Between lengths" and command:
             parts.append(f"the best lies between two lengths tried, try {code(command)}")
+    if state is not None:
+        parts.append(f"a WSD trunk at constant LR did better at step {state['step']} ({state['value']:.4f}), "
+                     f"try {code(state['command'])}")
     if close is not None:
         c = close[0]
         (s1, _, _), (s0, _, _) = cost(c), cost(best)
@@ -126,11 +137,54 @@ def _verdict(best: optuna.trial.FrozenTrial, d: Diagnosis, lengths: Sequence[tup
     return "; ".join(parts)
 
 
+def _trunk_state(best: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.FrozenTrial],
+                 maximize: bool) -> dict | None:
+    """The best state of a WSD trunk among ``trials`` (those that ran the winner's settings) before its own
+    cooldown (:func:`sweeper.trunk_stop.trunk_best` of its curve up to its branch point), when it did better
+    than the winner ``best``: {trial, step, value, within_noise, command, note}. A trunk's state at step t is
+    a t-step run at constant LR after the search's warmup, measured like any checkpoint a run keeps; the
+    search keeps no checkpoint of it, so the command trains that run. None when no trunk did better."""
+    sign = -1.0 if maximize else 1.0
+    found = []
+    for t in trials:
+        if method(t) != "wsd" or records.is_branch(t) or t.state not in (optuna.trial.TrialState.COMPLETE,
+                                                                         optuna.trial.TrialState.PRUNED):
+            continue
+        tb = trunk_stop.trunk_best(eval_curve(t), branch_point(t), maximize)
+        if tb is not None and sign * (tb[1] - best.value) < 0:
+            found.append((sign * tb[1], t.number, tb, t))
+    if not found:
+        return None
+    _, number, (step, value), trunk = min(found)
+    a = attrs(trunk)
+    warmup = (a.get("wsd") or {}).get("warmup_steps")
+    extra = " lr.lr_scheduler_type=constant_with_warmup" + (f" lr.warmup_steps={warmup}" if warmup is not None else "")
+    settings = [o for o in overrides(trunk, trials) if not o.startswith(("lr.lr_scheduler_type=", "lr.warmup_steps="))]
+    command = one_run(step, settings, extra)
+    sigma = max(trial_noise(trunk, maximize).sigma, trial_noise(best, maximize).sigma)
+    within = abs(value - best.value) <= 2 * sigma
+    note = (f"The trunk's own state: the WSD trunk (trial {number}) reached {value:.4f} at step {step}, at constant "
+            f"LR before any cooldown, better than the winner's {best.value:.4f} "
+            f"({(value - best.value) / max(abs(best.value), 1e-8):+.1%}, "
+            + (f"within noise ±{sigma:.4f}" if within else f"beyond noise ±{sigma:.4f}")
+            + f"). That model is a {step}-step run at constant LR"
+            + (f" after a {warmup}-step warmup" if warmup is not None else "")
+            + f"; the search keeps no checkpoint of it: to train it, run {code(command)}.")
+    return {"trial": number, "step": step, "value": value, "within_noise": within, "command": command, "note": note}
+
+
+def _own(t: optuna.trial.FrozenTrial, curve: Sequence[Sequence[float]]) -> list:
+    """The part of ``curve`` that is ``t``'s own result: a WSD trial's evaluations after its branch point (its
+    cooldown: the trunk's states before it are not its result, as its value says), any other trial's whole curve."""
+    p = branch_point(t)
+    return [list(x) for x in curve if p is None or x[0] > p]
+
+
 def _generalisation(t: optuna.trial.FrozenTrial, metric: str) -> list[str]:
     """The train/eval gap line of :mod:`sweeper.generalisation` for ``t`` (its eval-loss curve: the objective's
-    when it is ``eval_loss``, else the ``loss_curve`` stored beside it), or none."""
+    when it is ``eval_loss``, else the ``loss_curve`` stored beside it; a WSD trial's cooldown part), or none."""
     a = attrs(t)
-    loss = eval_curve(t) if metric == "eval_loss" else (a.get("loss_curve") or [])
+    loss = _own(t, eval_curve(t) if metric == "eval_loss" else (a.get("loss_curve") or []))
     g = generalisation.gap(loss, curve_attr(t, "train_curve"), noise_estimate([loss]).sigma) if loss else None
     per_step = (a["epochs_trained"] / a["steps_trained"]) if a.get("epochs_trained") and a.get("steps_trained") else None
     return [generalisation.note(g, per_step)] if g else []
@@ -138,14 +192,16 @@ def _generalisation(t: optuna.trial.FrozenTrial, metric: str) -> list[str]:
 
 def _metric_steps(t: optuna.trial.FrozenTrial, metric: str) -> list[str]:
     """The line of :func:`sweeper.advice.metric_steps` when a task metric is on: the objective itself (its
-    curve and the eval loss kept beside it), else label accuracy or TRL's mean token accuracy beside the loss."""
+    curve and the eval loss kept beside it), else label accuracy or TRL's mean token accuracy beside the loss;
+    a WSD trial's cooldown part of each (:func:`_own`)."""
     a = attrs(t)
+    own = _own(t, eval_curve(t))
     if metric != "eval_loss":
-        line = advice.metric_steps(metric, a.get("loss_curve") or [], metric, eval_curve(t))
+        line = advice.metric_steps(metric, _own(t, a.get("loss_curve") or []), metric, own)
     elif a.get("accuracy_curve"):
-        line = advice.metric_steps(metric, eval_curve(t), "eval_accuracy", a["accuracy_curve"])
+        line = advice.metric_steps(metric, own, "eval_accuracy", _own(t, a["accuracy_curve"]))
     else:
-        line = advice.metric_steps(metric, eval_curve(t), "eval_mean_token_accuracy", a.get("token_accuracy_curve") or [])
+        line = advice.metric_steps(metric, own, "eval_mean_token_accuracy", _own(t, a.get("token_accuracy_curve") or []))
     return [line] if line else []
 
 
@@ -162,7 +218,8 @@ def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[o
                   ) -> list[tuple[str, str | None]]:
     """Where the winner's length sits among the lengths tried (``max_steps`` of the COMPLETE trials ``done``)
     and what to run next: above the longest when it won with its best late in its run (not when its best
-    came well inside it: see :data:`INSIDE`), below the shortest when it won, between the winner and the
+    came well inside it: see :data:`INSIDE`; nor when a WSD trunk of ``trials`` trained past it and its search
+    stopped it: :func:`_stopped_trunk`), below the shortest when it won, between the winner and the
     next longer length when the winner was still falling; and, when the best step is well inside the
     run, how to get that model (:func:`_inside_note`). The grids are rounded to the winner's ``eval_steps``;
     their commands name ``target``. Each note with the grid command it proposes (None: none)."""
@@ -185,9 +242,15 @@ def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[o
     def command(grid: Sequence[int]) -> str:
         return grid_command(grid, wsd, overrides(best, done), target)
 
+    stopped = _stopped_trunk(trials, steps)
     if steps == lengths[-1]:
         which = f"the only length tried ({steps})" if len(lengths) == 1 else f"the longest tried ({tried})"
-        if inside:
+        if stopped is not None and not inside:
+            t, last = stopped
+            notes.append((f"Not an edge of the grid: the best length is {which}, but the WSD search's trunk (trial "
+                          f"{t.number}) trained on to step {last} and stopped: {escape(records.stopped_reason_of(t))}; "
+                          "longer runs will not help.", None))
+        elif inside:
             notes.append((f"Not an edge of the grid: the best length is {which}, but its best came at step "
                           f"{b_step}, well inside the run: longer runs will not help.", None))
         else:
@@ -214,6 +277,21 @@ def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[o
     if inside:
         notes.append((_inside_note(best, d, done), None))
     return notes
+
+
+def _stopped_trunk(trials: Sequence[optuna.trial.FrozenTrial], steps: int) -> tuple[optuna.trial.FrozenTrial, int] | None:
+    """A WSD trunk among ``trials`` that trained past ``steps`` and was stopped by its search's rules (PRUNED
+    with a ``stopped_reason``: no later branch could win, or longer branches were worse), with its last
+    evaluated step: the search's own verdict that lengths beyond it will not help. None when there is none."""
+    found = []
+    for t in trials:
+        if (method(t) == "wsd" and not records.is_branch(t) and t.state == optuna.trial.TrialState.PRUNED
+                and records.stopped_reason_of(t) and t.intermediate_values and max(t.intermediate_values) > steps):
+            found.append((max(t.intermediate_values), t.number, t))
+    if not found:
+        return None
+    last, _, t = min(found)
+    return t, last
 
 
 def _inside_note(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[optuna.trial.FrozenTrial]) -> str:
