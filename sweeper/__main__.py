@@ -30,4 +30,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        from sweeper.interrupt import process_ending
+
+        process_ending()  # a Ctrl-C in the interpreter's teardown would print a traceback
+    sys.exit(code)

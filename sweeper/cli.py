@@ -183,10 +183,11 @@ def _config_dir_arg(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry of ``sft-sweep`` (and of a checkout's ``train.py``): a command, or the Hydra app. A Ctrl-C
-    ends it with one line and exit code 130 (:mod:`sweeper.interrupt`)."""
+    ends it with one line and exit code 130 (:mod:`sweeper.interrupt`); as the process's entry (``argv`` None),
+    a Ctrl-C after the command is done is ignored (it could only interrupt the interpreter's teardown)."""
     from sweeper import interrupt
 
-    argv = sys.argv[1:] if argv is None else argv
+    entry, argv = argv is None, (sys.argv[1:] if argv is None else argv)
     try:
         with interrupt.remembered():  # a Ctrl-C that a finalizer swallowed is honoured later (the sweep's checks)
             _main(argv)
@@ -197,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
                 "same command again to start it over")
         print(interrupt.line(what), file=sys.stderr)
         sys.exit(interrupt.EXIT_CODE)
+    finally:
+        if entry:  # the process's own entry (not a caller's): a Ctrl-C in its teardown would print a traceback
+            interrupt.process_ending()
 
 
 def _main(argv: list[str]) -> None:

@@ -12,6 +12,8 @@ plugin (:func:`sweep_stopped`, once the sweeper runs). A Ctrl-C while a trial tr
 - :func:`deferred`: hold Ctrl-C until a short block of storage writes is done (a claimed trial is never
   left RUNNING without its worker recorded).
 - :func:`release_claimed`: trials this process claimed but did not start go back to WAITING.
+- :func:`process_ending`: once a command's process has done its work, a Ctrl-C is ignored (it could only
+  land in the interpreter's teardown, which prints it as a traceback).
 - :func:`remembered` and :func:`honour`: a Ctrl-C that Python swallowed still stops the command. Python drops
   an exception raised inside a finalizer (a ``datasets.Dataset.__del__`` run by the garbage collector, say: it
   prints "Exception ignored in ..." and carries on), so a KeyboardInterrupt that lands there is lost; the
@@ -29,8 +31,8 @@ from typing import Any, Iterator
 
 from sweeper import records
 
-__all__ = ["EXIT_CODE", "deferred", "honour", "ignored", "line", "note", "release_claimed", "remembered",
-           "sweep_stopped"]
+__all__ = ["EXIT_CODE", "deferred", "honour", "ignored", "line", "note", "process_ending", "release_claimed",
+           "remembered", "sweep_stopped"]
 
 EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
 
@@ -75,6 +77,14 @@ def remembered() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         _pressed = False
+
+
+def process_ending() -> None:
+    """The command has done its work and its process ends: from now on Ctrl-C is ignored. A KeyboardInterrupt
+    raised in the interpreter's teardown (a weakref callback, an atexit hook) is printed by Python as
+    "Exception ignored in ..." with a traceback, and nothing is left to stop. Process entry points only."""
+    if _main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def honour() -> None:

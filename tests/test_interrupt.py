@@ -64,3 +64,23 @@ def test_a_claimed_trial_that_never_started_goes_back_to_waiting(tmp_path):
     study.tell(done, 1.0)
     assert interrupt.release_claimed([url]) == ["s: trial 0"]
     assert [t.state.name for t in study.trials] == ["WAITING", "RUNNING", "COMPLETE"]
+
+
+@pytest.mark.parametrize("entry", ["python -m sweeper", "train.py"])
+def test_a_ctrl_c_in_the_interpreters_teardown_prints_no_traceback(entry):
+    """A Ctrl-C that arrives after the command is done, while the interpreter shuts down (here: a real SIGINT
+    sent from an atexit hook, where Python would print "Exception ignored in atexit callback" and a traceback),
+    is ignored: the command's own exit code, nothing on stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = ("runpy.run_module('sweeper', run_name='__main__')" if entry == "python -m sweeper"
+           else f"runpy.run_path({str(root / 'train.py')!r}, run_name='__main__')")
+    code = ("import atexit, os, runpy, signal, sys, time\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))\n"
+            "sys.argv = ['x', 'cp', '--help']\n" + run)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 0 and "usage" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr[-2000:]
