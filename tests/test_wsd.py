@@ -246,6 +246,54 @@ def test_trunk_stops_mid_segment_once_no_later_branch_can_win(compose_cfg, tmp_p
     assert state["trunk_curve"] == [list(r) for r in rep.reports]
 
 
+@pytest.mark.slow
+def test_each_trunk_of_a_joint_search_stops_once_no_later_branch_can_win(compose_cfg, tmp_path, monkeypatch, capsys):
+    """The same crafted set-up with two learning rates and no study (``run_joint``: both trunks in this process,
+    every rate past every rung): each rate's trunk stops at the same evaluation as the single-rate search, with
+    the same ``stopped_reason`` and ``trunk_stop`` record, and runs no later branch."""
+    import sweeper.halving as halving
+    import sweeper.trunk_stop as trunk_stop
+    import sweeper.wsd as wsd
+
+    rates = [1e-3, 3e-3]
+    real, ran = wsd._branch, []
+
+    def branch(spec, s, *args):
+        ran.append((spec.learning_rate, s))
+        return {**real(spec, s, *args), "value": 0.0}
+
+    real_table, records = halving.joint_table, {}
+
+    def joint_table(trunks, *args):
+        records.update(trunks)
+        return real_table(trunks, *args)
+
+    monkeypatch.setattr(wsd, "_branch", branch)
+    monkeypatch.setattr(trunk_stop, "gain", lambda *a, **k: 0.0)  # no cooldown gain: each trunk is far above 0.0
+    monkeypatch.setattr(halving, "joint_table", joint_table)
+    cfg = compose_cfg(*WSD, "schedule.wsd.no_win_patience=1", "schedule.wsd.learning_rates=[1e-3,3e-3]",
+                      "schedule.wsd.halving.rule=none")  # halving stops no trunk: each goes on to the no-win rule
+    assert search(cfg, job_dir=tmp_path / "joint") == 0.0  # run_joint: no study
+    assert ran == [(r, 8) for r in rates]  # each trunk's 8-step branch, no later one
+    assert sorted(records) == rates
+    for r in rates:
+        run_dir = tmp_path / "joint" / f"lr-{r:g}"
+        state = json.loads((run_dir / STATE_FILE).read_text())
+        assert [(x["from"], x["to"]) for x in state["trunk_segments"]] == [(0, 6), (6, 8)], r
+        assert max(s for s, _ in state["trunk_curve"]) == 8  # the first trunk evaluation after the branch point 6
+        for s in (16, 24):
+            assert state["branches"][str(s)]["status"].startswith("not run: trunk stopped at step 8"), (r, s)
+            assert not (run_dir / f"branch-{s}").exists()
+        a = records[r]
+        assert a["stopped_reason"].startswith("trunk stopped at step 8: no later branch can win"), r
+        assert a["wsd_optimizer_steps"] == 8 + 2 and a["wsd_trunk"]["rungs"] == {"8": 0.0}
+        stop = a["trunk_stop"]
+        assert stop == state["trunk_stop"]
+        assert stop["rule"] == "no_win" and stop["step"] == 8 and stop["best_steps"] == 8 and stop["patience"] == 1
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.00")]
+    assert len(rows) == 2 and all("stopped after its 8-step branch" in row for row in rows)
+
+
 def test_the_trunks_best_state_is_the_constant_lr_run_of_that_length(compose_cfg, tmp_path):
     """What the report tells the user to run for the trunk's best state (``trunk_best``): a plain run of that
     many steps at constant LR after the search's warmup reaches the same eval loss; the trunk was saved and
