@@ -18,6 +18,21 @@ import sweeper.config
 
 from .helpers import fast
 
+
+def _one_share_of_the_cores() -> None:
+    """Each of several test processes (``make test``: pytest-xdist) and the commands it starts use its share of
+    the CPU cores (the rule of a sweep's own workers, ``sweeper.sweep.launchers.threads_per_worker``): torch's
+    default, a thread per core in every process, over-subscribes the machine, and its threads spin waiting for
+    each other (a trial then costs ~25% more CPU time on the 2-core CI machine). A set OMP_NUM_THREADS wins."""
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if n > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+        if "torch" in sys.modules:  # already imported: its pool is sized; size it again
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_one_share_of_the_cores()
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATA = Path(os.environ.get("SFT_SWEEP_SHARED_DATA", ROOT.parent / "shared" / "data"))

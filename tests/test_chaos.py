@@ -18,6 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from .conftest import FAST, ROOT, load_study, mount_tmpfs, run_cli, unmount
+from .helpers.shared import once
 
 pytestmark = pytest.mark.slow
 
@@ -49,12 +50,16 @@ def _lost_and_duplicated(trials, expected: set) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def reference_curve(tmp_path_factory, cache_dir) -> dict[int, float]:
-    """The uninterrupted run's eval curve (same seed, same data order)."""
-    out = tmp_path_factory.mktemp("reference")
-    proc = run_cli(*_args(out, cache_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [trial] = _trials(f"sqlite:///{out}/optuna.db", "chaos")
-    return trial.intermediate_values
+    """The uninterrupted run's eval curve (same seed, same data order), run once for the whole run
+    (``helpers.shared.once``)."""
+
+    def uninterrupted(out):
+        proc = run_cli(*_args(out, cache_dir))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        [trial] = _trials(f"sqlite:///{out}/optuna.db", "chaos")
+        return sorted(trial.intermediate_values.items())  # JSON: [step, value] pairs
+
+    return {int(step): value for step, value in once(tmp_path_factory, "chaos-reference", uninterrupted)[1]}
 
 
 def _assert_same_curve(trial, reference: dict[int, float]) -> None:

@@ -80,7 +80,7 @@ def _cli_cmd(*args):
 @pytest.mark.slow
 def test_killed_worker_trial_is_rerun_from_its_checkpoint(tmp_path, cache_dir, storage):
     url, name = storage
-    args = ["-m", "seed=1,2", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
+    args = ["-m", "seed=1,2", *FAST, "schedule.max_steps=60", "eval.eval_steps=5",
             f"hydra.sweeper.storage={url}", f"hydra.sweeper.study_name={name}",
             "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3",
             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
@@ -119,7 +119,7 @@ def test_killed_worker_trial_is_rerun_from_its_checkpoint(tmp_path, cache_dir, s
     assert retry.system_attrs["failed_trial"] == 0
     resumed = retry.user_attrs["resumed_from_checkpoint"]
     assert resumed and int(resumed.rsplit("-", 1)[1]) > 0  # continued, not from step 0
-    assert retry.user_attrs["steps_trained"] == 150
+    assert retry.user_attrs["steps_trained"] == 60
     assert len(trials) == 3
 
 
@@ -174,7 +174,7 @@ def _start_until_checkpointed(args: list, url: str, name: str) -> subprocess.Pop
 ], ids=["ctrl-c twice", "sigterm", "sighup"])
 def test_a_stop_signal_queues_the_trial_to_resume(tmp_path, cache_dir, signals, rc, why):
     url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
-    args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
+    args = ["-m", "seed=1", *FAST, "schedule.max_steps=60", "eval.eval_steps=5",
             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
     proc = _start_until_checkpointed(args, url, name)
     for i, sig in enumerate(signals):
@@ -241,7 +241,7 @@ def test_a_stopped_worker_whose_trial_was_taken_over_leaves_it_alone(tmp_path, c
     """SIGSTOP past the heartbeat's grace period: another command fails the trial as stale and completes its
     retry; resumed (SIGCONT), the first command says so in one line, writes nothing and exits 0."""
     url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
-    args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5", "hydra.sweeper.heartbeat_interval=1",
+    args = ["-m", "seed=1", *FAST, "schedule.max_steps=60", "eval.eval_steps=5", "hydra.sweeper.heartbeat_interval=1",
             "hydra.sweeper.grace_period=3", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
     out_path = tmp_path / "out.log"
     with open(out_path, "w") as out:
@@ -269,7 +269,7 @@ def test_a_stopped_worker_whose_trial_was_taken_over_leaves_it_alone(tmp_path, c
     assert len(lines) == 1 and "trial 0 was recorded FAIL" in lines[0], text[-3000:]
     trials = _load(url, name).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].user_attrs["steps_trained"] == 150
+    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].user_attrs["steps_trained"] == 60
 
 
 def _ok_run(proc):
@@ -316,7 +316,7 @@ def test_storage_password_is_written_nowhere(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_a_dead_worker_of_this_host_is_reclaimed_at_once(tmp_path, cache_dir):
     url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
-    args = ["-m", "seed=1", *FAST, "schedule.max_steps=150", "eval.eval_steps=5",
+    args = ["-m", "seed=1", *FAST, "schedule.max_steps=60", "eval.eval_steps=5",
             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]  # default 60 s heartbeat
     victim = _start_until_checkpointed(args, url, name)
     victim.send_signal(signal.SIGKILL)
@@ -328,7 +328,7 @@ def test_a_dead_worker_of_this_host_is_reclaimed_at_once(tmp_path, cache_dir):
     assert "1 to run, 0 already done, 0 running elsewhere of this grid" in out
     trials = _load(url, name).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert trials[1].user_attrs["resumed_from_checkpoint"] and trials[1].user_attrs["steps_trained"] == 150
+    assert trials[1].user_attrs["resumed_from_checkpoint"] and trials[1].user_attrs["steps_trained"] == 60
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from .conftest import ROOT
 from .helpers import fast, sweeper_in_process
 from .helpers.cli import run_in_process
 from .helpers.ports import free_port, wait_for_port
+from .helpers.shared import once
 
 ARTIFACTS = Path(os.environ.get("SFT_SWEEP_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
@@ -41,21 +42,24 @@ def test_diagnosis_on_crafted_curves(curve, train, verdict, needle):
 @pytest.fixture(scope="module")
 def overfit_sweep(tmp_path_factory, cache_dir):
     """A real sweep: 20 steps (too short) and 300 steps of 24 rows at a high constant LR (over-fits clearly
-    above its evaluations' noise)."""
-    out = tmp_path_factory.mktemp("overfit")
-    proc = run_in_process("-m", "schedule.max_steps=20,300", *fast("schedule.max_steps"), "eval.eval_steps=10", "eval.logging_steps=10",
-                   "eval.early_stopping_patience=null", "lr.learning_rate=3e-3",
-                   "lr.lr_scheduler_type=constant_with_warmup", "batch.per_device_train_batch_size=8",
-                   "data.demo_rows=200", "data.max_train_rows=24", f"paths.output_dir={out}",
-                   f"paths.cache_dir={cache_dir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    above its evaluations' noise). Trained once for the whole run (``helpers.shared.once``): its folder is
+    read-only here, each test writes its report into its own ``tmp_path``."""
+
+    def train(out):
+        proc = run_in_process("-m", "schedule.max_steps=20,300", *fast("schedule.max_steps"), "eval.eval_steps=10",
+                              "eval.logging_steps=10", "eval.early_stopping_patience=null", "lr.learning_rate=3e-3",
+                              "lr.lr_scheduler_type=constant_with_warmup", "batch.per_device_train_batch_size=8",
+                              "data.demo_rows=200", "data.max_train_rows=24", f"paths.output_dir={out}",
+                              f"paths.cache_dir={cache_dir}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return once(tmp_path_factory, "overfit", train)[0]
 
 
 @pytest.mark.slow
-def test_report_names_a_step_count_and_diagnoses_the_real_overfit(overfit_sweep):
-    out = overfit_sweep
-    proc = subprocess.run([sys.executable, "-m", "sweeper", "report", "--storage", f"sqlite:///{out}/optuna.db",
+def test_report_names_a_step_count_and_diagnoses_the_real_overfit(overfit_sweep, tmp_path):
+    out = tmp_path
+    proc = subprocess.run([sys.executable, "-m", "sweeper", "report", "--storage", f"sqlite:///{overfit_sweep}/optuna.db",
                            "--out", str(out / "report")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     md = (out / "report" / "summary.md").read_text()
@@ -102,11 +106,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @pytest.fixture(scope="module")
-def overfit_report(overfit_sweep):
+def overfit_report(overfit_sweep, tmp_path_factory):
     """``summary.md``, the PNG and ``report.html`` of the real over-fitting sweep."""
     from sweeper.report import write_report
 
-    paths = write_report(f"sqlite:///{overfit_sweep}/optuna.db", overfit_sweep / "report-html")
+    paths = write_report(f"sqlite:///{overfit_sweep}/optuna.db", tmp_path_factory.mktemp("report-html"))
     return paths["html"]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from sweeper.wsd import STATE_FILE, cooldown_best, search, should_stop_trunk
 from .conftest import run_cli
 from .helpers import fast
 from .helpers.cli import run_in_process
+from .helpers.shared import once
 
 TrialState = optuna.trial.TrialState
 LR, WARMUP, FRACTION = 1e-3, 2, 0.25  # lr=tiny; p_s = s - round(0.25 s): 8 -> 6, 16 -> 12, 24 -> 18
@@ -57,11 +59,17 @@ def _expected_lr(step: int, s: int) -> float:
 
 @pytest.fixture(scope="module")
 def wsd_sweep(tmp_path_factory, cache_dir):
-    tmp = tmp_path_factory.mktemp("wsd_sweep")
-    proc = _ok(run_in_process("-m", *WSD, *_paths(tmp, cache_dir), f"hydra.sweeper.storage=sqlite:///{tmp}/optuna.db",
-                       f"hydra.sweep.dir={tmp}/sweep"))
+    """The WSD search's multirun, run once for the whole run (``helpers.shared.once``): (what the command
+    printed, its study), both read-only here."""
+
+    def sweep(tmp):
+        proc = _ok(run_in_process("-m", *WSD, *_paths(tmp, cache_dir), f"hydra.sweeper.storage=sqlite:///{tmp}/optuna.db",
+                                  f"hydra.sweep.dir={tmp}/sweep"))
+        return {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+    tmp, proc = once(tmp_path_factory, "wsd_sweep", sweep)
     study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp}/optuna.db")
-    return proc, study
+    return subprocess.CompletedProcess(**proc), study
 
 
 @pytest.mark.slow
