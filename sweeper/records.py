@@ -16,7 +16,8 @@ Trial system attrs (kept out of optuna-dashboard's attribute table, or Optuna's 
   :data:`PARKED_AT`, the rung where it waits in the queue, or None).
 - :data:`WSD_BRANCH_KEY` ``str`` and :data:`WSD_BRANCH_OF` ``int``: a WSD branch trial and its trunk's number.
 - :data:`EVAL_CURVE` ``[[step, value], ...]``: a two-objective trial's evaluations (Optuna cannot report them).
-- :data:`SYSTEM_ATTRS`: the job's long results (curves, the SFTConfig, the plan, the trunk record).
+- :data:`SYSTEM_ATTRS`: the job's long results (curves, the SFTConfig, the plan, the speed settings, the trunk
+  record).
 
 Trial user attrs: :data:`ERROR` ``str`` (why it failed), :data:`RETRY_OF` ``{"trial", "error"}`` (the failed run
 a retry repeats), :data:`RUN_DIR` ``str``, :data:`STOPPED_REASON` ``str``, :data:`TRACKING_RUN`
@@ -57,9 +58,10 @@ PARKED_AT = "parked_at"  # a key of the WSD_TRUNK record
 WSD_BRANCH_KEY = "wsd_branch_key"
 WSD_BRANCH_OF = "wsd_branch_of"
 EVAL_CURVE = "eval_curve"  # a multi-objective trial's evaluations [[step, value], ...] (sweeper.objectives)
-# results kept in system attrs, not user attrs: long values (curves, the SFTConfig, the plan) would make
+# results kept in system attrs, not user attrs: long values (curves, the SFTConfig, the plan, the speed dict) would make
 # optuna-dashboard's attribute table thousands of pixels wide (see sweeper.sweep.handle.TrialReporter.set_attrs)
-SYSTEM_ATTRS = ("train_curve", "accuracy_curve", "loss_curve", "token_accuracy_curve", "sft_config", "plan", WSD_TRUNK)
+SYSTEM_ATTRS = ("train_curve", "accuracy_curve", "loss_curve", "token_accuracy_curve", "sft_config", "plan", "speed",
+                WSD_TRUNK)
 
 # trial user attrs
 ERROR = "error"

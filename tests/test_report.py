@@ -219,7 +219,7 @@ def test_dashboard_in_headless_chromium(overfit_sweep):
             browser.close()
         assert "best_step" in body and "stopped_early_step" in body and "schedule.max_steps" in body
         # curves, sft_config and plan are system attrs: with train_curve as a user attr this page was
-        # 7,307 px wide, with sft_config 3,885 px; now ~1,820 px (the speed and choices dicts)
+        # 7,307 px wide, with sft_config 3,885 px, with the speed dict 2,102 px
         assert width <= 2000, f"the trials page is {width} px wide: a long user attr widens it"
         assert (ARTIFACTS / "dashboard-study.png").stat().st_size > 10_000
     finally:
