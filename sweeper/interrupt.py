@@ -65,18 +65,32 @@ def _remembering_handler(signum: int, frame: Any) -> None:
 @contextlib.contextmanager
 def remembered() -> Iterator[None]:
     """Within the block, Ctrl-C raises KeyboardInterrupt as Python's own handler does, and is also remembered
-    for :func:`honour`. A no-op off the main thread or where Ctrl-C is ignored."""
+    for :func:`honour`; one that a finalizer swallows prints nothing. A no-op off the main thread or where
+    Ctrl-C is ignored."""
     global _pressed
     _pressed = False
     if not _main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     signal.signal(signal.SIGINT, _remembering_handler)
+    hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_swallowed(hook)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = hook
         _pressed = False
+
+
+def _quiet_swallowed(hook: Any) -> Any:
+    """``sys.unraisablehook`` that keeps quiet about a KeyboardInterrupt Python swallowed in a finalizer (it
+    would print "Exception ignored in ..." and a traceback): the press is remembered, and :func:`honour` raises
+    it where the command can stop cleanly. Anything else goes to ``hook``."""
+    def quiet(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _pressed):
+            hook(unraisable)
+    return quiet
 
 
 def process_ending() -> None:

@@ -39,18 +39,28 @@ class _SwallowsCtrlC:
 
 
 def test_a_ctrl_c_a_finalizer_swallowed_is_honoured_later():
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    """... and, while remembered, Python's "Exception ignored in ..." report of it (a traceback) is not printed."""
+    import sys
+
+    before, hook = signal.signal(signal.SIGINT, signal.default_int_handler), sys.unraisablehook
+    reported = []
+    sys.unraisablehook = lambda u: reported.append(type(u.exc_value).__name__)  # what Python would print
     try:
         _SwallowsCtrlC()  # Python's own handler: the KeyboardInterrupt is lost, nothing remembers it
         interrupt.honour()
+        assert reported == ["KeyboardInterrupt"]
         with interrupt.remembered():
-            _SwallowsCtrlC()  # lost again on its way ...
+            _SwallowsCtrlC()  # lost again on its way, and not reported ...
+            assert reported == ["KeyboardInterrupt"]
             with pytest.raises(KeyboardInterrupt):
                 interrupt.honour()  # ... but the sweep's next check raises it
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         interrupt.honour()  # the block is over: nothing left pending for a later command in this process
+        _SwallowsCtrlC()
+        assert reported == ["KeyboardInterrupt"] * 2  # Python's own report is back
     finally:
         signal.signal(signal.SIGINT, before)
+        sys.unraisablehook = hook
 
 
 def test_a_claimed_trial_that_never_started_goes_back_to_waiting(tmp_path):

@@ -285,7 +285,9 @@ def test_a_server_stopped_mid_sweep_loses_no_trial(tmp_path, cache_dir):
     watcher = threading.Thread(target=stop_once_trial_0_logs, daemon=True)
     watcher.start()
     try:
-        proc = _ok(run_in_process("-m", *BASE, "schedule.max_steps=12,16", "tracking=mlflow", *_paths(tmp_path, cache_dir),
+        # a process of its own, as for the tracker down from the start: the per-trial warning is a log line, and
+        # an earlier in-process run of this test process can leave that logger's output elsewhere
+        proc = _ok(run_cli("-m", *BASE, "schedule.max_steps=12,16", "tracking=mlflow", *_paths(tmp_path, cache_dir),
                            env={**_env(uri), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}))
     finally:
         stopped.set()
