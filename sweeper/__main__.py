@@ -17,16 +17,20 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        from sweeper.cli import check_versions, run_command
-    except KeyboardInterrupt:  # Ctrl-C while Python imports: one line, as every command ends on Ctrl-C
-        print("interrupted (Ctrl-C): nothing was changed", file=sys.stderr)
-        return 130
-    why = check_versions()
-    if why:
-        print(f"error: {why}", file=sys.stderr)
-        return 2
-    return run_command(sys.argv[1:] if argv is None else argv, prog="python -m sweeper")
+    from sweeper import interrupt  # light: the Ctrl-C handling is in place before anything heavy is imported
+
+    with interrupt.remembered():  # from here a Ctrl-C that a finalizer swallows prints nothing and is honoured
+        try:
+            from sweeper.cli import check_versions, run_command
+
+            why = check_versions()
+        except KeyboardInterrupt:  # Ctrl-C while Python imports: one line, as every command ends on Ctrl-C
+            print(interrupt.line("nothing was changed"), file=sys.stderr)
+            return interrupt.EXIT_CODE
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return 2
+        return run_command(sys.argv[1:] if argv is None else argv, prog="python -m sweeper")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,9 @@ def run_command(argv: list[str], prog: str = "sft-sweep") -> int:
 
 
 def _run_command(argv: list[str], prog: str) -> int:
+    from sweeper import interrupt
+
+    interrupt.honour()  # a Ctrl-C that a finalizer swallowed while Python imported: the command does not start
     args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from sweeper import passwords

@@ -17,7 +17,9 @@ plugin (:func:`sweep_stopped`, once the sweeper runs). A Ctrl-C while a trial tr
 - :func:`remembered` and :func:`honour`: a Ctrl-C that Python swallowed still stops the command. Python drops
   an exception raised inside a finalizer (a ``datasets.Dataset.__del__`` run by the garbage collector, say: it
   prints "Exception ignored in ..." and carries on), so a KeyboardInterrupt that lands there is lost; the
-  press is remembered, and the sweep honours it before it opens its queue and before each trial it claims.
+  press is remembered and honoured: by a command before it starts (``python -m sweeper`` remembers from its
+  first import), by the report before it moves its files into place, and by the sweep before it opens its queue
+  and before each trial it claims.
 """
 
 from __future__ import annotations

@@ -78,13 +78,14 @@ def write_whole(store, out_dir: Path, studies: list[str] | None, url: str | None
     import shutil
     import tempfile
 
-    from sweeper.interrupt import deferred
+    from sweeper.interrupt import deferred, honour
     from sweeper.report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
     try:
         paths = write_report(store, scratch, studies, url=url)
+        honour()  # a Ctrl-C that a finalizer swallowed while it was written: nothing moves
         with deferred():  # every file moves, or (Ctrl-C before this) none does
             for f in sorted(scratch.iterdir()):
                 f.replace(out_dir / f.name)

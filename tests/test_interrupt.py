@@ -94,3 +94,54 @@ def test_a_ctrl_c_in_the_interpreters_teardown_prints_no_traceback(entry):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
     assert proc.returncode == 0 and "usage" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr[-2000:]
+
+
+_SWALLOWED_WHILE_IMPORTING = """
+import importlib.abc, runpy, signal, sys
+
+
+class Swallows:
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+        sum(range(1000))  # the handler runs here, inside the finalizer: Python drops the KeyboardInterrupt
+
+
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            Swallows()  # as a garbage-collected object's finalizer would, while Python imports the module
+        return None
+
+
+sys.meta_path.insert(0, Finder())
+sys.argv = ['x', *{argv!r}]
+{run}
+"""
+
+
+@pytest.mark.parametrize("entry, module", [("python -m sweeper", "sweeper.cli"),
+                                           ("python -m sweeper", "sweeper.report.write"),
+                                           ("train.py", "sweeper.report.write")])
+def test_a_ctrl_c_a_finalizer_swallows_while_a_command_imports_stops_it_with_one_line(tmp_path, entry, module):
+    """The Ctrl-C lands in a finalizer (Python would print "Exception ignored in ..." with a traceback and go
+    on) while the command's process imports ``module``: the command stops with its one line and 130, prints
+    no traceback, and the report writes nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="s")
+    study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={"max_steps": 1}))
+    out = tmp_path / "report"
+    run = ("runpy.run_module('sweeper', run_name='__main__')" if entry == "python -m sweeper"
+           else f"runpy.run_path({str(root / 'train.py')!r}, run_name='__main__')")
+    code = _SWALLOWED_WHILE_IMPORTING.format(module=module, argv=["report", "--storage", url, "--out", str(out)],
+                                             run=run)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): "), proc.stderr[-2000:]
+    assert not out.exists() or not any(p.name in ("summary.md", "report.html") for p in out.iterdir())
