@@ -221,7 +221,7 @@ def _missing_hint(path_str: str) -> str:
     root = os.environ.get(_SHARED_DATA_ENV)
     if (root and path_str.startswith(root)) or (not root and "shared/data/" in path_str):
         return (f"; the shipped data options read their files under ${_SHARED_DATA_ENV} "
-                f"({'set to ' + repr(root) if root else 'not set, so ../shared/data relative to where train.py starts'}): "
+                f"({'set to ' + repr(root) if root else 'not set, so ../shared/data relative to the folder the command starts in'}): "
                 f"set {_SHARED_DATA_ENV} to the folder that holds banking77/, snips/, gsm8k/")
     return ""
 

@@ -140,10 +140,13 @@ def pin_one() -> GpuMemory | None:
     """
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:
+        from sweeper.program import this_process
+
+        prog = this_process().prog
         raise ValueError(
             f"one trial runs on one GPU (for now), but this run was launched as {world} processes "
-            "(WORLD_SIZE); start it with plain `python train.py` and sweep with "
-            "`python train.py -m ... hydra.sweeper.workers=auto` to use every GPU, one trial each")
+            f"(WORLD_SIZE); start it with plain `{prog}` and sweep with "
+            f"`{prog} -m ... hydra.sweeper.workers=auto` to use every GPU, one trial each")
     gpus = visible_gpus()
     if not gpus:
         return None

@@ -7,6 +7,8 @@ Trial system attrs (kept out of optuna-dashboard's attribute table, or Optuna's 
 
 - :data:`CONFIG` ``dict``: the settings the trial ran (``sweeper.identity.result_config``), set at the claim.
 - :data:`OVERRIDES` ``list[str]``: the overrides a follow-up command repeats to run the same settings.
+- :data:`COMMAND` ``{"prog", "config_dir"}``: how the sweep was started (``sweeper.program.Program``), which a
+  follow-up command starts with.
 - :data:`SWEEP_ID` ``str``: the sweep (command run) that claimed the trial.
 - :data:`WORKER_PROCESS` ``str``: ``host:pid:start`` of the worker running it.
 - :data:`FAILED_TRIAL` ``int``: on a retry, the number of the failed trial it repeats (Optuna's retry callback).
@@ -37,7 +39,7 @@ if TYPE_CHECKING:  # for annotations only: the job side reads these names withou
     import optuna
 
 __all__ = [
-    "ABANDONED", "CONFIG", "COST", "DATA", "ERROR", "EVAL_CURVE", "FAILED_TRIAL", "FIXED_PARAMS", "METRIC", "MODEL", "OVERRIDES",
+    "ABANDONED", "COMMAND", "CONFIG", "COST", "DATA", "ERROR", "EVAL_CURVE", "FAILED_TRIAL", "FIXED_PARAMS", "METRIC", "MODEL", "OVERRIDES",
     "PARKED_AT", "RETRY_OF", "RUN_DIR", "SLURM_JOBS", "STOPPED_REASON", "SWEEP_ID", "SYSTEM_ATTRS", "TRACKING_RUN", "WORKER_PROCESS",
     "WSD_BRANCH_KEY", "WSD_BRANCH_OF", "WSD_TRUNK",
     "abandoned_rates", "add_slurm_jobs", "config_of", "error_of", "failed_trial_of", "frozen", "is_branch",
@@ -49,6 +51,7 @@ __all__ = [
 # trial system attrs
 CONFIG = "config"
 OVERRIDES = "overrides"
+COMMAND = "command"
 SWEEP_ID = "sweep_id"
 WORKER_PROCESS = "worker_process"
 FAILED_TRIAL = "failed_trial"  # written by optuna.storages.RetryHeartbeatStaleTrialCallback

@@ -27,6 +27,7 @@ def default_locations(config_dir: str | None = None) -> tuple[str, str]:
 
 
 def open_store(storage: str, need_studies: bool = True):
+    from sweeper.program import this_process
     from sweeper.storage import check_sqlite_file, mask_url, open_storage, sqlite_path
 
     url = storage
@@ -34,7 +35,8 @@ def open_store(storage: str, need_studies: bool = True):
     if path is not None:
         db = url[len("sqlite:///"):]  # as the user wrote it, for the messages
         if not path.is_file():
-            raise ValueError(f"no study storage at {db}: run a sweep first (python train.py -m ...) or pass --storage")
+            raise ValueError(f"no study storage at {db}: run a sweep first ({this_process().prog} -m ...) or pass "
+                             "--storage")
         with open(path, "rb") as f:  # never let opening it turn another file into an Optuna database
             header = f.read(16)
         if header != b"SQLite format 3\x00":
@@ -48,7 +50,7 @@ def open_store(storage: str, need_studies: bool = True):
     import optuna
 
     if need_studies and not optuna.get_all_study_summaries(store):
-        raise ValueError(f"no studies in {mask_url(url)}: run a sweep first (python train.py -m ...)")
+        raise ValueError(f"no studies in {mask_url(url)}: run a sweep first ({this_process().prog} -m ...)")
     return url, mask_url(url), store
 
 

@@ -686,6 +686,38 @@ def test_the_follow_up_command_names_its_study_and_storage_and_keeps_odd_names_a
     assert f"no file {path} (`x` | *y*)" in html_mod.unescape(markdown_html(md))
 
 
+def test_the_follow_up_commands_start_as_the_sweep_did_installed_with_its_config_folder(tmp_path):
+    """A sweep started as ``sft-sweep --config-dir <folder>`` (recorded on its trials): every command the report
+    proposes starts the same way, the folder shell-quoted; trials recorded before get this process's start."""
+    import shlex
+
+    from sweeper.program import this_process
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    folder = str(tmp_path / "my conf")  # a space: quoted for the shell
+    started = {"command": {"prog": "sft-sweep", "config_dir": folder}, "overrides": ["data=mydata"]}
+    _add(study, 500, _falling(500, 0.30), system=started)
+    _add(study, 1000, _peaked(1000, 0.20, 300), system=started)  # best inside the run: a confirming run
+    (tmp_path / "edge").mkdir()
+    edge = _study(tmp_path / "edge")
+    _add(edge, 500, _falling(500, 0.30), system=started)
+    _add(edge, 1000, _falling(1000, 0.20), system=started)  # best at the longest, still falling: a longer grid
+    md = study_report(study) + "\n\n" + study_report(edge)
+    commands = [c for c in _codes(md) if "schedule.max_steps=" in c]
+    assert any(" -m " in c for c in commands) and any(" -m " not in c for c in commands), md
+    assert "python train.py" not in md
+    for command in commands:
+        args = shlex.split(command)
+        assert args[:3] == ["sft-sweep", "--config-dir", folder] and "data=mydata" in args, command
+    (tmp_path / "older").mkdir()
+    older = _study(tmp_path / "older")
+    _add(older, 500, _falling(500, 0.30))
+    _add(older, 1000, _falling(1000, 0.20))
+    [command] = [c for c in _codes(study_report(older)) if "-m schedule.max_steps=" in c]
+    assert command.startswith(this_process().prefix() + " -m ")
+
+
 def test_a_code_span_holding_backticks_uses_a_longer_fence():
     from sweeper.report.text import code, escape
 

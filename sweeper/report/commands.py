@@ -1,5 +1,6 @@
 """The commands the report prints for a user to paste: one confirming run (:func:`one_run`) and the next
-grid of lengths (:func:`grid_command`), each repeating the overrides that ran the trial it follows. A grid
+grid of lengths (:func:`grid_command`), each started as the sweep of the trial it follows was (``sft-sweep`` or
+``python train.py``, and its ``--config-dir``: :mod:`sweeper.program`) and repeating the overrides that ran it. A grid
 command also names the study it continues and, when it is not the default, the storage (:class:`Target`),
 so that pasted anywhere it adds its trials to this study; a confirming run is a single run, outside any
 study. Every override is a valid Hydra override (:func:`sweeper.space.quote`) and shell-quoted
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from sweeper.passwords import split_password
+from sweeper.program import Program, this_process
 from sweeper.space import quote
 from sweeper.storage import mask_url
 
@@ -48,16 +50,20 @@ def _args(overrides: Sequence[str]) -> str:
     return "".join(" " + shlex.quote(o) for o in overrides)
 
 
-def one_run(steps: int, settings: Sequence[str], extra: str = "") -> str:
-    """One confirming run of ``steps`` steps with the trial's settings, then ``extra`` (which wins)."""
-    return f"python train.py schedule.max_steps={steps}" + _args(settings) + extra
+def one_run(steps: int, settings: Sequence[str], extra: str = "", program: Program | None = None) -> str:
+    """One confirming run of ``steps`` steps with the trial's settings, then ``extra`` (which wins), started
+    as ``program`` (None: as this process was, :func:`sweeper.program.this_process`)."""
+    return f"{(program or this_process()).prefix()} schedule.max_steps={steps}" + _args(settings) + extra
 
 
-def grid_command(lengths: Sequence[int], wsd: bool, settings: Sequence[str] = (), target: Target | None = None) -> str:
+def grid_command(lengths: Sequence[int], wsd: bool, settings: Sequence[str] = (), target: Target | None = None,
+                 program: Program | None = None) -> str:
     """The follow-up command: the new lengths, the ``settings`` (overrides) of the trial it follows and its
-    ``target``, so that it runs in the same study with the same data, model and settings."""
+    ``target``, so that it runs in the same study with the same data, model and settings, started as the sweep
+    of that trial was (``program``; None: as this process was)."""
     joined = ",".join(str(n) for n in lengths)
     rest = _args([*settings, *(target.overrides() if target is not None else [])])
+    start = (program or this_process()).prefix()
     if wsd:
-        return f"python train.py -m schedule=wsd_search 'schedule.wsd.candidates=[{joined}]'{rest}"
-    return f"python train.py -m schedule.max_steps={joined}{rest}"
+        return f"{start} -m schedule=wsd_search 'schedule.wsd.candidates=[{joined}]'{rest}"
+    return f"{start} -m schedule.max_steps={joined}{rest}"

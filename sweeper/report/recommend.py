@@ -23,6 +23,7 @@ from sweeper.report.stored import (
     method,
     overrides,
     schedule_label,
+    started,
     trial_name,
 )
 from sweeper.report.text import code, escape, si
@@ -103,7 +104,7 @@ def _reason(best: optuna.trial.FrozenTrial, done: Sequence[optuna.trial.FrozenTr
         reason += "; it is the trunk of a WSD search (the longest candidate, with its own cooldown)"
     if wsd:
         reason += (f"; to train with cosine instead, confirm it with one run "
-                   f"({code(one_run(steps, overrides(best, done), ' lr.lr_scheduler_type=cosine'))}): how close "
+                   f"({code(one_run(steps, overrides(best, done), ' lr.lr_scheduler_type=cosine', started(best, done)))}): how close "
                    "cosine comes to WSD at equal length depends on the LR")
     others = [f"{escape(trial_name(t))}: {t.value:.4f}" for t in done if t.number != best.number]
     if others:
@@ -160,7 +161,7 @@ def _trunk_state(best: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.F
     warmup = (a.get("wsd") or {}).get("warmup_steps")
     extra = " lr.lr_scheduler_type=constant_with_warmup" + (f" lr.warmup_steps={warmup}" if warmup is not None else "")
     settings = [o for o in overrides(trunk, trials) if not o.startswith(("lr.lr_scheduler_type=", "lr.warmup_steps="))]
-    command = one_run(step, settings, extra)
+    command = one_run(step, settings, extra, started(trunk, trials))
     sigma = max(trial_noise(trunk, maximize).sigma, trial_noise(best, maximize).sigma)
     within = abs(value - best.value) <= 2 * sigma
     note = (f"The trunk's own state: the WSD trunk (trial {number}) reached {value:.4f} at step {step}, at constant "
@@ -240,7 +241,7 @@ def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[o
     notes: list[tuple[str, str | None]] = []
 
     def command(grid: Sequence[int]) -> str:
-        return grid_command(grid, wsd, overrides(best, done), target)
+        return grid_command(grid, wsd, overrides(best, done), target, started(best, done))
 
     stopped = _stopped_trunk(trials, steps)
     if steps == lengths[-1]:
@@ -309,7 +310,7 @@ def _inside_note(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[op
     return (f"Best step inside the run: step {a.get('best_step')} of {a.get('max_steps')} ({why}); "
             + (f"that model is the best checkpoint kept, {code(str(ckpt))}; " if ckpt else "")
             + "to train for that length, confirm it with one run: "
-            + code(one_run(a.get("best_step"), overrides(best, done)))
+            + code(one_run(a.get("best_step"), overrides(best, done), program=started(best, done)))
             + (" (with its own LR decay it may end lower)" if decays else "") + ".")
 
 

@@ -9,11 +9,12 @@ from typing import Sequence
 import optuna
 
 from sweeper import identity, plan, records
+from sweeper.program import Program, this_process
 from sweeper.storage import SYSTEM_ATTRS, is_branch
 
 __all__ = ["LENGTH_PARAMS", "accuracy_off", "attrs", "best_trial", "branch_point", "cost", "curve_attr", "eval_curve",
            "like_with_like", "method", "overrides", "params_text", "schedule_label", "settings_note", "spent",
-           "trial_name", "trial_rows", "unswept_differences"]
+           "started", "trial_name", "trial_rows", "unswept_differences"]
 
 
 def attrs(t: optuna.trial.FrozenTrial) -> dict:
@@ -147,6 +148,17 @@ def overrides(best: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.Froz
     if found is None and trunk is not None:
         found = next((t.system_attrs.get(records.OVERRIDES) for t in trials if t.number == trunk), None)
     return list(found or [])
+
+
+def started(best: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.FrozenTrial]) -> Program:
+    """How the sweep that ran ``best`` was started (a WSD branch: its trunk's), which a follow-up command
+    starts with; for trials recorded before the sweeper stored it, this process's program."""
+    found = Program.from_record(best.system_attrs.get(records.COMMAND))
+    trunk = attrs(best).get("branch_of")
+    if found is None and trunk is not None:
+        found = next((Program.from_record(t.system_attrs.get(records.COMMAND)) for t in trials if t.number == trunk),
+                     None)
+    return found or this_process()
 
 
 # the params that are a trial's length itself (its schedule), not a setting it ran with

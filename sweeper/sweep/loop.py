@@ -27,7 +27,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from tqdm.auto import tqdm
 
 from sweeper import config as config_mod
-from sweeper import disk, hos, interrupt, records, tracking
+from sweeper import disk, hos, interrupt, program, records, tracking
 from sweeper.space import quote, value_text
 from sweeper.storage import Heartbeat
 from sweeper.sweep import tell
@@ -121,6 +121,7 @@ class _Worker:
                  stop_others: Callable[[], None]) -> None:
         self.settings, self.queue, self.launcher, self.app_config = settings, queue, launcher, app_config
         self.stop_others = stop_others
+        self.program = program.of_sweep(app_config)  # how this sweep was started: the report's commands start so
         self.label_studies = len(queue.command.sweeps) > 1
         self.job_idx = 0
         self.returns: list[Any] = []
@@ -145,6 +146,7 @@ class _Worker:
             overrides.insert(len(overrides) - 2, f"hydra.sweeper.storage={quote(self.settings.storage_url)}")
         log.info("%strial %d: %s", self.label(sw), trial.number, " ".join(overrides[:-2]))
         records.set_system(study, records.trial_id(trial), records.OVERRIDES, settings_of(overrides[:-2]))
+        records.set_system(study, records.trial_id(trial), records.COMMAND, self.program.record())
         tracking.open_trial(self.app_config, study, trial)  # tracking=mlflow|wandb: the trial's run, opened or continued
         ret = self.launch(study, trial, overrides)
         self.job_idx += 1
