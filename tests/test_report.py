@@ -848,3 +848,40 @@ def test_a_config_change_keeps_its_params_and_the_pasted_follow_up_continues_the
     assert new and all(t.state == optuna.trial.TrialState.COMPLETE for t in new)
     assert all(t.system_attrs["config"]["data.train_path"] == str(path) for t in new)  # the same file
     assert all(t.system_attrs["sft_config"]["learning_rate"] == best_lr for t in new)  # the winner's settings
+
+
+def test_each_study_gets_one_figure_file_in_the_report_folder_whatever_its_name(tmp_path):
+    """A storage may hold studies that other tools named: a path separator, ``..``, a name longer than a file
+    name may be, the name of the datasets' figure. Each PNG is one file in the report's folder, the markdown
+    links it, and nothing is written outside."""
+    from sweeper.report_command import write_whole
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    names = ["my/data", "..", "../up", "datasets", "x" * 300, "a:b*c?", "plain"]
+    for name in names:
+        study = optuna.create_study(study_name=name, storage=url)
+        for steps, end in ((100, 0.3), (200, 0.2)):
+            _add(study, steps, _falling(steps, end))
+    out = tmp_path / "deep" / "report"
+    write_whole(optuna.storages.RDBStorage(url), out, None)
+    pngs = sorted(p.name for p in out.iterdir() if p.suffix == ".png")
+    assert all(p.is_file() for p in out.iterdir()) and len(pngs) == len(names) + 1  # + the datasets' figure
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["report"]  # nothing beside the folder
+    md = (out / "summary.md").read_text()
+    links = re.findall(r"!\[[^\n]*\]\(<?([^)>]+\.png)>?\)", md)
+    assert sorted(links) == pngs, (links, pngs)
+    assert "a:b*c?.png" in pngs and "plain.png" in pngs  # a name that is a file name stays as it is
+
+
+def test_trials_another_tool_recorded_are_reported_without_missing_values_printed(tmp_path):
+    """Trials with a value and a curve but none of the sweep's attrs (no best step, run folder or config)."""
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    for i, steps in enumerate((10, 20)):
+        study.add_trial(optuna.trial.create_trial(value=1.0 - 0.1 * i, intermediate_values={5: 2.0, steps: 1.0 - 0.1 * i},
+                                                  user_attrs={"max_steps": steps}))
+    md = study_report(study)
+    assert "**Recommended for demo: max_steps=20.** max_steps=20 reached the lowest eval_loss, 0.9000;" in md
+    assert "None" not in md, [line for line in md.splitlines() if "None" in line]
+    assert "# trial 1 recorded no sft_config attr (it predates it, or another tool ran it)" in md

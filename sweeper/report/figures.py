@@ -80,7 +80,10 @@ def plot_datasets(studies: Sequence[optuna.Study], path: Path) -> Path:
     ax_e.set_yscale("log")
     for ax in (ax_e, ax_k):
         ax.grid(alpha=0.3)
-    fig.legend(loc="lower center", ncol=min(3, max(1, len(studies))), fontsize=8)
+    if ax_e.get_legend_handles_labels()[0] or ax_k.get_legend_handles_labels()[0]:
+        fig.legend(loc="lower center", ncol=min(3, max(1, len(studies))), fontsize=8)
+    else:  # no best trial recorded its steps per epoch or tokens per step (a study of another tool, say)
+        ax_e.text(0.5, 0.5, "no best trial recorded epochs or tokens", ha="center", transform=ax_e.transAxes)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -104,7 +104,8 @@ def sftconfig_snippet(trial: optuna.trial.FrozenTrial, metric: str | None = None
     a = attrs(trial)
     cfg = a.get("sft_config")
     if not cfg:
-        return f"# trial {trial.number} predates the sft_config attr; its run config is in {a.get('run_dir')}/.hydra"
+        where = f"; its run config is in {a['run_dir']}/.hydra" if a.get("run_dir") else ""
+        return f"# trial {trial.number} recorded no sft_config attr (it predates it, or another tool ran it){where}"
     stop = _early_stopping(trial)
     lines = ["from transformers import EarlyStoppingCallback"] if "EarlyStoppingCallback(" in stop else []
     lines += ["from trl import SFTConfig", ""]

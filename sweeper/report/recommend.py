@@ -93,7 +93,8 @@ def _reason(best: optuna.trial.FrozenTrial, done: Sequence[optuna.trial.FrozenTr
     steps, wsd = a.get("max_steps"), method(best) == "wsd"
     label = schedule_label(best)
     reason = (f"max_steps={steps}" + (f" (schedule={escape(label)})" if label and label != f"max_steps={steps}" else "")
-              + f" reached the lowest {metric}, {best.value:.4f}, at step {a.get('best_step')}")
+              + f" reached the lowest {metric}, {best.value:.4f}"
+              + (f", at step {a['best_step']}" if a.get("best_step") is not None else ""))
     if a.get("stopped_early_step"):
         reason += f"; early stopping ended it at step {a['stopped_early_step']}"
     w = a.get("wsd") or {}
@@ -255,7 +256,8 @@ def _length_notes(best: optuna.trial.FrozenTrial, d: Diagnosis, done: Sequence[o
             notes.append((f"Not an edge of the grid: the best length is {which}, but its best came at step "
                           f"{b_step}, well inside the run: longer runs will not help.", None))
         else:
-            when = "at the end of its run" if b_step == steps else f"late in its run (step {b_step} of {steps})"
+            when = ("at the end of its run" if b_step == steps else f"late in its run (step {b_step} of {steps})"
+                    if b_step is not None else "at a step it did not record")
             run = command(advice.prune_measured(_grid([steps, 1.5 * steps, 2 * steps], unit), measured, best.value,
                                                 maximize))
             notes.append((f"Edge of the grid: the best length is {which} and its best came {when}, so longer may "
