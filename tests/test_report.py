@@ -544,7 +544,8 @@ def test_a_trunk_state_better_than_every_branch_is_named_with_the_constant_lr_ru
     md = study_report(study)
     line = _lines(md, "- The trunk's own state")[0]
     assert line.startswith("- The trunk's own state: the WSD trunk (trial 0) reached 0.2193 at step 500, at constant "
-                           "LR before any cooldown, better than the winner's 0.2298 (-4.6%, within noise ±"), line
+                           "LR before any cooldown, better than the winner's 0.2298 (-4.6%, within noise: at most twice ±"), line
+    assert "the larger noise of the two curves). That model" in line
     assert line.endswith(f"That model is a 500-step run at constant LR after a 15-step warmup; the search keeps no "
                          f"checkpoint of it: to train it, run `{command}`.")
     assert f"a WSD trunk at constant LR did better at step 500 (0.2193), try `{command}`" in rec["verdict"]

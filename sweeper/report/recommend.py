@@ -168,7 +168,8 @@ def _trunk_state(best: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial.F
     note = (f"The trunk's own state: the WSD trunk (trial {number}) reached {value:.4f} at step {step}, at constant "
             f"LR before any cooldown, better than the winner's {best.value:.4f} "
             f"({(value - best.value) / max(abs(best.value), 1e-8):+.1%}, "
-            + (f"within noise ±{sigma:.4f}" if within else f"beyond noise ±{sigma:.4f}")
+            + ("within" if within else "beyond") + f" noise: {'at most' if within else 'more than'} twice "
+            f"±{sigma:.4f}, the larger noise of the two curves"
             + f"). That model is a {step}-step run at constant LR"
             + (f" after a {warmup}-step warmup" if warmup is not None else "")
             + f"; the search keeps no checkpoint of it: to train it, run {code(command)}.")
