@@ -8,6 +8,10 @@
     PYTHONPATH=/tmp/site:$PWD python3 benchmarks/throughput.py --out outputs/throughput --data-root .data \
         --learning-check --results $OUT/throughput.md --json $OUT/throughput.json
 
+    # a lever that changes numerics: (b) and (c) with it, three seeds each, the check on their mean eval losses
+    python3 benchmarks/throughput.py --out outputs/throughput --arms c --workloads gsm8k --learning-check \
+        --learning-repeats 3 --ours-overrides "speed.lora_fused=true"
+
     # our arm with extra overrides (e.g. the speed group), or the profile of arm (c), on their own
     python3 benchmarks/throughput.py --out outputs/throughput --arms c --workloads gsm8k --ours-overrides "speed=plain"
     python3 benchmarks/throughput.py --out outputs/throughput --arms c --workloads synthetic --profile
@@ -289,7 +293,7 @@ def worker_arm(spec: dict) -> dict:
         learning_rate=spec.get("learning_rate", 2e-4), lr_scheduler_type="cosine", warmup_steps=0.03,
         bf16=cuda, max_length=spec["max_length"], packing=spec["packing"], assistant_only_loss=True,
         activation_checkpointing=False,  # TRL's default is True; the comparison runs without it
-        logging_steps=1, max_steps=spec["steps"], report_to=[], seed=42,
+        logging_steps=1, max_steps=spec["steps"], report_to=[], seed=spec.get("seed", 42),
         data_seed=0,  # as the trial path (data.seed), so the sampler's order matches
         include_num_input_tokens_seen="non_padding", save_strategy="no", disable_tqdm=True,
         use_cpu=not cuda, per_device_eval_batch_size=spec["micro_batch"],
@@ -413,7 +417,7 @@ def _worker_main(kind: str, spec_path: str) -> None:
 
 
 def run_ours(args, workload: dict, model_dir: Path, arm_dir: Path, steps: int, *, save: bool, eval_rows: int,
-             profile_dir: Path | None = None, tag: str = "c", extra: list[str] = ()) -> dict:
+             profile_dir: Path | None = None, tag: str = "c", extra: list[str] = (), seed: int = 42) -> dict:
     """Arm (c): ``python train.py -m ...`` as a subprocess; results from the Optuna trial's user attrs."""
     import optuna
 
@@ -422,7 +426,7 @@ def run_ours(args, workload: dict, model_dir: Path, arm_dir: Path, steps: int, *
     study = f"tp-{workload['name']}-{tag}-{RUN_ID}"
     step_times = arm_dir / "step_times.jsonl"
     step_times.unlink(missing_ok=True)
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "seed=42", "model=qwen2.5-1.5b", f"model.path={model_dir}",
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"seed={seed}", "model=qwen2.5-1.5b", f"model.path={model_dir}",
            "model.name=bench", "data=jsonl", f"data.train_path={workload['train']}",
            f"data.eval_path={workload['eval']}", f"data.max_eval_rows={eval_rows}",
            f"data.max_length={args.max_length}", f"data.packing={str(args.ours_packing).lower()}",
@@ -589,6 +593,11 @@ def learning_text(lc: dict | None) -> str:
         f"| (b) plain TRL | {e['b']['loss']:.5f} | {_num(lc.get('b_logged_eval_loss'), '.4f')} | {lc['b_tokens']:,} |",
         f"| (c) our trial path | {e['c']['loss']:.5f} | {_num(lc.get('c_logged_eval_loss'), '.4f')} | {lc['c_tokens']:,} |",
         "",
+        *([f"Seeds {', '.join(map(str, lc['seeds']))} (the table shows seed {lc['seeds'][0]}): (b) "
+           f"{' / '.join(f'{x:.5f}' for x in lc['b_losses'])}, mean {lc['b_mean']:.5f}, spread "
+           f"{100 * lc['b_spread']:.2f}%; (c) {' / '.join(f'{x:.5f}' for x in lc['c_losses'])}, mean "
+           f"{lc['c_mean']:.5f}, spread {100 * lc['c_spread']:.2f}%. The check compares the means.", ""]
+          if len(lc.get("seeds") or []) > 1 else []),
         f"Relative difference |c − b| / b = {100 * lc['rel_diff']:.2f}% → **{'PASS' if lc['pass'] else 'FAIL'}** "
         f"(≤ 2%). Tokens seen differ by {100 * lc['tokens_rel_diff']:.2f}%. Loss drop from the base model: "
         f"(b) {lc['b_drop']:.5f}, (c) {lc['c_drop']:.5f}.",
@@ -625,6 +634,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="(b) and (c) on --learning-workload run --learning-steps and are evaluated by one evaluator")
     ap.add_argument("--learning-workload", default=None, help="default: gsm8k if selected, else the first workload")
     ap.add_argument("--learning-steps", type=int, default=None, help="default 40; smoke 6")
+    ap.add_argument("--learning-repeats", type=int, default=1,
+                    help="seeds of (b) and (c) in the learning check (42, 43, ...); it compares their mean eval losses")
     ap.add_argument("--learning-lr", type=float, default=2e-3,
                     help="learning rate of (b) and (c) in the learning check: LoRA on a random-init model barely "
                          "moves the loss at 2e-4, so the check runs where it does move (same rate on both arms)")
@@ -654,6 +665,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error("--learning-check compares (b) and (c) at equal packing: it needs --ours-packing true")
         if a.learning_steps <= a.warmup_steps:
             ap.error("--learning-steps must exceed --warmup-steps (its runs are timed too)")
+    if a.learning_repeats < 1:
+        ap.error(f"--learning-repeats {a.learning_repeats}: give 1 or more seeds")
     return a
 
 
@@ -717,40 +730,18 @@ def main(args: argparse.Namespace) -> dict:
             steps = args.learning_steps if is_learning and arm in "bc" else args.steps
             arm_dir = args.out / RUN_ID / name / arm
             log(f"{name} {ARM_NAMES[arm]}: {steps} steps, micro-batch {args.micro_batch} × {args.grad_accum}")
-            if arm in "ab":
-                spec = {"dir": str(arm_dir), "model_dir": str(model_dir), "train": workload["train"],
-                        "eval": workload["eval"], "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
-                        "max_length": args.max_length, "packing": arm == "b", "arm": arm,
-                        "liger": arm == "b" and not args.no_liger, "steps": steps,
-                        "step_times": str(arm_dir / "step_times.jsonl"),
-                        "evaluate": is_learning and arm == "b", "save_adapter": is_learning and arm == "b",
-                        "learning_rate": args.learning_lr if is_learning else 2e-4}
-                res = run_worker("arm", spec, arm_dir)
-                if arm == "b" and spec["liger"] and res.get("status") == "FAIL":
-                    log("arm (b) failed with Liger; running it again without Liger (recorded in the notes)")
-                    first = res
-                    res = run_worker("arm", {**spec, "liger": False}, arm_dir / "no-liger")
-                    if res.get("liger"):
-                        res["liger"]["note"] = f"Liger run FAILED ({first.get('error', '')[-300:]}); re-run without Liger"
-                res.update(packing=arm == "b", step_times=spec["step_times"])
-            else:
-                res = run_ours(args, workload, model_dir, arm_dir, steps, save=is_learning,
-                               eval_rows=args.eval_rows if is_learning else min(args.eval_rows, 4 * args.micro_batch),
-                               extra=[f"lr.learning_rate={args.learning_lr}"] if is_learning else [])
-                res["packing"] = args.ours_packing
-                if res.get("status") == "COMPLETE" and not res.get("step_times"):
-                    log("arm (c): no step-times file (the trial path does not honour SFT_SWEEP_STEP_TIMES yet): "
-                        "its figures come from the trial's attrs and include warm-up steps and the final eval")
-            res["figures"] = arm_figures(res, args.warmup_steps, n_params, matmul_tflops)
-            f = res["figures"]
-            log(f"{name} {ARM_NAMES[arm]}: {res.get('status')}; " + (
-                f"{f['tokens_per_s']:,.0f} real tokens/s, {f['s_per_step']:.3f} s/step, {f['tokens_per_step']:,.0f} "
-                f"tokens/step, peak {res.get('peak_gpu_gib')} GiB, wall {res.get('wall_s')} s ({f['source']})"
-                if f else str(res.get("error", ""))[:300]))
-            results[arm] = res
+            results[arm] = run_arm(args, arm, workload, model_dir, arm_dir, steps, is_learning, n_params,
+                                   matmul_tflops)
             save_partial(report, args)
         if is_learning:
-            report["learning_check"] = learning_check(args, model_dir, workload, results)
+            repeats = report["workloads"][-1]["learning_repeats"] = []
+            for seed in range(43, 42 + args.learning_repeats):  # more seeds of (b) and (c): the check compares means
+                log(f"{name}: learning check, seed {seed} of (b) and (c)")
+                repeats.append({"seed": seed, **{arm: run_arm(
+                    args, arm, workload, model_dir, args.out / RUN_ID / name / f"{arm}-seed{seed}", args.learning_steps,
+                    True, n_params, matmul_tflops, seed) for arm in "bc"}})
+                save_partial(report, args)
+            report["learning_check"] = learning_check(args, model_dir, workload, results, repeats)
             save_partial(report, args)
 
     if args.profile:
@@ -779,6 +770,45 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
+def run_arm(args, arm: str, workload: dict, model_dir: Path, arm_dir: Path, steps: int, is_learning: bool,
+            n_params: int, matmul_tflops, seed: int = 42) -> dict:
+    """One arm's run (its own subprocess) with its figures; ``is_learning``: the learning check's (b) or (c),
+    which keeps its adapter and trains at ``--learning-lr``; ``seed``: the run's seed (adapters' init, dropout)."""
+    if arm in "ab":
+        spec = {"dir": str(arm_dir), "model_dir": str(model_dir), "train": workload["train"],
+                "eval": workload["eval"], "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
+                "max_length": args.max_length, "packing": arm == "b", "arm": arm,
+                "liger": arm == "b" and not args.no_liger, "steps": steps,
+                "step_times": str(arm_dir / "step_times.jsonl"),
+                "evaluate": is_learning and arm == "b", "save_adapter": is_learning and arm == "b",
+                "learning_rate": args.learning_lr if is_learning else 2e-4, "seed": seed}
+        res = run_worker("arm", spec, arm_dir)
+        if arm == "b" and spec["liger"] and res.get("status") == "FAIL":
+            log("arm (b) failed with Liger; running it again without Liger (recorded in the notes)")
+            first = res
+            res = run_worker("arm", {**spec, "liger": False}, arm_dir / "no-liger")
+            if res.get("liger"):
+                res["liger"]["note"] = f"Liger run FAILED ({first.get('error', '')[-300:]}); re-run without Liger"
+        res.update(packing=arm == "b", step_times=spec["step_times"])
+    else:
+        res = run_ours(args, workload, model_dir, arm_dir, steps, save=is_learning,
+                       eval_rows=args.eval_rows if is_learning else min(args.eval_rows, 4 * args.micro_batch),
+                       extra=[f"lr.learning_rate={args.learning_lr}"] if is_learning else [],
+                       tag="c" if seed == 42 else f"c-seed{seed}", seed=seed)
+        res["packing"] = args.ours_packing
+        if res.get("status") == "COMPLETE" and not res.get("step_times"):
+            log("arm (c): no step-times file (the trial path does not honour SFT_SWEEP_STEP_TIMES yet): "
+                "its figures come from the trial's attrs and include warm-up steps and the final eval")
+    res["seed"] = seed
+    res["figures"] = arm_figures(res, args.warmup_steps, n_params, matmul_tflops)
+    f = res["figures"]
+    log(f"{workload['name']} {ARM_NAMES[arm]}{'' if seed == 42 else f' (seed {seed})'}: {res.get('status')}; " + (
+        f"{f['tokens_per_s']:,.0f} real tokens/s, {f['s_per_step']:.3f} s/step, {f['tokens_per_step']:,.0f} "
+        f"tokens/step, peak {res.get('peak_gpu_gib')} GiB, wall {res.get('wall_s')} s ({f['source']})"
+        if f else str(res.get("error", ""))[:300]))
+    return res
+
+
 def save_partial(report: dict, args) -> None:
     """Everything measured so far, after every arm (a run cut short by a time limit keeps its figures)."""
     path = args.out / RUN_ID / "partial.json"
@@ -789,35 +819,55 @@ def save_partial(report: dict, args) -> None:
         args.json.write_text(json.dumps(report, indent=1, default=str))
 
 
-def learning_check(args, model_dir: Path, workload: dict, results: dict) -> dict:
+def _checkpoint(c: dict) -> str | None:
+    """(c)'s saved adapter: its best checkpoint, else the last ``checkpoint-*`` in its run folder."""
+    if c.get("best_checkpoint"):
+        return c["best_checkpoint"]
+    found = sorted(Path(c.get("run_dir") or "/nonexistent").glob("checkpoint-*"))
+    return str(found[-1]) if found else None
+
+
+def learning_check(args, model_dir: Path, workload: dict, results: dict, repeats: list | tuple = ()) -> dict:
+    """(b) and (c) evaluated by one evaluator; with ``--learning-repeats N`` each arm ran N seeds and the check
+    compares the two arms' mean eval losses (one run of a short, high-LR training is noisy)."""
     b, c = results.get("b", {}), results.get("c", {})
     if b.get("status") != "COMPLETE" or c.get("status") != "COMPLETE":
         return {"status": "not run", "error": f"(b) {b.get('status')}, (c) {c.get('status')}"}
     if c.get("micro_batch") != args.micro_batch or c.get("grad_accum") != args.grad_accum:
         log(f"learning check: (c) ran {c.get('micro_batch')} × {c.get('grad_accum')} (overrides or an OOM retry), "
             f"not {args.micro_batch} × {args.grad_accum}: compare at the tokens seen below")
-    ckpt = c.get("best_checkpoint")
-    if not ckpt:
-        found = sorted(Path(c.get("run_dir") or "/nonexistent").glob("checkpoint-*"))
-        ckpt = str(found[-1]) if found else None
+    ckpt = _checkpoint(c)
     if not ckpt:
         return {"status": "not run", "error": f"no checkpoint-* in (c)'s run dir {c.get('run_dir')}"}
-    log(f"learning check: one evaluator on {workload['eval_rows']} held-out rows: base, (b) {b['adapter']}, (c) {ckpt}")
+    adapters, seeds = {"base": None, "b": b["adapter"], "c": ckpt}, [b.get("seed", 42)]
+    for r in repeats:
+        rb, rc = r.get("b", {}), r.get("c", {})
+        if rb.get("status") == "COMPLETE" and rc.get("status") == "COMPLETE" and _checkpoint(rc):
+            adapters[f"b-seed{r['seed']}"], adapters[f"c-seed{r['seed']}"] = rb["adapter"], _checkpoint(rc)
+            seeds.append(r["seed"])
+        else:
+            log(f"learning check: seed {r['seed']} left out: (b) {rb.get('status')}, (c) {rc.get('status')}")
+    log(f"learning check: one evaluator on {workload['eval_rows']} held-out rows: base, (b) and (c) of seeds {seeds}")
     ev = run_worker("eval", {"model_dir": str(model_dir), "eval": workload["eval"], "max_length": args.max_length,
-                             "batch_size": 4, "adapters": {"base": None, "b": b["adapter"], "c": ckpt}},
+                             "batch_size": 4, "adapters": adapters},
                     args.out / RUN_ID / workload["name"] / "learning-eval")
     if "b" not in ev:
         return {"status": "evaluator failed", "error": ev.get("error")}
-    lb, lc = ev["b"]["loss"], ev["c"]["loss"]
+    b_losses = [ev[k]["loss"] for k in adapters if k == "b" or k.startswith("b-seed")]
+    c_losses = [ev[k]["loss"] for k in adapters if k == "c" or k.startswith("c-seed")]
+    lb, lc = statistics.fmean(b_losses), statistics.fmean(c_losses)
     c_logged = dict(c.get("eval_curve") or []).get(c.get("steps_trained"))
     out = {"status": "done", "workload": workload["name"], "steps": args.learning_steps,
            "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "eval": ev,
            "b_tokens": b["tokens_seen"], "c_tokens": c["tokens_seen"],
            "tokens_rel_diff": abs(c["tokens_seen"] - b["tokens_seen"]) / max(b["tokens_seen"], 1),
            "b_logged_eval_loss": b.get("eval_loss"), "c_logged_eval_loss": c_logged,
+           "seeds": seeds, "b_losses": b_losses, "c_losses": c_losses, "b_mean": lb, "c_mean": lc,
+           "b_spread": (max(b_losses) - min(b_losses)) / lb, "c_spread": (max(c_losses) - min(c_losses)) / lc,
            "rel_diff": abs(lc - lb) / lb, "b_drop": ev["base"]["loss"] - lb, "c_drop": ev["base"]["loss"] - lc}
     out["pass"] = out["rel_diff"] <= 0.02
-    log(f"learning check: eval loss base {ev['base']['loss']:.4f}, (b) {lb:.4f}, (c) {lc:.4f}: "
+    means = " (means of seeds " + ", ".join(map(str, seeds)) + ")" if len(seeds) > 1 else ""
+    log(f"learning check: eval loss base {ev['base']['loss']:.4f}, (b) {lb:.4f}, (c) {lc:.4f}{means}: "
         f"{100 * out['rel_diff']:.2f}% apart -> {'PASS' if out['pass'] else 'FAIL'}")
     return out
 
