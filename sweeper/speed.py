@@ -32,8 +32,10 @@ and leaves CPU runs on the plain path, so no GPU-only flag ever reaches a CPU ru
   per trial); ``regional`` compiles each repeated decoder block in place, so one block's graph serves
   every layer (accelerate's regional compilation), with dynamic shapes (a packed micro-batch's length
   changes every step), and fuses LoRA's cast, dropout, scale and add; the
-  Inductor cache (``TORCHINDUCTOR_CACHE_DIR``; ``paths.cache_dir``/inductor unless set) lets a worker's
-  later trials, and later sweeps, reuse the compiled kernels.
+  Inductor cache (``TORCHINDUCTOR_CACHE_DIR``; ``paths.cache_dir``/inductor unless set) lets later sweeps
+  reuse the compiled kernels. A worker runs its trials in one process, so compilation is paid once per worker:
+  its later trials' blocks reuse the compiled graphs from their first step. Not GPU-only: asked for on CPU,
+  it is honoured (Inductor's CPU backend; ``auto`` never turns it on).
 
 Measured on an H100 (1.5B-shaped Qwen2, LoRA r16, 16 packed rows of 1,024 tokens per step):
 SDPA 10.0k tokens/s, varlen + Liger 25.1k, + micro-batch 16 without accumulation and the fused
@@ -92,7 +94,7 @@ def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str) -> dict
             f"speed.attention=varlen needs a CUDA GPU and bf16/fp16 compute (here: "
             f"{'CUDA' if cuda else 'no GPU'}, {compute}); use speed.attention=auto or sdpa")
     liger = str(group.liger)
-    compile_ = (group.compile if group.compile in COMPILE_CHOICES else bool(group.compile)) if cuda else False
+    compile_ = group.compile if group.compile in COMPILE_CHOICES else bool(group.compile)
     if liger == "auto":
         # Liger's Triton kernels split a compiled graph (RoPE) or fail to trace with dynamic shapes (RMSNorm);
         # Inductor fuses the same norm, RoPE and SwiGLU itself, so a compiled model runs without them

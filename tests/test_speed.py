@@ -23,6 +23,11 @@ def test_auto_resolves_to_the_plain_path_on_cpu(compose_cfg):
     assert got == {"name": "auto", "attention": "sdpa", "padding_free": False, "liger": False,
                    "optim": "adamw_torch", "compile": False, "lora_upcast": True,
                    "lora_fused": False, "dataloader_num_workers": 0}
+    # compile is not GPU-only: asked for on CPU, it is honoured (Inductor's CPU backend), never dropped silently
+    for mode in ("regional", True):
+        asked = speed.resolve(compose_cfg(f"speed.compile={str(mode).lower()}").speed, cuda=False, compute="fp32",
+                              optim="adamw_torch")
+        assert asked["compile"] == mode
 
 
 def test_auto_turns_the_fast_path_on_for_a_cuda_gpu(compose_cfg):
