@@ -167,10 +167,13 @@ def _run_command(argv: list[str], prog: str) -> int:
 
 
 def _unknown(word: str) -> str:
+    from sweeper.program import this_process
+
+    prog = this_process().prog  # sft-sweep, or python train.py in a checkout
     near = difflib.get_close_matches(word, COMMANDS, n=1)
-    hint = f"did you mean `sft-sweep {near[0]}`? " if near else ""
+    hint = f"did you mean `{prog} {near[0]}`? " if near else ""
     return (f"unknown command {word!r}: {hint}the commands are {', '.join(COMMANDS)}; the sweep takes Hydra "
-            f"overrides (key=value), e.g. sft-sweep -m schedule=under,sweet,over")
+            f"overrides (key=value), e.g. {prog} -m schedule=under,sweet,over")
 
 
 def _config_dir_arg(argv: list[str]) -> str | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sweeper.paths import CONF_DIR
+from sweeper.program import this_process
 
 __all__ = ["copy_option", "initialize", "problem", "shipped_options"]
 
@@ -39,13 +40,13 @@ def problem(config_dir: str | None) -> str | None:
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         return (f"--config-dir {config_dir}: {folder.resolve()} {what}; pass the folder that holds your groups "
-                f"(e.g. conf/ with conf/data/mydata.yaml, which `sft-sweep cp data/jsonl conf/data/mydata.yaml` writes)")
+                f"(e.g. conf/ with conf/data/mydata.yaml, which `{this_process().prog} cp data/jsonl conf/data/mydata.yaml` writes)")
     files = sorted(p.relative_to(folder) for p in folder.rglob("*.yaml") if p.is_file())
     if not files:
         yml = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.yml"))
         hint = f" (Hydra reads .yaml only; rename {', '.join(yml[:3])})" if yml else ""
         return (f"--config-dir {config_dir}: no .yaml file in {folder.resolve()}{hint}; it should hold group "
-                f"folders such as data/mydata.yaml (`sft-sweep cp data/jsonl {config_dir}/data/mydata.yaml` writes one)")
+                f"folders such as data/mydata.yaml (`{this_process().prog} cp data/jsonl {config_dir}/data/mydata.yaml` writes one)")
     hydra_conf = _hydra_conf()
     for rel in files:
         shown = Path(config_dir) / rel
@@ -122,6 +123,6 @@ def copy_option(source: str, dest: str) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     root = target.parent.parent if target.parent.name == group.rpartition("/")[2] else None
-    use = (f"sft-sweep --config-dir {root} -m {group}={target.stem} ..." if root is not None and "/" not in group
+    use = (f"{this_process().prog} --config-dir {root} -m {group}={target.stem} ..." if root is not None and "/" not in group
            else f"put it in <your conf>/{group}/ and pass --config-dir <your conf> {group}={target.stem}")
     return f"wrote {target} (a copy of {group}/{option}); edit it, then: {use}"

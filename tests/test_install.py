@@ -99,10 +99,22 @@ def test_cp_writes_an_editable_copy_named_after_the_file(tmp_path):
 ])
 def test_the_command_refuses_in_one_line_and_writes_nothing(tmp_path, monkeypatch, argv, expected):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/sft-sweep"])  # as the installed command (its suggestions name it)
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert expected in str(e.value) and "\n" not in str(e.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_checkouts_train_py_suggests_itself(tmp_path, monkeypatch):
+    """Started as ``python train.py``, the suggestions name ``python train.py``, not the installed command."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("")
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plann"])
+    assert "did you mean `python train.py plan`?" in str(e.value) and "e.g. python train.py -m schedule=" in str(e.value)
+    assert "sft-sweep" not in str(e.value)
 
 
 def test_helper_commands_refuse_a_bad_config_dir(tmp_path, monkeypatch, capsys):
