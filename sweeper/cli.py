@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     from sweeper import interrupt
 
     entry, argv = argv is None, (sys.argv[1:] if argv is None else argv)
+    if entry:  # the process is the command's: the optional packages its runs do not use may stay out of it
+        from sweeper import extras
+
+        extras.allow()
     try:
         with interrupt.remembered():  # a Ctrl-C that a finalizer swallowed is honoured later (the sweep's checks)
             _main(argv)

@@ -20,6 +20,8 @@ sweeper.config.register()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
+    from sweeper import extras
     from sweeper.trial import run
 
+    extras.leave_out_unused([cfg])  # a single run (a sweep's process has decided from all its points already)
     return run(cfg)

@@ -128,6 +128,26 @@ def test_nothing_of_mlflow_or_wandb_is_imported_unless_chosen():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("tracking,precision,left_out", [
+    ("none", "fp32", ["wandb", "bitsandbytes"]), ("wandb", "fp32", ["bitsandbytes"]), ("none", "qlora4", ["wandb"]),
+])
+def test_a_command_leaves_out_the_extras_none_of_its_runs_uses(compose_cfg, monkeypatch, tracking, precision, left_out):
+    from sweeper import extras
+
+    monkeypatch.setattr(sys, "modules", {k: v for k, v in sys.modules.items() if k not in ("transformers", "wandb",
+                                                                                            "bitsandbytes")})
+    monkeypatch.setattr(extras, "_decided", False)
+    monkeypatch.setattr(extras, "_allowed", False)
+    cfgs = [compose_cfg(), compose_cfg(f"tracking={tracking}", f"precision={precision}")]
+    assert extras.leave_out_unused(cfgs) == []  # not a command's own process (a test, a notebook): nothing
+    monkeypatch.setattr(extras, "_decided", False)
+    monkeypatch.setattr(extras, "_allowed", True)
+    assert extras.leave_out_unused(None) == [] and extras.leave_out_unused(cfgs) == []  # unknown points: the
+    monkeypatch.setattr(extras, "_decided", False)  # first decision holds, and keeps everything
+    assert extras.leave_out_unused(cfgs) == left_out
+    assert all(sys.modules[name] is None for name in left_out) and extras.leave_out_unused([compose_cfg()]) == []
+
+
 @pytest.mark.parametrize("option", ["none", "mlflow", "wandb"])
 def test_every_tracking_option_composes_and_validates(compose_cfg, option):
     from sweeper import config as config_mod

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweeper import config as config_mod
 from sweeper import data as data_mod
-from sweeper import disk, identity, records
+from sweeper import disk, extras, identity, records
 from sweeper import gpu as gpu_mod
 from sweeper import storage as storage_mod
 from sweeper.sft import check_prepared_data
@@ -49,13 +49,17 @@ def point_overrides(space: SweepSpace, point: dict) -> list[str]:
 
 
 def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url: str) -> list[DictConfig]:
-    """Compose and check every grid point (and the data each one names) before any trial; returns the
-    composed configs. SLURM jobs run where the GPUs are, so their precision is not checked here; TRL's
-    preparation of the data runs once, in the command's first process, so that the trials hit its cache."""
+    """Compose every grid point, then check each (and the data each one names) before any trial; returns the
+    composed configs. Before the first check, the optional packages no point uses are left out of this process
+    (:func:`sweeper.extras.leave_out_unused`). SLURM jobs run where the GPUs are, so their precision is not
+    checked here; TRL's preparation of the data runs once, in the command's first process, so that the trials
+    hit its cache."""
     seen_data: set[str] = set()
     cfgs = []
-    for point in space.grid_points():
-        cfg = compose(point_overrides(space, point))
+    composed = [compose(point_overrides(space, point)) for point in space.grid_points()]
+    # the optional packages none of the points uses stay out of this process (before TRL is first imported)
+    extras.leave_out_unused(None if space.distributions else composed)
+    for cfg in composed:
         config_mod.validate(cfg)
         check_folders(cfg)
         if launcher == "local":
