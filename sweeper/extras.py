@@ -4,7 +4,8 @@ transformers and TRL import wandb whenever it is installed (``transformers.integ
 and PEFT imports bitsandbytes (``peft.helpers``), which compiles its kernels' wrappers with ``torch.compile`` as
 it loads: together ~2.5 s of CPU in every process that trains, whether its runs track to W&B or load a 4-bit base
 or not. Before the command's process first imports transformers, :func:`leave_out_unused` marks the ones that
-none of its runs use as absent (``sys.modules[name] = None``: Python's own way to make an import fail), so those
+none of its runs use as absent (``sys.modules[name] = None``: Python's own way to make an import fail; wandb when
+no run tracks to W&B, bitsandbytes when no run loads a 4-bit base or uses one of its optimizers), so those
 libraries take the path they take when the ``wandb`` or ``qlora`` extra is not installed, for the rest of the
 process.
 
@@ -47,8 +48,17 @@ def _used(cfgs: list[DictConfig]) -> dict[str, bool]:
     """Whether any run uses each package; a value that cannot be read counts as a use."""
     tracking = [_value(c, "tracking.backend") for c in cfgs]
     four_bit = [_value(c, "precision.load_in_4bit") for c in cfgs]
+    optims = [_value(c, "lr.optim") for c in cfgs]
     return {"wandb": any(v is _UNKNOWN or v == "wandb" for v in tracking),
-            "bitsandbytes": any(v is _UNKNOWN or bool(v) for v in four_bit)}
+            "bitsandbytes": any(v is _UNKNOWN or bool(v) for v in four_bit)
+            or any(not isinstance(v, str) or _bnb_optimizer(v) for v in optims)}
+
+
+def _bnb_optimizer(name: str) -> bool:
+    """Whether transformers' optimizer ``name`` comes from bitsandbytes (``adamw_bnb_8bit``, ``paged_adamw_32bit``,
+    ``lion_8bit``, ``rmsprop_bnb``, ``ademamix_8bit`` ...)."""
+    name = name.lower()
+    return "bnb" in name or "8bit" in name or "paged" in name or name.startswith(("lion", "ademamix", "rmsprop_"))
 
 
 def leave_out_unused(cfgs: Iterable[DictConfig] | None) -> list[str]:

@@ -128,17 +128,21 @@ def test_nothing_of_mlflow_or_wandb_is_imported_unless_chosen():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("tracking,precision,left_out", [
-    ("none", "fp32", ["wandb", "bitsandbytes"]), ("wandb", "fp32", ["bitsandbytes"]), ("none", "qlora4", ["wandb"]),
+@pytest.mark.parametrize("tracking,precision,left_out,extra", [
+    ("none", "fp32", ["wandb", "bitsandbytes"], []), ("wandb", "fp32", ["bitsandbytes"], []),
+    ("none", "qlora4", ["wandb"], []), ("none", "fp32", ["wandb"], ["lr.optim=paged_adamw_8bit"]),
+    ("none", "fp32", ["wandb"], ["lr.optim=adamw_bnb_8bit"]),
+    ("none", "fp32", ["wandb", "bitsandbytes"], ["lr.optim=adamw_torch_fused"]),
 ])
-def test_a_command_leaves_out_the_extras_none_of_its_runs_uses(compose_cfg, monkeypatch, tracking, precision, left_out):
+def test_a_command_leaves_out_the_extras_none_of_its_runs_uses(compose_cfg, monkeypatch, tracking, precision, left_out,
+                                                               extra):
     from sweeper import extras
 
     monkeypatch.setattr(sys, "modules", {k: v for k, v in sys.modules.items() if k not in ("transformers", "wandb",
                                                                                             "bitsandbytes")})
     monkeypatch.setattr(extras, "_decided", False)
     monkeypatch.setattr(extras, "_allowed", False)
-    cfgs = [compose_cfg(), compose_cfg(f"tracking={tracking}", f"precision={precision}")]
+    cfgs = [compose_cfg(), compose_cfg(f"tracking={tracking}", f"precision={precision}", *extra)]
     assert extras.leave_out_unused(cfgs) == []  # not a command's own process (a test, a notebook): nothing
     monkeypatch.setattr(extras, "_decided", False)
     monkeypatch.setattr(extras, "_allowed", True)
