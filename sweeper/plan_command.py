@@ -273,10 +273,17 @@ def main(overrides: list[str], config_dir: str | None = None) -> int:
 
     if sys.stderr.isatty():  # show the datasets/TRL progress bars of data preparation on a terminal
         os.environ.pop("TQDM_DISABLE", None)  # set by `python -m sweeper` for its other commands
+    from sweeper import passwords
+
+    # the secrets the overrides carry (a storage password, a secret-named env_set value): masked in what it prints
+    secrets = (*passwords.split_secret_overrides(overrides)[1].values(),
+               *passwords.secret_values({}, next((o.split("=", 1)[1] for o in overrides
+                                                  if o.lstrip("+~").startswith("hydra.sweeper.storage=")), None)))
+    passwords.install_log_filter(secrets)
     try:
         rows = plan_rows(overrides, config_dir)
     except (ValueError, FileNotFoundError, HydraException) as e:  # bad input: one message
-        print(f"error: {e}", file=sys.stderr)
+        print(passwords.mask_secrets(f"error: {e}", secrets), file=sys.stderr)
         return 2
-    print(render(rows))
+    print(passwords.mask_secrets(render(rows), secrets))
     return 0

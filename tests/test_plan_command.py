@@ -61,6 +61,20 @@ def test_cli_prints_one_row_per_run_and_warns(tmp_path, cache_dir):
     assert "prepared demo in " in out.stderr
 
 
+def test_plan_prints_no_secret_of_its_overrides(tmp_path, cache_dir):
+    """A storage password and a secret-named env_set value in the overrides: masked in the table, the run
+    lines and an error."""
+    secrets = ["hydra.sweeper.storage=postgresql://bob:s3cr3tPW@127.0.0.1:1/x", "+hydra.job.env_set.HF_TOKEN=hf_SECRET"]
+    out = sweeper_in_process("plan", "schedule.max_steps=10", "data.demo_rows=120", *secrets,
+                             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+    assert out.returncode == 0, out.stderr
+    assert "postgresql://bob:***@127.0.0.1:1/x" in out.stdout and "HF_TOKEN=***" in out.stdout
+    bad = sweeper_in_process("plan", "schedule=forever", *secrets, f"paths.cache_dir={cache_dir}")
+    assert bad.returncode == 2
+    for text in (out.stdout, out.stderr, bad.stdout, bad.stderr):
+        assert "s3cr3tPW" not in text and "hf_SECRET" not in text
+
+
 def test_cli_bad_input_is_one_line(tmp_path, cache_dir):
     out = sweeper_in_process("plan", "schedule=forever", f"paths.cache_dir={cache_dir}")
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "forever" in out.stderr
