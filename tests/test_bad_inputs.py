@@ -173,6 +173,9 @@ CASES = [
     ("study name with a slash", ["hydra.sweeper.study_name=runs/a"],
      "hydra.sweeper.study_name='runs/a' cannot name a study and its folder: it holds '/'"),
     ("study name '..'", ["hydra.sweeper.study_name=.."], "it is a relative folder name"),
+    ("hub-style model name", ["model.name=org/tiny"], "data.name='demo' and model.name='org/tiny' make the study name "
+     "'demo-org/tiny' (<data.name>-<model.name>), which cannot name a study and its folder: it holds '/'"),
+    ("data name leaving the folder", ["data.name='../x'"], "make the study name '../x-tiny'"),
     # data
     ("eval rows all cut by max_length", _train_and_eval([LONG] * 3, **{"data.max_length": 64}),
      "0 of 3 eval rows keep a token to score after truncation at data.max_length=64"),

@@ -190,7 +190,8 @@ def _split_by_study(settings: Settings, space: SweepSpace, cfgs: list[DictConfig
     that are constant within it (``data=demo``) are fixed overrides, so its trials record the params a
     single-dataset command would, and either command resumes the other's."""
     points = space.grid_points()
-    names = [identity.default_study_name(c) for c in cfgs]
+    names = [identity.default_study_name(c) if settings.study_name is not None else preflight.check_default_study_name(c)
+             for c in cfgs]
     distinct = list(dict.fromkeys(names))
     if settings.study_name is not None:
         name = preflight.check_study_name(str(settings.study_name))
