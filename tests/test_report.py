@@ -886,3 +886,18 @@ def test_trials_another_tool_recorded_are_reported_without_missing_values_printe
     assert "**Recommended for demo: max_steps=20.** max_steps=20 reached the lowest eval_loss, 0.9000;" in md
     assert "None" not in md, [line for line in md.splitlines() if "None" in line]
     assert "# trial 1 recorded no sft_config attr (it predates it, or another tool ran it)" in md
+
+
+def test_a_relative_sqlite_storage_is_named_by_its_absolute_path_in_the_commands(tmp_path, monkeypatch):
+    """Pasted from another folder, the follow-up still adds to the same study file."""
+    import shlex
+
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    _add(study, 500, _falling(500, 0.30))
+    _add(study, 1000, _falling(1000, 0.20))
+    monkeypatch.chdir(tmp_path)
+    [command] = [c for c in _codes(study_report(study, "sqlite:///outputs/optuna.db?timeout=60")) if " -m " in c]
+    [arg] = [a for a in shlex.split(command) if a.startswith("hydra.sweeper.storage=")]
+    assert _hydra_value(arg) == f"sqlite:///{tmp_path}/outputs/optuna.db?timeout=60"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from sweeper.passwords import split_password
@@ -23,7 +24,7 @@ __all__ = ["Target", "grid_command", "one_run"]
 @dataclass(frozen=True)
 class Target:
     """Where a pasted sweep command adds its trials: the study and its storage URL as the command names it
-    (a PostgreSQL password left out: libpq reads ``PGPASSWORD`` or ``~/.pgpass``; any other masked), or None
+    (an SQLite file by its absolute path; a PostgreSQL password left out: libpq reads ``PGPASSWORD`` or ``~/.pgpass``; any other masked), or None
     for the default storage, which the command leaves out."""
 
     study: str
@@ -35,7 +36,7 @@ class Target:
         """The target of study ``study`` in ``storage_url`` (None: the default storage)."""
         if storage_url is None:
             return cls(study)
-        url, password = split_password(storage_url)
+        url, password = split_password(_absolute(storage_url))
         return cls(study, mask_url(url), password is not None)
 
     def overrides(self) -> list[str]:
@@ -44,6 +45,17 @@ class Target:
         if self.storage is not None:
             out.append(f"hydra.sweeper.storage={quote(self.storage)}")
         return out
+
+
+def _absolute(url: str) -> str:
+    """A ``sqlite:///`` URL with a relative file made absolute (against this process's folder, where it was
+    opened), so that the pasted command finds the same study from any folder; any other URL as it is."""
+    if not url.startswith("sqlite:///"):
+        return url
+    path, q, query = url[len("sqlite:///"):].partition("?")
+    if not path or path == ":memory:" or Path(path).expanduser().is_absolute():
+        return url if not path.startswith("~") else "sqlite:///" + str(Path(path).expanduser()) + q + query
+    return "sqlite:///" + str(Path(path).resolve()) + q + query
 
 
 def _args(overrides: Sequence[str]) -> str:
