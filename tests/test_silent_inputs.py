@@ -79,6 +79,27 @@ def test_a_file_changed_in_place_is_another_setting_of_the_study(compose_cfg, tm
     assert identity.same_run(older, after)
 
 
+def test_a_follow_up_may_fix_a_key_the_study_searched(compose_cfg, tmp_path):
+    """A study that sampled the learning rate; the report's follow-up grid runs at its best rate, a fixed
+    override: accepted, since the rate is what the study searched. Another changed setting is still refused."""
+    import optuna
+
+    from sweeper.space import SweepSpace
+    from sweeper.sweep.preflight import check_same_settings
+
+    ran = identity.result_config(compose_cfg())
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trial = study.ask({"lr.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    study._storage.set_trial_system_attr(trial._trial_id, "config", ran)
+    study.tell(trial, 1.0)
+    space = SweepSpace(fixed=["lr.learning_rate=0.0079"], grid=[], distributions={})
+    same = dict(storage_url=f"sqlite:///{tmp_path}/optuna.db", allow_change=False)
+    check_same_settings(study, space, [identity.result_config(compose_cfg("lr.learning_rate=0.0079"))], **same)
+    with pytest.raises(ValueError, match="lr.weight_decay"):
+        check_same_settings(study, space, [identity.result_config(
+            compose_cfg("lr.learning_rate=0.0079", "lr.weight_decay=0.5"))], **same)
+
+
 def test_fingerprint_is_cached_by_path_size_and_mtime(tmp_path):
     path = tmp_path / "f.jsonl"
     path.write_text("abc\n")

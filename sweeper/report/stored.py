@@ -198,14 +198,18 @@ def like_with_like(best: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial
                    ) -> tuple[list[optuna.trial.FrozenTrial], str | None]:
     """The ``trials`` that ran ``best``'s settings besides their length, so that lengths are compared like with
     like: the same swept params other than the schedule (:data:`LENGTH_PARAMS`; a learning rate, a dataset
-    option) and the same unswept settings (:func:`unswept_differences`; a trial without a recorded config is
+    option; a trial that ran a swept key as a fixed setting, e.g. a follow-up at the best learning rate, by its
+    recorded config) and the same unswept settings (:func:`unswept_differences`; a trial without a recorded config is
     judged by its params). Returns them and the one line that says which settings they share and which
     trials were left out (None when none was)."""
     params = sorted({k for t in trials for k in t.params if k not in LENGTH_PARAMS})
     unswept = unswept_differences(trials)
 
+    def setting(t: optuna.trial.FrozenTrial, k: str):  # its param, else (a follow-up that fixed it) its config's
+        return t.params[k] if k in t.params else (_config(t) or {}).get(k)
+
     def same(t: optuna.trial.FrozenTrial) -> bool:
-        if any(repr(t.params.get(k)) != repr(best.params.get(k)) for k in params):
+        if any(repr(setting(t, k)) != repr(setting(best, k)) for k in params):
             return False
         mine, theirs = _config(best), _config(t)
         return not (mine and theirs) or all(repr(mine.get(k)) == repr(theirs.get(k)) for k in unswept)
@@ -214,7 +218,7 @@ def like_with_like(best: optuna.trial.FrozenTrial, trials: Sequence[optuna.trial
     out = [t.number for t in trials if not same(t)]
     if not out:
         return kept, None
-    shared = [f"{k}={best.params.get(k)}" for k in params] + [f"{k}={_config(best).get(k)}" for k in unswept]
+    shared = [f"{k}={setting(best, k)}" for k in params] + [f"{k}={_config(best).get(k)}" for k in unswept]
     return kept, (f"Like with like: lengths are compared only among the trials that ran the winner's settings "
                   f"({' '.join(shared)}: trial(s) {', '.join(str(t.number) for t in kept)}); trial(s) "
                   f"{', '.join(map(str, out))} ran other settings and are left out of the comparison.")

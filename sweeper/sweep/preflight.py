@@ -172,14 +172,17 @@ def check_compatible(study: optuna.Study, dists: dict[str, optuna.distributions.
 
 def check_same_settings(study: optuna.Study, space: SweepSpace, configs: list[dict], *, storage_url: str,
                         allow_change: bool) -> None:
-    """Refuse a command whose unswept settings differ from what the study's trials ran (unless
+    """Refuse a command whose settings, besides what it sweeps and what the study searched (its trials'
+    params), differ from what the study's trials ran (unless
     ``allow_change``, ``hydra.sweeper.allow_config_change``): a re-run must never serve old results as this
     command's."""
-    ran = [records.config_of(t) for t in study.get_trials(deepcopy=False)
-           if records.config_of(t) is not None and not records.is_branch(t)]
+    trials = [t for t in study.get_trials(deepcopy=False) if records.config_of(t) is not None and not records.is_branch(t)]
+    ran = [records.config_of(t) for t in trials]
     if not ran or not configs:
         return
-    swept = set(space.distributions) | {k for k, _ in space.grid}
+    # what this command sweeps, and what the study searched (each trial's params): a follow-up that fixes a
+    # searched key at one value (the report's grid at the best learning rate) runs what the study is about
+    swept = set(space.distributions) | {k for k, _ in space.grid} | {k for t in trials for k in t.params}
     skip = identity.varying(configs) | {k for k in configs[0] if any(k == s or k.startswith(s + ".")
                                                                      for s in swept)}
     if any(not identity.differences([c], configs[0], skip) for c in ran):
