@@ -22,6 +22,7 @@ import difflib
 import logging
 import os
 import sys
+from typing import Any
 
 __all__ = ["COMMANDS", "check_versions", "main", "run_command"]
 
@@ -230,4 +231,31 @@ def _main(argv: list[str]) -> None:
     from sweeper.train import main as app
 
     sys.argv[1:] = argv
-    app()
+    stderr = sys.stderr
+    sys.stderr = _OneLineRefusals(stderr)
+    try:
+        app()
+    finally:
+        sys.stderr = stderr
+
+
+_HYDRA_HINT = "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.\n"
+
+
+class _OneLineRefusals:
+    """``sys.stderr`` for the Hydra app: Hydra follows the one line of a refusal (an ``InputError``, which it
+    prints without a traceback) with a blank line and its ``HYDRA_FULL_ERROR`` hint; that hint is left out, so
+    bad input is one line. After a traceback (a bug, not bad input) the hint stays."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self._traceback = stream, False
+
+    def write(self, text: str) -> int:
+        if text == _HYDRA_HINT and not self._traceback:
+            return len(text)
+        if "Traceback (most recent call last)" in text:
+            self._traceback = True
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)

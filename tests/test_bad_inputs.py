@@ -261,6 +261,8 @@ def _refused(tmp_path, cache_dir, case, run):
     assert needle in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "pa55w0rd" not in proc.stdout + proc.stderr
     assert not (tmp_path / "optuna.db").exists()  # no study, no trial
+    if run is run_cli:  # the command's own process: no line after the refusal (Hydra's HYDRA_FULL_ERROR hint)
+        assert "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
