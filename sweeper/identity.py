@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SEARCHED", "default_study_name", "describe_differences", "differences", "result_config", "same_run",
+__all__ = ["SEARCHED", "default_study_name", "study_name_problem", "describe_differences", "differences", "result_config", "same_run",
            "study_name", "varying"]
 
 IGNORED = ("paths.", "study.", "speed.", "hydra.", "batch.", "tracking.", "report_to", "retry_on_oom",
@@ -46,6 +46,17 @@ def study_name(cfg: Any) -> str:
 def default_study_name(cfg: Any) -> str:
     """``<data.name>-<model.name>``: the study a single-dataset sweep of ``cfg`` would create."""
     return f"{cfg.data.name}-{cfg.model.name}"
+
+
+def study_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a study and its folder (``outputs/sweeps/<study>``), or None: any letters,
+    digits, spaces and punctuation, but no path separator, control character or ``.``/``..``, at most 200
+    characters."""
+    bad = next((c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127), None)
+    if not name.strip() or name in (".", "..") or bad is not None or len(name) > 200:
+        return (f"it holds {bad!r}" if bad is not None else "it is empty" if not name.strip()
+                else "it is longer than 200 characters" if len(name) > 200 else "it is a relative folder name")
+    return None
 
 
 def result_config(cfg: Any, data_content: dict[str, str] | None = None) -> dict[str, Any]:

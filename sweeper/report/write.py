@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import optuna
 
+from sweeper import identity
 from sweeper.report.figures import plot_curves
 from sweeper.report.markdown import datasets_section, study_report
 from sweeper.report.page import report_html
@@ -57,8 +58,7 @@ def png_names(names: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     taken = {"datasets.png"}
     for name in names:
-        plain = (name not in (".", "..") and len(name.encode()) <= 200
-                 and not any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name))
+        plain = identity.study_name_problem(name) is None and len(name.encode()) <= 200  # a file name's bytes
         file = f"{name}.png"
         if not plain or file in taken:
             stem = re.sub(r"[^\w.+-]+", "_", name)[:80].strip("._") or "study"

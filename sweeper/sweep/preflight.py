@@ -36,8 +36,7 @@ from sweeper.storage import mask_url, sqlite_path
 from sweeper.sweep.settings import SWEEP_ID_ENV, Settings
 
 __all__ = ["check_compatible", "check_connections", "check_points", "check_same_settings", "check_sampled_names",
-           "check_default_study_name", "check_sampled_names_early", "check_study_name", "point_overrides",
-           "study_name_problem"]
+           "check_default_study_name", "check_sampled_names_early", "check_study_name", "point_overrides"]
 
 log = logging.getLogger(__name__)
 
@@ -121,20 +120,9 @@ def check_sampled_names_early(space: SweepSpace, study_name: str | None, compose
     check_sampled_names(space, cfg, compose)
 
 
-def study_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot name a study and its folder (``outputs/sweeps/<study>``), or None: any letters,
-    digits, spaces and punctuation, but no path separator, control character or ``.``/``..``, at most 200
-    characters."""
-    bad = next((c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127), None)
-    if not name.strip() or name in (".", "..") or bad is not None or len(name) > 200:
-        return (f"it holds {bad!r}" if bad is not None else "it is empty" if not name.strip()
-                else "it is longer than 200 characters" if len(name) > 200 else "it is a relative folder name")
-    return None
-
-
 def check_study_name(name: str) -> str:
     """``hydra.sweeper.study_name`` as given: refused in one line when it cannot name a study and its folder."""
-    why = study_name_problem(name)
+    why = identity.study_name_problem(name)
     if why:
         raise ValueError(f"hydra.sweeper.study_name={name!r} cannot name a study and its folder: {why}; use letters, "
                          "digits, spaces and punctuation other than / and \\ (e.g. hydra.sweeper.study_name=intents-v2)")
@@ -145,7 +133,7 @@ def check_default_study_name(cfg: DictConfig) -> str:
     """The study name ``<data.name>-<model.name>`` of a composed point, refused in one line that names those
     two keys when it cannot name a study and its folder (a hub-style ``model.name=org/model``, say)."""
     name = identity.default_study_name(cfg)
-    why = study_name_problem(name)
+    why = identity.study_name_problem(name)
     if why:
         raise ValueError(f"data.name={cfg.data.name!r} and model.name={cfg.model.name!r} make the study name "
                          f"{name!r} (<data.name>-<model.name>), which cannot name a study and its folder: {why}; give "
