@@ -36,9 +36,10 @@ def test_auto_turns_the_fast_path_on_for_a_cuda_gpu(compose_cfg):
     assert got["attention"] == "varlen" and got["padding_free"] is True
     assert got["optim"] == "adamw_torch_fused"
     assert got["lora_upcast"] is False  # LoRA layers skip PEFT's fp32 input cast under bf16 autocast
-    assert got["lora_fused"] is False  # off by default; auto turns it on for a CUDA GPU under bf16 autocast
-    fused = speed.resolve(compose_cfg("speed.lora_fused=auto").speed, cuda=True, compute="bf16", optim="adamw_torch")
-    assert fused["lora_fused"] is True
+    assert got["lora_fused"] is True  # on by default for a CUDA GPU under bf16 autocast
+    assert speed.resolve(compose_cfg("speed.lora_fused=false").speed, cuda=True, compute="bf16",
+                         optim="adamw_torch")["lora_fused"] is False
+    assert speed.resolve(cfg.speed, cuda=True, compute="fp32", optim="adamw_torch")["lora_fused"] is False
     assert speed.resolve(compose_cfg("speed.lora_fused=auto").speed, cuda=False, compute="bf16",
                          optim="adamw_torch")["lora_fused"] is False
     assert got["liger"] == speed._liger_available()
