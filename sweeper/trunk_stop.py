@@ -72,7 +72,7 @@ class NoWin:
         """The sentence stored as the trunk's ``stopped_reason``."""
         if self.stalled_for is not None:
             return (f"trunk stopped at step {self.step}: no later branch can win: it has not improved on its best "
-                    f"{self.metric} for {self.stalled_for} evaluations (early stopping's patience) and its smoothed "
+                    f"{self.metric} for {self.stalled_for} evaluations (eval.early_stopping_patience or more) and its smoothed "
                     f"{self.metric} {self.trunk_value:.4f} less the newest cooldown's gain ({self.gain:.4f}"
                     + (f", +{self.margin:.0%} margin" if self.margin else "")
                     + f") is {self.bound:.4f}, no better than the best branch (max_steps={self.best_steps}, "
