@@ -120,7 +120,7 @@ def test_a_stalled_trunk_stops_at_early_stoppings_patience_when_its_bound_is_no_
     assert stop is not None and stop.step == 800 and stop.stalled_for == 5
     assert live(PLATEAU, [FLAT], patience=3, sigma=0.01) is None
     assert stop.bound == pytest.approx(smoothed(PLATEAU, 800) - stop.gain) and stop.bound >= FLAT.value
-    assert "has not improved on its best eval_loss for 5 evaluations" in stop.reason()
+    assert "has not improved on its best eval_loss for 5 evaluations (eval.early_stopping_patience or more)" in stop.reason()
     assert "no better than the best branch (max_steps=600, 0.4540)" in stop.reason()
     # a larger patience waits longer; none (early stopping off) leaves only the 2-sigma rule
     assert live(PLATEAU, [FLAT], patience=3, sigma=0.01, es_patience=8).step == 950
