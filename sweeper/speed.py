@@ -34,8 +34,12 @@ and leaves CPU runs on the plain path, so no GPU-only flag ever reaches a CPU ru
   changes every step), and fuses LoRA's cast, dropout, scale and add; the
   Inductor cache (``TORCHINDUCTOR_CACHE_DIR``; ``paths.cache_dir``/inductor unless set) lets later sweeps
   reuse the compiled kernels. A worker runs its trials in one process, so compilation is paid once per worker:
-  its later trials' blocks reuse the compiled graphs from their first step. Not GPU-only: asked for on CPU,
-  it is honoured (Inductor's CPU backend; ``auto`` never turns it on).
+  its later trials' blocks reuse the compiled graphs from their first step. ``auto`` (``speed=auto``'s
+  default) is ``regional`` for unquantised LoRA on CUDA under bf16/fp16 autocast in runs of at least
+  :data:`COMPILE_AUTO_MIN_STEPS` optimizer steps (a search counts its longest candidate, an epoch-based run
+  counts as long), else off: on an H200 the first compile costs ~35-55 s and each step saves ~0.03-0.08 s
+  (learning check over two seeds with ``lora_fused``: 1.55% from plain TRL). Not GPU-only: asked for on CPU,
+  it is honoured (Inductor's CPU backend; ``auto`` never turns it on there).
 
 Measured on an H100 (1.5B-shaped Qwen2, LoRA r16, 16 packed rows of 1,024 tokens per step):
 SDPA 10.0k tokens/s, varlen + Liger 25.1k, + micro-batch 16 without accumulation and the fused
@@ -44,9 +48,11 @@ optimizer 33.2k, + compile 42.0k after 74 s of compilation (``benchmarks/RESULTS
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
+import shutil
 import time
 import types
 from typing import TYPE_CHECKING, Any
@@ -64,7 +70,10 @@ _LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy
                   "fused_linear_cross_entropy": False}  # TRL's fused LM head computes the loss
 
 
-COMPILE_CHOICES = (False, True, "regional")  # speed.compile: off, the whole model, each decoder block
+COMPILE_CHOICES = (False, True, "regional", "auto")  # speed.compile: off, the whole model, each block, decide
+# speed.compile=auto compiles each decoder block (regional) for runs of at least this many optimizer steps: the
+# compile (~35-55 s on an H200, once per worker) is won back by ~0.03-0.08 s saved per step (benchmarks/RESULTS.md)
+COMPILE_AUTO_MIN_STEPS = 500
 
 
 def _liger_available() -> bool:
@@ -75,12 +84,16 @@ def _liger_available() -> bool:
     return True
 
 
-def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str) -> dict:
+def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str, lora: bool = True,
+            quantised: bool = False, steps: int | None = None) -> dict:
     """The concrete settings for this machine: ``auto`` decided, every value explicit.
 
     ``group`` is the ``speed`` config group (:class:`sweeper.config.SpeedConfig`); ``compute`` is the
     resolved precision (varlen flash attention needs bf16 or fp16 activations);
-    ``optim`` is the configured optimizer (only ``adamw_torch`` has a fused twin)."""
+    ``optim`` is the configured optimizer (only ``adamw_torch`` has a fused twin). ``compile=auto`` is
+    ``regional`` for unquantised LoRA (``lora``, not ``quantised``) on CUDA in bf16/fp16 when the run's
+    optimizer steps (``steps``; None: an epoch-based length, not known before the data) are at least
+    :data:`COMPILE_AUTO_MIN_STEPS`, else off."""
     def pick(key: str, on: bool) -> bool:
         value = getattr(group, key)
         return on if value == "auto" else bool(value)
@@ -95,6 +108,9 @@ def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str) -> dict
             f"{'CUDA' if cuda else 'no GPU'}, {compute}); use speed.attention=auto or sdpa")
     liger = str(group.liger)
     compile_ = group.compile if group.compile in COMPILE_CHOICES else bool(group.compile)
+    if compile_ == "auto":
+        long_run = steps is None or steps >= COMPILE_AUTO_MIN_STEPS
+        compile_ = "regional" if cuda and half and lora and not quantised and long_run else False
     if liger == "auto":
         # Liger's Triton kernels split a compiled graph (RoPE) or fail to trace with dynamic shapes (RMSNorm);
         # Inductor fuses the same norm, RoPE and SwiGLU itself, so a compiled model runs without them
@@ -307,8 +323,11 @@ def measurement_callbacks() -> list:
     - ``SFT_SWEEP_STEP_TIMES=<file>``: one JSON line per optimizer step, ``{"step", "t", "wall", "tokens"}``,
       ``t`` (``time.perf_counter``) and ``wall`` (``time.time``) taken after a CUDA synchronise, ``tokens``
       the non-pad tokens seen so far.
-    - ``SFT_SWEEP_PROFILE=<dir>``: ``torch.profiler`` over two steady-state steps (after step 5);
-      writes ``profile.txt`` (the ops by CUDA time) into the folder.
+    - ``SFT_SWEEP_PROFILE=<dir>``: ``torch.profiler`` over two steady-state steps (after step 5;
+      ``SFT_SWEEP_PROFILE_START`` and ``SFT_SWEEP_PROFILE_STEPS`` move and widen the window); writes
+      ``profile.txt`` (the ops by CUDA time) and ``trace.json.gz`` (the timeline, for
+      ``benchmarks/profile_gaps.py``) into the folder; ``SFT_SWEEP_PROFILE_STACK=1`` records the Python
+      functions too, so the GPU's idle time can be laid at a function's door.
     """
     out = []
     times, prof_dir = os.environ.get("SFT_SWEEP_STEP_TIMES"), os.environ.get("SFT_SWEEP_PROFILE")
@@ -338,7 +357,8 @@ def measurement_callbacks() -> list:
         out.append(StepTimes())
     if prof_dir:
         class Profile(TrainerCallback):
-            start, length = 5, 2
+            start = int(os.environ.get("SFT_SWEEP_PROFILE_START") or 5)
+            length = int(os.environ.get("SFT_SWEEP_PROFILE_STEPS") or 2)
 
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step == self.start:
@@ -346,7 +366,8 @@ def measurement_callbacks() -> list:
                     acts = [torch.profiler.ProfilerActivity.CPU]
                     if torch.cuda.is_available():
                         acts.append(torch.profiler.ProfilerActivity.CUDA)
-                    self.prof = torch.profiler.profile(activities=acts)
+                    self.prof = torch.profiler.profile(activities=acts,
+                                                       with_stack=os.environ.get("SFT_SWEEP_PROFILE_STACK") == "1")
                     self.prof.__enter__()
                 elif state.global_step == self.start + self.length and hasattr(self, "prof"):
                     sync()
@@ -355,6 +376,11 @@ def measurement_callbacks() -> list:
                     os.makedirs(prof_dir, exist_ok=True)
                     with open(os.path.join(prof_dir, "profile.txt"), "w") as f:
                         f.write(self.prof.key_averages().table(sort_by=key, row_limit=25))
+                    trace = os.path.join(prof_dir, "trace.json")
+                    self.prof.export_chrome_trace(trace)
+                    with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    os.remove(trace)
                     del self.prof
 
         out.append(Profile())

@@ -30,6 +30,43 @@ def test_auto_resolves_to_the_plain_path_on_cpu(compose_cfg):
         assert asked["compile"] == mode
 
 
+def test_compile_auto_compiles_each_block_of_long_lora_runs_on_a_cuda_gpu(compose_cfg):
+    group = compose_cfg().speed
+    assert group.compile == "auto"  # speed=auto's default
+
+    def decide(**kw):
+        args = {"cuda": True, "compute": "bf16", "optim": "adamw_torch", "lora": True, "quantised": False,
+                "steps": speed.COMPILE_AUTO_MIN_STEPS} | kw
+        return speed.resolve(group, **args)["compile"]
+
+    assert decide() == "regional"  # schedule=under (500 steps) and longer
+    assert decide(steps=None) == "regional"  # epoch-based: long enough to be told only by the data
+    assert decide(steps=speed.COMPILE_AUTO_MIN_STEPS - 1) is False  # the compile would not be won back
+    assert decide(cuda=False, compute="fp32") is False  # CPU: the plain path
+    assert decide(compute="fp32") is False  # no autocast: not what was measured
+    assert decide(lora=False) is False  # full fine-tuning: not measured on a GPU
+    assert decide(quantised=True) is False  # QLoRA's 4-bit layers: not measured on a GPU
+    # an explicit choice is kept as it is
+    assert speed.resolve(compose_cfg("speed.compile=false").speed, cuda=True, compute="bf16", optim="adamw_torch",
+                         steps=3000)["compile"] is False
+
+
+def test_compile_auto_reads_the_run_length_from_the_composed_config(compose_cfg, monkeypatch):
+    """The sweep's spec passes the run's optimizer steps: the schedule's max_steps, a search's longest
+    candidate (its trunk runs that far), None for an epoch-based schedule; and the method and precision."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def decided(*overrides):
+        return spec_mod.resolve_speed(compose_cfg(*overrides, "model=qwen2.5-1.5b"), "bf16")["compile"]
+
+    assert decided("schedule=under") == "regional"
+    assert decided("schedule.max_steps=120") is False
+    assert decided("schedule=wsd_search") == "regional"
+    assert decided("schedule=epochs3") == "regional"
+    assert decided("schedule=under", "peft=none", "lr=full") is False
+    assert decided("schedule=under", "precision=qlora4") is False
+
+
 def test_auto_turns_the_fast_path_on_for_a_cuda_gpu(compose_cfg):
     cfg = compose_cfg()
     got = speed.resolve(cfg.speed, cuda=True, compute="bf16", optim="adamw_torch")
@@ -42,7 +79,11 @@ def test_auto_turns_the_fast_path_on_for_a_cuda_gpu(compose_cfg):
     assert speed.resolve(cfg.speed, cuda=True, compute="fp32", optim="adamw_torch")["lora_fused"] is False
     assert speed.resolve(compose_cfg("speed.lora_fused=auto").speed, cuda=False, compute="bf16",
                          optim="adamw_torch")["lora_fused"] is False
-    assert got["liger"] == speed._liger_available()
+    # compile=auto: a run of unknown (epoch-based) length compiles each block, so Liger's kernels stay off;
+    # a short run is not compiled and gets Liger where it is installed
+    assert got["compile"] == "regional" and got["liger"] is False
+    short = speed.resolve(cfg.speed, cuda=True, compute="bf16", optim="adamw_torch", steps=100)
+    assert short["compile"] is False and short["liger"] == speed._liger_available()
     # a compiled model runs without Liger's kernels (they break the graph; Inductor fuses the same ops)
     for mode in ("regional", True):
         compiled = speed.resolve(compose_cfg(f"speed.compile={str(mode).lower()}").speed, cuda=True, compute="bf16",
@@ -237,3 +278,26 @@ def test_fused_lora_layers_compute_what_peft_computes():
     assert (out(True) - out(False)).norm() <= 1e-2 * out(False).norm()
     with torch.no_grad():  # no autocast: PEFT's forward, bit for bit
         assert torch.equal(peft_path(input_ids=ids).logits, fused(input_ids=ids).logits)
+
+
+def test_profile_gaps_lays_the_gpus_idle_time_at_the_functions_door():
+    """benchmarks/profile_gaps.py on a crafted timeline (microseconds): two kernels busy 40 of a 100 ms window,
+    a Python function of 30 ms of which 25 hold no kernel, and a sync call."""
+    from benchmarks.profile_gaps import analyse
+
+    main, other, ms = {"pid": 1, "tid": 1}, {"pid": 1, "tid": 2}, 1000
+
+    def ev(cat, name, ts, dur, where=main):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts * ms, "dur": dur * ms, **where}
+
+    events = [ev("cpu_op", "aten::mm", 0, 10), ev("cpu_op", "aten::mm", 50, 10),
+              ev("cuda_runtime", "cudaLaunchKernel", 1, 2), ev("cuda_runtime", "cudaStreamSynchronize", 90, 10),
+              ev("kernel", "gemm", 5, 20, {"pid": 0, "tid": 7}), ev("kernel", "gemm", 60, 20, {"pid": 0, "tid": 7}),
+              ev("python_function", "trainer.py(1): collate", 20, 30),
+              ev("python_function", "threading.py(1): wait", 0, 100, other)]
+    text = analyse(events)
+    assert "window 100.0 ms; GPU busy 40.0 ms = 40.0%; 2 GPU kernels/copies" in text
+    assert "cudaStreamSynchronize: 1 calls, 10.0 ms" in text and "1 launches" in text
+    line = next(x for x in text.splitlines() if "collate" in x)
+    assert line.split()[:4] == ["25.0", "idle", "30.0", "wall"]  # 20-25 ms held the first kernel's end
+    assert "threading.py" not in text  # another thread's waiting is not the main thread's work
