@@ -8,15 +8,17 @@
 It runs ``python train.py -m <overrides>`` (one worker, its own SQLite study under ``--out``) while a thread
 samples NVML's utilisation of every visible GPU every ``--interval`` seconds (the share of the last sample
 period in which a kernel ran). The trial path's step timer (``SFT_SWEEP_STEP_TIMES``) stamps every
-optimizer step with the same monotonic clock, so the samples split into the whole command and the
-training spans (a trial's first to last step). Printed and appended to ``--results``: busy % of the whole
-command and of the training spans, the seconds before the first step of the sweep, and for every trial
-its seconds from the job's start to its first step and its steady tokens/s.
+optimizer step, evaluation and checkpoint save with the same monotonic clock, so the samples split into
+the whole command, the training spans (a trial's first to last step, its evaluations and saves included) and
+the steps alone (from one step's stamp to the next where no evaluation or save came between). Printed and
+appended to ``--results``: busy % of each, the seconds before the first step of the sweep, and for every
+trial its seconds from the job's start to its first step and its steady tokens/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import json
 import os
@@ -52,6 +54,19 @@ def trials_of(steps: list[dict]) -> list[list[dict]]:
             runs.append([])
         runs[-1].append(s)
     return runs
+
+
+def step_spans(runs: list[list[dict]], events: list[dict]) -> list[tuple[float, float]]:
+    """The spans from one optimizer step's stamp to the next within a trial that hold no evaluation or
+    checkpoint save: the time the training steps themselves take (data, forward, backward, optimizer)."""
+    marks = sorted(e["t"] for e in events)
+    spans = []
+    for r in runs:
+        for a, b in zip(r, r[1:]):
+            i = bisect.bisect_right(marks, a["t"])
+            if i == len(marks) or marks[i] > b["t"]:
+                spans.append((a["t"], b["t"]))
+    return spans
 
 
 def busy(samples: list, spans: list[tuple[float, float]] | None = None) -> float | None:
@@ -91,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     t1 = time.perf_counter()
     stop.set()
     sampler.join()
-    steps = [json.loads(line) for line in stamps.read_text().splitlines()] if stamps.is_file() else []
+    rows = [json.loads(line) for line in stamps.read_text().splitlines()] if stamps.is_file() else []
+    steps, events = [x for x in rows if "step" in x], [x for x in rows if "event" in x]
     runs = trials_of(steps)
     spans = [(r[0]["t"], r[-1]["t"]) for r in runs if len(r) > 1]
     import optuna
@@ -109,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
                      "job_to_first_step_s": round(r[0]["wall"] - start, 1) if start and "wall" in r[0] else None,
                      "busy_pct": busy(samples, [(r[0]["t"], r[-1]["t"])]), "tokens_per_s": round(tok_s) if tok_s else None})
     report = {"rc": rc, "wall_s": round(t1 - t0, 1), "busy_sweep_pct": busy([s for s in samples if t0 <= s[0] <= t1]),
-              "busy_training_pct": busy(samples, spans), "first_step_s": round(runs[0][0]["t"] - t0, 1) if runs else None,
+              "busy_training_pct": busy(samples, spans), "busy_steps_pct": busy(samples, step_spans(runs, events)),
+              "evaluations": sum(e["event"] == "evaluate" for e in events), "first_step_s": round(runs[0][0]["t"] - t0, 1) if runs else None,
               "trials": rows, "samples": len(samples)}
     (a.out / "busy.json").write_text(json.dumps(report, indent=1))
     text = "\n".join([
@@ -117,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"- sweep: exit {rc}, {report['wall_s']} s, first optimizer step after {report['first_step_s']} s; "
         f"NVML samples every {a.interval} s: {len(samples)}",
         f"- **GPU busy over the whole sweep: {report['busy_sweep_pct']}%; while training steps run: "
-        f"{report['busy_training_pct']}%**", "",
+        f"{report['busy_training_pct']}%**; between two steps with no evaluation or save: "
+        f"{report['busy_steps_pct']}% ({report['evaluations']} evaluations)", "",
         "| trial | state | steps | job start → first step s | busy % (its steps) | steady tokens/s |",
         "|---:|---|---:|---:|---:|---:|",
         *[f"| {r['trial']} | {r['state']} | {r['steps']} | {r['job_to_first_step_s']} | {r['busy_pct']} | "

@@ -322,7 +322,8 @@ def measurement_callbacks() -> list:
 
     - ``SFT_SWEEP_STEP_TIMES=<file>``: one JSON line per optimizer step, ``{"step", "t", "wall", "tokens"}``,
       ``t`` (``time.perf_counter``) and ``wall`` (``time.time``) taken after a CUDA synchronise, ``tokens``
-      the non-pad tokens seen so far.
+      the non-pad tokens seen so far; and one line ``{"event": "evaluate" | "save", "t", "wall"}`` after each
+      evaluation and checkpoint save, so a reader can tell the steps' time from the time between them.
     - ``SFT_SWEEP_PROFILE=<dir>``: ``torch.profiler`` over two steady-state steps (after step 5;
       ``SFT_SWEEP_PROFILE_START`` and ``SFT_SWEEP_PROFILE_STEPS`` move and widen the window); writes
       ``profile.txt`` (the ops by CUDA time) and ``trace.json.gz`` (the timeline, for
@@ -350,6 +351,17 @@ def measurement_callbacks() -> list:
                 self.f.write(json.dumps({"step": state.global_step, "t": time.perf_counter(), "wall": time.time(),
                                          "tokens": int(state.num_input_tokens_seen or 0)}) + "\n")
                 self.f.flush()
+
+            def _event(self, name: str) -> None:
+                sync()
+                self.f.write(json.dumps({"event": name, "t": time.perf_counter(), "wall": time.time()}) + "\n")
+                self.f.flush()
+
+            def on_evaluate(self, args, state, control, **kwargs):
+                self._event("evaluate")
+
+            def on_save(self, args, state, control, **kwargs):
+                self._event("save")
 
             def on_train_end(self, args, state, control, **kwargs):
                 self.f.close()

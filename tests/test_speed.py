@@ -149,8 +149,13 @@ def test_a_cpu_trial_records_its_speed_timing_and_step_times(compose_cfg, tmp_pa
     assert rec.attrs["speed"]["attention"] == "sdpa" and rec.attrs["speed"]["optim"] == "adamw_torch"
     timing = rec.attrs["timing"]
     assert timing["model_load_s"] > 0 and timing["prepare_s"] > 0 and timing["eval_s"] > 0
-    lines = [json.loads(x) for x in times.read_text().splitlines()]
+    rows = [json.loads(x) for x in times.read_text().splitlines()]
+    lines = [x for x in rows if "step" in x]
     assert [x["step"] for x in lines] == list(range(1, 7))
+    # evaluations (and the best checkpoint's saves) are stamped between the steps they follow
+    events = [x for x in rows if "event" in x]
+    assert {x["event"] for x in events} >= {"evaluate", "save"}
+    assert all(set(x) == {"event", "t", "wall"} for x in events)
     assert all(b["t"] > a["t"] and b["tokens"] > a["tokens"] for a, b in zip(lines, lines[1:]))
     assert lines[-1]["tokens"] == rec.attrs["tokens_seen"]
 
@@ -301,3 +306,19 @@ def test_profile_gaps_lays_the_gpus_idle_time_at_the_functions_door():
     line = next(x for x in text.splitlines() if "collate" in x)
     assert line.split()[:4] == ["25.0", "idle", "30.0", "wall"]  # 20-25 ms held the first kernel's end
     assert "threading.py" not in text  # another thread's waiting is not the main thread's work
+
+
+def test_gpu_busy_counts_the_steps_alone_without_evaluations_and_saves():
+    """benchmarks/gpu_busy.py: the step stamps of two trials split into the spans between consecutive steps,
+    less those an evaluation or a save fell into, and less the gap from one trial to the next."""
+    from benchmarks.gpu_busy import busy, step_spans, trials_of
+
+    steps = [{"step": s, "t": t} for s, t in [(1, 0.0), (2, 1.0), (3, 2.0), (4, 5.0), (1, 9.0), (2, 10.0)]]
+    runs = trials_of(steps)
+    assert [len(r) for r in runs] == [4, 2]
+    events = [{"event": "evaluate", "t": 4.0}, {"event": "save", "t": 4.5}]
+    assert step_spans(runs, events) == [(0.0, 1.0), (1.0, 2.0), (9.0, 10.0)]
+    # NVML samples: busy 90 inside the steps, 10 during the evaluation, 0 between the trials
+    samples = [(0.5, [90]), (1.5, [90]), (3.0, [10]), (4.2, [10]), (7.0, [0]), (9.5, [90])]
+    assert busy(samples, step_spans(runs, events)) == 90.0
+    assert busy(samples, [(r[0]["t"], r[-1]["t"]) for r in runs]) == 58.0
