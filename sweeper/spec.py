@@ -163,13 +163,8 @@ def resolve_speed(cfg: DictConfig, compute: str) -> dict:
     """The ``speed`` group decided for this machine (see ``sweeper/speed.py``)."""
     import torch
 
-    wsd = cfg.schedule.get("wsd")
-    # a search's trunk runs to its longest candidate; epoch-based lengths are None (known only with the data)
-    steps = max(int(c) for c in wsd.candidates) if wsd is not None else (
-        int(cfg.schedule.max_steps) if cfg.schedule.max_steps is not None else None)
     return speed_mod.resolve(_typed(cfg.speed), cuda=torch.cuda.is_available(), compute=compute,
-                             optim=str(cfg.lr.optim), lora=str(cfg.peft.name) == "lora",
-                             quantised=bool(cfg.precision.load_in_4bit), steps=steps)
+                             optim=str(cfg.lr.optim))
 
 
 def check_folders(cfg: DictConfig) -> None:

@@ -34,12 +34,9 @@ and leaves CPU runs on the plain path, so no GPU-only flag ever reaches a CPU ru
   changes every step), and fuses LoRA's cast, dropout, scale and add; the
   Inductor cache (``TORCHINDUCTOR_CACHE_DIR``; ``paths.cache_dir``/inductor unless set) lets later sweeps
   reuse the compiled kernels. A worker runs its trials in one process, so compilation is paid once per worker:
-  its later trials' blocks reuse the compiled graphs from their first step. ``auto`` (``speed=auto``'s
-  default) is ``regional`` for unquantised LoRA on CUDA under bf16/fp16 autocast in runs of at least
-  :data:`COMPILE_AUTO_MIN_STEPS` optimizer steps (a search counts its longest candidate, an epoch-based run
-  counts as long), else off: on an H200 the first compile costs ~35-55 s and each step saves ~0.03-0.08 s
-  (learning check over two seeds with ``lora_fused``: 1.55% from plain TRL). Not GPU-only: asked for on CPU,
-  it is honoured (Inductor's CPU backend; ``auto`` never turns it on there).
+  its later trials' blocks reuse the compiled graphs from their first step. Not GPU-only: asked for on CPU,
+  it is honoured (Inductor's CPU backend; ``auto`` never turns it on). Off by default: with ``lora_fused``
+  on, it gained 0-7% tokens/s on an H200 (``benchmarks/RESULTS.md``, round 4) for ~35-55 s of compilation.
 
 Measured on an H100 (1.5B-shaped Qwen2, LoRA r16, 16 packed rows of 1,024 tokens per step):
 SDPA 10.0k tokens/s, varlen + Liger 25.1k, + micro-batch 16 without accumulation and the fused
@@ -70,10 +67,7 @@ _LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy
                   "fused_linear_cross_entropy": False}  # TRL's fused LM head computes the loss
 
 
-COMPILE_CHOICES = (False, True, "regional", "auto")  # speed.compile: off, the whole model, each block, decide
-# speed.compile=auto compiles each decoder block (regional) for runs of at least this many optimizer steps: the
-# compile (~35-55 s on an H200, once per worker) is won back by ~0.03-0.08 s saved per step (benchmarks/RESULTS.md)
-COMPILE_AUTO_MIN_STEPS = 500
+COMPILE_CHOICES = (False, True, "regional")  # speed.compile: off, the whole model, each decoder block
 
 
 def _liger_available() -> bool:
@@ -84,16 +78,12 @@ def _liger_available() -> bool:
     return True
 
 
-def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str, lora: bool = True,
-            quantised: bool = False, steps: int | None = None) -> dict:
+def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str) -> dict:
     """The concrete settings for this machine: ``auto`` decided, every value explicit.
 
     ``group`` is the ``speed`` config group (:class:`sweeper.config.SpeedConfig`); ``compute`` is the
     resolved precision (varlen flash attention needs bf16 or fp16 activations);
-    ``optim`` is the configured optimizer (only ``adamw_torch`` has a fused twin). ``compile=auto`` is
-    ``regional`` for unquantised LoRA (``lora``, not ``quantised``) on CUDA in bf16/fp16 when the run's
-    optimizer steps (``steps``; None: an epoch-based length, not known before the data) are at least
-    :data:`COMPILE_AUTO_MIN_STEPS`, else off."""
+    ``optim`` is the configured optimizer (only ``adamw_torch`` has a fused twin)."""
     def pick(key: str, on: bool) -> bool:
         value = getattr(group, key)
         return on if value == "auto" else bool(value)
@@ -108,9 +98,6 @@ def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str, lora: b
             f"{'CUDA' if cuda else 'no GPU'}, {compute}); use speed.attention=auto or sdpa")
     liger = str(group.liger)
     compile_ = group.compile if group.compile in COMPILE_CHOICES else bool(group.compile)
-    if compile_ == "auto":
-        long_run = steps is None or steps >= COMPILE_AUTO_MIN_STEPS
-        compile_ = "regional" if cuda and half and lora and not quantised and long_run else False
     if liger == "auto":
         # Liger's Triton kernels split a compiled graph (RoPE) or fail to trace with dynamic shapes (RMSNorm);
         # Inductor fuses the same norm, RoPE and SwiGLU itself, so a compiled model runs without them
