@@ -196,7 +196,7 @@ def _check_jsonl(path: Path, key: str) -> int:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM (Windows editors) is fine
             except UnicodeDecodeError as e:
                 raise ValueError(f"{key}: {path} line {lineno} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
                                  f"column {e.start + 1}); save the file as UTF-8") from None

@@ -123,3 +123,18 @@ def test_every_row_is_checked_and_the_bad_ones_are_named(compose_cfg, tmp_path):
     cfg = compose_cfg("data=jsonl", f"data.train_path={path}")
     with pytest.raises(ValueError, match=r"1 of 131 rows of .* row 131: an empty 'completion'"):
         data_mod.load(cfg.data, cfg.paths.cache_dir)
+
+
+def test_a_jsonl_file_saved_with_a_byte_order_mark_loads(compose_cfg, tmp_path):
+    """Windows editors save UTF-8 with a BOM; datasets reads such a file, so the row check must too (a BOM
+    inside a later line is still refused: it is not where an editor puts one)."""
+    path = _write(tmp_path / "bom.jsonl", _msgs(30))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    cfg = compose_cfg("data=jsonl", f"data.train_path={path}")
+    s = data_mod.load(cfg.data, cfg.paths.cache_dir)
+    assert len(s.train) + len(s.eval) == 30
+    assert s.train[0]["messages"][0]["role"] == "user"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:2] + [b"\xef\xbb\xbf" + lines[2]] + lines[3:]))
+    with pytest.raises(ValueError, match="line 3 is not valid JSON"):
+        data_mod.load(cfg.data, cfg.paths.cache_dir)
