@@ -215,6 +215,35 @@ def _check_jsonl(path: Path, key: str) -> int:
     return rows
 
 
+def _check_csv(path: Path, key: str) -> None:
+    """Parse the CSV as the loader will (a header line, then rows); name the first line it cannot read: not
+    UTF-8, an unclosed quote, or more fields than the header (a comma in an unquoted field)."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, strict=True)
+            header = next(reader, None) or []
+            for row in reader:
+                if len(row) > len(header):
+                    raise ValueError(
+                        f"{key}: {path} line {reader.line_num} has {len(row)} fields but the header has {len(header)} "
+                        f"({', '.join(header)}); put a field holding a comma in double quotes")
+    except csv.Error as e:
+        raise ValueError(f"{key}: {path} line {reader.line_num} is not valid CSV ({e}); close each quoted field "
+                         "with a double quote and write a quote inside one as two") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{key}: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as "
+                         "UTF-8") from None
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception: datasets wraps its parsers' errors in its own."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _missing_hint(path_str: str) -> str:
     """Where a missing file of the shipped data options is looked for: they read their files under
     ``$SFT_SWEEP_SHARED_DATA`` (``conf/data/banking77.yaml`` and the like)."""
@@ -299,13 +328,15 @@ def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path) -> tu
             )
         if suffix == ".jsonl" and _check_jsonl(local, key) == 0:
             raise ValueError(f"{key}: {local} has no rows (only blank lines)")
+        if suffix == ".csv":
+            _check_csv(local, key)
         try:
             ds = datasets.load_dataset(
                 builder, data_files=str(_literal(local, suffix, cache_dir, key)), split="train",
                 cache_dir=str(cache_dir / "datasets")
             )
         except Exception as e:  # datasets wraps parser errors in its own types
-            raise ValueError(f"{key}: could not read {local}: {e}") from e
+            raise ValueError(f"{key}: could not read {local}: {_root_cause(e)}") from e
         if len(ds) == 0:
             raise ValueError(f"{key}: {local} has no rows")
         return ds, str(local)

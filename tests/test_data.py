@@ -138,3 +138,21 @@ def test_a_jsonl_file_saved_with_a_byte_order_mark_loads(compose_cfg, tmp_path):
     path.write_bytes(b"".join(lines[:2] + [b"\xef\xbb\xbf" + lines[2]] + lines[3:]))
     with pytest.raises(ValueError, match="line 3 is not valid JSON"):
         data_mod.load(cfg.data, cfg.paths.cache_dir)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('prompt,completion\n"hi, there,yo\nq,a\n', "is not valid CSV (unexpected end of data)"),
+    ("prompt,completion\nq1,a1\nq2,a2, with a comma\n", "line 3 has 3 fields but the header has 2"),
+    (b"prompt,completion\nq1,caf\xe9\n", "is not UTF-8 text (byte 0xe9)"),
+])
+def test_a_malformed_csv_is_one_line_naming_the_line(compose_cfg, tmp_path, content, needle):
+    path = tmp_path / "bad.csv"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    cfg = compose_cfg("data=jsonl", f"data.train_path={path}")
+    with pytest.raises(ValueError) as e:
+        data_mod.load(cfg.data, cfg.paths.cache_dir)
+    assert needle in str(e.value) and str(e.value).startswith("data.train_path: ")
+    assert "\n" not in str(e.value)
