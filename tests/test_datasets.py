@@ -100,6 +100,12 @@ def test_a_sweep_over_datasets_runs_a_study_each_resumes_and_adds_only_new_datas
     again = _ok(run_in_process("-m", "schedule.max_steps=8,12", "data=demo,banking77_sample", *base))
     assert (again.stdout + again.stderr).count("0 to run, 2 already done") == 2
     assert all(len(_study(tmp_path, n).trials) == 2 for n in STUDIES)
+    # other settings are refused; the way to new studies is another storage (one study_name cannot name two)
+    stale = run_in_process("-m", "schedule.max_steps=8,12", "data=demo,banking77_sample", "lr.learning_rate=3e-4", *base)
+    assert stale.returncode != 0 and "ran other settings than this command" in stale.stderr
+    assert "start new studies in another file with hydra.sweeper.storage=sqlite:///<new file>.db" in stale.stderr
+    assert "hydra.sweeper.study_name=<new name>" not in stale.stderr
+    assert all(len(_study(tmp_path, n).trials) == 2 for n in STUDIES)  # nothing half-written
     # a single-dataset command resumes its study too (named as it would name it)
     one = _ok(run_in_process("-m", "schedule.max_steps=8,12", "data=banking77_sample", *base))
     assert "0 to run, 2 already done" in one.stdout + one.stderr and _names(tmp_path) == sorted(STUDIES)

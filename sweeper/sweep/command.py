@@ -115,7 +115,8 @@ def prepare(settings: Settings, compose: Composer, arguments: list[str]) -> Comm
     for line in space.notes:
         log.info(line)
     sweeps = []
-    for name, sub, points, idx in _split_by_study(settings, space, all_cfgs, compose):
+    studies = list(_split_by_study(settings, space, all_cfgs, compose))
+    for name, sub, points, idx in studies:
         cfgs = [all_cfgs[i] for i in idx]
         configs = [identity.result_config(c, fingerprint.data_content(c.data, c.paths.cache_dir)) for c in cfgs]
         if pure_grid:  # a grid runs its own points, whatever else the study holds
@@ -127,7 +128,7 @@ def prepare(settings: Settings, compose: Composer, arguments: list[str]) -> Comm
         dists = {**sub.grid_distributions(compose.group_options), **sub.distributions}
         preflight.check_compatible(study, dists)
         preflight.check_same_settings(study, sub, configs, storage_url=settings.storage_url,
-                                      allow_change=settings.allow_config_change)
+                                      allow_change=settings.allow_config_change, several=len(studies) > 1)
         sweeps.append(Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx))
     for sw in sweeps:  # after every check: another study incarnation's trial folders moved aside
         with claim_lock(settings.storage_url, sw.name):

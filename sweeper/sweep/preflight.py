@@ -159,11 +159,12 @@ def check_compatible(study: optuna.Study, dists: dict[str, optuna.distributions.
 
 
 def check_same_settings(study: optuna.Study, space: SweepSpace, configs: list[dict], *, storage_url: str,
-                        allow_change: bool) -> None:
+                        allow_change: bool, several: bool = False) -> None:
     """Refuse a command whose settings, besides what it sweeps and what the study searched (its trials'
     params), differ from what the study's trials ran (unless
     ``allow_change``, ``hydra.sweeper.allow_config_change``): a re-run must never serve old results as this
-    command's."""
+    command's. ``several``: the command runs several studies (one per dataset and model), which one
+    ``study_name`` cannot name, so the way to new studies is another storage."""
     trials = [t for t in study.get_trials(deepcopy=False) if records.config_of(t) is not None and not records.is_branch(t)]
     ran = [records.config_of(t) for t in trials]
     if not ran or not configs:
@@ -183,6 +184,8 @@ def check_same_settings(study: optuna.Study, space: SweepSpace, configs: list[di
         return
     raise ValueError(
         f"study {study.study_name!r} in {mask_url(storage_url)} ran other settings than this command: "
-        f"{text}. Its results are not this command's: start a new study with "
-        f"hydra.sweeper.study_name=<new name>, or add these runs to it with "
-        "hydra.sweeper.allow_config_change=true")
+        f"{text}. Its results are not this command's: start "
+        + ("new studies in another file with hydra.sweeper.storage=sqlite:///<new file>.db (this command runs one "
+           "study per dataset and model, so one study_name cannot name them)" if several else
+           "a new study with hydra.sweeper.study_name=<new name>")
+        + ", or add these runs to it with hydra.sweeper.allow_config_change=true")
