@@ -84,19 +84,33 @@ def problem(ckpt: str | Path) -> str | None:
     return None
 
 
-def newest_resumable(run_dir: str | Path, what: str = "the retry") -> str | None:
-    """The newest whole ``checkpoint-<step>`` in ``run_dir`` (None: none, start from step 0). Each newer
-    checkpoint skipped is named in one warning line with the file that makes it unusable."""
+def _newest(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest whole checkpoint of ``run_dir`` and why each newer one cannot be resumed."""
     ckpts = sorted((p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     skipped = []
     for ckpt in ckpts:
         why = problem(ckpt)
         if why is None:
-            if skipped:
-                log.warning("%s resumes from %s: %s", what, ckpt.name, "; ".join(skipped))
-            return str(ckpt)
+            return ckpt, skipped
         skipped.append(f"{ckpt} cannot be resumed ({why})")
+    return None, skipped
+
+
+def newest_resumable(run_dir: str | Path, what: str = "the retry") -> str | None:
+    """The newest whole ``checkpoint-<step>`` in ``run_dir`` (None: none, start from step 0). Each newer
+    checkpoint skipped is named in one warning line with the file that makes it unusable."""
+    ckpt, skipped = _newest(run_dir)
     if skipped:
-        log.warning("%s starts from step 0: %s", what, "; ".join(skipped))
-    return None
+        log.warning("%s %s: %s", what, f"resumes from {ckpt.name}" if ckpt else "starts from step 0",
+                    "; ".join(skipped))
+    return str(ckpt) if ckpt else None
+
+
+def resumable_step(run_dir: str | Path | None) -> int | None:
+    """The step of the newest whole checkpoint in ``run_dir`` (None: no folder or no whole checkpoint), quietly:
+    for a line that says where a queued retry will start."""
+    if not run_dir or not Path(run_dir).is_dir():
+        return None
+    ckpt, _ = _newest(run_dir)
+    return int(ckpt.name.split("-")[-1]) if ckpt else None

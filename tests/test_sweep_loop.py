@@ -347,3 +347,16 @@ def test_a_worker_stopped_mid_trial_leaves_work_that_the_command_names(tmp_path)
     sw.study.enqueue_trial({"schedule.max_steps": 10})
     with pytest.raises(InputError, match="trial 1 is queued; re-run the same command"):
         summary.fail_if_work_left(Command([sw]), "another sweep")
+
+
+def test_a_queued_retry_is_said_to_resume_only_from_a_checkpoint_that_exists(tmp_path):
+    """The line after a stop names where the retry starts: the newest whole checkpoint, or over again when
+    the run saved none (or only a cut-short one)."""
+    study = optuna.create_study(study_name="q", storage=f"sqlite:///{tmp_path}/q.db")
+    trial = study.ask()
+    tid = trial._trial_id
+    assert tell.queued_text(study, tid) == " and queued to run again (it saved no checkpoint to resume from)"
+    run_dir = tmp_path / "trial_0"
+    (run_dir / "checkpoint-5").mkdir(parents=True)  # a save cut short: no weights, no state
+    trial.set_user_attr("run_dir", str(run_dir))
+    assert "queued to run again" in tell.queued_text(study, tid)

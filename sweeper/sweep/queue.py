@@ -34,6 +34,7 @@ from sweeper import points as points_mod
 from sweeper import trunks as trunks_mod
 from sweeper.interrupt import deferred
 from sweeper.storage import claim_lock, fail_and_requeue, heartbeat_age_s, mask_url
+from sweeper.sweep import tell
 from sweeper.sweep.command import Command, Sweep
 from sweeper.sweep.settings import Settings
 
@@ -297,7 +298,7 @@ class Queue:
                     continue
                 queued = fail_and_requeue(study, records.trial_id(t), f"worker {proc} is gone (its process ended)")
                 log.warning("trial %d: its worker %s is gone; recorded FAIL%s", t.number, proc,
-                            " and queued to resume from its checkpoint now" if queued else "")
+                            tell.queued_text(study, records.trial_id(t)) if queued else "")
 
     def start_lines(self) -> int:
         """Reclaim this host's dead workers' trials, then log each study's start line (what it will run, what

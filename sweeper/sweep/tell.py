@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 from hydra.core.utils import JobReturn, JobStatus
 
-from sweeper import disk, objectives, records
+from sweeper import checkpoints, disk, objectives, records
 from sweeper.reporter import Parked
 from sweeper.storage import fail_and_requeue, mask_url
 
@@ -109,7 +109,14 @@ def interrupted(study: optuna.Study, trial: optuna.Trial, why: str) -> None:
         return
     queued = fail_and_requeue(study, records.trial_id(trial), f"{STOPPED}{why}")
     log.warning("%s: trial %d recorded FAIL%s; re-run the same command to continue", why, trial.number,
-                " and queued to resume from its checkpoint" if queued else "")
+                queued_text(study, records.trial_id(trial)) if queued else "")
+
+
+def queued_text(study: optuna.Study, trial_id: int) -> str:
+    """How a failed trial's queued retry will start: from its newest whole checkpoint, or over again."""
+    step = checkpoints.resumable_step(records.frozen(study, trial_id).user_attrs.get(records.RUN_DIR))
+    return (f" and queued to resume from its checkpoint at step {step}" if step is not None
+            else " and queued to run again (it saved no checkpoint to resume from)")
 
 
 def unrecorded(trial: optuna.Trial, e: BaseException, storage_url: str) -> str:
