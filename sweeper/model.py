@@ -99,11 +99,14 @@ def build_tiny(tiny: TinyModelConfig, cache_dir: str | Path) -> Path:
     model = Qwen2ForCausalLM(config)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     try:
-        os.replace(tmp, out)  # atomic: another worker may have built it meanwhile
-    except OSError:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)  # atomic: another worker may have built it meanwhile
+        except OSError:
+            pass  # another worker's copy is in place
+    finally:  # also after a Ctrl-C or a full disk mid-save: no half-written folder left beside the cache
         shutil.rmtree(tmp, ignore_errors=True)
     n = sum(p.numel() for p in model.parameters())
     log.info("built tiny model (%d parameters, vocab %d) in %s", n, len(tok), out)

@@ -122,3 +122,25 @@ def test_keys_added_with_plus_are_refused(compose_cfg, override, needle):
     with pytest.raises(ValueError) as e:
         validate(compose_cfg(override))
     assert needle in str(e.value)
+
+
+def test_an_interrupted_tiny_model_build_leaves_no_half_written_folder(compose_cfg, tmp_path, monkeypatch):
+    """A Ctrl-C (or a full disk) while the tiny model is saved: nothing is left beside the cache, and the next
+    build succeeds."""
+    from transformers import PreTrainedTokenizerFast
+
+    from sweeper.model import build_tiny
+
+    cfg = compose_cfg()
+    real = PreTrainedTokenizerFast.save_pretrained
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny(cfg.model.tiny, tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").rglob("*") if ".tmp" in p.name] == []
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", real)
+    out = build_tiny(cfg.model.tiny, tmp_path / "cache")
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
