@@ -64,7 +64,7 @@ def plan_rows(overrides: list[str], config_dir: str | None = None) -> list[dict]
     from sweeper.gpu import pin_one, visible_gpus
     from sweeper.model import model_shape, resolve_compute
     from sweeper.plan import estimate_memory
-    from sweeper.sft import plan_for, prepare_for_plan
+    from sweeper.sft import plan_for, prepare_for_plan, truncation_drops
 
     config_mod.register()
     gpus = visible_gpus()  # every visible GPU, for the fit table
@@ -116,7 +116,9 @@ def plan_rows(overrides: list[str], config_dir: str | None = None) -> list[dict]
             "overrides": row_overrides, "cfg": cfg, "plan": plan, "study": study_name, "rows": len(splits.train),
             "prepared_rows": len(prepared), "eval_rows": eval_rows, "seq_len": seq_len, "memory": est,
             "gpus": gpus, "fits_on": fits, "wall_s": wall_s, "tokens_per_s": tps,
-            "tokens_known": "input_ids" in prepared.column_names, "warnings": plan.warnings() + list(splits.notes) + ([note] if note else []),
+            "tokens_known": "input_ids" in prepared.column_names,
+            "warnings": plan.warnings() + list(splits.notes) + ([note] if note else [])
+            + ([w] if (w := truncation_drops(len(splits.train), len(prepared), cfg.data)) else []),
         })
     GlobalHydra.instance().clear()
     _note_other_settings(rows)

@@ -23,7 +23,7 @@ from sweeper.config import PeftConfig
 from sweeper.plan import Plan, make_plan
 from sweeper.spec import RunSpec
 
-__all__ = ["SNIPPET_KEYS", "build_sft_config", "check_prepared_data", "make_trainer", "median_tokens", "peft_config",
+__all__ = ["SNIPPET_KEYS", "build_sft_config", "check_prepared_data", "make_trainer", "median_tokens", "peft_config", "truncation_drops",
            "plan_for", "plan_on_trainer", "prepare_for_plan"]
 
 log = logging.getLogger(__name__)
@@ -173,15 +173,22 @@ def plan_for(spec: RunSpec, prepared: Any, micro: int | None = None, accum: int 
     )
 
 
+def truncation_drops(rows: int, prepared: int, data: Any) -> str | None:
+    """Why TRL's preparation kept fewer train rows than the data has (unpacked rows only: packing changes the
+    count by design); None when it kept them all."""
+    dropped = rows - prepared if not data.packing else 0
+    if dropped <= 0:
+        return None
+    return (f"{dropped} of {rows} train rows lost all their loss tokens to truncation at data.max_length="
+            f"{data.max_length} and were dropped; raise data.max_length to keep them")
+
+
 def plan_on_trainer(spec: RunSpec, trainer: Any, splits: data_mod.Splits, args: Any) -> tuple[Plan, int]:
     """The plan on the prepared train set (after TRL's truncation drops and packing)."""
     prepared_rows = len(trainer.train_dataset)
-    dropped = len(splits.train) - prepared_rows if not spec.data.packing else 0
-    if dropped > 0:
-        log.warning(
-            "%d of %d train rows lost all their loss tokens to truncation at data.max_length=%d and were "
-            "dropped; raise data.max_length to keep them", dropped, len(splits.train), spec.data.max_length,
-        )
+    note = truncation_drops(len(splits.train), prepared_rows, spec.data)
+    if note:
+        log.warning("%s", note)
     plan = plan_for(spec, trainer.train_dataset, args.per_device_train_batch_size,
                     args.gradient_accumulation_steps, max(args.world_size, 1))
     return plan, prepared_rows

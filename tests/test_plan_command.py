@@ -142,3 +142,21 @@ def test_plan_shows_progress_bars_on_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", Tty())
     assert plan_command.main(["schedule=forever"]) == 2
     assert "TQDM_DISABLE" not in os.environ
+
+
+def test_plan_says_why_rows_were_dropped(tmp_path, cache_dir):
+    """Rows whose answer lies wholly past data.max_length lose every loss token and TRL drops them: the plan
+    names how many and the setting, as the trial does."""
+    import json
+
+    long_prompt = " ".join(["word"] * 400)
+    rows = [{"messages": [{"role": "user", "content": f"q{i}" if i % 10 else long_prompt},
+                          {"role": "assistant", "content": f"a{i}"}]} for i in range(60)]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    [row] = plan_rows(["data=jsonl", f"data.train_path={path}", "data.eval_fraction=0.1", "data.max_length=64",
+                       f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
+    dropped = row["rows"] - row["prepared_rows"]
+    assert dropped > 0
+    assert (f"{dropped} of {row['rows']} train rows lost all their loss tokens to truncation at "
+            "data.max_length=64 and were dropped; raise data.max_length to keep them") in row["warnings"]
