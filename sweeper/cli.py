@@ -21,6 +21,7 @@ import argparse
 import difflib
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -236,26 +237,77 @@ def _main(argv: list[str]) -> None:
     try:
         app()
     finally:
+        refusals = sys.stderr
         sys.stderr = stderr
+        if isinstance(refusals, _OneLineRefusals):
+            refusals.release()
 
 
 _HYDRA_HINT = "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.\n"
+# the openings of Hydra's composition errors and OmegaConf's, and OmegaConf's indented detail lines
+_COMPOSE_ERROR = re.compile(r"^(Error merging override |Could not override |In '[^']*': |Could not find |Key '|"
+                            r"Value '|Error parsing override )|\n    (full_key|object_type|reference_type)[:=]|\nSee https://hydra\.cc/")
+
+
+def one_line(text: str) -> str:
+    """A composition error of Hydra's in one line: its sentences joined, OmegaConf's ``full_key``/``object_type``
+    details and Hydra's config search path left out, the available options of a group listed after it."""
+    parts: list[str] = []
+    options: list[str] = []
+    in_search_path = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if line.startswith("Config search path:"):
+            in_search_path = True
+            continue
+        if in_search_path and line.startswith("\t"):
+            continue
+        in_search_path = False
+        if line.startswith("    ") and re.match(r"(full_key|object_type|reference_type)[:=]", stripped):
+            continue
+        if line.startswith("\t") and parts and parts[-1].startswith("Available options in"):
+            options.append(stripped)
+            continue
+        if options:
+            parts[-1] += " " + ", ".join(options)
+            options = []
+        parts.append(stripped.rstrip("."))
+    if options:
+        parts[-1] += " " + ", ".join(options)
+    return "; ".join(parts)
 
 
 class _OneLineRefusals:
     """``sys.stderr`` for the Hydra app: Hydra follows the one line of a refusal (an ``InputError``, which it
     prints without a traceback) with a blank line and its ``HYDRA_FULL_ERROR`` hint; that hint is left out, so
-    bad input is one line. After a traceback (a bug, not bad input) the hint stays."""
+    bad input is one line. Hydra's and OmegaConf's own composition errors (a value of the wrong type, a key or
+    option that does not exist) span several lines; they are held until the hint and said in one
+    (:func:`one_line`). After a traceback (a bug, not bad input) everything passes as written, hint included."""
 
     def __init__(self, stream: Any) -> None:
-        self._stream, self._traceback = stream, False
+        self._stream, self._traceback, self._held = stream, False, []
 
     def write(self, text: str) -> int:
         if text == _HYDRA_HINT and not self._traceback:
+            if self._held:
+                self._stream.write(one_line("".join(self._held)) + "\n")
+                self._held = []
             return len(text)
         if "Traceback (most recent call last)" in text:
             self._traceback = True
+        if not self._traceback and text.endswith("\n") and _COMPOSE_ERROR.search(text):
+            self._held.append(text)  # the hint follows: said in one line then
+            return len(text)
+        self.release()
         return self._stream.write(text)
+
+    def release(self) -> None:
+        """Write what is held as it came (no hint followed: not a refusal of Hydra's)."""
+        if self._held:
+            self._stream.write("".join(self._held))
+            self._held = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

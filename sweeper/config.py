@@ -397,8 +397,8 @@ def validate(cfg: Any) -> None:
         key, known = unknown[0]
         close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
         hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
-        raise ValueError(f"{key} is not a key of the config (added with +, so Hydra accepted it){hint} "
-                         f"Known here: {', '.join(known)}")
+        raise ValueError(f"{key} is not a key of the config (added with +, so Hydra accepted it){hint}; "
+                         f"known here: {', '.join(known)}")
     missing = sorted(OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
     if missing:
         why = "model.name names the study, <data.name>-<model.name>" if "model.name" in missing else \

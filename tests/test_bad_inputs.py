@@ -472,3 +472,56 @@ def test_a_read_only_study_file_is_refused_by_a_sweep_and_read_by_status(tmp_pat
     finally:
         subprocess.run(["chattr", "-i", str(path)], check=True)
     assert _sha(path) == before
+
+
+# Hydra's and OmegaConf's own composition errors, as they write them (several lines each)
+HYDRA_ERRORS = [
+    ("Error merging override schedule.max_steps=abc\nValue 'abc' of type 'str' could not be converted to Integer\n"
+     "    full_key: schedule.max_steps\n    reference_type=ScheduleConfig\n    object_type=ScheduleConfig\n",
+     "Error merging override schedule.max_steps=abc; Value 'abc' of type 'str' could not be converted to Integer"),
+    ("Could not override 'schedul.max_steps'.\nTo append to your config use +schedul.max_steps=3\n"
+     "Key 'schedul' not in 'Config'\n    full_key: schedul\n    object_type=Config\n",
+     "Could not override 'schedul.max_steps'; To append to your config use +schedul.max_steps=3; "
+     "Key 'schedul' not in 'Config'"),
+    ("In 'config': Could not find 'schedule/undr'\n\nAvailable options in 'schedule':\n\tover\n\tsweet\n\tunder\n"
+     "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf\n\tprovider=main, path=file:///x/conf\n",
+     "In 'config': Could not find 'schedule/undr'; Available options in 'schedule': over, sweet, under"),
+]
+
+
+@pytest.mark.parametrize("text,line", HYDRA_ERRORS, ids=["wrong type", "unknown key", "unknown option"])
+def test_hydras_composition_errors_are_said_in_one_line(text, line):
+    import io
+
+    from sweeper.cli import _HYDRA_HINT, _OneLineRefusals, one_line
+
+    assert one_line(text) == line
+    out = io.StringIO()
+    stream = _OneLineRefusals(out)
+    cut = text.find("Key '") if "Key '" in text else len(text)  # Hydra's message, then OmegaConf's cause
+    for part in (text[:cut], text[cut:]):
+        if part:
+            stream.write(part)
+    stream.write(_HYDRA_HINT)
+    assert out.getvalue() == line + "\n"
+    # a log line passes at once; held text with no hint after it is written as it came
+    out = io.StringIO()
+    stream = _OneLineRefusals(out)
+    stream.write("[2026-12-04 05:00:00,000][sweeper][INFO] - a log line\n")
+    assert out.getvalue().endswith("a log line\n")
+    stream.write(text)
+    stream.release()
+    assert out.getvalue().endswith(text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,needle", [
+    ("schedule.max_steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ("schedul.max_steps=3", "Key 'schedul' not in 'Config'"),
+    ("schedule=undr", "Available options in 'schedule': epochs3, over, sweet, under, wsd_search"),
+    ("schedule.max_steps=[1", "no viable alternative at input '[1'"),
+], ids=["wrong type", "unknown key", "unknown option", "bad grammar"])
+def test_a_composition_error_from_the_command_is_one_line(tmp_path, override, needle):
+    proc = run_cli("-m", override, f"paths.output_dir={tmp_path}")
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and needle in lines[0], proc.stderr
