@@ -240,7 +240,7 @@ def _main(argv: list[str]) -> None:
         refusals = sys.stderr
         sys.stderr = stderr
         if isinstance(refusals, _OneLineRefusals):
-            refusals.release()
+            refusals.end()
 
 
 _HYDRA_HINT = "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.\n"
@@ -287,16 +287,22 @@ class _OneLineRefusals:
     (:func:`one_line`). After a traceback (a bug, not bad input) everything passes as written, hint included."""
 
     def __init__(self, stream: Any) -> None:
-        self._stream, self._traceback, self._held = stream, False, []
+        self._stream, self._traceback, self._held, self._job = stream, False, [], ""
 
     def write(self, text: str) -> int:
         if text == _HYDRA_HINT and not self._traceback:
             if self._held:
                 self._stream.write(one_line("".join(self._held)) + "\n")
                 self._held = []
+            self._job = ""  # a run's refusal names its option itself: Hydra's list of overrides is left out
+            return len(text)
+        if text.startswith("Error executing job with overrides:") and not self._traceback:
+            self._job = text  # kept for a traceback, left out before a refusal
             return len(text)
         if "Traceback (most recent call last)" in text:
             self._traceback = True
+            self._stream.write(self._job)
+            self._job = ""
         if not self._traceback and text.endswith("\n") and _COMPOSE_ERROR.search(text):
             self._held.append(text)  # the hint follows: said in one line then
             return len(text)
@@ -308,6 +314,13 @@ class _OneLineRefusals:
         if self._held:
             self._stream.write("".join(self._held))
             self._held = []
+
+    def end(self) -> None:
+        """At the app's end: whatever is still held, as it came."""
+        self.release()
+        if self._job:
+            self._stream.write(self._job)
+            self._job = ""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

@@ -514,6 +514,26 @@ def test_hydras_composition_errors_are_said_in_one_line(text, line):
     assert out.getvalue().endswith(text)
 
 
+def test_a_runs_refusal_leaves_out_hydras_list_of_overrides_but_a_traceback_keeps_it():
+    import io
+
+    from sweeper.cli import _HYDRA_HINT, _OneLineRefusals
+
+    job = "Error executing job with overrides: ['seed=-1']\n"
+    out = io.StringIO()
+    stream = _OneLineRefusals(out)
+    for text in (job, "seed must be between 0 and 4294967295, but got -1; e.g. seed=42\n", _HYDRA_HINT):
+        stream.write(text)
+    stream.end()
+    assert out.getvalue() == "seed must be between 0 and 4294967295, but got -1; e.g. seed=42\n"
+    out = io.StringIO()
+    stream = _OneLineRefusals(out)
+    for text in (job, "Traceback (most recent call last):\n", "ZeroDivisionError: division by zero\n", _HYDRA_HINT):
+        stream.write(text)
+    stream.end()
+    assert out.getvalue() == job + "Traceback (most recent call last):\nZeroDivisionError: division by zero\n" + _HYDRA_HINT
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("override,needle", [
     ("schedule.max_steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
