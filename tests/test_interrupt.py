@@ -99,6 +99,8 @@ def test_a_ctrl_c_in_the_interpreters_teardown_prints_no_traceback(entry):
 _SWALLOWED_WHILE_IMPORTING = """
 import importlib.abc, runpy, signal, sys
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job inherits SIG_IGN)
+
 
 class Swallows:
     def __del__(self):
