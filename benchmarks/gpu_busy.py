@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     spans = [(r[0]["t"], r[-1]["t"]) for r in runs if len(r) > 1]
     import optuna
 
+    if "busy" not in optuna.get_all_study_names(storage=f"sqlite:///{db}"):
+        tail = (a.out / "sweep.log").read_text(errors="replace").splitlines()[-15:]
+        raise SystemExit(f"the sweep (exit {rc}) made no study; the end of {a.out / 'sweep.log'}:\n" + "\n".join(tail))
     study = optuna.load_study(study_name="busy", storage=f"sqlite:///{db}")
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.datetime_start or datetime.datetime.max)
     rows = []

@@ -159,12 +159,13 @@ def wsd_of(cfg: DictConfig) -> Wsd | None:
                group=identity.joint_group(identity.result_config(cfg)) if rates is not None else "")
 
 
-def resolve_speed(cfg: DictConfig, compute: str) -> dict:
-    """The ``speed`` group decided for this machine (see ``sweeper/speed.py``)."""
+def resolve_speed(cfg: DictConfig, compute: str, strict: bool = True) -> dict:
+    """The ``speed`` group decided for this machine (see ``sweeper/speed.py``); ``strict=False``: GPU-only
+    choices are kept on a machine without a GPU rather than refused."""
     import torch
 
     return speed_mod.resolve(_typed(cfg.speed), cuda=torch.cuda.is_available(), compute=compute,
-                             optim=str(cfg.lr.optim))
+                             optim=str(cfg.lr.optim), strict=strict)
 
 
 def check_folders(cfg: DictConfig) -> None:
@@ -205,11 +206,12 @@ def resolve(cfg: DictConfig) -> RunSpec:
 
 def for_preparation(cfg: DictConfig) -> RunSpec:
     """The spec with which TRL prepares the data of ``cfg`` on this machine, as a trial would (CPU: fp32),
-    without the checks of :func:`resolve` (the plan command and the sweep's data check)."""
+    without the checks of :func:`resolve` (the plan command and the sweep's data check, which runs in a child
+    that sees no GPU: a GPU-only speed choice such as ``speed.attention=varlen`` is kept, not refused)."""
     import torch
 
     compute = model_mod.resolve_compute(cfg.precision.compute) if torch.cuda.is_available() else "fp32"
-    return build(cfg, compute=compute, speed=resolve_speed(cfg, compute))
+    return build(cfg, compute=compute, speed=resolve_speed(cfg, compute, strict=False))
 
 
 def prepare(cfg: DictConfig) -> tuple[RunSpec, data_mod.Splits]:

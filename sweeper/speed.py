@@ -87,12 +87,14 @@ def _liger_available() -> bool:
     return True
 
 
-def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str) -> dict:
+def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str, strict: bool = True) -> dict:
     """The concrete settings for this machine: ``auto`` decided, every value explicit.
 
     ``group`` is the ``speed`` config group (:class:`sweeper.config.SpeedConfig`); ``compute`` is the
     resolved precision (varlen flash attention needs bf16 or fp16 activations);
-    ``optim`` is the configured optimizer (only ``adamw_torch`` has a fused twin)."""
+    ``optim`` is the configured optimizer (only ``adamw_torch`` has a fused twin). ``strict=False`` keeps an
+    explicit GPU-only choice instead of refusing it on a machine without one (the data's preparation, checked
+    on CPU for trials that will run on a GPU and refuse it there)."""
     def pick(key: str, on: bool) -> bool:
         value = getattr(group, key)
         return on if value == "auto" else bool(value)
@@ -101,7 +103,7 @@ def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str) -> dict
     attention = str(group.attention)
     if attention == "auto":
         attention = "varlen" if cuda and half else "sdpa"
-    if attention == "varlen" and not (cuda and half):
+    if strict and attention == "varlen" and not (cuda and half):
         raise ValueError(
             f"speed.attention=varlen needs a CUDA GPU and bf16/fp16 compute (here: "
             f"{'CUDA' if cuda else 'no GPU'}, {compute}); use speed.attention=auto or sdpa")
@@ -113,12 +115,12 @@ def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str) -> dict
         use_liger = cuda and _liger_available() and not compile_
     else:
         use_liger = bool(group.liger)
-        if use_liger and not (cuda and _liger_available()):
+        if strict and use_liger and not (cuda and _liger_available()):
             raise ValueError("speed.liger=true needs a CUDA GPU and liger-kernel (pip install -e '.[kernels]'); "
                              "use speed.liger=auto or false")
     fused = pick("fused_optimizer", cuda) and optim == "adamw_torch"
     padding_free = pick("padding_free", attention == "varlen")
-    if compile_ == "graphs" and not (cuda and attention == "varlen" and padding_free):
+    if strict and compile_ == "graphs" and not (cuda and attention == "varlen" and padding_free):
         raise ValueError(
             "speed.compile=graphs needs a CUDA GPU, bf16/fp16 compute and padding-free rows with varlen attention "
             f"(here: {'CUDA' if cuda else 'no GPU'}, {compute}, attention={attention}, padding_free={padding_free}); "

@@ -72,6 +72,18 @@ def test_gpu_only_choices_are_refused_on_cpu_before_any_model_loads(compose_cfg)
         preflight(compose_cfg("speed.compile=graphs"))
 
 
+def test_the_data_check_on_cpu_keeps_gpu_only_choices_for_trials_on_a_gpu(compose_cfg):
+    """The sweep's data check runs in a child that sees no GPU: a GPU-only choice the trials will honour
+    is kept there (and the rows are prepared padding-free, as the trials will), not refused."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU side")
+    cfg = compose_cfg("speed.attention=varlen", "speed.compile=graphs", "speed.liger=true")
+    got = spec_mod.for_preparation(cfg).speed
+    assert got["attention"] == "varlen" and got["padding_free"] is True and got["compile"] == "graphs"
+    with pytest.raises(ValueError, match=r"speed\.attention=varlen needs a CUDA GPU"):
+        spec_mod.resolve(cfg)
+
+
 def test_graphs_need_padding_free_varlen_rows_on_a_gpu(compose_cfg):
     got = speed.resolve(compose_cfg("speed.compile=graphs").speed, cuda=True, compute="bf16", optim="adamw_torch")
     assert got["compile"] == "graphs" and got["padding_free"] is True and got["liger"] is False
