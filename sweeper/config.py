@@ -175,7 +175,7 @@ class SpeedConfig:
     padding_free: Any = MISSING  # auto | true | false: concatenate a micro-batch's rows, no pad tokens
     liger: Any = MISSING  # auto | true | false: Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA, liger-kernel installed)
     fused_optimizer: Any = MISSING  # auto | true | false: adamw_torch -> adamw_torch_fused on CUDA
-    compile: Any = MISSING  # false | true: the whole model | regional: each decoder block in place | graphs: + CUDA graphs
+    compile: Any = MISSING  # false | true: torch.compile the whole model | regional: each decoder block in place
     lora_upcast: Any = MISSING  # auto | true | false: PEFT's cast of each LoRA layer's input to the adapters' fp32
     lora_fused: Any = MISSING  # auto | true | false: a LoRA linear's scale and add inside one addmm_ (autocast)
     dataloader_num_workers: int = MISSING  # collation in worker processes; 0: in the training loop
@@ -529,9 +529,9 @@ def _validate_speed(cfg: Any) -> None:
     if sp.attention not in _ATTENTION:
         raise ValueError(f"speed.attention must be one of {list(_ATTENTION)}, but got {sp.attention!r}; "
                          "pick speed=auto")
-    if sp.compile not in (False, True, "regional", "graphs"):
-        raise ValueError(f"speed.compile must be false, true (the whole model), regional (each decoder block) or "
-                         f"graphs (each decoder block, replayed as CUDA graphs), but got {sp.compile!r}")
+    if sp.compile not in (False, True, "regional"):
+        raise ValueError(f"speed.compile must be false, true (the whole model) or regional (each decoder block), "
+                         f"but got {sp.compile!r}")
     for key in ("padding_free", "liger", "fused_optimizer", "lora_upcast", "lora_fused"):
         if sp[key] not in ("auto", True, False):
             raise ValueError(f"speed.{key} must be auto, true or false, but got {sp[key]!r}")

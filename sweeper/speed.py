@@ -37,13 +37,6 @@ and leaves CPU runs on the plain path, so no GPU-only flag ever reaches a CPU ru
   its later trials' blocks reuse the compiled graphs from their first step. Not GPU-only: asked for on CPU,
   it is honoured (Inductor's CPU backend; ``auto`` never turns it on). Off by default: with ``lora_fused``
   on, it gained 0-7% tokens/s on an H200 (``benchmarks/RESULTS.md``, round 4) for ~35-55 s of compilation.
-  ``graphs`` is ``regional`` whose blocks also replay as CUDA graphs (Inductor's ``reduce-overhead`` mode):
-  one launch per block forward and backward instead of hundreds, for steps the host cannot launch fast enough
-  (small unpacked micro-batches). A graph holds fixed shapes, so a padding-free micro-batch is padded up to a
-  multiple of ``GRAPH_BUCKET`` tokens with one extra row of pad tokens that carries no loss (``-100`` labels,
-  its own causal block, not counted as seen tokens) and its boundaries (``cu_seq_lens``) up to a multiple of
-  ``GRAPH_SLOTS`` entries with empty rows: one graph per bucket, recorded on first use. Needs CUDA and
-  padding-free rows (``speed.attention=varlen``); the accuracy metric's generation runs the blocks eagerly.
 
 Measured on an H100 (1.5B-shaped Qwen2, LoRA r16, 16 packed rows of 1,024 tokens per step):
 SDPA 10.0k tokens/s, varlen + Liger 25.1k, + micro-batch 16 without accumulation and the fused
@@ -74,10 +67,7 @@ _LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy
                   "fused_linear_cross_entropy": False}  # TRL's fused LM head computes the loss
 
 
-COMPILE_CHOICES = (False, True, "regional", "graphs")  # off, the whole model, each decoder block, + CUDA graphs
-GRAPH_BUCKET = 1024  # speed.compile=graphs: a micro-batch's tokens are padded up to a multiple of this (each new
-# multiple costs a recording of every block's graphs, ~5 s on an H200 for 28 blocks; fewer buckets, fewer recordings)
-GRAPH_SLOTS = 32  # ... and its row boundaries (cu_seq_lens) up to a multiple of this many entries
+COMPILE_CHOICES = (False, True, "regional")  # speed.compile: off, the whole model, each decoder block
 
 
 def _liger_available() -> bool:
@@ -120,16 +110,10 @@ def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str, strict:
             raise ValueError("speed.liger=true needs a CUDA GPU and liger-kernel (pip install -e '.[kernels]'); "
                              "use speed.liger=auto or false")
     fused = pick("fused_optimizer", cuda) and optim == "adamw_torch"
-    padding_free = pick("padding_free", attention == "varlen")
-    if strict and compile_ == "graphs" and not (cuda and attention == "varlen" and padding_free):
-        raise ValueError(
-            "speed.compile=graphs needs a CUDA GPU, bf16/fp16 compute and padding-free rows with varlen attention "
-            f"(here: {'CUDA' if cuda else 'no GPU'}, {compute}, attention={attention}, padding_free={padding_free}); "
-            "use speed.compile=regional or false")
     return {
         "name": str(group.name),
         "attention": attention,
-        "padding_free": padding_free,
+        "padding_free": pick("padding_free", attention == "varlen"),
         "liger": use_liger,
         "optim": "adamw_torch_fused" if fused else optim,
         "compile": compile_,
@@ -213,9 +197,7 @@ def apply_to_trainer(trainer: Any, speed: dict, cache_dir: str | None = None) ->
     - ``lora_upcast=false``: LoRA layers skip PEFT's input cast while autocast is on;
     - ``lora_fused``: LoRA linears add their adapters' product inside one ``addmm_`` (:func:`fuse_lora`);
     - ``compile=regional``: each repeated decoder block compiled in place, with Inductor's cache under
-      ``cache_dir``/inductor unless the user set ``TORCHINDUCTOR_CACHE_DIR``;
-    - ``compile=graphs``: the same, replayed as CUDA graphs: the collator's micro-batches padded to fixed
-      shapes (:class:`BucketedCollator`), a new graph step marked at each forward of the model."""
+      ``cache_dir``/inductor unless the user set ``TORCHINDUCTOR_CACHE_DIR``."""
     collator = trainer.data_collator
     if speed["padding_free"] and not getattr(collator, "padding_free", True):
         collator.padding_free = True
@@ -224,70 +206,10 @@ def apply_to_trainer(trainer: Any, speed: dict, cache_dir: str | None = None) ->
         skip_lora_upcast(trainer.model)
     if speed.get("lora_fused", False):
         fuse_lora(trainer.model)
-    if speed["compile"] in ("regional", "graphs"):
+    if speed["compile"] == "regional":
         if cache_dir and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.abspath(cache_dir), "inductor")
-        graphs = speed["compile"] == "graphs"
-        if compile_blocks(trainer.model, graphs=graphs) and graphs:
-            trainer.data_collator = BucketedCollator(collator)
-            _graph_steps(trainer.model)
-
-
-class BucketedCollator:
-    """A padding-free collator whose micro-batches come in few shapes, for CUDA graphs: the flattened tokens
-    padded up to a multiple of ``bucket`` with one extra row of pad tokens (``-100`` labels, positions from 0:
-    its own causal block, so no real token attends to it), the row boundaries ``cu_seq_lens`` up to a multiple
-    of ``slots`` entries with empty rows, and ``max_length`` set to the padded length (an upper bound the flash
-    kernel accepts). The loss, its token count and the tokens seen are those of the real rows."""
-
-    def __init__(self, collator: Any, bucket: int = GRAPH_BUCKET, slots: int = GRAPH_SLOTS) -> None:
-        self.collator, self.bucket, self.slots = collator, bucket, slots
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.collator, name)
-
-    def __call__(self, examples: list) -> dict:
-        return bucket_batch(self.collator(examples), self.collator.pad_token_id, self.bucket, self.slots)
-
-
-def bucket_batch(batch: dict, pad_token_id: int, bucket: int, slots: int) -> dict:
-    """``batch`` (TRL's padding-free collation: one row of ``t`` tokens with ``cu_seq_lens_q``) padded as
-    :class:`BucketedCollator` says; other batches are returned as they are."""
-    import torch
-
-    ids = batch.get("input_ids")
-    if ids is None or ids.dim() != 2 or ids.shape[0] != 1 or "cu_seq_lens_q" not in batch:
-        return batch
-    t = ids.shape[1]
-    padded = -(-t // bucket) * bucket
-    extra = padded - t
-    cu = batch["cu_seq_lens_q"].to(torch.int32)
-    out = dict(batch)
-    if extra:
-        fill = {"input_ids": pad_token_id, "labels": -100}
-        for key, value in batch.items():
-            if torch.is_tensor(value) and value.dim() == 2 and value.shape == (1, t):
-                if key == "position_ids":
-                    tail = torch.arange(extra, dtype=value.dtype)[None]
-                elif key == "seq_idx":
-                    tail = value.new_full((1, extra), cu.numel() - 1)
-                else:
-                    tail = value.new_full((1, extra), fill.get(key, 0))
-                out[key] = torch.cat([value, tail], dim=1)
-        cu = torch.cat([cu, cu.new_tensor([padded])])
-    entries = -(-cu.numel() // slots) * slots
-    cu = torch.cat([cu, cu.new_full((entries - cu.numel(),), padded)])
-    out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu
-    out["max_length_q"] = out["max_length_k"] = padded
-    return out
-
-
-def _graph_steps(model: Any) -> None:
-    """Each forward of ``model`` starts a new CUDA-graph step: the previous step's graph outputs may be
-    overwritten (the accuracy metric's generation runs the blocks eagerly: ``sweeper/callbacks.py``)."""
-    import torch
-
-    model.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
+        compile_blocks(trainer.model)
 
 
 class _UpcastOutsideAutocast:
@@ -354,11 +276,11 @@ def _fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     return result.view(*x.shape[:-1], result.shape[-1])
 
 
-def compile_blocks(model: Any, graphs: bool = False) -> int:
+def compile_blocks(model: Any) -> int:
     """Compile, in place, every block of the model's repeated blocks (a ``ModuleList`` of one class: the
     decoder layers), so one compiled graph serves every layer and the module's parameters and state
-    dict keep their names; ``graphs``: in Inductor's ``reduce-overhead`` mode (CUDA graphs). Returns how
-    many blocks were compiled; 0 when the model has no repeated blocks (then nothing is compiled)."""
+    dict keep their names. Returns how many blocks were compiled; 0 when the model has no repeated
+    blocks (then nothing is compiled)."""
     import torch
 
     n = 0
@@ -367,10 +289,10 @@ def compile_blocks(model: Any, graphs: bool = False) -> int:
                 all(type(m) is type(module[0]) for m in module):
             for block in module:
                 # dynamic: a packed micro-batch's length changes every step; one graph serves every length
-                block.compile(dynamic=True, mode="reduce-overhead" if graphs else None)
+                block.compile(dynamic=True)
                 n += 1
             break  # the outermost repeated blocks only
-    log.info("speed.compile=%s: %d %s blocks compiled in place", "graphs" if graphs else "regional", n,
+    log.info("speed.compile=regional: %d %s blocks compiled in place", n,
              type(module[0]).__name__ if n else "(no repeated)")
     return n
 

@@ -68,8 +68,6 @@ def test_gpu_only_choices_are_refused_on_cpu_before_any_model_loads(compose_cfg)
         preflight(compose_cfg("speed.liger=true"))
     with pytest.raises(ValueError, match=r"speed\.padding_free must be auto, true or false"):
         preflight(compose_cfg("speed.padding_free=maybe"))
-    with pytest.raises(ValueError, match=r"speed\.compile=graphs needs a CUDA GPU.*use speed\.compile=regional"):
-        preflight(compose_cfg("speed.compile=graphs"))
 
 
 def test_the_data_check_on_cpu_keeps_gpu_only_choices_for_trials_on_a_gpu(compose_cfg):
@@ -77,59 +75,11 @@ def test_the_data_check_on_cpu_keeps_gpu_only_choices_for_trials_on_a_gpu(compos
     is kept there (and the rows are prepared padding-free, as the trials will), not refused."""
     if torch.cuda.is_available():
         pytest.skip("checks the CPU side")
-    cfg = compose_cfg("speed.attention=varlen", "speed.compile=graphs", "speed.liger=true")
+    cfg = compose_cfg("speed.attention=varlen", "speed.liger=true")
     got = spec_mod.for_preparation(cfg).speed
-    assert got["attention"] == "varlen" and got["padding_free"] is True and got["compile"] == "graphs"
+    assert got["attention"] == "varlen" and got["padding_free"] is True and got["liger"] is True
     with pytest.raises(ValueError, match=r"speed\.attention=varlen needs a CUDA GPU"):
         spec_mod.resolve(cfg)
-
-
-def test_graphs_need_padding_free_varlen_rows_on_a_gpu(compose_cfg):
-    got = speed.resolve(compose_cfg("speed.compile=graphs").speed, cuda=True, compute="bf16", optim="adamw_torch")
-    assert got["compile"] == "graphs" and got["padding_free"] is True and got["liger"] is False
-    for overrides, compute in ((["speed.compile=graphs"], "fp32"),
-                               (["speed.compile=graphs", "speed.padding_free=false"], "bf16"),
-                               (["speed.compile=graphs", "speed.attention=sdpa"], "bf16")):
-        with pytest.raises(ValueError, match=r"speed\.compile=graphs needs"):
-            speed.resolve(compose_cfg(*overrides).speed, cuda=True, compute=compute, optim="adamw_torch")
-
-
-def _padding_free_batch(lengths: list[int], pad_id: int = 0) -> dict:
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    collator = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)
-    g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": (torch.randint(1, 100, (n,), generator=g)).tolist()} for n in lengths]
-    return collator.torch_call(rows)
-
-
-def test_bucketed_batches_keep_the_real_rows_their_loss_tokens_and_boundaries():
-    """Padding a padding-free micro-batch for CUDA graphs adds only a row of pad tokens that carries no loss
-    and empty rows after it: the real tokens, labels, positions and row boundaries are as collated."""
-    lengths = [37, 200, 91]
-    batch = _padding_free_batch(lengths)
-    t = sum(lengths)
-    got = speed.bucket_batch(batch, 0, bucket=128, slots=8)
-    padded = 384
-    assert got["input_ids"].shape == got["labels"].shape == got["position_ids"].shape == (1, padded)
-    for key in ("input_ids", "labels", "position_ids"):
-        assert torch.equal(got[key][:, :t], batch[key])
-    assert (got["input_ids"][0, t:] == 0).all() and (got["labels"][0, t:] == -100).all()
-    assert got["position_ids"][0, t:].tolist() == list(range(padded - t))  # its own causal block from 0
-    assert (got["labels"] != -100).sum() == (batch["labels"] != -100).sum()  # the loss's tokens
-    assert (got["input_ids"] != 0).sum() == (batch["input_ids"] != 0).sum()  # the tokens seen
-    assert got["cu_seq_lens_q"].tolist() == [0, 37, 237, 328, 384, 384, 384, 384]  # empty rows to 8 entries
-    assert got["cu_seq_lens_k"] is got["cu_seq_lens_q"] and got["max_length_q"] == got["max_length_k"] == padded
-    assert got["seq_idx"].shape == (1, padded) and (got["seq_idx"][0, t:] == 3).all()
-    # every length of a bucket gets the same shapes: one CUDA graph per bucket
-    other = speed.bucket_batch(_padding_free_batch([300, 5]), 0, bucket=128, slots=8)
-    assert {k: tuple(v.shape) for k, v in other.items() if torch.is_tensor(v)} == \
-        {k: tuple(v.shape) for k, v in got.items() if torch.is_tensor(v)}
-    # a length on a bucket's edge gets no pad row; a padded batch (not padding-free) is left alone
-    edge = speed.bucket_batch(_padding_free_batch([100, 28]), 0, bucket=128, slots=8)
-    assert edge["input_ids"].shape == (1, 128) and edge["cu_seq_lens_q"].tolist() == [0, 100, 128] + [128] * 5
-    plain = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5)}
-    assert speed.bucket_batch(plain, 0, bucket=128, slots=8) is plain
 
 
 def test_sft_config_carries_the_resolved_choices(compose_cfg, tmp_path):
@@ -213,18 +163,6 @@ def test_varlen_attention_matches_sdpa_per_packed_row():
     g_ref = torch.autograd.grad(ref, (q, k, v), grad)
     for a, b in zip(g_out, g_ref):
         assert (a.float() - b.float()).abs().max().item() < 5e-2 * max(1.0, b.float().abs().max().item())
-    # bucketed for CUDA graphs (a pad row and empty rows after the real ones, max_length the padded length): the
-    # real tokens' output and gradients are the same
-    padded, cu_b = 384, torch.tensor([0, 37, 237, 328, 384, 384, 384, 384], device="cuda", dtype=torch.int32)
-    qb, kb, vb = (torch.cat([x.detach(), torch.randn(1, x.shape[1], padded - t, d, device="cuda", dtype=x.dtype)],
-                            dim=2).requires_grad_() for x in (q, k, v))
-    out_b, _ = speed.varlen_attention(Module(), qb, kb, vb, None, cu_seq_lens_q=cu_b, cu_seq_lens_k=cu_b,
-                                      max_length_q=padded, max_length_k=padded, scaling=d ** -0.5)
-    assert (out_b[:, :t].float() - out.float()).abs().max().item() < 1e-3
-    grad_b = torch.cat([grad, torch.randn(1, padded - t, h, d, device="cuda", dtype=grad.dtype)], dim=1)
-    g_b = torch.autograd.grad(out_b, (qb, kb, vb), grad_b)
-    for a, b in zip(g_b, g_out):
-        assert (a[:, :, :t].float() - b.float()).abs().max().item() < 1e-3 * max(1.0, b.float().abs().max().item())
 
 
 def test_lora_layers_skip_their_input_cast_only_under_autocast():
