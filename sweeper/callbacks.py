@@ -35,29 +35,55 @@ def label_set(splits: data_mod.Splits) -> list[str] | None:
 
 def label_decision(splits: data_mod.Splits) -> tuple[list[str] | None, str]:
     """``(labels, why)``: the distinct answers when they form a label set — one short answer (at most 8
-    words) per row and few distinct values (at most 30% of the rows, 500 at most) — over **all** train
-    rows (before ``data.max_train_rows``: a subsample shows fewer rows per label), else None; ``why``
-    says what was found, for the log and the report."""
+    words) per row, the row's last message (or its completion) and its only assistant turn, and few distinct
+    values (at least 2; at most 30% of the rows, 500 at most) — over **all** train rows (before
+    ``data.max_train_rows``: a subsample shows fewer rows per label), else None; ``why`` says what was
+    found, for the log and the report. Plain ``text`` rows (language modeling) have no answers."""
+    if splits.detected == "text":
+        return None, "plain 'text' rows (language modeling) have no answer to score"
     rows = splits.all_train if splits.all_train is not None else splits.train
     answers = []
     column = rows["messages"] if splits.format == "messages" else rows["completion"]
     for i, value in enumerate(column):
-        if splits.format == "messages":
-            turns = [m["content"] for m in value if m["role"] == "assistant"]
-            if len(turns) != 1:
-                return None, f"row {i + 1} has {len(turns)} assistant turns (a label set has one answer per row)"
-            answers.append(str(turns[0]).strip())
-        else:
-            answers.append((value if isinstance(value, str) else value[-1]["content"]).strip())
+        if isinstance(value, str):
+            answers.append(value.strip())
+            continue
+        where = "" if splits.format == "messages" else "'s completion"
+        turns = [m for m in value if m["role"] == "assistant"]
+        if len(turns) != 1:
+            return None, f"row {i + 1}{where} has {len(turns)} assistant turns (a label set has one answer per row)"
+        if value[-1]["role"] != "assistant":
+            return None, (f"row {i + 1}{where} ends with a {value[-1]['role']} message, not its answer (a label set's "
+                          "answer is the last message)")
+        answers.append(str(turns[0]["content"]).strip())
     distinct = set(answers)
     limit = max(2, min(500, int(0.3 * len(answers))))
     longest = max((len(a.split()) for a in distinct), default=0)
+    if len(distinct) < 2:
+        return None, (f"{len(distinct)} distinct answer in {len(answers)} train rows (a label set has at least 2: "
+                      "one answer for every row scores nothing)")
     if len(distinct) > limit:
         return None, (f"{len(distinct)} distinct answers in {len(answers)} train rows, more than a label set's "
                       f"{limit} (30% of the rows, 500 at most)")
     if longest > 8:
         return None, f"answers up to {longest} words long (a label has at most 8)"
     return sorted(distinct), f"{len(distinct)} distinct answers of at most {longest} words in {len(answers)} train rows"
+
+
+def _prompt_and_target(row: dict, fmt: str, tokenizer: Any) -> tuple[list[int], str]:
+    """One eval row as the prompt's token ids and the answer to match, as TRL tokenises the row: chat messages
+    (``messages``, or a conversational prompt/completion) through the chat template up to the last message,
+    with the generation prompt; a plain prompt as it is."""
+    if fmt == "messages":
+        msgs = list(row["messages"])
+    elif isinstance(row["prompt"], str):
+        c = row["completion"]
+        return tokenizer(row["prompt"])["input_ids"], (c if isinstance(c, str) else c[-1]["content"]).strip()
+    else:
+        msgs = list(row["prompt"]) + list(row["completion"])
+    ids = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+    return list(ids), str(msgs[-1]["content"]).strip()
 
 
 def accuracy_callback(spec: RunSpec, splits: data_mod.Splits, tokenizer: Any, decision: dict) -> Any:
@@ -84,15 +110,9 @@ def accuracy_callback(spec: RunSpec, splits: data_mod.Splits, tokenizer: Any, de
     rows = splits.eval.select(range(min(len(splits.eval), int(spec.eval.accuracy_rows))))
     prompts, targets = [], []
     for row in rows:
-        if splits.format == "messages":
-            msgs = list(row["messages"])
-            prompts.append(tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True,
-                                                         return_dict=True)["input_ids"])
-            targets.append(str(msgs[-1]["content"]).strip())
-        else:
-            prompts.append(tokenizer(row["prompt"])["input_ids"])
-            c = row["completion"]
-            targets.append((c if isinstance(c, str) else c[-1]["content"]).strip())
+        ids, target = _prompt_and_target(row, splits.format, tokenizer)
+        prompts.append(ids)
+        targets.append(target)
     longest = max(len(tokenizer(t)["input_ids"]) for t in targets) + 2  # + end of turn
     batch_size = int(spec.batch_config.per_device_eval_batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

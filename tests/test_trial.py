@@ -155,3 +155,78 @@ def test_label_set_is_found_on_all_train_rows_not_the_subsample(compose_cfg):
     gsm = compose_cfg("data=jsonl", f"data.train_path={SHARED_DATA}/gsm8k/train.jsonl", "data.max_train_rows=400")
     labels, why = label_decision(data_mod.load(gsm.data, gsm.paths.cache_dir))
     assert labels is None and "distinct answers in 7" in why and "train rows, more than a label set's" in why
+
+
+def _splits(rows, fmt, detected=None):
+    import datasets
+
+    from sweeper import data as data_mod
+
+    ds = datasets.Dataset.from_list(rows)
+    return data_mod.Splits(train=ds, eval=ds, format=fmt, source="rows", detected=detected or fmt)
+
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+LABELS = ["greet", "bye", "thanks"]
+
+
+@pytest.mark.parametrize("rows,fmt,detected,labels,why", [
+    ([{"messages": _user(f"q{i}") + _assistant(LABELS[i % 3])} for i in range(30)], "messages", None, LABELS, "3 distinct"),
+    ([{"prompt": f"q{i}", "completion": LABELS[i % 3]} for i in range(30)], "prompt_completion", None, LABELS,
+     "3 distinct"),
+    ([{"prompt": _user(f"q{i}"), "completion": _assistant(LABELS[i % 3])} for i in range(30)], "prompt_completion",
+     None, LABELS, "3 distinct"),
+    # the answer is the completion's assistant turn, not whatever message ends it
+    ([{"prompt": _user(f"q{i}"), "completion": _assistant(LABELS[i % 3]) + _user("ok")} for i in range(30)],
+     "prompt_completion", None, None, "row 1's completion ends with a user message"),
+    ([{"messages": _user(f"q{i}") + _assistant(LABELS[i % 3]) + _user("ok")} for i in range(30)], "messages", None,
+     None, "row 1 ends with a user message"),
+    ([{"prompt": _user(f"q{i}"), "completion": _assistant("a") + _assistant("b")} for i in range(30)],
+     "prompt_completion", None, None, "row 1's completion has 2 assistant turns"),
+    # one answer for every row, and language modeling, are no label set
+    ([{"prompt": f"q{i}", "completion": "yes"} for i in range(30)], "prompt_completion", None, None,
+     "1 distinct answer in 30 train rows (a label set has at least 2"),
+    ([{"prompt": "", "completion": LABELS[i % 3]} for i in range(30)], "prompt_completion", "text", None,
+     "plain 'text' rows (language modeling)"),
+], ids=["messages", "prompt/completion text", "prompt/completion messages", "completion ending with a user turn",
+        "messages ending with a user turn", "two answers", "one answer for all", "text rows"])
+def test_label_set_decision_for_each_row_format(rows, fmt, detected, labels, why):
+    from sweeper.callbacks import label_decision
+
+    found, said = label_decision(_splits(rows, fmt, detected))
+    assert found == (sorted(labels) if labels else None) and why in said, said
+
+
+def test_accuracy_prompts_of_conversational_prompt_completion_rows_are_tokenised_as_trl_does(compose_cfg):
+    """The chat template up to the answer, with the generation prompt: the same ids as the messages row."""
+    from sweeper.callbacks import _prompt_and_target
+    from sweeper.model import load_tokenizer
+
+    cfg = compose_cfg()
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    system = [{"role": "system", "content": "classify"}]
+    conv = {"prompt": system + _user("book a flight to paris"), "completion": _assistant("book_flight")}
+    ids, target = _prompt_and_target(conv, "prompt_completion", tokenizer)
+    chat = {"messages": conv["prompt"] + conv["completion"]}
+    assert (ids, target) == _prompt_and_target(chat, "messages", tokenizer)
+    assert ids == list(tokenizer.apply_chat_template(conv["prompt"], add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"])
+    assert target == "book_flight"
+
+
+@pytest.mark.slow
+def test_conversational_prompt_completion_rows_train_with_accuracy(compose_cfg, tmp_path):
+    rows = [{"prompt": _user(f"message {i} about {LABELS[i % 3]}"), "completion": _assistant(LABELS[i % 3])}
+            for i in range(60)]
+    path = tmp_path / "intents.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = Recorder()
+    assert math.isfinite(run(compose_cfg(*FAST, "data=jsonl", f"data.train_path={path}"), reporter=rec))
+    assert rec.attrs["accuracy"]["on"] and len(rec.attrs["accuracy_curve"]) == 3
