@@ -463,6 +463,7 @@ def _validate_training(cfg: Any) -> None:
         raise ValueError(
             f"lr.learning_rate must be positive, but got {cfg.lr.learning_rate}; pick lr=lora or lr=full"
         )
+    _validate_transformers_names(cfg.lr)
     b = cfg.batch
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
         if getattr(b, key) < 1:
@@ -502,6 +503,24 @@ def _validate_training(cfg: Any) -> None:
                 f"{a.target_effective_batch} and {a.max_micro_batch}")
         if not 0.1 <= a.memory_fraction <= 0.98:
             raise ValueError(f"batch.auto.memory_fraction must be in [0.1, 0.98], but got {a.memory_fraction}")
+
+
+def _validate_transformers_names(lr: Any) -> None:
+    """lr.lr_scheduler_type and lr.optim: names transformers knows (its ``SchedulerType``, ``OptimizerNames``),
+    checked here rather than when the trainer is built (imports transformers, which every caller uses next)."""
+    import difflib
+
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for key, value, names in (("lr.lr_scheduler_type", lr.lr_scheduler_type, SchedulerType),
+                              ("lr.optim", lr.optim, OptimizerNames)):
+        valid = [n.value for n in names]
+        if value not in valid:
+            close = difflib.get_close_matches(str(value), valid, n=1)
+            hint = f"; did you mean {key}={close[0]}?" if close else ""
+            raise ValueError(f"{key} must be one of transformers' {names.__name__} ({', '.join(valid)}), but got "
+                             f"{value!r}{hint}")
 
 
 def _validate_eval(cfg: Any) -> None:

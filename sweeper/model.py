@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sweeper.config import ModelConfig, PrecisionConfig, TinyModelConfig
 
-__all__ = ["CHATML_TEMPLATE", "build_tiny", "load", "load_tokenizer", "model_shape", "resolve_compute", "resolve_path",
+__all__ = ["CHATML_TEMPLATE", "build_tiny", "check_path", "load", "load_tokenizer", "model_shape", "resolve_compute", "resolve_path",
            "torch_dtype"]
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,38 @@ def resolve_path(model: ModelConfig, cache_dir: str | Path) -> str:
     return str(model.path)
 
 
+# the files whose presence says a folder holds transformers weights (one file, or the index of its shards)
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_SAVED = ("point model.path at a folder written by save_pretrained (config.json, the weights and the tokenizer), "
+          "or give a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+
+
+def _is_local(path: str) -> bool:
+    """Whether ``model.path`` names a folder on this machine rather than a hub id (owner/name)."""
+    return Path(path).expanduser().exists() or path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def check_path(model: ModelConfig) -> None:
+    """Refuse, in one ValueError line naming ``model.path``, a local path that cannot hold a model: one that does
+    not exist, a file, or a folder without ``config.json`` or without weights. Reads no file and imports nothing
+    (a hub id, or a PEFT adapter folder, is left to the loader)."""
+    path = str(model.path)
+    if path == "tiny" or not _is_local(path):
+        return
+    local = Path(path).expanduser().absolute()
+    if not local.exists():
+        raise ValueError(f"model.path={path!r}: no such folder ({local}); {_SAVED}")
+    if not local.is_dir():
+        raise ValueError(f"model.path={path!r}: {local} is a file, not a model folder; {_SAVED}")
+    if (local / "adapter_config.json").is_file():
+        return
+    if not (local / "config.json").is_file():
+        raise ValueError(f"model.path={path!r}: {local} holds no config.json, so no saved model; {_SAVED}")
+    if not any((local / w).is_file() for w in _WEIGHTS) and not any(local.glob("*.safetensors")):
+        raise ValueError(f"model.path={path!r}: {local} holds a config.json but no weights ({', '.join(_WEIGHTS[::2])} "
+                         f"or their shards); {_SAVED}")
+
+
 HUB_PROBE_TIMEOUT_S = 3.0  # one request to the hub before any download; huggingface_hub itself retries ~55 s
 
 
@@ -174,15 +206,12 @@ def _from_pretrained(loader: Any, path: str, what: str, model: ModelConfig, **kw
     try:
         return loader.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as local_error:  # ValueError: a directory without tokenizer files, a bad id
+        check_path(model)  # a local path: no such folder, a file, no saved model in it, said as such
         local = Path(path).expanduser().absolute()
         if local.is_dir():
             raise ValueError(f"model.path={model.path!r}: the {what} could not be loaded from the local "
                              f"directory {local} ({_one_line(local_error)}); point model.path at a directory "
                              "saved with save_pretrained, or give a hub id") from local_error
-        if path.startswith(("/", ".", "~")) or path.count("/") > 1:  # not a hub id (owner/name)
-            raise ValueError(f"model.path={model.path!r}: no such directory ({local}); point model.path at "
-                             "a local copy of the model, or give a hub id such as Qwen/Qwen2.5-0.5B-Instruct"
-                             ) from local_error
         from huggingface_hub import constants
 
         offline = constants.is_offline_mode()

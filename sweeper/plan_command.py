@@ -62,7 +62,7 @@ def plan_rows(overrides: list[str], config_dir: str | None = None) -> list[dict]
     from sweeper import identity, userconf
     from sweeper import spec as spec_mod
     from sweeper.gpu import pin_one, visible_gpus
-    from sweeper.model import model_shape, resolve_compute
+    from sweeper.model import check_path, model_shape, resolve_compute
     from sweeper.plan import estimate_memory
     from sweeper.sft import plan_for, prepare_for_plan, truncation_drops
 
@@ -76,6 +76,7 @@ def plan_rows(overrides: list[str], config_dir: str | None = None) -> list[dict]
             cfg = compose(config_name="config", overrides=row_overrides, return_hydra_config=True)
         OmegaConf.set_readonly(cfg, False)
         config_mod.validate(cfg)  # first: it names keys left ??? (model=hub without model.name) in one line
+        check_path(cfg.model)
         storage_url = str(cfg.hydra.sweeper.storage)
         study_name = identity.study_name(cfg)
         compute = resolve_compute(cfg.precision.compute)
@@ -92,14 +93,16 @@ def plan_rows(overrides: list[str], config_dir: str | None = None) -> list[dict]
             started = time.perf_counter()
             try:
                 prepared, eval_rows = prepare_for_plan(spec_mod.for_preparation(cfg), splits)
-                _say(f"prepared {cfg.data.name} in {time.perf_counter() - started:.0f} s: {len(prepared):,} "
-                     f"{'packed sequences' if cfg.data.packing else 'rows'}")
             except ValueError as e:  # no tokenizer offline: plan on rows, say what is missing
                 if "tokenizer" not in str(e) or cfg.data.packing:
                     raise
                 prepared, eval_rows = splits.train, len(splits.eval)
                 note = f"tokens unknown, rows planned unprepared: {e}"
                 _say(f"planning {cfg.data.name} on unprepared rows: no tokenizer (see the note below the table)")
+            else:
+                _say(f"prepared {cfg.data.name} in {time.perf_counter() - started:.0f} s: {len(prepared):,} "
+                     f"{'packed sequences' if cfg.data.packing else 'rows'}")
+                data_mod.check_prepared(splits, cfg.data, len(prepared), eval_rows)  # as the sweep refuses it
             prepared_cache[key] = (splits, prepared, eval_rows, model_shape(spec.model, spec.paths.cache_dir), note)
         splits, prepared, eval_rows, shape, note = prepared_cache[key]
         plan = plan_for(spec, prepared)

@@ -137,8 +137,11 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
 
     # the model, with this machine's kernels
     t = time.perf_counter()
-    model, tokenizer, compute = model_mod.load(spec.model, spec.precision, spec.paths.cache_dir,
-                                               attn_implementation=speed_mod.attn_implementation(spec.speed))
+    try:
+        model, tokenizer, compute = model_mod.load(spec.model, spec.precision, spec.paths.cache_dir,
+                                                   attn_implementation=speed_mod.attn_implementation(spec.speed))
+    except ValueError as e:  # model.path: not loadable (each says why and what to do)
+        raise config_mod.InputError.wrap(e) from e
     speed_mod.apply_to_model(model, spec.speed)
     timing["model_load_s"] = round(time.perf_counter() - t, 2)
 
@@ -214,11 +217,11 @@ def _record_plan(spec: RunSpec, splits: data_mod.Splits, trainer: Any, args: Any
     """The plan on the prepared data (checked against the rows TRL kept), logged, and what the trial records
     before it trains; returns the plan."""
     timing = batch_state.timing
-    plan, prepared_rows = sft.plan_on_trainer(spec, trainer, splits, args)
-    try:
-        data_mod.check_prepared(splits, spec.data, prepared_rows, len(trainer.eval_dataset))
+    try:  # before the plan, which needs a row to plan
+        data_mod.check_prepared(splits, spec.data, len(trainer.train_dataset), len(trainer.eval_dataset))
     except ValueError as e:
         raise config_mod.InputError.wrap(e) from e
+    plan, prepared_rows = sft.plan_on_trainer(spec, trainer, splits, args)
     log.info("plan: %s", plan.describe())
     for warning in plan.warnings():
         log.warning("plan: %s", warning)

@@ -201,6 +201,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
     compute = model_mod.resolve_compute(cfg.precision.compute)
     speed = resolve_speed(cfg, compute)  # e.g. varlen without a GPU is refused here
     check_folders(cfg)
+    model_mod.check_path(cfg.model)
     return build(cfg, compute=compute, speed=speed)
 
 

@@ -151,6 +151,17 @@ def _sqlite(path_of):
 
 LONG = _chat("x " * 3000, "y")  # its answer starts past any small data.max_length
 
+
+def _model_folder(*files):
+    """``model.path`` at a folder holding ``files`` (each with ``{}`` in it): part of a saved model, or none."""
+    def make(tmp_path):
+        folder = tmp_path / "mymodel"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("{}")
+        return [f"model.path={folder}"]
+    return make
+
 CASES = [
     # (id, overrides or a function of tmp_path giving them, the line expected on stderr)
     ("reversed interval", ["lr.learning_rate=interval(3e-4,1e-5)"],
@@ -194,6 +205,12 @@ CASES = [
     ("max_train_rows zero", ["data.max_train_rows=0"], "data.max_train_rows must be >= 1 or null"),
     ("max_length below 8", ["data.max_length=0"], "data.max_length must be >= 8 tokens"),
     ("unknown loss_on", ["data.loss_on=everything"], "data.loss_on must be one of ['completion', 'all']"),
+    # the model
+    ("model folder missing", lambda p: [f"model.path={p / 'nope'}"], "/nope': no such folder"),
+    ("model path a file", lambda p: [f"model.path={_jsonl(p, 't.jsonl', GOOD)}"], "t.jsonl is a file, not a model folder"),
+    ("model folder without a model", _model_folder("tokenizer.json"), "/mymodel holds no config.json, so no saved model"),
+    ("model folder without weights", _model_folder("config.json", "tokenizer.json"),
+     "/mymodel holds a config.json but no weights"),
     # folders
     ("read-only output folder", lambda p: [f"paths.output_dir={_readonly(p)}"],
      "/ro cannot be written (Read-only file system); point paths.output_dir at a folder this user can write"),
@@ -206,6 +223,9 @@ CASES = [
     ("max_steps not a number", ["schedule.max_steps=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
     ("unknown schedule", ["schedule=nonexistent"], "Could not find 'schedule/nonexistent'"),
     ("negative learning rate", ["lr.learning_rate=-1"], "lr.learning_rate must be positive"),
+    ("unknown scheduler", ["lr.lr_scheduler_type=cosin"], "lr.lr_scheduler_type must be one of transformers' "
+     "SchedulerType (linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt"),
+    ("unknown optimizer", ["lr.optim=adam"], "lr.optim must be one of transformers' OptimizerNames (adamw_torch, "),
     ("negative warmup", ["lr.warmup_steps=-1"], "lr.warmup_steps must be >= 0"),
     ("warmup longer than the run", ["lr.warmup_steps=50"], "must be shorter than schedule.max_steps (12)"),
     ("micro-batch zero", ["batch.per_device_train_batch_size=0"], "batch.per_device_train_batch_size must be >= 1"),
@@ -250,11 +270,19 @@ SUBPROCESS = [c for c in CASES if c[0] in {"unknown schedule", "max_steps zero",
                                            "storage URL of no known database"}]
 
 
-def _refused(tmp_path, cache_dir, case, run):
+# the same input refused by a single run (no -m) in the same one line
+SINGLE_RUN = [c for c in CASES if c[0] in {
+    "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file",
+    "model folder without a model", "model folder without weights", "train rows all cut by max_length",
+    "eval rows all cut by max_length", "empty train file", "max_steps zero"}]
+
+
+def _refused(tmp_path, cache_dir, case, run, sweep=True):
     _, overrides, needle = case
     try:
         args = overrides(tmp_path) if callable(overrides) else overrides
-        proc = run("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *args)
+        proc = run(*(["-m", "seed=1,2"] if sweep else []), *FAST, f"paths.output_dir={tmp_path}",
+                   f"paths.cache_dir={cache_dir}", *args)
     finally:
         unmount(tmp_path / "ro")
     assert proc.returncode != 0
@@ -263,11 +291,39 @@ def _refused(tmp_path, cache_dir, case, run):
     assert not (tmp_path / "optuna.db").exists()  # no study, no trial
     if run is run_cli:  # the command's own process: no line after the refusal (Hydra's HYDRA_FULL_ERROR hint)
         assert "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr[-2000:]
+    return proc
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_sweep_input_is_one_clear_line(tmp_path, cache_dir, case):
     _refused(tmp_path, cache_dir, case, run_in_process)
+
+
+@pytest.mark.parametrize("case", SINGLE_RUN, ids=[c[0] for c in SINGLE_RUN])
+def test_bad_single_run_input_is_the_same_one_line(tmp_path, cache_dir, case):
+    proc = _refused(tmp_path, cache_dir, case, run_in_process, sweep=False)
+    # the refusal, but for log lines and Hydra's lines around it, which the command leaves out (sweeper.cli)
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith(("[20", "Error executing job"))
+             and "HYDRA_FULL_ERROR" not in x]
+    assert len(lines) == 1 and case[2] in lines[0], proc.stderr[-3000:]
+
+
+# the same input refused by `python -m sweeper plan` in the same words
+PLAN = [c for c in CASES if c[0] in {
+    "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file", "model folder without a model",
+    "model folder without weights", "train rows all cut by max_length", "eval rows all cut by max_length",
+    "empty train file", "max_steps zero"}]
+
+
+@pytest.mark.parametrize("case", PLAN, ids=[c[0] for c in PLAN])
+def test_bad_input_to_plan_is_the_sweeps_one_line(tmp_path, cache_dir, case):
+    _, overrides, needle = case
+    args = overrides(tmp_path) if callable(overrides) else overrides
+    proc = sweeper_in_process("plan", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *args)
+    # stderr: a progress line per dataset prepared, then the refusal
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: ") and needle in last, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "optuna.db").exists()
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def test_tokenizer_with_the_hub_switched_off_is_one_clear_error(monkeypatch):
     assert msg.startswith("model.path='sft-sweep-tests/not-a-model': the tokenizer could not be loaded offline")
     assert "the hub is switched off (HF_HUB_OFFLINE=1)" in msg and "point model.path at a local copy" in msg
     assert model_shape(cfg, "unused") is None
-    with pytest.raises(ValueError, match="no such directory"):
+    with pytest.raises(ValueError, match="no such folder"):
         load_tokenizer(SimpleNamespace(**{**vars(cfg), "path": "./no/such/model"}), "unused")
 
 

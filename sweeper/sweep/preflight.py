@@ -3,8 +3,8 @@ what would be valid, before any trial exists (``sweeper.sweep.command`` calls th
 
     python train.py -m schedule=under,sweet data=demo,banking77_sample     # each point checked before training
 
-- :func:`check_points`: every grid point composed and validated (``sweeper.config``), its folders writable, its
-  precision available here, the data it names loaded, checked and prepared once as the trials will; and the
+- :func:`check_points`: every grid point composed and validated (``sweeper.config``), its folders writable, a local
+  ``model.path`` a saved model's folder, its precision available here, the data it names loaded, checked and prepared once as the trials will; and the
   study file's folder writable.
 - :func:`check_sampled_names` (and :func:`check_sampled_names_early`): a distribution must not pick the study
   (``data=choice(a,b)``).
@@ -28,6 +28,7 @@ from sweeper import config as config_mod
 from sweeper import data as data_mod
 from sweeper import disk, extras, identity, records
 from sweeper import gpu as gpu_mod
+from sweeper import model as model_mod
 from sweeper import storage as storage_mod
 from sweeper.sft import check_prepared_data
 from sweeper.space import SweepSpace, value_text
@@ -62,6 +63,7 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     for cfg in composed:
         config_mod.validate(cfg)
         check_folders(cfg)
+        model_mod.check_path(cfg.model)
         if launcher == "local":
             gpu_mod.check_precision(str(cfg.precision.compute), str(cfg.precision.name))
         key = OmegaConf.to_yaml(cfg.data) + OmegaConf.to_yaml(cfg.model)
