@@ -49,6 +49,7 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 _TOOL_ROLES = {"tool", "function", "function_call", "observation", "ipython", "tool_call", "tool_response"}
 _ROLES = ("system", "user", "assistant")
 _GLOB_CHARS = set("*?[]")
+_NO_DATA = "corresponds to no data"  # datasets' words for a file of no rows (Instruction "train" corresponds ...)
 _SHARED_DATA_ENV = "SFT_SWEEP_SHARED_DATA"
 
 
@@ -217,14 +218,17 @@ def _check_jsonl(path: Path, key: str) -> int:
 
 def _check_csv(path: Path, key: str) -> None:
     """Parse the CSV as the loader will (a header line, then rows); name the first line it cannot read: not
-    UTF-8, an unclosed quote, or more fields than the header (a comma in an unquoted field)."""
+    UTF-8, an unclosed quote, or more fields than the header (a comma in an unquoted field); refuse a file of
+    no rows (a header line alone)."""
     import csv
 
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, strict=True)
             header = next(reader, None) or []
+            rows = 0
             for row in reader:
+                rows += any(field.strip() for field in row)
                 if len(row) > len(header):
                     raise ValueError(
                         f"{key}: {path} line {reader.line_num} has {len(row)} fields but the header has {len(header)} "
@@ -235,6 +239,23 @@ def _check_csv(path: Path, key: str) -> None:
     except UnicodeDecodeError as e:
         raise ValueError(f"{key}: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as "
                          "UTF-8") from None
+    if not rows:
+        raise ValueError(_no_rows(key, path, f"only its header line, {','.join(header)}" if header else "no line"))
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The row count in a Parquet file's footer (None when it has none to read: the loader says why)."""
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.read_metadata(path).num_rows
+    except Exception:
+        return None
+
+
+def _no_rows(key: str, source: Any, what: str) -> str:
+    """The one line for a file (or set) of no rows; ``what``: what it holds instead."""
+    return f"{key}: {source} has no rows ({what}); it needs at least one row"
 
 
 def _root_cause(e: BaseException) -> str:
@@ -312,7 +333,7 @@ def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path) -> tu
                 f"{key}: {local} is a folder, not a data file; give one .jsonl, .json, .csv or .parquet file, a "
                 "folder written by datasets' save_to_disk, or a hub id")
         if len(ds) == 0:
-            raise ValueError(f"{key}: {local} has no rows")
+            raise ValueError(_no_rows(key, local, "a saved dataset of 0 rows"))
         return ds, str(local)
     if suffix in _LOCAL_SUFFIXES or local.exists():
         if not local.is_file():
@@ -320,25 +341,30 @@ def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path) -> tu
                 f"{key}: file not found: {local} (accepted: .jsonl, .json, .csv, .parquet files, a datasets "
                 f"save_to_disk folder or a hub id){_missing_hint(path_str)}")
         if local.stat().st_size == 0:
-            raise ValueError(f"{key}: {local} is empty; it needs at least one row")
+            raise ValueError(_no_rows(key, local, "an empty file"))
         builder = _LOCAL_SUFFIXES.get(suffix)
         if builder is None:
             raise ValueError(
                 f"{key}: {local} has suffix {suffix!r}; accepted are {sorted(_LOCAL_SUFFIXES)}"
             )
         if suffix == ".jsonl" and _check_jsonl(local, key) == 0:
-            raise ValueError(f"{key}: {local} has no rows (only blank lines)")
+            raise ValueError(_no_rows(key, local, "only blank lines"))
         if suffix == ".csv":
             _check_csv(local, key)
+        if suffix == ".parquet" and _parquet_rows(local) == 0:
+            raise ValueError(_no_rows(key, local, "a Parquet table of 0 rows"))
         try:
             ds = datasets.load_dataset(
                 builder, data_files=str(_literal(local, suffix, cache_dir, key)), split="train",
                 cache_dir=str(cache_dir / "datasets")
             )
         except Exception as e:  # datasets wraps parser errors in its own types
+            if _NO_DATA in _root_cause(e):  # a JSON [] or a Parquet table of 0 rows
+                raise ValueError(_no_rows(key, local, "an empty JSON list" if suffix == ".json" else "0 rows in it"
+                                          )) from None
             raise ValueError(f"{key}: could not read {local}: {_root_cause(e)}") from e
         if len(ds) == 0:
-            raise ValueError(f"{key}: {local} has no rows")
+            raise ValueError(_no_rows(key, local, "0 rows in it"))
         return ds, str(local)
     try:
         ds = datasets.load_dataset(path_str, split=split or "train", cache_dir=str(cache_dir / "datasets"))
@@ -347,6 +373,8 @@ def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path) -> tu
             f"{key}: {path_str!r} is neither an existing file nor a loadable hub dataset ({type(e).__name__}: {e})"
             f"{_missing_hint(path_str)}"
         ) from e
+    if len(ds) == 0:
+        raise ValueError(_no_rows(key, repr(path_str), f"its split {split or 'train'!r} is empty"))
     return ds, path_str
 
 

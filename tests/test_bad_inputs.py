@@ -58,6 +58,21 @@ def _train_only(rows, text=None):
     return make
 
 
+def _file(name, text):
+    """data.train_path at a file ``name`` holding ``text`` (None: a Parquet table of prompt/completion, 0 rows)."""
+    def make(tmp_path):
+        path = tmp_path / name
+        if text is None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({c: pa.array([], pa.string()) for c in ("prompt", "completion")}), path)
+        else:
+            path.write_text(text)
+        return ["data=jsonl", f"data.train_path={path}"]
+    return make
+
+
 def _readonly(tmp_path):
     """A read-only file system: root ignores file modes, so only a read-only mount says no."""
     return mount_tmpfs(tmp_path / "ro", "size=1m,ro")
@@ -193,7 +208,12 @@ CASES = [
     ("train rows all cut by max_length", lambda p: ["data=jsonl", f"data.train_path={_jsonl(p, 't.jsonl', [LONG] * 20)}",
                                                     f"data.eval_path={_jsonl(p, 'e.jsonl', GOOD)}", "data.max_length=64"],
      "0 of 20 train rows keep a token to learn from"),
-    ("empty train file", _train_only([], text=""), "is empty; it needs at least one row"),
+    ("empty train file", _train_only([], text=""), "train.jsonl has no rows (an empty file); it needs at least one row"),
+    ("empty JSON list", _file("train.json", "[]\n"), "train.json has no rows (an empty JSON list); it needs at least one"),
+    ("CSV of a header alone", _file("train.csv", "prompt,completion\n"),
+     "train.csv has no rows (only its header line, prompt,completion); it needs at least one row"),
+    ("Parquet of 0 rows", _file("train.parquet", None), "train.parquet has no rows (a Parquet table of 0 rows)"),
+    ("empty eval file", _train_and_eval([]), "eval.jsonl has no rows (an empty file)"),
     ("invalid JSON line", _train_only([], text=json.dumps(GOOD[0]) + "\n{not json\n"), "line 2 is not valid JSON"),
     ("rows in no known format", _train_only([{"body": "hello"}] * 5), "need a 'messages' column"),
     ("train file missing", lambda p: ["data=jsonl", f"data.train_path={p / 'nope.jsonl'}"], "file not found"),
@@ -274,7 +294,7 @@ SUBPROCESS = [c for c in CASES if c[0] in {"unknown schedule", "max_steps zero",
 SINGLE_RUN = [c for c in CASES if c[0] in {
     "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file",
     "model folder without a model", "model folder without weights", "train rows all cut by max_length",
-    "eval rows all cut by max_length", "empty train file", "max_steps zero"}]
+    "eval rows all cut by max_length", "empty train file", "empty JSON list", "CSV of a header alone", "max_steps zero"}]
 
 
 def _refused(tmp_path, cache_dir, case, run, sweep=True):
@@ -312,7 +332,7 @@ def test_bad_single_run_input_is_the_same_one_line(tmp_path, cache_dir, case):
 PLAN = [c for c in CASES if c[0] in {
     "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file", "model folder without a model",
     "model folder without weights", "train rows all cut by max_length", "eval rows all cut by max_length",
-    "empty train file", "max_steps zero"}]
+    "empty train file", "empty JSON list", "CSV of a header alone", "Parquet of 0 rows", "max_steps zero"}]
 
 
 @pytest.mark.parametrize("case", PLAN, ids=[c[0] for c in PLAN])

@@ -72,7 +72,7 @@ def test_banking77_sample_reads_shared_data(compose_cfg):
 
 @pytest.mark.parametrize("content,needle", [
     (None, "file not found"),
-    ("", "is empty"),
+    ("", "has no rows (an empty file); it needs at least one row"),
     ("\n\n", "has no rows"),
     ('{"messages": []}\n{"messages": [}\n', "line 2 is not valid JSON"),
     ('[1, 2]\n', "line 1 is a JSON list, not an object"),
