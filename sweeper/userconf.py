@@ -7,7 +7,9 @@
 Hydra 1.3 searches its own configs, then the shipped ones (:data:`sweeper.paths.CONF_DIR`), then the
 ``--config-dir`` folder, and the first file found wins. So a user file with the name of a shipped one
 (``conf/data/demo.yaml``, ``conf/config.yaml``) would be silently ignored: :func:`problem` refuses it
-instead, with a missing folder and a folder without any ``.yaml`` file. :func:`initialize` builds the same
+instead, with a missing folder, a folder without any ``.yaml`` file, and a file that is not valid YAML (in that
+folder or in the shipped one, whose ``conf/local/`` is the user's too): one line naming the file, line and column,
+where Hydra would print the parser's traceback. :func:`initialize` builds the same
 search path for the commands that compose the config themselves (``plan``, ``report``), so they see the
 user's groups exactly as the sweep does. Files of groups the project does not ship (``conf/local/``, a
 new ``conf/data/mydata.yaml``) are simply added.
@@ -23,7 +25,7 @@ from typing import Iterator
 from sweeper.paths import CONF_DIR
 from sweeper.program import this_process
 
-__all__ = ["copy_option", "initialize", "problem", "shipped_options"]
+__all__ = ["copy_option", "initialize", "problem", "shipped_options", "syntax_problem"]
 
 
 def _hydra_conf() -> Path:
@@ -32,10 +34,42 @@ def _hydra_conf() -> Path:
     return Path(hydra.__file__).resolve().parent / "conf"
 
 
+def syntax_problem(path: Path, shown: Path | str) -> str | None:
+    """Why the YAML file ``path`` cannot be read (one line naming it as ``shown``, with the line and column, as
+    OmegaConf's loader, which Hydra uses, reads it: a syntax error, a key given twice), or None."""
+    import yaml
+    from omegaconf._utils import get_yaml_loader
+
+    try:
+        yaml.load(path.read_text(encoding="utf-8"), Loader=get_yaml_loader())
+    except UnicodeDecodeError as e:
+        return f"{shown} is not UTF-8 text (byte 0x{e.object[e.start]:02x}); save it as UTF-8"
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        if mark is None:
+            return f"{shown} is not valid YAML: {' '.join(str(e).split())}"
+        context, where = getattr(e, "context", None), getattr(e, "context_mark", None)
+        started = (f" ({context}{f' that starts at line {where.line + 1}, column {where.column + 1}' if where else ''})"
+                   if context else "")
+        return f"{shown} is not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {e.problem}{started}"
+    return None
+
+
+def _syntax_problems(folder: Path, shown: Path | str) -> str | None:
+    """The first YAML file under ``folder`` that cannot be read (:func:`syntax_problem`), or None."""
+    for p in sorted(folder.rglob("*.yaml")):
+        why = p.is_file() and syntax_problem(p, Path(shown) / p.relative_to(folder))
+        if why:
+            return why
+    return None
+
+
 def problem(config_dir: str | None) -> str | None:
-    """Why ``--config-dir config_dir`` cannot be used (one line), or None when it can (or is not given)."""
-    if config_dir is None:
-        return None
+    """Why ``--config-dir config_dir`` cannot be used (one line), or None when it can (or is not given); also
+    a file of the shipped configs that is not valid YAML (an edited ``conf/local/default.yaml``)."""
+    why = _syntax_problems(CONF_DIR, CONF_DIR)
+    if why or config_dir is None:
+        return why
     folder = Path(config_dir).expanduser()
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
@@ -60,7 +94,8 @@ def problem(config_dir: str | None) -> str | None:
             return (f"--config-dir {config_dir}: {shown} has the name of the shipped {group}={option}, which wins over "
                     f"it (Hydra reads the shipped configs before --config-dir); rename it, e.g. "
                     f"{shown.with_name(f'my_{option}.yaml')}, and pick it with {group}=my_{option}")
-    return None
+    why = _syntax_problems(folder, config_dir)
+    return f"--config-dir {config_dir}: {why}" if why else None
 
 
 @contextlib.contextmanager

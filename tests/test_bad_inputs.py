@@ -352,6 +352,42 @@ def test_bad_sweep_input_is_one_clear_line_from_the_command(tmp_path, cache_dir,
     _refused(tmp_path, cache_dir, case, run_cli)
 
 
+@pytest.mark.parametrize("text,said", [
+    ("name: mydata\ntrain_path: [oops\n", "mydata.yaml is not valid YAML at line 3, column 1: expected ',' or ']', "
+     "but got '<stream end>' (while parsing a flow sequence that starts at line 2, column 13)"),
+    ("name: mydata\nmax_length: 64: 128\n", "mydata.yaml is not valid YAML at line 2, column 15: mapping values are "
+     "not allowed here"),
+    ("name: mydata\nname: other\n", "mydata.yaml is not valid YAML at line 2, column 1: found duplicate key name "
+     "(while constructing a mapping that starts at line 1, column 1)"),
+], ids=["unclosed list", "two colons", "key given twice"])
+@pytest.mark.parametrize("command", [["-m", "data=mydata"], ["data=mydata"], ["plan", "data=mydata"]],
+                         ids=["sweep", "single run", "plan"])
+def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path, monkeypatch, capsys, text, said, command):
+    from sweeper import cli
+
+    (tmp_path / "conf" / "data").mkdir(parents=True)
+    (tmp_path / "conf" / "data" / "mydata.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    argv = command[:1] + ["--config-dir", "conf"] + command[1:] if command[0] == "plan" else ["--config-dir", "conf",
+                                                                                              *command]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+    [line] = err.strip().splitlines()
+    assert line == f"error: --config-dir conf: conf/data/{said}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]  # nothing written
+
+
+def test_a_shipped_config_file_edited_into_bad_yaml_is_named(tmp_path):
+    from sweeper import userconf
+
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "default.yaml").write_text("hydra:\n  sweeper:\n    storage: 'sqlite:///x.db\n")
+    assert userconf._syntax_problems(tmp_path, "conf") == (
+        "conf/local/default.yaml is not valid YAML at line 4, column 1: found unexpected end of stream (while "
+        "scanning a quoted scalar that starts at line 3, column 14)")
+
+
 def _sweeper(*args):
     return subprocess.run([sys.executable, "-m", "sweeper", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
