@@ -5,8 +5,9 @@ Two kinds of secret reach the tool through its command line:
 - a password in a storage URL (``hydra.sweeper.storage=postgresql://bob:pw@db/sweeps``), in any quoting
   and with any URL-encoded character;
 - a value whose name says it is secret, mostly set for the jobs' environment with
-  ``+hydra.job.env_set.HF_TOKEN=hf_...`` (names with a ``TOKEN``, ``KEY``, ``SECRET``, ``PASSWORD``,
-  ``PASSWD``, ``PWD``, ``CREDENTIAL(S)`` or ``AUTH`` part, :func:`is_secret_name`).
+  ``+hydra.job.env_set.HF_TOKEN=hf_...`` (names with a ``PASSWORD``, ``PASSWD``, ``SECRET``, ``APIKEY`` or
+  ``CREDENTIAL(S)`` part, an ``API``/``ACCESS``/``PRIVATE``/``SECRET`` ``KEY``, or ending in ``TOKEN``, ``PWD``,
+  ``PASS`` or ``AUTH``: :func:`is_secret_name`; not ``full_key``, ``sort_key``, ``pad_token`` or ``PWD``).
 
 Hydra saves both in each job's ``.hydra/hydra.yaml`` (the config and the command line), and a worker
 started as a copy of the command would carry them in its command line (and SLURM's pickled job). So:
@@ -34,10 +35,15 @@ __all__ = ["install_log_filter", "is_secret_name", "job_secrets", "mask_password
 MASK = "***"
 # scheme://user:password@  (the password: anything but whitespace up to the @, quotes included)
 _URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^:/@\s'\"]*:)([^@\s]+)(@)")
-_SECRET_PARTS = {"TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "PWD", "CREDENTIAL", "CREDENTIALS", "AUTH",
-                 "APIKEY", "PASS"}
-_SECRET_ENDINGS = ("TOKEN", "PASSWORD", "SECRET", "APIKEY")
-_TOKENIZER_NAMES = {f"{k}_TOKEN" for k in ("PAD", "EOS", "BOS", "UNK", "SEP", "CLS", "MASK")}  # special tokens
+# a name holding one of these parts names a secret (HF_HUB_SECRET, DB_PASSWORD, GOOGLE_APPLICATION_CREDENTIALS)
+_SECRET_PARTS = {"SECRET", "SECRETS", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"}
+# ... and one ending in these (HF_TOKEN, PGPASSWORD, DB_PWD, DB_PASS, HTTP_AUTH), unless the whole name is one
+# (PWD: the current folder)
+_SECRET_ENDINGS = ("TOKEN", "PASSWORD", "PASSWD", "SECRET", "APIKEY", "_PWD", "_PASS", "_AUTH")
+# a KEY is a secret one after these words (WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, SSH_PRIVATE_KEY), not a
+# config's key (full_key, sort_key, cache_key)
+_KEY_WORDS = {"API", "ACCESS", "PRIVATE", "SECRET", "AUTH", "SIGNING", "ENCRYPTION", "MASTER"}
+_TOKENIZER_WORDS = {"PAD", "EOS", "BOS", "UNK", "SEP", "CLS", "MASK"}  # special tokens: pad_token, add_eos_token
 # name=value (an override) or name: value (YAML); the value plain, '...' (YAML doubles a quote) or "..."
 _NAMED = re.compile(r"""(?P<name>[A-Za-z_][\w.]*)(?P<sep>\s*=\s*|:[ \t]+)"""
                     r"""(?P<value>'(?:[^']|'')*'|"(?:[^"\\]|\\.)*"|[^\s,}\]]+)""")
@@ -45,11 +51,18 @@ _NAMED = re.compile(r"""(?P<name>[A-Za-z_][\w.]*)(?P<sep>\s*=\s*|:[ \t]+)"""
 
 def is_secret_name(name: str) -> bool:
     """Whether a key (its last dotted part) names a secret: ``HF_TOKEN``, ``WANDB_API_KEY``,
-    ``AWS_SECRET_ACCESS_KEY``, ``PGPASSWORD``; not ``tokens_seen``, ``max_tokens`` or ``pad_token``."""
+    ``AWS_SECRET_ACCESS_KEY``, ``PGPASSWORD``, ``api_key``, ``password``; not ``full_key``, ``tokens_seen``,
+    ``max_tokens``, ``pad_token`` or ``PWD``."""
     last = name.rsplit(".", 1)[-1].upper()
-    if last in _TOKENIZER_NAMES:
+    parts = last.split("_")
+    if _SECRET_PARTS & set(parts):
+        return True
+    if any(part.endswith("KEY") and (part[:-3] in _KEY_WORDS or (i and parts[i - 1] in _KEY_WORDS))
+           for i, part in enumerate(parts)):
+        return True  # API_KEY, APIKEY's kin ACCESSKEY, SECRET_ACCESS_KEY
+    if len(parts) > 1 and parts[-1] == "TOKEN" and parts[-2] in _TOKENIZER_WORDS:
         return False
-    return bool(_SECRET_PARTS & set(last.split("_"))) or last.endswith(_SECRET_ENDINGS)
+    return last.endswith(_SECRET_ENDINGS)
 
 
 def mask_passwords(text: str) -> str:

@@ -343,6 +343,11 @@ SECRET = "hf_SeCrEt0123456789"
     ("- hydra.sweeper.storage=\"postgresql://bob:p%40s'%22s@db:5432/x\"", "- hydra.sweeper.storage=\"postgresql://bob:***@db:5432/x\""),
     ("storage: 'postgresql+psycopg://bob:p''w@db/x'", "storage: 'postgresql+psycopg://bob:***@db/x'"),
     ("tokens_seen: 1200, max_tokens: 5, pad_token: <pad>", "tokens_seen: 1200, max_tokens: 5, pad_token: <pad>"),
+    # only names that hold secrets: not a config's key, a tokenizer's special token or the current folder
+    ("full_key: schedul, sort_key: x, add_eos_token: true", "full_key: schedul, sort_key: x, add_eos_token: true"),
+    ("PWD=/home/me monkey: 1", "PWD=/home/me monkey: 1"),
+    ("api_key: abcd, password: abcd, GITHUB_TOKEN=abcd, DB_PASS=abcd, SSH_PRIVATE_KEY=abcd",
+     "api_key: ***, password: ***, GITHUB_TOKEN=***, DB_PASS=***, SSH_PRIVATE_KEY=***"),
 ])
 def test_secrets_are_masked_in_any_quoting(text, masked):
     from sweeper.passwords import mask_secrets
