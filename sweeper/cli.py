@@ -249,42 +249,12 @@ _COMPOSE_ERROR = re.compile(r"^(Error merging override |Could not override |In '
                             r"Value '|Error parsing override )|\n    (full_key|object_type|reference_type)[:=]|\nSee https://hydra\.cc/")
 
 
-def one_line(text: str) -> str:
-    """A composition error of Hydra's in one line: its sentences joined, OmegaConf's ``full_key``/``object_type``
-    details and Hydra's config search path left out, the available options of a group listed after it."""
-    parts: list[str] = []
-    options: list[str] = []
-    in_search_path = False
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped:
-            continue
-        if line.startswith("Config search path:"):
-            in_search_path = True
-            continue
-        if in_search_path and line.startswith("\t"):
-            continue
-        in_search_path = False
-        if line.startswith("    ") and re.match(r"(full_key|object_type|reference_type)[:=]", stripped):
-            continue
-        if line.startswith("\t") and parts and parts[-1].startswith("Available options in"):
-            options.append(stripped)
-            continue
-        if options:
-            parts[-1] += " " + ", ".join(options)
-            options = []
-        parts.append(stripped.rstrip("."))
-    if options:
-        parts[-1] += " " + ", ".join(options)
-    return "; ".join(parts)
-
-
 class _OneLineRefusals:
     """``sys.stderr`` for the Hydra app: Hydra follows the one line of a refusal (an ``InputError``, which it
     prints without a traceback) with a blank line and its ``HYDRA_FULL_ERROR`` hint; that hint is left out, so
     bad input is one line. Hydra's and OmegaConf's own composition errors (a value of the wrong type, a key or
     option that does not exist) span several lines; they are held until the hint and said in one
-    (:func:`one_line`). After a traceback (a bug, not bad input) everything passes as written, hint included."""
+    (:func:`sweeper.config.one_line`). After a traceback (a bug, not bad input) everything passes as written, hint included."""
 
     def __init__(self, stream: Any) -> None:
         self._stream, self._traceback, self._held, self._job = stream, False, [], ""
@@ -292,6 +262,8 @@ class _OneLineRefusals:
     def write(self, text: str) -> int:
         if text == _HYDRA_HINT and not self._traceback:
             if self._held:
+                from sweeper.config import one_line
+
                 self._stream.write(one_line("".join(self._held)) + "\n")
                 self._held = []
             self._job = ""  # a run's refusal names its option itself: Hydra's list of overrides is left out

@@ -12,6 +12,7 @@ entry points the groups travel as instances of these dataclasses (:class:`sweepe
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -21,7 +22,7 @@ from omegaconf import MISSING
 __all__ = ["AutoBatchConfig", "BatchConfig", "Config", "DataConfig", "EvalConfig", "InputError", "LrConfig",
            "ModelConfig", "ModelShape", "PathsConfig", "PeftConfig", "PrecisionConfig", "ScheduleConfig",
            "SpeedConfig", "StudyRef", "TinyModelConfig", "WSD_DECAY_TYPES", "WsdConfig", "metric_direction",
-           "register", "validate", "wsd_branch_point", "wsd_warmup_steps"]
+           "missing_line", "one_line", "refusal_line", "register", "validate", "wsd_branch_point", "wsd_warmup_steps"]
 
 
 class InputError(CompactHydraException, ValueError):
@@ -32,6 +33,65 @@ class InputError(CompactHydraException, ValueError):
         err = cls(str(exc))
         err.__cause__ = exc
         return err
+
+
+def missing_line(keys: list[str]) -> str:
+    """The refusal of keys left ``???`` (``MISSING``): which to set, and how."""
+    why = "model.name names the study, <data.name>-<model.name>" if "model.name" in keys else \
+        "a required value of the option chosen"
+    return (f"{', '.join(keys)} must be set, but {'is' if len(keys) == 1 else 'are'} ??? ({why}); "
+            f"add {' '.join(k + '=...' for k in keys)} to the command")
+
+
+_MISSING_VALUE = re.compile(r"Missing mandatory value: ([\w.]+)")
+
+
+def one_line(text: str) -> str:
+    """A composition error of Hydra's in one line: its sentences joined (a sentence said twice, once), OmegaConf's
+    ``full_key``/``object_type`` details and Hydra's config search path left out, the available options of a group
+    listed after it; a value left ``???`` said as :func:`missing_line` says it."""
+    missing = _MISSING_VALUE.search(text)
+    if missing:
+        return missing_line([missing.group(1)])
+    parts: list[str] = []
+    options: list[str] = []
+    in_search_path = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if line.startswith("Config search path:"):
+            in_search_path = True
+            continue
+        if in_search_path and line.startswith("\t"):
+            continue
+        in_search_path = False
+        if line.startswith("    ") and re.match(r"(full_key|object_type|reference_type)[:=]", stripped):
+            continue
+        if line.startswith("\t") and parts and parts[-1].startswith("Available options in"):
+            options.append(stripped)
+            continue
+        if options:
+            parts[-1] += " " + ", ".join(options)
+            options = []
+        if stripped.rstrip(".") not in parts:
+            parts.append(stripped.rstrip("."))
+    if options:
+        parts[-1] += " " + ", ".join(options)
+    return "; ".join(parts)
+
+
+def refusal_line(e: BaseException) -> str:
+    """Bad input as the one line the sweep prints for it (Hydra's report of a composition error, its OmegaConf
+    cause after it, through :func:`one_line`), for the commands that compose the config themselves (``plan``)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    text = str(e)
+    if isinstance(e.__cause__, OmegaConfBaseException):
+        text += "\n" + str(e.__cause__)
+    if isinstance(e, OmegaConfBaseException) or isinstance(e.__cause__, OmegaConfBaseException) or "\n" in text:
+        return one_line(text)
+    return text
 
 
 @dataclass
@@ -401,10 +461,7 @@ def validate(cfg: Any) -> None:
                          f"known here: {', '.join(known)}")
     missing = sorted(OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
     if missing:
-        why = "model.name names the study, <data.name>-<model.name>" if "model.name" in missing else \
-            "a required value of the option chosen"
-        raise ValueError(f"{', '.join(missing)} must be set, but {'is' if len(missing) == 1 else 'are'} ??? ({why}); "
-                         f"add {' '.join(k + '=...' for k in missing)} to the command")
+        raise ValueError(missing_line(missing))
     _validate_schedule(cfg)
     _validate_training(cfg)
     _validate_eval(cfg)

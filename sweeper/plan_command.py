@@ -285,10 +285,12 @@ def main(overrides: list[str], config_dir: str | None = None) -> int:
                *passwords.secret_values({}, next((o.split("=", 1)[1] for o in overrides
                                                   if o.lstrip("+~").startswith("hydra.sweeper.storage=")), None)))
     passwords.install_log_filter(secrets)
+    from sweeper.config import refusal_line
+
     try:
         rows = plan_rows(overrides, config_dir)
-    except (ValueError, FileNotFoundError, HydraException) as e:  # bad input: one message
-        print(passwords.mask_secrets(f"error: {e}", secrets), file=sys.stderr)
+    except (ValueError, FileNotFoundError, HydraException) as e:  # bad input: the sweep's one line
+        print(passwords.mask_secrets(f"error: {refusal_line(e)}", secrets), file=sys.stderr)
         return 2
     print(passwords.mask_secrets(render(rows), secrets))
     return 0

@@ -240,8 +240,14 @@ CASES = [
      "/ro cannot be written (Read-only file system); point hydra.sweeper.storage at"),
     # run settings
     ("max_steps zero", ["schedule.max_steps=0"], "schedule.max_steps must be positive, but got 0"),
-    ("max_steps not a number", ["schedule.max_steps=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
-    ("unknown schedule", ["schedule=nonexistent"], "Could not find 'schedule/nonexistent'"),
+    ("max_steps not a number", ["schedule.max_steps=abc"], "Error merging override schedule.max_steps=abc; Value 'abc' "
+     "of type 'str' could not be converted to Integer"),
+    ("unknown key", ["schedul.max_steps=3"], "Could not override 'schedul.max_steps'; To append to your config use "
+     "+schedul.max_steps=3; Key 'schedul' not in 'Config'"),
+    ("unknown schedule", ["schedule=nonexistent"], "Could not find 'schedule/nonexistent'; Available options in "
+     "'schedule': epochs3, over, sweet, under, wsd_search"),
+    ("required file not given", ["data=jsonl"], "data.train_path must be set, but is ??? (a required value of the "
+     "option chosen); add data.train_path=... to the command"),
     ("negative learning rate", ["lr.learning_rate=-1"], "lr.learning_rate must be positive"),
     ("unknown scheduler", ["lr.lr_scheduler_type=cosin"], "lr.lr_scheduler_type must be one of transformers' "
      "SchedulerType (linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt"),
@@ -294,7 +300,8 @@ SUBPROCESS = [c for c in CASES if c[0] in {"unknown schedule", "max_steps zero",
 SINGLE_RUN = [c for c in CASES if c[0] in {
     "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file",
     "model folder without a model", "model folder without weights", "train rows all cut by max_length",
-    "eval rows all cut by max_length", "empty train file", "empty JSON list", "CSV of a header alone", "max_steps zero"}]
+    "eval rows all cut by max_length", "empty train file", "empty JSON list", "CSV of a header alone", "max_steps zero",
+    "required file not given"}]
 
 
 def _refused(tmp_path, cache_dir, case, run, sweep=True):
@@ -306,7 +313,7 @@ def _refused(tmp_path, cache_dir, case, run, sweep=True):
     finally:
         unmount(tmp_path / "ro")
     assert proc.returncode != 0
-    assert needle in proc.stderr, proc.stderr[-2000:]
+    assert needle in proc.stderr and proc.stderr.count(needle) == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "pa55w0rd" not in proc.stdout + proc.stderr
     assert not (tmp_path / "optuna.db").exists()  # no study, no trial
     if run is run_cli:  # the command's own process: no line after the refusal (Hydra's HYDRA_FULL_ERROR hint)
@@ -332,7 +339,8 @@ def test_bad_single_run_input_is_the_same_one_line(tmp_path, cache_dir, case):
 PLAN = [c for c in CASES if c[0] in {
     "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file", "model folder without a model",
     "model folder without weights", "train rows all cut by max_length", "eval rows all cut by max_length",
-    "empty train file", "empty JSON list", "CSV of a header alone", "Parquet of 0 rows", "max_steps zero"}]
+    "empty train file", "empty JSON list", "CSV of a header alone", "Parquet of 0 rows", "max_steps zero",
+    "unknown schedule", "required file not given", "max_steps not a number", "unknown key"}]
 
 
 @pytest.mark.parametrize("case", PLAN, ids=[c[0] for c in PLAN])
@@ -343,6 +351,7 @@ def test_bad_input_to_plan_is_the_sweeps_one_line(tmp_path, cache_dir, case):
     # stderr: a progress line per dataset prepared, then the refusal
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("error: ") and needle in last, proc.stderr[-3000:]
+    assert proc.stderr.count(needle) == 1 and "***" not in proc.stderr  # said once; nothing masked that is no secret
     assert "Traceback" not in proc.stderr and not (tmp_path / "optuna.db").exists()
 
 
@@ -605,7 +614,8 @@ HYDRA_ERRORS = [
 def test_hydras_composition_errors_are_said_in_one_line(text, line):
     import io
 
-    from sweeper.cli import _HYDRA_HINT, _OneLineRefusals, one_line
+    from sweeper.cli import _HYDRA_HINT, _OneLineRefusals
+    from sweeper.config import one_line
 
     assert one_line(text) == line
     out = io.StringIO()

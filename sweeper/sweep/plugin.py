@@ -87,6 +87,4 @@ class StudySweeper:
         except (ValueError, FileNotFoundError) as e:
             raise config_mod.InputError.wrap(e) from e
         except MissingMandatoryValue as e:
-            key = e.full_key
-            raise config_mod.InputError(f"{key} must be set, but is ??? (a required value of the option chosen); "
-                                        f"add {key}=... to the command") from None
+            raise config_mod.InputError(config_mod.missing_line([e.full_key])) from None
