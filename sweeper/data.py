@@ -618,14 +618,22 @@ def load(data: DataConfig, cache_dir: str | Path) -> Splits:
                   overlap=overlap, notes=notes)
 
 
-def check_train_size(splits: Splits, batch: Any) -> None:
+def check_train_size(splits: Splits, batch: Any, gpu: bool) -> None:
     """Refuse a train set smaller than one optimizer step's rows (``batch``: the ``batch`` group,
     :class:`sweeper.config.BatchConfig`): every step would repeat rows, and the plan's rows per step would
-    not be what is trained."""
+    not be what is trained. ``gpu``: the run gets a GPU, where batch=auto keeps its target effective batch
+    (without one it trains its preset micro-batch x accumulation). The fix it names works either way."""
     n = len(splits.train)
     if batch.auto is not None:
-        effective, setting = int(batch.auto.target_effective_batch), "batch.auto.target_effective_batch"
-        fix = f"batch.auto.target_effective_batch={n}"
+        if gpu:
+            effective, setting = int(batch.auto.target_effective_batch), "batch.auto.target_effective_batch"
+        else:
+            effective = int(batch.per_device_train_batch_size) * int(batch.gradient_accumulation_steps)
+            setting = (f"batch=auto without a GPU trains its preset batch.per_device_train_batch_size="
+                       f"{batch.per_device_train_batch_size} x batch.gradient_accumulation_steps="
+                       f"{batch.gradient_accumulation_steps}")
+        fix = (f"batch.auto.target_effective_batch={n} batch.per_device_train_batch_size={n} "
+               "batch.gradient_accumulation_steps=1")
     else:
         effective = int(batch.per_device_train_batch_size) * int(batch.gradient_accumulation_steps)
         setting = (f"batch.per_device_train_batch_size={batch.per_device_train_batch_size} x "

@@ -86,7 +86,7 @@ def plan_rows(overrides: list[str], config_dir: str | None = None) -> list[dict]
         key = (repr(dict(cfg.data)), repr(dict(cfg.model)), repr(dict(cfg.precision)))
         if key not in prepared_cache:
             splits = data_mod.load(spec.data, spec.paths.cache_dir)
-            data_mod.check_train_size(splits, spec.batch_config)
+            data_mod.check_train_size(splits, spec.batch_config, gpu=bool(gpus))
             note = None
             _say(f"preparing {cfg.data.name} with the model's tokenizer ({len(splits.train):,} train rows, "
                  f"{len(splits.eval):,} eval rows{', packed' if cfg.data.packing else ''})…")

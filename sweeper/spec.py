@@ -221,7 +221,7 @@ def prepare(cfg: DictConfig) -> tuple[RunSpec, data_mod.Splits]:
     try:
         spec = resolve(cfg)
         splits = data_mod.load(spec.data, spec.paths.cache_dir)
-        data_mod.check_train_size(splits, spec.batch_config)
+        data_mod.check_train_size(splits, spec.batch_config, gpu=bool(gpu_mod.visible_gpus()))
         return spec, splits
     except (ValueError, FileNotFoundError) as e:
         raise config_mod.InputError.wrap(e) from e

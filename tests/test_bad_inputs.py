@@ -41,9 +41,12 @@ GOOD = [_chat(f"question {i}", f"answer {i}") for i in range(40)]
 
 
 def _train_and_eval(eval_rows, **more):
+    """Train on GOOD (``data.train_path=None`` in ``more``: on ``eval_rows`` too), evaluate on ``eval_rows``."""
     def make(tmp_path):
-        return ["data=jsonl", f"data.train_path={_jsonl(tmp_path, 'train.jsonl', GOOD)}",
-                f"data.eval_path={_jsonl(tmp_path, 'eval.jsonl', eval_rows)}", *[f"{k}={v}" for k, v in more.items()]]
+        train = GOOD if more.get("data.train_path", "") is not None else eval_rows
+        return ["data=jsonl", f"data.train_path={_jsonl(tmp_path, 'train.jsonl', train)}",
+                f"data.eval_path={_jsonl(tmp_path, 'eval.jsonl', eval_rows)}",
+                *[f"{k}={v}" for k, v in more.items() if k != "data.train_path"]]
     return make
 
 
@@ -222,6 +225,11 @@ CASES = [
     ("eval in another format than train", _train_and_eval([{"prompt": "p", "completion": "c"}] * 3),
      "is in prompt_completion format but data.train_path is in messages; use one format"),
     ("eval fraction leaving no train rows", ["data.eval_fraction=0.999"], "both need at least one"),
+    ("fewer train rows than a step", _train_and_eval(GOOD[:3], **{"data.train_path": None}),
+     "3 train row(s), fewer than the effective batch of 4 rows per optimizer step (batch=auto without a GPU trains its "
+     "preset batch.per_device_train_batch_size=4 x batch.gradient_accumulation_steps=1), so every step would repeat "
+     "rows; add rows, or set batch.auto.target_effective_batch=3 batch.per_device_train_batch_size=3 "
+     "batch.gradient_accumulation_steps=1"),
     ("max_train_rows zero", ["data.max_train_rows=0"], "data.max_train_rows must be >= 1 or null"),
     ("max_length below 8", ["data.max_length=0"], "data.max_length must be >= 8 tokens"),
     ("unknown loss_on", ["data.loss_on=everything"], "data.loss_on must be one of ['completion', 'all']"),
@@ -301,7 +309,7 @@ SINGLE_RUN = [c for c in CASES if c[0] in {
     "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file",
     "model folder without a model", "model folder without weights", "train rows all cut by max_length",
     "eval rows all cut by max_length", "empty train file", "empty JSON list", "CSV of a header alone", "max_steps zero",
-    "required file not given"}]
+    "required file not given", "fewer train rows than a step"}]
 
 
 def _refused(tmp_path, cache_dir, case, run, sweep=True):
@@ -335,12 +343,24 @@ def test_bad_single_run_input_is_the_same_one_line(tmp_path, cache_dir, case):
     assert len(lines) == 1 and case[2] in lines[0], proc.stderr[-3000:]
 
 
+def test_the_advice_for_too_few_train_rows_runs(tmp_path, cache_dir):
+    """The overrides the refusal names make the same command run (batch=auto on this GPU-less machine too)."""
+    [case] = [c for c in CASES if c[0] == "fewer train rows than a step"]
+    args = [*FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *case[1](tmp_path),
+            "schedule.max_steps=2", "eval.eval_steps=2"]
+    refused = run_in_process(*args)
+    assert refused.returncode == 1 and case[2] in refused.stderr, refused.stderr[-2000:]
+    advice = refused.stderr.split("or set ", 1)[1].split()
+    proc = run_in_process(*args, *advice)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 # the same input refused by `python -m sweeper plan` in the same words
 PLAN = [c for c in CASES if c[0] in {
     "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file", "model folder without a model",
     "model folder without weights", "train rows all cut by max_length", "eval rows all cut by max_length",
     "empty train file", "empty JSON list", "CSV of a header alone", "Parquet of 0 rows", "max_steps zero",
-    "unknown schedule", "required file not given", "max_steps not a number", "unknown key"}]
+    "unknown schedule", "required file not given", "max_steps not a number", "unknown key", "fewer train rows than a step"}]
 
 
 @pytest.mark.parametrize("case", PLAN, ids=[c[0] for c in PLAN])

@@ -70,7 +70,8 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
         if key not in seen_data:
             seen_data.add(key)
             splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
-            data_mod.check_train_size(splits, cfg.batch)
+            # SLURM's trials run where the GPUs are; local ones on this machine
+            data_mod.check_train_size(splits, cfg.batch, gpu=launcher == "slurm" or bool(gpu_mod.visible_gpus()))
             if launcher == "local" and SWEEP_ID_ENV not in os.environ:
                 check_prepared_data(cfg, splits)
         cfgs.append(cfg)
