@@ -51,6 +51,7 @@ _ROLES = ("system", "user", "assistant")
 _GLOB_CHARS = set("*?[]")
 _NO_DATA = "corresponds to no data"  # datasets' words for a file of no rows (Instruction "train" corresponds ...)
 _SHARED_DATA_ENV = "SFT_SWEEP_SHARED_DATA"
+_WARNED: set[str] = set()  # the warnings this process has logged (each is said once)
 
 
 @dataclass
@@ -561,7 +562,8 @@ def load(data: DataConfig, cache_dir: str | Path) -> Splits:
     Eval comes from ``eval_path`` when given, else a seeded ``eval_fraction`` of the shuffled
     train rows (the remainder trains). ``max_train_rows``/``max_eval_rows`` cap after shuffling.
     Eval rows that are also train rows (a copied eval file, repeated rows split by ``eval_fraction``)
-    are counted (``Splits.overlap``) and warned about: their eval loss measures memorisation.
+    are counted (``Splits.overlap``) and warned about, once per process (a sweep's trials load the data its
+    pre-flight loaded): their eval loss measures memorisation.
     """
     cache_dir = Path(cache_dir)
     if data.train_path == "demo":
@@ -611,7 +613,9 @@ def load(data: DataConfig, cache_dir: str | Path) -> Splits:
         notes.append(f"data {data.name}: {overlap} of {len(evals)} eval rows are also train rows (the same text): "
                      f"{where}; their eval loss measures memorisation, not generalisation: remove the duplicates "
                      "or give a separate data.eval_path")
-        log.warning("%s", notes[-1])
+        # once per process: a sweep's check of the data says it, its trials (in the same process) load it again
+        log.log(logging.DEBUG if notes[-1] in _WARNED else logging.WARNING, "%s", notes[-1])
+        _WARNED.add(notes[-1])
     log.info("data %s: %d train rows, %d eval rows (%s format) from %s",
              data.name, len(train), len(evals), fmt, source)
     return Splits(train=train, eval=evals, format=fmt, source=source, all_train=all_train, detected=detected,

@@ -124,6 +124,10 @@ def test_eval_rows_that_are_train_rows_are_counted_and_warned(compose_cfg, tmp_p
         splits = _load(compose_cfg, *overrides)
     assert splits.overlap == 10
     assert "10 of 10 eval rows are also train rows" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sweeper.data"):
+        again = _load(compose_cfg, *overrides)  # a sweep's trial loads the data its pre-flight loaded: said once
+    assert again.overlap == 10 and again.notes == splits.notes and "eval rows are also train rows" not in caplog.text
     clean = _load(compose_cfg, f"data.train_path={_write(tmp_path / 'c.jsonl', rows)}")
     assert clean.overlap == 0
 
