@@ -901,3 +901,19 @@ def test_a_relative_sqlite_storage_is_named_by_its_absolute_path_in_the_commands
     [command] = [c for c in _codes(study_report(study, "sqlite:///outputs/optuna.db?timeout=60")) if " -m " in c]
     [arg] = [a for a in shlex.split(command) if a.startswith("hydra.sweeper.storage=")]
     assert _hydra_value(arg) == f"sqlite:///{tmp_path}/outputs/optuna.db?timeout=60"
+
+
+def test_the_curves_of_a_study_whose_trials_all_failed_draw_without_a_warning(tmp_path):
+    """No trial reached an evaluation: the figure says so instead of an empty legend (matplotlib's UserWarning)."""
+    import warnings
+
+    from sweeper.report import plot_curves
+
+    study = _study(tmp_path)
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
+                                                  user_attrs={"error": "ValueError: model.path: no such folder"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = plot_curves(study, tmp_path / "curves.png")
+    assert path.stat().st_size > 0

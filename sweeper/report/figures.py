@@ -14,7 +14,8 @@ __all__ = ["plot_curves", "plot_datasets"]
 
 
 def plot_curves(study: optuna.Study, path: Path) -> Path:
-    """Eval-loss curves of every trial of a study: against steps (left) and epochs (right)."""
+    """Eval-loss curves of every trial of a study: against steps (left) and epochs (right); a note instead when
+    no trial recorded an evaluation (all failed before their first)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,7 +42,10 @@ def plot_curves(study: optuna.Study, path: Path) -> Path:
     ax_s.set_yscale("log")  # the tail, where the schedules differ, stays readable
     for ax in (ax_s, ax_e):
         ax.grid(alpha=0.3)
-    ax_s.legend(fontsize=8)
+    if ax_s.get_legend_handles_labels()[0]:
+        ax_s.legend(fontsize=8)
+    else:  # every trial failed (or was pruned) before its first evaluation
+        ax_s.text(0.5, 0.5, "no trial recorded an evaluation", ha="center", transform=ax_s.transAxes)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
