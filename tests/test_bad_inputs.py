@@ -224,6 +224,8 @@ CASES = [
      "row 31: no assistant message to learn from"),
     ("eval in another format than train", _train_and_eval([{"prompt": "p", "completion": "c"}] * 3),
      "is in prompt_completion format but data.train_path is in messages; use one format"),
+    ("rows all cut, with a bitsandbytes optimizer", lambda p: ["data.max_length=8", "lr.optim=adamw_bnb_8bit"],
+     "0 of 108 train rows keep a token to learn from after truncation at data.max_length=8"),
     ("eval fraction leaving no train rows", ["data.eval_fraction=0.999"], "both need at least one"),
     ("fewer train rows than a step", _train_and_eval(GOOD[:3], **{"data.train_path": None}),
      "3 train row(s), fewer than the effective batch of 4 rows per optimizer step (batch=auto without a GPU trains its "
@@ -301,7 +303,8 @@ CASES = [
 # one case per kind of error, run as the real command too: composition (Hydra), a config rule, a sweeper
 # setting, the data pre-flight, the storage
 SUBPROCESS = [c for c in CASES if c[0] in {"unknown schedule", "max_steps zero", "workers zero", "non-UTF-8 data",
-                                           "storage URL of no known database"}]
+                                           "storage URL of no known database",
+                                           "rows all cut, with a bitsandbytes optimizer"}]
 
 
 # the same input refused by a single run (no -m) in the same one line
@@ -323,6 +326,7 @@ def _refused(tmp_path, cache_dir, case, run, sweep=True):
     assert proc.returncode != 0
     assert needle in proc.stderr and proc.stderr.count(needle) == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "pa55w0rd" not in proc.stdout + proc.stderr
+    assert "kernels-community" not in proc.stdout + proc.stderr  # bitsandbytes, as it loads (first import)
     assert not (tmp_path / "optuna.db").exists()  # no study, no trial
     if run is run_cli:  # the command's own process: no line after the refusal (Hydra's HYDRA_FULL_ERROR hint)
         assert "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr[-2000:]

@@ -73,6 +73,8 @@ class StudySweeper:
         input as one line, no trial created."""
         try:
             datasets.disable_progress_bars()  # one sweep bar and one bar per trial, nothing nested
+            # the checks below may import bitsandbytes (through TRL and PEFT), whose CPU backend warns as it loads
+            logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
             settings = parse(self.fields, self.config, self.sweep_id)
             compose = command_mod.Composer(self.hydra_context.config_loader, self.config)
             command = command_mod.prepare(settings, compose, arguments)
