@@ -64,7 +64,9 @@ def test_core_grid_runs_each_point_once_and_resumes(tmp_path, cache_dir):
 def test_range_and_log_interval_stay_inside_hydra_bounds_and_n_trials_is_the_total(tmp_path, cache_dir):
     args = ["-m", "schedule.max_steps=range(4,12,4)", "lr.learning_rate=tag(log,interval(1e-4,1e-3))",
             "hydra.sweeper.sampler.name=random", "hydra.sweeper.n_trials=3", *fast("schedule.max_steps"), *_paths(tmp_path, cache_dir)]
-    _ok(run_in_process(*args))
+    out = _ok(run_in_process(*args))
+    said = out.stdout + out.stderr
+    assert said.count("] trial 0: ") == 1 and "Launching 1 jobs locally" not in said  # each trial said once
     study = _study(tmp_path)
     assert len(study.trials) == 3
     for t in study.trials:

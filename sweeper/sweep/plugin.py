@@ -75,6 +75,9 @@ class StudySweeper:
             datasets.disable_progress_bars()  # one sweep bar and one bar per trial, nothing nested
             # the checks below may import bitsandbytes (through TRL and PEFT), whose CPU backend warns as it loads
             logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+            # Hydra's launcher says "Launching 1 jobs locally" and "#N : <overrides>" for every trial, which
+            # repeats the sweep's own "trial N: <overrides>" line
+            logging.getLogger("hydra._internal.core_plugins.basic_launcher").setLevel(logging.WARNING)
             settings = parse(self.fields, self.config, self.sweep_id)
             compose = command_mod.Composer(self.hydra_context.config_loader, self.config)
             command = command_mod.prepare(settings, compose, arguments)
