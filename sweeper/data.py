@@ -23,7 +23,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from sweeper.config import DataConfig
@@ -649,17 +649,24 @@ def check_train_size(splits: Splits, batch: Any, gpu: bool) -> None:
             f"per optimizer step ({setting}), so every step would repeat rows; add rows, or set {fix}")
 
 
-def check_prepared(splits: Splits, data: DataConfig, train_rows: int, eval_rows: int) -> None:
+def check_prepared(splits: Splits, data: DataConfig, train_rows: int, eval_rows: int,
+                   prompt_tokens: Callable[[Any], list[int]] | None = None) -> None:
     """Raise one clear error when TRL's preparation (truncation at ``data.max_length``, which drops a row
     whose loss tokens are all cut) leaves no train row to learn from or no eval row to score: found
-    before training, not at the first evaluation."""
+    before training, not at the first evaluation. ``prompt_tokens`` (rows -> the tokens before each row's first
+    loss token) lets it name the data.max_length that keeps them."""
     where = {"train": f"data.train_path ({splits.source})",
              "eval": f"data.eval_path ({data.eval_path})" if data.eval_path is not None
              else f"the eval rows held out of data.train_path ({splits.source})"}
     for split, before, after in (("train", len(splits.train), train_rows), ("eval", len(splits.eval), eval_rows)):
         if before and not after:
+            fix = "raise data.max_length"
+            lengths = prompt_tokens(splits.train if split == "train" else splits.eval) if prompt_tokens else []
+            if lengths:
+                fix = (f"raise it to at least data.max_length={max(8, min(lengths) + 1)} (the shortest prompt is "
+                       f"{min(lengths)} tokens; data.max_length={max(lengths) + 1} keeps every row)")
             raise ValueError(
                 f"{where[split]}: 0 of {before} {split} rows keep a token to "
                 f"{'learn from' if split == 'train' else 'score'} after truncation at data.max_length="
                 f"{data.max_length} (the {'completion' if splits.format != 'messages' else 'assistant turn'} "
-                "starts beyond it); raise data.max_length or shorten the prompts")
+                f"starts beyond it); {fix}, or shorten the prompts")

@@ -62,9 +62,9 @@ def plan_rows(overrides: list[str], config_dir: str | None = None) -> list[dict]
     from sweeper import identity, userconf
     from sweeper import spec as spec_mod
     from sweeper.gpu import pin_one, visible_gpus
-    from sweeper.model import check_path, model_shape, resolve_compute
+    from sweeper.model import check_path, load_tokenizer, model_shape, resolve_compute
     from sweeper.plan import estimate_memory
-    from sweeper.sft import plan_for, prepare_for_plan, truncation_drops
+    from sweeper.sft import check_kept, plan_for, prepare_for_plan, truncation_drops
 
     config_mod.register()
     gpus = visible_gpus()  # every visible GPU, for the fit table
@@ -102,7 +102,8 @@ def plan_rows(overrides: list[str], config_dir: str | None = None) -> list[dict]
             else:
                 _say(f"prepared {cfg.data.name} in {time.perf_counter() - started:.0f} s: {len(prepared):,} "
                      f"{'packed sequences' if cfg.data.packing else 'rows'}")
-                data_mod.check_prepared(splits, cfg.data, len(prepared), eval_rows)  # as the sweep refuses it
+                check_kept(cfg.data, splits, len(prepared), eval_rows,  # as the sweep refuses it
+                           lambda: load_tokenizer(spec.model, spec.paths.cache_dir))
             prepared_cache[key] = (splits, prepared, eval_rows, model_shape(spec.model, spec.paths.cache_dir), note)
         splits, prepared, eval_rows, shape, note = prepared_cache[key]
         plan = plan_for(spec, prepared)

@@ -218,7 +218,8 @@ def _record_plan(spec: RunSpec, splits: data_mod.Splits, trainer: Any, args: Any
     before it trains; returns the plan."""
     timing = batch_state.timing
     try:  # before the plan, which needs a row to plan
-        data_mod.check_prepared(splits, spec.data, len(trainer.train_dataset), len(trainer.eval_dataset))
+        sft.check_kept(spec.data, splits, len(trainer.train_dataset), len(trainer.eval_dataset),
+                       lambda: trainer.processing_class)
     except ValueError as e:
         raise config_mod.InputError.wrap(e) from e
     plan, prepared_rows = sft.plan_on_trainer(spec, trainer, splits, args)

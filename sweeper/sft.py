@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,7 +23,7 @@ from sweeper.config import PeftConfig
 from sweeper.plan import Plan, make_plan
 from sweeper.spec import RunSpec
 
-__all__ = ["SNIPPET_KEYS", "build_sft_config", "check_prepared_data", "make_trainer", "median_tokens", "peft_config", "truncation_drops",
+__all__ = ["SNIPPET_KEYS", "build_sft_config", "check_kept", "check_prepared_data", "make_trainer", "median_tokens", "peft_config", "truncation_drops",
            "plan_for", "plan_on_trainer", "prepare_for_plan"]
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,34 @@ def check_prepared_data(cfg: DictConfig, splits: data_mod.Splits) -> None:
 
 def _check_prepared(spec: RunSpec, splits: data_mod.Splits) -> None:
     prepared, eval_rows = prepare_for_plan(spec, splits)
-    data_mod.check_prepared(splits, spec.data, len(prepared), eval_rows)
+    check_kept(spec.data, splits, len(prepared), eval_rows,
+               lambda: model_mod.load_tokenizer(spec.model, spec.paths.cache_dir))
+
+
+def prompt_lengths(rows: Any, fmt: str, tokenizer: Any) -> list[int]:
+    """The tokens before each row's first loss token, as TRL tokenises it: a conversation through the chat template
+    up to its first assistant turn, with the generation prompt; a plain prompt as it is."""
+    lengths = []
+    for row in rows:
+        if fmt == "messages" or not isinstance(row["prompt"], str):
+            msgs = list(row["messages"]) if fmt == "messages" else list(row["prompt"])
+            first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), len(msgs))
+            ids = tokenizer.apply_chat_template(msgs[:first], add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(row["prompt"])["input_ids"]
+        lengths.append(len(ids))
+    return lengths
+
+
+def check_kept(data: Any, splits: data_mod.Splits, train_rows: int, eval_rows: int, tokenizer: Callable[[], Any]
+               ) -> None:
+    """:func:`sweeper.data.check_prepared` on the rows TRL kept; its refusal names the data.max_length that keeps
+    them, measured with the model's tokenizer (``tokenizer()`` returns it; called only then)."""
+    def prompt_tokens(rows: Any) -> list[int]:
+        return prompt_lengths(rows, splits.format, tokenizer())
+
+    data_mod.check_prepared(splits, data, train_rows, eval_rows, prompt_tokens)
 
 
 def _check_in_child(path: str) -> int:

@@ -210,7 +210,12 @@ CASES = [
      "0 of 3 eval rows keep a token to score after truncation at data.max_length=64"),
     ("train rows all cut by max_length", lambda p: ["data=jsonl", f"data.train_path={_jsonl(p, 't.jsonl', [LONG] * 20)}",
                                                     f"data.eval_path={_jsonl(p, 'e.jsonl', GOOD)}", "data.max_length=64"],
-     "0 of 20 train rows keep a token to learn from"),
+     "0 of 20 train rows keep a token to learn from after truncation at data.max_length=64 (the assistant turn starts "
+     "beyond it); raise it to at least data.max_length=6014 (the shortest prompt is 6013 tokens; data.max_length=6014 "
+     "keeps every row), or shorten the prompts"),
+    ("demo rows all cut by max_length", ["data.max_length=8"], "0 of 108 train rows keep a token to learn from after "
+     "truncation at data.max_length=8 (the assistant turn starts beyond it); raise it to at least data.max_length=18 "
+     "(the shortest prompt is 17 tokens; data.max_length=36 keeps every row)"),
     ("empty train file", _train_only([], text=""), "train.jsonl has no rows (an empty file); it needs at least one row"),
     ("empty JSON list", _file("train.json", "[]\n"), "train.json has no rows (an empty JSON list); it needs at least one"),
     ("CSV of a header alone", _file("train.csv", "prompt,completion\n"),
@@ -312,7 +317,7 @@ SINGLE_RUN = [c for c in CASES if c[0] in {
     "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file",
     "model folder without a model", "model folder without weights", "train rows all cut by max_length",
     "eval rows all cut by max_length", "empty train file", "empty JSON list", "CSV of a header alone", "max_steps zero",
-    "required file not given", "fewer train rows than a step"}]
+    "required file not given", "fewer train rows than a step", "demo rows all cut by max_length"}]
 
 
 def _refused(tmp_path, cache_dir, case, run, sweep=True):
@@ -347,14 +352,20 @@ def test_bad_single_run_input_is_the_same_one_line(tmp_path, cache_dir, case):
     assert len(lines) == 1 and case[2] in lines[0], proc.stderr[-3000:]
 
 
-def test_the_advice_for_too_few_train_rows_runs(tmp_path, cache_dir):
+@pytest.mark.parametrize("name,marker", [("fewer train rows than a step", "or set "),
+                                         ("demo rows all cut by max_length", "raise it to at least ")],
+                         ids=["too few train rows", "rows all cut by max_length"])
+def test_the_advice_of_a_refusal_runs(tmp_path, cache_dir, name, marker):
     """The overrides the refusal names make the same command run (batch=auto on this GPU-less machine too)."""
-    [case] = [c for c in CASES if c[0] == "fewer train rows than a step"]
-    args = [*FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *case[1](tmp_path),
+    [case] = [c for c in CASES if c[0] == name]
+    overrides = case[1](tmp_path) if callable(case[1]) else case[1]
+    args = [*FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", *overrides,
             "schedule.max_steps=2", "eval.eval_steps=2"]
     refused = run_in_process(*args)
     assert refused.returncode == 1 and case[2] in refused.stderr, refused.stderr[-2000:]
-    advice = refused.stderr.split("or set ", 1)[1].split()
+    words = refused.stderr.split(marker, 1)[1].split()
+    advice = [w for w in words[:next((i for i, w in enumerate(words) if "=" not in w), len(words))]]
+    assert advice
     proc = run_in_process(*args, *advice)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -364,7 +375,8 @@ PLAN = [c for c in CASES if c[0] in {
     "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file", "model folder without a model",
     "model folder without weights", "train rows all cut by max_length", "eval rows all cut by max_length",
     "empty train file", "empty JSON list", "CSV of a header alone", "Parquet of 0 rows", "max_steps zero",
-    "unknown schedule", "required file not given", "max_steps not a number", "unknown key", "fewer train rows than a step"}]
+    "unknown schedule", "required file not given", "max_steps not a number", "unknown key", "fewer train rows than a step",
+    "demo rows all cut by max_length"}]
 
 
 @pytest.mark.parametrize("case", PLAN, ids=[c[0] for c in PLAN])
