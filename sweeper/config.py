@@ -8,6 +8,10 @@ key or a value of the wrong type fails at compose time, before any model is load
 Rules that span several keys (e.g. warmup shorter than the run) are checked by :func:`validate`,
 which every job calls (through :func:`sweeper.spec.resolve`) before touching data or a GPU. Below the
 entry points the groups travel as instances of these dataclasses (:class:`sweeper.spec.RunSpec`).
+
+Bad input is refused in one line: :class:`InputError` (Hydra prints its message, no traceback), and the words
+of a Hydra or OmegaConf composition error joined into one line (:func:`one_line`, :func:`refusal_line`), the
+same for the sweep, a single run and ``plan``.
 """
 
 from __future__ import annotations
