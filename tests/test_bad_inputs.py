@@ -317,7 +317,8 @@ SINGLE_RUN = [c for c in CASES if c[0] in {
     "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file",
     "model folder without a model", "model folder without weights", "train rows all cut by max_length",
     "eval rows all cut by max_length", "empty train file", "empty JSON list", "CSV of a header alone", "max_steps zero",
-    "required file not given", "fewer train rows than a step", "demo rows all cut by max_length"}]
+    "required file not given", "fewer train rows than a step", "demo rows all cut by max_length",
+    "read-only output folder", "read-only cache folder"}]
 
 
 def _refused(tmp_path, cache_dir, case, run, sweep=True):
