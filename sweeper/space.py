@@ -32,7 +32,8 @@ from typing import Any, Sequence
 
 import optuna
 
-__all__ = ["SweepSpace", "build_space", "exhaust_finite", "finite_values", "quote", "range_note", "translate", "value_text"]
+__all__ = ["SweepSpace", "build_space", "distribution_text", "exhaust_finite", "finite_values", "quote", "range_note",
+           "translate", "value_text"]
 
 
 @dataclass
@@ -255,6 +256,21 @@ def build_space(overrides: Sequence[Any], *, grid_sampler: bool = False) -> Swee
         else:
             space.distributions[key] = payload
     return space
+
+
+def distribution_text(dist: optuna.distributions.BaseDistribution) -> str:
+    """A distribution as the override text that samples it (``interval(0.5,1.5)``, ``tag(log, interval(...))``,
+    ``int(interval(1,9))``, ``range(1,9,2)``, ``choice(a,b)``): for messages."""
+    D = optuna.distributions
+    if isinstance(dist, D.CategoricalDistribution):
+        return "choice(" + ",".join(value_text(v) for v in dist.choices) + ")"
+    if isinstance(dist, (D.FloatDistribution, D.IntDistribution)):
+        if dist.step not in (None, 1) or (isinstance(dist, D.FloatDistribution) and dist.step is not None):
+            return f"range({value_text(dist.low)},{value_text(dist.high + dist.step)},{value_text(dist.step)})"
+        inner = f"interval({value_text(dist.low)},{value_text(dist.high)})"
+        inner = f"int({inner})" if isinstance(dist, D.IntDistribution) else inner
+        return f"tag(log, {inner})" if dist.log else inner
+    return str(dist)
 
 
 def value_text(value: Any) -> str:

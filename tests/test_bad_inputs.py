@@ -156,6 +156,20 @@ CASES = [
     ("reversed interval", ["lr.learning_rate=interval(3e-4,1e-5)"],
      "lr.learning_rate=interval(0.0003,1e-05): the low end must not exceed the high end"),
     ("log interval from 0", ["lr.learning_rate=tag(log,interval(0,1e-3))"], "needs a low end above 0"),
+    # a sampled key's search space checked at its ends by the rules of a fixed value
+    ("interval below what its key takes", ["lr.learning_rate=interval(-1,1)"],
+     "lr.learning_rate=interval(-1.0,1.0) samples -1.0 (its low end), which its key does not take: "
+     "lr.learning_rate must be positive, but got -1.0"),
+    ("interval above what its key takes", ["data.eval_fraction=interval(0.5,1.5)"],
+     "data.eval_fraction=interval(0.5,1.5) samples 1.5 (its high end), which its key does not take: "
+     "data.eval_fraction must be between 0 and 1 (exclusive)"),
+    ("int interval reaching 0", ["schedule.max_steps=int(interval(0,20))"],
+     "schedule.max_steps=int(interval(0,20)) samples 0 (its low end)"),
+    ("choice holding a refused value", ["lr.warmup_steps=choice(0.1,-1,0.2)", "hydra.sweeper.n_trials=2"],
+     "lr.warmup_steps=choice(0.1,-1,0.2) samples -1 (a choice), which its key does not take: "
+     "lr.warmup_steps must be >= 0"),
+    ("range past what its key takes", ["data.eval_fraction=range(0.5,1.5,0.25)", "hydra.sweeper.n_trials=2"],
+     "data.eval_fraction=range(0.5,1.5,0.25) samples 1.25 (its high end)"),
     ("non-UTF-8 data", _non_utf8, "line 3 is not UTF-8 text (byte 0xe9"),
     ("mysql without its driver", ["hydra.sweeper.storage=mysql://root@127.0.0.1:3306/test"],
      "hydra.sweeper.storage=mysql://root@127.0.0.1:3306/test needs a database driver that is not installed"),
