@@ -202,6 +202,8 @@ CASES = [
     ("train file missing", lambda p: ["data=jsonl", f"data.train_path={p / 'nope.jsonl'}"], "file not found"),
     ("row 31 without an assistant turn", _train_only(GOOD[:30] + [_chat("only a question")] + GOOD[30:]),
      "row 31: no assistant message to learn from"),
+    ("eval_accuracy on answers that are no label set", lambda p: [*_train_only(GOOD)(p), "eval.metric=eval_accuracy"],
+     "eval.metric=eval_accuracy, but the answers of train are not a label set (38 distinct answers in 38 train rows"),
     ("eval in another format than train", _train_and_eval([{"prompt": "p", "completion": "c"}] * 3),
      "is in prompt_completion format but data.train_path is in messages; use one format"),
     ("eval fraction leaving no train rows", ["data.eval_fraction=0.999"], "both need at least one"),

@@ -4,8 +4,9 @@ what would be valid, before any trial exists (``sweeper.sweep.command`` calls th
     python train.py -m schedule=under,sweet data=demo,banking77_sample     # each point checked before training
 
 - :func:`check_points`: every grid point composed and validated (``sweeper.config``), its folders writable, its
-  precision available here, the data it names loaded, checked and prepared once as the trials will; and the
-  study file's folder writable.
+  precision available here, the data it names loaded, checked and prepared once as the trials will (an
+  ``eval.metric=eval_accuracy`` on answers that are not a label set refused here); and the study file's folder
+  writable.
 - :func:`check_sampled_ends`: each end of a sampled range, interval or choice passes the rules a fixed value of
   its key does (``lr.learning_rate=interval(-1,1)`` is refused as ``lr.learning_rate=-1`` is).
 - :func:`check_sampled_names` (and :func:`check_sampled_names_early`): a distribution must not pick the study
@@ -26,9 +27,9 @@ from typing import Callable, Sequence
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from sweeper import callbacks, disk, extras, identity, records
 from sweeper import config as config_mod
 from sweeper import data as data_mod
-from sweeper import disk, extras, identity, records
 from sweeper import gpu as gpu_mod
 from sweeper import storage as storage_mod
 from sweeper.sft import check_prepared_data
@@ -57,7 +58,7 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     (:func:`sweeper.extras.leave_out_unused`). SLURM jobs run where the GPUs are, so their precision is not
     checked here; TRL's preparation of the data runs once, in the command's first process, so that the trials
     hit its cache."""
-    seen_data: set[str] = set()
+    loaded: dict[str, data_mod.Splits] = {}
     cfgs = []
     composed = [compose(point_overrides(space, point)) for point in space.grid_points()]
     # the optional packages none of the points uses stay out of this process (before TRL is first imported)
@@ -66,12 +67,15 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
         _check_rules(cfg, launcher)
         check_folders(cfg)
         key = OmegaConf.to_yaml(cfg.data) + OmegaConf.to_yaml(cfg.model)
-        if key not in seen_data:
-            seen_data.add(key)
-            splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
+        if key not in loaded:
+            splits = loaded[key] = data_mod.load(cfg.data, cfg.paths.cache_dir)
             data_mod.check_train_size(splits, cfg.batch)
+            callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name), splits)
             if launcher == "local" and SWEEP_ID_ENV not in os.environ:
                 check_prepared_data(cfg, splits)
+        else:  # the same data, maybe another eval.metric
+            callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name),
+                                            loaded[key])
         cfgs.append(cfg)
     db = sqlite_path(storage_url)
     if db is not None:
