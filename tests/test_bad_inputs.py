@@ -249,6 +249,15 @@ CASES = [
                                           f"{_closed_port()}/test"], "no PostgreSQL server answers at 127.0.0.1:"),
     ("PostgreSQL database missing", _storage(_postgres("postgres", "no_such_db")),
      "the server at 127.0.0.1:5432 has no database 'no_such_db'; create it"),
+    ("PostgreSQL password with an unencoded @ and :",
+     ["hydra.sweeper.storage=postgresql://postgres:pa55w0rd@x:y@127.0.0.1:5432/test"],
+     "hydra.sweeper.storage=postgresql://postgres:***@127.0.0.1:5432/test: its user or password holds an @ that is "
+     "not percent-encoded; write a password's special characters percent-encoded (@ as %40, : as %3A"),
+    ("PostgreSQL password as a query parameter",
+     lambda p: [f"hydra.sweeper.storage='{_postgres('postgres', 'no_such_db')(p).replace(':pa55w0rd', '')}"
+                "?sslmode=disable&password=pa55w0rd'"],
+     "hydra.sweeper.storage=postgresql://postgres@127.0.0.1:5432/no_such_db?sslmode=disable&password=***: the "
+     "server at 127.0.0.1:5432 has no database 'no_such_db'"),
     ("PostgreSQL role missing", _storage(_postgres("no_such_role")),
      "the server at 127.0.0.1:5432 has no role 'no_such_role'; create it"),
     ("floats sampled for an int key", ["schedule.max_steps=interval(10,20)"],

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from sweeper import config as config_mod
 from sweeper import hos, objectives, samplers, slurm
+from sweeper import storage as storage_mod
 from sweeper import workers as workers_mod
 
 __all__ = ["DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS", "SWEEP_ID_ENV", "Settings", "new_sweep_id", "parse"]
@@ -99,6 +100,7 @@ def parse(fields: dict, config: DictConfig, sweep_id: str) -> Settings:
     hos.check_failure_rate(f.get("max_failure_rate"))
     storage = f.get("storage")
     url = hos.storage(storage, config.paths.output_dir)
+    storage_mod.check_url(url)  # a password with an unencoded @ or :: one line naming the option, without it
     custom = hos.custom_search_space(f.get("custom_search_space"))
     workers_arg = hos.workers(f.get("n_jobs"), f.get("workers", "auto"))
     cost = str(getattr(f.get("cost", "steps"), "name", f.get("cost", "steps")))
