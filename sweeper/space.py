@@ -12,7 +12,8 @@ Translated exactly (:func:`translate`, one override; :func:`build_space`, a comm
   never lets the stop in; a descending, empty or zero-step range is refused in one line;
   ``shuffle(range(...))`` -> categorical;
   ``interval(lo,hi)`` -> float in [lo, hi]; ``int(interval(lo,hi))`` or ``tag(int, interval(...))`` ->
-  integers in [lo, hi]; ``tag(log, ...)`` -> log scale. With ``grid_sampler`` (``sampler.name=grid``)
+  integers in [lo, hi]; ``tag(log, ...)`` -> log scale; ``tag(float, range(...))`` -> a stepped float; any other
+  tag is refused in one line (:data:`TAGS`). With ``grid_sampler`` (``sampler.name=grid``)
   choice and range become grid axes instead, and an interval is refused.
 - :func:`exhaust_finite`: a sampled space of finite points no larger than ``n_trials`` becomes a grid, so
   each point runs once (a sampler would repeat points of a 2-point space).
@@ -32,7 +33,7 @@ from typing import Any, Sequence
 
 import optuna
 
-__all__ = ["SweepSpace", "build_space", "distribution_text", "exhaust_finite", "finite_values", "quote", "range_note",
+__all__ = ["TAGS", "SweepSpace", "build_space", "distribution_text", "exhaust_finite", "finite_values", "quote", "range_note",
            "translate", "value_text"]
 
 
@@ -113,6 +114,10 @@ def exhaust_finite(space: SweepSpace, n_trials: int) -> tuple[SweepSpace, str | 
     return SweepSpace(fixed=list(space.fixed), grid=grid, distributions={}, notes=[*space.notes, note]), note
 
 
+# the tags of tag(..., sweep) that mean something here (hydra-optuna-sweeper's log and int, and float for a range)
+TAGS = {"log": "log scale", "int": "whole numbers", "float": "a range of floats"}
+
+
 def _number(x: Any) -> Any:
     return float(x) if hasattr(x, "as_tuple") else x  # decimal.Decimal from Hydra float ranges
 
@@ -191,6 +196,11 @@ def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
         return "fixed", override.input_line
     value = override.value()
     tags = set(getattr(value, "tags", set()) or set())
+    unknown = sorted(tags - set(TAGS))
+    if unknown:
+        raise ValueError(f"{override.input_line}: unknown tag {unknown[0]!r}; the tags are "
+                         + ", ".join(f"{t} ({why})" for t, why in TAGS.items())
+                         + ", e.g. tag(log, interval(1e-5,1e-3))")
     log_scale = "log" in tags
     if override.is_choice_sweep():
         items = list(override.sweep_iterator(transformer=Transformer.encode))
@@ -210,6 +220,9 @@ def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
             step = int(value.step)
             if log_scale and step != 1:
                 raise ValueError(f"{key}: tag(log, range(...)) needs step 1, but got step {step}")
+            if log_scale and values[0] < 1:
+                raise ValueError(f"{key}: tag(log, {_range_text(value)}) needs a start of at least 1 (a log scale has "
+                                 f"no 0), e.g. tag(log, range(1,{value_text(value.stop)}))")
             return "dist", optuna.distributions.IntDistribution(
                 low=values[0], high=values[-1], step=1 if log_scale else step, log=log_scale)
         if log_scale:

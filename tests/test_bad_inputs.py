@@ -156,6 +156,11 @@ CASES = [
     ("reversed interval", ["lr.learning_rate=interval(3e-4,1e-5)"],
      "lr.learning_rate=interval(0.0003,1e-05): the low end must not exceed the high end"),
     ("log interval from 0", ["lr.learning_rate=tag(log,interval(0,1e-3))"], "needs a low end above 0"),
+    ("log range from 0", ["schedule.max_steps=tag(log,range(0,20))"],
+     "schedule.max_steps: tag(log, range(0,20,1)) needs a start of at least 1"),
+    ("unknown tag", ["lr.learning_rate=tag(lg,interval(1e-5,1e-3))"],
+     "lr.learning_rate=tag(lg,interval(1e-5,1e-3)): unknown tag 'lg'; the tags are log (log scale), int (whole "
+     "numbers), float (a range of floats)"),
     # a sampled key's search space checked at its ends by the rules of a fixed value
     ("interval below what its key takes", ["lr.learning_rate=interval(-1,1)"],
      "lr.learning_rate=interval(-1.0,1.0) samples -1.0 (its low end), which its key does not take: "
