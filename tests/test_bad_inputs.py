@@ -236,6 +236,12 @@ CASES = [
     ("patience zero", ["eval.early_stopping_patience=0"], "eval.early_stopping_patience must be >= 1 or null"),
     ("4-bit weights without adapters", ["precision=qlora4", "peft=none"], "add peft=lora"),
     # sweeper settings
+    ("search_space, hydra-optuna-sweeper's old form", ["hydra.sweeper.search_space={a:1}"],
+     "hydra.sweeper.search_space (a: ...) is hydra-optuna-sweeper's deprecated form; give the space as "
+     "hydra.sweeper.params"),
+    ("params not a mapping", ["hydra.sweeper.params=5"], "hydra.sweeper.params must be a mapping of keys to overrides"),
+    ("params value not an override", ["hydra.sweeper.params={seed:[1,2]}"],
+     "hydra.sweeper.params.seed must be one override in the sweep grammar"),
     ("n_trials zero", ["hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials must be >= 1 or null, but got 0"),
     ("max_failures zero", ["hydra.sweeper.max_failures=0"], "hydra.sweeper.max_failures must be >= 1 or null"),
     ("negative heartbeat", ["hydra.sweeper.heartbeat_interval=-1"], "hydra.sweeper.heartbeat_interval must be >= 1"),

@@ -346,3 +346,13 @@ def test_a_trial_of_a_command_sweeping_nothing_records_the_studys_params_at_its_
     study.add_trial(optuna.trial.create_trial(value=0.5, params={k: v for k, (v, _) in found.items()},
                                               distributions={k: d for k, (_, d) in found.items()}))
     assert study.best_trial.params == {"schedule.max_steps": 60, "lr.learning_rate": 3e-3}
+
+
+def test_params_and_search_space_given_on_the_command_line_compose(compose_cfg):
+    """hydra.sweeper.params={...} (and search_space={...}, refused later naming params) merge into their null
+    defaults; a dict typed node that is null made OmegaConf fail with a traceback."""
+    cfg = compose_cfg("hydra.sweeper.params={seed:'1,2',schedule:under}", "hydra.sweeper.search_space={a:1}")
+    assert hos.params(cfg.hydra.sweeper.params) == {"seed": "1,2", "schedule": "under"}
+    with pytest.raises(ValueError, match=r"search_space \(a: \.\.\.\) is hydra-optuna-sweeper's deprecated form"):
+        hos.refuse_search_space(cfg.hydra.sweeper.search_space)
+    assert hos.params(None) == {} and hos.params({"lr.learning_rate": 0.001}) == {"lr.learning_rate": "0.001"}

@@ -53,11 +53,13 @@ class SftSweepSweeperConf:
     pruner: Optional[Dict[str, Any]] = field(default_factory=dict)
     direction: Any = None  # null: eval.metric's; minimize | maximize | [metric's, minimize] (metric vs cost)
     cost: Cost = MISSING  # the second objective of a two-objective direction
-    params: Optional[Dict[str, str]] = None
+    # params and search_space are Any: OmegaConf cannot merge a dict into a typed dict node that is null, so
+    # hydra.sweeper.params={...} on the command line would fail inside OmegaConf (sweeper.sweep.settings checks them)
+    params: Any = None  # {key: override}
     custom_search_space: Optional[str] = None  # import path of a function (cfg, trial) that adds params
     n_jobs: Optional[int] = None  # hydra-optuna-sweeper's parallel trials -> workers
     max_failure_rate: Optional[float] = None  # stop once this share of finished trials failed (null: never)
-    search_space: Optional[Dict[str, Any]] = None  # hydra-optuna-sweeper's deprecated form: refused, naming params
+    search_space: Any = None  # hydra-optuna-sweeper's deprecated form: refused, naming params
     heartbeat_interval: Optional[int] = None
     grace_period: Optional[int] = None
     max_retry: Optional[int] = None

@@ -117,7 +117,7 @@ def parse(fields: dict, config: DictConfig, sweep_id: str) -> Settings:
         slurm.check(f.get("slurm"), url, gpus)
     return Settings(
         storage_url=url, storage_given=storage is not None, study_name=f.get("study_name"),
-        n_trials=f.get("n_trials"), sampler=f.get("sampler"), pruner=f.get("pruner"), params=f.get("params") or {},
+        n_trials=f.get("n_trials"), sampler=f.get("sampler"), pruner=f.get("pruner"), params=hos.params(f.get("params")),
         heartbeat_interval=f.get("heartbeat_interval"), grace_period=f.get("grace_period"),
         max_retry=f.get("max_retry"), max_failures=f.get("max_failures"), max_failure_rate=f.get("max_failure_rate"),
         workers=workers, gpus=gpus, launcher=launcher, slurm=f.get("slurm"),
