@@ -242,6 +242,12 @@ CASES = [
     ("params not a mapping", ["hydra.sweeper.params=5"], "hydra.sweeper.params must be a mapping of keys to overrides"),
     ("params value not an override", ["hydra.sweeper.params={seed:[1,2]}"],
      "hydra.sweeper.params.seed must be one override in the sweep grammar"),
+    ("two grid points composing one run", ["schedule=under,sweet", "schedule.max_steps=10"],
+     "schedule=under and schedule=sweet compose the same run (schedule.max_steps=10 sets what tells them apart): the "
+     "sweep would train it once for each; sweep only one of them, or drop schedule.max_steps=10"),
+    ("two sampled choices composing one run", ["schedule=choice(under,sweet)", "schedule.max_steps=10",
+                                               "hydra.sweeper.n_trials=1"],
+     "schedule=under and schedule=sweet compose the same run"),
     ("n_trials zero", ["hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials must be >= 1 or null, but got 0"),
     ("max_failures zero", ["hydra.sweeper.max_failures=0"], "hydra.sweeper.max_failures must be >= 1 or null"),
     ("negative heartbeat", ["hydra.sweeper.heartbeat_interval=-1"], "hydra.sweeper.heartbeat_interval must be >= 1"),

@@ -280,7 +280,7 @@ def test_two_points_that_compose_one_run_are_named():
     same = {"schedule.max_steps": 10, "seed": 1}
     line = same_runs(space, [same, dict(same)], compose=None)
     assert line == ("schedule=under and schedule=sweet compose the same run (schedule.max_steps=10 sets what tells "
-                    "them apart): the sweep trains it once for each; sweep only one of them, or drop "
+                    "them apart): the sweep would train it once for each; sweep only one of them, or drop "
                     "schedule.max_steps=10")
     assert same_runs(space, [same, {**same, "schedule.max_steps": 11}], compose=None) is None
 

@@ -7,8 +7,8 @@ The overrides (``hydra.sweeper.params`` first, the command line over them) becom
 also choice and range) is the command's own points; distributions (choice, range, interval) are sampled, and a
 small finite space becomes a grid. Each point is composed once (:class:`Composer` keeps every composed
 config) and checked by ``sweeper.sweep.preflight``; a sampled value that does not fit its key
-(``sweeper.typefit``), or a search space reaching a value its key does not take (``interval(-1,1)`` for a learning
-rate), is refused and two points that are one run (``sweeper.points``) are named. Points of several
+(``sweeper.typefit``), a search space reaching a value its key does not take (``interval(-1,1)`` for a learning
+rate), and two points that are one run (``sweeper.points``) are refused. Points of several
 datasets or models (anything that changes ``<data.name>-<model.name>``) go to one study each, named as a
 single-dataset command names it. Every check runs before any study's trial exists.
 """
@@ -113,7 +113,7 @@ def prepare(settings: Settings, compose: Composer, arguments: list[str]) -> Comm
     preflight.check_sampled_ends(space, compose, settings.launcher)  # interval(-1,1) where -1 is refused
     same = points_mod.same_runs(space, [identity.result_config(c) for c in all_cfgs], compose)
     if same:
-        log.warning(same)
+        raise ValueError(same)
     for line in space.notes:
         log.info(line)
     sweeps = []
