@@ -405,6 +405,10 @@ def validate(cfg: Any) -> None:
             "a required value of the option chosen"
         raise ValueError(f"{', '.join(missing)} must be set, but {'is' if len(missing) == 1 else 'are'} ??? ({why}); "
                          f"add {' '.join(k + '=...' for k in missing)} to the command")
+    for key, value in (("data.name", cfg.data.name), ("model.name", cfg.model.name)):
+        if not str(value).strip():
+            raise ValueError(f"{key} must not be empty: it names the study (<data.name>-<model.name>), its folder and "
+                             f"the report's rows; e.g. {key}={'mydata' if key == 'data.name' else 'qwen2.5-1.5b'}")
     _validate_schedule(cfg)
     _validate_training(cfg)
     _validate_eval(cfg)
@@ -513,6 +517,10 @@ def _validate_eval(cfg: Any) -> None:
         raise ValueError(
             f"eval.early_stopping_patience must be >= 1 or null (off), but got {e.early_stopping_patience}"
         )
+    threshold = e.early_stopping_threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+        raise ValueError(f"eval.early_stopping_threshold must be >= 0 (the least improvement of eval.metric that "
+                         f"resets the patience), but got {threshold}; set eval.early_stopping_threshold=0.0")
     metric_direction(e.metric)
     if e.accuracy not in ("auto", "on", "off"):
         raise ValueError(f"eval.accuracy must be one of ['auto', 'on', 'off'], but got {e.accuracy!r}")

@@ -233,6 +233,12 @@ CASES = [
     ("unknown metric", ["eval.metric=eval_foo"], "eval.metric must be one of ['eval_accuracy', 'eval_loss', 'eval_mean_token_accuracy']"),
     ("eval_steps zero", ["eval.eval_steps=0"], "eval.eval_steps must be >= 1"),
     ("unknown accuracy mode", ["eval.accuracy=maybe"], "eval.accuracy must be one of ['auto', 'on', 'off']"),
+    ("negative early stopping threshold", ["eval.early_stopping_threshold=-1"],
+     "eval.early_stopping_threshold must be >= 0 (the least improvement of eval.metric that resets the patience), "
+     "but got -1.0"),
+    ("empty data name", ["data.name=''"], "data.name must not be empty: it names the study"),
+    ("blank model name", ["model.name=' '"], "model.name must not be empty"),
+    ("GPU ids that are not visible", ["hydra.sweeper.gpus=[0,99]"], "hydra.sweeper.gpus=[0,99]"),  # none here, or 99
     ("patience zero", ["eval.early_stopping_patience=0"], "eval.early_stopping_patience must be >= 1 or null"),
     ("4-bit weights without adapters", ["precision=qlora4", "peft=none"], "add peft=lora"),
     # sweeper settings

@@ -113,6 +113,10 @@ def parse(fields: dict, config: DictConfig, sweep_id: str) -> Settings:
     workers = workers_mod.parse_workers(workers_arg)
     gpus = workers_mod.parse_gpus(f.get("gpus"))
     launcher = workers_mod.parse_launcher(f.get("launcher", "local"))
+    if gpus is not None and launcher == "local" and SWEEP_ID_ENV not in os.environ:  # a worker sees its own GPU only
+        from sweeper import gpu as gpu_mod
+
+        workers_mod.check_gpus_visible(gpus, gpu_mod.visible_gpus())
     if launcher == "slurm":
         slurm.check(f.get("slurm"), url, gpus)
     return Settings(
