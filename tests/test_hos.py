@@ -356,3 +356,19 @@ def test_params_and_search_space_given_on_the_command_line_compose(compose_cfg):
     with pytest.raises(ValueError, match=r"search_space \(a: \.\.\.\) is hydra-optuna-sweeper's deprecated form"):
         hos.refuse_search_space(cfg.hydra.sweeper.search_space)
     assert hos.params(None) == {} and hos.params({"lr.learning_rate": 0.001}) == {"lr.learning_rate": "0.001"}
+
+
+@pytest.mark.parametrize("override,built", [
+    ("+hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler", optuna.samplers.RandomSampler),
+    ("+hydra.sweeper.pruner._target_=optuna.pruners.MedianPruner", optuna.pruners.MedianPruner),
+], ids=["sampler", "pruner"])
+def test_a_sampler_or_pruner_by_target_on_the_command_line(compose_cfg, override, built):
+    """Hydra instantiates the sweeper from hydra.sweeper; a sampler or pruner block with its own _target_ reaches it
+    as config (not instantiated by Hydra with the block's name and seed, which the class does not take)."""
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(override)
+    fields = instantiate(cfg.hydra.sweeper)._impl.fields
+    made = (samplers.make_sampler(fields["sampler"]) if "sampler" in override
+            else samplers.make_pruner(fields["pruner"]))
+    assert isinstance(made, built)

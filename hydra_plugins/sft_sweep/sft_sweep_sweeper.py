@@ -44,6 +44,9 @@ class SlurmConf:
 @dataclass
 class SftSweepSweeperConf:
     _target_: str = "hydra_plugins.sft_sweep.sft_sweep_sweeper.SftSweepSweeper"
+    # Hydra instantiates the sweeper; sampler/pruner blocks with their own _target_ (hydra-optuna-sweeper's form)
+    # reach it as config and are built by sweeper.samplers, which knows which of their keys are options
+    _recursive_: bool = False
     storage: Optional[str] = MISSING  # null: hydra-optuna-sweeper's in-memory study -> a file in paths.output_dir
     study_name: Optional[str] = None
     n_trials: Optional[int] = None
