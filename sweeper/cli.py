@@ -276,7 +276,49 @@ def one_line(text: str) -> str:
         parts.append(stripped.rstrip("."))
     if options:
         parts[-1] += " " + ", ".join(options)
-    return "; ".join(parts)
+    return _near_key("; ".join(parts))
+
+
+_UNKNOWN_KEY = re.compile(r"^Could not override '(?P<key>[^']+)'; To append to your config use (?P<plus>\+\S+); "
+                          r"Key '(?P<leaf>[^']+)' not in '(?P<cls>\w+)'")
+
+
+def _schema_fields(name: str) -> list[str] | None:
+    """The fields of the schema dataclass ``name`` (ours, the sweeper plugin's, Hydra's), or None."""
+    import dataclasses
+    import importlib
+
+    for module in ("sweeper.config", "hydra_plugins.sft_sweep.sft_sweep_sweeper", "hydra.conf"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if cls is not None and dataclasses.is_dataclass(cls):
+            return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+    return None
+
+
+def _near_key(line: str) -> str:
+    """Hydra's refusal of an unknown key (``schedule.max_step=10``) with the close known key instead of its hint
+    to add the key with ``+``, which the schema refuses next: ``did you mean schedule.max_steps=10?`` and the
+    keys known there. Any other line as it is."""
+    m = _UNKNOWN_KEY.match(line)
+    names = _schema_fields(m["cls"]) if m else None
+    if not m or not names:
+        return line
+    parts = m["key"].split(".")
+    if m["leaf"] not in parts:
+        return line
+    at = parts.index(m["leaf"])
+    close = difflib.get_close_matches(m["leaf"], names, n=1)
+    known = f"known in {'.'.join(parts[:at]) or 'the config'}: {', '.join(names)}"
+    rest = line[m.end():]
+    if not close:
+        return f"Could not override '{m['key']}': {m['key']} is not a key of the config; {known}{rest}"
+    fixed = ".".join([*parts[:at], close[0], *parts[at + 1:]])
+    value = m["plus"].split("=", 1)[1] if "=" in m["plus"] else "..."
+    return (f"Could not override '{m['key']}': {'.'.join(parts[:at + 1])} is not a key of the config; did you mean "
+            f"{fixed}={value}? ({known}){rest}")
 
 
 class _OneLineRefusals:

@@ -529,15 +529,21 @@ HYDRA_ERRORS = [
      "Error merging override schedule.max_steps=abc; Value 'abc' of type 'str' could not be converted to Integer"),
     ("Could not override 'schedul.max_steps'.\nTo append to your config use +schedul.max_steps=3\n"
      "Key 'schedul' not in 'Config'\n    full_key: schedul\n    object_type=Config\n",
-     "Could not override 'schedul.max_steps'; To append to your config use +schedul.max_steps=3; "
-     "Key 'schedul' not in 'Config'"),
+     "Could not override 'schedul.max_steps': schedul is not a key of the config; did you mean schedule.max_steps=3? "
+     "(known in the config: model, data, batch, schedule, lr, precision, peft, speed, eval, study, paths, tracking, "
+     "seed, retry_on_oom, report_to)"),
+    ("Could not override 'schedule.max_step'.\nTo append to your config use +schedule.max_step=10\n"
+     "Key 'max_step' not in 'ScheduleConfig'\n    full_key: schedule.max_step\n    object_type=ScheduleConfig\n",
+     "Could not override 'schedule.max_step': schedule.max_step is not a key of the config; did you mean "
+     "schedule.max_steps=10? (known in schedule: max_steps, num_train_epochs, wsd)"),
     ("In 'config': Could not find 'schedule/undr'\n\nAvailable options in 'schedule':\n\tover\n\tsweet\n\tunder\n"
      "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf\n\tprovider=main, path=file:///x/conf\n",
      "In 'config': Could not find 'schedule/undr'; Available options in 'schedule': over, sweet, under"),
 ]
 
 
-@pytest.mark.parametrize("text,line", HYDRA_ERRORS, ids=["wrong type", "unknown key", "unknown option"])
+@pytest.mark.parametrize("text,line", HYDRA_ERRORS, ids=["wrong type", "unknown key", "unknown key of a group",
+                                                        "unknown option"])
 def test_hydras_composition_errors_are_said_in_one_line(text, line):
     import io
 
@@ -585,7 +591,7 @@ def test_a_runs_refusal_leaves_out_hydras_list_of_overrides_but_a_traceback_keep
 @pytest.mark.slow
 @pytest.mark.parametrize("override,needle", [
     ("schedule.max_steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
-    ("schedul.max_steps=3", "Key 'schedul' not in 'Config'"),
+    ("schedul.max_steps=3", "schedul is not a key of the config; did you mean schedule.max_steps=3?"),
     ("schedule=undr", "Available options in 'schedule': epochs3, over, sweet, under, wsd_search"),
     ("schedule.max_steps=[1", "no viable alternative at input '[1'"),
 ], ids=["wrong type", "unknown key", "unknown option", "bad grammar"])
