@@ -233,7 +233,7 @@ def _main(argv: list[str]) -> None:
 
     sys.argv[1:] = argv
     stderr = sys.stderr
-    sys.stderr = _OneLineRefusals(stderr)
+    sys.stderr = _OneLineRefusals(stderr, argv)
     try:
         app()
     finally:
@@ -321,6 +321,39 @@ def _near_key(line: str) -> str:
             f"{fixed}={value}? ({known}){rest}")
 
 
+def _bad_override(argv: list[str]) -> str | None:
+    """The first override of the command line ``argv`` that Hydra's grammar cannot parse, or None."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:
+        return None
+    parser = OverridesParser.create()
+    for override in args.overrides or []:
+        try:
+            parser.parse_overrides([override])
+        except Exception:
+            return override
+    return None
+
+
+def name_override(line: str, argv: list[str]) -> str:
+    """A grammar error of Hydra's that does not say which override it is in (``no viable alternative at input
+    'interval(1e-3'``) with that override named first; a password in it masked (``sweeper.passwords``). Any
+    other line as it is."""
+    if "override_grammar" not in line or line.startswith("Error parsing override"):
+        return line
+    bad = _bad_override(argv)
+    if bad is None:
+        return line
+    from sweeper import passwords
+
+    secrets = passwords.secret_values({}, bad.split("=", 1)[-1].strip("'\""))
+    return passwords.mask_secrets(f"Error parsing override '{bad}': {line}", secrets)
+
+
 class _OneLineRefusals:
     """``sys.stderr`` for the Hydra app: Hydra follows the one line of a refusal (an ``InputError``, which it
     prints without a traceback) with a blank line and its ``HYDRA_FULL_ERROR`` hint; that hint is left out, so
@@ -328,13 +361,14 @@ class _OneLineRefusals:
     option that does not exist) span several lines; they are held until the hint and said in one
     (:func:`one_line`). After a traceback (a bug, not bad input) everything passes as written, hint included."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, argv: list[str] | None = None) -> None:
         self._stream, self._traceback, self._held, self._job = stream, False, [], ""
+        self._argv = list(argv or [])
 
     def write(self, text: str) -> int:
         if text == _HYDRA_HINT and not self._traceback:
             if self._held:
-                self._stream.write(one_line("".join(self._held)) + "\n")
+                self._stream.write(name_override(one_line("".join(self._held)), self._argv) + "\n")
                 self._held = []
             self._job = ""  # a run's refusal names its option itself: Hydra's list of overrides is left out
             return len(text)

@@ -593,9 +593,30 @@ def test_a_runs_refusal_leaves_out_hydras_list_of_overrides_but_a_traceback_keep
     ("schedule.max_steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
     ("schedul.max_steps=3", "schedul is not a key of the config; did you mean schedule.max_steps=3?"),
     ("schedule=undr", "Available options in 'schedule': epochs3, over, sweet, under, wsd_search"),
-    ("schedule.max_steps=[1", "no viable alternative at input '[1'"),
+    ("schedule.max_steps=[1", "Error parsing override 'schedule.max_steps=[1': no viable alternative at input '[1'"),
 ], ids=["wrong type", "unknown key", "unknown option", "bad grammar"])
 def test_a_composition_error_from_the_command_is_one_line(tmp_path, override, needle):
     proc = run_cli("-m", override, f"paths.output_dir={tmp_path}")
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode != 0 and len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["-m", "seed=1,2", "lr.learning_rate=interval(1e-3"],
+     "Error parsing override 'lr.learning_rate=interval(1e-3': no viable alternative at input 'interval(1e-3'; See "
+     "https://hydra.cc/docs/1.2/advanced/override_grammar/basic for details"),
+    (["-m", "hydra.sweeper.storage=postgresql://bob@db/x?password=pa55w0rd"],
+     "Error parsing override 'hydra.sweeper.storage=postgresql://bob@db/x?password=***': mismatched input '=' "
+     "expecting <EOF>; See https://hydra.cc/docs/1.2/advanced/override_grammar/basic for details"),
+], ids=["unclosed interval", "unquoted URL with a password"])
+def test_a_grammar_error_names_its_override_without_a_password(argv, line):
+    import io
+
+    from sweeper.cli import _HYDRA_HINT, _OneLineRefusals
+
+    out = io.StringIO()
+    stream = _OneLineRefusals(out, argv)
+    hydra_says = line.split("': ", 1)[1].replace("; See", "\nSee") + "\n"
+    stream.write(hydra_says)
+    stream.write(_HYDRA_HINT)
+    assert out.getvalue() == line + "\n"
