@@ -163,15 +163,18 @@ CASES = [
      "numbers), float (a range of floats)"),
     # a sampled key's search space checked at its ends by the rules of a fixed value
     ("interval below what its key takes", ["lr.learning_rate=interval(-1,1)"],
-     "lr.learning_rate=interval(-1.0,1.0) samples -1.0 (its low end), which its key does not take: "
+     "lr.learning_rate=interval(-1.0,1.0) samples -1.0 (its low end), refused as lr.learning_rate=-1.0 would be: "
      "lr.learning_rate must be positive, but got -1.0"),
     ("interval above what its key takes", ["data.eval_fraction=interval(0.5,1.5)"],
-     "data.eval_fraction=interval(0.5,1.5) samples 1.5 (its high end), which its key does not take: "
+     "data.eval_fraction=interval(0.5,1.5) samples 1.5 (its high end), refused as data.eval_fraction=1.5 would be: "
      "data.eval_fraction must be between 0 and 1 (exclusive)"),
+    ("interval leaving no train rows at its end", ["data.eval_fraction=interval(0.5,0.999)"],
+     "data.eval_fraction=interval(0.5,0.999) samples 0.999 (its high end), refused as data.eval_fraction=0.999 would "
+     "be: data.eval_fraction=0.999 of 120 rows"),
     ("int interval reaching 0", ["schedule.max_steps=int(interval(0,20))"],
      "schedule.max_steps=int(interval(0,20)) samples 0 (its low end)"),
     ("choice holding a refused value", ["lr.warmup_steps=choice(0.1,-1,0.2)", "hydra.sweeper.n_trials=2"],
-     "lr.warmup_steps=choice(0.1,-1,0.2) samples -1 (a choice), which its key does not take: "
+     "lr.warmup_steps=choice(0.1,-1,0.2) samples -1 (a choice), refused as lr.warmup_steps=-1 would be: "
      "lr.warmup_steps must be >= 0"),
     ("range past what its key takes", ["data.eval_fraction=range(0.5,1.5,0.25)", "hydra.sweeper.n_trials=2"],
      "data.eval_fraction=range(0.5,1.5,0.25) samples 1.25 (its high end)"),
