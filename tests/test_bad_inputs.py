@@ -623,3 +623,26 @@ def test_a_grammar_error_names_its_override_without_a_password(argv, line):
     stream.write(hydra_says)
     stream.write(_HYDRA_HINT)
     assert out.getvalue() == line + "\n"
+
+
+@pytest.mark.parametrize("file_there", [False, True], ids=["new file", "file with another study"])
+def test_a_refusal_after_the_study_was_opened_leaves_no_study(tmp_path, cache_dir, monkeypatch, file_there):
+    """A refusal that comes once the command's study exists (the workers' plan, after the study's state is read)
+    deletes the study it created, and the SQLite file it created with it."""
+    import optuna
+
+    from sweeper.sweep import launchers
+
+    def refuse(*args, **kwargs):
+        raise ValueError("hydra.sweeper.workers=auto: no visible GPU has room for the planned trial (a test's)")
+
+    monkeypatch.setattr(launchers, "plan", refuse)
+    db = tmp_path / "optuna.db"
+    if file_there:
+        optuna.create_study(study_name="other", storage=f"sqlite:///{db}")
+    proc = run_in_process("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+    assert proc.returncode == 1 and "no visible GPU has room for the planned trial (a test's)" in proc.stderr
+    if file_there:
+        assert optuna.study.get_all_study_names(f"sqlite:///{db}") == ["other"]
+    else:
+        assert not db.exists() and not (tmp_path / "optuna.db.lock").exists()

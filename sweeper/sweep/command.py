@@ -10,7 +10,9 @@ config) and checked by ``sweeper.sweep.preflight``; a sampled value that does no
 (``sweeper.typefit``), a search space reaching a value its key does not take (``interval(-1,1)`` for a learning
 rate), and two points that are one run (``sweeper.points``) are refused. Points of several
 datasets or models (anything that changes ``<data.name>-<model.name>``) go to one study each, named as a
-single-dataset command names it. Every check runs before any study's trial exists.
+single-dataset command names it. Every check runs before any study's trial exists; a refusal once the studies
+are open (their state read: one that cannot take the command) deletes the studies the command created
+(:func:`drop_new`), so that nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ from sweeper import fingerprint, folders, identity, objectives, records, sampler
 from sweeper import points as points_mod
 from sweeper import workers as workers_mod
 from sweeper.space import SweepSpace, build_space, exhaust_finite, value_text
-from sweeper.storage import claim_lock, mask_url, open_storage
+from sweeper.storage import claim_lock, mask_url, open_storage, sqlite_path
 from sweeper.sweep import preflight
 from sweeper.sweep.settings import Settings
 
-__all__ = ["Command", "Composer", "Sweep", "prepare"]
+__all__ = ["Command", "Composer", "Sweep", "drop_new", "prepare"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class Sweep:
     configs: list = field(default_factory=list)  # each point's result config (sweeper.identity)
     cfgs: list = field(default_factory=list)  # each point's composed config
     order: list = field(default_factory=list)  # each point's place in the command's grid (claim order)
+    new: bool = False  # this command created the study (dropped again when the command is refused: drop_new)
 
     @property
     def folder(self) -> Path:
@@ -89,6 +92,7 @@ class Command:
     sweeps: list[Sweep]
     cfgs: list = field(default_factory=list)  # every point's composed config, in the command's order
     plan: workers_mod.WorkerPlan | None = None
+    file_existed: bool = True  # the SQLite study file was there before the command (drop_new)
 
     @property
     def folder(self) -> Path:
@@ -116,26 +120,51 @@ def prepare(settings: Settings, compose: Composer, arguments: list[str]) -> Comm
         raise ValueError(same)
     for line in space.notes:
         log.info(line)
-    sweeps = []
+    sweeps: list[Sweep] = []
     studies = list(_split_by_study(settings, space, all_cfgs, compose))
-    for name, sub, points, idx in studies:
-        cfgs = [all_cfgs[i] for i in idx]
-        configs = [identity.result_config(c, fingerprint.data_content(c.data, c.paths.cache_dir)) for c in cfgs]
-        if pure_grid:  # a grid runs its own points, whatever else the study holds
-            total = min(settings.n_trials, len(points)) if settings.n_trials else len(points)
-            points, cfgs, configs, idx = points[:total], cfgs[:total], configs[:total], idx[:total]
-        else:  # sampled: n_trials is the study's total
-            total = settings.sampled_total
-        study = _create_study(settings, name, cfgs[0])
-        dists = {**sub.grid_distributions(compose.group_options), **sub.distributions}
-        preflight.check_compatible(study, dists)
-        preflight.check_same_settings(study, sub, configs, storage_url=settings.storage_url,
-                                      allow_change=settings.allow_config_change, several=len(studies) > 1)
-        sweeps.append(Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx))
+    db = sqlite_path(settings.storage_url)
+    file_existed = db is None or db.exists()
+    try:
+        for name, sub, points, idx in studies:
+            cfgs = [all_cfgs[i] for i in idx]
+            configs = [identity.result_config(c, fingerprint.data_content(c.data, c.paths.cache_dir)) for c in cfgs]
+            if pure_grid:  # a grid runs its own points, whatever else the study holds
+                total = min(settings.n_trials, len(points)) if settings.n_trials else len(points)
+                points, cfgs, configs, idx = points[:total], cfgs[:total], configs[:total], idx[:total]
+            else:  # sampled: n_trials is the study's total
+                total = settings.sampled_total
+            study, new = _create_study(settings, name, cfgs[0])
+            dists = {**sub.grid_distributions(compose.group_options), **sub.distributions}
+            sweeps.append(Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx, new))
+            preflight.check_compatible(study, dists)
+            preflight.check_same_settings(study, sub, configs, storage_url=settings.storage_url,
+                                          allow_change=settings.allow_config_change, several=len(studies) > 1)
+    except BaseException:
+        drop_new(Command(sweeps, all_cfgs, file_existed=file_existed), settings.storage_url)
+        raise
     for sw in sweeps:  # after every check: another study incarnation's trial folders moved aside
         with claim_lock(settings.storage_url, sw.name):
             folders.claim(sw.folder, sw.study, mask_url(settings.storage_url))
-    return Command(sweeps, all_cfgs)
+    return Command(sweeps, all_cfgs, file_existed=file_existed)
+
+
+def drop_new(command: Command, storage_url: str) -> None:
+    """Undo the studies a command created when it is refused before its first trial: each study it created
+    that holds no trial is deleted (one that another command has added trials to meanwhile is kept), then an
+    SQLite file it created that holds no study, with the lock file beside it. Nothing is left half-written."""
+    for sw in command.sweeps:
+        if sw.new and not sw.study.get_trials(deepcopy=False):
+            optuna.delete_study(study_name=sw.name, storage=records.storage(sw.study))
+    db = sqlite_path(storage_url)
+    if db is None or command.file_existed or not command.sweeps:
+        return
+    backend = records.storage(command.sweeps[0].study, fresh=True)
+    if optuna.study.get_all_study_names(backend):
+        return
+    if isinstance(backend, optuna.storages.RDBStorage):
+        backend.engine.dispose()  # its connections to the file closed before the file goes
+    for path in (db, db.with_name(db.name + ".lock")):
+        path.unlink(missing_ok=True)
 
 
 def _space(settings: Settings, compose: Composer, arguments: list[str]) -> SweepSpace:
@@ -235,15 +264,18 @@ def _check_folders_apart(split: list[tuple[str, SweepSpace, list, list]], cfgs: 
         seen[folder] = name
 
 
-def _create_study(settings: Settings, name: str, cfg: DictConfig) -> optuna.Study:
-    """Create (or load) the study ``name`` for the runs of ``cfg``, one composed config of it."""
+def _create_study(settings: Settings, name: str, cfg: DictConfig) -> tuple[optuna.Study, bool]:
+    """Create (or load) the study ``name`` for the runs of ``cfg``, one composed config of it; and whether this
+    call created it."""
     metric = str(cfg.eval.metric)
     wanted = objectives.directions(settings.direction, metric, config_mod.metric_direction(metric), settings.cost)
     multi = len(wanted) > 1
+    storage = open_storage(settings.storage_url, settings.heartbeat_interval, settings.grace_period,
+                           settings.max_retry)
+    new = name not in optuna.study.get_all_study_names(storage)
     study = optuna.create_study(
         study_name=name,
-        storage=open_storage(settings.storage_url, settings.heartbeat_interval, settings.grace_period,
-                             settings.max_retry),
+        storage=storage,
         sampler=samplers.make_sampler(settings.sampler, len(wanted)),
         pruner=optuna.pruners.NopPruner() if multi else samplers.make_pruner(settings.pruner), directions=wanted,
         load_if_exists=True,
@@ -260,4 +292,4 @@ def _create_study(settings: Settings, name: str, cfg: DictConfig) -> optuna.Stud
     study.set_metric_names([metric, objectives.COSTS[settings.cost][1]] if multi else [metric])  # dashboard axes
     study.set_user_attr(records.DATA, str(cfg.data.name))
     study.set_user_attr(records.MODEL, str(cfg.model.name))
-    return study
+    return study, new
