@@ -232,15 +232,44 @@ def _main(argv: list[str]) -> None:
     from sweeper.train import main as app
 
     sys.argv[1:] = argv
-    stderr = sys.stderr
+    stderr, stdout = sys.stderr, sys.stdout
     sys.stderr = _OneLineRefusals(stderr, argv)
+    if any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in argv):
+        sys.stdout = _Masked(stdout, _command_secrets(argv))  # Hydra prints the config, the storage URL in it
     try:
         app()
     finally:
         refusals = sys.stderr
-        sys.stderr = stderr
+        sys.stderr, sys.stdout = stderr, stdout
         if isinstance(refusals, _OneLineRefusals):
             refusals.end()
+
+
+def _command_secrets(argv: list[str]) -> tuple[str, ...]:
+    """The secrets on a command line: the storage URL's password, secret-named ``hydra.job.env_set`` values."""
+    from sweeper import passwords
+
+    _, env = passwords.split_secret_overrides(argv)
+    storage = next((a.split("=", 1)[1].strip("'\"") for a in argv if a.lstrip("+").startswith("hydra.sweeper.storage=")),
+                   None)
+    return passwords.secret_values(env, storage)
+
+
+class _Masked:
+    """``sys.stdout`` while Hydra prints the config (``--cfg``, ``--info``): each write with its secrets masked
+    (``sweeper.passwords.mask_secrets``)."""
+
+    def __init__(self, stream: Any, values: tuple[str, ...]) -> None:
+        self._stream, self._values = stream, values
+
+    def write(self, text: str) -> int:
+        from sweeper import passwords
+
+        self._stream.write(passwords.mask_secrets(text, self._values))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 _HYDRA_HINT = "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.\n"
