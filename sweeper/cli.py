@@ -238,6 +238,11 @@ def _main(argv: list[str]) -> None:
         sys.stdout = _Masked(stdout, _command_secrets(argv))  # Hydra prints the config, the storage URL in it
     try:
         app()
+    except ValueError as e:  # Hydra's own refusal of its flags, raised before its error report
+        if not str(e).startswith("Only one of --run, --multirun"):
+            raise
+        sys.stderr.write(f"error: {e}; give one of them (--cfg and --info print the config without running)\n")
+        raise SystemExit(2) from None
     finally:
         refusals = sys.stderr
         sys.stderr, sys.stdout = stderr, stdout

@@ -646,3 +646,14 @@ def test_a_refusal_after_the_study_was_opened_leaves_no_study(tmp_path, cache_di
         assert optuna.study.get_all_study_names(f"sqlite:///{db}") == ["other"]
     else:
         assert not db.exists() and not (tmp_path / "optuna.db.lock").exists()
+
+
+def test_two_of_hydras_mode_flags_are_one_line(capsys):
+    from sweeper.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["-m", "seed=1", "--cfg", "hydra"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip() == ("error: Only one of --run, --multirun, --cfg, --info and --shell_completion can be "
+                           "specified; give one of them (--cfg and --info print the config without running)")
