@@ -467,6 +467,19 @@ def _validate_training(cfg: Any) -> None:
         raise ValueError(
             f"lr.learning_rate must be positive, but got {cfg.lr.learning_rate}; pick lr=lora or lr=full"
         )
+    for key, least, what in (("weight_decay", 0, "0: none"), ("max_grad_norm", 0, "0: no clipping")):
+        value = cfg.lr[key]
+        if not value >= least:
+            raise ValueError(f"lr.{key} must be >= {least} ({what}), but got {value}; pick lr=lora or lr=full")
+    peft = cfg.peft
+    if peft.name == "lora":
+        if peft.r is not None and peft.r < 1:
+            raise ValueError(f"peft.r (the LoRA rank) must be >= 1, but got {peft.r}; e.g. peft.r=16")
+        if peft.lora_alpha is not None and peft.lora_alpha <= 0:
+            raise ValueError(f"peft.lora_alpha must be positive, but got {peft.lora_alpha}; e.g. peft.lora_alpha=32")
+        if peft.lora_dropout is not None and not 0 <= peft.lora_dropout < 1:
+            raise ValueError(f"peft.lora_dropout must be in [0, 1), but got {peft.lora_dropout}; e.g. "
+                             "peft.lora_dropout=0.05")
     b = cfg.batch
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
         if getattr(b, key) < 1:
@@ -513,6 +526,9 @@ def _validate_eval(cfg: Any) -> None:
     e = cfg.eval
     if e.eval_steps < 1:
         raise ValueError(f"eval.eval_steps must be >= 1, but got {e.eval_steps}; set eval.eval_steps=50")
+    if e.logging_steps < 1:
+        raise ValueError(f"eval.logging_steps must be >= 1 (optimizer steps between train-loss logs), but got "
+                         f"{e.logging_steps}; set eval.logging_steps=10")
     if e.early_stopping_patience is not None and e.early_stopping_patience < 1:
         raise ValueError(
             f"eval.early_stopping_patience must be >= 1 or null (off), but got {e.early_stopping_patience}"

@@ -236,6 +236,12 @@ CASES = [
     ("unknown metric", ["eval.metric=eval_foo"], "eval.metric must be one of ['eval_accuracy', 'eval_loss', 'eval_mean_token_accuracy']"),
     ("eval_steps zero", ["eval.eval_steps=0"], "eval.eval_steps must be >= 1"),
     ("unknown accuracy mode", ["eval.accuracy=maybe"], "eval.accuracy must be one of ['auto', 'on', 'off']"),
+    ("logging_steps zero", ["eval.logging_steps=0"], "eval.logging_steps must be >= 1"),
+    ("negative weight decay", ["lr.weight_decay=-1"], "lr.weight_decay must be >= 0 (0: none), but got -1.0"),
+    ("negative max_grad_norm", ["lr.max_grad_norm=-1"], "lr.max_grad_norm must be >= 0 (0: no clipping)"),
+    ("LoRA rank zero", ["peft=lora", "peft.r=0"], "peft.r (the LoRA rank) must be >= 1, but got 0"),
+    ("LoRA dropout above 1", ["peft=lora", "peft.lora_dropout=1.5"], "peft.lora_dropout must be in [0, 1), but got 1.5"),
+    ("LoRA alpha zero", ["peft=lora", "peft.lora_alpha=0"], "peft.lora_alpha must be positive, but got 0"),
     ("negative early stopping threshold", ["eval.early_stopping_threshold=-1"],
      "eval.early_stopping_threshold must be >= 0 (the least improvement of eval.metric that resets the patience), "
      "but got -1.0"),
