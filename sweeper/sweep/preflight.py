@@ -104,9 +104,9 @@ def check_sampled_ends(space: SweepSpace, compose: Compose, launcher: str) -> No
     """Refuse a sampled key whose search space reaches a value its key does not take, before any trial: each
     choice of a ``choice(...)``, and the low and high end of a range or interval, composed with the first grid
     point and checked by the rules a fixed value meets (:func:`check_points`: the config's rules, and for a
-    ``data.*`` or ``batch.*`` key the data loaded, split and batched as that value makes it; TRL's preparation
-    is left to the trial). Raises one ``ValueError`` line
-    naming the key, its search space, the value and the rule. A rule between this key and another sampled key
+    ``data.*``, ``batch`` or ``batch.*`` key the data loaded, split and batched as that value makes it; TRL's
+    preparation is left to the trial). Raises one ``ValueError`` line naming the key, its search space, the value
+    and the rule. A rule between this key and another sampled key
     (``lr.warmup_steps`` against a sampled ``schedule.max_steps``) is left to each trial, whose values are
     known only then. A value that does not compose is left to ``sweeper.typefit`` and the trial."""
     from sweeper.space import distribution_text
@@ -121,7 +121,7 @@ def check_sampled_ends(space: SweepSpace, compose: Compose, launcher: str) -> No
                 continue
             try:
                 _check_rules(cfg, launcher)
-                if key.startswith(("data.", "batch.")):  # the data as that value loads and batches it
+                if key == "batch" or key.startswith(("data.", "batch.")):  # the data as this value loads and batches it
                     splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
                     data_mod.check_train_size(splits, cfg.batch)
             except ValueError as e:
