@@ -254,6 +254,9 @@ CASES = [
     ("search_space, hydra-optuna-sweeper's old form", ["hydra.sweeper.search_space={a:1}"],
      "hydra.sweeper.search_space (a: ...) is hydra-optuna-sweeper's deprecated form; give the space as "
      "hydra.sweeper.params"),
+    ("params with a grammar error", ["hydra.sweeper.params={lr.learning_rate:'interval(1e-3'}"],
+     "hydra.sweeper.params.lr.learning_rate: Error parsing override 'lr.learning_rate=interval(1e-3': no viable "
+     "alternative at input 'interval(1e-3'"),
     ("params not a mapping", ["hydra.sweeper.params=5"], "hydra.sweeper.params must be a mapping of keys to overrides"),
     ("params value not an override", ["hydra.sweeper.params={seed:[1,2]}"],
      "hydra.sweeper.params.seed must be one override in the sweep grammar"),

@@ -27,10 +27,11 @@ from typing import Any, Sequence
 import optuna
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig
 
 from sweeper import config as config_mod
-from sweeper import fingerprint, folders, identity, objectives, records, samplers, typefit
+from sweeper import fingerprint, folders, identity, objectives, passwords, records, samplers, typefit
 from sweeper import points as points_mod
 from sweeper import workers as workers_mod
 from sweeper.space import SweepSpace, build_space, exhaust_finite, value_text
@@ -173,7 +174,16 @@ def _space(settings: Settings, compose: Composer, arguments: list[str]) -> Sweep
     params_args = [f"{k}={v}" for k, v in settings.params.items()]
     cli_keys = {a.split("=", 1)[0].lstrip("+~") for a in arguments}
     all_args = [a for a in params_args if a.split("=", 1)[0] not in cli_keys] + list(arguments)
-    parsed = OverridesParser.create(config_loader=compose.loader).parse_overrides(all_args)
+    parser = OverridesParser.create(config_loader=compose.loader)
+    parsed = []
+    for arg in all_args:
+        try:
+            parsed += parser.parse_overrides([arg])
+        except OverrideParseException as e:  # one of hydra.sweeper.params (Hydra parsed the command line itself)
+            key = arg.split("=", 1)[0]
+            where = f"hydra.sweeper.params.{key}" if arg in params_args else "the command line"
+            said = "; ".join(x.strip().rstrip(".") for x in str(e.message).splitlines() if x.strip())
+            raise ValueError(passwords.mask_secrets(f"{where}: Error parsing override '{arg}': {said}")) from None
     space = _joint_rates(build_space(parsed, grid_sampler=samplers.sampler_name(settings.sampler) == "grid"), compose)
     preflight.check_sampled_names_early(space, settings.study_name, compose)  # before choice(a,b) becomes a grid
     space, _ = exhaust_finite(space, settings.sampled_total)
