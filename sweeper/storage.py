@@ -140,7 +140,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StorageError(f"hydra.sweeper.storage={url}: the folder {db.parent} cannot be made "
+            raise StorageError(f"hydra.sweeper.storage={mask_url(url)}: the folder {db.parent} cannot be made "
                                f"({e.strerror or e}); point hydra.sweeper.storage at a folder this user can write") from None
         engine_kwargs["connect_args"] = {"timeout": 60}  # several workers share one file
     elif url.startswith("postgres"):
@@ -174,7 +174,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         if known:
             raise StorageError(known) from None
         if db is not None:
-            raise StorageError(f"hydra.sweeper.storage={url} could not be opened: {type(e).__name__}: "
+            raise StorageError(f"hydra.sweeper.storage={mask_url(url)} could not be opened: {type(e).__name__}: "
                                f"{_first_line(url, e)}; check that this user can write {db} and its folder") from None
         raise StorageError(
             f"hydra.sweeper.storage={mask_url(url)} could not be opened: {type(e).__name__}: {_first_line(url, e)}; "
@@ -291,7 +291,7 @@ def check_connections(url: str, workers: int) -> None:
     db = sqlite_path(url)
     if db is not None:
         if db.exists() and not os.access(db, os.W_OK):
-            raise StorageError(f"hydra.sweeper.storage={url}: {db} cannot be written (read-only file); a sweep "
+            raise StorageError(f"hydra.sweeper.storage={mask_url(url)}: {db} cannot be written (read-only file); a sweep "
                                "records its trials there: make it writable, or use another file (the report and "
                                "status commands read it as it is)")
         return
