@@ -85,9 +85,9 @@ def check_url(url: str) -> None:
     """Raise :class:`StorageError` (one line naming ``hydra.sweeper.storage``, the password masked) when ``url``
     cannot be read as an SQLAlchemy URL, mostly a password with an ``@`` not percent-encoded
     (``postgresql://bob:p@ss:w0rd@db/x`` reads as the host ``ss`` on the port ``w0rd@db``)."""
-    if sqlite_path(url) is not None:
-        return
     scheme, sep, rest = url.partition("://")
+    if sqlite_path(url) is not None or not sep:
+        return  # no scheme: opening it says it is no database URL
     authority = rest.split("?", 1)[0].split("#", 1)[0]
     user_info = authority.rpartition("@")[0]
     problem = None
@@ -99,9 +99,8 @@ def check_url(url: str) -> None:
 
             parsed = make_url(url)
             parsed.port  # noqa: B018 (read: a port that is not a number fails here)
-        except Exception as e:
-            problem = f"it is not a database URL ({type(e).__name__})" if not sep else (
-                "it cannot be read as one (an @, :, / or ? in the password not percent-encoded?)")
+        except Exception:
+            problem = "it cannot be read as a URL (an @, :, / or ? in the password not percent-encoded?)"
     if problem:
         raise StorageError(
             f"hydra.sweeper.storage={mask_url(url)}: {problem}; write a password's special characters "

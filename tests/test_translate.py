@@ -113,6 +113,14 @@ def test_storage_password_split_off_and_masked():
     assert mask_url(query) == mask_passwords(query)
     assert split_password(query) == ("postgresql://bob@db/x?sslmode=require", "s3@cret")
     assert mask_url("postgresql://bob:p@ss:w0rd@db:5432/x") == "postgresql://bob:***@db:5432/x"
+    from sweeper.storage import StorageError, check_url
+
+    for bad in ("postgresql://bob:p@ss@db/x", "postgresql://bob:pw@db:port/x"):
+        with pytest.raises(StorageError, match=r"^hydra.sweeper.storage=postgresql://bob:\*\*\*@db") as e:
+            check_url(bad)
+        assert "p@ss" not in str(e.value) and ":pw@" not in str(e.value)
+    for good in ("postgresql://bob:pa:ss@db/x", "postgresql://bob:p%40ss@db:5432/x", "sqlite:///x.db", "optuna.db"):
+        check_url(good)  # a : after the first is the password's; no scheme: said when it is opened
     from sweeper.passwords import secret_values
 
     assert set(secret_values({}, query)) == {"s3%40cret", "s3@cret"}
