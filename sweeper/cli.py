@@ -400,9 +400,12 @@ class _OneLineRefusals:
         self._argv = list(argv or [])
 
     def write(self, text: str) -> int:
+        from sweeper import passwords
+
         if text == _HYDRA_HINT and not self._traceback:
             if self._held:
-                self._stream.write(name_override(one_line("".join(self._held)), self._argv) + "\n")
+                line = name_override(one_line("".join(self._held)), self._argv)
+                self._stream.write(passwords.mask_secrets(line, _command_secrets(self._argv)) + "\n")
                 self._held = []
             self._job = ""  # a run's refusal names its option itself: Hydra's list of overrides is left out
             return len(text)

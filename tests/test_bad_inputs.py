@@ -666,3 +666,18 @@ def test_two_of_hydras_mode_flags_are_one_line(capsys):
     assert exit_.value.code == 2 and "Traceback" not in err
     assert err.strip() == ("error: Only one of --run, --multirun, --cfg, --info and --shell_completion can be "
                            "specified; give one of them (--cfg and --info print the config without running)")
+
+
+def test_a_misspelt_key_with_a_password_in_its_value_is_said_without_it():
+    import io
+
+    from sweeper.cli import _HYDRA_HINT, _OneLineRefusals
+
+    override = "hydra.sweeper.storag=postgresql://bob:pa55w0rd@db/x"
+    out = io.StringIO()
+    stream = _OneLineRefusals(out, ["-m", override])
+    stream.write(f"Could not override 'hydra.sweeper.storag'.\nTo append to your config use +{override}\n")
+    stream.write("Key 'storag' not in 'SftSweepSweeperConf'\n    full_key: hydra.sweeper.storag\n")
+    stream.write(_HYDRA_HINT)
+    assert "did you mean hydra.sweeper.storage=postgresql://bob:***@db/x?" in out.getvalue()
+    assert "pa55w0rd" not in out.getvalue()
