@@ -12,8 +12,9 @@ Translated exactly (:func:`translate`, one override; :func:`build_space`, a comm
   never lets the stop in; a descending, empty or zero-step range is refused in one line;
   ``shuffle(range(...))`` -> categorical;
   ``interval(lo,hi)`` -> float in [lo, hi]; ``int(interval(lo,hi))`` or ``tag(int, interval(...))`` ->
-  integers in [lo, hi]; ``tag(log, ...)`` -> log scale; ``tag(float, range(...))`` -> a stepped float; any other
-  tag is refused in one line (:data:`TAGS`). With ``grid_sampler`` (``sampler.name=grid``)
+  integers in [lo, hi]; ``tag(log, ...)`` -> log scale; ``tag(float, range(...))`` -> a stepped float and
+  ``tag(float, interval(1,10))`` -> floats; any other tag, or a tag on a choice, is refused in one line
+  (:data:`TAGS`). With ``grid_sampler`` (``sampler.name=grid``)
   choice and range become grid axes instead, and an interval is refused.
 - :func:`exhaust_finite`: a sampled space of finite points no larger than ``n_trials`` becomes a grid, so
   each point runs once (a sampler would repeat points of a 2-point space).
@@ -114,8 +115,9 @@ def exhaust_finite(space: SweepSpace, n_trials: int) -> tuple[SweepSpace, str | 
     return SweepSpace(fixed=list(space.fixed), grid=grid, distributions={}, notes=[*space.notes, note]), note
 
 
-# the tags of tag(..., sweep) that mean something here (hydra-optuna-sweeper's log and int, and float for a range)
-TAGS = {"log": "log scale", "int": "whole numbers", "float": "a range of floats"}
+# the tags of tag(..., range or interval) that mean something here (hydra-optuna-sweeper's log and int; float: a
+# range or an interval of whole-number ends samples floats)
+TAGS = {"log": "log scale", "int": "whole numbers", "float": "floats"}
 
 
 def _number(x: Any) -> Any:
@@ -203,6 +205,10 @@ def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
                          + ", e.g. tag(log, interval(1e-5,1e-3))")
     log_scale = "log" in tags
     if override.is_choice_sweep():
+        if tags:
+            raise ValueError(f"{override.input_line}: tag({', '.join(sorted(tags))}, ...) has no meaning for a choice "
+                             "(its values are taken as written); tag a range or an interval, e.g. "
+                             "tag(log, interval(1e-5,1e-3))")
         items = list(override.sweep_iterator(transformer=Transformer.encode))
         texts = list(override.sweep_string_iterator())
         pairs = [(_number(v) if not isinstance(v, str) else v, t) for v, t in zip(items, texts)]
@@ -239,7 +245,7 @@ def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
                 "or give a comma list / range(...)"
             )
         # int(interval(a,b)) keeps whole-number bounds; tag(int, interval(...)) says the same
-        whole = "int" in tags or (_is_int(value.start) and _is_int(value.end))
+        whole = "int" in tags or (_is_int(value.start) and _is_int(value.end) and "float" not in tags)
         lo, hi = float(value.start), float(value.end)
         if lo > hi:
             raise ValueError(f"{key}=interval({value.start},{value.end}): the low end must not exceed the high end; "

@@ -160,7 +160,9 @@ CASES = [
      "schedule.max_steps: tag(log, range(0,20,1)) needs a start of at least 1"),
     ("unknown tag", ["lr.learning_rate=tag(lg,interval(1e-5,1e-3))"],
      "lr.learning_rate=tag(lg,interval(1e-5,1e-3)): unknown tag 'lg'; the tags are log (log scale), int (whole "
-     "numbers), float (a range of floats)"),
+     "numbers), float (floats)"),
+    ("tag on a choice", ["lr.learning_rate=tag(log,choice(1e-5,1e-4,1e-3))"],
+     "lr.learning_rate=tag(log,choice(1e-5,1e-4,1e-3)): tag(log, ...) has no meaning for a choice"),
     # a sampled key's search space checked at its ends by the rules of a fixed value
     ("interval below what its key takes", ["lr.learning_rate=interval(-1,1)"],
      "lr.learning_rate=interval(-1.0,1.0) samples -1.0 (its low end), refused as lr.learning_rate=-1.0 would be: "
