@@ -30,6 +30,9 @@ __all__ = ["AutoBatchConfig", "BatchConfig", "Config", "DataConfig", "EvalConfig
            "missing_line", "one_line", "refusal_line", "register", "validate", "wsd_branch_point", "wsd_warmup_steps"]
 
 
+SWEEP_ID_ENV = "SFT_SWEEP_SWEEP_ID"  # the sweep id a worker process inherits from the command that started it
+
+
 class InputError(CompactHydraException, ValueError):
     """Bad input (config, data, sweep): Hydra prints only its message, no traceback."""
 
@@ -525,7 +528,7 @@ def _validate_training(cfg: Any) -> None:
         raise ValueError(
             f"lr.learning_rate must be positive, but got {cfg.lr.learning_rate}; pick lr=lora or lr=full"
         )
-    if "SFT_SWEEP_SWEEP_ID" not in os.environ:  # a sweep's worker: the command checked every point before it started
+    if SWEEP_ID_ENV not in os.environ:  # a sweep's worker: the command checked every point before it started
         _validate_transformers_names(cfg.lr)
     b = cfg.batch
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):

@@ -29,7 +29,7 @@ __all__ = ["DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS", "SWEEP_ID_ENV", "Settings", "n
 log = logging.getLogger(__name__)
 
 DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS = 10
-SWEEP_ID_ENV = "SFT_SWEEP_SWEEP_ID"  # the sweep id a worker process inherits from the command that started it
+SWEEP_ID_ENV = config_mod.SWEEP_ID_ENV  # the sweep id a worker process inherits from the command that started it
 
 
 def new_sweep_id() -> str:
