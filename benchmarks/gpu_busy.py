@@ -12,7 +12,8 @@ optimizer step, evaluation and checkpoint save with the same monotonic clock, so
 the whole command, the training spans (a trial's first to last step, its evaluations and saves included) and
 the steps alone (from one step's stamp to the next where no evaluation or save came between). Printed and
 appended to ``--results``: busy % of each, the seconds before the first step of the sweep, and for every
-trial its seconds from the job's start to its first step and its steady tokens/s.
+trial its seconds from the job's start to its first step, its steady tokens/s, its peak GPU memory (allocated)
+and its objective (the best eval loss).
 """
 
 from __future__ import annotations
@@ -126,7 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
                  if len(steady) > 1 and steady[-1]["t"] > steady[0]["t"] else None)
         rows.append({"trial": t.number if t else i, "state": t.state.name if t else "?", "steps": r[-1]["step"],
                      "job_to_first_step_s": round(r[0]["wall"] - start, 1) if start and "wall" in r[0] else None,
-                     "busy_pct": busy(samples, [(r[0]["t"], r[-1]["t"])]), "tokens_per_s": round(tok_s) if tok_s else None})
+                     "busy_pct": busy(samples, [(r[0]["t"], r[-1]["t"])]), "tokens_per_s": round(tok_s) if tok_s else None,
+                     "peak_gib": (t.user_attrs.get("peak_gpu_gib") if t else None),
+                     "eval_loss": round(t.value, 4) if t and t.value is not None else None})
     report = {"rc": rc, "wall_s": round(t1 - t0, 1), "busy_sweep_pct": busy([s for s in samples if t0 <= s[0] <= t1]),
               "busy_training_pct": busy(samples, spans), "busy_steps_pct": busy(samples, step_spans(runs, events)),
               "evaluations": sum(e["event"] == "evaluate" for e in events), "first_step_s": round(runs[0][0]["t"] - t0, 1) if runs else None,
@@ -139,10 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"- **GPU busy over the whole sweep: {report['busy_sweep_pct']}%; while training steps run: "
         f"{report['busy_training_pct']}%**; between two steps with no evaluation or save: "
         f"{report['busy_steps_pct']}% ({report['evaluations']} evaluations)", "",
-        "| trial | state | steps | job start → first step s | busy % (its steps) | steady tokens/s |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| trial | state | steps | job start → first step s | busy % (its steps) | steady tokens/s | peak GiB | "
+        "best eval loss |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
         *[f"| {r['trial']} | {r['state']} | {r['steps']} | {r['job_to_first_step_s']} | {r['busy_pct']} | "
-          f"{r['tokens_per_s']} |" for r in rows], ""])
+          f"{r['tokens_per_s']} | {r['peak_gib']} | {r['eval_loss']} |" for r in rows], ""])
     print(text, flush=True)
     if a.results:
         with open(a.results, "a") as f:

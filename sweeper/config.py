@@ -246,6 +246,7 @@ class SpeedConfig:
     compile: Any = MISSING  # false | true: torch.compile the whole model | regional: each decoder block in place
     lora_upcast: Any = MISSING  # auto | true | false: PEFT's cast of each LoRA layer's input to the adapters' fp32
     lora_fused: Any = MISSING  # auto | true | false: a LoRA linear's scale and add inside one addmm_ (autocast)
+    graphs: Any = MISSING  # auto | true | false: the backbone's forward and backward replayed as CUDA graphs
     dataloader_num_workers: int = MISSING  # collation in worker processes; 0: in the training loop
 
 
@@ -617,7 +618,7 @@ def _validate_speed(cfg: Any) -> None:
     if sp.compile not in (False, True, "regional"):
         raise ValueError(f"speed.compile must be false, true (the whole model) or regional (each decoder block), "
                          f"but got {sp.compile!r}")
-    for key in ("padding_free", "liger", "fused_optimizer", "lora_upcast", "lora_fused"):
+    for key in ("padding_free", "liger", "fused_optimizer", "lora_upcast", "lora_fused", "graphs"):
         if sp[key] not in ("auto", True, False):
             raise ValueError(f"speed.{key} must be auto, true or false, but got {sp[key]!r}")
     if sp.dataloader_num_workers < 0:

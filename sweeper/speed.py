@@ -28,6 +28,9 @@ and leaves CPU runs on the plain path, so no GPU-only flag ever reaches a CPU ru
   does not cover (DoRA and other variants, LoRA biases, several active adapters, merged weights, no autocast)
   runs PEFT's own forward. ``speed=auto`` turns it on (``lora_fused: auto``): +9% tokens/s on an H200,
   learning check over two seeds 1.55% from plain TRL (a default must stay within 2%).
+- ``graphs``: the backbone's forward and backward (every decoder block) captured as CUDA graphs per token
+  bucket and replayed: two launches instead of thousands per micro-batch, for steps the host cannot launch
+  fast enough (:mod:`sweeper.graphs`). Needs CUDA, padding-free rows with varlen attention, no compile.
 - ``compile``: ``true`` is ``torch.compile`` of the whole model (TRL's ``torch_compile``; about a minute
   per trial); ``regional`` compiles each repeated decoder block in place, so one block's graph serves
   every layer (accelerate's regional compilation), with dynamic shapes (a packed micro-batch's length
@@ -110,15 +113,23 @@ def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str, strict:
             raise ValueError("speed.liger=true needs a CUDA GPU and liger-kernel (pip install -e '.[kernels]'); "
                              "use speed.liger=auto or false")
     fused = pick("fused_optimizer", cuda) and optim == "adamw_torch"
+    padding_free = pick("padding_free", attention == "varlen")
+    graphs = pick("graphs", cuda and attention == "varlen" and padding_free and not compile_)
+    if strict and graphs and not (cuda and attention == "varlen" and padding_free and not compile_):
+        raise ValueError(
+            "speed.graphs=true needs a CUDA GPU, padding-free rows with varlen attention and speed.compile=false "
+            f"(here: {'CUDA' if cuda else 'no GPU'}, attention={attention}, padding_free={padding_free}, "
+            f"compile={compile_}); use speed.graphs=auto or false")
     return {
         "name": str(group.name),
         "attention": attention,
-        "padding_free": pick("padding_free", attention == "varlen"),
+        "padding_free": padding_free,
         "liger": use_liger,
         "optim": "adamw_torch_fused" if fused else optim,
         "compile": compile_,
         "lora_upcast": pick("lora_upcast", not half),
         "lora_fused": pick("lora_fused", cuda and half),
+        "graphs": graphs,
         "dataloader_num_workers": int(group.dataloader_num_workers),
     }
 
@@ -197,7 +208,9 @@ def apply_to_trainer(trainer: Any, speed: dict, cache_dir: str | None = None) ->
     - ``lora_upcast=false``: LoRA layers skip PEFT's input cast while autocast is on;
     - ``lora_fused``: LoRA linears add their adapters' product inside one ``addmm_`` (:func:`fuse_lora`);
     - ``compile=regional``: each repeated decoder block compiled in place, with Inductor's cache under
-      ``cache_dir``/inductor unless the user set ``TORCHINDUCTOR_CACHE_DIR``."""
+      ``cache_dir``/inductor unless the user set ``TORCHINDUCTOR_CACHE_DIR``;
+    - ``graphs``: micro-batches padded into token buckets and the backbone replayed as CUDA graphs
+      (:mod:`sweeper.graphs`)."""
     collator = trainer.data_collator
     if speed["padding_free"] and not getattr(collator, "padding_free", True):
         collator.padding_free = True
@@ -206,6 +219,10 @@ def apply_to_trainer(trainer: Any, speed: dict, cache_dir: str | None = None) ->
         skip_lora_upcast(trainer.model)
     if speed.get("lora_fused", False):
         fuse_lora(trainer.model)
+    if speed.get("graphs", False):
+        from sweeper import graphs
+
+        graphs.install(trainer)
     if speed["compile"] == "regional":
         if cache_dir and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.abspath(cache_dir), "inductor")
@@ -300,7 +317,8 @@ def compile_blocks(model: Any) -> int:
 def describe(speed: dict) -> str:
     return (f"attention={speed['attention']} padding_free={speed['padding_free']} liger={speed['liger']} "
             f"optim={speed['optim']} lora_upcast={speed.get('lora_upcast', True)} "
-            f"lora_fused={speed.get('lora_fused', False)} compile={speed['compile']}")
+            f"lora_fused={speed.get('lora_fused', False)} graphs={speed.get('graphs', False)} "
+            f"compile={speed['compile']}")
 
 
 # --------------------------------------------------------------------------- measurement hooks

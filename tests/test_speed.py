@@ -22,7 +22,7 @@ def test_auto_resolves_to_the_plain_path_on_cpu(compose_cfg):
     got = speed.resolve(cfg.speed, cuda=False, compute="fp32", optim="adamw_torch")
     assert got == {"name": "auto", "attention": "sdpa", "padding_free": False, "liger": False,
                    "optim": "adamw_torch", "compile": False, "lora_upcast": True,
-                   "lora_fused": False, "dataloader_num_workers": 0}
+                   "lora_fused": False, "graphs": False, "dataloader_num_workers": 0}
     # compile is not GPU-only: asked for on CPU, it is honoured (Inductor's CPU backend), never dropped silently
     for mode in ("regional", True):
         asked = speed.resolve(compose_cfg(f"speed.compile={str(mode).lower()}").speed, cuda=False, compute="fp32",

@@ -1,0 +1,166 @@
+"""speed.graphs: micro-batches padded into token buckets keep their real rows, loss tokens and boundaries; the
+backbone replayed as CUDA graphs computes what the eager backbone computes (on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sweeper import graphs, speed
+from sweeper.trial import preflight
+
+
+def test_graphs_need_padding_free_varlen_rows_on_a_gpu_and_no_compile(compose_cfg):
+    auto = speed.resolve(compose_cfg().speed, cuda=True, compute="bf16", optim="adamw_torch")
+    assert auto["graphs"] is False  # off by default (benchmarks/RESULTS.md)
+    got = speed.resolve(compose_cfg("speed.graphs=true").speed, cuda=True, compute="bf16", optim="adamw_torch")
+    assert got["graphs"] is True and got["padding_free"] is True and got["attention"] == "varlen"
+    on = speed.resolve(compose_cfg("speed.graphs=auto").speed, cuda=True, compute="bf16", optim="adamw_torch")
+    assert on["graphs"] is True
+    for overrides, compute in ((["speed.graphs=true"], "fp32"),
+                               (["speed.graphs=true", "speed.padding_free=false"], "bf16"),
+                               (["speed.graphs=true", "speed.attention=sdpa"], "bf16"),
+                               (["speed.graphs=true", "speed.compile=regional"], "bf16")):
+        with pytest.raises(ValueError, match=r"speed\.graphs=true needs"):
+            speed.resolve(compose_cfg(*overrides).speed, cuda=True, compute=compute, optim="adamw_torch")
+        # auto turns it off where it cannot run
+        auto_off = [o.replace("graphs=true", "graphs=auto") for o in overrides]
+        assert speed.resolve(compose_cfg(*auto_off).speed, cuda=True, compute=compute,
+                             optim="adamw_torch")["graphs"] is False
+    assert speed.resolve(compose_cfg("speed.graphs=auto").speed, cuda=False, compute="bf16",
+                         optim="adamw_torch")["graphs"] is False
+    with pytest.raises(ValueError, match=r"speed\.graphs must be auto, true or false"):
+        preflight(compose_cfg("speed.graphs=sometimes"))
+
+
+def _padding_free_batch(lengths: list[int], pad_id: int = 0, vocab: int = 100, seed: int = 0) -> dict:
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collator = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)
+    g = torch.Generator().manual_seed(seed)
+    rows = [{"input_ids": (torch.randint(1, vocab, (n,), generator=g)).tolist()} for n in lengths]
+    return collator.torch_call(rows)
+
+
+def test_bucketed_batches_keep_the_real_rows_their_loss_tokens_and_boundaries():
+    """Padding a padding-free micro-batch for CUDA graphs adds only a row of pad tokens that carries no loss
+    and empty rows after it: the real tokens, labels, positions and row boundaries are as collated."""
+    lengths = [37, 200, 91]
+    batch = _padding_free_batch(lengths)
+    t = sum(lengths)
+    got = graphs.bucket_batch(batch, 0, bucket=128, slots=8)
+    padded = 384
+    assert got["input_ids"].shape == got["labels"].shape == got["position_ids"].shape == (1, padded)
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(got[key][:, :t], batch[key])
+    assert (got["input_ids"][0, t:] == 0).all() and (got["labels"][0, t:] == -100).all()
+    assert got["position_ids"][0, t:].tolist() == list(range(padded - t))  # its own causal block from 0
+    assert (got["labels"] != -100).sum() == (batch["labels"] != -100).sum()  # the loss's tokens
+    assert (got["input_ids"] != 0).sum() == (batch["input_ids"] != 0).sum()  # the tokens seen
+    assert got["cu_seq_lens_q"].tolist() == [0, 37, 237, 328, 384, 384, 384, 384]  # empty rows to 8 entries
+    assert got["cu_seq_lens_k"] is got["cu_seq_lens_q"] and got["max_length_q"] == got["max_length_k"] == padded
+    if "seq_idx" in batch:
+        assert got["seq_idx"].shape == (1, padded) and (got["seq_idx"][0, t:] == 3).all()
+    # every length of a bucket gets the same shapes: one CUDA graph per bucket
+    other = graphs.bucket_batch(_padding_free_batch([300, 5]), 0, bucket=128, slots=8)
+    assert {k: tuple(v.shape) for k, v in other.items() if torch.is_tensor(v)} == \
+        {k: tuple(v.shape) for k, v in got.items() if torch.is_tensor(v)}
+    # a length on a bucket's edge gets no pad row; a padded batch (not padding-free) is left alone
+    edge = graphs.bucket_batch(_padding_free_batch([100, 28]), 0, bucket=128, slots=8)
+    assert edge["input_ids"].shape == (1, 128) and edge["cu_seq_lens_q"].tolist() == [0, 100, 128] + [128] * 5
+    plain = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5)}
+    assert graphs.bucket_batch(plain, 0, bucket=128, slots=8) is plain
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and flash attention need a CUDA GPU")
+def test_graphed_backbone_computes_what_the_eager_backbone_computes():
+    """Two copies of a LoRA model train on the same bucketed micro-batches (two per optimizer step, the
+    gradients dropped with set_to_none between steps): the copy whose backbone replays CUDA graphs has the
+    eager copy's losses and gradients, step after step, while its parameters change; evaluation runs eagerly."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    speed.register_varlen()
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, attn_implementation=speed.VARLEN)
+
+    def build():
+        torch.manual_seed(0)
+        model = get_peft_model(Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16), LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        return model
+
+    eager, graphed = build(), build()
+    backbone = graphed.get_base_model().base_model
+    replayer = graphs.GraphedBackbone(backbone)
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (eager, graphed)]
+    shapes = [[30, 20], [10, 40], [60, 3], [70, 40], [25, 25], [90, 30], [33, 17], [64, 40]]  # buckets 64, 128
+    batches = []
+    for i, lengths in enumerate(shapes):
+        b = graphs.bucket_batch(_padding_free_batch(lengths, vocab=128, seed=i), 0, bucket=64, slots=8)
+        batches.append({k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()})
+
+    def loss_of(model, b):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            kw = {k: v for k, v in b.items() if k != "labels"}
+            h = model.get_base_model().base_model(**kw, use_cache=False).last_hidden_state
+            logits = model.get_base_model().lm_head(h).float()
+        return torch.nn.functional.cross_entropy(logits[0, :-1], b["labels"][0, 1:], ignore_index=-100)
+
+    for epoch in range(3):
+        for step in range(0, len(batches), 2):
+            losses = {}
+            for name, model, opt in (("eager", eager, opts[0]), ("graphed", graphed, opts[1])):
+                total = 0.0
+                for b in batches[step:step + 2]:
+                    loss = loss_of(model, b) / 2
+                    loss.backward()
+                    total += loss.item()
+                    del loss  # a trainer keeps no autograd graph of an earlier step alive either
+                losses[name] = total
+                grads = [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
+                losses[name + "_grads"] = grads
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            assert abs(losses["eager"] - losses["graphed"]) <= 2e-3 * abs(losses["eager"]), (epoch, step, losses)
+            for a, b in zip(losses["eager_grads"], losses["graphed_grads"]):
+                assert (a - b).norm() <= 2e-2 * a.norm() + 1e-6, (epoch, step)
+    assert len(replayer.entries) == 2 and replayer.replays >= 10  # two buckets, captured on their second use
+    before = replayer.replays
+    with torch.no_grad():
+        loss_of(graphed, batches[0])
+    assert replayer.replays == before  # no gradient: the eager forward
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and flash attention need a CUDA GPU")
+def test_a_backbone_that_cannot_be_captured_keeps_training_eagerly(caplog):
+    """An op that waits for the GPU inside the backbone (here a hook reading a value on the host) makes the
+    capture fail: the bucket runs eagerly from then on, with a warning, and the step's loss and gradients are
+    still computed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    speed.register_varlen()
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, attn_implementation=speed.VARLEN)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
+    def wait_for_the_gpu(module, args):
+        float(args[0].detach().sum())  # a host read of a GPU value: not allowed while capturing
+
+    model.model.layers[1].register_forward_pre_hook(wait_for_the_gpu)
+    replayer = graphs.GraphedBackbone(model.model)
+    b = graphs.bucket_batch(_padding_free_batch([30, 20], vocab=128), 0, bucket=64, slots=8)
+    b = {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}
+    kw = {k: v for k, v in b.items() if k != "labels"}
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            h = model.model(**kw, use_cache=False).last_hidden_state
+        h.float().square().mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.model.parameters())
+        model.zero_grad(set_to_none=True)
+    assert replayer.replays == 0 and list(replayer.entries.values()) == [graphs._EAGER]
+    assert "could not be captured for 64 tokens" in caplog.text
