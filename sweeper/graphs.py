@@ -19,7 +19,8 @@ shape replays them: two launches instead of thousands.
   with eager steps.
 - **What stays eager**: the LM head and the loss (TRL's fused head picks the labelled tokens, a data-dependent
   shape), evaluation and generation (no gradient), a micro-batch with an attention mask (not padding-free),
-  gradient checkpointing (it replays the forward with saved RNG state), and the first micro-batch of each bucket.
+  gradient checkpointing (it replays the forward with saved RNG state), the first micro-batch of each bucket, and a
+  forward that comes before the previous replay's backward (the buckets' activations share one pool).
 
 The numbers: the loss, the gradients and the rows of each step are the eager path's, up to bf16 rounding; with
 LoRA dropout on, each replay draws new masks from the same generator (its draws differ from eager's).
@@ -116,6 +117,7 @@ class GraphedBackbone:
         self.pool = None
         self.anchor = None
         self.replays = 0
+        self.pending: _Entry | None = None  # the replayed forward whose backward is still to come
         backbone.forward = self.forward
 
     def key(self, args: tuple, kwargs: dict) -> tuple | None:
@@ -152,7 +154,9 @@ class GraphedBackbone:
                 self.seen.add(key)
                 return self.eager(**kwargs)
             entry = self.entries[key] = self.capture(kwargs)
-        if entry is _EAGER:
+        if entry is _EAGER or self.pending is not None:
+            # a replay whose backward has not run yet keeps its activations in the shared pool, which this
+            # replay would overwrite (two forwards before their backwards): run this one eagerly
             return self.eager(**kwargs)
         for name, value in kwargs.items():
             if name in entry.inputs:
@@ -253,6 +257,7 @@ def _replay_function() -> type:
         @staticmethod
         def forward(ctx: Any, entry: _Entry, anchor: Any) -> Any:
             entry.forward.replay()
+            entry.owner.pending = entry
             ctx.entry = entry
             return entry.hidden.clone()
 
@@ -262,6 +267,7 @@ def _replay_function() -> type:
             entry.grad.copy_(grad)
             entry.owner.attach_grads()
             entry.backward.replay()
+            entry.owner.pending = None
             return None, None
 
     return Replay
