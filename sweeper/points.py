@@ -1,12 +1,12 @@
 """Are a command's points distinct runs? Checked on the composed configs before any trial exists.
 
-    python train.py -m schedule=choice(under,sweet) schedule.max_steps=10   # warned: one run, twice
+    python train.py -m schedule=choice(under,sweet) schedule.max_steps=10   # refused: one run, twice
 
 A swept config group whose options a fixed override makes identical (``schedule=under,sweet
 schedule.max_steps=10``: the presets differ only in ``max_steps``) would train the same run once per option
-and rank the copies against each other. :func:`same_runs` gives the one line the sweep warns with before any
-trial, naming the two points and the overrides that erase their difference (their trials still run: two
-seeds' worth of the same config is a way to measure noise). Pure apart from the ``compose`` callable it is given.
+and rank the copies against each other. :func:`same_runs` gives the one line the sweep refuses it with before
+any trial, naming the two points and the overrides that erase their difference (the same config twice, seed
+included, measures no noise: vary ``seed`` for that). Pure apart from the ``compose`` callable it is given.
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ __all__ = ["fixed_params", "same_runs"]
 
 
 def _erasers(fixed: Sequence[str], keys: Sequence[str]) -> list[str]:
-    return [o for o in fixed if any(o.lstrip("+~").startswith(k + ".") for k in keys)]
+    """The fixed overrides under ``keys``, each key's last (the one Hydra applies)."""
+    last = {o.lstrip("+~").split("=", 1)[0]: o for o in fixed if any(o.lstrip("+~").startswith(k + ".") for k in keys)}
+    return list(last.values())
 
 
 def _line(a: str, b: str, keys: Sequence[str], fixed: Sequence[str]) -> str:
     by = _erasers(fixed, keys)
     why = f" ({' '.join(by)} sets what tells them apart)" if by else ""
-    return (f"{a} and {b} compose the same run{why}: the sweep trains it once for each; sweep only one of them, "
-            f"or drop {' '.join(by) if by else 'the override that makes them equal'}")
+    return (f"{a} and {b} compose the same run{why}: the sweep would train it once for each; sweep only one of "
+            f"them, or drop {' '.join(by) if by else 'the override that makes them equal'}")
 
 
 def same_runs(space: SweepSpace, configs: Sequence[dict], compose: Callable[[list[str]], Any]) -> str | None:
