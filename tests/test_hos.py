@@ -283,6 +283,24 @@ def test_two_points_that_compose_one_run_are_named():
                     "them apart): the sweep would train it once for each; sweep only one of them, or drop "
                     "schedule.max_steps=10")
     assert same_runs(space, [same, {**same, "schedule.max_steps": 11}], compose=None) is None
+    # the same result config but another way to run it (speed, micro-batch): its own run, not refused
+    assert same_runs(space, [same, dict(same)], compose=None, runs=[{"speed.name": "auto"}, {"speed.name": "plain"}]) \
+        is None
+    assert same_runs(space, [same, dict(same)], compose=None, runs=[{"speed.name": "auto"}, {"speed.name": "auto"}]) \
+        == line
+
+
+def test_points_that_differ_only_in_how_they_run_are_their_own_runs(compose_cfg):
+    from sweeper import identity
+
+    auto, plain = compose_cfg("speed=auto"), compose_cfg("speed=plain")
+    assert identity.result_config(auto) == identity.result_config(plain)  # they learn the same
+    assert identity.run_config(auto) != identity.run_config(plain)  # but run differently
+    a, b = compose_cfg("batch=conservative"), compose_cfg("batch=balanced")
+    assert identity.result_config(a) == identity.result_config(b) and identity.run_config(a) != identity.run_config(b)
+    assert identity.run_config(compose_cfg("schedule=under", "schedule.max_steps=10")) == \
+        identity.run_config(compose_cfg("schedule=sweet", "schedule.max_steps=10"))
+    assert not any(k.startswith("hydra.") for k in identity.run_config(auto))
 
 
 @pytest.mark.slow

@@ -116,7 +116,8 @@ def prepare(settings: Settings, compose: Composer, arguments: list[str]) -> Comm
     preflight.check_connections(settings)
     typefit.check(space, all_cfgs[0])  # a sampled value Hydra could not merge: refused now, not at a trial
     preflight.check_sampled_ends(space, compose, settings.launcher)  # interval(-1,1) where -1 is refused
-    same = points_mod.same_runs(space, [identity.result_config(c) for c in all_cfgs], compose)
+    same = points_mod.same_runs(space, [identity.result_config(c) for c in all_cfgs], compose,
+                                [identity.run_config(c) for c in all_cfgs])
     if same:
         raise ValueError(same)
     for line in space.notes:
