@@ -17,8 +17,8 @@ from sweeper.reporter import Reporter
 if TYPE_CHECKING:
     from sweeper.spec import RunSpec
 
-__all__ = ["BESIDE", "DivergedError", "accuracy_callback", "label_decision", "label_set", "make_callbacks",
-           "metrics_logger", "replace_progress", "restore_tracker", "thin"]
+__all__ = ["BESIDE", "DivergedError", "accuracy_callback", "check_accuracy_metric", "label_decision", "label_set",
+           "make_callbacks", "metrics_logger", "replace_progress", "restore_tracker", "thin"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,19 @@ def _prompt_and_target(row: dict, fmt: str, tokenizer: Any) -> tuple[list[int], 
     return list(ids), str(msgs[-1]["content"]).strip()
 
 
+def check_accuracy_metric(metric: str, mode: str, data_name: str, splits: data_mod.Splits) -> None:
+    """Raise :class:`sweeper.config.InputError` (one line) when ``eval.metric=eval_accuracy`` has no accuracy to
+    read: ``eval.accuracy=auto`` on answers that are not a label set (:func:`label_decision`), or ``off``. The sweep's
+    pre-flight calls it on the data it loads, before any study exists; a run checks it again as it starts."""
+    if metric != "eval_accuracy" or mode == "on":
+        return  # on: exact matches scored whatever the answers
+    labels, why = label_decision(splits) if mode == "auto" else (None, f"eval.accuracy={mode}")
+    if labels is None:
+        raise config_mod.InputError(
+            f"eval.metric=eval_accuracy, but the answers of {data_name} are not a label set ({why}); "
+            "set eval.accuracy=on to score exact matches anyway, or eval.metric=eval_loss")
+
+
 def accuracy_callback(spec: RunSpec, splits: data_mod.Splits, tokenizer: Any, decision: dict) -> Any:
     """Label accuracy by greedy generation on up to ``eval.accuracy_rows`` eval rows, added to the
     evaluation's metrics as ``eval_accuracy`` (before early stopping and best-checkpoint tracking read
@@ -95,10 +108,7 @@ def accuracy_callback(spec: RunSpec, splits: data_mod.Splits, tokenizer: Any, de
     labels, why = label_decision(splits) if mode != "off" else (None, "eval.accuracy=off")
     decision["why"] = why
     if mode == "off" or (mode == "auto" and labels is None):
-        if spec.metric == "eval_accuracy":
-            raise config_mod.InputError(
-                f"eval.metric=eval_accuracy, but the answers of {spec.data.name} are not a label set ({why}); "
-                "set eval.accuracy=on to score exact matches anyway, or eval.metric=eval_loss")
+        check_accuracy_metric(spec.metric, mode, spec.data.name, splits)
         decision["on"] = False
         log.info("accuracy: off (eval.accuracy=%s): %s", mode, why)
         return None

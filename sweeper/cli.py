@@ -232,21 +232,88 @@ def _main(argv: list[str]) -> None:
     from sweeper.train import main as app
 
     sys.argv[1:] = argv
-    stderr = sys.stderr
-    sys.stderr = _OneLineRefusals(stderr)
+    stderr, stdout = sys.stderr, sys.stdout
+    sys.stderr = _OneLineRefusals(stderr, argv)
+    if any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in argv):
+        sys.stdout = _Masked(stdout, _command_secrets(argv))  # Hydra prints the config, the storage URL in it
     try:
         app()
+    except ValueError as e:  # Hydra's own refusal of its flags, raised before its error report
+        if not str(e).startswith("Only one of --run, --multirun"):
+            raise
+        sys.stderr.write(f"error: {e}; give one of them (--cfg and --info print the config without running)\n")
+        raise SystemExit(2) from None
     finally:
         refusals = sys.stderr
-        sys.stderr = stderr
+        sys.stderr, sys.stdout = stderr, stdout
         if isinstance(refusals, _OneLineRefusals):
             refusals.end()
+
+
+def _command_secrets(argv: list[str]) -> tuple[str, ...]:
+    """The secrets on a command line: the storage URL's password, secret-named ``hydra.job.env_set`` values."""
+    from sweeper import passwords
+
+    _, env = passwords.split_secret_overrides(argv)
+    storage = next((a.split("=", 1)[1].strip("'\"") for a in argv if a.lstrip("+").startswith("hydra.sweeper.storage=")),
+                   None)
+    return passwords.secret_values(env, storage)
+
+
+class _Masked:
+    """``sys.stdout`` while Hydra prints the config (``--cfg``, ``--info``): each write with its secrets masked
+    (``sweeper.passwords.mask_secrets``)."""
+
+    def __init__(self, stream: Any, values: tuple[str, ...]) -> None:
+        self._stream, self._values = stream, values
+
+    def write(self, text: str) -> int:
+        from sweeper import passwords
+
+        self._stream.write(passwords.mask_secrets(text, self._values))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 _HYDRA_HINT = "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.\n"
 # the openings of Hydra's composition errors and OmegaConf's, and OmegaConf's indented detail lines
 _COMPOSE_ERROR = re.compile(r"^(Error merging override |Could not override |In '[^']*': |Could not find |Key '|"
                             r"Value '|Error parsing override )|\n    (full_key|object_type|reference_type)[:=]|\nSee https://hydra\.cc/")
+
+
+def _bad_override(argv: list[str]) -> str | None:
+    """The first override of the command line ``argv`` that Hydra's grammar cannot parse, or None."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:
+        return None
+    parser = OverridesParser.create()
+    for override in args.overrides or []:
+        try:
+            parser.parse_overrides([override])
+        except Exception:
+            return override
+    return None
+
+
+def name_override(line: str, argv: list[str]) -> str:
+    """A grammar error of Hydra's that does not say which override it is in (``no viable alternative at input
+    'interval(1e-3'``) with that override named first; a password in it masked (``sweeper.passwords``). Any
+    other line as it is."""
+    if "override_grammar" not in line or line.startswith("Error parsing override"):
+        return line
+    bad = _bad_override(argv)
+    if bad is None:
+        return line
+    from sweeper import passwords
+
+    secrets = passwords.secret_values({}, bad.split("=", 1)[-1].strip("'\""))
+    return passwords.mask_secrets(f"Error parsing override '{bad}': {line}", secrets)
 
 
 class _OneLineRefusals:
@@ -256,15 +323,19 @@ class _OneLineRefusals:
     option that does not exist) span several lines; they are held until the hint and said in one
     (:func:`sweeper.config.one_line`). After a traceback (a bug, not bad input) everything passes as written, hint included."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, argv: list[str] | None = None) -> None:
         self._stream, self._traceback, self._held, self._job = stream, False, [], ""
+        self._argv = list(argv or [])
 
     def write(self, text: str) -> int:
+        from sweeper import passwords
+
         if text == _HYDRA_HINT and not self._traceback:
             if self._held:
                 from sweeper.config import one_line
 
-                self._stream.write(one_line("".join(self._held)) + "\n")
+                line = name_override(one_line("".join(self._held)), self._argv)
+                self._stream.write(passwords.mask_secrets(line, _command_secrets(self._argv)) + "\n")
                 self._held = []
             self._job = ""  # a run's refusal names its option itself: Hydra's list of overrides is left out
             return len(text)

@@ -16,6 +16,7 @@ same for the sweep, a single run and ``plan``.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -86,7 +87,49 @@ def one_line(text: str) -> str:
             parts.append(stripped.rstrip("."))
     if options:
         parts[-1] += " " + ", ".join(options)
-    return "; ".join(parts)
+    return _near_key("; ".join(parts))
+
+
+_UNKNOWN_KEY = re.compile(r"^Could not override '(?P<key>[^']+)'; To append to your config use (?P<plus>\+\S+); "
+                          r"Key '(?P<leaf>[^']+)' not in '(?P<cls>\w+)'")
+
+
+def _schema_fields(name: str) -> list[str] | None:
+    """The fields of the schema dataclass ``name`` (ours, the sweeper plugin's, Hydra's), or None."""
+    import dataclasses
+    import importlib
+
+    for module in ("sweeper.config", "hydra_plugins.sft_sweep.sft_sweep_sweeper", "hydra.conf"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if cls is not None and dataclasses.is_dataclass(cls):
+            return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+    return None
+
+
+def _near_key(line: str) -> str:
+    """Hydra's refusal of an unknown key (``schedule.max_step=10``) with the close known key instead of its hint
+    to add the key with ``+``, which the schema refuses next: ``did you mean schedule.max_steps=10?`` and the
+    keys known there. Any other line as it is."""
+    m = _UNKNOWN_KEY.match(line)
+    names = _schema_fields(m["cls"]) if m else None
+    if not m or not names:
+        return line
+    parts = m["key"].split(".")
+    if m["leaf"] not in parts:
+        return line
+    at = parts.index(m["leaf"])
+    close = difflib.get_close_matches(m["leaf"], names, n=1)
+    known = f"known in {'.'.join(parts[:at]) or 'the config'}: {', '.join(names)}"
+    rest = line[m.end():]
+    if not close:
+        return f"Could not override '{m['key']}': {m['key']} is not a key of the config; {known}{rest}"
+    fixed = ".".join([*parts[:at], close[0], *parts[at + 1:]])
+    value = m["plus"].split("=", 1)[1] if "=" in m["plus"] else "..."
+    return (f"Could not override '{m['key']}': {'.'.join(parts[:at + 1])} is not a key of the config; did you mean "
+            f"{fixed}={value}? ({known}){rest}")
 
 
 def refusal_line(e: BaseException) -> str:
@@ -471,6 +514,10 @@ def validate(cfg: Any) -> None:
     missing = sorted(OmegaConf.missing_keys(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
     if missing:
         raise ValueError(missing_line(missing))
+    for key, value in (("data.name", cfg.data.name), ("model.name", cfg.model.name)):
+        if not str(value).strip():
+            raise ValueError(f"{key} must not be empty: it names the study (<data.name>-<model.name>), its folder and "
+                             f"the report's rows; e.g. {key}={'mydata' if key == 'data.name' else 'qwen2.5-1.5b'}")
     _validate_schedule(cfg)
     _validate_training(cfg)
     _validate_eval(cfg)
@@ -531,6 +578,19 @@ def _validate_training(cfg: Any) -> None:
         )
     if SWEEP_ID_ENV not in os.environ:  # a sweep's worker: the command checked every point before it started
         _validate_transformers_names(cfg.lr)
+    for key, least, what in (("weight_decay", 0, "0: none"), ("max_grad_norm", 0, "0: no clipping")):
+        value = cfg.lr[key]
+        if not value >= least:
+            raise ValueError(f"lr.{key} must be >= {least} ({what}), but got {value}; pick lr=lora or lr=full")
+    peft = cfg.peft
+    if peft.name == "lora":
+        if peft.r is not None and peft.r < 1:
+            raise ValueError(f"peft.r (the LoRA rank) must be >= 1, but got {peft.r}; e.g. peft.r=16")
+        if peft.lora_alpha is not None and peft.lora_alpha <= 0:
+            raise ValueError(f"peft.lora_alpha must be positive, but got {peft.lora_alpha}; e.g. peft.lora_alpha=32")
+        if peft.lora_dropout is not None and not 0 <= peft.lora_dropout < 1:
+            raise ValueError(f"peft.lora_dropout must be in [0, 1), but got {peft.lora_dropout}; e.g. "
+                             "peft.lora_dropout=0.05")
     b = cfg.batch
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"):
         if getattr(b, key) < 1:
@@ -595,10 +655,17 @@ def _validate_eval(cfg: Any) -> None:
     e = cfg.eval
     if e.eval_steps < 1:
         raise ValueError(f"eval.eval_steps must be >= 1, but got {e.eval_steps}; set eval.eval_steps=50")
+    if e.logging_steps < 1:
+        raise ValueError(f"eval.logging_steps must be >= 1 (optimizer steps between train-loss logs), but got "
+                         f"{e.logging_steps}; set eval.logging_steps=10")
     if e.early_stopping_patience is not None and e.early_stopping_patience < 1:
         raise ValueError(
             f"eval.early_stopping_patience must be >= 1 or null (off), but got {e.early_stopping_patience}"
         )
+    threshold = e.early_stopping_threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+        raise ValueError(f"eval.early_stopping_threshold must be >= 0 (the least improvement of eval.metric that "
+                         f"resets the patience), but got {threshold}; set eval.early_stopping_threshold=0.0")
     metric_direction(e.metric)
     if e.accuracy not in ("auto", "on", "off"):
         raise ValueError(f"eval.accuracy must be one of ['auto', 'on', 'off'], but got {e.accuracy!r}")

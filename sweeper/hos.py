@@ -1,5 +1,5 @@
 """hydra-optuna-sweeper's fields that map onto ours: ``n_jobs``, ``max_failure_rate``, ``custom_search_space``,
-``storage: null`` and the deprecated ``search_space``.
+``storage: null``, ``params`` and the deprecated ``search_space``.
 
     # a hydra-optuna-sweeper block, pasted into a config of this project, runs as it is:
     defaults:
@@ -19,9 +19,10 @@ equivalent; the README's migration table lists every field.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Callable
 
-__all__ = ["custom_search_space", "extend", "failure_rate_exceeded", "storage", "workers"]
+__all__ = ["custom_search_space", "extend", "failure_rate_exceeded", "params", "refuse_search_space", "storage", "workers"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,23 @@ def custom_search_space(path: str | None) -> Callable[[Any, Any], None] | None:
                          "an import path, e.g. my_project.search.configure, of a function taking (cfg, trial)") from None
 
 
+def params(value: Any) -> dict[str, str]:
+    """``hydra.sweeper.params`` (null, or ``{key: override}``, each override a string or a number) as a plain dict;
+    anything else refused in one line."""
+    if value is None:
+        return {}
+    example = "e.g. hydra.sweeper.params={schedule:'under,sweet,over'}"
+    if not isinstance(value, Mapping):
+        raise ValueError(f"hydra.sweeper.params must be a mapping of keys to overrides, but got {value!r}; {example}")
+    out = {}
+    for key, v in value.items():
+        if isinstance(v, Mapping) or (not isinstance(v, (str, int, float, bool)) and v is not None):
+            raise ValueError(f"hydra.sweeper.params.{key} must be one override in the sweep grammar (a string such "
+                             f"as 'under,sweet' or 'interval(1e-5,1e-3)'), but got {v!r}; {example}")
+        out[str(key)] = "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+    return out
+
+
 def extend(fn: Callable[[Any, Any], None] | None, cfg: Any, trial: Any) -> None:
     """Call the custom search space on ``trial`` (nothing without one)."""
     if fn is not None:
@@ -91,6 +109,10 @@ def extend(fn: Callable[[Any, Any], None] | None, cfg: Any, trial: Any) -> None:
 
 def refuse_search_space(search_space: Any) -> None:
     """hydra-optuna-sweeper's deprecated ``search_space`` (distributions as dicts): refused, naming ``params``."""
+    if search_space is not None and not isinstance(search_space, Mapping):
+        raise ValueError(f"hydra.sweeper.search_space is hydra-optuna-sweeper's deprecated form (here {search_space!r}); "
+                         "give the space as hydra.sweeper.params in the override grammar, e.g. params: "
+                         "{lr.learning_rate: 'tag(log, interval(1e-5, 1e-3))'}")
     if search_space:
         first = next(iter(search_space))
         raise ValueError(f"hydra.sweeper.search_space ({first}: ...) is hydra-optuna-sweeper's deprecated form; give "

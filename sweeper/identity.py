@@ -80,6 +80,15 @@ def result_config(cfg: Any, data_content: dict[str, str] | None = None) -> dict[
     return out
 
 
+def run_config(cfg: Any) -> dict[str, Any]:
+    """The composed config as dotted keys -> plain values, resolved, every key but ``hydra``: what one run
+    does, including how it runs (``speed``, the micro-batch), which :func:`result_config` leaves out."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    return dict(_flatten(node))
+
+
 def joint_group(settings: dict[str, Any]) -> str:
     """The id of a joint WSD search (``schedule.wsd.learning_rates``) that a run of ``settings``
     (:func:`result_config`) belongs to: its settings but its own learning rate, hashed, so that every

@@ -2,8 +2,9 @@
 
 Two kinds of secret reach the tool through its command line:
 
-- a password in a storage URL (``hydra.sweeper.storage=postgresql://bob:pw@db/sweeps``), in any quoting
-  and with any URL-encoded character;
+- a password in a storage URL (``hydra.sweeper.storage=postgresql://bob:pw@db/sweeps``, or as its
+  ``?password=pw`` query parameter), in any quoting and with any URL-encoded character (an ``@`` left
+  unencoded is masked with the rest, up to the URL's last ``@``);
 - a value whose name says it is secret, mostly set for the jobs' environment with
   ``+hydra.job.env_set.HF_TOKEN=hf_...`` (names with a ``PASSWORD``, ``PASSWD``, ``SECRET``, ``APIKEY`` or
   ``CREDENTIAL(S)`` part, an ``API``/``ACCESS``/``PRIVATE``/``SECRET`` ``KEY``, or ending in ``TOKEN``, ``PWD``,
@@ -33,8 +34,11 @@ __all__ = ["install_log_filter", "is_secret_name", "job_secrets", "mask_password
            "scrub_saved_config", "secret_values", "split_password", "split_secret_overrides"]
 
 MASK = "***"
-# scheme://user:password@  (the password: anything but whitespace up to the @, quotes included)
-_URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^:/@\s'\"]*:)([^@\s]+)(@)")
+# scheme://user:password@  (the password: anything but whitespace up to the last @ before the next whitespace,
+# quotes included, so that an @ or : left unencoded in it is masked too)
+_URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^:/@\s'\"]*:)(\S+)(@)")
+# ?password=... or &password=... in a URL's query (any name that says it is secret: sslpassword, token)
+_QUERY_SECRET = re.compile(r"(?P<pre>[?&](?P<name>[A-Za-z_][\w.-]*)=)(?P<value>[^&\s'\"#]+)")
 # a name holding one of these parts names a secret (HF_HUB_SECRET, DB_PASSWORD, GOOGLE_APPLICATION_CREDENTIALS)
 _SECRET_PARTS = {"SECRET", "SECRETS", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS", "APIKEY"}
 # ... and one ending in these (HF_TOKEN, PGPASSWORD, DB_PWD, DB_PASS, HTTP_AUTH), unless the whole name is one
@@ -66,8 +70,18 @@ def is_secret_name(name: str) -> bool:
 
 
 def mask_passwords(text: str) -> str:
-    """``text`` with the password of every URL in it replaced by ``***``."""
-    return _URL_PASSWORD.sub(rf"\1{MASK}\3", text)
+    """``text`` with the password of every URL in it replaced by ``***``: the one after ``user:`` (up to the last
+    ``@``, so that one with an unencoded ``@`` or ``:`` is masked whole) and a secret query parameter's
+    (``?password=...``)."""
+    text = _URL_PASSWORD.sub(rf"\1{MASK}\3", text)
+    return _QUERY_SECRET.sub(lambda m: m.group("pre") + MASK if is_secret_name(m.group("name")) else m.group(0), text)
+
+
+def _url_passwords(url: str) -> list[str]:
+    """The passwords written in ``url``: after ``user:`` and in secret query parameters, as written."""
+    found = [m.group(2) for m in _URL_PASSWORD.finditer(url)]
+    found += [m.group("value") for m in _QUERY_SECRET.finditer(url) if is_secret_name(m.group("name"))]
+    return [v for v in found if v != MASK]
 
 
 def mask_secrets(text: str, values: tuple[str, ...] = ()) -> str:
@@ -122,12 +136,10 @@ def secret_values(env_set: dict | None, storage_url: str | None) -> tuple[str, .
     """The secrets a command carries: secret-named ``hydra.job.env_set`` values and the storage password."""
     values = [str(v) for k, v in (env_set or {}).items() if is_secret_name(str(k)) and v is not None]
     if storage_url:
-        m = _URL_PASSWORD.search(str(storage_url))
-        if m:
-            values.append(m.group(2))
-            from urllib.parse import unquote
+        from urllib.parse import unquote
 
-            values.append(unquote(m.group(2)))
+        for password in _url_passwords(str(storage_url)):
+            values += [password, unquote(password)]
     return tuple(values)
 
 
@@ -159,14 +171,19 @@ def split_secret_overrides(args: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def split_password(url: str) -> tuple[str, str | None]:
-    """``(url without its password, the password)`` for a PostgreSQL URL with one; else ``(url, None)``
-    (other databases take no password from the environment)."""
+    """``(url without its password, the password)`` for a PostgreSQL URL with one, after ``user:`` or as its
+    ``?password=`` query parameter; else ``(url, None)`` (other databases take no password from the
+    environment)."""
     if not url.startswith("postgresql"):
         return url, None
     from sqlalchemy.engine import make_url
 
     parsed = make_url(url)
-    if not parsed.password:
+    password = parsed.password or parsed.query.get("password")
+    if not password:
         return url, None
+    if isinstance(password, tuple):  # ?password=a&password=b: libpq takes the last
+        password = password[-1]
     # URL.set(password=None) keeps the password (None means "unchanged"); the named tuple's _replace drops it
-    return parsed._replace(password=None).render_as_string(hide_password=False), str(parsed.password)
+    bare = parsed._replace(password=None).difference_update_query(["password"])
+    return bare.render_as_string(hide_password=False), str(password)

@@ -1,12 +1,12 @@
 """Are a command's points distinct runs? Checked on the composed configs before any trial exists.
 
-    python train.py -m schedule=choice(under,sweet) schedule.max_steps=10   # warned: one run, twice
+    python train.py -m schedule=choice(under,sweet) schedule.max_steps=10   # refused: one run, twice
 
 A swept config group whose options a fixed override makes identical (``schedule=under,sweet
 schedule.max_steps=10``: the presets differ only in ``max_steps``) would train the same run once per option
-and rank the copies against each other. :func:`same_runs` gives the one line the sweep warns with before any
-trial, naming the two points and the overrides that erase their difference (their trials still run: two
-seeds' worth of the same config is a way to measure noise). Pure apart from the ``compose`` callable it is given.
+and rank the copies against each other. :func:`same_runs` gives the one line the sweep refuses it with before
+any trial, naming the two points and the overrides that erase their difference (the same config twice, seed
+included, measures no noise: vary ``seed`` for that). Pure apart from the ``compose`` callable it is given.
 """
 
 from __future__ import annotations
@@ -22,24 +22,30 @@ __all__ = ["fixed_params", "same_runs"]
 
 
 def _erasers(fixed: Sequence[str], keys: Sequence[str]) -> list[str]:
-    return [o for o in fixed if any(o.lstrip("+~").startswith(k + ".") for k in keys)]
+    """The fixed overrides under ``keys``, each key's last (the one Hydra applies)."""
+    last = {o.lstrip("+~").split("=", 1)[0]: o for o in fixed if any(o.lstrip("+~").startswith(k + ".") for k in keys)}
+    return list(last.values())
 
 
 def _line(a: str, b: str, keys: Sequence[str], fixed: Sequence[str]) -> str:
     by = _erasers(fixed, keys)
     why = f" ({' '.join(by)} sets what tells them apart)" if by else ""
-    return (f"{a} and {b} compose the same run{why}: the sweep trains it once for each; sweep only one of them, "
-            f"or drop {' '.join(by) if by else 'the override that makes them equal'}")
+    return (f"{a} and {b} compose the same run{why}: the sweep would train it once for each; sweep only one of "
+            f"them, or drop {' '.join(by) if by else 'the override that makes them equal'}")
 
 
-def same_runs(space: SweepSpace, configs: Sequence[dict], compose: Callable[[list[str]], Any]) -> str | None:
+def same_runs(space: SweepSpace, configs: Sequence[dict], compose: Callable[[list[str]], Any],
+              runs: Sequence[dict] | None = None) -> str | None:
     """The line saying that two grid points (``configs``: their result configs, in
-    :meth:`SweepSpace.grid_points` order) or two choices of a sampled ``choice(...)`` over a config group
-    (composed with ``compose(overrides)``) are the same run; None when every point is its own."""
+    :meth:`SweepSpace.grid_points` order; ``runs``: their :func:`sweeper.identity.run_config`, when known) or two
+    choices of a sampled ``choice(...)`` over a config group (composed with ``compose(overrides)``) are the same
+    run; None when every point is its own. Points that learn the same but run differently (``speed=auto,plain``,
+    ``batch=conservative,balanced``: the same effective batch) are their own runs: comparing how fast they run
+    is a reason to sweep them."""
     points = space.grid_points()
     for j in range(len(configs)):
         for i in range(j):
-            if identity.same_run(configs[i], configs[j]):
+            if identity.same_run(configs[i], configs[j]) and (runs is None or runs[i] == runs[j]):
                 diff = [k for k in points[i] if points[i][k][1] != points[j][k][1]]
                 a = " ".join(f"{k}={points[i][k][1]}" for k in diff)
                 b = " ".join(f"{k}={points[j][k][1]}" for k in diff)
@@ -53,7 +59,7 @@ def same_runs(space: SweepSpace, configs: Sequence[dict], compose: Callable[[lis
                 cfg = compose(space.fixed + [f"{key}={value_text(value)}"])
             except Exception:  # a choice that does not compose fails its own trial
                 continue
-            flat = repr(sorted(identity.result_config(cfg).items()))
+            flat = repr(sorted(identity.run_config(cfg).items()))
             if flat in seen:
                 return _line(f"{key}={seen[flat]}", f"{key}={value_text(value)}", [key], space.fixed)
             seen[flat] = value_text(value)

@@ -28,9 +28,10 @@ def default_locations(config_dir: str | None = None) -> tuple[str, str]:
 
 def open_store(storage: str, need_studies: bool = True):
     from sweeper.program import this_process
-    from sweeper.storage import check_sqlite_file, mask_url, open_storage, sqlite_path
+    from sweeper.storage import check_sqlite_file, check_url, mask_url, open_storage, sqlite_path
 
     url = storage
+    check_url(url)  # a password with an unencoded @ or :: one line, without it
     path = sqlite_path(url)
     if path is not None:
         db = url[len("sqlite:///"):]  # as the user wrote it, for the messages

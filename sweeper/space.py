@@ -12,7 +12,9 @@ Translated exactly (:func:`translate`, one override; :func:`build_space`, a comm
   never lets the stop in; a descending, empty or zero-step range is refused in one line;
   ``shuffle(range(...))`` -> categorical;
   ``interval(lo,hi)`` -> float in [lo, hi]; ``int(interval(lo,hi))`` or ``tag(int, interval(...))`` ->
-  integers in [lo, hi]; ``tag(log, ...)`` -> log scale. With ``grid_sampler`` (``sampler.name=grid``)
+  integers in [lo, hi]; ``tag(log, ...)`` -> log scale; ``tag(float, range(...))`` -> a stepped float and
+  ``tag(float, interval(1,10))`` -> floats; any other tag, or a tag on a choice, is refused in one line
+  (:data:`TAGS`). With ``grid_sampler`` (``sampler.name=grid``)
   choice and range become grid axes instead, and an interval is refused.
 - :func:`exhaust_finite`: a sampled space of finite points no larger than ``n_trials`` becomes a grid, so
   each point runs once (a sampler would repeat points of a 2-point space).
@@ -32,7 +34,8 @@ from typing import Any, Sequence
 
 import optuna
 
-__all__ = ["SweepSpace", "build_space", "exhaust_finite", "finite_values", "quote", "range_note", "translate", "value_text"]
+__all__ = ["TAGS", "SweepSpace", "build_space", "distribution_text", "exhaust_finite", "finite_values", "quote", "range_note",
+           "translate", "value_text"]
 
 
 @dataclass
@@ -110,6 +113,11 @@ def exhaust_finite(space: SweepSpace, n_trials: int) -> tuple[SweepSpace, str | 
     note = (f"the sampled space ({keys}) has {size} point(s), no more than n_trials={n_trials}: each runs once, "
             "as a grid, and the sweep stops when they are done (a sampler would repeat points)")
     return SweepSpace(fixed=list(space.fixed), grid=grid, distributions={}, notes=[*space.notes, note]), note
+
+
+# the tags of tag(..., range or interval) that mean something here (hydra-optuna-sweeper's log and int; float: a
+# range or an interval of whole-number ends samples floats)
+TAGS = {"log": "log scale", "int": "whole numbers", "float": "floats"}
 
 
 def _number(x: Any) -> Any:
@@ -190,8 +198,17 @@ def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
         return "fixed", override.input_line
     value = override.value()
     tags = set(getattr(value, "tags", set()) or set())
+    unknown = sorted(tags - set(TAGS))
+    if unknown:
+        raise ValueError(f"{override.input_line}: unknown tag {unknown[0]!r}; the tags are "
+                         + ", ".join(f"{t} ({why})" for t, why in TAGS.items())
+                         + ", e.g. tag(log, interval(1e-5,1e-3))")
     log_scale = "log" in tags
     if override.is_choice_sweep():
+        if tags:
+            raise ValueError(f"{override.input_line}: tag({', '.join(sorted(tags))}, ...) has no meaning for a choice "
+                             "(its values are taken as written); tag a range or an interval, e.g. "
+                             "tag(log, interval(1e-5,1e-3))")
         items = list(override.sweep_iterator(transformer=Transformer.encode))
         texts = list(override.sweep_string_iterator())
         pairs = [(_number(v) if not isinstance(v, str) else v, t) for v, t in zip(items, texts)]
@@ -209,6 +226,9 @@ def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
             step = int(value.step)
             if log_scale and step != 1:
                 raise ValueError(f"{key}: tag(log, range(...)) needs step 1, but got step {step}")
+            if log_scale and values[0] < 1:
+                raise ValueError(f"{key}: tag(log, {_range_text(value)}) needs a start of at least 1 (a log scale has "
+                                 f"no 0), e.g. tag(log, range(1,{value_text(value.stop)}))")
             return "dist", optuna.distributions.IntDistribution(
                 low=values[0], high=values[-1], step=1 if log_scale else step, log=log_scale)
         if log_scale:
@@ -225,7 +245,7 @@ def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
                 "or give a comma list / range(...)"
             )
         # int(interval(a,b)) keeps whole-number bounds; tag(int, interval(...)) says the same
-        whole = "int" in tags or (_is_int(value.start) and _is_int(value.end))
+        whole = "int" in tags or (_is_int(value.start) and _is_int(value.end) and "float" not in tags)
         lo, hi = float(value.start), float(value.end)
         if lo > hi:
             raise ValueError(f"{key}=interval({value.start},{value.end}): the low end must not exceed the high end; "
@@ -255,6 +275,21 @@ def build_space(overrides: Sequence[Any], *, grid_sampler: bool = False) -> Swee
         else:
             space.distributions[key] = payload
     return space
+
+
+def distribution_text(dist: optuna.distributions.BaseDistribution) -> str:
+    """A distribution as the override text that samples it (``interval(0.5,1.5)``, ``tag(log, interval(...))``,
+    ``int(interval(1,9))``, ``range(1,9,2)``, ``choice(a,b)``): for messages."""
+    D = optuna.distributions
+    if isinstance(dist, D.CategoricalDistribution):
+        return "choice(" + ",".join(value_text(v) for v in dist.choices) + ")"
+    if isinstance(dist, (D.FloatDistribution, D.IntDistribution)):
+        if dist.step not in (None, 1) or (isinstance(dist, D.FloatDistribution) and dist.step is not None):
+            return f"range({value_text(dist.low)},{value_text(dist.high + dist.step)},{value_text(dist.step)})"
+        inner = f"interval({value_text(dist.low)},{value_text(dist.high)})"
+        inner = f"int({inner})" if isinstance(dist, D.IntDistribution) else inner
+        return f"tag(log, {inner})" if dist.log else inner
+    return str(dist)
 
 
 def value_text(value: Any) -> str:

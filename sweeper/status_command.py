@@ -105,15 +105,16 @@ def status(storage: str | None, studies: list[str] | None, config_dir: str | Non
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    names = studies or [s.study_name for s in optuna.get_all_study_summaries(store)]
+    known = [s.study_name for s in optuna.get_all_study_summaries(store)]
+    names = list(dict.fromkeys(studies)) if studies else known  # a --study given twice is shown once
     if not names:
         print(f"no studies in {shown}")
         return 0
+    missing = [n for n in names if n not in known]
+    if missing:  # as the report says it
+        print(f"error: --study {missing[0]!r} is not in the storage; studies there: {sorted(known) or 'none'}",
+              file=sys.stderr)
+        return 2
     for name in names:
-        try:
-            study = optuna.load_study(study_name=name, storage=store)
-        except KeyError:
-            print(f"no study {name!r} in {shown}")
-            return 2
-        print(study_status(study))
+        print(study_status(optuna.load_study(study_name=name, storage=store)))
     return 0

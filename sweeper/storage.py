@@ -14,7 +14,8 @@ Used by the sweeper (``sweeper.sweep``) and by the commands that read studies ba
   the PostgreSQL role and database allow the connections its workers will open (:data:`CONNECTIONS_PER_WORKER`
   each); :func:`describe_error`: one line for a storage error met later.
 - :func:`opened_urls`: the storages this process opened (what a Ctrl-C must tidy, see ``sweeper.interrupt``).
-- :func:`mask_url` (password -> ``***``) and :func:`sqlite_path` (the one parser of ``sqlite:///`` URLs).
+- :func:`mask_url` (password -> ``***``), :func:`check_url` (a URL that cannot be read, said without its
+  password) and :func:`sqlite_path` (the one parser of ``sqlite:///`` URLs).
 - :func:`claim_lock`: the cross-worker lock around "pick the next trial" (a file lock beside SQLite, an
   advisory lock on PostgreSQL).
 - :class:`Heartbeat` (beats for a running trial from the sweeper), :func:`heartbeat_age_s` (reads one back)
@@ -38,6 +39,7 @@ from typing import Any, Iterator
 
 import optuna
 
+from sweeper import passwords
 from sweeper.records import SYSTEM_ATTRS, is_branch  # declared with every other attr of a trial
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "fail_and_requeue",
     "heartbeat_age_s",
     "is_branch",
+    "check_url",
     "mask_url",
     "open_storage",
     "opened_urls",
@@ -72,13 +75,38 @@ _OPENED: list[str] = []  # the URLs open_storage opened in this process, in orde
 
 
 def mask_url(url: str) -> str:
-    """The storage URL with any password replaced by ***, for printing and logs."""
-    try:
-        from sqlalchemy.engine import make_url
+    """The storage URL with any password replaced by ***, for printing and logs: the one after ``user:`` (an
+    ``@`` or ``:`` left unencoded in it included) and a ``?password=`` query parameter's
+    (:func:`sweeper.passwords.mask_passwords`)."""
+    return passwords.mask_passwords(str(url))
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
+
+def check_url(url: str) -> None:
+    """Raise :class:`StorageError` (one line naming ``hydra.sweeper.storage``, the password masked) when ``url``
+    cannot be read as an SQLAlchemy URL, mostly a password with an ``@`` not percent-encoded
+    (``postgresql://bob:p@ss:w0rd@db/x`` reads as the host ``ss`` on the port ``w0rd@db``)."""
+    scheme, sep, rest = url.partition("://")
+    if sqlite_path(url) is not None or not sep:
+        return  # no scheme: opening it says it is no database URL
+    authority = rest.split("?", 1)[0].split("#", 1)[0]
+    user_info = authority.rpartition("@")[0]
+    problem = None
+    if "@" in user_info:
+        problem = "its user or password holds an @ that is not percent-encoded"
+    else:
+        try:
+            from sqlalchemy.engine import make_url
+
+            parsed = make_url(url)
+            parsed.port  # noqa: B018 (read: a port that is not a number fails here)
+        except Exception:
+            problem = "it cannot be read as a URL (an @, :, / or ? in the password not percent-encoded?)"
+    if problem:
+        raise StorageError(
+            f"hydra.sweeper.storage={mask_url(url)}: {problem}; write a password's special characters "
+            "percent-encoded (@ as %40, : as %3A, / as %2F, ? as %3F, % as %25; python -c \"import urllib.parse; "
+            "print(urllib.parse.quote(input(), safe=''))\" prints it so), or leave the password out of the URL and "
+            "set PGPASSWORD")
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -111,7 +139,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StorageError(f"hydra.sweeper.storage={url}: the folder {db.parent} cannot be made "
+            raise StorageError(f"hydra.sweeper.storage={mask_url(url)}: the folder {db.parent} cannot be made "
                                f"({e.strerror or e}); point hydra.sweeper.storage at a folder this user can write") from None
         engine_kwargs["connect_args"] = {"timeout": 60}  # several workers share one file
     elif url.startswith("postgres"):
@@ -145,7 +173,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         if known:
             raise StorageError(known) from None
         if db is not None:
-            raise StorageError(f"hydra.sweeper.storage={url} could not be opened: {type(e).__name__}: "
+            raise StorageError(f"hydra.sweeper.storage={mask_url(url)} could not be opened: {type(e).__name__}: "
                                f"{_first_line(url, e)}; check that this user can write {db} and its folder") from None
         raise StorageError(
             f"hydra.sweeper.storage={mask_url(url)} could not be opened: {type(e).__name__}: {_first_line(url, e)}; "
@@ -192,8 +220,7 @@ def check_sqlite_file(db: Path) -> None:
 
 def _first_line(url: str, e: BaseException) -> str:
     detail = (str(e).splitlines() or [""])[0]
-    password = _password(url)
-    return detail.replace(password, "***") if password else detail
+    return passwords.mask_secrets(detail, passwords.secret_values({}, url))
 
 
 def _server_problem(url: str, e: BaseException) -> str | None:
@@ -263,7 +290,7 @@ def check_connections(url: str, workers: int) -> None:
     db = sqlite_path(url)
     if db is not None:
         if db.exists() and not os.access(db, os.W_OK):
-            raise StorageError(f"hydra.sweeper.storage={url}: {db} cannot be written (read-only file); a sweep "
+            raise StorageError(f"hydra.sweeper.storage={mask_url(url)}: {db} cannot be written (read-only file); a sweep "
                                "records its trials there: make it writable, or use another file (the report and "
                                "status commands read it as it is)")
         return
@@ -286,15 +313,6 @@ def check_connections(url: str, workers: int) -> None:
                 f"hydra.sweeper.storage={mask_url(url)}: {kind} {name!r} allows {limit} connection(s) (CONNECTION "
                 f"LIMIT {limit}) and {used - 1} are in use, but this sweep's {workers} worker(s) hold up to {need} "
                 f"({CONNECTIONS_PER_WORKER} each); raise it ({sql}, or -1 for no limit) or lower hydra.sweeper.workers")
-
-
-def _password(url: str) -> str | None:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).password
-    except Exception:
-        return None
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, ValueNode
 
-from sweeper.space import SweepSpace, finite_values, value_text
+from sweeper.space import SweepSpace, distribution_text, finite_values, value_text
 
 __all__ = ["check", "key_type", "misfit"]
 
@@ -48,18 +48,6 @@ def _fits(value: Any, want: type) -> bool:
     return isinstance(value, bool)
 
 
-def _text(dist: optuna.distributions.BaseDistribution) -> str:
-    D = optuna.distributions
-    if isinstance(dist, D.FloatDistribution):
-        if dist.step is not None:
-            return f"range({value_text(dist.low)},{value_text(dist.high + dist.step)},{value_text(dist.step)})"
-        inner = f"interval({value_text(dist.low)},{value_text(dist.high)})"
-        return f"tag(log, {inner})" if dist.log else inner
-    if isinstance(dist, D.CategoricalDistribution):
-        return "choice(" + ",".join(value_text(v) for v in dist.choices) + ")"
-    return str(dist)
-
-
 def misfit(key: str, dist: optuna.distributions.BaseDistribution, want: type | None) -> str | None:
     """The one line refusing ``dist`` for a key whose values must be ``want``, or None when it fits."""
     if want is None:
@@ -68,7 +56,7 @@ def misfit(key: str, dist: optuna.distributions.BaseDistribution, want: type | N
     if isinstance(dist, D.FloatDistribution) and dist.step is None and want is int:
         lo, hi = int(dist.low), int(dist.high)
         wrap = f"tag(log, int(interval({lo},{hi})))" if dist.log else f"int(interval({lo},{hi}))"
-        return (f"{key} takes whole numbers (int), but {_text(dist)} samples floats such as "
+        return (f"{key} takes whole numbers (int), but {distribution_text(dist)} samples floats such as "
                 f"{(dist.low + dist.high) / 2:g}; write {key}='{wrap}' (or range({lo},{hi + 1}))")
     values = finite_values(dist)
     if values is None:  # a continuous float for a float key
@@ -76,7 +64,7 @@ def misfit(key: str, dist: optuna.distributions.BaseDistribution, want: type | N
     bad = [v for v in values if not _fits(v, want)]
     if not bad:
         return None
-    return (f"{key} takes {want.__name__} values, but {_text(dist)} gives {value_text(bad[0])} "
+    return (f"{key} takes {want.__name__} values, but {distribution_text(dist)} gives {value_text(bad[0])} "
             f"({type(bad[0]).__name__}); give {want.__name__} values only")
 
 

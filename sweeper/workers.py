@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from sweeper.gpu import GpuMemory
 
-__all__ = ["WorkerPlan", "describe", "parse_gpus", "parse_launcher", "parse_workers", "plan_local", "plan_slurm"]
+__all__ = ["WorkerPlan", "check_gpus_visible", "describe", "parse_gpus", "parse_launcher", "parse_workers", "plan_local", "plan_slurm"]
 
 LAUNCHERS = ("local", "slurm")
 
@@ -70,6 +70,20 @@ def parse_gpus(value: Any) -> list[str] | None:
                 f"{g!r}; list one id per worker, e.g. hydra.sweeper.gpus=[0,1]")
         out.append(str(g).strip())
     return out
+
+
+def check_gpus_visible(gpus: list[str], visible: Sequence[GpuMemory]) -> None:
+    """``hydra.sweeper.gpus`` against the GPUs this process may use (a local launcher's, in the command's first
+    process): each id an index or a GPU UUID (or its start) of a visible GPU; one ``ValueError`` line otherwise."""
+    shown = f"hydra.sweeper.gpus=[{','.join(gpus)}]"
+    if not visible:
+        raise ValueError(f"{shown} names GPUs, but no GPU is visible here (no NVIDIA driver, or CUDA_VISIBLE_DEVICES "
+                         "hides them); drop hydra.sweeper.gpus to run on the CPU, or run where the GPUs are")
+    missing = [g for g in gpus if not any(g == str(v.index) or (v.uuid and v.uuid.startswith(g)) for v in visible)]
+    if missing:
+        raise ValueError(f"{shown}: GPU {missing[0]} is not visible here; the visible GPUs are "
+                         f"{', '.join(str(v.index) for v in sorted(visible, key=lambda v: v.index))}; list those, or "
+                         "drop hydra.sweeper.gpus to use every visible GPU with room")
 
 
 def parse_launcher(value: Any) -> str:

@@ -185,6 +185,30 @@ CASES = [
     ("reversed interval", ["lr.learning_rate=interval(3e-4,1e-5)"],
      "lr.learning_rate=interval(0.0003,1e-05): the low end must not exceed the high end"),
     ("log interval from 0", ["lr.learning_rate=tag(log,interval(0,1e-3))"], "needs a low end above 0"),
+    ("log range from 0", ["schedule.max_steps=tag(log,range(0,20))"],
+     "schedule.max_steps: tag(log, range(0,20,1)) needs a start of at least 1"),
+    ("unknown tag", ["lr.learning_rate=tag(lg,interval(1e-5,1e-3))"],
+     "lr.learning_rate=tag(lg,interval(1e-5,1e-3)): unknown tag 'lg'; the tags are log (log scale), int (whole "
+     "numbers), float (floats)"),
+    ("tag on a choice", ["lr.learning_rate=tag(log,choice(1e-5,1e-4,1e-3))"],
+     "lr.learning_rate=tag(log,choice(1e-5,1e-4,1e-3)): tag(log, ...) has no meaning for a choice"),
+    # a sampled key's search space checked at its ends by the rules of a fixed value
+    ("interval below what its key takes", ["lr.learning_rate=interval(-1,1)"],
+     "lr.learning_rate=interval(-1.0,1.0) samples -1.0 (its low end), refused as lr.learning_rate=-1.0 would be: "
+     "lr.learning_rate must be positive, but got -1.0"),
+    ("interval above what its key takes", ["data.eval_fraction=interval(0.5,1.5)"],
+     "data.eval_fraction=interval(0.5,1.5) samples 1.5 (its high end), refused as data.eval_fraction=1.5 would be: "
+     "data.eval_fraction must be between 0 and 1 (exclusive)"),
+    ("interval leaving no train rows at its end", ["data.eval_fraction=interval(0.5,0.999)"],
+     "data.eval_fraction=interval(0.5,0.999) samples 0.999 (its high end), refused as data.eval_fraction=0.999 would "
+     "be: data.eval_fraction=0.999 of 120 rows"),
+    ("int interval reaching 0", ["schedule.max_steps=int(interval(0,20))"],
+     "schedule.max_steps=int(interval(0,20)) samples 0 (its low end)"),
+    ("choice holding a refused value", ["lr.warmup_steps=choice(0.1,-1,0.2)", "hydra.sweeper.n_trials=2"],
+     "lr.warmup_steps=choice(0.1,-1,0.2) samples -1 (a choice), refused as lr.warmup_steps=-1 would be: "
+     "lr.warmup_steps must be >= 0"),
+    ("range past what its key takes", ["data.eval_fraction=range(0.5,1.5,0.25)", "hydra.sweeper.n_trials=2"],
+     "data.eval_fraction=range(0.5,1.5,0.25) samples 1.25 (its high end)"),
     ("non-UTF-8 data", _non_utf8, "line 3 is not UTF-8 text (byte 0xe9"),
     ("mysql without its driver", ["hydra.sweeper.storage=mysql://root@127.0.0.1:3306/test"],
      "hydra.sweeper.storage=mysql://root@127.0.0.1:3306/test needs a database driver that is not installed"),
@@ -227,6 +251,8 @@ CASES = [
     ("train file missing", lambda p: ["data=jsonl", f"data.train_path={p / 'nope.jsonl'}"], "file not found"),
     ("row 31 without an assistant turn", _train_only(GOOD[:30] + [_chat("only a question")] + GOOD[30:]),
      "row 31: no assistant message to learn from"),
+    ("eval_accuracy on answers that are no label set", lambda p: [*_train_only(GOOD)(p), "eval.metric=eval_accuracy"],
+     "eval.metric=eval_accuracy, but the answers of train are not a label set (38 distinct answers in 38 train rows"),
     ("eval in another format than train", _train_and_eval([{"prompt": "p", "completion": "c"}] * 3),
      "is in prompt_completion format but data.train_path is in messages; use one format"),
     ("rows all cut, with a bitsandbytes optimizer", lambda p: ["data.max_length=8", "lr.optim=adamw_bnb_8bit"],
@@ -257,8 +283,8 @@ CASES = [
     ("max_steps zero", ["schedule.max_steps=0"], "schedule.max_steps must be positive, but got 0"),
     ("max_steps not a number", ["schedule.max_steps=abc"], "Error merging override schedule.max_steps=abc; Value 'abc' "
      "of type 'str' could not be converted to Integer"),
-    ("unknown key", ["schedul.max_steps=3"], "Could not override 'schedul.max_steps'; To append to your config use "
-     "+schedul.max_steps=3; Key 'schedul' not in 'Config'"),
+    ("unknown key", ["schedul.max_steps=3"], "Could not override 'schedul.max_steps': schedul is not a key of the "
+     "config; did you mean schedule.max_steps=3?"),
     ("unknown schedule", ["schedule=nonexistent"], "Could not find 'schedule/nonexistent'; Available options in "
      "'schedule': epochs3, over, sweet, under, wsd_search"),
     ("required file not given", ["data=jsonl"], "data.train_path must be set, but is ??? (a required value of the "
@@ -273,9 +299,36 @@ CASES = [
     ("unknown metric", ["eval.metric=eval_foo"], "eval.metric must be one of ['eval_accuracy', 'eval_loss', 'eval_mean_token_accuracy']"),
     ("eval_steps zero", ["eval.eval_steps=0"], "eval.eval_steps must be >= 1"),
     ("unknown accuracy mode", ["eval.accuracy=maybe"], "eval.accuracy must be one of ['auto', 'on', 'off']"),
+    ("logging_steps zero", ["eval.logging_steps=0"], "eval.logging_steps must be >= 1"),
+    ("negative weight decay", ["lr.weight_decay=-1"], "lr.weight_decay must be >= 0 (0: none), but got -1.0"),
+    ("negative max_grad_norm", ["lr.max_grad_norm=-1"], "lr.max_grad_norm must be >= 0 (0: no clipping)"),
+    ("LoRA rank zero", ["peft=lora", "peft.r=0"], "peft.r (the LoRA rank) must be >= 1, but got 0"),
+    ("LoRA dropout above 1", ["peft=lora", "peft.lora_dropout=1.5"], "peft.lora_dropout must be in [0, 1), but got 1.5"),
+    ("LoRA alpha zero", ["peft=lora", "peft.lora_alpha=0"], "peft.lora_alpha must be positive, but got 0"),
+    ("negative early stopping threshold", ["eval.early_stopping_threshold=-1"],
+     "eval.early_stopping_threshold must be >= 0 (the least improvement of eval.metric that resets the patience), "
+     "but got -1.0"),
+    ("empty data name", ["data.name=''"], "data.name must not be empty: it names the study"),
+    ("blank model name", ["model.name=' '"], "model.name must not be empty"),
+    ("GPU ids that are not visible", ["hydra.sweeper.gpus=[0,99]"], "hydra.sweeper.gpus=[0,99]"),  # none here, or 99
     ("patience zero", ["eval.early_stopping_patience=0"], "eval.early_stopping_patience must be >= 1 or null"),
     ("4-bit weights without adapters", ["precision=qlora4", "peft=none"], "add peft=lora"),
     # sweeper settings
+    ("search_space, hydra-optuna-sweeper's old form", ["hydra.sweeper.search_space={a:1}"],
+     "hydra.sweeper.search_space (a: ...) is hydra-optuna-sweeper's deprecated form; give the space as "
+     "hydra.sweeper.params"),
+    ("params with a grammar error", ["hydra.sweeper.params={lr.learning_rate:'interval(1e-3'}"],
+     "hydra.sweeper.params.lr.learning_rate: Error parsing override 'lr.learning_rate=interval(1e-3': no viable "
+     "alternative at input 'interval(1e-3'"),
+    ("params not a mapping", ["hydra.sweeper.params=5"], "hydra.sweeper.params must be a mapping of keys to overrides"),
+    ("params value not an override", ["hydra.sweeper.params={seed:[1,2]}"],
+     "hydra.sweeper.params.seed must be one override in the sweep grammar"),
+    ("two grid points composing one run", ["schedule=under,sweet", "schedule.max_steps=10"],
+     "schedule=under and schedule=sweet compose the same run (schedule.max_steps=10 sets what tells them apart): the "
+     "sweep would train it once for each; sweep only one of them, or drop schedule.max_steps=10"),
+    ("two sampled choices composing one run", ["schedule=choice(under,sweet)", "schedule.max_steps=10",
+                                               "hydra.sweeper.n_trials=1"],
+     "schedule=under and schedule=sweet compose the same run"),
     ("n_trials zero", ["hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials must be >= 1 or null, but got 0"),
     ("max_failures zero", ["hydra.sweeper.max_failures=0"], "hydra.sweeper.max_failures must be >= 1 or null"),
     ("negative heartbeat", ["hydra.sweeper.heartbeat_interval=-1"], "hydra.sweeper.heartbeat_interval must be >= 1"),
@@ -294,6 +347,15 @@ CASES = [
                                           f"{_closed_port()}/test"], "no PostgreSQL server answers at 127.0.0.1:"),
     ("PostgreSQL database missing", _storage(_postgres("postgres", "no_such_db")),
      "the server at 127.0.0.1:5432 has no database 'no_such_db'; create it"),
+    ("PostgreSQL password with an unencoded @ and :",
+     ["hydra.sweeper.storage=postgresql://postgres:pa55w0rd@x:y@127.0.0.1:5432/test"],
+     "hydra.sweeper.storage=postgresql://postgres:***@127.0.0.1:5432/test: its user or password holds an @ that is "
+     "not percent-encoded; write a password's special characters percent-encoded (@ as %40, : as %3A"),
+    ("PostgreSQL password as a query parameter",
+     lambda p: [f"hydra.sweeper.storage='{_postgres('postgres', 'no_such_db')(p).replace(':pa55w0rd', '')}"
+                "?sslmode=disable&password=pa55w0rd'"],
+     "hydra.sweeper.storage=postgresql://postgres@127.0.0.1:5432/no_such_db?sslmode=disable&password=***: the "
+     "server at 127.0.0.1:5432 has no database 'no_such_db'"),
     ("PostgreSQL role missing", _storage(_postgres("no_such_role")),
      "the server at 127.0.0.1:5432 has no role 'no_such_role'; create it"),
     ("floats sampled for an int key", ["schedule.max_steps=interval(10,20)"],
@@ -639,15 +701,21 @@ HYDRA_ERRORS = [
      "Error merging override schedule.max_steps=abc; Value 'abc' of type 'str' could not be converted to Integer"),
     ("Could not override 'schedul.max_steps'.\nTo append to your config use +schedul.max_steps=3\n"
      "Key 'schedul' not in 'Config'\n    full_key: schedul\n    object_type=Config\n",
-     "Could not override 'schedul.max_steps'; To append to your config use +schedul.max_steps=3; "
-     "Key 'schedul' not in 'Config'"),
+     "Could not override 'schedul.max_steps': schedul is not a key of the config; did you mean schedule.max_steps=3? "
+     "(known in the config: model, data, batch, schedule, lr, precision, peft, speed, eval, study, paths, tracking, "
+     "seed, retry_on_oom, report_to)"),
+    ("Could not override 'schedule.max_step'.\nTo append to your config use +schedule.max_step=10\n"
+     "Key 'max_step' not in 'ScheduleConfig'\n    full_key: schedule.max_step\n    object_type=ScheduleConfig\n",
+     "Could not override 'schedule.max_step': schedule.max_step is not a key of the config; did you mean "
+     "schedule.max_steps=10? (known in schedule: max_steps, num_train_epochs, wsd)"),
     ("In 'config': Could not find 'schedule/undr'\n\nAvailable options in 'schedule':\n\tover\n\tsweet\n\tunder\n"
      "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf\n\tprovider=main, path=file:///x/conf\n",
      "In 'config': Could not find 'schedule/undr'; Available options in 'schedule': over, sweet, under"),
 ]
 
 
-@pytest.mark.parametrize("text,line", HYDRA_ERRORS, ids=["wrong type", "unknown key", "unknown option"])
+@pytest.mark.parametrize("text,line", HYDRA_ERRORS, ids=["wrong type", "unknown key", "unknown key of a group",
+                                                        "unknown option"])
 def test_hydras_composition_errors_are_said_in_one_line(text, line):
     import io
 
@@ -696,11 +764,81 @@ def test_a_runs_refusal_leaves_out_hydras_list_of_overrides_but_a_traceback_keep
 @pytest.mark.slow
 @pytest.mark.parametrize("override,needle", [
     ("schedule.max_steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
-    ("schedul.max_steps=3", "Key 'schedul' not in 'Config'"),
+    ("schedul.max_steps=3", "schedul is not a key of the config; did you mean schedule.max_steps=3?"),
     ("schedule=undr", "Available options in 'schedule': epochs3, over, sweet, under, wsd_search"),
-    ("schedule.max_steps=[1", "no viable alternative at input '[1'"),
+    ("schedule.max_steps=[1", "Error parsing override 'schedule.max_steps=[1': no viable alternative at input '[1'"),
 ], ids=["wrong type", "unknown key", "unknown option", "bad grammar"])
 def test_a_composition_error_from_the_command_is_one_line(tmp_path, override, needle):
     proc = run_cli("-m", override, f"paths.output_dir={tmp_path}")
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert proc.returncode != 0 and len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["-m", "seed=1,2", "lr.learning_rate=interval(1e-3"],
+     "Error parsing override 'lr.learning_rate=interval(1e-3': no viable alternative at input 'interval(1e-3'; See "
+     "https://hydra.cc/docs/1.2/advanced/override_grammar/basic for details"),
+    (["-m", "hydra.sweeper.storage=postgresql://bob@db/x?password=pa55w0rd"],
+     "Error parsing override 'hydra.sweeper.storage=postgresql://bob@db/x?password=***': mismatched input '=' "
+     "expecting <EOF>; See https://hydra.cc/docs/1.2/advanced/override_grammar/basic for details"),
+], ids=["unclosed interval", "unquoted URL with a password"])
+def test_a_grammar_error_names_its_override_without_a_password(argv, line):
+    import io
+
+    from sweeper.cli import _HYDRA_HINT, _OneLineRefusals
+
+    out = io.StringIO()
+    stream = _OneLineRefusals(out, argv)
+    hydra_says = line.split("': ", 1)[1].replace("; See", "\nSee") + "\n"
+    stream.write(hydra_says)
+    stream.write(_HYDRA_HINT)
+    assert out.getvalue() == line + "\n"
+
+
+@pytest.mark.parametrize("file_there", [False, True], ids=["new file", "file with another study"])
+def test_a_refusal_after_the_study_was_opened_leaves_no_study(tmp_path, cache_dir, monkeypatch, file_there):
+    """A refusal that comes once the command's study exists (the workers' plan, after the study's state is read)
+    deletes the study it created, and the SQLite file it created with it."""
+    import optuna
+
+    from sweeper.sweep import launchers
+
+    def refuse(*args, **kwargs):
+        raise ValueError("hydra.sweeper.workers=auto: no visible GPU has room for the planned trial (a test's)")
+
+    monkeypatch.setattr(launchers, "plan", refuse)
+    db = tmp_path / "optuna.db"
+    if file_there:
+        optuna.create_study(study_name="other", storage=f"sqlite:///{db}")
+    proc = run_in_process("-m", "seed=1,2", *FAST, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+    assert proc.returncode == 1 and "no visible GPU has room for the planned trial (a test's)" in proc.stderr
+    if file_there:
+        assert optuna.study.get_all_study_names(f"sqlite:///{db}") == ["other"]
+    else:
+        assert not db.exists() and not (tmp_path / "optuna.db.lock").exists()
+
+
+def test_two_of_hydras_mode_flags_are_one_line(capsys):
+    from sweeper.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["-m", "seed=1", "--cfg", "hydra"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip() == ("error: Only one of --run, --multirun, --cfg, --info and --shell_completion can be "
+                           "specified; give one of them (--cfg and --info print the config without running)")
+
+
+def test_a_misspelt_key_with_a_password_in_its_value_is_said_without_it():
+    import io
+
+    from sweeper.cli import _HYDRA_HINT, _OneLineRefusals
+
+    override = "hydra.sweeper.storag=postgresql://bob:pa55w0rd@db/x"
+    out = io.StringIO()
+    stream = _OneLineRefusals(out, ["-m", override])
+    stream.write(f"Could not override 'hydra.sweeper.storag'.\nTo append to your config use +{override}\n")
+    stream.write("Key 'storag' not in 'SftSweepSweeperConf'\n    full_key: hydra.sweeper.storag\n")
+    stream.write(_HYDRA_HINT)
+    assert "did you mean hydra.sweeper.storage=postgresql://bob:***@db/x?" in out.getvalue()
+    assert "pa55w0rd" not in out.getvalue()

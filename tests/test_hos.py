@@ -280,9 +280,27 @@ def test_two_points_that_compose_one_run_are_named():
     same = {"schedule.max_steps": 10, "seed": 1}
     line = same_runs(space, [same, dict(same)], compose=None)
     assert line == ("schedule=under and schedule=sweet compose the same run (schedule.max_steps=10 sets what tells "
-                    "them apart): the sweep trains it once for each; sweep only one of them, or drop "
+                    "them apart): the sweep would train it once for each; sweep only one of them, or drop "
                     "schedule.max_steps=10")
     assert same_runs(space, [same, {**same, "schedule.max_steps": 11}], compose=None) is None
+    # the same result config but another way to run it (speed, micro-batch): its own run, not refused
+    assert same_runs(space, [same, dict(same)], compose=None, runs=[{"speed.name": "auto"}, {"speed.name": "plain"}]) \
+        is None
+    assert same_runs(space, [same, dict(same)], compose=None, runs=[{"speed.name": "auto"}, {"speed.name": "auto"}]) \
+        == line
+
+
+def test_points_that_differ_only_in_how_they_run_are_their_own_runs(compose_cfg):
+    from sweeper import identity
+
+    auto, plain = compose_cfg("speed=auto"), compose_cfg("speed=plain")
+    assert identity.result_config(auto) == identity.result_config(plain)  # they learn the same
+    assert identity.run_config(auto) != identity.run_config(plain)  # but run differently
+    a, b = compose_cfg("batch=conservative"), compose_cfg("batch=balanced")
+    assert identity.result_config(a) == identity.result_config(b) and identity.run_config(a) != identity.run_config(b)
+    assert identity.run_config(compose_cfg("schedule=under", "schedule.max_steps=10")) == \
+        identity.run_config(compose_cfg("schedule=sweet", "schedule.max_steps=10"))
+    assert not any(k.startswith("hydra.") for k in identity.run_config(auto))
 
 
 @pytest.mark.slow
@@ -346,3 +364,29 @@ def test_a_trial_of_a_command_sweeping_nothing_records_the_studys_params_at_its_
     study.add_trial(optuna.trial.create_trial(value=0.5, params={k: v for k, (v, _) in found.items()},
                                               distributions={k: d for k, (_, d) in found.items()}))
     assert study.best_trial.params == {"schedule.max_steps": 60, "lr.learning_rate": 3e-3}
+
+
+def test_params_and_search_space_given_on_the_command_line_compose(compose_cfg):
+    """hydra.sweeper.params={...} (and search_space={...}, refused later naming params) merge into their null
+    defaults; a dict typed node that is null made OmegaConf fail with a traceback."""
+    cfg = compose_cfg("hydra.sweeper.params={seed:'1,2',schedule:under}", "hydra.sweeper.search_space={a:1}")
+    assert hos.params(cfg.hydra.sweeper.params) == {"seed": "1,2", "schedule": "under"}
+    with pytest.raises(ValueError, match=r"search_space \(a: \.\.\.\) is hydra-optuna-sweeper's deprecated form"):
+        hos.refuse_search_space(cfg.hydra.sweeper.search_space)
+    assert hos.params(None) == {} and hos.params({"lr.learning_rate": 0.001}) == {"lr.learning_rate": "0.001"}
+
+
+@pytest.mark.parametrize("override,built", [
+    ("+hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler", optuna.samplers.RandomSampler),
+    ("+hydra.sweeper.pruner._target_=optuna.pruners.MedianPruner", optuna.pruners.MedianPruner),
+], ids=["sampler", "pruner"])
+def test_a_sampler_or_pruner_by_target_on_the_command_line(compose_cfg, override, built):
+    """Hydra instantiates the sweeper from hydra.sweeper; a sampler or pruner block with its own _target_ reaches it
+    as config (not instantiated by Hydra with the block's name and seed, which the class does not take)."""
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(override)
+    fields = instantiate(cfg.hydra.sweeper)._impl.fields
+    made = (samplers.make_sampler(fields["sampler"]) if "sampler" in override
+            else samplers.make_pruner(fields["pruner"]))
+    assert isinstance(made, built)

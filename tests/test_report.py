@@ -89,6 +89,19 @@ def test_report_unknown_study_is_one_clear_error(tmp_path):
     proc = sweeper_in_process("report", "--storage", f"sqlite:///{tmp_path}/s.db", "--study", "nope",
                               "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "--study 'nope' is not in the storage; studies there: ['a']" in proc.stderr
+    proc = sweeper_in_process("status", "--storage", f"sqlite:///{tmp_path}/s.db", "--study", "nope")
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr.strip() == "error: --study 'nope' is not in the storage; studies there: ['a']"
+
+
+def test_a_study_named_twice_is_shown_once(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="a", storage=url)
+    study.add_trial(optuna.trial.create_trial(value=1.0, intermediate_values={1: 1.0}, user_attrs={"max_steps": 1}))
+    proc = sweeper_in_process("status", "--storage", url, "--study", "a", "--study", "a")
+    assert proc.returncode == 0 and proc.stdout.count("study a:") == 1, proc.stdout
+    proc = sweeper_in_process("report", "--storage", url, "--study", "a", "--study", "a", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 0 and proc.stdout.count("\n## a\n") == 1, proc.stdout[-2000:]
 
 
 def _chromium() -> str:

@@ -493,3 +493,15 @@ def test_several_files_one_command_no_secret_written_and_a_new_study_moves_old_f
     assert list((previous / "trial_0").glob("checkpoint-*"))
     new_log = (out / "sweeps" / "a-tiny" / "trial_0" / "train.log").read_text()
     assert old_log not in new_log
+
+
+def test_cfg_hydra_prints_no_secret(capsys):
+    """``--cfg hydra`` (Hydra's own print of the config) masks the storage password, in the URL and as
+    ``?password=``, and a secret env_set value."""
+    from sweeper.cli import main
+
+    main(["hydra.sweeper.storage='postgresql://bob:pa55w0rd@db/x?password=pa55w0rd2'",
+          f"+hydra.job.env_set.HF_TOKEN={SECRET}", "--cfg", "hydra"])
+    out = capsys.readouterr().out
+    assert "storage: postgresql://bob:***@db/x?password=***" in out and "HF_TOKEN: ***" in out
+    assert "pa55w0rd" not in out and SECRET not in out

@@ -33,25 +33,26 @@ def _ok(proc):
 
 def test_core_grid_runs_each_point_once_and_resumes(tmp_path, cache_dir):
     base = [*FAST, *_paths(tmp_path, cache_dir)]
-    _ok(run_in_process("-m", "schedule=under,sweet", *base))
-    assert [t.params["schedule"] for t in _study(tmp_path).trials] == ["under", "sweet"]
+    _ok(run_in_process("-m", "lr=tiny,full", *base))  # two learning-rate presets, each its own run
+    assert [t.params["lr"] for t in _study(tmp_path).trials] == ["tiny", "full"]
 
-    out = _ok(run_in_process("-m", "schedule=under,sweet,over", *base))  # resumes: only "over" is missing
+    out = _ok(run_in_process("-m", "lr=tiny,full,lora", *base))  # resumes: only "lora" is missing
     study = _study(tmp_path)
-    assert [t.params["schedule"] for t in study.trials] == ["under", "sweet", "over"]
+    assert [t.params["lr"] for t in study.trials] == ["tiny", "full", "lora"]
     for t in study.trials:
         assert t.state == TrialState.COMPLETE and math.isfinite(t.value)
         assert sorted(t.intermediate_values) == [4, 8, 12]  # every evaluation reported: the curve
         assert t.value == min(t.intermediate_values.values())  # the best, not the last
         assert ATTRS <= set(attrs(t)) and "plan" not in t.user_attrs  # the plan: a system attr
-        assert t.user_attrs["choices"]["schedule"] == t.params["schedule"]
-    assert "**Recommended for demo: max_steps=" in out.stdout and "| 2 | over | cosine | – |" in out.stdout
+        assert t.user_attrs["choices"]["lr"] == t.params["lr"]
+    row = "| 2 | max_steps=12 | cosine | lr=lora | 12 |"  # the resumed trial, its group choice in params
+    assert "**Recommended for demo: max_steps=" in out.stdout and row in out.stdout
     summaries = list(tmp_path.glob("sweeps/demo-tiny/summary.md"))  # one folder per study, every re-run
-    assert len(summaries) == 1 and "| 2 | over | cosine | – |" in summaries[0].read_text()
+    assert len(summaries) == 1 and row in summaries[0].read_text()
     job_dirs = {t.user_attrs["run_dir"] for t in study.trials}
     assert job_dirs == {str(tmp_path / "sweeps" / "demo-tiny" / f"trial_{n}") for n in range(3)}
 
-    _ok(run_in_process("-m", "schedule=under,sweet,over", *base))  # nothing missing: no new trial
+    _ok(run_in_process("-m", "lr=tiny,full,lora", *base))  # nothing missing: no new trial
     assert len(_study(tmp_path).trials) == 3
 
     # the plan now knows this study's measured throughput and estimates wall time from it

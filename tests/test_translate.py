@@ -107,6 +107,23 @@ def test_storage_password_split_off_and_masked():
     assert split_password("sqlite:///tmp/x.db") == ("sqlite:///tmp/x.db", None)
     text = "storage: postgresql+psycopg://bob:s3cret@db/x\n- hydra.sweeper.storage='mysql://a:b@h/d'"
     assert mask_passwords(text) == "storage: postgresql+psycopg://bob:***@db/x\n- hydra.sweeper.storage='mysql://a:***@h/d'"
+    # a password as a query parameter, and one with an @ or : left unencoded, are masked and split off whole
+    query = "postgresql://bob@db/x?sslmode=require&password=s3%40cret"
+    assert mask_passwords(query) == "postgresql://bob@db/x?sslmode=require&password=***"
+    assert mask_url(query) == mask_passwords(query)
+    assert split_password(query) == ("postgresql://bob@db/x?sslmode=require", "s3@cret")
+    assert mask_url("postgresql://bob:p@ss:w0rd@db:5432/x") == "postgresql://bob:***@db:5432/x"
+    from sweeper.storage import StorageError, check_url
+
+    for bad in ("postgresql://bob:p@ss@db/x", "postgresql://bob:pw@db:port/x"):
+        with pytest.raises(StorageError, match=r"^hydra.sweeper.storage=postgresql://bob:\*\*\*@db") as e:
+            check_url(bad)
+        assert "p@ss" not in str(e.value) and ":pw@" not in str(e.value)
+    for good in ("postgresql://bob:pa:ss@db/x", "postgresql://bob:p%40ss@db:5432/x", "sqlite:///x.db", "optuna.db"):
+        check_url(good)  # a : after the first is the password's; no scheme: said when it is opened
+    from sweeper.passwords import secret_values
+
+    assert set(secret_values({}, query)) == {"s3%40cret", "s3@cret"}
 
 
 # hydra-optuna-sweeper's own table (plugins/hydra_optuna_sweeper/tests/test_optuna_sweeper_plugin.py): its ten

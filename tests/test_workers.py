@@ -188,3 +188,12 @@ def test_the_data_check_before_a_gpu_sweep_leaves_cuda_alone(tmp_path, cache_dir
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "0 of 1 eval rows keep a token to score after truncation at data.max_length=64" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "optuna.db").exists()
+
+
+def test_gpu_ids_must_be_visible():
+    workers.check_gpus_visible(["0", "2"], VISIBLE)
+    with pytest.raises(ValueError, match=r"hydra.sweeper.gpus=\[0,3\]: GPU 3 is not visible here; the visible GPUs "
+                                         r"are 0, 1, 2"):
+        workers.check_gpus_visible(["0", "3"], VISIBLE)
+    with pytest.raises(ValueError, match=r"hydra.sweeper.gpus=\[0,3\] names GPUs, but no GPU is visible here"):
+        workers.check_gpus_visible(["0", "3"], [])

@@ -44,6 +44,9 @@ class SlurmConf:
 @dataclass
 class SftSweepSweeperConf:
     _target_: str = "hydra_plugins.sft_sweep.sft_sweep_sweeper.SftSweepSweeper"
+    # Hydra instantiates the sweeper; sampler/pruner blocks with their own _target_ (hydra-optuna-sweeper's form)
+    # reach it as config and are built by sweeper.samplers, which knows which of their keys are options
+    _recursive_: bool = False
     storage: Optional[str] = MISSING  # null: hydra-optuna-sweeper's in-memory study -> a file in paths.output_dir
     study_name: Optional[str] = None
     n_trials: Optional[int] = None
@@ -53,11 +56,13 @@ class SftSweepSweeperConf:
     pruner: Optional[Dict[str, Any]] = field(default_factory=dict)
     direction: Any = None  # null: eval.metric's; minimize | maximize | [metric's, minimize] (metric vs cost)
     cost: Cost = MISSING  # the second objective of a two-objective direction
-    params: Optional[Dict[str, str]] = None
+    # params and search_space are Any: OmegaConf cannot merge a dict into a typed dict node that is null, so
+    # hydra.sweeper.params={...} on the command line would fail inside OmegaConf (sweeper.sweep.settings checks them)
+    params: Any = None  # {key: override}
     custom_search_space: Optional[str] = None  # import path of a function (cfg, trial) that adds params
     n_jobs: Optional[int] = None  # hydra-optuna-sweeper's parallel trials -> workers
     max_failure_rate: Optional[float] = None  # stop once this share of finished trials failed (null: never)
-    search_space: Optional[Dict[str, Any]] = None  # hydra-optuna-sweeper's deprecated form: refused, naming params
+    search_space: Any = None  # hydra-optuna-sweeper's deprecated form: refused, naming params
     heartbeat_interval: Optional[int] = None
     grace_period: Optional[int] = None
     max_retry: Optional[int] = None

@@ -26,7 +26,7 @@ def write_report(storage: Any, out_dir: Path, study_names: Sequence[str] | None 
     the opened storage; ``url``: its URL as the commands the report proposes name it (None: the default
     storage, which they leave out)."""
     summaries = optuna.get_all_study_summaries(storage=storage)
-    names = list(study_names) if study_names else [s.study_name for s in summaries]
+    names = list(dict.fromkeys(study_names)) if study_names else [s.study_name for s in summaries]  # each once
     known = {s.study_name for s in summaries}
     missing = [n for n in names if n not in known]
     if missing:

@@ -7,9 +7,12 @@ The overrides (``hydra.sweeper.params`` first, the command line over them) becom
 also choice and range) is the command's own points; distributions (choice, range, interval) are sampled, and a
 small finite space becomes a grid. Each point is composed once (:class:`Composer` keeps every composed
 config) and checked by ``sweeper.sweep.preflight``; a sampled value that does not fit its key
-(``sweeper.typefit``) is refused and two points that are one run (``sweeper.points``) are named. Points of several
+(``sweeper.typefit``), a search space reaching a value its key does not take (``interval(-1,1)`` for a learning
+rate), and two points that are one run (``sweeper.points``) are refused. Points of several
 datasets or models (anything that changes ``<data.name>-<model.name>``) go to one study each, named as a
-single-dataset command names it. Every check runs before any study's trial exists.
+single-dataset command names it. Every check runs before any study's trial exists; a refusal once the studies
+are open (their state read: one that cannot take the command) deletes the studies the command created
+(:func:`drop_new`), so that nothing is left half-written.
 """
 
 from __future__ import annotations
@@ -24,18 +27,19 @@ from typing import Any, Sequence
 import optuna
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig
 
 from sweeper import config as config_mod
-from sweeper import fingerprint, folders, identity, objectives, records, samplers, typefit
+from sweeper import fingerprint, folders, identity, objectives, passwords, records, samplers, typefit
 from sweeper import points as points_mod
 from sweeper import workers as workers_mod
 from sweeper.space import SweepSpace, build_space, exhaust_finite, value_text
-from sweeper.storage import claim_lock, mask_url, open_storage
+from sweeper.storage import claim_lock, mask_url, open_storage, sqlite_path
 from sweeper.sweep import preflight
 from sweeper.sweep.settings import Settings
 
-__all__ = ["Command", "Composer", "Sweep", "prepare"]
+__all__ = ["Command", "Composer", "Sweep", "drop_new", "prepare"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,7 @@ class Sweep:
     configs: list = field(default_factory=list)  # each point's result config (sweeper.identity)
     cfgs: list = field(default_factory=list)  # each point's composed config
     order: list = field(default_factory=list)  # each point's place in the command's grid (claim order)
+    new: bool = False  # this command created the study (dropped again when the command is refused: drop_new)
 
     @property
     def folder(self) -> Path:
@@ -88,6 +93,7 @@ class Command:
     sweeps: list[Sweep]
     cfgs: list = field(default_factory=list)  # every point's composed config, in the command's order
     plan: workers_mod.WorkerPlan | None = None
+    file_existed: bool = True  # the SQLite study file was there before the command (drop_new)
 
     @property
     def folder(self) -> Path:
@@ -109,31 +115,58 @@ def prepare(settings: Settings, compose: Composer, arguments: list[str]) -> Comm
     all_cfgs = preflight.check_points(space, compose, settings.launcher, settings.storage_url)
     preflight.check_connections(settings)
     typefit.check(space, all_cfgs[0])  # a sampled value Hydra could not merge: refused now, not at a trial
-    same = points_mod.same_runs(space, [identity.result_config(c) for c in all_cfgs], compose)
+    preflight.check_sampled_ends(space, compose, settings.launcher)  # interval(-1,1) where -1 is refused
+    same = points_mod.same_runs(space, [identity.result_config(c) for c in all_cfgs], compose,
+                                [identity.run_config(c) for c in all_cfgs])
     if same:
-        log.warning(same)
+        raise ValueError(same)
     for line in space.notes:
         log.info(line)
-    sweeps = []
+    sweeps: list[Sweep] = []
     studies = list(_split_by_study(settings, space, all_cfgs, compose))
-    for name, sub, points, idx in studies:
-        cfgs = [all_cfgs[i] for i in idx]
-        configs = [identity.result_config(c, fingerprint.data_content(c.data, c.paths.cache_dir)) for c in cfgs]
-        if pure_grid:  # a grid runs its own points, whatever else the study holds
-            total = min(settings.n_trials, len(points)) if settings.n_trials else len(points)
-            points, cfgs, configs, idx = points[:total], cfgs[:total], configs[:total], idx[:total]
-        else:  # sampled: n_trials is the study's total
-            total = settings.sampled_total
-        study = _create_study(settings, name, cfgs[0])
-        dists = {**sub.grid_distributions(compose.group_options), **sub.distributions}
-        preflight.check_compatible(study, dists)
-        preflight.check_same_settings(study, sub, configs, storage_url=settings.storage_url,
-                                      allow_change=settings.allow_config_change, several=len(studies) > 1)
-        sweeps.append(Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx))
+    db = sqlite_path(settings.storage_url)
+    file_existed = db is None or db.exists()
+    try:
+        for name, sub, points, idx in studies:
+            cfgs = [all_cfgs[i] for i in idx]
+            configs = [identity.result_config(c, fingerprint.data_content(c.data, c.paths.cache_dir)) for c in cfgs]
+            if pure_grid:  # a grid runs its own points, whatever else the study holds
+                total = min(settings.n_trials, len(points)) if settings.n_trials else len(points)
+                points, cfgs, configs, idx = points[:total], cfgs[:total], configs[:total], idx[:total]
+            else:  # sampled: n_trials is the study's total
+                total = settings.sampled_total
+            study, new = _create_study(settings, name, cfgs[0])
+            dists = {**sub.grid_distributions(compose.group_options), **sub.distributions}
+            sweeps.append(Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx, new))
+            preflight.check_compatible(study, dists)
+            preflight.check_same_settings(study, sub, configs, storage_url=settings.storage_url,
+                                          allow_change=settings.allow_config_change, several=len(studies) > 1)
+    except BaseException:
+        drop_new(Command(sweeps, all_cfgs, file_existed=file_existed), settings.storage_url)
+        raise
     for sw in sweeps:  # after every check: another study incarnation's trial folders moved aside
         with claim_lock(settings.storage_url, sw.name):
             folders.claim(sw.folder, sw.study, mask_url(settings.storage_url))
-    return Command(sweeps, all_cfgs)
+    return Command(sweeps, all_cfgs, file_existed=file_existed)
+
+
+def drop_new(command: Command, storage_url: str) -> None:
+    """Undo the studies a command created when it is refused before its first trial: each study it created
+    that holds no trial is deleted (one that another command has added trials to meanwhile is kept), then an
+    SQLite file it created that holds no study, with the lock file beside it. Nothing is left half-written."""
+    for sw in command.sweeps:
+        if sw.new and not sw.study.get_trials(deepcopy=False):
+            optuna.delete_study(study_name=sw.name, storage=records.storage(sw.study))
+    db = sqlite_path(storage_url)
+    if db is None or command.file_existed or not command.sweeps:
+        return
+    backend = records.storage(command.sweeps[0].study, fresh=True)
+    if optuna.study.get_all_study_names(backend):
+        return
+    if isinstance(backend, optuna.storages.RDBStorage):
+        backend.engine.dispose()  # its connections to the file closed before the file goes
+    for path in (db, db.with_name(db.name + ".lock")):
+        path.unlink(missing_ok=True)
 
 
 def _space(settings: Settings, compose: Composer, arguments: list[str]) -> SweepSpace:
@@ -142,7 +175,16 @@ def _space(settings: Settings, compose: Composer, arguments: list[str]) -> Sweep
     params_args = [f"{k}={v}" for k, v in settings.params.items()]
     cli_keys = {a.split("=", 1)[0].lstrip("+~") for a in arguments}
     all_args = [a for a in params_args if a.split("=", 1)[0] not in cli_keys] + list(arguments)
-    parsed = OverridesParser.create(config_loader=compose.loader).parse_overrides(all_args)
+    parser = OverridesParser.create(config_loader=compose.loader)
+    parsed = []
+    for arg in all_args:
+        try:
+            parsed += parser.parse_overrides([arg])
+        except OverrideParseException as e:  # one of hydra.sweeper.params (Hydra parsed the command line itself)
+            key = arg.split("=", 1)[0]
+            where = f"hydra.sweeper.params.{key}" if arg in params_args else "the command line"
+            said = "; ".join(x.strip().rstrip(".") for x in str(e.message).splitlines() if x.strip())
+            raise ValueError(passwords.mask_secrets(f"{where}: Error parsing override '{arg}': {said}")) from None
     space = _joint_rates(build_space(parsed, grid_sampler=samplers.sampler_name(settings.sampler) == "grid"), compose)
     preflight.check_sampled_names_early(space, settings.study_name, compose)  # before choice(a,b) becomes a grid
     space, _ = exhaust_finite(space, settings.sampled_total)
@@ -233,15 +275,18 @@ def _check_folders_apart(split: list[tuple[str, SweepSpace, list, list]], cfgs: 
         seen[folder] = name
 
 
-def _create_study(settings: Settings, name: str, cfg: DictConfig) -> optuna.Study:
-    """Create (or load) the study ``name`` for the runs of ``cfg``, one composed config of it."""
+def _create_study(settings: Settings, name: str, cfg: DictConfig) -> tuple[optuna.Study, bool]:
+    """Create (or load) the study ``name`` for the runs of ``cfg``, one composed config of it; and whether this
+    call created it."""
     metric = str(cfg.eval.metric)
     wanted = objectives.directions(settings.direction, metric, config_mod.metric_direction(metric), settings.cost)
     multi = len(wanted) > 1
+    storage = open_storage(settings.storage_url, settings.heartbeat_interval, settings.grace_period,
+                           settings.max_retry)
+    new = name not in optuna.study.get_all_study_names(storage)
     study = optuna.create_study(
         study_name=name,
-        storage=open_storage(settings.storage_url, settings.heartbeat_interval, settings.grace_period,
-                             settings.max_retry),
+        storage=storage,
         sampler=samplers.make_sampler(settings.sampler, len(wanted)),
         pruner=optuna.pruners.NopPruner() if multi else samplers.make_pruner(settings.pruner), directions=wanted,
         load_if_exists=True,
@@ -258,4 +303,4 @@ def _create_study(settings: Settings, name: str, cfg: DictConfig) -> optuna.Stud
     study.set_metric_names([metric, objectives.COSTS[settings.cost][1]] if multi else [metric])  # dashboard axes
     study.set_user_attr(records.DATA, str(cfg.data.name))
     study.set_user_attr(records.MODEL, str(cfg.model.name))
-    return study
+    return study, new

@@ -8,7 +8,8 @@ checked and its studies opened (``command``, ``preflight``), the start line of e
 planned (``queue``, ``launchers``), the workers started, this process's own loop over the queue (``loop``,
 ``tell``) or, with SLURM, watching the jobs; once the other workers have ended, the trials they left queued (a
 worker stopped mid-trial) run here; then each study's summary and the exit code (``summary``). Bad input
-is one line (``sweeper.config.InputError``) before any trial exists. Nothing in the package imports this module.
+is one line (``sweeper.config.InputError``) before any trial exists, and a study the command created for it is
+deleted again (``command.drop_new``). Nothing in the package imports this module.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class StudySweeper:
     def _prepare(self, arguments: list[str]) -> tuple[Settings, Command, Queue]:
         """Settings, the command's checked studies and its queue, the start lines and the workers' plan; bad
         input as one line, no trial created."""
+        command = None
         try:
             datasets.disable_progress_bars()  # one sweep bar and one bar per trial, nothing nested
             # the checks below may import bitsandbytes (through TRL and PEFT), whose CPU backend warns as it loads
@@ -90,6 +92,10 @@ class StudySweeper:
             command.plan = launchers.plan(settings, command, queue.start_lines())
             return settings, command, queue
         except (ValueError, FileNotFoundError) as e:
+            if command is not None:  # refused after its studies were opened: the ones it created go again
+                command_mod.drop_new(command, settings.storage_url)
             raise config_mod.InputError.wrap(e) from e
         except MissingMandatoryValue as e:
+            if command is not None:
+                command_mod.drop_new(command, settings.storage_url)
             raise config_mod.InputError(config_mod.missing_line([e.full_key])) from None

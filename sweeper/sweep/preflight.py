@@ -4,8 +4,11 @@ what would be valid, before any trial exists (``sweeper.sweep.command`` calls th
     python train.py -m schedule=under,sweet data=demo,banking77_sample     # each point checked before training
 
 - :func:`check_points`: every grid point composed and validated (``sweeper.config``), its folders writable, a local
-  ``model.path`` a saved model's folder, its precision available here, the data it names loaded, checked and prepared once as the trials will; and the
-  study file's folder writable.
+  ``model.path`` a saved model's folder, its precision available here, the data it names loaded, checked and
+  prepared once as the trials will (an ``eval.metric=eval_accuracy`` on answers that are not a label set refused
+  here); and the study file's folder writable.
+- :func:`check_sampled_ends`: each end of a sampled range, interval or choice passes the rules a fixed value of
+  its key does (``lr.learning_rate=interval(-1,1)`` is refused as ``lr.learning_rate=-1`` is).
 - :func:`check_sampled_names` (and :func:`check_sampled_names_early`): a distribution must not pick the study
   (``data=choice(a,b)``).
 - :func:`check_study_name`: a study name is also a folder name.
@@ -24,9 +27,9 @@ from typing import Callable, Sequence
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from sweeper import callbacks, disk, extras, identity, records
 from sweeper import config as config_mod
 from sweeper import data as data_mod
-from sweeper import disk, extras, identity, records
 from sweeper import gpu as gpu_mod
 from sweeper import model as model_mod
 from sweeper import storage as storage_mod
@@ -36,7 +39,8 @@ from sweeper.spec import check_folders
 from sweeper.storage import mask_url, sqlite_path
 from sweeper.sweep.settings import SWEEP_ID_ENV, Settings
 
-__all__ = ["check_compatible", "check_connections", "check_points", "check_same_settings", "check_sampled_names",
+__all__ = ["check_compatible", "check_connections", "check_points", "check_same_settings", "check_sampled_ends",
+           "check_sampled_names",
            "check_default_study_name", "check_sampled_names_early", "check_study_name", "point_overrides"]
 
 log = logging.getLogger(__name__)
@@ -55,30 +59,81 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     (:func:`sweeper.extras.leave_out_unused`). SLURM jobs run where the GPUs are, so their precision is not
     checked here; TRL's preparation of the data runs once, in the command's first process, so that the trials
     hit its cache."""
-    seen_data: set[str] = set()
+    loaded: dict[str, data_mod.Splits] = {}
     cfgs = []
     composed = [compose(point_overrides(space, point)) for point in space.grid_points()]
     # the optional packages none of the points uses stay out of this process (before TRL is first imported)
     extras.leave_out_unused(None if space.distributions else composed)
     for cfg in composed:
-        config_mod.validate(cfg)
+        _check_rules(cfg, launcher)
         check_folders(cfg)
         model_mod.check_path(cfg.model)
-        if launcher == "local":
-            gpu_mod.check_precision(str(cfg.precision.compute), str(cfg.precision.name))
         key = OmegaConf.to_yaml(cfg.data) + OmegaConf.to_yaml(cfg.model)
-        if key not in seen_data:
-            seen_data.add(key)
-            splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
+        if key not in loaded:
+            splits = loaded[key] = data_mod.load(cfg.data, cfg.paths.cache_dir)
             # SLURM's trials run where the GPUs are; local ones on this machine
             data_mod.check_train_size(splits, cfg.batch, gpu=launcher == "slurm" or bool(gpu_mod.visible_gpus()))
+            callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name), splits)
             if launcher == "local" and SWEEP_ID_ENV not in os.environ:
                 check_prepared_data(cfg, splits)
+        else:  # the same data, maybe another eval.metric
+            callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name),
+                                            loaded[key])
         cfgs.append(cfg)
     db = sqlite_path(storage_url)
     if db is not None:
         disk.check_writable(db.parent, "hydra.sweeper.storage")
     return cfgs
+
+
+def _check_rules(cfg: DictConfig, launcher: str) -> None:
+    """The rules of one composed config (``sweeper.config.validate``) and its precision on this machine (a local
+    launcher's: SLURM jobs run where the GPUs are)."""
+    config_mod.validate(cfg)
+    if launcher == "local":
+        gpu_mod.check_precision(str(cfg.precision.compute), str(cfg.precision.name))
+
+
+def _ends(dist: optuna.distributions.BaseDistribution) -> list[tuple[object, str]]:
+    """The values of ``dist`` that stand for all it samples: a categorical's every choice, a range's or an
+    interval's low and high end."""
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return [(v, "a choice") for v in dist.choices]
+    low, high = getattr(dist, "low"), getattr(dist, "high")
+    return [(low, "its low end")] + ([(high, "its high end")] if high != low else [])
+
+
+def check_sampled_ends(space: SweepSpace, compose: Compose, launcher: str) -> None:
+    """Refuse a sampled key whose search space reaches a value its key does not take, before any trial: each
+    choice of a ``choice(...)``, and the low and high end of a range or interval, composed with the first grid
+    point and checked by the rules a fixed value meets (:func:`check_points`: the config's rules, and for a
+    ``data.*``, ``batch`` or ``batch.*`` key the data loaded, split and batched as that value makes it; TRL's
+    preparation is left to the trial). Raises one ``ValueError`` line naming the key, its search space, the value
+    and the rule. A rule between this key and another sampled key
+    (``lr.warmup_steps`` against a sampled ``schedule.max_steps``) is left to each trial, whose values are
+    known only then. A value that does not compose is left to ``sweeper.typefit`` and the trial."""
+    from sweeper.space import distribution_text
+
+    base = point_overrides(space, space.grid_points()[0])
+    for key, dist in space.distributions.items():
+        others = [k for k in space.distributions if k != key]
+        for value, where in _ends(dist):
+            try:
+                cfg = compose(base + [f"{key}={value_text(value)}"])
+            except Exception:
+                continue
+            try:
+                _check_rules(cfg, launcher)
+                if key == "batch" or key.startswith(("data.", "batch.")):  # the data as this value loads and batches it
+                    splits = data_mod.load(cfg.data, cfg.paths.cache_dir)
+                    data_mod.check_train_size(splits, cfg.batch, gpu=launcher == "slurm" or bool(gpu_mod.visible_gpus()))
+            except ValueError as e:
+                rule = str(e)
+                if any(k in rule for k in others):
+                    continue
+                raise ValueError(f"{key}={distribution_text(dist)} samples {value_text(value)} ({where}), refused "
+                                 f"as {key}={value_text(value)} would be: {rule}; keep the whole search space "
+                                 f"within what {key} takes") from None
 
 
 def check_connections(settings: Settings) -> None:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from sweeper import config as config_mod
 from sweeper import hos, objectives, samplers, slurm
+from sweeper import storage as storage_mod
 from sweeper import workers as workers_mod
 
 __all__ = ["DEFAULT_N_TRIALS_WITH_DISTRIBUTIONS", "SWEEP_ID_ENV", "Settings", "new_sweep_id", "parse"]
@@ -99,6 +100,7 @@ def parse(fields: dict, config: DictConfig, sweep_id: str) -> Settings:
     hos.check_failure_rate(f.get("max_failure_rate"))
     storage = f.get("storage")
     url = hos.storage(storage, config.paths.output_dir)
+    storage_mod.check_url(url)  # a password with an unencoded @ or :: one line naming the option, without it
     custom = hos.custom_search_space(f.get("custom_search_space"))
     workers_arg = hos.workers(f.get("n_jobs"), f.get("workers", "auto"))
     cost = str(getattr(f.get("cost", "steps"), "name", f.get("cost", "steps")))
@@ -111,11 +113,15 @@ def parse(fields: dict, config: DictConfig, sweep_id: str) -> Settings:
     workers = workers_mod.parse_workers(workers_arg)
     gpus = workers_mod.parse_gpus(f.get("gpus"))
     launcher = workers_mod.parse_launcher(f.get("launcher", "local"))
+    if gpus is not None and launcher == "local" and SWEEP_ID_ENV not in os.environ:  # a worker sees its own GPU only
+        from sweeper import gpu as gpu_mod
+
+        workers_mod.check_gpus_visible(gpus, gpu_mod.visible_gpus())
     if launcher == "slurm":
         slurm.check(f.get("slurm"), url, gpus)
     return Settings(
         storage_url=url, storage_given=storage is not None, study_name=f.get("study_name"),
-        n_trials=f.get("n_trials"), sampler=f.get("sampler"), pruner=f.get("pruner"), params=f.get("params") or {},
+        n_trials=f.get("n_trials"), sampler=f.get("sampler"), pruner=f.get("pruner"), params=hos.params(f.get("params")),
         heartbeat_interval=f.get("heartbeat_interval"), grace_period=f.get("grace_period"),
         max_retry=f.get("max_retry"), max_failures=f.get("max_failures"), max_failure_rate=f.get("max_failure_rate"),
         workers=workers, gpus=gpus, launcher=launcher, slurm=f.get("slurm"),
