@@ -214,6 +214,8 @@ CASES = [
      "hydra.sweeper.storage=mysql://root@127.0.0.1:3306/test needs a database driver that is not installed"),
     ("misspelt key added with +", ["+eval.eval_step=5"], "did you mean eval.eval_steps?"),
     ("fp16 on a CPU machine", ["precision=fp16"], "needs a CUDA GPU, and none is visible"),
+    ("GPU-only speed choice on a CPU machine", ["speed.graphs=true"], "speed.graphs=true needs a CUDA GPU"),
+    ("varlen attention on a CPU machine", ["speed.attention=varlen"], "speed.attention=varlen needs a CUDA GPU"),
     ("workers zero", ["hydra.sweeper.workers=0"], "hydra.sweeper.workers must be auto or a whole number >= 1"),
     ("workers not a number", ["hydra.sweeper.workers=zero"], "but got 'zero'"),
     ("several GPUs for one worker", ["hydra.sweeper.gpus=['0,1']"],
@@ -376,7 +378,7 @@ SUBPROCESS = [c for c in CASES if c[0] in {"unknown schedule", "max_steps zero",
 
 # the same input refused by a single run (no -m) in the same one line
 SINGLE_RUN = [c for c in CASES if c[0] in {
-    "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file",
+    "GPU-only speed choice on a CPU machine", "unknown scheduler", "unknown optimizer", "model folder missing", "model path a file",
     "model folder without a model", "model folder without weights", "train rows all cut by max_length",
     "eval rows all cut by max_length", "empty train file", "empty JSON list", "CSV of a header alone", "max_steps zero",
     "required file not given", "fewer train rows than a step", "demo rows all cut by max_length",

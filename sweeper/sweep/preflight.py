@@ -32,6 +32,7 @@ from sweeper import config as config_mod
 from sweeper import data as data_mod
 from sweeper import gpu as gpu_mod
 from sweeper import model as model_mod
+from sweeper import speed as speed_mod
 from sweeper import storage as storage_mod
 from sweeper.sft import check_prepared_data
 from sweeper.space import SweepSpace, value_text
@@ -87,11 +88,15 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
 
 
 def _check_rules(cfg: DictConfig, launcher: str) -> None:
-    """The rules of one composed config (``sweeper.config.validate``) and its precision on this machine (a local
-    launcher's: SLURM jobs run where the GPUs are)."""
+    """The rules of one composed config (``sweeper.config.validate``), and its precision and GPU-only speed
+    choices (``speed.attention=varlen``, ``speed.graphs=true``, ``speed.liger=true``) on this machine when a local
+    launcher's trials run here with no GPU visible (SLURM jobs run where the GPUs are)."""
     config_mod.validate(cfg)
     if launcher == "local":
         gpu_mod.check_precision(str(cfg.precision.compute), str(cfg.precision.name))
+        if not gpu_mod.visible_gpus():
+            compute = gpu_mod.compute_for([], str(cfg.precision.compute))
+            speed_mod.resolve(cfg.speed, cuda=False, compute=compute, optim=str(cfg.lr.optim))
 
 
 def _ends(dist: optuna.distributions.BaseDistribution) -> list[tuple[object, str]]:
