@@ -197,3 +197,25 @@ def test_gpu_ids_must_be_visible():
         workers.check_gpus_visible(["0", "3"], VISIBLE)
     with pytest.raises(ValueError, match=r"hydra.sweeper.gpus=\[0,3\] names GPUs, but no GPU is visible here"):
         workers.check_gpus_visible(["0", "3"], [])
+
+
+@pytest.mark.parametrize("worker", [False, True], ids=["the command", "its worker"])
+def test_a_worker_leaves_the_search_spaces_ends_to_the_command(tmp_path, cache_dir, monkeypatch, worker):
+    """The command checks each end of a sampled range before it starts its workers; a worker does not check
+    them again before it claims a trial (each check composes configs, some load the data), so the trials go to
+    the workers as they start. The test stops both at the workers' plan, after every other check."""
+    from sweeper.config import SWEEP_ID_ENV
+    from sweeper.sweep import launchers
+
+    from .helpers import run_in_process
+
+    def stop(*args, **kwargs):
+        raise ValueError("every check passed (a test's stop before any trial)")
+
+    monkeypatch.setattr(launchers, "plan", stop)
+    if worker:
+        monkeypatch.setenv(SWEEP_ID_ENV, "a-test-sweep")
+    proc = run_in_process("-m", *FAST, "lr.learning_rate=interval(-1,1)", "hydra.sweeper.n_trials=2",
+                          f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+    said = "every check passed" if worker else "samples -1.0 (its low end), refused as lr.learning_rate=-1.0 would be"
+    assert proc.returncode == 1 and said in proc.stderr, proc.stderr[-2000:]

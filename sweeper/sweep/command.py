@@ -115,7 +115,8 @@ def prepare(settings: Settings, compose: Composer, arguments: list[str]) -> Comm
     all_cfgs = preflight.check_points(space, compose, settings.launcher, settings.storage_url)
     preflight.check_connections(settings)
     typefit.check(space, all_cfgs[0])  # a sampled value Hydra could not merge: refused now, not at a trial
-    preflight.check_sampled_ends(space, compose, settings.launcher)  # interval(-1,1) where -1 is refused
+    if settings.leads:  # a worker skips it: the command checked the search space before it started the workers
+        preflight.check_sampled_ends(space, compose, settings.launcher)  # interval(-1,1) where -1 is refused
     same = points_mod.same_runs(space, [identity.result_config(c) for c in all_cfgs], compose,
                                 [identity.run_config(c) for c in all_cfgs])
     if same:

@@ -116,7 +116,8 @@ def check_sampled_ends(space: SweepSpace, compose: Compose, launcher: str) -> No
     preparation is left to the trial). Raises one ``ValueError`` line naming the key, its search space, the value
     and the rule. A rule between this key and another sampled key
     (``lr.warmup_steps`` against a sampled ``schedule.max_steps``) is left to each trial, whose values are
-    known only then. A value that does not compose is left to ``sweeper.typefit`` and the trial."""
+    known only then. A value that does not compose is left to ``sweeper.typefit`` and the trial. The command's
+    first process runs it; its workers, which it starts once this passed, do not."""
     from sweeper.space import distribution_text
 
     base = point_overrides(space, space.grid_points()[0])
