@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from .conftest import FAST, PG_URL, ROOT, mount_tmpfs, postgres_unreachable, run_cli, skip_or_fail, unmount
-from .helpers import run_in_process, sweeper_in_process
+from .helpers import fast, run_in_process, sweeper_in_process
 
 
 def _non_utf8(tmp_path):
@@ -818,6 +818,27 @@ def test_a_refusal_after_the_study_was_opened_leaves_no_study(tmp_path, cache_di
         assert optuna.study.get_all_study_names(f"sqlite:///{db}") == ["other"]
     else:
         assert not db.exists() and not (tmp_path / "optuna.db.lock").exists()
+
+
+@pytest.mark.parametrize("points", [
+    [*FAST, "speed=auto,plain"], [*fast("batch."), "batch=auto,balanced"],
+    [*fast("batch."), "batch=conservative,balanced"],
+], ids=["speed auto and plain", "batch auto and balanced", "one effective batch split two ways"])
+def test_points_that_compose_different_configs_are_not_one_run(tmp_path, cache_dir, monkeypatch, points):
+    """On this CPU machine speed=auto runs as plain and batch=auto as 8x2 (balanced), but the points compose
+    different configs (a SLURM submit node has no GPU while its workers do), as do 4x4 and 8x2 rows of one
+    effective batch: the command is not refused as one run twice; it gets as far as the workers' plan, stopped
+    there by the test."""
+    from sweeper.sweep import launchers
+
+    def stop(*args, **kwargs):
+        raise ValueError("every check passed (a test's stop before any trial)")
+
+    monkeypatch.setattr(launchers, "plan", stop)
+    proc = run_in_process("-m", *points, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+    assert proc.returncode == 1 and "every check passed (a test's stop before any trial)" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert "compose the same run" not in proc.stderr
 
 
 def test_two_of_hydras_mode_flags_are_one_line(capsys):
