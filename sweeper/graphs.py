@@ -31,6 +31,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 log = logging.getLogger(__name__)
 
 __all__ = ["GRAPH_BUCKET", "GRAPH_SLOTS", "BucketedCollator", "GraphedBackbone", "bucket_batch", "install"]
@@ -57,8 +59,6 @@ def bucket_batch(batch: dict, pad_token_id: int, bucket: int, slots: int) -> dic
     """``batch`` (TRL's padding-free collation: one row of ``t`` tokens with ``cu_seq_lens_q``) padded as
     :class:`BucketedCollator` says, ``max_length`` set to the padded length (an upper bound the flash kernel
     accepts); other batches are returned as they are."""
-    import torch
-
     ids = batch.get("input_ids")
     if ids is None or ids.dim() != 2 or ids.shape[0] != 1 or "cu_seq_lens_q" not in batch:
         return batch
@@ -122,8 +122,6 @@ class GraphedBackbone:
 
     def key(self, args: tuple, kwargs: dict) -> tuple | None:
         """The shape signature of a call the graphs can serve, None for one they cannot."""
-        import torch
-
         ids = kwargs.get("input_ids")
         if (args or not torch.is_grad_enabled() or not self.backbone.training or not self.params
                 or getattr(self.backbone, "gradient_checkpointing", False)
@@ -168,8 +166,6 @@ class GraphedBackbone:
     def attach_grads(self) -> None:
         """Point every trainable parameter's ``.grad`` at its fixed buffer: zeroed where the trainer dropped
         the gradient, holding the eager gradient where an eager micro-batch made a new one."""
-        import torch
-
         zero, dst, src = [], [], []
         for p, g in zip(self.params, self.grads):
             current = p.grad
@@ -189,8 +185,6 @@ class GraphedBackbone:
     def capture(self, kwargs: dict) -> Any:
         """The bucket's captured graphs; :data:`_EAGER` (and a warning) when the capture fails, e.g. on an op
         that waits for the GPU, so the bucket keeps running eagerly instead of failing the trial."""
-        import torch
-
         try:
             return self._capture(kwargs)
         except RuntimeError as e:  # torch.AcceleratorError is one
@@ -200,8 +194,6 @@ class GraphedBackbone:
             return _EAGER
 
     def _capture(self, kwargs: dict) -> _Entry:
-        import torch
-
         device = kwargs["input_ids"].device
         if self.grads is None:
             self.grads = [torch.zeros_like(p) for p in self.params]
@@ -247,41 +239,22 @@ class _Entry:
         self.hidden, self.grad, self.output_type = hidden, grad, output_type
 
 
-def _replay_function() -> type:
-    import torch
+class _Replay(torch.autograd.Function):
+    """The backbone's forward graph as an autograd op whose backward replays the backward graph (which adds the
+    parameters' gradients into their ``.grad`` buffers itself)."""
 
-    class Replay(torch.autograd.Function):
-        """The backbone's forward graph as an autograd op whose backward replays the backward graph (which adds
-        the parameters' gradients into their ``.grad`` buffers itself)."""
+    @staticmethod
+    def forward(ctx: Any, entry: _Entry, anchor: Any) -> Any:
+        entry.forward.replay()
+        entry.owner.pending = entry
+        ctx.entry = entry
+        return entry.hidden.clone()
 
-        @staticmethod
-        def forward(ctx: Any, entry: _Entry, anchor: Any) -> Any:
-            entry.forward.replay()
-            entry.owner.pending = entry
-            ctx.entry = entry
-            return entry.hidden.clone()
-
-        @staticmethod
-        def backward(ctx: Any, grad: Any) -> tuple:
-            entry = ctx.entry
-            entry.grad.copy_(grad)
-            entry.owner.attach_grads()
-            entry.backward.replay()
-            entry.owner.pending = None
-            return None, None
-
-    return Replay
-
-
-class _LazyReplay:
-    """Builds the autograd op on first use, so importing this module does not import torch."""
-
-    fn: Any = None
-
-    def apply(self, entry: _Entry, anchor: Any) -> Any:
-        if self.fn is None:
-            self.fn = _replay_function()
-        return self.fn.apply(entry, anchor)
-
-
-_Replay = _LazyReplay()
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> tuple:
+        entry = ctx.entry
+        entry.grad.copy_(grad)
+        entry.owner.attach_grads()
+        entry.backward.replay()
+        entry.owner.pending = None
+        return None, None

@@ -64,10 +64,7 @@ def result_config(cfg: Any, data_content: dict[str, str] | None = None) -> dict[
     ignored keys; the batch as its effective size (``batch.effective_batch``); plus ``data_content``, the
     digests of the data files (:func:`sweeper.fingerprint.data_content`: ``data.train_content``,
     ``data.eval_content``), so that a file changed in place is a changed setting."""
-    from omegaconf import OmegaConf
-
-    node = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
-    out = {k: v for k, v in _flatten(node) if not k.startswith(IGNORED)}
+    out = {k: v for k, v in run_config(cfg).items() if not k.startswith(IGNORED)}
     if str(cfg.eval.metric) != "eval_accuracy":  # the accuracy probe does not change an eval_loss value
         out.pop("eval.accuracy", None)
         out.pop("eval.accuracy_rows", None)

@@ -34,18 +34,16 @@ def _line(a: str, b: str, keys: Sequence[str], fixed: Sequence[str]) -> str:
             f"them, or drop {' '.join(by) if by else 'the override that makes them equal'}")
 
 
-def same_runs(space: SweepSpace, configs: Sequence[dict], compose: Callable[[list[str]], Any],
-              runs: Sequence[dict] | None = None) -> str | None:
-    """The line saying that two grid points (``configs``: their result configs, in
-    :meth:`SweepSpace.grid_points` order; ``runs``: their :func:`sweeper.identity.run_config`, when known) or two
-    choices of a sampled ``choice(...)`` over a config group (composed with ``compose(overrides)``) are the same
-    run; None when every point is its own. Points that learn the same but run differently (``speed=auto,plain``,
-    ``batch=conservative,balanced``: the same effective batch) are their own runs: comparing how fast they run
-    is a reason to sweep them."""
+def same_runs(space: SweepSpace, configs: Sequence[dict], compose: Callable[[list[str]], Any]) -> str | None:
+    """The line saying that two grid points (``configs``: their :func:`sweeper.identity.run_config`, in
+    :meth:`SweepSpace.grid_points` order) or two choices of a sampled ``choice(...)`` over a config group
+    (composed with ``compose(overrides)``) are the same run; None when every point is its own. Points that learn
+    the same but run differently (``speed=auto,plain``, ``batch=conservative,balanced``: the same effective batch)
+    are their own runs: comparing how fast they run is a reason to sweep them."""
     points = space.grid_points()
     for j in range(len(configs)):
         for i in range(j):
-            if identity.same_run(configs[i], configs[j]) and (runs is None or runs[i] == runs[j]):
+            if configs[i] == configs[j]:
                 diff = [k for k in points[i] if points[i][k][1] != points[j][k][1]]
                 a = " ".join(f"{k}={points[i][k][1]}" for k in diff)
                 b = " ".join(f"{k}={points[j][k][1]}" for k in diff)

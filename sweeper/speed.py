@@ -114,8 +114,9 @@ def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str, strict:
                              "use speed.liger=auto or false")
     fused = pick("fused_optimizer", cuda) and optim == "adamw_torch"
     padding_free = pick("padding_free", attention == "varlen")
-    graphs = pick("graphs", cuda and attention == "varlen" and padding_free and not compile_)
-    if strict and graphs and not (cuda and attention == "varlen" and padding_free and not compile_):
+    graphs_can_run = cuda and attention == "varlen" and padding_free and not compile_
+    graphs = pick("graphs", graphs_can_run)
+    if strict and graphs and not graphs_can_run:
         raise ValueError(
             "speed.graphs=true needs a CUDA GPU, padding-free rows with varlen attention and speed.compile=false "
             f"(here: {'CUDA' if cuda else 'no GPU'}, attention={attention}, padding_free={padding_free}, "

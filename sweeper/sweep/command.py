@@ -117,8 +117,7 @@ def prepare(settings: Settings, compose: Composer, arguments: list[str]) -> Comm
     typefit.check(space, all_cfgs[0])  # a sampled value Hydra could not merge: refused now, not at a trial
     if settings.leads:  # a worker skips it: the command checked the search space before it started the workers
         preflight.check_sampled_ends(space, compose, settings.launcher)  # interval(-1,1) where -1 is refused
-    same = points_mod.same_runs(space, [identity.result_config(c) for c in all_cfgs], compose,
-                                [identity.run_config(c) for c in all_cfgs])
+    same = points_mod.same_runs(space, [identity.run_config(c) for c in all_cfgs], compose)
     if same:
         raise ValueError(same)
     for line in space.notes:
