@@ -96,7 +96,7 @@ def test_graphed_backbone_computes_what_the_eager_backbone_computes():
 
     eager, graphed = build(), build()
     backbone = graphed.get_base_model().base_model
-    replayer = graphs.GraphedBackbone(backbone)
+    replayer = graphs.GraphedModel(backbone)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (eager, graphed)]
     shapes = [[30, 20], [10, 40], [60, 3], [70, 40], [25, 25], [90, 30], [33, 17], [64, 40]]  # buckets 64, 128
     batches = []
@@ -162,7 +162,7 @@ def test_a_backbone_that_cannot_be_captured_keeps_training_eagerly(caplog):
         float(args[0].detach().sum())  # a host read of a GPU value: not allowed while capturing
 
     model.model.layers[1].register_forward_pre_hook(wait_for_the_gpu)
-    replayer = graphs.GraphedBackbone(model.model)
+    replayer = graphs.GraphedModel(model.model)
     b = graphs.bucket_batch(_padding_free_batch([30, 20], vocab=128), 0, bucket=64, slots=8)
     b = {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}
     kw = {k: v for k, v in b.items() if k != "labels"}
@@ -173,4 +173,127 @@ def test_a_backbone_that_cannot_be_captured_keeps_training_eagerly(caplog):
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.model.parameters())
         model.zero_grad(set_to_none=True)
     assert replayer.replays == 0 and list(replayer.entries.values()) == [graphs._EAGER]
-    assert "could not be captured for 64 tokens" in caplog.text
+    assert "backbone could not be captured for 64 tokens" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and flash attention need a CUDA GPU")
+def test_graphed_model_with_trls_fused_head_computes_what_the_eager_model_computes():
+    """With TRL's fused LM head inside the graphs (every position scored, the unlabelled ones zeroed), a LoRA
+    model's log-probabilities, entropy, top-1 hits, loss and gradients equal the eager model's (which scores
+    only the labelled positions) over several optimizer steps, and evaluation replays forward-only graphs
+    with the eager model's numbers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    speed.register_varlen()
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, attn_implementation=speed.VARLEN)
+
+    def build():
+        torch.manual_seed(0)
+        base = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
+        add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        return model
+
+    eager, graphed = build(), build()
+    base = graphed.get_base_model()
+    replayer = graphs.GraphedModel(base.base_model, base)
+    assert replayer.fused is not None
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (eager, graphed)]
+    shapes = [[30, 20], [10, 40], [60, 3], [70, 40], [25, 25], [90, 30]]  # buckets 64, 128
+    batches = []
+    for i, lengths in enumerate(shapes):
+        b = graphs.bucket_batch(_padding_free_batch(lengths, vocab=128, seed=i), 0, bucket=64, slots=8)
+        b["labels"][0, :5] = -100  # a prompt: positions without loss
+        batches.append({k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()})
+
+    def forward(model, b):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(**b, use_cache=False, fused_lm_head=True)
+
+    for epoch in range(3):
+        for step in range(0, len(batches), 2):
+            got = {}
+            for name, model, opt in (("eager", eager, opts[0]), ("graphed", graphed, opts[1])):
+                model.train()
+                sums = []
+                for b in batches[step:step + 2]:
+                    out = forward(model, b)
+                    (out.loss / 2).backward()
+                    sums.append(torch.stack([out.loss.detach().float(), out.entropy.float().sum(),
+                                             out.is_top1.float().sum(), out.label_mask.float().sum()]))
+                    del out
+                got[name] = torch.stack(sums).cpu()
+                got[name + "_grads"] = [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            assert torch.allclose(got["eager"], got["graphed"], rtol=5e-3, atol=1e-2), (epoch, step, got)
+            for a, b in zip(got["eager_grads"], got["graphed_grads"]):
+                assert (a - b).norm() <= 2e-2 * a.norm() + 1e-6, (epoch, step)
+    assert replayer.replays >= 8 and len(replayer.entries) == 2
+    assert {key[0] for key in replayer.entries} == {"head"}  # the backbone alone was never captured
+    for model in (eager, graphed):
+        model.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            want, have = forward(eager, batches[1]), forward(graphed, batches[1])
+            assert torch.allclose(want.log_probs.float(), have.log_probs.float(), atol=2e-2)
+            assert torch.equal(want.label_mask, have.label_mask)
+    assert any(key[1] is False for key in replayer.entries)  # evaluation's own forward-only graph
+
+
+@pytest.mark.slow
+def test_a_step_that_reads_nothing_back_logs_what_trl_logs(compose_cfg, tmp_path):
+    """The bucketed collator with the deferred reads (speed.graphs' step, here on CPU where nothing is
+    captured) trains the same run as TRL's own collator and loss: the same logged loss, entropy, token
+    accuracy, tokens (``num_tokens``: the real rows' tokens, not the pad row's) and non-pad tokens seen."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from sweeper import model as model_mod
+
+    from .conftest import FAST
+
+    cfg = compose_cfg(*FAST)
+    path = model_mod.build_tiny(cfg.model.tiny, cfg.paths.cache_dir)
+    tok = AutoTokenizer.from_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "echo", "fox", "golf", "hotel"]
+    rows = [{"messages": [{"role": "user", "content": " ".join(words[int(i)] for i in
+                                                                torch.randint(0, 8, (int(n),), generator=g))},
+                          {"role": "assistant", "content": " ".join(words[::-1][: int(n) % 7 + 1])}]}
+            for n in torch.randint(2, 30, (32,), generator=g)]
+
+    def train(deferred: bool) -> list:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        args = SFTConfig(output_dir=str(tmp_path / str(deferred)), max_steps=6, per_device_train_batch_size=4,
+                         gradient_accumulation_steps=2, logging_steps=2, learning_rate=1e-2, report_to=[],
+                         use_cpu=True, include_num_input_tokens_seen="non_padding", assistant_only_loss=True,
+                         seed=0, save_strategy="no")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                    task_type="CAUSAL_LM"))
+        trainer.data_collator.padding_free = True
+        if deferred:
+            trainer.data_collator = graphs.BucketedCollator(trainer.data_collator, bucket=64, slots=8)
+            graphs._defer_reads(trainer)
+        trainer.train()
+        return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+    want, have = train(False), train(True)
+    assert len(want) == len(have) == 3
+    for a, b in zip(want, have):
+        for key in ("loss", "entropy", "mean_token_accuracy"):
+            assert isinstance(b[key], float) and b[key] == pytest.approx(a[key], rel=1e-4), (key, a, b)
+        assert b["num_tokens"] == a["num_tokens"] and b["num_input_tokens_seen"] == a["num_input_tokens_seen"]
+    assert have[-1]["num_input_tokens_seen"] > 0
