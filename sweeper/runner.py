@@ -146,7 +146,8 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
     timing["model_load_s"] = round(time.perf_counter() - t, 2)
 
     # TRL's config, and the callbacks that track, report and stop the run
-    args = sft.build_sft_config(spec, output_dir=out, data_format=splits.format, fitted=batch_state.fitted)
+    args = sft.build_sft_config(spec, output_dir=out, data_format=splits.format, fitted=batch_state.fitted,
+                                rows=len(splits.train))
     if segment.args:
         args = dataclasses.replace(args, **segment.args)
     tracker: dict = {}

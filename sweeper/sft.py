@@ -23,7 +23,7 @@ from sweeper.config import PeftConfig
 from sweeper.plan import Plan, make_plan
 from sweeper.spec import RunSpec
 
-__all__ = ["SNIPPET_KEYS", "build_sft_config", "check_kept", "check_prepared_data", "make_trainer", "median_tokens", "peft_config", "truncation_drops",
+__all__ = ["SNIPPET_KEYS", "DataCheck", "build_sft_config", "check_kept", "check_prepared_data", "make_trainer", "median_tokens", "peft_config", "truncation_drops",
            "plan_for", "plan_on_trainer", "prepare_for_plan"]
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,21 @@ SNIPPET_KEYS = (
 )
 
 
-def build_sft_config(spec: RunSpec, *, output_dir: Path, data_format: str, fitted: bool = False) -> Any:
+def dataset_procs(rows: int | None) -> int | None:
+    """Processes for TRL's tokenisation of ``rows`` train rows (``dataset_num_proc``): one per 1,000 rows, at
+    most 8 and half this machine's cores; None (one process) below two. The same count everywhere on one
+    machine, so that a trial finds the sweep's pre-flight preparation in the ``datasets`` cache (whose files
+    depend on it)."""
+    procs = min(8, (os.cpu_count() or 1) // 2, (rows or 0) // 1000)
+    return procs if procs >= 2 else None
+
+
+def build_sft_config(spec: RunSpec, *, output_dir: Path, data_format: str, fitted: bool = False,
+                     rows: int | None = None) -> Any:
     """TRL's SFTConfig of ``spec`` (names are TRL's own): its schedule, batch, compute and speed settings
     and the groups it keeps. ``fitted``: batch=auto fitted the micro-batch, so the eval batch is the same
-    (eval logits must fit too)."""
+    (eval logits must fit too). ``rows``: the train rows, which set the tokenising processes
+    (:func:`dataset_procs`)."""
     import torch
     from trl import SFTConfig
 
@@ -76,6 +87,7 @@ def build_sft_config(spec: RunSpec, *, output_dir: Path, data_format: str, fitte
         # data (TRL)
         max_length=int(data.max_length),
         packing=bool(data.packing),
+        dataset_num_proc=dataset_procs(rows),
         assistant_only_loss=completion and data_format == "messages",
         completion_only_loss=completion if data_format == "prompt_completion" else None,
         # evaluation, early stopping, checkpoints
@@ -149,7 +161,7 @@ def prepare_for_plan(spec: RunSpec, splits: data_mod.Splits) -> tuple[Any, int]:
         vocab_size=len(tokenizer), hidden_size=8, intermediate_size=8, num_hidden_layers=1,
         num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=max(int(spec.data.max_length), 8)))
     with tempfile.TemporaryDirectory() as tmp:
-        args = build_sft_config(spec, output_dir=Path(tmp), data_format=splits.format)
+        args = build_sft_config(spec, output_dir=Path(tmp), data_format=splits.format, rows=len(splits.train))
         args.report_to = []
         trainer = SFTTrainer(model=stand_in, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
                              processing_class=tokenizer)
@@ -199,21 +211,46 @@ def check_prepared_data(cfg: DictConfig, splits: data_mod.Splits) -> None:
     ValueError when truncation at ``data.max_length`` leaves no train or no eval row (see
     :func:`sweeper.data.check_prepared`). With a GPU visible, the sweeper must not touch CUDA before it
     pins its own GPU (building a trainer does), so the check then runs in a child process that sees no
-    GPU; if that child fails for another reason, each trial checks it itself."""
+    GPU (:class:`DataCheck`); if that child fails for another reason, each trial checks it itself."""
     if not gpu_mod.visible_gpus():
         _check_prepared(spec_mod.for_preparation(cfg), splits)
         return
-    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        f.write(OmegaConf.to_yaml(body, resolve=True))
-        f.flush()
-        proc = subprocess.run([sys.executable, "-m", "sweeper.sft", f.name], capture_output=True, text=True,
-                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    last = (proc.stderr.strip().splitlines() or [""])[-1]
-    if proc.returncode == 2:
-        raise ValueError(last)
-    if proc.returncode != 0:
-        log.warning("the data check before the sweep failed (%s); each trial checks its data itself", last)
+    DataCheck(cfg).wait()
+
+
+class DataCheck:
+    """:func:`check_prepared_data` in a child process that sees no GPU, started at once (it loads the data
+    itself), so that its imports and TRL's preparation run beside the caller's own checks; :meth:`wait` reads
+    its verdict, :meth:`stop` ends it unread."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        fd, self.path = tempfile.mkstemp(suffix=".yaml")
+        with os.fdopen(fd, "w") as f:
+            f.write(OmegaConf.to_yaml(body, resolve=True))
+        self.err = tempfile.TemporaryFile("w+")  # a file, not a pipe: a talkative child never blocks on it
+        self.proc = subprocess.Popen([sys.executable, "-m", "sweeper.sft", self.path], stdout=subprocess.DEVNULL,
+                                     stderr=self.err, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+    def wait(self) -> None:
+        """ValueError (the child's one line) when the data cannot be trained on; a warning when the child
+        failed otherwise (each trial then checks its data itself)."""
+        rc = self.proc.wait()
+        self.err.seek(0)
+        last = (self.err.read().strip().splitlines() or [""])[-1]
+        self.stop()
+        if rc == 2:
+            raise ValueError(last)
+        if rc != 0:
+            log.warning("the data check before the sweep failed (%s); each trial checks its data itself", last)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.err.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
 
 
 def _check_prepared(spec: RunSpec, splits: data_mod.Splits) -> None:

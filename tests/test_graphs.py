@@ -227,8 +227,9 @@ def test_graphed_model_with_trls_fused_head_computes_what_the_eager_model_comput
                 for b in batches[step:step + 2]:
                     out = forward(model, b)
                     (out.loss / 2).backward()
-                    sums.append(torch.stack([out.loss.detach().float(), out.entropy.float().sum(),
-                                             out.is_top1.float().sum(), out.label_mask.float().sum()]))
+                    with torch.no_grad():  # a trainer keeps no autograd graph of an earlier step alive either
+                        sums.append(torch.stack([out.loss.float(), out.entropy.float().sum(),
+                                                 out.is_top1.float().sum(), out.label_mask.float().sum()]))
                     del out
                 got[name] = torch.stack(sums).cpu()
                 got[name + "_grads"] = [p.grad.float().clone() for p in model.parameters() if p.requires_grad]

@@ -4,6 +4,7 @@ attention computes what SDPA computes (on a GPU)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -294,3 +295,17 @@ def test_gpu_busy_counts_the_steps_alone_without_evaluations_and_saves():
     samples = [(0.5, [90]), (1.5, [90]), (3.0, [10]), (4.2, [10]), (7.0, [0]), (9.5, [90])]
     assert busy(samples, step_spans(runs, events)) == 90.0
     assert busy(samples, [(r[0]["t"], r[-1]["t"]) for r in runs]) == 58.0
+
+
+def test_trl_tokenises_a_large_train_set_in_several_processes(compose_cfg, tmp_path, monkeypatch):
+    """TRL's preparation (``dataset_num_proc``) uses one process per 1,000 train rows, at most 8 and half the
+    cores, and a single process for small sets or small machines (where a pool costs more than it saves)."""
+    from sweeper import sft
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert [sft.dataset_procs(n) for n in (None, 120, 1999, 2000, 7099, 100_000)] == [None, None, None, 2, 7, 8]
+    spec = spec_mod.build(compose_cfg(), compute="fp32", speed=spec_mod.resolve_speed(compose_cfg(), "fp32"))
+    assert build_sft_config(spec, output_dir=tmp_path, data_format="messages", rows=7099).dataset_num_proc == 7
+    assert build_sft_config(spec, output_dir=tmp_path, data_format="messages").dataset_num_proc is None
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # this CI machine's size: one process
+    assert sft.dataset_procs(100_000) is None

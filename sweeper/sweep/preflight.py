@@ -34,7 +34,7 @@ from sweeper import gpu as gpu_mod
 from sweeper import model as model_mod
 from sweeper import speed as speed_mod
 from sweeper import storage as storage_mod
-from sweeper.sft import check_prepared_data
+from sweeper.sft import DataCheck, check_prepared_data
 from sweeper.space import SweepSpace, value_text
 from sweeper.spec import check_folders
 from sweeper.storage import mask_url, sqlite_path
@@ -58,33 +58,54 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     """Compose every grid point, then check each (and the data each one names) before any trial; returns the
     composed configs. Before the first check, the optional packages no point uses are left out of this process
     (:func:`sweeper.extras.leave_out_unused`). SLURM jobs run where the GPUs are, so their precision is not
-    checked here; TRL's preparation of the data runs once, in the command's first process, so that the trials
-    hit its cache."""
+    checked here; TRL's preparation of each data runs once before any trial, so that the trials hit its cache
+    (with a GPU visible, in a child process that sees none, started before the other checks so that the two
+    overlap)."""
     loaded: dict[str, data_mod.Splits] = {}
     cfgs = []
     composed = [compose(point_overrides(space, point)) for point in space.grid_points()]
     # the optional packages none of the points uses stay out of this process (before TRL is first imported)
     extras.leave_out_unused(None if space.distributions else composed)
-    for cfg in composed:
-        _check_rules(cfg, launcher)
-        check_folders(cfg)
-        model_mod.check_path(cfg.model)
-        key = OmegaConf.to_yaml(cfg.data) + OmegaConf.to_yaml(cfg.model)
-        if key not in loaded:
-            splits = loaded[key] = data_mod.load(cfg.data, cfg.paths.cache_dir)
-            # SLURM's trials run where the GPUs are; local ones on this machine
-            data_mod.check_train_size(splits, cfg.batch, gpu=launcher == "slurm" or bool(gpu_mod.visible_gpus()))
-            callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name), splits)
-            if launcher == "local" and SWEEP_ID_ENV not in os.environ:
-                check_prepared_data(cfg, splits)
-        else:  # the same data, maybe another eval.metric
-            callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name),
-                                            loaded[key])
-        cfgs.append(cfg)
+    prepare = launcher == "local" and SWEEP_ID_ENV not in os.environ
+    children: dict[str, DataCheck] = {}
+    if prepare and gpu_mod.visible_gpus():
+        # with a GPU visible TRL's preparation runs in a child that sees none: started now, beside the checks below
+        for cfg in composed:
+            key = _data_key(cfg)
+            if key not in children:
+                children[key] = DataCheck(cfg)
+    try:
+        for cfg in composed:
+            _check_rules(cfg, launcher)
+            check_folders(cfg)
+            model_mod.check_path(cfg.model)
+            key = _data_key(cfg)
+            if key not in loaded:
+                splits = loaded[key] = data_mod.load(cfg.data, cfg.paths.cache_dir)
+                # SLURM's trials run where the GPUs are; local ones on this machine
+                data_mod.check_train_size(splits, cfg.batch, gpu=launcher == "slurm" or bool(gpu_mod.visible_gpus()))
+                callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name),
+                                                splits)
+                if prepare and not children:
+                    check_prepared_data(cfg, splits)
+            else:  # the same data, maybe another eval.metric
+                callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name),
+                                                loaded[key])
+            cfgs.append(cfg)
+        for child in children.values():
+            child.wait()
+    finally:
+        for child in children.values():
+            child.stop()
     db = sqlite_path(storage_url)
     if db is not None:
         disk.check_writable(db.parent, "hydra.sweeper.storage")
     return cfgs
+
+
+def _data_key(cfg: DictConfig) -> str:
+    """The data and model a composed config names: one load and one preparation check each."""
+    return OmegaConf.to_yaml(cfg.data) + OmegaConf.to_yaml(cfg.model)
 
 
 def _check_rules(cfg: DictConfig, launcher: str) -> None:
