@@ -28,8 +28,8 @@ queues the next step's work while the GPU runs this one.
   batches are copied to the GPU without waiting (pinned memory, ``accelerator_config.non_blocking``).
 - **What stays eager**: the first micro-batch of each bucket, a micro-batch with an attention mask (not
   padding-free), gradient checkpointing (it replays the forward with saved RNG state), MoE router losses, a
-  forward that comes before the previous replay's backward (the buckets' activations share one pool), and a
-  bucket whose capture fails (a warning says so). Evaluation replays forward-only graphs of its own buckets.
+  forward that comes before the previous replay's backward (the buckets' activations share one pool), and,
+  once a capture has failed (a warning says so), every call. Evaluation replays forward-only graphs of its own buckets.
 
 The numbers: the loss, the gradients and the rows of each step are the eager path's, up to bf16 rounding; with
 LoRA dropout on, each replay draws new masks from the same generator (its draws differ from eager's).
@@ -163,6 +163,7 @@ class GraphedModel:
         self.replays = 0
         self.pending: _Entry | None = None  # the replayed forward whose backward is still to come
         self.inside = False  # the model's forward is running the backbone itself (eagerly or capturing)
+        self.failed = False  # a capture failed: everything runs eagerly
         backbone.forward = self.forward
         self.fused = None
         code = getattr(getattr(model.forward, "__func__", None), "__code__", None) if model is not None else None
@@ -224,15 +225,18 @@ class GraphedModel:
 
     def entry(self, key: tuple | None, kwargs: dict) -> Any:
         """The bucket's captured graphs; None where this call runs eagerly."""
-        if key is None:
+        if key is None or self.failed:
             return None
         entry = self.entries.get(key)
         if entry is None:
             if key not in self.seen:  # its first micro-batch runs eagerly (and warms up its kernels)
                 self.seen.add(key)
                 return None
-            entry = self.entries[key] = self.capture(key, kwargs)
-        if entry is _EAGER or self.pending is not None:
+            entry = self.capture(key, kwargs)
+            if entry is None:
+                return None
+            self.entries[key] = entry
+        if self.pending is not None:
             # a replay whose backward has not run yet keeps its activations in the shared pool, which this
             # replay would overwrite (two forwards before their backwards): run this one eagerly
             return None
@@ -267,17 +271,21 @@ class GraphedModel:
         if dst:
             torch._foreach_copy_(dst, src)
 
-    def capture(self, key: tuple, kwargs: dict) -> Any:
-        """The bucket's captured graphs; :data:`_EAGER` (and a warning) when the capture fails, e.g. on an op
-        that waits for the GPU, so the bucket keeps running eagerly instead of failing the trial."""
+    def capture(self, key: tuple, kwargs: dict) -> _Entry | None:
+        """The bucket's captured graphs; None (and a warning) when the capture fails, e.g. on an op that waits
+        for the GPU: the model then runs eagerly from this call on, instead of failing the trial (an op that
+        cannot be captured fails every bucket's capture alike)."""
         try:
             return self._capture(key[0], kwargs)
         except RuntimeError as e:  # torch.AcceleratorError is one
             torch.cuda.synchronize()
-            log.warning("speed.graphs: the %s could not be captured for %s tokens (%s); that bucket runs "
-                        "eagerly", "backbone" if key[0] == "backbone" else "model",
+            self.failed = True
+            self.entries.clear()  # no replay from now on: the earlier buckets' graphs and their pool go
+            _end_rng_capture(kwargs["input_ids"].device)
+            log.warning("speed.graphs: the %s could not be captured for %s tokens (%s); it runs eagerly from now "
+                        "on", "backbone" if key[0] == "backbone" else "model",
                         tuple(kwargs["input_ids"].shape)[1], str(e).splitlines()[0])
-            return _EAGER
+            return None
         finally:
             self.inside = False
 
@@ -335,7 +343,13 @@ class GraphedModel:
                       {k: v.detach() for k, v in extra.items()}, output_type)
 
 
-_EAGER = object()  # a bucket whose capture failed: it runs eagerly
+def _end_rng_capture(device: torch.device) -> None:
+    """A capture that failed part-way leaves CUDA's random generator marked as capturing (the capture's end, which
+    clears the mark, never ran), and every later random op (dropout) would fail: the generator gets a copy of its
+    state, seed and offset, that is not marked."""
+    generator = torch.cuda.default_generators[device.index if device.index is not None else
+                                              torch.cuda.current_device()]
+    generator.graphsafe_set_state(generator.clone_state())
 
 
 class _Entry:

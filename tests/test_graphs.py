@@ -149,8 +149,8 @@ def test_graphed_backbone_computes_what_the_eager_backbone_computes():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and flash attention need a CUDA GPU")
 def test_a_backbone_that_cannot_be_captured_keeps_training_eagerly(caplog):
     """An op that waits for the GPU inside the backbone (here a hook reading a value on the host) makes the
-    capture fail: the bucket runs eagerly from then on, with a warning, and the step's loss and gradients are
-    still computed."""
+    capture fail: the model runs eagerly from then on, with a warning, the step's loss and gradients are still
+    computed, and random ops (dropout) still work."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     speed.register_varlen()
@@ -172,8 +172,10 @@ def test_a_backbone_that_cannot_be_captured_keeps_training_eagerly(caplog):
         h.float().square().mean().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.model.parameters())
         model.zero_grad(set_to_none=True)
-    assert replayer.replays == 0 and list(replayer.entries.values()) == [graphs._EAGER]
+    assert replayer.replays == 0 and replayer.failed and not replayer.entries
     assert "backbone could not be captured for 64 tokens" in caplog.text
+    # the failed capture left CUDA's random generator usable (dropout after it)
+    assert torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5).sum() > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and flash attention need a CUDA GPU")
