@@ -90,6 +90,10 @@ def test_sft_config_carries_the_resolved_choices(compose_cfg, tmp_path):
     args = build_sft_config(spec_mod.build(cfg, compute="fp32", speed=fast), output_dir=tmp_path, data_format="messages")
     assert args.optim == "adamw_torch_fused" and args.torch_compile
     assert args.dataloader_num_workers == 2
+    assert not args.accelerator_config.non_blocking  # accelerate's default: each batch copy waits
+    graphed = build_sft_config(spec_mod.build(cfg, compute="fp32", speed={**fast, "compile": False, "graphs": True}),
+                               output_dir=tmp_path, data_format="messages")
+    assert graphed.accelerator_config.non_blocking  # speed.graphs: batch copies do not wait (from pinned memory)
     plain_spec = spec_mod.build(cfg, compute="fp32", speed=spec_mod.resolve_speed(cfg, "fp32"))
     plain = build_sft_config(plain_spec, output_dir=tmp_path, data_format="messages")
     assert plain.optim == "adamw_torch" and not plain.torch_compile
