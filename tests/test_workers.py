@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import optuna
@@ -187,6 +188,23 @@ def test_the_data_check_before_a_gpu_sweep_leaves_cuda_alone(tmp_path, cache_dir
                    f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", env=env)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "0 of 1 eval rows keep a token to score after truncation at data.max_length=64" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_a_refusal_while_the_data_check_runs_stops_its_child(tmp_path, cache_dir):
+    """With a GPU visible, the data check's child starts before the command's other checks; when one of those
+    refuses the command, the refusal is one line and the child is stopped, its config file removed."""
+    env = fake_nvidia_smi(tmp_path / "bin", [20000])
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = run_cli("-m", "seed=1", *FAST, f"model.path={tmp_path / 'no-such-model'}", f"paths.output_dir={tmp_path}",
+                   f"paths.cache_dir={cache_dir}", env={**env, "TMPDIR": str(tmp)})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no-such-model" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert not list(tmp.glob("*.yaml"))  # the child's config, written where it started
+    left = subprocess.run(["pgrep", "-f", str(tmp)], capture_output=True, text=True)
+    assert left.stdout.strip() == ""  # no child left running
     assert not (tmp_path / "optuna.db").exists()
 
 
