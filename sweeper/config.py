@@ -289,7 +289,7 @@ class SpeedConfig:
     compile: Any = MISSING  # false | true: torch.compile the whole model | regional: each decoder block in place
     lora_upcast: Any = MISSING  # auto | true | false: PEFT's cast of each LoRA layer's input to the adapters' fp32
     lora_fused: Any = MISSING  # auto | true | false: a LoRA linear's scale and add inside one addmm_ (autocast)
-    graphs: Any = MISSING  # auto | true | false: the backbone's forward and backward replayed as CUDA graphs
+    graphs: Any = MISSING  # auto | true | false: the model's forward and backward (LM head included) replayed as CUDA graphs
     dataloader_num_workers: int = MISSING  # collation in worker processes; 0: in the training loop
 
 
