@@ -9,8 +9,8 @@ no run tracks to W&B, bitsandbytes when no run loads a 4-bit base or uses one of
 libraries take the path they take when the ``wandb`` or ``qlora`` extra is not installed, for the rest of the
 process.
 
-Only a command's own process does this (:func:`allow`, called by :func:`sweeper.cli.main`, the entry of
-``sft-sweep`` and ``python train.py``): code that imports sweeper in a process of its own (a test, a notebook, a
+Only a command's own processes do this (:func:`allow`, called by :func:`sweeper.cli.main`, the entry of
+``sft-sweep`` and ``python train.py``, and by the child that checks a GPU sweep's data, ``sweeper.sft``): code that imports sweeper in a process of its own (a test, a notebook, a
 SLURM job) keeps every installed package. The first decision in a process holds: a sweep decides from all its
 points (``sweeper.sweep.preflight.check_points``), before a single run (``sweeper.train.main``) would; a sweep
 with a sampled dimension keeps everything, since its points are not known in advance.

@@ -410,3 +410,21 @@ def test_wandb_offline_runs_hold_the_group_names_states_and_curves(tmp_path, cac
     assert runs[f"trial_{trunk.number}/branch-8"]["config"]["trunk_run"] == trunk.user_attrs["tracking_run"]["run_id"]
     assert runs["study demo-tiny"]["summary"]["sft_sweep.best_trial"] == str(study.best_trial.number)
     _no_secret_under(tmp_path / "outputs", tmp_path / "optuna.db")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,kept", [("fp32", False), ("qlora4", True)])
+def test_the_data_checks_child_leaves_out_what_its_run_does_not_use(compose_cfg, tmp_path, precision, kept):
+    """A GPU sweep's data check runs in a child of the command (``python -m sweeper.sft CONFIG``): that child is
+    the command's own too, so bitsandbytes stays out of it unless its run loads a 4-bit base."""
+    pytest.importorskip("bitsandbytes")
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg(f"precision={precision}", *(["peft=lora"] if precision == "qlora4" else []))
+    path = tmp_path / "run.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True))
+    code = ("import sys; from sweeper import sft; rc = sft._check_in_child(sys.argv[1]); "
+            "print(rc, sys.modules.get('bitsandbytes', 'never imported') is not None)")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.stdout.split()[-2:] == ["0", str(kept)], proc.stdout + proc.stderr[-2000:]
