@@ -154,7 +154,9 @@ class GraphedModel:
     def __init__(self, backbone: Any, model: Any = None) -> None:
         self.backbone = backbone
         self.eager = backbone.forward
-        self.params = [p for p in backbone.parameters() if p.requires_grad]
+        # every trainable parameter a captured backward may reach: the head's too when it trains (full
+        # fine-tuning of an untied head), whose gradient must then also land in a fixed buffer
+        self.params = [p for p in (model if model is not None else backbone).parameters() if p.requires_grad]
         self.grads: list | None = None
         self.entries: dict = {}
         self.seen: set = set()

@@ -225,28 +225,38 @@ class DataCheck:
     its verdict, :meth:`stop` ends it unread."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        body = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+        self.proc: subprocess.Popen | None = None
         fd, self.path = tempfile.mkstemp(suffix=".yaml")
-        with os.fdopen(fd, "w") as f:
-            f.write(OmegaConf.to_yaml(body, resolve=True))
         self.err = tempfile.TemporaryFile("w+")  # a file, not a pipe: a talkative child never blocks on it
-        self.proc = subprocess.Popen([sys.executable, "-m", "sweeper.sft", self.path], stdout=subprocess.DEVNULL,
-                                     stderr=self.err, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(body)
+            self.proc = subprocess.Popen([sys.executable, "-m", "sweeper.sft", self.path],
+                                         stdout=subprocess.DEVNULL, stderr=self.err, text=True,
+                                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        except BaseException:
+            self.stop()
+            raise
 
     def wait(self) -> None:
         """ValueError (the child's one line) when the data cannot be trained on; a warning when the child
-        failed otherwise (each trial then checks its data itself)."""
-        rc = self.proc.wait()
-        self.err.seek(0)
-        last = (self.err.read().strip().splitlines() or [""])[-1]
-        self.stop()
+        failed otherwise (each trial then checks its data itself). The child is gone afterwards, whatever
+        happened (an interrupt included)."""
+        try:
+            rc = self.proc.wait()
+            self.err.seek(0)
+            last = (self.err.read().strip().splitlines() or [""])[-1]
+        finally:
+            self.stop()
         if rc == 2:
             raise ValueError(last)
         if rc != 0:
             log.warning("the data check before the sweep failed (%s); each trial checks its data itself", last)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        """End the child if it still runs, and remove its files."""
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         self.err.close()

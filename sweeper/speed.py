@@ -360,7 +360,6 @@ def measurement_callbacks() -> list:
             so that the stamps themselves never make the host wait for the GPU; host clocks on CPU."""
 
             def on_train_begin(self, args, state, control, **kwargs):
-                self.f = open(times, "a")
                 self.pending: list = []
                 sync()
                 self.t0, self.w0 = time.perf_counter(), time.time()
@@ -370,23 +369,24 @@ def measurement_callbacks() -> list:
                     self.ref.record()
 
             def _stamp(self, line: dict) -> None:
-                if self.ref is None:
+                event = None
+                if self.ref is not None:
+                    event = torch.cuda.Event(enable_timing=True)
+                    event.record()
+                else:
                     line.update(t=time.perf_counter(), wall=time.time())
-                    self.f.write(json.dumps(line) + "\n")
-                    return
-                event = torch.cuda.Event(enable_timing=True)
-                event.record()
                 self.pending.append((line, event))
 
             def _flush(self) -> None:
-                if self.pending:
+                if self.ref is not None and self.pending:
                     self.pending[-1][1].synchronize()
-                for line, event in self.pending:
-                    dt = self.ref.elapsed_time(event) / 1000
-                    line.update(t=self.t0 + dt, wall=self.w0 + dt)
-                    self.f.write(json.dumps(line) + "\n")
+                with open(times, "a") as f:  # opened per flush: an evaluation after training ends writes too
+                    for line, event in self.pending:
+                        if event is not None:
+                            dt = self.ref.elapsed_time(event) / 1000
+                            line.update(t=self.t0 + dt, wall=self.w0 + dt)
+                        f.write(json.dumps(line) + "\n")
                 self.pending = []
-                self.f.flush()
 
             def on_step_end(self, args, state, control, **kwargs):
                 self._stamp({"step": state.global_step, "tokens": int(state.num_input_tokens_seen or 0)})
@@ -403,7 +403,6 @@ def measurement_callbacks() -> list:
 
             def on_train_end(self, args, state, control, **kwargs):
                 self._flush()
-                self.f.close()
 
         out.append(StepTimes())
     if prof_dir:

@@ -179,23 +179,28 @@ def test_a_backbone_that_cannot_be_captured_keeps_training_eagerly(caplog):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and flash attention need a CUDA GPU")
-def test_graphed_model_with_trls_fused_head_computes_what_the_eager_model_computes():
+@pytest.mark.parametrize("method", ["lora", "full, untied head"])
+def test_graphed_model_with_trls_fused_head_computes_what_the_eager_model_computes(method):
     """With TRL's fused LM head inside the graphs (every position scored, the unlabelled ones zeroed), a LoRA
-    model's log-probabilities, entropy, top-1 hits, loss and gradients equal the eager model's (which scores
-    only the labelled positions) over several optimizer steps, and evaluation replays forward-only graphs
-    with the eager model's numbers."""
+    model's, and a fully fine-tuned model's whose head is its own trained weight, log-probabilities, entropy,
+    top-1 hits, loss and gradients (the head's included) equal the eager model's (which scores only the labelled
+    positions) over several optimizer steps, and evaluation replays forward-only graphs with the eager model's
+    numbers."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
     speed.register_varlen()
     cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, attn_implementation=speed.VARLEN)
+                      num_key_value_heads=2, vocab_size=128, attn_implementation=speed.VARLEN,
+                      tie_word_embeddings=method == "lora")
 
     def build():
         torch.manual_seed(0)
         base = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
         add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
+        if method != "lora":
+            return base
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))
         with torch.no_grad():
@@ -205,10 +210,13 @@ def test_graphed_model_with_trls_fused_head_computes_what_the_eager_model_comput
         return model
 
     eager, graphed = build(), build()
-    base = graphed.get_base_model()
+    base = graphed.get_base_model() if method == "lora" else graphed
     replayer = graphs.GraphedModel(base.base_model, base)
+    if method != "lora":  # the head trains, apart from the backbone: its gradient is the graphs' too
+        assert any(p is graphed.lm_head.weight for p in replayer.params)
     assert replayer.fused is not None
-    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (eager, graphed)]
+    lr = 0.5 if method == "lora" else 0.05  # a step of every weight: smaller, so bf16 rounding stays small
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr) for m in (eager, graphed)]
     shapes = [[30, 20], [10, 40], [60, 3], [70, 40], [25, 25], [90, 30]]  # buckets 64, 128
     batches = []
     for i, lengths in enumerate(shapes):

@@ -208,6 +208,25 @@ def test_a_refusal_while_the_data_check_runs_stops_its_child(tmp_path, cache_dir
     assert not (tmp_path / "optuna.db").exists()
 
 
+@pytest.mark.slow
+def test_the_data_checks_of_several_datasets_refuse_the_one_that_cannot_train(tmp_path, cache_dir):
+    """Three points whose data differ (data.max_length): their checks run in children, at most two at once,
+    and the one whose eval rows all lose their loss tokens refuses the command in one line, before any study."""
+    import json
+
+    env = fake_nvidia_smi(tmp_path / "bin", [20000])
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    chat = [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "y"}]
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    proc = run_cli("-m", "seed=1", "data.max_length=2048,1024,64", *FAST, f"data.eval_path={tmp_path / 'eval.jsonl'}",
+                   f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}", env={**env, "TMPDIR": str(tmp)})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "0 of 1 eval rows keep a token to score after truncation at data.max_length=64" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert not list(tmp.glob("*.yaml")) and not (tmp_path / "optuna.db").exists()
+
+
 def test_gpu_ids_must_be_visible():
     workers.check_gpus_visible(["0", "2"], VISIBLE)
     with pytest.raises(ValueError, match=r"hydra.sweeper.gpus=\[0,3\]: GPU 3 is not visible here; the visible GPUs "

@@ -59,22 +59,21 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     composed configs. Before the first check, the optional packages no point uses are left out of this process
     (:func:`sweeper.extras.leave_out_unused`). SLURM jobs run where the GPUs are, so their precision is not
     checked here; TRL's preparation of each data runs once before any trial, so that the trials hit its cache
-    (with a GPU visible, in a child process that sees none, started before the other checks so that the two
-    overlap)."""
+    (with a GPU visible, in a child process that sees none: the first data's child starts before the other checks,
+    so that the two overlap, and at most two children run at once)."""
     loaded: dict[str, data_mod.Splits] = {}
     cfgs = []
     composed = [compose(point_overrides(space, point)) for point in space.grid_points()]
     # the optional packages none of the points uses stay out of this process (before TRL is first imported)
     extras.leave_out_unused(None if space.distributions else composed)
     prepare = launcher == "local" and SWEEP_ID_ENV not in os.environ
-    children: dict[str, DataCheck] = {}
-    if prepare and gpu_mod.visible_gpus():
-        # with a GPU visible TRL's preparation runs in a child that sees none: started now, beside the checks below
-        for cfg in composed:
-            key = _data_key(cfg)
-            if key not in children:
-                children[key] = DataCheck(cfg)
+    # with a GPU visible TRL's preparation runs in a child that sees none, started as early as it can be
+    in_child = prepare and bool(gpu_mod.visible_gpus())
+    started: set[str] = set()
+    running: list[DataCheck] = []
     try:
+        if in_child:  # the first data's child starts now, beside the checks below
+            _start_check(running, started, composed[0])
         for cfg in composed:
             _check_rules(cfg, launcher)
             check_folders(cfg)
@@ -86,21 +85,35 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
                 data_mod.check_train_size(splits, cfg.batch, gpu=launcher == "slurm" or bool(gpu_mod.visible_gpus()))
                 callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name),
                                                 splits)
-                if prepare and not children:
+                if in_child:
+                    _start_check(running, started, cfg)
+                elif prepare:
                     check_prepared_data(cfg, splits)
             else:  # the same data, maybe another eval.metric
                 callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name),
                                                 loaded[key])
             cfgs.append(cfg)
-        for child in children.values():
-            child.wait()
+        while running:
+            running.pop(0).wait()
     finally:
-        for child in children.values():
+        for child in running:
             child.stop()
     db = sqlite_path(storage_url)
     if db is not None:
         disk.check_writable(db.parent, "hydra.sweeper.storage")
     return cfgs
+
+
+def _start_check(running: list[DataCheck], started: set[str], cfg: DictConfig) -> None:
+    """Start the data check's child for ``cfg``'s data unless one was started for it; at most two run at once
+    (each imports torch and TRL and tokenises in several processes): the older is waited for first."""
+    key = _data_key(cfg)
+    if key in started:
+        return
+    started.add(key)
+    while len(running) >= 2:
+        running.pop(0).wait()
+    running.append(DataCheck(cfg))
 
 
 def _data_key(cfg: DictConfig) -> str:
