@@ -135,7 +135,7 @@ def _every_position_scored():
         yield
         return
     before = getattr(trl_utils, "_use_triton", None)
-    if before is None:  # another TRL: a capture that reads back fails and leaves its bucket eager
+    if before is None:  # another TRL: a capture that reads back fails, and the model then runs eagerly
         yield
         return
     trl_utils._use_triton = lambda device: False
@@ -403,10 +403,9 @@ def _defer_reads(trainer: Any) -> None:
         mode = "train" if t.model.training else "eval"
         inputs["use_cache"] = False
         outputs = model(**inputs, fused_lm_head=True)
-        mask = outputs.label_mask
-        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        valid = outputs.label_mask.sum()
+        num_tokens = valid if num_items_in_batch is None else num_items_in_batch
         loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
-        valid = mask.sum()
         for name, per_token in (("entropy", outputs.entropy), ("mean_token_accuracy", outputs.is_top1)):
             if per_token is not None:
                 t._metrics[mode][name].append(per_token.detach().sum() / valid.clamp(min=1))

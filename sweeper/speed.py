@@ -198,8 +198,8 @@ def sft_config_kwargs(speed: dict) -> dict:
         "dataloader_num_workers": speed["dataloader_num_workers"],
         "torch_compile": speed["compile"] is True,
     }
-    if speed.get("graphs", False):  # batches copied from pinned memory without waiting for the GPU
-        kwargs.update(dataloader_pin_memory=True, accelerator_config={"non_blocking": True})
+    if speed.get("graphs", False):  # batches copied (from the trainer's pinned memory) without waiting for the GPU
+        kwargs["accelerator_config"] = {"non_blocking": True}
     return kwargs
 
 

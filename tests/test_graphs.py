@@ -42,6 +42,31 @@ def _padding_free_batch(lengths: list[int], pad_id: int = 0, vocab: int = 100, s
     return collator.torch_call(rows)
 
 
+def _tiny_model(lora: bool = True, fused_head: bool = False, **config):
+    """A 2-layer bf16 Qwen2 on the GPU with varlen attention (seed 0), with TRL's fused LM head if asked, and
+    LoRA adapters on every linear whose B matrices are non-zero (so they change the output from the first step)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    speed.register_varlen()
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                        attn_implementation=speed.VARLEN, **config)).to("cuda", torch.bfloat16)
+    if fused_head:
+        add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
+    if not lora:
+        return base
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return model
+
+
 def test_bucketed_batches_keep_the_real_rows_their_loss_tokens_and_boundaries():
     """Padding a padding-free micro-batch for CUDA graphs adds only a row of pad tokens that carries no loss
     and empty rows after it: the real tokens, labels, positions and row boundaries are as collated."""
@@ -77,24 +102,7 @@ def test_graphed_backbone_computes_what_the_eager_backbone_computes():
     """Two copies of a LoRA model train on the same bucketed micro-batches (two per optimizer step, the
     gradients dropped with set_to_none between steps): the copy whose backbone replays CUDA graphs has the
     eager copy's losses and gradients, step after step, while its parameters change; evaluation runs eagerly."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    speed.register_varlen()
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, attn_implementation=speed.VARLEN)
-
-    def build():
-        torch.manual_seed(0)
-        model = get_peft_model(Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16), LoraConfig(
-            r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
-        return model
-
-    eager, graphed = build(), build()
+    eager, graphed = _tiny_model(), _tiny_model()
     backbone = graphed.get_base_model().base_model
     replayer = graphs.GraphedModel(backbone)
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (eager, graphed)]
@@ -151,13 +159,8 @@ def test_a_backbone_that_cannot_be_captured_keeps_training_eagerly(caplog):
     """An op that waits for the GPU inside the backbone (here a hook reading a value on the host) makes the
     capture fail: the model runs eagerly from then on, with a warning, the step's loss and gradients are still
     computed, and random ops (dropout) still work."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    model = _tiny_model(lora=False)
 
-    speed.register_varlen()
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, attn_implementation=speed.VARLEN)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
     def wait_for_the_gpu(module, args):
         float(args[0].detach().sum())  # a host read of a GPU value: not allowed while capturing
 
@@ -186,28 +189,8 @@ def test_graphed_model_with_trls_fused_head_computes_what_the_eager_model_comput
     top-1 hits, loss and gradients (the head's included) equal the eager model's (which scores only the labelled
     positions) over several optimizer steps, and evaluation replays forward-only graphs with the eager model's
     numbers."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
-
-    speed.register_varlen()
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, attn_implementation=speed.VARLEN,
-                      tie_word_embeddings=method == "lora")
-
     def build():
-        torch.manual_seed(0)
-        base = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
-        add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
-        if method != "lora":
-            return base
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                                task_type="CAUSAL_LM"))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
-        return model
+        return _tiny_model(lora=method == "lora", fused_head=True, tie_word_embeddings=method == "lora")
 
     eager, graphed = build(), build()
     base = graphed.get_base_model() if method == "lora" else graphed
