@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     sampler.start()
     t0 = time.perf_counter()
     with open(a.out / "sweep.log", "w") as log:
+        log.write(f"# command started {datetime.datetime.now().isoformat(sep=' ', timespec='milliseconds')}\n")
+        log.flush()
         rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                              env={**os.environ, "SFT_SWEEP_STEP_TIMES": str(stamps), "PYTHONUNBUFFERED": "1"})
     t1 = time.perf_counter()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -226,7 +227,9 @@ class DataCheck:
 
     def __init__(self, cfg: DictConfig) -> None:
         body = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+        self.name = str(cfg.data.name)
         self.proc: subprocess.Popen | None = None
+        self.started = time.perf_counter()
         fd, self.path = tempfile.mkstemp(suffix=".yaml")
         self.err = tempfile.TemporaryFile("w+")  # a file, not a pipe: a talkative child never blocks on it
         try:
@@ -251,7 +254,10 @@ class DataCheck:
             self.stop()
         if rc == 2:
             raise ValueError(last)
-        if rc != 0:
+        if rc == 0:
+            log.info("data %s: TRL's preparation checked in %.1f s (a child process)", self.name,
+                     time.perf_counter() - self.started)
+        else:
             log.warning("the data check before the sweep failed (%s); each trial checks its data itself", last)
 
     def stop(self) -> None:
