@@ -17,6 +17,7 @@ Loading goes through ``datasets`` so the Arrow cache and fingerprints are reused
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+from omegaconf import OmegaConf
 
 if TYPE_CHECKING:
     from sweeper.config import DataConfig
@@ -556,6 +559,29 @@ def _overlap(train: Any, evals: Any) -> int:
     return sum(k in seen for k in _row_keys(evals))
 
 
+# splits loaded in this process (a sweep's worker runs its trials in one process, after its pre-flight loaded the
+# same data): key -> splits, the key naming the config and each local file's size and modification time
+_LOADED: dict[tuple, Splits] = {}
+
+
+def _load_key(data: DataConfig, cache_dir: Path) -> tuple | None:
+    """What a load of ``data`` depends on, or None where it cannot be told without reading (a hub set)."""
+    stats = []
+    for path in (data.train_path, data.eval_path):
+        if path is None or path == "demo":
+            continue
+        p = Path(str(path)).expanduser()
+        if not p.exists():
+            return None
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        stats += [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    try:
+        text = OmegaConf.to_yaml(data, resolve=True)
+    except Exception:  # not a config (a caller's own object): read it each time
+        return None
+    return text, str(cache_dir.resolve()), tuple(stats)
+
+
 def load(data: DataConfig, cache_dir: str | Path) -> Splits:
     """Load train and eval splits for a ``data`` config; raise one clear error on bad input.
 
@@ -563,9 +589,23 @@ def load(data: DataConfig, cache_dir: str | Path) -> Splits:
     train rows (the remainder trains). ``max_train_rows``/``max_eval_rows`` cap after shuffling.
     Eval rows that are also train rows (a copied eval file, repeated rows split by ``eval_fraction``)
     are counted (``Splits.overlap``) and warned about, once per process (a sweep's trials load the data its
-    pre-flight loaded): their eval loss measures memorisation.
+    pre-flight loaded): their eval loss measures memorisation. Local files unchanged since this process loaded
+    them with the same config (a sweep's pre-flight, then its trials) are not read and checked again.
     """
     cache_dir = Path(cache_dir)
+    key = _load_key(data, cache_dir)
+    if key is not None and key in _LOADED:
+        splits = _LOADED[key]
+        log.info("data %s: %d train rows, %d eval rows (%s format) from %s", data.name, len(splits.train),
+                 len(splits.eval), splits.format, splits.source)
+        return dataclasses.replace(splits, notes=list(splits.notes))
+    splits = _load(data, cache_dir)
+    if key is not None:
+        _LOADED[key] = splits
+    return dataclasses.replace(splits, notes=list(splits.notes))
+
+
+def _load(data: DataConfig, cache_dir: Path) -> Splits:
     if data.train_path == "demo":
         train_src = str(_write_demo(cache_dir, int(data.demo_rows or 1200), int(data.seed)))
     else:

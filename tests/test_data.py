@@ -40,6 +40,21 @@ def test_eval_fraction_split_is_seeded_and_disjoint(compose_cfg, tmp_path):
     assert cfg.data.name == "rows"  # named after the file
 
 
+def test_a_process_reads_unchanged_files_once_and_a_changed_file_again(compose_cfg, tmp_path, monkeypatch):
+    path = _write(tmp_path / "rows.jsonl", _msgs(40))
+    cfg = compose_cfg("data=jsonl", f"data.train_path={path}", "data.eval_fraction=0.25")
+    reads = []
+    real = data_mod._load
+    monkeypatch.setattr(data_mod, "_load", lambda *a: reads.append(1) or real(*a))
+    first = data_mod.load(cfg.data, cfg.paths.cache_dir)
+    again = data_mod.load(cfg.data, cfg.paths.cache_dir)  # a sweep's trial after its pre-flight
+    assert len(reads) == 1 and again.train["messages"] == first.train["messages"]
+    assert len(data_mod.load(compose_cfg("data=jsonl", f"data.train_path={path}", "data.eval_fraction=0.5").data,
+                             cfg.paths.cache_dir).eval) == 20 and len(reads) == 2  # another config: read
+    _write(path, _msgs(60))  # the file changed between two trials: read again
+    assert (len(data_mod.load(cfg.data, cfg.paths.cache_dir).train), len(reads)) == (45, 3)
+
+
 def test_prompt_completion_csv_and_parquet(compose_cfg, tmp_path):
     import datasets
 

@@ -60,7 +60,8 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     (:func:`sweeper.extras.leave_out_unused`). SLURM jobs run where the GPUs are, so their precision is not
     checked here; TRL's preparation of each data runs once before any trial, so that the trials hit its cache
     (with a GPU visible, in a child process that sees none: the first data's child starts before the other checks,
-    so that the two overlap, and at most two children run at once)."""
+    so that the two overlap, at most two children run at once, and this process imports the first trial's modules
+    meanwhile)."""
     loaded: dict[str, data_mod.Splits] = {}
     cfgs = []
     composed = [compose(point_overrides(space, point)) for point in space.grid_points()]
@@ -93,6 +94,8 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
                 callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name),
                                                 loaded[key])
             cfgs.append(cfg)
+        if running:
+            _import_trial_modules()  # while the child prepares the data: the first trial's imports, here
         while running:
             running.pop(0).wait()
     finally:
@@ -114,6 +117,20 @@ def _start_check(running: list[DataCheck], started: set[str], cfg: DictConfig) -
     while len(running) >= 2:
         running.pop(0).wait()
     running.append(DataCheck(cfg))
+
+
+def _import_trial_modules() -> None:
+    """Import what this process's first trial imports (TRL's trainer, PEFT's LoRA layers, the trial's own
+    modules; none of them touches CUDA), so that it does so while the data check's child runs. A failure is
+    left to the trial, which names it."""
+    try:
+        import peft.tuners.lora  # noqa: F401
+        import trl  # noqa: F401
+
+        trl.SFTTrainer  # noqa: B018  (TRL's lazy module: the attribute imports the trainer)
+        import sweeper.runner  # noqa: F401
+    except Exception as e:  # the trial imports them again and reports what fails
+        log.debug("importing the trial's modules before the first trial failed: %s", e)
 
 
 def _data_key(cfg: DictConfig) -> str:
