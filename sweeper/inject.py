@@ -16,7 +16,7 @@ import os
 import signal
 from typing import Any
 
-__all__ = ["attach", "callback", "in_report", "in_save"]
+__all__ = ["attach", "callback", "in_report"]
 
 _KEYS = ("OOM_AT_STEP", "NAN_AT_STEP", "KILL_AT_STEP", "KILL_IN_SAVE")
 
@@ -56,21 +56,16 @@ def callback() -> Any:
     return InjectFault()
 
 
-def in_save(step: int) -> None:
-    """The save fault, where a checkpoint save of step ``step`` has written the weights and not the rest
-    (the trainer's own save through :func:`attach`; ``sweeper.saving``'s writer calls it itself)."""
-    if _step("KILL_IN_SAVE") == step:
-        _kill()
-
-
 def attach(trainer: Any) -> None:
     """The save fault: cut the checkpoint save of the asked step between the weights and the rest."""
-    if _step("KILL_IN_SAVE") is None:
+    save_at = _step("KILL_IN_SAVE")
+    if save_at is None:
         return
     save_rest = trainer._save_optimizer_and_scheduler
 
     def cut(output_dir: str) -> None:
-        in_save(trainer.state.global_step)
+        if trainer.state.global_step == save_at:
+            _kill()
         save_rest(output_dir)
 
     trainer._save_optimizer_and_scheduler = cut
