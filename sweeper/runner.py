@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeper import batching, callbacks, inject, saving, sft, tracking
+from sweeper import batching, callbacks, inject, sft, tracking
 from sweeper import config as config_mod
 from sweeper import data as data_mod
 from sweeper import model as model_mod
@@ -160,7 +160,6 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
     trainer = sft.make_trainer(model, tokenizer, args, splits, spec.peft, trainer_callbacks)
     speed_mod.apply_to_trainer(trainer, spec.speed, spec.paths.cache_dir)
     inject.attach(trainer)
-    saving.install(trainer)  # a LoRA run's checkpoints written beside training
     callbacks.replace_progress(trainer, spec)
     timing["prepare_s"] = round(time.perf_counter() - t, 2)
 
