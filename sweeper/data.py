@@ -594,14 +594,13 @@ def load(data: DataConfig, cache_dir: str | Path) -> Splits:
     """
     cache_dir = Path(cache_dir)
     key = _load_key(data, cache_dir)
-    if key is not None and key in _LOADED:
-        splits = _LOADED[key]
-        log.info("data %s: %d train rows, %d eval rows (%s format) from %s", data.name, len(splits.train),
-                 len(splits.eval), splits.format, splits.source)
-        return dataclasses.replace(splits, notes=list(splits.notes))
-    splits = _load(data, cache_dir)
-    if key is not None:
-        _LOADED[key] = splits
+    splits = _LOADED.get(key) if key is not None else None
+    if splits is None:
+        splits = _load(data, cache_dir)
+        if key is not None:
+            _LOADED[key] = splits
+    log.info("data %s: %d train rows, %d eval rows (%s format) from %s", data.name, len(splits.train),
+             len(splits.eval), splits.format, splits.source)
     return dataclasses.replace(splits, notes=list(splits.notes))
 
 
@@ -656,8 +655,6 @@ def _load(data: DataConfig, cache_dir: Path) -> Splits:
         # once per process: a sweep's check of the data says it, its trials (in the same process) load it again
         log.log(logging.DEBUG if notes[-1] in _WARNED else logging.WARNING, "%s", notes[-1])
         _WARNED.add(notes[-1])
-    log.info("data %s: %d train rows, %d eval rows (%s format) from %s",
-             data.name, len(train), len(evals), fmt, source)
     return Splits(train=train, eval=evals, format=fmt, source=source, all_train=all_train, detected=detected,
                   overlap=overlap, notes=notes)
 
