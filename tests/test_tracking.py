@@ -7,6 +7,7 @@ fixture; what the sweeps left there is read back with MLflow's own client. W&B: 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -284,38 +285,81 @@ def test_a_tracker_that_is_down_costs_one_line_and_no_trial(tmp_path, cache_dir)
     _no_secret_under(tmp_path / "outputs", tmp_path / "optuna.db")
 
 
+class _Front:
+    """What the sweep takes for the tracking server: a front on a port of its own that passes every request on to
+    the real server, until the first request that logs ``eval_loss`` has been answered; from then on it is down
+    (each connection is closed unanswered, the port stops listening). So the server stops at a known point of
+    trial 0, after its first evaluation and before its later ones, however fast the machine trains."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import http.server
+
+        front = self
+        self.down = threading.Event()
+        host, port = upstream.removeprefix("http://").split(":")
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _pass_on(self) -> None:
+                if front.down.is_set():
+                    self.close_connection = True
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection(host, int(port), timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                conn.close()
+                if "log-batch" in self.path and any(m.get("key") == "eval_loss"
+                                                    for m in json.loads(body or b"{}").get("metrics", [])):
+                    front.down.set()  # before the answer goes out: the trial's next call finds the server down
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+                if front.down.is_set():
+                    threading.Thread(target=front.server.server_close, daemon=True).start()
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _pass_on
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.mark.slow
 def test_a_server_stopped_mid_sweep_loses_no_trial(tmp_path, cache_dir):
+    """The tracking server goes down after trial 0's first evaluation reached it: trial 0 trains on to its end
+    and trial 1 trains too, each with one warning line, and the study keeps both."""
     pytest.importorskip("mlflow")
     (tmp_path / "server").mkdir()
     server, uri = _start_server(tmp_path / "server")
-    client = _client(uri)
-    stopped = threading.Event()
-
-    def stop_once_trial_0_logs() -> None:  # while trial 0 trains: its first evaluation reached the server
-        deadline = time.time() + 300
-        while time.time() < deadline and not stopped.is_set():
-            try:
-                e = client.get_experiment_by_name("demo-tiny")
-                runs = client.search_runs([e.experiment_id], "attributes.run_name = 'trial_0'") if e else []
-                if runs and client.get_metric_history(runs[0].info.run_id, "eval_loss"):
-                    _stop_server(server)
-                    stopped.set()
-                    return
-            except Exception:
-                pass
-            time.sleep(0.3)
-
-    watcher = threading.Thread(target=stop_once_trial_0_logs, daemon=True)
-    watcher.start()
+    front = _Front(uri)
     try:
         # a process of its own, as for the tracker down from the start: the per-trial warning is a log line, and
         # an earlier in-process run of this test process can leave that logger's output elsewhere
         proc = _ok(run_cli("-m", *BASE, "schedule.max_steps=12,16", "tracking=mlflow", *_paths(tmp_path, cache_dir),
-                           env={**_env(uri), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}))
+                           env={**_env(front.uri), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}))
+        client = _client(uri)  # the real server behind the front: what reached it before it went down
+        runs = client.search_runs([client.get_experiment_by_name("demo-tiny").experiment_id])
+        assert sorted(r.info.run_name for r in runs) == ["study demo-tiny", "trial_0"]  # trial 1 found it down
+        trial_0 = next(r for r in runs if r.info.run_name == "trial_0")
+        assert len(client.get_metric_history(trial_0.info.run_id, "eval_loss")) == 1
     finally:
-        stopped.set()
-        watcher.join()
+        front.close()
         _stop_server(server)
     study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
