@@ -11,7 +11,8 @@ period in which a kernel ran). The trial path's step timer (``SFT_SWEEP_STEP_TIM
 optimizer step, evaluation and checkpoint save with the same monotonic clock, so the samples split into
 the whole command, the training spans (a trial's first to last step, its evaluations and saves included) and
 the steps alone (from one step's stamp to the next where no evaluation or save came between). Printed and
-appended to ``--results``: busy % of each, the seconds before the first step of the sweep, and for every
+appended to ``--results``: busy % of each, the seconds before the first step of the sweep, where the GPU's
+idle seconds go (before the first step, between trials, after the last step, inside training), and for every
 trial its seconds from the job's start to its first step, its steady tokens/s, its peak GPU memory (allocated)
 and its objective (the best eval loss).
 """
@@ -76,6 +77,26 @@ def busy(samples: list, spans: list[tuple[float, float]] | None = None) -> float
     return round(statistics.fmean(vals), 1) if vals else None
 
 
+def idle_budget(samples: list, t0: float, t1: float, runs: list[list[dict]]) -> dict:
+    """Where the command's GPU-idle seconds go: before the first step, between trials (a trial's last step to
+    the next one's first: its last evaluation and save, the next job's start), after the last step (the last
+    evaluation, the study's end, the report) and inside the training spans; each window's seconds and its idle
+    seconds (its length times the share of samples not busy)."""
+    def window(a: float, b: float) -> list:
+        if b <= a:
+            return [0.0, 0.0]
+        pct = busy([s for s in samples if a <= s[0] <= b])
+        return [round(b - a, 1), round((b - a) * (1 - (pct or 0.0) / 100), 1)]
+
+    if not runs:
+        return {}
+    spans = [window(r[0]["t"], r[-1]["t"]) for r in runs]
+    return {"before_first_step": window(t0, runs[0][0]["t"]),
+            "between_trials": [window(a[-1]["t"], b[0]["t"]) for a, b in zip(runs, runs[1:])],
+            "after_last_step": window(runs[-1][-1]["t"], t1),
+            "training": [round(sum(x[0] for x in spans), 1), round(sum(x[1] for x in spans), 1)]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="work folder: study, logs, step stamps")
@@ -135,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"rc": rc, "wall_s": round(t1 - t0, 1), "busy_sweep_pct": busy([s for s in samples if t0 <= s[0] <= t1]),
               "busy_training_pct": busy(samples, spans), "busy_steps_pct": busy(samples, step_spans(runs, events)),
               "evaluations": sum(e["event"] == "evaluate" for e in events), "first_step_s": round(runs[0][0]["t"] - t0, 1) if runs else None,
-              "trials": rows, "samples": len(samples)}
+              "trials": rows, "samples": len(samples), "idle": idle_budget(samples, t0, t1, runs)}
     (a.out / "busy.json").write_text(json.dumps(report, indent=1))
     text = "\n".join([
         run_header("benchmarks/gpu_busy.py", sys.argv[1:] if argv is None else argv),
@@ -143,7 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"NVML samples every {a.interval} s: {len(samples)}",
         f"- **GPU busy over the whole sweep: {report['busy_sweep_pct']}%; while training steps run: "
         f"{report['busy_training_pct']}%**; between two steps with no evaluation or save: "
-        f"{report['busy_steps_pct']}% ({report['evaluations']} evaluations)", "",
+        f"{report['busy_steps_pct']}% ({report['evaluations']} evaluations)",
+        "- where the GPU sat idle, [window s, idle s]: " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                                                     for k, v in report["idle"].items()), "",
         "| trial | state | steps | job start → first step s | busy % (its steps) | steady tokens/s | peak GiB | "
         "best eval loss |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",

@@ -299,6 +299,13 @@ def test_gpu_busy_counts_the_steps_alone_without_evaluations_and_saves():
     samples = [(0.5, [90]), (1.5, [90]), (3.0, [10]), (4.2, [10]), (7.0, [0]), (9.5, [90])]
     assert busy(samples, step_spans(runs, events)) == 90.0
     assert busy(samples, [(r[0]["t"], r[-1]["t"]) for r in runs]) == 58.0
+    # the idle seconds by window: the command ran from -1.0 to 12.0 (samples: idle before, busy after the last step)
+    from benchmarks.gpu_busy import idle_budget
+
+    samples = [(-0.5, [0]), *samples, (11.0, [50])]
+    assert idle_budget(samples, -1.0, 12.0, runs) == {
+        "before_first_step": [1.0, 1.0], "between_trials": [[4.0, 4.0]], "after_last_step": [2.0, 1.0],
+        "training": [6.0, 2.6]}  # trial 0: 5 s at 50% busy (2.5 s idle); trial 1: 1 s at 90% (0.1 s)
 
 
 def test_trl_tokenises_a_large_train_set_in_several_processes(compose_cfg, tmp_path, monkeypatch):
