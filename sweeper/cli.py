@@ -202,9 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         extras.allow()
     try:
         with interrupt.remembered():  # a Ctrl-C that a finalizer swallowed is honoured later (the sweep's checks)
-            _main(argv)
+            _main(argv, entry)
     except KeyboardInterrupt:
-        sweep = any(a in ("-m", "--multirun") or a.replace(" ", "").lower() == "hydra.mode=multirun" for a in argv)
+        sweep = _is_sweep(argv)
         what = ("before the sweep opened its study: nothing was recorded; run the same command again to start it"
                 if sweep else "the run stopped before it finished (a run without -m records no study); run the "
                 "same command again to start it over")
@@ -215,7 +215,28 @@ def main(argv: list[str] | None = None) -> None:
             interrupt.process_ending()
 
 
-def _main(argv: list[str]) -> None:
+def _is_sweep(argv: list[str]) -> bool:
+    return any(a in ("-m", "--multirun") or a.replace(" ", "").lower() == "hydra.mode=multirun" for a in argv)
+
+
+def _prestart_data_check(argv: list[str]) -> None:
+    """A sweep's own command on a machine with a GPU: start the data check's child before Hydra composes the
+    config (:func:`sweeper.datacheck.prestart`); not for Hydra's flags that print and exit, nor in a worker
+    process of a sweep (the command that started it checked the data)."""
+    if not _is_sweep(argv) or any(a in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help")
+                                  or a.startswith(("--cfg=", "--info=")) for a in argv):
+        return
+    from sweeper import gpu
+    from sweeper.config import SWEEP_ID_ENV
+
+    if SWEEP_ID_ENV in os.environ or not gpu.visible_gpus():
+        return
+    from sweeper import datacheck
+
+    datacheck.prestart()
+
+
+def _main(argv: list[str], entry: bool = False) -> None:
     why = check_versions()
     if why:
         sys.exit(f"error: {why}")
@@ -229,6 +250,8 @@ def _main(argv: list[str]) -> None:
     why = userconf.problem(_config_dir_arg(argv))
     if why:
         sys.exit(f"error: {why}")
+    if entry:
+        _prestart_data_check(argv)
     from sweeper.train import main as app
 
     sys.argv[1:] = argv

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +23,7 @@ from sweeper.config import PeftConfig
 from sweeper.plan import Plan, make_plan
 from sweeper.spec import RunSpec
 
-__all__ = ["SNIPPET_KEYS", "DataCheck", "build_sft_config", "check_kept", "check_prepared_data", "make_trainer", "median_tokens", "peft_config", "truncation_drops",
+__all__ = ["SNIPPET_KEYS", "build_sft_config", "check_kept", "check_prepared_data", "make_trainer", "median_tokens", "peft_config", "truncation_drops",
            "plan_for", "plan_on_trainer", "prepare_for_plan"]
 
 log = logging.getLogger(__name__)
@@ -153,7 +151,6 @@ def prepare_for_plan(spec: RunSpec, splits: data_mod.Splits) -> tuple[Any, int]:
     with the real tokenizer and the SFTConfig of ``spec`` (see :func:`sweeper.spec.for_preparation`); a
     one-layer stand-in model of the same vocabulary fills the trainer's model slot. The ``datasets``
     cache makes the trial's own preparation a cache hit."""
-    import tempfile
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl import SFTTrainer
@@ -213,61 +210,14 @@ def check_prepared_data(cfg: DictConfig, splits: data_mod.Splits) -> None:
     ValueError when truncation at ``data.max_length`` leaves no train or no eval row (see
     :func:`sweeper.data.check_prepared`). With a GPU visible, the sweeper must not touch CUDA before it
     pins its own GPU (building a trainer does), so the check then runs in a child process that sees no
-    GPU (:class:`DataCheck`); if that child fails for another reason, each trial checks it itself."""
+    GPU (:class:`sweeper.datacheck.DataCheck`); if that child fails for another reason, each trial checks it
+    itself."""
     if not gpu_mod.visible_gpus():
         _check_prepared(spec_mod.for_preparation(cfg), splits)
         return
+    from sweeper.datacheck import DataCheck
+
     DataCheck(cfg).wait()
-
-
-class DataCheck:
-    """:func:`check_prepared_data` in a child process that sees no GPU, started at once (it loads the data
-    itself), so that its imports and TRL's preparation run beside the caller's own checks; :meth:`wait` reads
-    its verdict, :meth:`stop` ends it unread."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        body = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
-        self.name = str(cfg.data.name)
-        self.proc: subprocess.Popen | None = None
-        self.started = time.perf_counter()
-        fd, self.path = tempfile.mkstemp(suffix=".yaml")
-        self.err = tempfile.TemporaryFile("w+")  # a file, not a pipe: a talkative child never blocks on it
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(body)
-            self.proc = subprocess.Popen([sys.executable, "-m", "sweeper.sft", self.path],
-                                         stdout=subprocess.DEVNULL, stderr=self.err, text=True,
-                                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-        except BaseException:
-            self.stop()
-            raise
-
-    def wait(self) -> None:
-        """ValueError (the child's one line) when the data cannot be trained on; a warning when the child
-        failed otherwise (each trial then checks its data itself). The child is gone afterwards, whatever
-        happened (an interrupt included)."""
-        try:
-            rc = self.proc.wait()
-            self.err.seek(0)
-            last = (self.err.read().strip().splitlines() or [""])[-1]
-        finally:
-            self.stop()
-        if rc == 2:
-            raise ValueError(last)
-        if rc == 0:
-            log.info("data %s: TRL's preparation checked in %.1f s (a child process)", self.name,
-                     time.perf_counter() - self.started)
-        else:
-            log.warning("the data check before the sweep failed (%s); each trial checks its data itself", last)
-
-    def stop(self) -> None:
-        """End the child if it still runs, and remove its files."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.err.close()
-        if os.path.exists(self.path):
-            os.unlink(self.path)
 
 
 def _check_prepared(spec: RunSpec, splits: data_mod.Splits) -> None:
@@ -302,12 +252,33 @@ def check_kept(data: Any, splits: data_mod.Splits, train_rows: int, eval_rows: i
     data_mod.check_prepared(splits, data, train_rows, eval_rows, prompt_tokens)
 
 
-def _check_in_child(path: str) -> int:
-    """``python -m sweeper.sft CONFIG.yaml``: :func:`check_prepared_data` of a resolved config on CPU;
-    exit 2 with the one line on stderr when the data cannot be trained on."""
-    cfg = OmegaConf.merge(OmegaConf.structured(config_mod.Config), OmegaConf.load(path))
-    extras.allow()  # a process of the command's own: what its run does not use stays out (~2.5 s of imports)
-    extras.leave_out_unused([cfg])
+def _import_preparation() -> None:
+    """What :func:`prepare_for_plan` imports (torch, transformers' stand-in model, TRL's trainer, datasets):
+    the child does it before its config arrives. A failure is left to the check, which reports it."""
+    try:
+        import datasets  # noqa: F401
+        import trl
+        from transformers import Qwen2ForCausalLM  # noqa: F401
+
+        trl.SFTTrainer  # noqa: B018  (TRL's lazy module: the attribute imports the trainer)
+    except Exception:
+        pass
+
+
+def _check_in_child(source: str) -> int:
+    """``python -m sweeper.sft -`` (the config's YAML on stdin, :mod:`sweeper.datacheck`) or ``python -m
+    sweeper.sft CONFIG.yaml``: :func:`check_prepared_data` of a resolved config on CPU; exit 2 with the one line
+    on stderr when the data cannot be trained on; exit 0 at once when stdin ends with no config (the command
+    needed no check). The process is the command's own: the optional packages stay out of it (the check tracks
+    nothing and loads no 4-bit base: ~2.5 s of imports), and it imports what the check needs before it reads
+    the config (which the command sends once it has composed it)."""
+    extras.allow()
+    extras.leave_out_unused([])
+    _import_preparation()
+    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    if not text.strip():
+        return 0
+    cfg = OmegaConf.merge(OmegaConf.structured(config_mod.Config), OmegaConf.create(text))
     try:
         spec = spec_mod.for_preparation(cfg)
         _check_prepared(spec, data_mod.load(spec.data, spec.paths.cache_dir))

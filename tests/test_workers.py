@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import optuna
@@ -191,21 +190,66 @@ def test_the_data_check_before_a_gpu_sweep_leaves_cuda_alone(tmp_path, cache_dir
     assert not (tmp_path / "optuna.db").exists()
 
 
+def _data_check_children(tmp: Path) -> list[int]:
+    """Running processes of the data check's child (``python -m sweeper.sft``) started with TMPDIR=``tmp``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"sweeper.sft" in cmd and f"TMPDIR={tmp}".encode() in env:
+            found.append(int(proc.name))
+    return found
+
+
 @pytest.mark.slow
-def test_a_refusal_while_the_data_check_runs_stops_its_child(tmp_path, cache_dir):
-    """With a GPU visible, the data check's child starts before the command's other checks; when one of those
-    refuses the command, the refusal is one line and the child is stopped, its config file removed."""
+@pytest.mark.parametrize("refused", ["by a check", "by Hydra"])
+def test_a_refusal_while_the_data_check_runs_stops_its_child(tmp_path, cache_dir, refused):
+    """With a GPU visible, the command starts the data check's child first thing (it imports while the command
+    composes its config); when a check or Hydra itself refuses the command, the refusal is one line and the
+    child is stopped."""
     env = fake_nvidia_smi(tmp_path / "bin", [20000])
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    proc = run_cli("-m", "seed=1", *FAST, f"model.path={tmp_path / 'no-such-model'}", f"paths.output_dir={tmp_path}",
+    bad = f"model.path={tmp_path / 'no-such-model'}" if refused == "by a check" else "schedule=no-such-schedule"
+    proc = run_cli("-m", "seed=1", *FAST, bad, f"paths.output_dir={tmp_path}",
                    f"paths.cache_dir={cache_dir}", env={**env, "TMPDIR": str(tmp)})
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "no-such-model" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
-    assert not list(tmp.glob("*.yaml"))  # the child's config, written where it started
-    left = subprocess.run(["pgrep", "-f", str(tmp)], capture_output=True, text=True)
-    assert left.stdout.strip() == ""  # no child left running
+    assert ("no-such-model" if refused == "by a check" else "no-such-schedule") in \
+        proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert _data_check_children(tmp) == []  # no child left running
     assert not (tmp_path / "optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_the_data_check_child_started_first_checks_the_first_config(compose_cfg, tmp_path, monkeypatch):
+    """The child the command's entry starts (:func:`sweeper.datacheck.prestart`) imports before it has a config;
+    the first check hands it its config and reads its verdict, a second check starts a child of its own, and
+    a child no check took is ended."""
+    import json
+
+    from sweeper import datacheck
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    chat = [{"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "y"}]
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    datacheck.prestart()
+    first = datacheck._ready.proc.pid
+    assert _data_check_children(tmp_path) == [first]
+    check = datacheck.DataCheck(compose_cfg(f"data.eval_path={tmp_path / 'eval.jsonl'}", "data.max_length=64"))
+    assert check.child.proc.pid == first and datacheck._ready is None
+    with pytest.raises(ValueError, match="0 of 1 eval rows keep a token to score after truncation at "
+                                         "data.max_length=64"):
+        check.wait()
+    second = datacheck.DataCheck(compose_cfg())
+    assert second.child.proc.pid != first
+    second.wait()  # the demo data trains
+    datacheck.prestart()
+    assert len(_data_check_children(tmp_path)) == 1
+    datacheck.drop()
+    assert _data_check_children(tmp_path) == []
 
 
 @pytest.mark.slow
@@ -224,7 +268,7 @@ def test_the_data_checks_of_several_datasets_refuse_the_one_that_cannot_train(tm
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "0 of 1 eval rows keep a token to score after truncation at data.max_length=64" in proc.stderr, \
         proc.stderr[-2000:]
-    assert not list(tmp.glob("*.yaml")) and not (tmp_path / "optuna.db").exists()
+    assert _data_check_children(tmp) == [] and not (tmp_path / "optuna.db").exists()
 
 
 def test_gpu_ids_must_be_visible():

@@ -27,14 +27,15 @@ from typing import Callable, Sequence
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper import callbacks, disk, extras, identity, records
+from sweeper import callbacks, datacheck, disk, extras, identity, records
 from sweeper import config as config_mod
 from sweeper import data as data_mod
 from sweeper import gpu as gpu_mod
 from sweeper import model as model_mod
 from sweeper import speed as speed_mod
 from sweeper import storage as storage_mod
-from sweeper.sft import DataCheck, check_prepared_data
+from sweeper.datacheck import DataCheck
+from sweeper.sft import check_prepared_data
 from sweeper.space import SweepSpace, value_text
 from sweeper.spec import check_folders
 from sweeper.storage import mask_url, sqlite_path
@@ -59,9 +60,9 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     composed configs. Before the first check, the optional packages no point uses are left out of this process
     (:func:`sweeper.extras.leave_out_unused`). SLURM jobs run where the GPUs are, so their precision is not
     checked here; TRL's preparation of each data runs once before any trial, so that the trials hit its cache
-    (with a GPU visible, in a child process that sees none: the first data's child starts before the other checks,
-    so that the two overlap, at most two children run at once, and this process imports the first trial's modules
-    meanwhile)."""
+    (with a GPU visible, in a child process that sees none, :mod:`sweeper.datacheck`: the first data's child,
+    started by the command's entry, gets its config before the other checks, so that the two overlap, at most two
+    children run at once, and this process imports the first trial's modules meanwhile)."""
     loaded: dict[str, data_mod.Splits] = {}
     cfgs = []
     composed = [compose(point_overrides(space, point)) for point in space.grid_points()]
@@ -72,6 +73,8 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     in_child = prepare and bool(gpu_mod.visible_gpus())
     started: set[str] = set()
     running: list[DataCheck] = []
+    if not in_child:
+        datacheck.drop()  # a child the command's entry started: this command checks no data in one
     try:
         if in_child:  # the first data's child starts now, beside the checks below
             _start_check(running, started, composed[0])
@@ -101,6 +104,7 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     finally:
         for child in running:
             child.stop()
+        datacheck.drop()
     db = sqlite_path(storage_url)
     if db is not None:
         disk.check_writable(db.parent, "hydra.sweeper.storage")
