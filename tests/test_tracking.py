@@ -459,9 +459,9 @@ def test_wandb_offline_runs_hold_the_group_names_states_and_curves(tmp_path, cac
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "qlora4"])
 def test_the_data_checks_child_leaves_out_what_its_run_does_not_use(compose_cfg, tmp_path, precision):
-    """A GPU sweep's data check runs in a child of the command (``python -m sweeper.sft CONFIG``): that child is
-    the command's own too, and its check tracks nothing and loads no 4-bit base (TRL prepares the data with a
-    stand-in model), so bitsandbytes stays out of it whatever the run, a QLoRA run's check included."""
+    """A GPU sweep's data check runs in a child of the command (``python -m sweeper.sft -``; here given a config
+    file): that child is the command's own too, and its check tracks nothing and loads no 4-bit base (TRL prepares
+    the data with a stand-in model), so bitsandbytes stays out of it whatever the run, a QLoRA run's included."""
     pytest.importorskip("bitsandbytes")
     from omegaconf import OmegaConf
 
