@@ -8,17 +8,24 @@
   weights written, the optimizer and trainer state not yet).
 - ``SFT_SWEEP_INJECT_KILL_IN_REPORT=N``: SIGKILL it in the middle of the study write that reports step
   N's evaluation (a transaction open that marks the trial COMPLETE, never committed).
+- ``SFT_SWEEP_INJECT_HOLD_AT_STEP=N`` with ``SFT_SWEEP_INJECT_HOLD_DIR=D``: at step N the process writes
+  ``D/held-<pid>`` and waits (signals are handled meanwhile) until ``D/release-<pid>`` or ``D/release`` exists,
+  at most 300 s: a trial held mid-training, so that a test stops, kills or races it at a known point rather than
+  when a poll happens to see it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 from typing import Any
 
 __all__ = ["attach", "callback", "in_report"]
 
-_KEYS = ("OOM_AT_STEP", "NAN_AT_STEP", "KILL_AT_STEP", "KILL_IN_SAVE")
+_KEYS = ("OOM_AT_STEP", "NAN_AT_STEP", "KILL_AT_STEP", "KILL_IN_SAVE", "HOLD_AT_STEP")
+HOLD_MOST_S = 300
 
 
 def _step(name: str) -> int | None:
@@ -30,6 +37,15 @@ def _kill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _hold() -> None:
+    folder = Path(os.environ["SFT_SWEEP_INJECT_HOLD_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"held-{os.getpid()}").touch()
+    deadline = time.monotonic() + HOLD_MOST_S
+    while time.monotonic() < deadline and not any((folder / f).exists() for f in (f"release-{os.getpid()}", "release")):
+        time.sleep(0.05)
+
+
 def callback() -> Any:
     """A TrainerCallback for the training faults asked for, or None; attach it to the trainer with
     :func:`attach` too (the save fault needs the trainer)."""
@@ -38,7 +54,7 @@ def callback() -> Any:
     import torch
     from transformers import TrainerCallback
 
-    oom_at, nan_at, kill_at = _step("OOM_AT_STEP"), _step("NAN_AT_STEP"), _step("KILL_AT_STEP")
+    oom_at, nan_at, kill_at, hold_at = (_step(k) for k in ("OOM_AT_STEP", "NAN_AT_STEP", "KILL_AT_STEP", "HOLD_AT_STEP"))
     above = int(os.environ.get("SFT_SWEEP_INJECT_OOM_ABOVE", "0"))
 
     class InjectFault(TrainerCallback):
@@ -48,6 +64,8 @@ def callback() -> Any:
                     f"CUDA out of memory (injected at step {oom_at}, micro-batch {args.per_device_train_batch_size})")
             if kill_at == state.global_step:
                 _kill()
+            if hold_at == state.global_step:
+                _hold()
             if nan_at == state.global_step:
                 with torch.no_grad():
                     for p in model.parameters():

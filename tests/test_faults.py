@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 from sweeper.trial import DivergedError, run
 
 from .conftest import FAST, PG_URL, ROOT, load_study, postgres_unreachable, run_cli, skip_or_fail
-from .helpers import Recorder, fast
+from .helpers import Hold, Recorder, fast
 
 TrialState = optuna.trial.TrialState
 def _load(url, name):
@@ -84,24 +85,14 @@ def test_killed_worker_trial_is_rerun_from_its_checkpoint(tmp_path, cache_dir, s
             f"hydra.sweeper.storage={url}", f"hydra.sweeper.study_name={name}",
             "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3",
             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    victim = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    deadline, killed_at = time.time() + 300, None
-    while time.time() < deadline and victim.poll() is None:
-        try:
-            t = _load(url, name).trials
-        except KeyError:
-            t = []
-        if t and t[0].state == TrialState.RUNNING and t[0].user_attrs.get("run_dir"):
-            ckpts = list(Path(t[0].user_attrs["run_dir"]).glob("checkpoint-*"))
-            if ckpts and len(t[0].intermediate_values) >= 2:
-                victim.send_signal(signal.SIGKILL)  # kill -9 mid-trial
-                victim.wait()
-                killed_at = max(t[0].intermediate_values)
-                break
-        time.sleep(0.2)
-    assert killed_at is not None, "the trial never reached a checkpoint while running"
+    hold = Hold(tmp_path / "hold", 12)  # step 12: two evaluations (5, 10) and a checkpoint behind it
+    victim = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", **hold.env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    hold.wait(1, victim)
+    t = _load(url, name).trials
+    assert t[0].state == TrialState.RUNNING and _checkpointed(t[0])
+    victim.send_signal(signal.SIGKILL)  # kill -9 mid-trial
+    victim.wait()
     assert _load(url, name).trials[0].state == TrialState.RUNNING  # a dead worker cannot say so itself
     study = _load(url, name)  # as if it had run on another host (a lost node): only the heartbeat can tell
     study._storage.set_trial_system_attr(study.trials[0]._trial_id, "worker_process", "lost-node:1:1")
@@ -149,21 +140,15 @@ def test_storage_password_never_printed(tmp_path, cache_dir):
     assert "bob:***@127.0.0.1" in proc.stderr
 
 
-def _start_until_checkpointed(args: list, url: str, name: str) -> subprocess.Popen:
-    """Start the CLI and return once its first trial has two evaluations and a checkpoint."""
-    proc = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"},
+def _start_until_checkpointed(args: list, url: str, name: str, hold: Hold) -> subprocess.Popen:
+    """Start the CLI and return once its first trial is held at ``hold``'s step, mid-trial with two evaluations
+    and a checkpoint behind it (the hold is the CLI's only: a later command's trials run through)."""
+    proc = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", **hold.env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            t = _load(url, name).trials
-        except KeyError:
-            t = []
-        if t and len(t[0].intermediate_values) >= 2 and list(Path(t[0].user_attrs["run_dir"]).glob("checkpoint-*")):
-            return proc
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("the trial never reached a checkpoint while running")
+    hold.wait(1, proc)
+    t = _load(url, name).trials
+    assert t[0].state == TrialState.RUNNING and _checkpointed(t[0])
+    return proc
 
 
 @pytest.mark.slow
@@ -176,7 +161,7 @@ def test_a_stop_signal_queues_the_trial_to_resume(tmp_path, cache_dir, signals, 
     url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
     args = ["-m", "seed=1", *FAST, "schedule.max_steps=60", "eval.eval_steps=5",
             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
-    proc = _start_until_checkpointed(args, url, name)
+    proc = _start_until_checkpointed(args, url, name, Hold(tmp_path / "hold", 12))
     for i, sig in enumerate(signals):
         time.sleep(0.05 if i else 0)
         proc.send_signal(sig)
@@ -208,22 +193,22 @@ def test_sigterm_to_one_worker_its_retry_runs_before_the_sweep_ends(tmp_path, ca
     args = ["-m", "seed=1,2", *FAST, "schedule.max_steps=150", "eval.eval_steps=5", "hydra.sweeper.workers=2",
             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
     out_path = tmp_path / "out.log"
+    hold = Hold(tmp_path / "hold", 12)  # both workers' trials stop at step 12 (two evaluations and a checkpoint)
     with open(out_path, "w") as out:
-        sweep = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=out,
-                                 stderr=subprocess.STDOUT)
+        sweep = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", **hold.env},
+                                 stdout=out, stderr=subprocess.STDOUT)
+    other = next(pid for pid in hold.wait(2, sweep) if pid != sweep.pid)  # worker 1 (its own process)
+    hold.release(sweep.pid)  # worker 0 finishes its trial (and would go through the step again: a retry)
     deadline, stopped = time.time() + 400, None
     while time.time() < deadline and sweep.poll() is None and stopped is None:
-        try:
-            trials = _load(url, name).trials
-        except KeyError:
-            trials = []
-        own_done = any(t.state == TrialState.COMPLETE and _worker_pid(t) == sweep.pid for t in trials)
-        other = [t for t in trials if t.state == TrialState.RUNNING and _worker_pid(t) not in (None, sweep.pid)]
-        if own_done and other and _checkpointed(other[0]):
-            stopped = other[0].number
-            os.kill(_worker_pid(other[0]), signal.SIGTERM)
+        trials = _load(url, name).trials
+        if any(t.state == TrialState.COMPLETE and _worker_pid(t) == sweep.pid for t in trials):
+            running = [t for t in trials if t.state == TrialState.RUNNING and _worker_pid(t) == other]
+            assert running and _checkpointed(running[0]), [(t.number, t.state) for t in trials]
+            stopped = running[0].number
+            os.kill(other, signal.SIGTERM)  # worker 1, still held mid-trial
         time.sleep(0.2)
-    assert stopped is not None, "worker 1 was not mid-trial once worker 0 had finished"
+    assert stopped is not None, "worker 0 did not finish its trial"
     assert sweep.wait(timeout=400) == 0, out_path.read_text()[-3000:]
     text = out_path.read_text()
     assert "worker 1 exited with code 143" in text
@@ -244,23 +229,24 @@ def test_a_stopped_worker_whose_trial_was_taken_over_leaves_it_alone(tmp_path, c
     args = ["-m", "seed=1", *FAST, "schedule.max_steps=60", "eval.eval_steps=5", "hydra.sweeper.heartbeat_interval=1",
             "hydra.sweeper.grace_period=3", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
     out_path = tmp_path / "out.log"
+    hold = Hold(tmp_path / "hold", 12)  # the first command's trial, mid-trial with a checkpoint behind it
     with open(out_path, "w") as out:
-        first = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=out,
-                                 stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            trials = _load(url, name).trials
-        except KeyError:
-            trials = []
-        if trials and _checkpointed(trials[0]):
-            break
-        time.sleep(0.2)
+        first = subprocess.Popen(_cli_cmd(*args), cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", **hold.env},
+                                 stdout=out, stderr=subprocess.STDOUT)
+    hold.wait(1, first)
+    assert _checkpointed(_load(url, name).trials[0])
+    # stopped while this test holds the study file's write lock: the first command cannot be stopped mid-write
+    # (its heartbeat writes every second), which would leave the file locked for the second command
+    db = sqlite3.connect(tmp_path / "optuna.db", timeout=60, isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
     first.send_signal(signal.SIGSTOP)
+    db.execute("COMMIT")
+    db.close()
     try:
         time.sleep(5)  # past the grace period
         assert _ok_run(run_cli(*args))  # fails trial 0 as stale and runs its retry to the end
     finally:
+        hold.release()
         first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0, out_path.read_text()[-3000:]
     text = out_path.read_text()
@@ -318,7 +304,7 @@ def test_a_dead_worker_of_this_host_is_reclaimed_at_once(tmp_path, cache_dir):
     url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
     args = ["-m", "seed=1", *FAST, "schedule.max_steps=60", "eval.eval_steps=5",
             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]  # default 60 s heartbeat
-    victim = _start_until_checkpointed(args, url, name)
+    victim = _start_until_checkpointed(args, url, name, Hold(tmp_path / "hold", 12))
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     proc = run_cli(*args)  # at once: no waiting for the 120 s grace period
