@@ -10,8 +10,9 @@
   N's evaluation (a transaction open that marks the trial COMPLETE, never committed).
 - ``SFT_SWEEP_INJECT_HOLD_AT_STEP=N`` with ``SFT_SWEEP_INJECT_HOLD_DIR=D``: at step N the process writes
   ``D/held-<pid>`` and waits (signals are handled meanwhile) until ``D/release-<pid>`` or ``D/release`` exists,
-  at most 300 s: a trial held mid-training, so that a test stops, kills or races it at a known point rather than
-  when a poll happens to see it.
+  or, with ``SFT_SWEEP_INJECT_HOLD_FOR=K``, until K processes have reached the step (a start line for K
+  workers); at most 300 s: a trial held mid-training, so that a test stops, kills or races it at a known point
+  rather than when a poll happens to see it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ def _hold() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"held-{os.getpid()}").touch()
     deadline = time.monotonic() + HOLD_MOST_S
-    while time.monotonic() < deadline and not any((folder / f).exists() for f in (f"release-{os.getpid()}", "release")):
+    until = int(os.environ.get("SFT_SWEEP_INJECT_HOLD_FOR") or 0)
+
+    def released() -> bool:
+        return (any((folder / f).exists() for f in (f"release-{os.getpid()}", "release"))
+                or bool(until) and len(list(folder.glob("held-*"))) >= until)
+
+    while time.monotonic() < deadline and not released():
         time.sleep(0.05)
 
 

@@ -119,9 +119,12 @@ def test_parallel_workers_share_one_study_without_duplicates(tmp_path, cache_dir
     url, name = storage
     workers, points = (4, 6) if url.startswith("postgresql") else (2, 6)  # enough points for a late worker
     seeds = ",".join(str(i) for i in range(1, points + 1))
+    # the first trial waits at step 1 until a second worker's has started too: the work is shared however late
+    # the other workers start
     proc = run_cli("-m", f"seed={seeds}", f"hydra.sweeper.workers={workers}", *FAST,
                    f"hydra.sweeper.storage={url}", f"hydra.sweeper.study_name={name}",
-                   f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+                   f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+                   env=Hold(tmp_path / "hold", 1, until=2).env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = _load(url, name).trials
     assert len(trials) == points and all(t.state == TrialState.COMPLETE for t in trials)
@@ -278,11 +281,11 @@ def test_storage_password_is_written_nowhere(tmp_path, cache_dir):
     url = PG_URL.replace("postgresql://postgres@", "postgresql://postgres:s3cretPW@")
     assert "s3cretPW" in url
     try:
-        # trials long enough that the second worker starts before the first has run them all
+        # each worker's first trial waits at step 1 until the other's has started too: both run trials
         proc = run_cli("-m", "seed=1,2,3,4", "hydra.sweeper.workers=2", *FAST, "schedule.max_steps=40",
                        f"hydra.sweeper.storage={url}",
                        f"hydra.sweeper.study_name={name}", f"paths.output_dir={tmp_path}",
-                       f"paths.cache_dir={cache_dir}")
+                       f"paths.cache_dir={cache_dir}", env=Hold(tmp_path / "hold", 1, until=2).env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         trials = _load(PG_URL, name).trials
         assert len({t.user_attrs["worker"] for t in trials}) == 2  # a second worker process ran too

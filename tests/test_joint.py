@@ -24,7 +24,7 @@ from sweeper.report import attrs, study_report
 from sweeper.storage import is_branch
 
 from .conftest import load_study, run_cli
-from .helpers import fast, run_in_process
+from .helpers import Hold, fast, run_in_process
 
 TrialState = optuna.trial.TrialState
 RATES = [1e-3, 3e-3, 1e-2]
@@ -186,9 +186,10 @@ def test_one_worker_runs_every_trunk_and_halves_them(joint_sweep):
 @pytest.mark.slow
 def test_three_workers_train_the_trunks_at_once(tmp_path, cache_dir, storage):
     url, name = storage
+    # the first trunk waits at step 1 until a second worker's trunk has started too, however late the workers start
     _ok(run_cli("-m", *JOINT, f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}",
                 f"hydra.sweeper.storage={url}", f"hydra.sweeper.study_name={name}", f"hydra.sweep.dir={tmp_path}/sweep",
-                "hydra.sweeper.workers=3"))
+                "hydra.sweeper.workers=3", env=Hold(tmp_path / "hold", 1, until=2).env))
     got = _check_records(url, name)
     workers = {t.system_attrs["worker_process"] for t in got["trunks"].values()}
     assert len(workers) >= 2  # the trunks were spread over the workers

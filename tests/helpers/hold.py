@@ -11,15 +11,17 @@ __all__ = ["Hold"]
 
 
 class Hold:
-    """``env`` makes the processes of a command stop at optimizer step ``step`` of their trials until released."""
+    """``env`` makes the processes of a command stop at optimizer step ``step`` of their trials until released;
+    with ``until=K``, until K processes have reached it (the workers of a sweep each run a trial)."""
 
-    def __init__(self, folder: Path, step: int) -> None:
-        self.folder, self.step = Path(folder), step
+    def __init__(self, folder: Path, step: int, until: int | None = None) -> None:
+        self.folder, self.step, self.until = Path(folder), step, until
         self.folder.mkdir(parents=True, exist_ok=True)
 
     @property
     def env(self) -> dict[str, str]:
-        return {"SFT_SWEEP_INJECT_HOLD_AT_STEP": str(self.step), "SFT_SWEEP_INJECT_HOLD_DIR": str(self.folder)}
+        env = {"SFT_SWEEP_INJECT_HOLD_AT_STEP": str(self.step), "SFT_SWEEP_INJECT_HOLD_DIR": str(self.folder)}
+        return {**env, "SFT_SWEEP_INJECT_HOLD_FOR": str(self.until)} if self.until else env
 
     def held(self) -> list[int]:
         """The pids of the processes that reached the step (held, or released since)."""
