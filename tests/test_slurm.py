@@ -16,6 +16,7 @@ import optuna
 import pytest
 
 from .conftest import FAST, PG_URL, ROOT, load_study, postgres_unreachable, run_cli, skip_or_fail
+from .helpers import Hold
 
 pytestmark = pytest.mark.slow
 TrialState = optuna.trial.TrialState
@@ -62,8 +63,11 @@ def _load(url, name):
 def test_four_points_two_slurm_workers_no_duplicate_none_lost(tmp_path, cache_dir, pg_study):
     url, name = pg_study
     with_password = url.replace("postgresql://postgres@", "postgresql://postgres:s3cretPW@")  # trust auth
+    # each job's first trial waits at step 1 until the other job's has started too (the jobs inherit this
+    # environment), so both jobs run trials however late SLURM starts the second
     proc = run_cli(*_slurm_args(with_password, name, tmp_path, cache_dir, "seed=1,2,3,4", *FAST,
-                                "hydra.sweeper.workers=2"), env={"OMP_NUM_THREADS": "1"})
+                                "hydra.sweeper.workers=2"),
+                   env={"OMP_NUM_THREADS": "1", **Hold(tmp_path / "hold", 1, until=2).env})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     # the password reached the jobs as PGPASSWORD: in no job script, pickled command, log or saved config
     assert "s3cretPW" not in proc.stdout + proc.stderr
