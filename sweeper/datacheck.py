@@ -9,8 +9,10 @@ torch, transformers and TRL, so the command starts one as its first act (:func:`
 :func:`sweeper.cli.main`), before Hydra composes the config: the child imports while the command composes and
 checks its points, then reads the resolved config of the first data it checks from its stdin. A command that
 needs no check (no GPU visible after all, SLURM trials, a refused override) ends that child unread
-(:func:`drop`, also at the process's exit). :class:`DataCheck` hands a config to the pre-started child, or to
-a new one (a second dataset).
+(:func:`drop`, also at the process's exit), and a child that has no config after
+:data:`sweeper.sft.CONFIG_WAIT_S` ends itself; a check handed to a child that is gone counts as not done (each
+trial checks its data). :class:`DataCheck` hands a config to the pre-started child, or to a new one (a second
+dataset).
 """
 
 from __future__ import annotations

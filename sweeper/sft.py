@@ -252,6 +252,9 @@ def check_kept(data: Any, splits: data_mod.Splits, train_rows: int, eval_rows: i
     data_mod.check_prepared(splits, data, train_rows, eval_rows, prompt_tokens)
 
 
+CONFIG_WAIT_S = 900  # the data check's child waits this long for its config, then ends
+
+
 def _import_preparation() -> None:
     """What :func:`prepare_for_plan` imports (torch, transformers' stand-in model, TRL's trainer, datasets):
     the child does it before its config arrives. A failure is left to the check, which reports it."""
@@ -268,16 +271,24 @@ def _import_preparation() -> None:
 def _check_in_child(source: str) -> int:
     """``python -m sweeper.sft -`` (the config's YAML on stdin, :mod:`sweeper.datacheck`) or ``python -m
     sweeper.sft CONFIG.yaml``: :func:`check_prepared_data` of a resolved config on CPU; exit 2 with the one line
-    on stderr when the data cannot be trained on; exit 0 at once when stdin ends with no config (the command
-    needed no check). The process is the command's own: the optional packages stay out of it (the check tracks
-    nothing and loads no 4-bit base: ~2.5 s of imports), and it imports what the check needs before it reads
-    the config (which the command sends once it has composed it)."""
+    on stderr when the data cannot be trained on; exit 3 when stdin ends, or stays empty for
+    :data:`CONFIG_WAIT_S`, with no config (a command that checks no data: the child ends rather than wait
+    idle). The process is the command's own: the optional packages stay out of it (the check tracks nothing and
+    loads no 4-bit base: ~2.5 s of imports), and it imports what the check needs before it reads the config
+    (which the command sends once it has composed it)."""
     extras.allow()
     extras.leave_out_unused([])
     _import_preparation()
-    text = sys.stdin.read() if source == "-" else Path(source).read_text()
-    if not text.strip():
-        return 0
+    if source == "-":
+        import select
+
+        ready, _, _ = select.select([sys.stdin], [], [], CONFIG_WAIT_S)
+        text = sys.stdin.read() if ready else ""
+    else:
+        text = Path(source).read_text()
+    if not text.strip():  # the command ended the child's stdin, or sent nothing in time (a sweeper of its own)
+        print("no config reached the data check's child", file=sys.stderr)
+        return 3
     cfg = OmegaConf.merge(OmegaConf.structured(config_mod.Config), OmegaConf.create(text))
     try:
         spec = spec_mod.for_preparation(cfg)

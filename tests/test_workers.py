@@ -253,6 +253,26 @@ def test_the_data_check_child_started_first_checks_the_first_config(compose_cfg,
 
 
 @pytest.mark.slow
+def test_a_data_check_child_that_gets_no_config_passes_nothing(compose_cfg, tmp_path, caplog):
+    """A pre-started child whose stdin ends with no config exits 3 with its line; a check handed to a child
+    that is gone does not count as passed: a warning says so and each trial checks its data itself."""
+    import logging
+
+    from sweeper import datacheck
+
+    datacheck.prestart()
+    child = datacheck._ready
+    child.proc.stdin.close()
+    assert child.proc.wait(timeout=120) == 3
+    check = datacheck.DataCheck(compose_cfg())  # takes the child that is gone
+    with caplog.at_level(logging.INFO, logger="sweeper.datacheck"):
+        check.wait()
+    assert [r.getMessage() for r in caplog.records] == [
+        "the data check before the sweep failed (no config reached the data check's child); each trial checks "
+        "its data itself"]
+
+
+@pytest.mark.slow
 def test_the_data_checks_of_several_datasets_refuse_the_one_that_cannot_train(tmp_path, cache_dir):
     """Three points whose data differ (data.max_length): their checks run in children, at most two at once,
     and the one whose eval rows all lose their loss tokens refuses the command in one line, before any study."""
