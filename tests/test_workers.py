@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import optuna
@@ -204,6 +205,15 @@ def _data_check_children(tmp: Path) -> list[int]:
     return found
 
 
+def _wait_for_children(tmp: Path, n: int) -> list[int]:
+    """:func:`_data_check_children` once there are ``n`` (a process just started shows its command line and
+    environment in /proc a moment after ``Popen`` returns)."""
+    deadline = time.time() + 60
+    while len(found := _data_check_children(tmp)) < n and time.time() < deadline:
+        time.sleep(0.05)
+    return found
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("refused", ["by a check", "by Hydra"])
 def test_a_refusal_while_the_data_check_runs_stops_its_child(tmp_path, cache_dir, refused):
@@ -237,7 +247,7 @@ def test_the_data_check_child_started_first_checks_the_first_config(compose_cfg,
     (tmp_path / "eval.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
     datacheck.prestart()
     first = datacheck._ready.proc.pid
-    assert _data_check_children(tmp_path) == [first]
+    assert _wait_for_children(tmp_path, 1) == [first]
     check = datacheck.DataCheck(compose_cfg(f"data.eval_path={tmp_path / 'eval.jsonl'}", "data.max_length=64"))
     assert check.child.proc.pid == first and datacheck._ready is None
     with pytest.raises(ValueError, match="0 of 1 eval rows keep a token to score after truncation at "
@@ -247,7 +257,7 @@ def test_the_data_check_child_started_first_checks_the_first_config(compose_cfg,
     assert second.child.proc.pid != first
     second.wait()  # the demo data trains
     datacheck.prestart()
-    assert len(_data_check_children(tmp_path)) == 1
+    assert _wait_for_children(tmp_path, 1) == [datacheck._ready.proc.pid]
     datacheck.drop()
     assert _data_check_children(tmp_path) == []
 
