@@ -278,12 +278,16 @@ def _check_in_child(source: str) -> int:
     (which the command sends once it has composed it)."""
     extras.allow()
     extras.leave_out_unused([])
+    got: list[str] = []
+    if source == "-":  # read beside the imports: the command's write never waits on a full pipe
+        import threading
+
+        reader = threading.Thread(target=lambda: got.append(sys.stdin.read()), daemon=True)
+        reader.start()
     _import_preparation()
     if source == "-":
-        import select
-
-        ready, _, _ = select.select([sys.stdin], [], [], CONFIG_WAIT_S)
-        text = sys.stdin.read() if ready else ""
+        reader.join(CONFIG_WAIT_S)
+        text = got[0] if got else ""
     else:
         text = Path(source).read_text()
     if not text.strip():  # the command ended the child's stdin, or sent nothing in time (a sweeper of its own)
