@@ -23,7 +23,7 @@ from sweeper.config import PeftConfig
 from sweeper.plan import Plan, make_plan
 from sweeper.spec import RunSpec
 
-__all__ = ["SNIPPET_KEYS", "build_sft_config", "check_kept", "check_prepared_data", "make_trainer", "median_tokens", "peft_config", "truncation_drops",
+__all__ = ["PREPARATION_MODULES", "SNIPPET_KEYS", "build_sft_config", "check_kept", "check_prepared_data", "import_ahead", "make_trainer", "median_tokens", "peft_config", "truncation_drops",
            "plan_for", "plan_on_trainer", "prepare_for_plan"]
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,6 @@ def prepare_for_plan(spec: RunSpec, splits: data_mod.Splits) -> tuple[Any, int]:
     with the real tokenizer and the SFTConfig of ``spec`` (see :func:`sweeper.spec.for_preparation`); a
     one-layer stand-in model of the same vocabulary fills the trainer's model slot. The ``datasets``
     cache makes the trial's own preparation a cache hit."""
-
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl import SFTTrainer
 
@@ -255,17 +254,20 @@ def check_kept(data: Any, splits: data_mod.Splits, train_rows: int, eval_rows: i
 CONFIG_WAIT_S = 900  # the data check's child waits this long for its config, then ends
 
 
-def _import_preparation() -> None:
-    """What :func:`prepare_for_plan` imports (torch, transformers' stand-in model, TRL's trainer, datasets):
-    the child does it before its config arrives. A failure is left to the check, which reports it."""
-    try:
-        import datasets  # noqa: F401
-        import trl
-        from transformers import Qwen2ForCausalLM  # noqa: F401
+def import_ahead(*modules: str) -> None:
+    """Import ``modules`` now (a process that will need them imports them while it waits on something else);
+    a failure is left to the code that needs them, which reports it."""
+    import importlib
 
-        trl.SFTTrainer  # noqa: B018  (TRL's lazy module: the attribute imports the trainer)
-    except Exception:
-        pass
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            log.debug("importing %s ahead failed: %s", name, e)
+
+
+# what :func:`prepare_for_plan` imports: TRL's trainer, transformers' stand-in model, datasets
+PREPARATION_MODULES = ("datasets", "trl.trainer.sft_trainer", "transformers.models.qwen2.modeling_qwen2")
 
 
 def _check_in_child(source: str) -> int:
@@ -284,7 +286,7 @@ def _check_in_child(source: str) -> int:
 
         reader = threading.Thread(target=lambda: got.append(sys.stdin.read()), daemon=True)
         reader.start()
-    _import_preparation()
+    import_ahead(*PREPARATION_MODULES)
     if source == "-":
         reader.join(CONFIG_WAIT_S)
         text = got[0] if got else ""

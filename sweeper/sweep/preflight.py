@@ -35,7 +35,7 @@ from sweeper import model as model_mod
 from sweeper import speed as speed_mod
 from sweeper import storage as storage_mod
 from sweeper.datacheck import DataCheck
-from sweeper.sft import check_prepared_data
+from sweeper.sft import check_prepared_data, import_ahead
 from sweeper.space import SweepSpace, value_text
 from sweeper.spec import check_folders
 from sweeper.storage import mask_url, sqlite_path
@@ -73,8 +73,6 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     in_child = prepare and bool(gpu_mod.visible_gpus())
     started: set[str] = set()
     running: list[DataCheck] = []
-    if not in_child:
-        datacheck.drop()  # a child the command's entry started: this command checks no data in one
     try:
         if in_child:  # the first data's child starts now, beside the checks below
             _start_check(running, started, composed[0])
@@ -97,14 +95,14 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
                 callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name),
                                                 loaded[key])
             cfgs.append(cfg)
-        if running:
-            _import_trial_modules()  # while the child prepares the data: the first trial's imports, here
+        if running:  # while the child prepares the data: the first trial's imports (none touches CUDA), here
+            import_ahead("trl.trainer.sft_trainer", "peft.tuners.lora", "sweeper.runner")
         while running:
             running.pop(0).wait()
     finally:
         for child in running:
             child.stop()
-        datacheck.drop()
+        datacheck.drop()  # a child the command's entry started and no check took
     db = sqlite_path(storage_url)
     if db is not None:
         disk.check_writable(db.parent, "hydra.sweeper.storage")
@@ -121,20 +119,6 @@ def _start_check(running: list[DataCheck], started: set[str], cfg: DictConfig) -
     while len(running) >= 2:
         running.pop(0).wait()
     running.append(DataCheck(cfg))
-
-
-def _import_trial_modules() -> None:
-    """Import what this process's first trial imports (TRL's trainer, PEFT's LoRA layers, the trial's own
-    modules; none of them touches CUDA), so that it does so while the data check's child runs. A failure is
-    left to the trial, which names it."""
-    try:
-        import peft.tuners.lora  # noqa: F401
-        import trl  # noqa: F401
-
-        trl.SFTTrainer  # noqa: B018  (TRL's lazy module: the attribute imports the trainer)
-        import sweeper.runner  # noqa: F401
-    except Exception as e:  # the trial imports them again and reports what fails
-        log.debug("importing the trial's modules before the first trial failed: %s", e)
 
 
 def _data_key(cfg: DictConfig) -> str:
