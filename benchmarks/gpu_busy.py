@@ -12,7 +12,9 @@ optimizer step, evaluation and checkpoint save with the same monotonic clock, so
 the whole command, the training spans (a trial's first to last step, its evaluations and saves included) and
 the steps alone (from one step's stamp to the next where no evaluation or save came between). Printed and
 appended to ``--results``: busy % of each, the seconds before the first step of the sweep, where the GPU's
-idle seconds go (before the first step, between trials, after the last step, inside training), and for every
+idle seconds go (before the first step, between trials, after the last step, inside training), the median
+seconds around an evaluation (the evaluation, the checkpoint save, on to the next step), each trial's own
+timing attr (model load, the trainer's preparation, batch=auto's probe, evaluations, the job), and for every
 trial its seconds from the job's start to its first step, its steady tokens/s, its peak GPU memory (allocated)
 and its objective (the best eval loss).
 """
@@ -97,6 +99,29 @@ def idle_budget(samples: list, t0: float, t1: float, runs: list[list[dict]]) -> 
             "training": [round(sum(x[0] for x in spans), 1), round(sum(x[1] for x in spans), 1)]}
 
 
+def evaluation_gaps(runs: list[list[dict]], events: list[dict]) -> dict:
+    """The median seconds of what lies between two steps around an evaluation (each with the GPU mostly idle but
+    for the evaluation's own forward passes): ``evaluate`` from the step before to the evaluation's stamp (its
+    forward passes, its metrics, the study's report), ``save`` from that stamp to the checkpoint save's stamp (the
+    trainer's save: model card, adapter, optimizer state) and ``to_next_step`` from the last of them to the next
+    step's stamp (one step's own time included); with how many of each."""
+    marks = sorted(events, key=lambda e: e["t"])
+    ts = [e["t"] for e in marks]
+    parts: dict[str, list[float]] = {"evaluate": [], "save": [], "to_next_step": []}
+    for r in runs:
+        for a, b in zip(r, r[1:]):
+            inside = marks[bisect.bisect_right(ts, a["t"]):bisect.bisect_right(ts, b["t"])]
+            ev = [e for e in inside if e["event"] == "evaluate"]
+            if not ev:
+                continue
+            parts["evaluate"].append(ev[0]["t"] - a["t"])
+            sv = [e for e in inside if e["event"] == "save" and e["t"] >= ev[0]["t"]]
+            if sv:
+                parts["save"].append(sv[0]["t"] - ev[0]["t"])
+            parts["to_next_step"].append(b["t"] - inside[-1]["t"])
+    return {k: {"n": len(v), "median_s": round(statistics.median(v), 3) if v else None} for k, v in parts.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="work folder: study, logs, step stamps")
@@ -152,11 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
                      "job_to_first_step_s": round(r[0]["wall"] - start, 1) if start and "wall" in r[0] else None,
                      "busy_pct": busy(samples, [(r[0]["t"], r[-1]["t"])]), "tokens_per_s": round(tok_s) if tok_s else None,
                      "peak_gib": (t.user_attrs.get("peak_gpu_gib") if t else None),
+                     "timing": (t.user_attrs.get("timing") if t else None),
                      "eval_loss": round(t.value, 4) if t and t.value is not None else None})
     report = {"rc": rc, "wall_s": round(t1 - t0, 1), "busy_sweep_pct": busy([s for s in samples if t0 <= s[0] <= t1]),
               "busy_training_pct": busy(samples, spans), "busy_steps_pct": busy(samples, step_spans(runs, events)),
               "evaluations": sum(e["event"] == "evaluate" for e in events), "first_step_s": round(runs[0][0]["t"] - t0, 1) if runs else None,
-              "trials": rows, "samples": len(samples), "idle": idle_budget(samples, t0, t1, runs)}
+              "trials": rows, "samples": len(samples), "idle": idle_budget(samples, t0, t1, runs),
+              "evaluation_gaps": evaluation_gaps(runs, events)}
     (a.out / "busy.json").write_text(json.dumps(report, indent=1))
     text = "\n".join([
         run_header("benchmarks/gpu_busy.py", sys.argv[1:] if argv is None else argv),
@@ -166,7 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"{report['busy_training_pct']}%**; between two steps with no evaluation or save: "
         f"{report['busy_steps_pct']}% ({report['evaluations']} evaluations)",
         "- where the GPU sat idle, [window s, idle s]: " + ", ".join(f"{k.replace('_', ' ')} {v}"
-                                                                     for k, v in report["idle"].items()), "",
+                                                                     for k, v in report["idle"].items()),
+        "- around an evaluation, median s (count): " + ", ".join(
+            f"{k.replace('_', ' ')} {v['median_s']} ({v['n']})" for k, v in report["evaluation_gaps"].items()),
+        "- each trial's own timing (s): " + "; ".join(f"trial {r['trial']} {r['timing']}" for r in rows), "",
         "| trial | state | steps | job start → first step s | busy % (its steps) | steady tokens/s | peak GiB | "
         "best eval loss |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",

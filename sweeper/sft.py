@@ -123,26 +123,56 @@ def peft_config(peft: PeftConfig) -> Any:
 def make_trainer(model: Any, tokenizer: Any, args: Any, splits: data_mod.Splits, peft: PeftConfig,
                  callbacks: list) -> Any:
     """TRL's SFTTrainer on the splits (TRL tokenises, truncates and packs; the datasets cache makes that
-    once per sweep)."""
+    once per sweep); its model card is written once (:func:`card_once`)."""
     from trl import SFTTrainer
 
-    return SFTTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
-                      processing_class=tokenizer, peft_config=peft_config(peft), callbacks=callbacks)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval,
+                         processing_class=tokenizer, peft_config=peft_config(peft), callbacks=callbacks)
+    card_once(trainer)
+    return trainer
+
+
+def card_once(trainer: Any) -> None:
+    """TRL writes its model card (``README.md`` in the job directory) before every checkpoint save, the same card
+    each time (package versions read from their metadata, a template rendered: ~20 ms on a 2-core CPU, with the
+    GPU idle, at each new best evaluation); the trainer now writes it at its first call with given arguments."""
+    make, made = trainer.create_model_card, set()
+
+    def create_model_card(*args: Any, **kwargs: Any) -> None:
+        key = repr((args, sorted(kwargs.items())))
+        if key not in made:
+            make(*args, **kwargs)
+            made.add(key)
+
+    trainer.create_model_card = create_model_card
+
+
+def _row_lengths(dataset: Any) -> Any:
+    """Tokens per row of a tokenised dataset, as a numpy array, read from Arrow's list lengths (its rows' order and
+    selection kept): a trial's plan reads them before its first step, where reading the token lists into Python
+    took ~0.35 s per read on gsm8k's 7,099 rows on a 2-core CPU, with the GPU idle."""
+    import numpy as np
+
+    if hasattr(dataset, "with_format"):
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
+    return np.fromiter((len(x) for x in dataset["input_ids"]), dtype=np.int64)
 
 
 def _mean_tokens(dataset: Any) -> float:
     if dataset is None or len(dataset) == 0 or "input_ids" not in dataset.column_names:
         return 0.0
-    return sum(len(x) for x in dataset["input_ids"]) / len(dataset)
+    return int(_row_lengths(dataset).sum()) / len(dataset)
 
 
 def median_tokens(dataset: Any) -> float | None:
     """Median tokens per prepared train row (per packed sequence with packing); None untokenised."""
     if dataset is None or len(dataset) == 0 or "input_ids" not in dataset.column_names:
         return None
-    import statistics
+    import numpy as np
 
-    return float(statistics.median(len(x) for x in dataset["input_ids"]))
+    return float(np.median(_row_lengths(dataset)))
 
 
 def prepare_for_plan(spec: RunSpec, splits: data_mod.Splits) -> tuple[Any, int]:

@@ -110,3 +110,20 @@ def test_presets_are_read_from_conf_schedule(compose_cfg, tmp_path):
     assert schedule_presets(tmp_path) == (SchedulePreset("quick", 50, None), SchedulePreset("twice", None, 2.0))
     [w] = make_plan(train_rows=400, micro_batch=8, grad_accum=2, max_steps=200).warnings(schedule_presets(tmp_path))
     assert _named(w) == (["quick"], [50]) and "(2 epochs, as schedule=twice)" in w
+
+
+def test_token_counts_of_a_prepared_set_follow_its_rows():
+    """The plan's mean and the recorded median tokens per row come from Arrow's list lengths: the rows a shuffle
+    and a selection left, in their order (an even count's median is the mean of its middle two)."""
+    import datasets
+
+    from sweeper.sft import _mean_tokens, median_tokens
+
+    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
+    ds = datasets.Dataset.from_dict({"input_ids": [[7] * n for n in lengths]})
+    assert _mean_tokens(ds) == sum(lengths) / 1000
+    assert median_tokens(ds) == 51.0
+    sub = ds.shuffle(seed=3).select(range(4))  # an indices mapping over the table
+    kept = sorted(len(x) for x in sub["input_ids"])
+    assert median_tokens(sub) == (kept[1] + kept[2]) / 2 and _mean_tokens(sub) == sum(kept) / 4
+    assert median_tokens(ds.remove_columns("input_ids")) is None and _mean_tokens(None) == 0.0

@@ -306,6 +306,14 @@ def test_gpu_busy_counts_the_steps_alone_without_evaluations_and_saves():
     assert idle_budget(samples, -1.0, 12.0, runs) == {
         "before_first_step": [1.0, 1.0], "between_trials": [[4.0, 4.0]], "after_last_step": [2.0, 1.0],
         "training": [6.0, 2.6]}  # trial 0: 5 s at 50% busy (2.5 s idle); trial 1: 1 s at 90% (0.1 s)
+    # around the evaluation (between steps 3 at 2.0 and 4 at 5.0): 2 s to its stamp, 0.5 s of save, 0.5 s on
+    from benchmarks.gpu_busy import evaluation_gaps
+
+    assert evaluation_gaps(runs, events) == {"evaluate": {"n": 1, "median_s": 2.0}, "save": {"n": 1, "median_s": 0.5},
+                                             "to_next_step": {"n": 1, "median_s": 0.5}}
+    late = [{"event": "evaluate", "t": 1.5}, {"event": "evaluate", "t": 4.0}]  # evaluations without a save
+    assert evaluation_gaps(runs, late) == {"evaluate": {"n": 2, "median_s": 1.25}, "save": {"n": 0, "median_s": None},
+                                           "to_next_step": {"n": 2, "median_s": 0.75}}
 
 
 def test_trl_tokenises_a_large_train_set_in_several_processes(compose_cfg, tmp_path, monkeypatch):

@@ -16,7 +16,23 @@ from .helpers import Recorder, fast
 
 
 @pytest.mark.slow
-def test_run_returns_the_best_eval_loss_not_the_last(compose_cfg):
+def test_run_returns_the_best_eval_loss_not_the_last(compose_cfg, monkeypatch):
+    import transformers
+    from trl.trainer import base_trainer
+
+    calls = {"card": 0, "save": 0}  # TRL's model card before each save: rendered once per trainer (sft.card_once)
+    card, save = base_trainer.generate_model_card, transformers.Trainer._save_checkpoint
+
+    def counted_card(*args, **kwargs):
+        calls["card"] += 1
+        return card(*args, **kwargs)
+
+    def counted_save(self, *args, **kwargs):
+        calls["save"] += 1
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(base_trainer, "generate_model_card", counted_card)
+    monkeypatch.setattr(transformers.Trainer, "_save_checkpoint", counted_save)
     rec = Recorder()
     value = run(compose_cfg(*FAST, "schedule.max_steps=10"), reporter=rec)
     steps = [s for s, _ in rec.reports]
@@ -31,6 +47,8 @@ def test_run_returns_the_best_eval_loss_not_the_last(compose_cfg):
     ckpt = Path(a["best_checkpoint"])
     assert ckpt.is_dir() and ckpt.name == f"checkpoint-{a['best_step']}"
     assert len(list(ckpt.parent.glob("checkpoint-*"))) == 1  # only the best is kept
+    assert calls["save"] >= 2 and calls["card"] == 1, calls
+    assert "generated_from_trainer" in (ckpt.parent / "README.md").read_text()
 
 
 @pytest.mark.slow
