@@ -39,10 +39,14 @@ from benchmarks.common import run_header  # noqa: E402
 
 
 def sample(stop: threading.Event, interval: float, out: list) -> None:
-    """Append (monotonic time, [busy % per GPU]) every ``interval`` seconds until ``stop`` is set."""
+    """Append (monotonic time, [busy % per GPU]) every ``interval`` seconds until ``stop`` is set; nothing
+    without NVML (a machine with no NVIDIA driver: the stamps' own figures still come out)."""
     import pynvml
 
-    pynvml.nvmlInit()
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return
     handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
     while not stop.is_set():
         out.append((time.perf_counter(), [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]))
@@ -83,12 +87,14 @@ def idle_budget(samples: list, t0: float, t1: float, runs: list[list[dict]]) -> 
     """Where the command's GPU-idle seconds go: before the first step, between trials (a trial's last step to
     the next one's first: its last evaluation and save, the next job's start), after the last step (the last
     evaluation, the study's end, the report) and inside the training spans; each window's seconds and its idle
-    seconds (its length times the share of samples not busy)."""
+    seconds (its length times the share of samples not busy; None without NVML samples)."""
     def window(a: float, b: float) -> list:
         if b <= a:
             return [0.0, 0.0]
+        if not samples:
+            return [round(b - a, 2), None]
         pct = busy([s for s in samples if a <= s[0] <= b])
-        return [round(b - a, 1), round((b - a) * (1 - (pct or 0.0) / 100), 1)]
+        return [round(b - a, 2), round((b - a) * (1 - (pct or 0.0) / 100), 2)]
 
     if not runs:
         return {}
@@ -96,7 +102,8 @@ def idle_budget(samples: list, t0: float, t1: float, runs: list[list[dict]]) -> 
     return {"before_first_step": window(t0, runs[0][0]["t"]),
             "between_trials": [window(a[-1]["t"], b[0]["t"]) for a, b in zip(runs, runs[1:])],
             "after_last_step": window(runs[-1][-1]["t"], t1),
-            "training": [round(sum(x[0] for x in spans), 1), round(sum(x[1] for x in spans), 1)]}
+            "training": [round(sum(x[0] for x in spans), 2),
+                         round(sum(x[1] for x in spans), 2) if samples else None]}
 
 
 def evaluation_gaps(runs: list[list[dict]], events: list[dict]) -> dict:

@@ -306,6 +306,9 @@ def test_gpu_busy_counts_the_steps_alone_without_evaluations_and_saves():
     assert idle_budget(samples, -1.0, 12.0, runs) == {
         "before_first_step": [1.0, 1.0], "between_trials": [[4.0, 4.0]], "after_last_step": [2.0, 1.0],
         "training": [6.0, 2.6]}  # trial 0: 5 s at 50% busy (2.5 s idle); trial 1: 1 s at 90% (0.1 s)
+    assert idle_budget([], -1.0, 12.0, runs) == {  # no NVML (a CPU run): the windows, no idle figure
+        "before_first_step": [1.0, None], "between_trials": [[4.0, None]], "after_last_step": [2.0, None],
+        "training": [6.0, None]}
     # around the evaluation (between steps 3 at 2.0 and 4 at 5.0): 2 s to its stamp, 0.5 s of save, 0.5 s on
     from benchmarks.gpu_busy import evaluation_gaps
 
