@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sweeper.config import ModelConfig, PrecisionConfig, TinyModelConfig
 
-__all__ = ["CHATML_TEMPLATE", "build_tiny", "check_path", "load", "load_tokenizer", "model_shape", "resolve_compute", "resolve_path",
-           "torch_dtype"]
+__all__ = ["CHATML_TEMPLATE", "build_tiny", "check_path", "load", "load_tokenizer", "model_shape", "read_ahead",
+           "resolve_compute", "resolve_path", "took_ahead", "torch_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -273,21 +273,67 @@ def model_shape(model: ModelConfig, cache_dir: str | Path) -> dict | None:
         return None
 
 
-def load(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | Path,
-         attn_implementation: str | None = None) -> tuple[Any, Any, str]:
-    """Return ``(model, tokenizer, compute)`` where compute is the resolved precision name.
-    ``attn_implementation`` applies when ``model.attn_implementation`` is not set."""
-    from transformers import AutoModelForCausalLM
-
-    compute = resolve_compute(precision.compute)
+def _load_args(model: ModelConfig, compute: str, cache_dir: str | Path,
+               attn_implementation: str | None) -> tuple[str, dict[str, Any]]:
+    """The path and the ``from_pretrained`` arguments of an unquantised load (the 4-bit one adds its own)."""
     weights = compute if model.dtype == "auto" else model.dtype
     if weights == "fp16":
         # fp16 master weights cannot be trained with the AMP grad scaler; keep fp32 masters.
         weights = "fp32"
-    path = resolve_path(model, cache_dir)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(weights), "trust_remote_code": bool(model.trust_remote_code)}
     if model.attn_implementation or attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation or attn_implementation
+    return resolve_path(model, cache_dir), kwargs
+
+
+_ahead: dict[str, Any] = {}  # the weights read by read_ahead, for this process's next load (taken or dropped then)
+
+
+def read_ahead(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | Path, compute: str,
+               attn_implementation: str | None = None) -> None:
+    """Read the model's weights into host memory now, for this process's next :func:`load` (a sweep's command
+    does it while it waits for its data check, so that its first trial starts training that much sooner): that
+    load takes them when it asks for the same weights (path, dtype, attention), else drops them. Never touches
+    CUDA (the weights stay on the CPU, as ``from_pretrained`` leaves them); a 4-bit base is quantised as it
+    loads, on the GPU, so it is not read ahead; a failure is left to the trial's own load, which reports it."""
+    import time
+
+    if precision.load_in_4bit:
+        return
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        t = time.perf_counter()
+        path, kwargs = _load_args(model, compute, cache_dir, attn_implementation)
+        transformers.utils.logging.disable_progress_bar()  # the command's console keeps its own lines
+        _ahead["next"] = (repr((path, sorted(kwargs.items(), key=str))),
+                          AutoModelForCausalLM.from_pretrained(path, **kwargs), time.perf_counter() - t)
+    except Exception as e:
+        log.debug("reading the model ahead failed: %s", e)
+
+
+def took_ahead(loaded: Any) -> float | None:
+    """The seconds :func:`read_ahead` spent reading ``loaded`` before its load asked for it; None when the load
+    read it itself."""
+    return _ahead.get("took", {}).get(id(loaded))
+
+
+def load(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | Path,
+         attn_implementation: str | None = None) -> tuple[Any, Any, str]:
+    """Return ``(model, tokenizer, compute)`` where compute is the resolved precision name.
+    ``attn_implementation`` applies when ``model.attn_implementation`` is not set. Weights that
+    :func:`read_ahead` read for the same arguments are taken instead of read again."""
+    from transformers import AutoModelForCausalLM
+
+    compute = resolve_compute(precision.compute)
+    path, kwargs = _load_args(model, compute, cache_dir, attn_implementation)
+    _ahead.pop("took", None)
+    ahead = _ahead.pop("next", None)  # used once: weights asked for differently are dropped here
+    if ahead is not None and not precision.load_in_4bit and ahead[0] == repr((path, sorted(kwargs.items(), key=str))):
+        _ahead["took"] = {id(ahead[1]): ahead[2]}
+        return ahead[1], load_tokenizer(model, cache_dir), compute
+    del ahead
     if precision.load_in_4bit:
         try:
             import bitsandbytes  # noqa: F401

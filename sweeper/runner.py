@@ -144,6 +144,9 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
         raise config_mod.InputError.wrap(e) from e
     speed_mod.apply_to_model(model, spec.speed)
     timing["model_load_s"] = round(time.perf_counter() - t, 2)
+    ahead = model_mod.took_ahead(model)
+    if ahead is not None:  # read while the sweep's command waited for its data check (model.read_ahead)
+        timing["model_read_ahead_s"] = round(ahead, 2)
 
     # TRL's config, and the callbacks that track, report and stop the run
     args = sft.build_sft_config(spec, output_dir=out, data_format=splits.format, fitted=batch_state.fitted,
@@ -229,7 +232,10 @@ def _record_plan(spec: RunSpec, splits: data_mod.Splits, trainer: Any, args: Any
         log.warning("plan: %s", warning)
     log.info("precision: %s; method: %s; speed: %s; job dir: %s", compute, spec.method,
              speed_mod.describe(spec.speed), out)
-    log.info("model load %.1f s, data preparation %.1f s", timing["model_load_s"], timing["prepare_s"])
+    ahead = timing.get("model_read_ahead_s")
+    log.info("model load %.1f s%s, data preparation %.1f s", timing["model_load_s"],
+             "" if ahead is None else f" (its weights read while the sweep's data check ran: {ahead:.1f} s)",
+             timing["prepare_s"])
     reporter.set_attrs({
         "plan": plan.as_dict(), "choices": _choices(), "run_dir": str(out), "train_rows": len(splits.train),
         "prepared_train_rows": prepared_rows, "eval_rows": len(splits.eval), "precision": compute,

@@ -144,3 +144,33 @@ def test_an_interrupted_tiny_model_build_leaves_no_half_written_folder(compose_c
     monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", real)
     out = build_tiny(cfg.model.tiny, tmp_path / "cache")
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_weights_read_ahead_are_taken_once_by_a_load_that_asks_for_them(compose_cfg, monkeypatch):
+    """sweeper.model.read_ahead (a GPU sweep's command, while its data check runs): the next load with the same
+    path, dtype and attention takes the weights read ahead (the same tensors), a load that asks differently drops
+    them, and the read itself never asks CUDA anything (this process pins its GPU later)."""
+    import torch
+
+    from sweeper import model as model_mod
+
+    cfg = compose_cfg("precision=fp32")
+    asked = []
+    for name in ("is_available", "device_count", "_lazy_init", "is_bf16_supported", "current_device",
+                 "get_device_capability"):  # each asks the driver (is_initialized only reads a flag)
+        real = getattr(torch.cuda, name)
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _r=real, _n=name, **k: asked.append(_n) or _r(*a, **k))
+    model_mod.read_ahead(cfg.model, cfg.precision, cfg.paths.cache_dir, "fp32")
+    assert asked == []
+    monkeypatch.undo()
+    ahead = model_mod._ahead["next"][1]
+    loaded, tokenizer, compute = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)
+    assert loaded is ahead and compute == "fp32" and model_mod.took_ahead(loaded) > 0
+    again, _, _ = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)  # once only: read anew
+    assert again is not ahead and model_mod.took_ahead(again) is None
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), again.state_dict().values()))
+    model_mod.read_ahead(cfg.model, cfg.precision, cfg.paths.cache_dir, "fp32", "eager")  # another attention
+    other, _, _ = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)
+    assert model_mod.took_ahead(other) is None and "next" not in model_mod._ahead  # dropped, not kept for later
+    model_mod.read_ahead(cfg.model, compose_cfg("precision=qlora4").precision, cfg.paths.cache_dir, "bf16")
+    assert "next" not in model_mod._ahead  # a 4-bit base is quantised as it loads, on the GPU

@@ -330,3 +330,24 @@ def test_a_worker_leaves_the_search_spaces_ends_to_the_command(tmp_path, cache_d
                           f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
     said = "every check passed" if worker else "samples -1.0 (its low end), refused as lr.learning_rate=-1.0 would be"
     assert proc.returncode == 1 and said in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_first_trial_takes_the_weights_read_while_the_data_check_ran(tmp_path, cache_dir):
+    """With a GPU visible, the command reads the first point's model weights while it waits for the data check's
+    child; its first trial takes them (and says so), a later trial reads its own, and a point learns exactly the
+    same either way (the two commands run the same points in the opposite order)."""
+    env = fake_nvidia_smi(tmp_path / "bin", [20000])
+    runs = {}
+    for order in ("1,2", "2,1"):
+        out = tmp_path / order.replace(",", "-")
+        proc = run_cli("-m", f"seed={order}", *FAST, "precision=fp32", f"paths.cache_dir={cache_dir}",
+                       f"paths.output_dir={out}", env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "its weights read while the sweep's data check ran" in proc.stdout + proc.stderr
+        trials = sorted(optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{out}/optuna.db").trials,
+                        key=lambda t: t.number)
+        ahead = [t.user_attrs["timing"].get("model_read_ahead_s") for t in trials]
+        assert ahead[0] is not None and ahead[1:] == [None], ahead
+        runs[order] = {t.params["seed"]: t.intermediate_values for t in trials}
+    assert runs["1,2"] == runs["2,1"] and len(runs["1,2"][1]) >= 2

@@ -62,7 +62,8 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     checked here; TRL's preparation of each data runs once before any trial, so that the trials hit its cache
     (with a GPU visible, in a child process that sees none, :mod:`sweeper.datacheck`: the first data's child,
     started by the command's entry, gets its config before the other checks, so that the two overlap, at most two
-    children run at once, and this process imports the first trial's modules meanwhile)."""
+    children run at once, and this process imports the first trial's modules and reads its model's weights
+    meanwhile)."""
     loaded: dict[str, data_mod.Splits] = {}
     cfgs = []
     composed = [compose(point_overrides(space, point)) for point in space.grid_points()]
@@ -95,8 +96,9 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
                 callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name),
                                                 loaded[key])
             cfgs.append(cfg)
-        if running:  # while the child prepares the data: the first trial's imports (none touches CUDA), here
+        if running:  # while the child prepares the data: the first trial's imports and weights (no CUDA), here
             import_ahead("trl.trainer.sft_trainer", "peft.tuners.lora", "sweeper.runner")
+            _read_model_ahead(composed[0])
         while running:
             running.pop(0).wait()
     finally:
@@ -107,6 +109,21 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     if db is not None:
         disk.check_writable(db.parent, "hydra.sweeper.storage")
     return cfgs
+
+
+def _read_model_ahead(cfg: DictConfig) -> None:
+    """The first point's model weights read into this process's memory (:func:`sweeper.model.read_ahead`), with
+    the precision and attention its trial will ask for on the visible GPUs, decided without touching CUDA (this
+    process pins its GPU later); its first trial takes them if it asks for the same, else drops them."""
+    try:
+        compute = gpu_mod.compute_for(gpu_mod.visible_gpus(), str(cfg.precision.compute))
+        speed = speed_mod.resolve(OmegaConf.to_object(cfg.speed), cuda=True, compute=compute,
+                                  optim=str(cfg.lr.optim), strict=False)
+        attention = speed_mod.attn_implementation(speed)
+    except Exception as e:  # the trial decides, and reports, for itself
+        log.debug("no model read ahead: %s", e)
+        return
+    model_mod.read_ahead(cfg.model, cfg.precision, cfg.paths.cache_dir, compute, attention)
 
 
 def _start_check(running: list[DataCheck], started: set[str], cfg: DictConfig) -> None:
