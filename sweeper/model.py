@@ -286,35 +286,70 @@ def _load_args(model: ModelConfig, compute: str, cache_dir: str | Path,
     return resolve_path(model, cache_dir), kwargs
 
 
-_ahead: dict[str, Any] = {}  # the weights read by read_ahead, for this process's next load (taken or dropped then)
+class _Ahead:
+    """Weights read in a thread of their own (:func:`read_ahead`) for this process's next :func:`load`."""
+
+    def __init__(self, key: str, path: str, kwargs: dict[str, Any]) -> None:
+        self.key, self.model, self.seconds = key, None, None
+        self.done = threading.Event()
+        threading.Thread(target=self._read, args=(path, kwargs), name="sweeper-read-ahead", daemon=True).start()
+
+    def _read(self, path: str, kwargs: dict[str, Any]) -> None:
+        import time
+
+        from transformers import AutoModelForCausalLM
+
+        t = time.perf_counter()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            self.seconds = time.perf_counter() - t
+        except BaseException as e:  # the trial's own load reads it again and reports what is wrong
+            log.debug("reading the model ahead failed: %s", e)
+        finally:
+            self.done.set()
+
+    def take(self) -> Any:
+        """The weights once read (None if the read failed); this object keeps no reference to them."""
+        self.done.wait()
+        model, self.model = self.model, None
+        return model
+
+
+_ahead: dict[str, Any] = {}  # "next": the _Ahead of read_ahead; "took": {id(model): its read's seconds}
+
+
+def _key(path: str, kwargs: dict[str, Any]) -> str:
+    return repr((path, sorted(kwargs.items(), key=str)))
 
 
 def read_ahead(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | Path, compute: str,
                attn_implementation: str | None = None) -> None:
-    """Read the model's weights into host memory now, for this process's next :func:`load` (a sweep's command
-    does it while it waits for its data check, so that its first trial starts training that much sooner): that
-    load takes them when it asks for the same weights (path, dtype, attention), else drops them. Never touches
-    CUDA (the weights stay on the CPU, as ``from_pretrained`` leaves them); a 4-bit base is quantised as it
-    loads, on the GPU, so it is not read ahead; a failure is left to the trial's own load, which reports it."""
-    import time
-
-    if precision.load_in_4bit:
+    """Start reading the model's weights into host memory in a thread, for this process's next :func:`load` (a
+    sweep's command starts it while it waits for its data check, so that its first trial starts training that
+    much sooner): that load takes them when it asks for the same weights (path, dtype, attention), waiting for
+    the read to end if need be, else waits for it and drops them (one copy in memory at a time). Never touches
+    CUDA (the weights stay on the CPU, as ``from_pretrained`` leaves them); a 4-bit base (quantised as it loads,
+    on the GPU) and a model of remote code are not read ahead; a failure is left to the trial's own load, which
+    reports it."""
+    if precision.load_in_4bit or model.trust_remote_code or "next" in _ahead:
         return
     try:
         import transformers
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        t = time.perf_counter()
         path, kwargs = _load_args(model, compute, cache_dir, attn_implementation)
+        # the model's class imported here, not in the thread: one thread imports at a time
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(_from_pretrained(AutoConfig, path, "config", model))]
         transformers.utils.logging.disable_progress_bar()  # the command's console keeps its own lines
-        _ahead["next"] = (repr((path, sorted(kwargs.items(), key=str))),
-                          AutoModelForCausalLM.from_pretrained(path, **kwargs), time.perf_counter() - t)
     except Exception as e:
-        log.debug("reading the model ahead failed: %s", e)
+        log.debug("no model read ahead: %s", e)
+        return
+    _ahead["next"] = _Ahead(_key(path, kwargs), path, kwargs)
 
 
 def took_ahead(loaded: Any) -> float | None:
-    """The seconds :func:`read_ahead` spent reading ``loaded`` before its load asked for it; None when the load
+    """The seconds :func:`read_ahead` spent reading ``loaded`` before its load took it; None when the load
     read it itself."""
     return _ahead.get("took", {}).get(id(loaded))
 
@@ -330,10 +365,12 @@ def load(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | Path,
     path, kwargs = _load_args(model, compute, cache_dir, attn_implementation)
     _ahead.pop("took", None)
     ahead = _ahead.pop("next", None)  # used once: weights asked for differently are dropped here
-    if ahead is not None and not precision.load_in_4bit and ahead[0] == repr((path, sorted(kwargs.items(), key=str))):
-        _ahead["took"] = {id(ahead[1]): ahead[2]}
-        return ahead[1], load_tokenizer(model, cache_dir), compute
-    del ahead
+    if ahead is not None:
+        taken = ahead.take()
+        if taken is not None and not precision.load_in_4bit and ahead.key == _key(path, kwargs):
+            _ahead["took"] = {id(taken): ahead.seconds}
+            return taken, load_tokenizer(model, cache_dir), compute
+        del taken
     if precision.load_in_4bit:
         try:
             import bitsandbytes  # noqa: F401

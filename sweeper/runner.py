@@ -234,7 +234,7 @@ def _record_plan(spec: RunSpec, splits: data_mod.Splits, trainer: Any, args: Any
              speed_mod.describe(spec.speed), out)
     ahead = timing.get("model_read_ahead_s")
     log.info("model load %.1f s%s, data preparation %.1f s", timing["model_load_s"],
-             "" if ahead is None else f" (its weights read while the sweep's data check ran: {ahead:.1f} s)",
+             "" if ahead is None else f" (its weights read ahead during the sweep's checks: {ahead:.1f} s)",
              timing["prepare_s"])
     reporter.set_attrs({
         "plan": plan.as_dict(), "choices": _choices(), "run_dir": str(out), "train_rows": len(splits.train),

@@ -147,8 +147,8 @@ def test_an_interrupted_tiny_model_build_leaves_no_half_written_folder(compose_c
 
 
 def test_weights_read_ahead_are_taken_once_by_a_load_that_asks_for_them(compose_cfg, monkeypatch):
-    """sweeper.model.read_ahead (a GPU sweep's command, while its data check runs): the next load with the same
-    path, dtype and attention takes the weights read ahead (the same tensors), a load that asks differently drops
+    """sweeper.model.read_ahead (a GPU sweep's command, while its data check runs): the weights are read in a
+    thread; the next load with the same path, dtype and attention takes them, a load that asks differently drops
     them, and the read itself never asks CUDA anything (this process pins its GPU later)."""
     import torch
 
@@ -161,13 +161,13 @@ def test_weights_read_ahead_are_taken_once_by_a_load_that_asks_for_them(compose_
         real = getattr(torch.cuda, name)
         monkeypatch.setattr(torch.cuda, name, lambda *a, _r=real, _n=name, **k: asked.append(_n) or _r(*a, **k))
     model_mod.read_ahead(cfg.model, cfg.precision, cfg.paths.cache_dir, "fp32")
-    assert asked == []
+    ahead = model_mod._ahead["next"]
+    assert ahead.done.wait(60) and ahead.model is not None and asked == []
     monkeypatch.undo()
-    ahead = model_mod._ahead["next"][1]
     loaded, tokenizer, compute = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)
-    assert loaded is ahead and compute == "fp32" and model_mod.took_ahead(loaded) > 0
+    assert compute == "fp32" and ahead.model is None and model_mod.took_ahead(loaded) > 0  # handed over
     again, _, _ = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)  # once only: read anew
-    assert again is not ahead and model_mod.took_ahead(again) is None
+    assert again is not loaded and model_mod.took_ahead(again) is None
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), again.state_dict().values()))
     model_mod.read_ahead(cfg.model, cfg.precision, cfg.paths.cache_dir, "fp32", "eager")  # another attention
     other, _, _ = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)

@@ -344,7 +344,7 @@ def test_the_first_trial_takes_the_weights_read_while_the_data_check_ran(tmp_pat
         proc = run_cli("-m", f"seed={order}", *FAST, "precision=fp32", f"paths.cache_dir={cache_dir}",
                        f"paths.output_dir={out}", env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "its weights read while the sweep's data check ran" in proc.stdout + proc.stderr
+        assert "its weights read ahead during the sweep's checks" in proc.stdout + proc.stderr
         trials = sorted(optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{out}/optuna.db").trials,
                         key=lambda t: t.number)
         ahead = [t.user_attrs["timing"].get("model_read_ahead_s") for t in trials]

@@ -62,8 +62,8 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
     checked here; TRL's preparation of each data runs once before any trial, so that the trials hit its cache
     (with a GPU visible, in a child process that sees none, :mod:`sweeper.datacheck`: the first data's child,
     started by the command's entry, gets its config before the other checks, so that the two overlap, at most two
-    children run at once, and this process imports the first trial's modules and reads its model's weights
-    meanwhile)."""
+    children run at once, and this process imports the first trial's modules meanwhile and starts reading its
+    model's weights in a thread)."""
     loaded: dict[str, data_mod.Splits] = {}
     cfgs = []
     composed = [compose(point_overrides(space, point)) for point in space.grid_points()]
@@ -96,7 +96,7 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
                 callbacks.check_accuracy_metric(str(cfg.eval.metric), str(cfg.eval.accuracy), str(cfg.data.name),
                                                 loaded[key])
             cfgs.append(cfg)
-        if running:  # while the child prepares the data: the first trial's imports and weights (no CUDA), here
+        if running:  # while the child prepares the data: the first trial's imports, then its weights (a thread)
             import_ahead("trl.trainer.sft_trainer", "peft.tuners.lora", "sweeper.runner")
             _read_model_ahead(composed[0])
         while running:
@@ -112,8 +112,8 @@ def check_points(space: SweepSpace, compose: Compose, launcher: str, storage_url
 
 
 def _read_model_ahead(cfg: DictConfig) -> None:
-    """The first point's model weights read into this process's memory (:func:`sweeper.model.read_ahead`), with
-    the precision and attention its trial will ask for on the visible GPUs, decided without touching CUDA (this
+    """The first point's model weights read into this process's memory in a thread (:func:`sweeper.model.read_ahead`),
+    with the precision and attention its trial will ask for on the visible GPUs, decided without touching CUDA (this
     process pins its GPU later); its first trial takes them if it asks for the same, else drops them."""
     try:
         compute = gpu_mod.compute_for(gpu_mod.visible_gpus(), str(cfg.precision.compute))
