@@ -292,7 +292,9 @@ class _Ahead:
     def __init__(self, key: str, path: str, kwargs: dict[str, Any]) -> None:
         self.key, self.model, self.seconds = key, None, None
         self.done = threading.Event()
-        threading.Thread(target=self._read, args=(path, kwargs), name="sweeper-read-ahead", daemon=True).start()
+        # not a daemon: a command that ends (a refusal, Ctrl-C) while the weights are read waits for the read, as
+        # torch's teardown under a thread still inside it aborts the process ("terminate called ...", exit 134)
+        threading.Thread(target=self._read, args=(path, kwargs), name="sweeper-read-ahead").start()
 
     def _read(self, path: str, kwargs: dict[str, Any]) -> None:
         import time
@@ -330,7 +332,7 @@ def read_ahead(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | 
     the read to end if need be, else waits for it and drops them (one copy in memory at a time). Never touches
     CUDA (the weights stay on the CPU, as ``from_pretrained`` leaves them); a 4-bit base (quantised as it loads,
     on the GPU) and a model of remote code are not read ahead; a failure is left to the trial's own load, which
-    reports it."""
+    reports it. A process that ends while the weights are read (a refusal, Ctrl-C) waits for the read first."""
     if precision.load_in_4bit or model.trust_remote_code or "next" in _ahead:
         return
     try:
