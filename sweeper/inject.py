@@ -13,6 +13,9 @@
   or, with ``SFT_SWEEP_INJECT_HOLD_FOR=K``, until K processes have reached the step (a start line for K
   workers); at most 300 s: a trial held mid-training, so that a test stops, kills or races it at a known point
   rather than when a poll happens to see it.
+- ``SFT_SWEEP_INJECT_SWALLOW_CTRL_C_AT_STEP=N``: at step N a Ctrl-C lands inside a finalizer, where Python drops
+  its KeyboardInterrupt (a ``__del__`` run by the garbage collector, say): only the sweeper's memory of the press
+  is left to stop the run.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 __all__ = ["attach", "callback", "in_report"]
 
-_KEYS = ("OOM_AT_STEP", "NAN_AT_STEP", "KILL_AT_STEP", "KILL_IN_SAVE", "HOLD_AT_STEP")
+_KEYS = ("OOM_AT_STEP", "NAN_AT_STEP", "KILL_AT_STEP", "KILL_IN_SAVE", "HOLD_AT_STEP", "SWALLOW_CTRL_C_AT_STEP")
 HOLD_MOST_S = 300
 
 
@@ -53,6 +56,13 @@ def _hold() -> None:
         time.sleep(0.05)
 
 
+class _SwallowsCtrlC:
+    """An object whose finalizer receives the Ctrl-C: Python drops the KeyboardInterrupt raised in there."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGINT)  # its handler runs before this call returns, inside the finalizer
+
+
 def callback() -> Any:
     """A TrainerCallback for the training faults asked for, or None; attach it to the trainer with
     :func:`attach` too (the save fault needs the trainer)."""
@@ -61,7 +71,8 @@ def callback() -> Any:
     import torch
     from transformers import TrainerCallback
 
-    oom_at, nan_at, kill_at, hold_at = (_step(k) for k in ("OOM_AT_STEP", "NAN_AT_STEP", "KILL_AT_STEP", "HOLD_AT_STEP"))
+    oom_at, nan_at, kill_at, hold_at, swallow_at = (_step(k) for k in ("OOM_AT_STEP", "NAN_AT_STEP", "KILL_AT_STEP",
+                                                                       "HOLD_AT_STEP", "SWALLOW_CTRL_C_AT_STEP"))
     above = int(os.environ.get("SFT_SWEEP_INJECT_OOM_ABOVE", "0"))
 
     class InjectFault(TrainerCallback):
@@ -73,6 +84,8 @@ def callback() -> Any:
                 _kill()
             if hold_at == state.global_step:
                 _hold()
+            if swallow_at == state.global_step:
+                _SwallowsCtrlC()  # dropped at once: its finalizer runs here
             if nan_at == state.global_step:
                 with torch.no_grad():
                     for p in model.parameters():

@@ -18,8 +18,8 @@ plugin (:func:`sweep_stopped`, once the sweeper runs). A Ctrl-C while a trial tr
   an exception raised inside a finalizer (a ``datasets.Dataset.__del__`` run by the garbage collector, say: it
   prints "Exception ignored in ..." and carries on), so a KeyboardInterrupt that lands there is lost; the
   press is remembered and honoured: by a command before it starts (``python -m sweeper`` remembers from its
-  first import), by the report before it moves its files into place, and by the sweep before it opens its queue
-  and before each trial it claims.
+  first import), by the report before it moves its files into place, by the sweep before it opens its queue
+  and before each trial it claims, and by a training run after each step (:func:`training_callback`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 from sweeper import records
 
-__all__ = ["EXIT_CODE", "deferred", "honour", "ignored", "line", "note", "process_ending", "release_claimed",
+__all__ = ["EXIT_CODE", "deferred", "honour", "ignored", "line", "note", "process_ending", "release_claimed", "training_callback",
            "remembered", "sweep_stopped"]
 
 EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
@@ -107,6 +107,22 @@ def honour() -> None:
     """Raise the KeyboardInterrupt of a Ctrl-C that came in :func:`remembered` but was swallowed on its way."""
     if _pressed:
         raise KeyboardInterrupt
+
+
+def training_callback() -> Any:
+    """A TrainerCallback that calls :func:`honour` after every optimizer step and evaluation batch: a Ctrl-C that a
+    finalizer swallowed while a run trains stops it within a step (a sweep's trial is then recorded FAIL and
+    queued to resume from its checkpoint, as after any Ctrl-C), not once the whole run has ended."""
+    from transformers import TrainerCallback
+
+    class HonourCtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            honour()
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            honour()
+
+    return HonourCtrlC()
 
 
 @contextlib.contextmanager

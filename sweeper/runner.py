@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeper import batching, callbacks, inject, sft, tracking
+from sweeper import batching, callbacks, inject, interrupt, sft, tracking
 from sweeper import config as config_mod
 from sweeper import data as data_mod
 from sweeper import model as model_mod
@@ -262,6 +262,7 @@ def _callbacks(spec: RunSpec, splits: data_mod.Splits, tokenizer: Any, reporter:
     injected = inject.callback()
     if injected is not None:
         trainer_callbacks.append(injected)
+    trainer_callbacks.append(interrupt.training_callback())  # a Ctrl-C a finalizer swallowed stops it within a step
     trainer_callbacks += speed_mod.measurement_callbacks()
     trainer_callbacks += tracking.callbacks(segment.output_dir, reporter)  # tracking=mlflow|wandb: the curves
     return trainer_callbacks, accuracy_decision

@@ -344,3 +344,21 @@ def test_workers_opening_a_fresh_postgres_database_at_once(tmp_path):
         admin.dispose()
         with sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT").connect() as c:
             c.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_a_finalizer_swallows_mid_trial_stops_the_trial_within_a_step(tmp_path, cache_dir):
+    """The Ctrl-C lands in a finalizer at step 8 (Python drops its KeyboardInterrupt there): the trial stops at
+    once, as after any Ctrl-C (recorded FAIL, queued to resume; exit 130, one line), rather than training to its
+    end and stopping the sweep only before the next trial."""
+    url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
+    args = ["-m", "seed=1,2", *FAST, "schedule.max_steps=60", "eval.eval_steps=5",
+            f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    proc = subprocess.run(_cli_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TQDM_DISABLE": "1", "SFT_SWEEP_INJECT_SWALLOW_CTRL_C_AT_STEP": "8"})
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+    trials = _load(url, name).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]  # trial 0's retry, queued
+    assert "interrupted by the user" in trials[0].user_attrs["error"]
+    assert max(trials[0].intermediate_values) < 60  # stopped mid-trial, not after its 60 steps
