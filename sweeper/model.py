@@ -317,7 +317,7 @@ class _Ahead:
         return model
 
 
-_ahead: dict[str, Any] = {}  # "next": the _Ahead of read_ahead; "took": {id(model): its read's seconds}
+_ahead: dict[str, Any] = {}  # "next": the _Ahead of read_ahead; "took": the seconds of the weights the last load took
 
 
 def _key(path: str, kwargs: dict[str, Any]) -> str:
@@ -350,10 +350,10 @@ def read_ahead(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | 
     _ahead["next"] = _Ahead(_key(path, kwargs), path, kwargs)
 
 
-def took_ahead(loaded: Any) -> float | None:
-    """The seconds :func:`read_ahead` spent reading ``loaded`` before its load took it; None when the load
-    read it itself."""
-    return _ahead.get("took", {}).get(id(loaded))
+def took_ahead() -> float | None:
+    """The seconds :func:`read_ahead` spent reading the weights the last :func:`load` took; None when that load
+    read them itself."""
+    return _ahead.get("took")
 
 
 def load(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | Path,
@@ -370,7 +370,7 @@ def load(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | Path,
     if ahead is not None:
         taken = ahead.take()
         if taken is not None and not precision.load_in_4bit and ahead.key == _key(path, kwargs):
-            _ahead["took"] = {id(taken): ahead.seconds}
+            _ahead["took"] = ahead.seconds
             return taken, load_tokenizer(model, cache_dir), compute
         del taken
     if precision.load_in_4bit:

@@ -144,7 +144,7 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
         raise config_mod.InputError.wrap(e) from e
     speed_mod.apply_to_model(model, spec.speed)
     timing["model_load_s"] = round(time.perf_counter() - t, 2)
-    ahead = model_mod.took_ahead(model)
+    ahead = model_mod.took_ahead()
     if ahead is not None:  # read while the sweep's command waited for its data check (model.read_ahead)
         timing["model_read_ahead_s"] = round(ahead, 2)
 

@@ -159,13 +159,15 @@ def wsd_of(cfg: DictConfig) -> Wsd | None:
                group=identity.joint_group(identity.result_config(cfg)) if rates is not None else "")
 
 
-def resolve_speed(cfg: DictConfig, compute: str, strict: bool = True) -> dict:
+def resolve_speed(cfg: DictConfig, compute: str, strict: bool = True, cuda: bool | None = None) -> dict:
     """The ``speed`` group decided for this machine (see ``sweeper/speed.py``); ``strict=False``: GPU-only
-    choices are kept on a machine without a GPU rather than refused."""
-    import torch
+    choices are kept on a machine without a GPU rather than refused; ``cuda``: whether the run has a CUDA GPU
+    (None: ask torch, which initialises CUDA's driver)."""
+    if cuda is None:
+        import torch
 
-    return speed_mod.resolve(_typed(cfg.speed), cuda=torch.cuda.is_available(), compute=compute,
-                             optim=str(cfg.lr.optim), strict=strict)
+        cuda = torch.cuda.is_available()
+    return speed_mod.resolve(_typed(cfg.speed), cuda=cuda, compute=compute, optim=str(cfg.lr.optim), strict=strict)
 
 
 def check_folders(cfg: DictConfig) -> None:

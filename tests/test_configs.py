@@ -165,12 +165,12 @@ def test_weights_read_ahead_are_taken_once_by_a_load_that_asks_for_them(compose_
     assert ahead.done.wait(60) and ahead.model is not None and asked == []
     monkeypatch.undo()
     loaded, tokenizer, compute = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)
-    assert compute == "fp32" and ahead.model is None and model_mod.took_ahead(loaded) > 0  # handed over
+    assert compute == "fp32" and ahead.model is None and model_mod.took_ahead() > 0  # handed over
     again, _, _ = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)  # once only: read anew
-    assert again is not loaded and model_mod.took_ahead(again) is None
+    assert again is not loaded and model_mod.took_ahead() is None
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), again.state_dict().values()))
     model_mod.read_ahead(cfg.model, cfg.precision, cfg.paths.cache_dir, "fp32", "eager")  # another attention
     other, _, _ = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)
-    assert model_mod.took_ahead(other) is None and "next" not in model_mod._ahead  # dropped, not kept for later
+    assert model_mod.took_ahead() is None and "next" not in model_mod._ahead  # dropped, not kept for later
     model_mod.read_ahead(cfg.model, compose_cfg("precision=qlora4").precision, cfg.paths.cache_dir, "bf16")
     assert "next" not in model_mod._ahead  # a 4-bit base is quantised as it loads, on the GPU

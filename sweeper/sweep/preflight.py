@@ -37,7 +37,7 @@ from sweeper import storage as storage_mod
 from sweeper.datacheck import DataCheck
 from sweeper.sft import check_prepared_data, import_ahead
 from sweeper.space import SweepSpace, value_text
-from sweeper.spec import check_folders
+from sweeper.spec import check_folders, resolve_speed
 from sweeper.storage import mask_url, sqlite_path
 from sweeper.sweep.settings import SWEEP_ID_ENV, Settings
 
@@ -117,9 +117,7 @@ def _read_model_ahead(cfg: DictConfig) -> None:
     process pins its GPU later); its first trial takes them if it asks for the same, else drops them."""
     try:
         compute = gpu_mod.compute_for(gpu_mod.visible_gpus(), str(cfg.precision.compute))
-        speed = speed_mod.resolve(OmegaConf.to_object(cfg.speed), cuda=True, compute=compute,
-                                  optim=str(cfg.lr.optim), strict=False)
-        attention = speed_mod.attn_implementation(speed)
+        attention = speed_mod.attn_implementation(resolve_speed(cfg, compute, strict=False, cuda=True))
     except Exception as e:  # the trial decides, and reports, for itself
         log.debug("no model read ahead: %s", e)
         return
