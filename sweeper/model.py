@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sweeper.config import ModelConfig, PrecisionConfig, TinyModelConfig
 
-__all__ = ["CHATML_TEMPLATE", "build_tiny", "check_path", "load", "load_tokenizer", "model_shape", "read_ahead",
-           "resolve_compute", "resolve_path", "took_ahead", "torch_dtype"]
+__all__ = ["AHEAD_MOST_SHARE", "CHATML_TEMPLATE", "build_tiny", "check_path", "host_available_bytes", "load",
+           "load_tokenizer", "model_shape", "read_ahead", "resolve_compute", "resolve_path", "took_ahead",
+           "torch_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +325,35 @@ def _key(path: str, kwargs: dict[str, Any]) -> str:
     return repr((path, sorted(kwargs.items(), key=str)))
 
 
+def host_available_bytes() -> int | None:
+    """The memory the kernel says this host can give a process without swapping (``MemAvailable`` of
+    ``/proc/meminfo``: free memory plus what the page cache can give back); None where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _weights_bytes(model: ModelConfig, cache_dir: str | Path, dtype: Any) -> int | None:
+    """The bytes of the model's weights once loaded in ``dtype``: its parameters counted from its config (a
+    Llama/Qwen2-style decoder), else None."""
+    from sweeper.memory import count_params
+
+    try:
+        shape = model_shape(model, cache_dir)
+        return None if shape is None else count_params(shape) * dtype.itemsize
+    except ValueError:  # a config of another shape: not counted
+        return None
+
+
+# at most this share of the host's available memory is read ahead (the data check's child tokenises meanwhile)
+AHEAD_MOST_SHARE = 0.5
+
+
 def read_ahead(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | Path, compute: str,
                attn_implementation: str | None = None) -> None:
     """Start reading the model's weights into host memory in a thread, for this process's next :func:`load` (a
@@ -332,7 +362,9 @@ def read_ahead(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | 
     the read to end if need be, else waits for it and drops them (one copy in memory at a time). Never touches
     CUDA (the weights stay on the CPU, as ``from_pretrained`` leaves them); a 4-bit base (quantised as it loads,
     on the GPU) and a model of remote code are not read ahead; a failure is left to the trial's own load, which
-    reports it. A process that ends while the weights are read (a refusal, Ctrl-C) waits for the read first."""
+    reports it. Weights of unknown size, or larger than :data:`AHEAD_MOST_SHARE` of the host's available memory,
+    are not read ahead either (the data check's child tokenises meanwhile; the trial reads them once it is done). A
+    process that ends while the weights are read (a refusal, Ctrl-C) waits for the read first."""
     if precision.load_in_4bit or model.trust_remote_code or "next" in _ahead:
         return
     try:
@@ -341,6 +373,12 @@ def read_ahead(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | 
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         path, kwargs = _load_args(model, compute, cache_dir, attn_implementation)
+        need, available = _weights_bytes(model, cache_dir, kwargs["dtype"]), host_available_bytes()
+        if need is None or available is None or need > AHEAD_MOST_SHARE * available:
+            log.info("model not read ahead: its weights (%s) are not known to fit in %.0f%% of this host's available "
+                     "memory (%s); its first trial reads them itself", _gib(need), 100 * AHEAD_MOST_SHARE,
+                     _gib(available))
+            return
         # the model's class imported here, not in the thread: one thread imports at a time
         MODEL_FOR_CAUSAL_LM_MAPPING[type(_from_pretrained(AutoConfig, path, "config", model))]
         transformers.utils.logging.disable_progress_bar()  # the command's console keeps its own lines
@@ -348,6 +386,10 @@ def read_ahead(model: ModelConfig, precision: PrecisionConfig, cache_dir: str | 
         log.debug("no model read ahead: %s", e)
         return
     _ahead["next"] = _Ahead(_key(path, kwargs), path, kwargs)
+
+
+def _gib(n: int | None) -> str:
+    return "unknown size" if n is None else f"{n / 2**30:.1f} GiB"
 
 
 def took_ahead() -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
@@ -174,3 +176,28 @@ def test_weights_read_ahead_are_taken_once_by_a_load_that_asks_for_them(compose_
     assert model_mod.took_ahead() is None and "next" not in model_mod._ahead  # dropped, not kept for later
     model_mod.read_ahead(cfg.model, compose_cfg("precision=qlora4").precision, cfg.paths.cache_dir, "bf16")
     assert "next" not in model_mod._ahead  # a 4-bit base is quantised as it loads, on the GPU
+
+
+def test_weights_are_read_ahead_only_within_half_the_hosts_available_memory(compose_cfg, monkeypatch, caplog):
+    """read_ahead sizes the weights from the model's config in the dtype asked for (the loaded model's own bytes)
+    and reads nothing when they exceed half of what the host can give (MemAvailable), or when either is unknown:
+    the data check's child tokenises meanwhile, and the first trial reads the weights itself."""
+    import torch
+
+    from sweeper import model as model_mod
+
+    cfg = compose_cfg("precision=fp32")
+    need = model_mod._weights_bytes(cfg.model, cfg.paths.cache_dir, torch.float32)
+    loaded, _, _ = model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)
+    assert need == sum(p.numel() * p.element_size() for p in loaded.parameters())  # tied embeddings once
+    assert model_mod._weights_bytes(cfg.model, cfg.paths.cache_dir, torch.bfloat16) == need // 2
+    assert model_mod.host_available_bytes() > 0  # this Linux host's /proc/meminfo
+    for available, reads in ((2 * need - 1, False), (None, False), (2 * need, True)):
+        monkeypatch.setattr(model_mod, "host_available_bytes", lambda a=available: a)
+        with caplog.at_level(logging.INFO, logger="sweeper.model"):
+            caplog.clear()
+            model_mod.read_ahead(cfg.model, cfg.precision, cfg.paths.cache_dir, "fp32")
+        assert ("next" in model_mod._ahead) is reads
+        assert ("model not read ahead" in caplog.text) is not reads
+        model_mod.load(cfg.model, cfg.precision, cfg.paths.cache_dir)  # takes (or finds no) weights read ahead
+    assert "next" not in model_mod._ahead
