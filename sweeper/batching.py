@@ -83,8 +83,10 @@ def probe_key(spec: RunSpec, info: dict) -> str:
 def probe(trainer: Any, micro: int) -> float:
     """One real forward+backward through the trainer's own path (collator, PEFT, TRL's fused LM head
     and loss mask) on the ``micro`` longest rows of the prepared train set (full packed sequences
-    with packing): the worst batch the run will see. Returns the peak allocated GiB; raises
-    torch.OutOfMemoryError when it does not fit."""
+    with packing): the worst batch the run will see. With ``speed.graphs`` the batch runs three times, as
+    its bucket does in training (eagerly at its first use, then captured, then replayed), so that the peak
+    holds the graphs' memory pool beside the eager allocations. The trainer's logged metrics and token count
+    leave the probe out. Returns the peak allocated GiB; raises torch.OutOfMemoryError when it does not fit."""
     import torch
 
     model = trainer.model
@@ -99,15 +101,25 @@ def probe(trainer: Any, micro: int) -> float:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    # TRL's loss counts the batch's tokens and keeps its metrics for the next log: the probe is no step of the run
+    tokens = getattr(trainer, "_total_train_tokens", None)
+    metrics = {mode: {k: list(v) for k, v in d.items()} for mode, d in getattr(trainer, "_metrics", {}).items()}
     try:
         # autocast as in training (accelerate wraps the model's forward only inside train()): without it
         # PEFT's fp32 adapters would run, and save activations, in fp32
-        with trainer.accelerator.autocast(), trainer.compute_loss_context_manager():
-            loss = trainer.compute_loss(model, batch)
-        loss.backward()
+        for _ in range(3 if getattr(trainer, "graphed", None) is not None else 1):
+            with trainer.accelerator.autocast(), trainer.compute_loss_context_manager():
+                loss = trainer.compute_loss(model, dict(batch))  # a copy: TRL's loss pops keys of its own
+            loss.backward()
+            loss = None
     finally:
         model.zero_grad(set_to_none=True)
         batch = loss = None
+        for mode, kept in metrics.items():
+            trainer._metrics[mode].clear()
+            trainer._metrics[mode].update(kept)
+        if tokens is not None:
+            trainer._total_train_tokens = tokens
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 

@@ -118,7 +118,8 @@ def install(trainer: Any) -> GraphedModel | None:
         return None
     trainer.data_collator = BucketedCollator(trainer.data_collator)
     _defer_reads(trainer)
-    return GraphedModel(backbone, base)
+    trainer.graphed = GraphedModel(backbone, base)  # batch=auto's probe runs a bucket until it replays
+    return trainer.graphed
 
 
 _KEYS_WITHOUT_GRAPHS = ("attention_mask", "inputs_embeds", "past_key_values", "output_attentions",

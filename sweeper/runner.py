@@ -24,6 +24,7 @@ from typing import Any
 from sweeper import batching, callbacks, inject, interrupt, sft, tracking
 from sweeper import config as config_mod
 from sweeper import data as data_mod
+from sweeper import gpu as gpu_mod
 from sweeper import model as model_mod
 from sweeper import speed as speed_mod
 from sweeper.reporter import Reporter
@@ -171,7 +172,7 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
         probed = _probe(trainer, spec, reporter, batch_state)
         if probed != spec.batch.micro:
             del trainer, model
-            torch.cuda.empty_cache()
+            gpu_mod.free_cuda_cache()  # a collection first: speed.graphs' captured graphs hold the model in a cycle
             target = int(spec.batch_config.auto.target_effective_batch)
             raise _Refit(probed, target // probed)
 

@@ -291,3 +291,77 @@ def test_a_step_that_reads_nothing_back_logs_what_trl_logs(compose_cfg, tmp_path
             assert isinstance(b[key], float) and b[key] == pytest.approx(a[key], rel=1e-4), (key, a, b)
         assert b["num_tokens"] == a["num_tokens"] and b["num_input_tokens_seen"] == a["num_input_tokens_seen"]
     assert have[-1]["num_input_tokens_seen"] > 0
+
+
+def _tiny_trainer(compose_cfg, tmp_path, cuda: bool = False):
+    """A real SFTTrainer of the project's tiny model on 32 chat rows (bf16 with varlen attention on a GPU, fp32
+    on CPU), padding-free, with speed.graphs installed."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from sweeper import model as model_mod
+
+    from .conftest import FAST
+
+    cfg = compose_cfg(*FAST)
+    path = model_mod.build_tiny(cfg.model.tiny, cfg.paths.cache_dir)
+    tok = AutoTokenizer.from_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "echo", "fox", "golf", "hotel"]
+    rows = [{"messages": [{"role": "user", "content": " ".join(words[int(i)] for i in
+                                                                torch.randint(0, 8, (int(n),), generator=g))},
+                          {"role": "assistant", "content": " ".join(words[::-1][: int(n) % 7 + 1])}]}
+            for n in torch.randint(2, 60, (32,), generator=g)]
+    kwargs = {}
+    if cuda:
+        speed.register_varlen()
+        kwargs = dict(dtype=torch.bfloat16, attn_implementation=speed.VARLEN)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+                     report_to=[], use_cpu=not cuda, bf16=cuda, assistant_only_loss=True, padding_free=cuda,
+                     save_strategy="no")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+    trainer.data_collator.padding_free = True
+    replayer = graphs.install(trainer)
+    assert replayer is not None and trainer.graphed is replayer
+    return trainer
+
+
+def test_batch_autos_probe_is_no_step_of_the_run(compose_cfg, tmp_path):
+    """batch=auto's probe runs the trainer's own loss (three times with speed.graphs, as a bucket's first use, its
+    capture and a replay): the tokens it counts and the metrics it keeps are left out of the run's logs, and it
+    leaves no gradient behind."""
+    from sweeper import batching
+
+    trainer = _tiny_trainer(compose_cfg, tmp_path)
+    trainer._metrics["train"]["entropy"].append(1.5)  # what the run had kept before, as if a step had run
+    trainer._total_train_tokens = 7
+    calls = []
+    loss = trainer.compute_loss
+    trainer.compute_loss = lambda *a, **k: calls.append(1) or loss(*a, **k)
+    assert batching.probe(trainer, 4) == 0.0  # no GPU: no peak to read
+    assert len(calls) == 3
+    assert trainer._total_train_tokens == 7 and dict(trainer._metrics["train"]) == {"entropy": [1.5]}
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and flash attention need a CUDA GPU")
+def test_batch_autos_probe_with_graphs_holds_their_memory(compose_cfg, tmp_path):
+    """With speed.graphs, batch=auto's probe captures and replays its bucket, so its peak holds the graphs' pool
+    beside the eager allocations: above the eager probe's, and no training step of the same rows goes above it."""
+    from sweeper import batching
+
+    eager = _tiny_trainer(compose_cfg, tmp_path / "eager", cuda=True)
+    eager.graphed = None  # the same trainer, its probe eager only
+    eager_peak = batching.probe(eager, 8)
+    trainer = _tiny_trainer(compose_cfg, tmp_path / "graphs", cuda=True)
+    peak = batching.probe(trainer, 8)
+    assert len(trainer.graphed.entries) == 1 and trainer.graphed.replays == 1
+    assert peak > eager_peak
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    assert torch.cuda.max_memory_allocated() / 2**30 <= peak + 0.05  # + the optimizer states of a tiny model
