@@ -243,6 +243,16 @@ def test_graphed_model_with_trls_fused_head_computes_what_the_eager_model_comput
     assert any(key[1] is False for key in replayer.entries)  # evaluation's own forward-only graph
 
 
+def _chat_rows(longest: int) -> list[dict]:
+    """32 chat rows of random words (seed 0), the user turn 2 to ``longest`` words long."""
+    g = torch.Generator().manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "echo", "fox", "golf", "hotel"]
+    return [{"messages": [{"role": "user", "content": " ".join(words[int(i)] for i in
+                                                               torch.randint(0, 8, (int(n),), generator=g))},
+                          {"role": "assistant", "content": " ".join(words[::-1][: int(n) % 7 + 1])}]}
+            for n in torch.randint(2, longest, (32,), generator=g)]
+
+
 @pytest.mark.slow
 def test_a_step_that_reads_nothing_back_logs_what_trl_logs(compose_cfg, tmp_path):
     """The bucketed collator with the deferred reads (speed.graphs' step, here on CPU where nothing is
@@ -260,12 +270,7 @@ def test_a_step_that_reads_nothing_back_logs_what_trl_logs(compose_cfg, tmp_path
     cfg = compose_cfg(*FAST)
     path = model_mod.build_tiny(cfg.model.tiny, cfg.paths.cache_dir)
     tok = AutoTokenizer.from_pretrained(path)
-    g = torch.Generator().manual_seed(0)
-    words = ["alpha", "beta", "gamma", "delta", "echo", "fox", "golf", "hotel"]
-    rows = [{"messages": [{"role": "user", "content": " ".join(words[int(i)] for i in
-                                                                torch.randint(0, 8, (int(n),), generator=g))},
-                          {"role": "assistant", "content": " ".join(words[::-1][: int(n) % 7 + 1])}]}
-            for n in torch.randint(2, 30, (32,), generator=g)]
+    rows = _chat_rows(30)
 
     def train(deferred: bool) -> list:
         torch.manual_seed(0)
@@ -308,12 +313,7 @@ def _tiny_trainer(compose_cfg, tmp_path, cuda: bool = False):
     cfg = compose_cfg(*FAST)
     path = model_mod.build_tiny(cfg.model.tiny, cfg.paths.cache_dir)
     tok = AutoTokenizer.from_pretrained(path)
-    g = torch.Generator().manual_seed(0)
-    words = ["alpha", "beta", "gamma", "delta", "echo", "fox", "golf", "hotel"]
-    rows = [{"messages": [{"role": "user", "content": " ".join(words[int(i)] for i in
-                                                                torch.randint(0, 8, (int(n),), generator=g))},
-                          {"role": "assistant", "content": " ".join(words[::-1][: int(n) % 7 + 1])}]}
-            for n in torch.randint(2, 60, (32,), generator=g)]
+    rows = _chat_rows(60)
     kwargs = {}
     if cuda:
         speed.register_varlen()
