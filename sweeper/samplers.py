@@ -21,7 +21,8 @@ from typing import Any
 
 import optuna
 
-__all__ = ["PRUNERS", "SAMPLERS", "check_space", "make_pruner", "make_sampler", "sampler_name"]
+__all__ = ["PER_TRIAL_SEED", "PRUNERS", "SAMPLERS", "check_space", "for_trial", "make_pruner", "make_sampler",
+           "sampler_name", "trial_seed"]
 
 # name -> (class name in optuna.samplers, packages it needs beyond Optuna)
 SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -85,10 +86,36 @@ def _target_class(where: str, target: str) -> Any:
                          "optuna.samplers.TPESampler") from None
 
 
+# samplers whose every draw comes from a random stream of their own instance (the rest of their state is the
+# study's trials): seeded per trial (:func:`trial_seed`), so that no two trials replay the same draws
+PER_TRIAL_SEED = ("tpe", "random", "grid", "cmaes", "nsgaii", "nsgaiii", "gp")
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of trial ``number``'s sampler in a study of ``seed``: a command that resumes a study, and each
+    worker of one, opens it with a sampler of the same seed, whose draws would repeat the first command's
+    trials one by one; the trial's number (unique in the study) gives each trial draws of its own, the same on
+    every run of the same trials."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(number)]).generate_state(1)[0])
+
+
+def for_trial(sampler_cfg: Any, n_objectives: int, number: int) -> optuna.samplers.BaseSampler | None:
+    """Trial ``number``'s own sampler (:func:`trial_seed`) when ``hydra.sweeper.sampler`` has a seed and is one of
+    :data:`PER_TRIAL_SEED`; None otherwise (the study's sampler: unseeded ones draw from fresh entropy in each
+    process, ``qmc`` continues its one sequence by the study's trial count, ``bruteforce`` draws what is left)."""
+    cfg = _plain(sampler_cfg)
+    if cfg.get("seed") is None or sampler_name(cfg) not in PER_TRIAL_SEED:
+        return None
+    return make_sampler({**cfg, "seed": trial_seed(cfg["seed"], number)}, n_objectives)
+
+
 def make_sampler(sampler_cfg: Any, n_objectives: int = 1) -> optuna.samplers.BaseSampler:
     """The study's sampler from ``hydra.sweeper.sampler`` (see the module docstring); ``seed`` is passed
-    when the sampler takes one. Raises ValueError (one line) for an unknown name or class, a missing
-    package, an option the class does not take, or a single-objective sampler in a multi-objective study."""
+    when the sampler takes one (each sampled trial then gets a sampler of its own seed, :func:`for_trial`).
+    Raises ValueError (one line) for an unknown name or class, a missing package, an option the class does not
+    take, or a single-objective sampler in a multi-objective study."""
     cfg = _plain(sampler_cfg)
     where = "hydra.sweeper.sampler"
     options = {k: v for k, v in cfg.items() if k not in _OWN}

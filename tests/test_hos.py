@@ -287,6 +287,25 @@ def test_two_points_that_compose_one_run_are_named():
     assert same_runs(space, [{**same, "speed.name": "auto"}, {**same, "speed.name": "plain"}], compose=None) is None
 
 
+@pytest.mark.parametrize("override, line", [
+    ("schedule.max_steps=4,6,6", "schedule.max_steps lists 6 more than once (values compared as parsed): the sweep "
+     "would train each copy; list each value once, e.g. schedule.max_steps=4,6"),
+    ("lr.learning_rate=1e-3,0.001", "lr.learning_rate lists 0.001 more than once (values compared as parsed): the "
+     "sweep would train each copy; list each value once, e.g. lr.learning_rate=0.001"),
+    ("schedule=under,under", "schedule lists under more than once (values compared as parsed): the sweep would "
+     "train each copy; list each value once, e.g. schedule=under"),
+])
+def test_a_value_repeated_on_a_grid_axis_is_named(override, line):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sweeper.points import same_runs
+    from sweeper.space import build_space
+
+    space = build_space(OverridesParser.create().parse_overrides([override]))
+    configs = [{"seed": 1, "x": v} for v, _ in space.grid[0][1]]  # the repeated value composes the same run
+    assert same_runs(space, configs, compose=None) == line
+
+
 def test_points_that_differ_only_in_how_they_run_are_their_own_runs(compose_cfg):
     from sweeper import identity
 
@@ -387,3 +406,33 @@ def test_a_sampler_or_pruner_by_target_on_the_command_line(compose_cfg, override
     made = (samplers.make_sampler(fields["sampler"]) if "sampler" in override
             else samplers.make_pruner(fields["pruner"]))
     assert isinstance(made, built)
+
+
+@pytest.mark.parametrize("cfg", [{"name": "tpe", "seed": 42}, {"name": "random", "seed": 42},
+                                 {"_target_": "optuna.samplers.TPESampler", "seed": 42, "n_startup_trials": 2}])
+def test_a_resumed_or_second_worker_sampler_of_a_seeded_study_draws_new_points(tmp_path, cfg):
+    """Each command that resumes a study (and each worker of one) opens it with a sampler of the same seed:
+    its trials get draws of their own (the trial's number seeds them), not the first command's again, and the
+    same trials draw the same values on every run."""
+    from sweeper import records
+    from sweeper.sweep.queue import take
+
+    dists = {"lr.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+             "batch.size": optuna.distributions.CategoricalDistribution([4, 8, 16, 32])}
+
+    def commands(url: str) -> list[tuple]:
+        drawn = []
+        for _command in range(3):  # three commands, each with its own study object and a sampler seeded 42
+            study = optuna.create_study(study_name="s", storage=url, load_if_exists=True,
+                                        sampler=samplers.make_sampler(cfg))
+            for _ in range(2):
+                trial = take(study, records.new_trial(study), dists, True, cfg)
+                drawn.append(tuple(trial.params[k] for k in dists))
+                study.tell(trial, trial.params["lr.learning_rate"])
+        return drawn
+
+    first = commands(f"sqlite:///{tmp_path / 'a.db'}")
+    assert len({d[0] for d in first}) == len(first), first  # no command replays another's learning rates
+    assert commands(f"sqlite:///{tmp_path / 'b.db'}") == first  # seeded: the same trials draw the same values
+    assert samplers.for_trial({"name": "qmc", "seed": 1}, 1, 3) is None  # one sequence, continued by trial count
+    assert samplers.for_trial({"name": "tpe"}, 1, 3) is None  # unseeded: fresh entropy in each process

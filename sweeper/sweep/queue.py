@@ -29,7 +29,7 @@ from typing import Any
 import optuna
 
 from sweeper import config as config_mod
-from sweeper import identity, records
+from sweeper import identity, records, samplers
 from sweeper import points as points_mod
 from sweeper import trunks as trunks_mod
 from sweeper.interrupt import deferred
@@ -249,12 +249,11 @@ class Queue:
         return max(records.trial_id(t) for t in study.get_trials(deepcopy=False, states=(State.WAITING,))
                    if records.trial_id(t) not in known), False
 
-    @staticmethod
-    def _take_or_fail(study: optuna.Study, tid: int, dists: dict, created: bool) -> optuna.Trial:
+    def _take_or_fail(self, study: optuna.Study, tid: int, dists: dict, created: bool) -> optuna.Trial:
         """:func:`take`; a sampler that could not suggest (a package it needs, say) FAILs the trial, not RUNNING,
         and stops the sweep in one line."""
         try:
-            return take(study, tid, dists, created)
+            return take(study, tid, dists, created, self.settings.sampler)
         except Exception as e:
             records.set_user(study, tid, records.ERROR, f"{type(e).__name__}: {e}")
             records.set_state(study, tid, State.FAIL)
@@ -316,12 +315,16 @@ class Queue:
         return to_run
 
 
-def take(study: optuna.Study, tid: int, dists: dict, created: bool) -> optuna.Trial:
+def take(study: optuna.Study, tid: int, dists: dict, created: bool, sampler_cfg: Any = None) -> optuna.Trial:
     """The trial ``tid`` as ``study.ask`` hands one out: RUNNING (from WAITING, unless ``created`` so), its
-    fixed params suggested. ``ask`` itself would take the oldest WAITING trial, which may be a parked trunk the
-    halving rule has not decided yet."""
+    fixed params suggested, the others drawn by the sampler of ``sampler_cfg`` seeded for this trial
+    (:func:`sweeper.samplers.for_trial`: a resumed study, or another worker, draws anew). ``ask`` itself would
+    take the oldest WAITING trial, which may be a parked trunk the halving rule has not decided yet."""
     if not created and not records.set_state(study, tid, State.RUNNING):
         raise RuntimeError(f"trial id {tid} was taken by another worker under the claim lock")
+    if dists and sampler_cfg is not None:
+        number = study._storage.get_trial_number_from_id(tid)
+        study.sampler = samplers.for_trial(sampler_cfg, len(study.directions), number) or study.sampler
     trial = optuna.Trial(study, tid)
     for name, dist in dists.items():
         records.suggest(trial, name, dist)
