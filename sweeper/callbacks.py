@@ -148,6 +148,11 @@ def accuracy_callback(spec: RunSpec, splits: data_mod.Splits, tokenizer: Any, de
                 model.train()
             if metrics is not None:
                 metrics["eval_accuracy"] = correct / len(prompts)
+            # the trainer logged this evaluation before its callbacks ran: its entry gets the accuracy too, so that a
+            # checkpoint's log history holds it and a resumed run restores it (restore_tracker)
+            entry = state.log_history[-1] if state.log_history else {}
+            if entry.get("step") == state.global_step and any(k.startswith("eval_") for k in entry):
+                entry["eval_accuracy"] = correct / len(prompts)
             log.info("step %d: eval_accuracy %.4f (%d of %d rows)", state.global_step, correct / len(prompts),
                      correct, len(prompts))
 
@@ -283,7 +288,8 @@ def replace_progress(trainer: Any, spec: RunSpec) -> None:
 
 
 def restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool) -> None:
-    """Seed the curve and best value from a checkpoint's log history (resumed runs)."""
+    """Seed the curves and best values (the objective's, the accuracy by generation's and the :data:`BESIDE` metrics')
+    from a checkpoint's log history (resumed runs)."""
     import json
 
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
@@ -292,9 +298,15 @@ def restore_tracker(tracker: dict, checkpoint: str, metric: str, maximize: bool)
             tracker.setdefault("train_curve", []).append([int(entry["step"]), round(float(entry["loss"]), 5)])
         if "step" in entry and any(k in entry for k in BESIDE):
             _track_beside(tracker, metric, entry, int(entry["step"]))
+        if "step" in entry and "eval_accuracy" in entry:  # written by accuracy_callback
+            acc, step = float(entry["eval_accuracy"]), int(entry["step"])
+            tracker.setdefault("accuracy_curve", []).append([step, acc])
+            if acc > tracker.get("best_accuracy", -1.0):
+                tracker["best_accuracy"], tracker["best_accuracy_step"] = acc, step
         if metric in entry:
             value, step = float(entry[metric]), int(entry["step"])
             tracker.setdefault("curve", []).append([step, value])
+            tracker["last_eval_step"] = step  # a run resumed at its last step is not evaluated there again
             best = tracker.get("best")
             if best is None or (value > best if maximize else value < best):
                 tracker["best"], tracker["best_step"] = value, step

@@ -180,17 +180,23 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
     plan = _record_plan(spec, splits, trainer, args, out, reporter, batch_state, compute, accuracy_decision, resume)
 
     # train
-    if resume:
-        log.info("resuming from %s", resume)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        output = trainer.train(resume_from_checkpoint=resume)
-    except torch.OutOfMemoryError as e:
-        step = trainer.state.global_step
-        trainer = model = None  # freed before the retry  # noqa: F841
-        raise _OutOfMemory(step, e) from e
-    state = trainer.state
+    ended = _ended_at(resume, args.max_steps, tracker) if resume else None
+    if ended is not None:  # the trainer would train one step past max_steps from there
+        log.info("resuming from %s: the run's last step (%d), evaluated there; nothing is left to train", resume,
+                 ended.global_step)
+        state, output = ended, None
+    else:
+        if resume:
+            log.info("resuming from %s", resume)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            output = trainer.train(resume_from_checkpoint=resume)
+        except torch.OutOfMemoryError as e:
+            step = trainer.state.global_step
+            trainer = model = None  # freed before the retry  # noqa: F841
+            raise _OutOfMemory(step, e) from e
+        state = trainer.state
     if tracker.get("last_eval_step") != state.global_step and segment.final_eval:
         trainer.evaluate()  # the run's final point, when max_steps is not a multiple of eval_steps
 
@@ -201,6 +207,16 @@ def _attempt(spec: RunSpec, splits: data_mod.Splits, segment: Segment, reporter:
     if segment.save_state:
         state.save_to_json(str(out / "trainer_state.json"))
     return results
+
+
+def _ended_at(checkpoint: str, max_steps: int, tracker: dict) -> Any:
+    """The trainer state of ``checkpoint`` when it is the run's end (its last step, evaluated there: a run stopped
+    after its final save, before its result was recorded), else None."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    ended = max_steps > 0 and state.global_step >= max_steps and tracker.get("last_eval_step") == state.global_step
+    return state if ended else None
 
 
 def _probe(trainer: Any, spec: RunSpec, reporter: Reporter, batch_state: _Batching) -> int:
@@ -288,7 +304,7 @@ def _results(spec: RunSpec, state: Any, output: Any, tracker: dict, effective_ba
         "samples_seen": state.global_step * effective_batch,
         "tokens_seen": int(state.num_input_tokens_seen or 0),
         "stopped_early_step": state.global_step if stopped_early else None,
-        "train_runtime_s": round(float(output.metrics.get("train_runtime", 0.0)), 2),
+        "train_runtime_s": round(float(output.metrics.get("train_runtime", 0.0)), 2) if output is not None else 0.0,
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "best_checkpoint": state.best_model_checkpoint,
         # job_s: this segment from its start to here (no process start: a sweep runs its trials in one process)

@@ -248,3 +248,23 @@ def test_conversational_prompt_completion_rows_train_with_accuracy(compose_cfg, 
     rec = Recorder()
     assert math.isfinite(run(compose_cfg(*FAST, "data=jsonl", f"data.train_path={path}"), reporter=rec))
     assert rec.attrs["accuracy"]["on"] and len(rec.attrs["accuracy_curve"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", ["eval_loss", "eval_accuracy"])
+def test_a_resumed_run_keeps_the_accuracy_measured_before_its_checkpoint(compose_cfg, tmp_path, metric):
+    """Accuracy by generation is measured after the trainer logs an evaluation; the checkpoint's log history holds
+    it too, so a run resumed from a checkpoint reports the whole accuracy curve and its best (and, with
+    eval.metric=eval_accuracy, the objective's curve and best step) as the run that never stopped."""
+    overrides = (*FAST, "schedule.max_steps=8", "eval.eval_steps=2", f"eval.metric={metric}",
+                 "eval.early_stopping_patience=null", f"paths.output_dir={tmp_path}")
+    whole = Recorder()
+    run(compose_cfg(*overrides), reporter=whole)
+    assert [s for s, _ in whole.attrs["accuracy_curve"]] == [2, 4, 6, 8]
+    # the checkpoints kept: the best and the last (one, when the last is the best: resumed with nothing to train)
+    checkpoints = sorted(tmp_path.rglob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    resumed = Recorder()
+    resumed.resume_checkpoint = lambda: str(checkpoints[0])
+    run(compose_cfg(*overrides), reporter=resumed)
+    for key in ("accuracy_curve", "best_accuracy", "best_accuracy_step", "best_step"):
+        assert resumed.attrs[key] == whole.attrs[key], (key, resumed.attrs[key], whole.attrs[key])
