@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from sweeper import records
+from sweeper import interrupt, records
 
 __all__ = ["main", "plan_rows", "render"]
 
@@ -293,5 +293,6 @@ def main(overrides: list[str], config_dir: str | None = None) -> int:
     except (ValueError, FileNotFoundError, HydraException) as e:  # bad input: the sweep's one line
         print(passwords.mask_secrets(f"error: {refusal_line(e)}", secrets), file=sys.stderr)
         return 2
+    interrupt.honour()  # a Ctrl-C swallowed while the data was prepared (a finalizer, TRL's worker pool): no plan
     print(passwords.mask_secrets(render(rows), secrets))
     return 0

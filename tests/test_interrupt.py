@@ -147,3 +147,28 @@ def test_a_ctrl_c_a_finalizer_swallows_while_a_command_imports_stops_it_with_one
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): "), proc.stderr[-2000:]
     assert not out.exists() or not any(p.name in ("summary.md", "report.html") for p in out.iterdir())
+
+
+def test_a_ctrl_c_a_finalizer_swallows_while_the_plan_prepares_its_data_stops_it_with_one_line(
+        monkeypatch, capsys, tmp_path, cache_dir):
+    """``sweeper plan``: a Ctrl-C lost in a finalizer while TRL prepares the data (the press remembered) ends the
+    command with its one line and exit code 130 before it prints a plan, not with the whole plan and 0."""
+    from sweeper import cli, plan_command
+
+    prepare = plan_command.plan_rows
+
+    def swallowed_then_prepared(*args, **kwargs):
+        _SwallowsCtrlC()
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(plan_command, "plan_rows", swallowed_then_prepared)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            cli.main(["plan", "data.demo_rows=60", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    out = capsys.readouterr()
+    assert ended.value.code == interrupt.EXIT_CODE
+    assert "| model=" not in out.out  # no plan printed
+    assert out.err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): the plan stopped")
