@@ -30,7 +30,7 @@ ARTIFACTS = Path(os.environ.get("SFT_SWEEP_TEST_ARTIFACTS", ROOT / "test-artifac
     ([[10, 3.0], [20, 2.0], [30, 1.5], [40, 1.2]], [], "under-trained", "still falling at the end"),
     ([[10, 3.0], [20, 1.0], [30, 0.9], [40, 1.1], [50, 1.3]], [[10, 3.0], [30, 0.8], [50, 0.2]],
      "over-trained", "turned up after step 30 (best 0.9000, end 1.3000, +44.4%) while train loss kept falling"),
-    ([[10, 2.0], [20, 2.005], [30, 1.998], [40, 2.001]], [], "plateau", "consider a lower learning rate"),
+    ([[10, 2.0], [20, 2.005], [30, 1.998], [40, 2.001]], [], "plateau", "try learning rates on both sides of it"),
     ([[10, 3.0], [20, 1.0], [30, 0.901], [40, 0.900], [50, 0.9005]], [], "good", "flattened"),
     ([[10, 3.0]], [], "no curve", "fewer than two evaluations"),
 ])

@@ -100,7 +100,8 @@ def diagnose(eval_curve: Sequence[Sequence[float]], train_curve: Sequence[Sequen
       quarter of the evaluations gained more than ``rel_tol`` and 2 noise;
     - *over-trained*: the end is more than ``2*rel_tol`` and 3 noise above the best (a smaller rise is
       noise, and said so); the step where it turned is named, and whether train loss kept falling;
-    - *plateau*: the whole run moved the loss by less than ``2*rel_tol``: consider a lower learning rate;
+    - *plateau*: the whole run moved the loss by less than ``2*rel_tol``: the learning rate is off, on either side
+      (too low barely moves the loss, too high stalls it);
     - *good*: it fell and then flattened near its best. With a ``scheduler`` that decays to zero
       (:data:`DECAYING`) and a run that reached the last quarter of ``max_steps``, the flat tail is the
       LR decaying, not convergence, and the reason says so.
@@ -121,7 +122,8 @@ def diagnose(eval_curve: Sequence[Sequence[float]], train_curve: Sequence[Sequen
     scale = max(abs(best), 1e-8)
     if (first - best) / max(abs(first), 1e-8) < 2 * rel_tol and (max(vals) - min(vals)) / scale < 2 * rel_tol:
         return Diagnosis("plateau", f"eval loss stayed within {2 * rel_tol:.0%} of {best:.4f} over the whole run: "
-                                    "the model is not learning at this rate; consider a lower learning rate")
+                                    "the model is not learning at this rate (too low a learning rate barely moves the loss, "
+                                    "too high a one stalls it): try learning rates on both sides of it")
     rise = last - best
     if rise > max(2 * rel_tol * scale, 3 * sigma):
         turn = steps[best_i]
