@@ -27,8 +27,9 @@ from omegaconf import MISSING
 
 __all__ = ["AutoBatchConfig", "BatchConfig", "Config", "DataConfig", "EvalConfig", "InputError", "LrConfig",
            "ModelConfig", "ModelShape", "PathsConfig", "PeftConfig", "PrecisionConfig", "ScheduleConfig",
-           "SpeedConfig", "StudyRef", "TinyModelConfig", "WSD_DECAY_TYPES", "WsdConfig", "metric_direction",
-           "missing_line", "one_line", "refusal_line", "register", "validate", "wsd_branch_point", "wsd_warmup_steps"]
+           "SpeedConfig", "StudyRef", "TinyModelConfig", "WSD_DECAY_TYPES", "WsdConfig", "check_seeds",
+           "metric_direction", "missing_line", "one_line", "refusal_line", "register", "validate", "wsd_branch_point",
+           "wsd_warmup_steps"]
 
 
 SWEEP_ID_ENV = "SFT_SWEEP_SWEEP_ID"  # the sweep id a worker process inherits from the command that started it
@@ -90,7 +91,7 @@ def one_line(text: str) -> str:
     return _near_key("; ".join(parts))
 
 
-_UNKNOWN_KEY = re.compile(r"^Could not override '(?P<key>[^']+)'; To append to your config use (?P<plus>\+\S+); "
+_UNKNOWN_KEY = re.compile(r"^Could not override '(?P<key>[^']+)'; To append to your config use (?P<plus>\+.+?); "
                           r"Key '(?P<leaf>[^']+)' not in '(?P<cls>\w+)'")
 
 
@@ -349,16 +350,35 @@ class Config:
     report_to: str = MISSING  # none | tensorboard
 
 
+# file (or folder) names that say which split a file holds, not which dataset
+_SPLIT_NAMES = frozenset({"train", "training", "eval", "evaluation", "validation", "valid", "val", "dev", "test",
+                          "data", "dataset", "all", "full"})
+
+
+def dataset_name(path: Any) -> str:
+    """The name ``data=jsonl`` gives the dataset of ``data.train_path`` (the study is ``<data.name>-<model.name>``):
+    the file's name without its extensions (``my_rows.jsonl`` -> ``my_rows``), or, for a file named after a
+    split, the nearest folder above it that is not (``clinc150/train.jsonl`` -> ``clinc150``), so that datasets
+    laid out as ``<name>/train.jsonl`` each get their own study."""
+    from pathlib import PurePath
+
+    p = PurePath(str(path))
+    stem = p.name.split(".")[0]
+    if stem.lower() not in _SPLIT_NAMES:
+        return stem
+    return next((f for f in reversed(p.parent.parts) if f not in ("/", ".", "..") and f.lower() not in _SPLIT_NAMES),
+                stem)
+
+
 def register() -> None:
     """Register the schema with Hydra's ConfigStore (idempotent)."""
-    from pathlib import Path
 
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="config_schema", node=Config)
     if not OmegaConf.has_resolver("stem"):  # data/jsonl.yaml: name a dataset after its file
-        OmegaConf.register_new_resolver("stem", lambda p: Path(str(p)).name.split(".")[0])
+        OmegaConf.register_new_resolver("stem", dataset_name)
     if not OmegaConf.has_resolver("first_set"):  # the sweep folder: study_name if set, else <data>-<model>
         OmegaConf.register_new_resolver("first_set", lambda *xs: next((x for x in xs if x is not None), None))
 
@@ -428,13 +448,52 @@ def _validate_learning_rates(w: Any) -> None:
                              f"length), but got {h.eta}; set schedule.wsd.halving.eta=3")
 
 
+def _set_by(cfg: Any, key: str) -> str | None:
+    """The option of the command that sets ``key`` (``+debug=fast`` sets ``schedule.max_steps``), as the command
+    wrote it, for a message: the last chosen config file of the ``_global_`` package that gives ``key`` a value.
+    None when the command line sets ``key`` itself, or no chosen file does, or the choices are not at hand."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    hydra = cfg.hydra if "hydra" in cfg else None
+    if hydra is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra = HydraConfig.instance().cfg.hydra if HydraConfig.initialized() else None
+    if hydra is None:
+        return None
+    try:
+        given = {o.lstrip("+~").split("=", 1)[0]: o for o in hydra.overrides.task}
+        if key in given:
+            return None
+        folders = [Path(src.path) for src in hydra.runtime.config_sources if src.schema == "file"]
+        found = None
+        for group, option in hydra.runtime.choices.items():
+            if option is None or group.startswith("hydra"):
+                continue
+            path = next((f / group / f"{option}.yaml" for f in folders if (f / group / f"{option}.yaml").is_file()),
+                        None)
+            text = path.read_text(encoding="utf-8") if path is not None else ""
+            if "@package _global_" in text and OmegaConf.select(OmegaConf.create(text), key) is not None:
+                found = given.get(group, f"{group}={option}")
+        return found
+    except Exception:  # a file that does not parse here: the message goes without its origin
+        return None
+
+
 def _validate_wsd(cfg: Any) -> None:
     s, w = cfg.schedule, cfg.schedule.wsd
     if s.max_steps is not None or s.num_train_epochs is not None:
+        got, fix = [], []
+        for key, value in (("max_steps", s.max_steps), ("num_train_epochs", s.num_train_epochs)):
+            by = _set_by(cfg, f"schedule.{key}") if value is not None else None
+            got.append(f"{key}={value}" + (f" (from {by})" if by else ""))
+            fix += [f"schedule.{key}=null"] if value is not None else []
         raise ValueError(
             f"schedule.wsd searches the length itself, so schedule.max_steps and schedule.num_train_epochs must "
-            f"be null, but got max_steps={s.max_steps}, num_train_epochs={s.num_train_epochs}; set "
-            "schedule.wsd.candidates=[...] instead")
+            f"be null, but got {', '.join(got)}; set {' '.join(fix)} and give the lengths in "
+            "schedule.wsd.candidates=[...]")
     cands = list(w.candidates)
     if any(isinstance(c, int) and c > MAX_STEPS for c in cands):
         raise ValueError(f"schedule.wsd.candidates must be at most {MAX_STEPS:,} steps each, but got {cands}; "
@@ -557,13 +616,18 @@ def _validate_schedule(cfg: Any) -> None:
                          "pick schedule=epochs3")
 
 
-def _validate_training(cfg: Any) -> None:
-    """Seeds, warmup and learning rate, batch, data, precision and method."""
-    s = cfg.schedule
+def check_seeds(cfg: Any) -> None:
+    """``seed`` and ``data.seed`` in numpy's range; a sweep checks them before its sampler takes ``seed``."""
     for key, seed in (("seed", cfg.seed), ("data.seed", cfg.data.seed)):
         if not 0 <= seed <= MAX_SEED:
             raise ValueError(f"{key} must be between 0 and {MAX_SEED} (numpy's seed range), but got {seed}; "
                              f"e.g. {key}=42")
+
+
+def _validate_training(cfg: Any) -> None:
+    """Seeds, warmup and learning rate, batch, data, precision and method."""
+    s = cfg.schedule
+    check_seeds(cfg)
     w = cfg.lr.warmup_steps
     if w < 0:
         raise ValueError(f"lr.warmup_steps must be >= 0, but got {w}; set lr.warmup_steps=0.03")

@@ -9,8 +9,8 @@ generates). Rows are in one of TRL's two formats, conversational ``messages`` or
 ``messages``, plain ``text`` becomes a completion with an empty prompt (TRL's language modeling: the
 loss is on every token). Every row's shape is checked once, on the decoded values, before any trial;
 every check raises one ``ValueError`` (or ``FileNotFoundError``) that names the option, the file and the
-row numbers (1-based, in file order). Tool calls (``tool_calls``, ``tool`` messages) are refused as not
-supported. Eval rows that are also train rows are counted and warned about.
+row numbers (1-based, in file order; a JSONL file's rows by their line numbers). Tool calls (``tool_calls``,
+``tool`` messages) are refused as not supported. Eval rows that are also train rows are counted and warned about.
 
 Loading goes through ``datasets`` so the Arrow cache and fingerprints are reused across trials.
 """
@@ -195,9 +195,10 @@ def _resolve_local(path_str: str) -> Path:
     return path
 
 
-def _check_jsonl(path: Path, key: str) -> int:
-    """Parse every line; name the first bad one. Returns the number of rows."""
-    rows = 0
+def _check_jsonl(path: Path, key: str) -> tuple[int, list[int]]:
+    """Parse every line; name the first bad one. Returns the number of rows and the numbers of the blank lines
+    (ascending), which the loader skips: :func:`_lines` names a row by its line."""
+    rows, blanks = 0, []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -206,9 +207,10 @@ def _check_jsonl(path: Path, key: str) -> int:
                 raise ValueError(f"{key}: {path} line {lineno} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
                                  f"column {e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
+                blanks.append(lineno)
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # without its newline: a line cut short errs at its end
             except json.JSONDecodeError as e:
                 raise ValueError(
                     f"{key}: {path} line {lineno} is not valid JSON ({e.msg} at column {e.colno}); "
@@ -217,7 +219,20 @@ def _check_jsonl(path: Path, key: str) -> int:
             if not isinstance(obj, dict):
                 raise ValueError(f"{key}: {path} line {lineno} is a JSON {type(obj).__name__}, not an object")
             rows += 1
-    return rows
+    return rows, blanks
+
+
+def _lines(blanks: list[int]) -> Callable[[int], str]:
+    """Names a JSONL file's 1-based row by the line that holds it (``line N``), given the file's blank lines
+    (:func:`_check_jsonl`), which the loader skips."""
+    def where(row: int) -> str:
+        line = row
+        for b in blanks:
+            if b > line:
+                break
+            line += 1
+        return f"line {line}"
+    return where
 
 
 def _check_csv(path: Path, key: str) -> None:
@@ -324,7 +339,10 @@ def _load_from_disk(folder: Path, split: str | None, key: str) -> Any:
     return ds
 
 
-def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path) -> tuple[Any, str]:
+def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path
+              ) -> tuple[Any, str, Callable[[int], str] | None]:
+    """``(dataset, source, where)``: ``where`` names a 1-based row as its place in the source (a JSONL file's
+    ``line N``), None where that is ``row N``."""
     import datasets
 
     suffix = Path(path_str).suffix.lower()
@@ -338,7 +356,7 @@ def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path) -> tu
                 "folder written by datasets' save_to_disk, or a hub id")
         if len(ds) == 0:
             raise ValueError(_no_rows(key, local, "a saved dataset of 0 rows"))
-        return ds, str(local)
+        return ds, str(local), None
     if suffix in _LOCAL_SUFFIXES or local.exists():
         if not local.is_file():
             raise FileNotFoundError(
@@ -351,8 +369,12 @@ def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path) -> tu
             raise ValueError(
                 f"{key}: {local} has suffix {suffix!r}; accepted are {sorted(_LOCAL_SUFFIXES)}"
             )
-        if suffix == ".jsonl" and _check_jsonl(local, key) == 0:
-            raise ValueError(_no_rows(key, local, "only blank lines"))
+        where = None
+        if suffix == ".jsonl":
+            rows, blanks = _check_jsonl(local, key)
+            if rows == 0:
+                raise ValueError(_no_rows(key, local, "only blank lines"))
+            where = _lines(blanks)
         if suffix == ".csv":
             _check_csv(local, key)
         if suffix == ".parquet" and _parquet_rows(local) == 0:
@@ -369,7 +391,7 @@ def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path) -> tu
             raise ValueError(f"{key}: could not read {local}: {_root_cause(e)}") from e
         if len(ds) == 0:
             raise ValueError(_no_rows(key, local, "0 rows in it"))
-        return ds, str(local)
+        return ds, str(local), where
     try:
         ds = datasets.load_dataset(path_str, split=split or "train", cache_dir=str(cache_dir / "datasets"))
     except Exception as e:
@@ -379,7 +401,7 @@ def _load_one(path_str: str, split: str | None, key: str, cache_dir: Path) -> tu
         ) from e
     if len(ds) == 0:
         raise ValueError(_no_rows(key, repr(path_str), f"its split {split or 'train'!r} is empty"))
-    return ds, path_str
+    return ds, path_str, None
 
 
 def detect_format(columns: list[str], key: str, source: str) -> str:
@@ -500,10 +522,12 @@ def _row_problem(fmt: str, row: dict) -> str | None:
     return None
 
 
-def _check_rows(ds: Any, fmt: str, key: str, source: str, most: int = 5) -> None:
+def _check_rows(ds: Any, fmt: str, key: str, source: str, most: int = 5,
+                where: Callable[[int], str] | None = None) -> None:
     """Check every row, on its decoded values (a JSON column keeps a number a number), where TRL or the
     chat template would fail later with a less clear error; one error naming the first few bad rows
-    (1-based, in file order), the field and the value's kind, and how many there are."""
+    (1-based, in file order; ``where(n)`` names row ``n`` instead, e.g. a JSONL file's ``line N``), the field
+    and the value's kind, and how many there are."""
     columns = _columns(fmt, ds.column_names)
     data = ds.select_columns(columns)[:]  # decoded python values, column by column
     bad = []
@@ -512,7 +536,7 @@ def _check_rows(ds: Any, fmt: str, key: str, source: str, most: int = 5) -> None
         if why is not None:
             bad.append((i + 1, why))
     if bad:
-        shown = "; ".join(f"row {n}: {why}" for n, why in bad[:most])
+        shown = "; ".join(f"{where(n) if where else f'row {n}'}: {why}" for n, why in bad[:most])
         more = f" (first {most} shown)" if len(bad) > most else ""
         raise ValueError(f"{key}: {len(bad)} of {len(ds)} rows of {source} cannot be trained on: {shown}{more}; "
                          "fix or drop them")
@@ -537,10 +561,10 @@ _CONVERTERS = {"sharegpt": _sharegpt_row, "alpaca": _alpaca_row, "text": _text_r
 
 def _read(path: str, split: str | None, key: str, cache_dir: Path) -> tuple[Any, str, str]:
     """One file (or hub set) as TRL rows: ``(dataset, source, detected format)``; every row checked first."""
-    ds, source = _load_one(path, split, key, cache_dir)
+    ds, source, where = _load_one(path, split, key, cache_dir)
     detected = detect_format(ds.column_names, key, source)
     ds = ds.select_columns(_columns(detected, ds.column_names))
-    _check_rows(ds, detected, key, source)
+    _check_rows(ds, detected, key, source, where=where)
     if detected in _CONVERTERS:  # a named function: datasets' fingerprint caches the result across trials
         ds = ds.map(_CONVERTERS[detected], remove_columns=ds.column_names, desc=f"converting {detected} rows")
     return ds, source, detected

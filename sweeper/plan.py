@@ -64,6 +64,20 @@ def _fmt_epochs(epochs: float) -> str:
     return f"{epochs:.2f}" if epochs < 1 else f"{epochs:.1f}"
 
 
+def _fmt_beyond(epochs: float, bound: float) -> str:
+    """``epochs`` (not equal to ``bound``) as :func:`_fmt_epochs` writes it, with more digits where that rounds it
+    onto ``bound`` or past it (0.296 against 0.3: ``0.296``, not ``0.30``), so that a line comparing them reads
+    true."""
+    text = _fmt_epochs(epochs)
+    digits = len(text.split(".")[1])
+    while not (float(text) < bound if epochs < bound else float(text) > bound):
+        if digits >= 12:
+            return repr(epochs)
+        digits += 1
+        text = f"{epochs:.{digits}f}"
+    return text
+
+
 @dataclass(frozen=True)
 class Plan:
     effective_batch: int  # rows (or packed sequences) per optimizer step, all GPUs
@@ -87,10 +101,10 @@ class Plan:
         presets = schedule_presets() if presets is None else presets
         out = []
         if self.epochs > MAX_EPOCHS:
-            out.append(f"{_fmt_epochs(self.epochs)} epochs is more than ~{MAX_EPOCHS} passes over the data: expect "
+            out.append(f"{_fmt_beyond(self.epochs, MAX_EPOCHS)} epochs is more than ~{MAX_EPOCHS} passes over the data: expect "
                        f"over-fitting; consider fewer steps: {self._advice(presets, shorter=True)}; or more data")
         if self.epochs < MIN_EPOCHS:
-            out.append(f"{self.epochs:.2f} epochs sees less than ~{MIN_EPOCHS} of the data: the run is likely too "
+            out.append(f"{_fmt_beyond(self.epochs, MIN_EPOCHS)} epochs sees less than ~{MIN_EPOCHS} of the data: the run is likely too "
                        f"short; consider more steps: {self._advice(presets, shorter=False)}")
         if self.warmup_steps >= self.max_steps:
             out.append(f"warmup ({self.warmup_steps} steps) is not shorter than the run ({self.max_steps} steps)")

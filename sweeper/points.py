@@ -34,6 +34,16 @@ def _line(a: str, b: str, keys: Sequence[str], fixed: Sequence[str]) -> str:
             f"them, or drop {' '.join(by) if by else 'the override that makes them equal'}")
 
 
+def _repeated(key: str, texts: Sequence[str], choice: bool = False) -> str:
+    """The line for a value listed more than once on one axis (``schedule.max_steps=6,6``, ``lr=1e-3,0.001``;
+    ``choice(a,a)`` with ``choice``)."""
+    repeats = [t for t in dict.fromkeys(texts) if texts.count(t) > 1]
+    once = ",".join(dict.fromkeys(texts))
+    once = f"choice({once})" if choice and "," in once else once
+    return (f"{key} lists {' and '.join(repeats)} more than once (values compared as parsed): the sweep would "
+            f"train each copy; list each value once, e.g. {key}={once}")
+
+
 def same_runs(space: SweepSpace, configs: Sequence[dict], compose: Callable[[list[str]], Any]) -> str | None:
     """The line saying that two grid points (``configs``: their :func:`sweeper.identity.run_config`, in
     :meth:`SweepSpace.grid_points` order) or two choices of a sampled ``choice(...)`` over a config group
@@ -45,6 +55,9 @@ def same_runs(space: SweepSpace, configs: Sequence[dict], compose: Callable[[lis
         for i in range(j):
             if configs[i] == configs[j]:
                 diff = [k for k in points[i] if points[i][k][1] != points[j][k][1]]
+                if not diff:  # the same override text twice: a value repeated on an axis
+                    key = next(k for k, vals in space.grid if len({t for _, t in vals}) < len(vals))
+                    return _repeated(key, [t for _, t in dict(space.grid)[key]])
                 a = " ".join(f"{k}={points[i][k][1]}" for k in diff)
                 b = " ".join(f"{k}={points[j][k][1]}" for k in diff)
                 return _line(a, b, diff, space.fixed)
@@ -58,6 +71,8 @@ def same_runs(space: SweepSpace, configs: Sequence[dict], compose: Callable[[lis
             except Exception:  # a choice that does not compose fails its own trial
                 continue
             flat = repr(sorted(identity.run_config(cfg).items()))
+            if flat in seen and seen[flat] == value_text(value):
+                return _repeated(key, [value_text(v) for v in dist.choices], choice=True)
             if flat in seen:
                 return _line(f"{key}={seen[flat]}", f"{key}={value_text(value)}", [key], space.fixed)
             seen[flat] = value_text(value)

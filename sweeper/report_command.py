@@ -26,7 +26,21 @@ def default_locations(config_dir: str | None = None) -> tuple[str, str]:
     return str(cfg.hydra.sweeper.storage), str(cfg.paths.output_dir)
 
 
-def open_store(storage: str, need_studies: bool = True):
+def open_store(storage: str, need_studies: bool = True, given: bool = True):
+    """``(url, url masked, storage)`` for the commands that read a storage; bad input as one ``ValueError`` line,
+    naming ``--storage`` when ``given`` (the user's option), else the config's ``hydra.sweeper.storage``."""
+    from sweeper.storage import StorageError
+
+    try:
+        return _open_store(storage, need_studies)
+    except StorageError as e:  # its lines name the sweep's option
+        if not given:
+            raise
+        raise StorageError(str(e).replace("hydra.sweeper.storage=", "--storage ")
+                           .replace("hydra.sweeper.storage", "--storage")) from None
+
+
+def _open_store(storage: str, need_studies: bool):
     from sweeper.program import this_process
     from sweeper.storage import check_sqlite_file, check_url, mask_url, open_storage, sqlite_path
 
@@ -77,13 +91,19 @@ def _has_optuna_tables(path: Path) -> bool:
 
 def write_whole(store, out_dir: Path, studies: list[str] | None, url: str | None = None) -> dict[str, Path]:
     """``sweeper.report.write_report`` into a scratch folder inside ``out_dir``, then each file moved into
-    place: a report cut short (Ctrl-C, an error) leaves the last whole report, and no scratch folder."""
+    place: a report cut short (Ctrl-C, an error such as an unknown ``--study``) leaves the last whole report, no
+    scratch folder, and none of the folders it made for ``out_dir``."""
     import shutil
     import tempfile
 
     from sweeper.interrupt import deferred, honour
     from sweeper.report import write_report
 
+    made = []  # the folders mkdir makes, deepest first
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            break
+        made.append(folder)
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
     try:
@@ -93,6 +113,14 @@ def write_whole(store, out_dir: Path, studies: list[str] | None, url: str | None
             for f in sorted(scratch.iterdir()):
                 f.replace(out_dir / f.name)
         return {k: out_dir / p.name for k, p in paths.items()}
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        for folder in made:  # still empty: nothing was written
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -102,7 +130,7 @@ def report(storage: str | None, studies: list[str] | None, out: str | None, conf
     try:
         # conf/ is composed for what was not given and for the default storage, which the commands leave out
         default_storage, output_dir = default_locations(config_dir) if storage is None or out is None else (None, out)
-        url, shown, store = open_store(storage or default_storage)
+        url, shown, store = open_store(storage or default_storage, given=storage is not None)
         out_dir = Path(out) if out else Path(output_dir) / "report"
         default = default_storage if default_storage is not None else _default_storage(config_dir)
         paths = write_whole(store, out_dir, studies, url=None if url == default else url)
@@ -134,7 +162,8 @@ def dashboard(storage: str | None, host: str, port: int, config_dir: str | None 
     from optuna_dashboard import run_server
 
     try:
-        url, shown, store = open_store(storage or default_locations(config_dir)[0], need_studies=False)  # a sweep may start later
+        url, shown, store = open_store(storage or default_locations(config_dir)[0], need_studies=False,  # a sweep may
+                                       given=storage is not None)  # start later
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -101,7 +101,7 @@ def status(storage: str | None, studies: list[str] | None, config_dir: str | Non
     from sweeper.report_command import default_locations, open_store
 
     try:
-        url, shown, store = open_store(storage or default_locations(config_dir)[0])
+        url, shown, store = open_store(storage or default_locations(config_dir)[0], given=storage is not None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -56,8 +56,10 @@ def misfit(key: str, dist: optuna.distributions.BaseDistribution, want: type | N
     if isinstance(dist, D.FloatDistribution) and dist.step is None and want is int:
         lo, hi = int(dist.low), int(dist.high)
         wrap = f"tag(log, int(interval({lo},{hi})))" if dist.log else f"int(interval({lo},{hi}))"
+        such = f"{(dist.low + dist.high) / 2:g}"
+        such += ".0" if such.lstrip("-").isdigit() else ""  # a float as a float: 4.0, not 4
         return (f"{key} takes whole numbers (int), but {distribution_text(dist)} samples floats such as "
-                f"{(dist.low + dist.high) / 2:g}; write {key}='{wrap}' (or range({lo},{hi + 1}))")
+                f"{such}; write {key}='{wrap}' (or range({lo},{hi + 1}))")
     values = finite_values(dist)
     if values is None:  # a continuous float for a float key
         return None

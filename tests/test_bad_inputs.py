@@ -252,8 +252,8 @@ CASES = [
     ("rows in no known format", _train_only([{"body": "hello"}] * 5), "need a 'messages' column"),
     ("train file missing", lambda p: ["data=jsonl", f"data.train_path={p / 'nope.jsonl'}"], "file not found"),
     ("row 31 without an assistant turn", _train_only(GOOD[:30] + [_chat("only a question")] + GOOD[30:]),
-     "row 31: no assistant message to learn from"),
-    ("eval_accuracy on answers that are no label set", lambda p: [*_train_only(GOOD)(p), "eval.metric=eval_accuracy"],
+     "line 31: no assistant message to learn from"),
+    ("eval_accuracy on answers that are no label set", lambda p: [*_train_only(GOOD)(p), "data.name=train", "eval.metric=eval_accuracy"],
      "eval.metric=eval_accuracy, but the answers of train are not a label set (38 distinct answers in 38 train rows"),
     ("eval in another format than train", _train_and_eval([{"prompt": "p", "completion": "c"}] * 3),
      "is in prompt_completion format but data.train_path is in messages; use one format"),
@@ -287,6 +287,8 @@ CASES = [
      "of type 'str' could not be converted to Integer"),
     ("unknown key", ["schedul.max_steps=3"], "Could not override 'schedul.max_steps': schedul is not a key of the "
      "config; did you mean schedule.max_steps=3?"),
+    ("unknown key with a value list", ["schedule.max_step=4,6"], "Could not override 'schedule.max_step': "
+     "schedule.max_step is not a key of the config; did you mean schedule.max_steps=4,6? (known in schedule: "),
     ("unknown schedule", ["schedule=nonexistent"], "Could not find 'schedule/nonexistent'; Available options in "
      "'schedule': epochs3, over, sweet, under, wsd_search"),
     ("required file not given", ["data=jsonl"], "data.train_path must be set, but is ??? (a required value of the "
@@ -456,6 +458,24 @@ def test_bad_input_to_plan_is_the_sweeps_one_line(tmp_path, cache_dir, case):
     assert "Traceback" not in proc.stderr and not (tmp_path / "optuna.db").exists()
 
 
+@pytest.mark.parametrize("seed", [-1, 99999999999])
+def test_a_sweeps_seed_out_of_range_is_the_single_runs_line(compose_cfg, seed):
+    """The sweep's sampler takes ``${seed}``: the sweep refuses the seed with the single run's line, naming
+    ``seed``, before the sampler refuses it in its own words."""
+    from omegaconf import OmegaConf
+
+    from sweeper.config import validate
+    from sweeper.sweep.settings import parse
+
+    cfg = compose_cfg(f"seed={seed}")
+    with pytest.raises(ValueError) as single:
+        validate(cfg)
+    with pytest.raises(ValueError) as sweep:
+        parse(OmegaConf.to_container(cfg.hydra.sweeper, resolve=True), cfg, "test")
+    assert str(sweep.value) == str(single.value) == (
+        f"seed must be between 0 and 4294967295 (numpy's seed range), but got {seed}; e.g. seed=42")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", SUBPROCESS, ids=[c[0] for c in SUBPROCESS])
 def test_bad_sweep_input_is_one_clear_line_from_the_command(tmp_path, cache_dir, case):
@@ -602,8 +622,40 @@ def test_commands_on_a_postgresql_role_at_its_limit(tmp_path, command):
     finally:
         held.close()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "pa55w0rd" not in proc.stdout + proc.stderr
-    assert (f"error: hydra.sweeper.storage=postgresql://{LIMITED_ROLE}:***@127.0.0.1:5432/{LIMITED_ROLE}: role "
+    assert (f"error: --storage postgresql://{LIMITED_ROLE}:***@127.0.0.1:5432/{LIMITED_ROLE}: role "
             f"'{LIMITED_ROLE}' is at its connection limit") in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("out", [None, "a/b/report"], ids=["default folder", "--out"])
+def test_a_report_of_an_unknown_study_leaves_no_folder(tmp_path, monkeypatch, capsys, out):
+    """``report --study nope`` is refused after the storage opened: the report folder it was to write (the default
+    ``outputs/report`` here, or ``--out``) is not left behind, empty, nor are the folders above it."""
+    import optuna
+
+    from sweeper import report_command
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(storage=url, study_name="demo-tiny")
+    monkeypatch.chdir(tmp_path)
+    assert report_command.report(url, ["nope"], out) == 2
+    assert "error: --study 'nope' is not in the storage; studies there: ['demo-tiny']" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optuna.db"]
+
+
+@pytest.mark.parametrize("command", ["status", "report", "dashboard"])
+def test_a_bad_storage_option_is_named_as_the_commands_option(tmp_path, monkeypatch, capsys, command):
+    """``--storage`` given to status, report or dashboard: its line names ``--storage``, not the sweep's
+    ``hydra.sweeper.storage`` (which the storage's checks say for a sweep)."""
+    from sweeper import report_command, status_command
+
+    monkeypatch.chdir(tmp_path)
+    run = {"status": lambda: status_command.status("notaurl", None),
+           "report": lambda: report_command.report("notaurl", None, str(tmp_path / "report")),
+           "dashboard": lambda: report_command.dashboard("notaurl", "127.0.0.1", 1)}[command]
+    assert run() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --storage notaurl could not be opened: ArgumentError: ") and \
+        "hydra.sweeper" not in err, err
 
 
 # --------------------------------------------------------------------------- Ctrl-C
@@ -714,6 +766,23 @@ HYDRA_ERRORS = [
      "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf\n\tprovider=main, path=file:///x/conf\n",
      "In 'config': Could not find 'schedule/undr'; Available options in 'schedule': over, sweet, under"),
 ]
+
+
+@pytest.mark.parametrize("given", ["4,6", "choice(4,6)", "tag(log, range(4,8))"])
+def test_a_misspelt_swept_key_is_said_with_its_whole_value(compose_cfg, given):
+    """The sweep composes each point (``schedule.max_step=4``): Hydra's refusal then names the point's value,
+    which the did-you-mean would pass on without the rest of the sweep."""
+    from hydra.errors import ConfigCompositionException
+
+    from sweeper.config import one_line
+    from sweeper.sweep.plugin import _whole_value
+
+    with pytest.raises(ConfigCompositionException) as point:
+        compose_cfg("schedule.max_step=4", hydra=False)
+    e = _whole_value(point.value, ["+debug=fast", f"schedule.max_step={given}", "seed=1,2"])
+    assert one_line(f"{e}\n{point.value.__cause__}") == (
+        "Could not override 'schedule.max_step': schedule.max_step is not a key of the config; did you mean "
+        f"schedule.max_steps={given}? (known in schedule: max_steps, num_train_epochs, wsd)")
 
 
 @pytest.mark.parametrize("text,line", HYDRA_ERRORS, ids=["wrong type", "unknown key", "unknown key of a group",

@@ -93,7 +93,12 @@ def test_banking77_sample_reads_shared_data(compose_cfg):
     ('[1, 2]\n', "line 1 is a JSON list, not an object"),
     ('{"body": "hello"}\n', "need a 'messages' column"),
     ('{"prompt": "hello"}\n', "but found columns ['prompt']"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "row 1: no assistant message to learn from"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: no assistant message to learn from"),
+    # cut short: json's column on the line without its newline (column 1 of the next line, with it)
+    ('{"messages": []}\n{"messages": [\n', "line 2 is not valid JSON (Expecting value at column 15)"),
+    ('{"messages": []}\n{"messages": []\n', "line 2 is not valid JSON (Expecting ',' delimiter at column 16)"),
+    # blank lines (skipped by the loader) before a bad row: named by its line, as the JSON check names lines
+    ('\n  \n{"messages": [{"role": "user", "content": "hi"}]}\n', "line 3: no assistant message to learn from"),
 ])
 def test_bad_files_give_one_clear_error(compose_cfg, tmp_path, content, needle):
     path = tmp_path / "bad.jsonl"
@@ -128,15 +133,15 @@ def test_every_row_is_checked_and_the_bad_ones_are_named(compose_cfg, tmp_path):
         data_mod.load(cfg.data, cfg.paths.cache_dir)
     msg = str(e.value)
     assert msg.startswith("data.train_path: 3 of 120 rows of") and "cannot be trained on" in msg
-    assert "row 61: no assistant message to learn from (roles: user)" in msg
-    assert "row 100: no assistant message to learn from (roles: system)" in msg
-    assert "row 111: its assistant messages are empty" in msg
+    assert "line 61: no assistant message to learn from (roles: user)" in msg
+    assert "line 100: no assistant message to learn from (roles: system)" in msg
+    assert "line 111: its assistant messages are empty" in msg
 
     pc = [{"prompt": "p", "completion": "c"}] * 130 + [{"prompt": "p", "completion": ""}]  # row 131
     path = tmp_path / "pc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in pc), encoding="utf-8")
     cfg = compose_cfg("data=jsonl", f"data.train_path={path}")
-    with pytest.raises(ValueError, match=r"1 of 131 rows of .* row 131: an empty 'completion'"):
+    with pytest.raises(ValueError, match=r"1 of 131 rows of .* line 131: an empty 'completion'"):
         data_mod.load(cfg.data, cfg.paths.cache_dir)
 
 
@@ -171,3 +176,17 @@ def test_a_malformed_csv_is_one_line_naming_the_line(compose_cfg, tmp_path, cont
         data_mod.load(cfg.data, cfg.paths.cache_dir)
     assert needle in str(e.value) and str(e.value).startswith("data.train_path: ")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("path,name", [
+    ("/data/shared/clinc150/train.jsonl", "clinc150"),  # named after its split: the dataset is its folder
+    ("/data/shared/snips/Validation.parquet", "snips"),
+    ("/work/x/data/train.jsonl", "x"),  # a folder named after a split too: the next one up
+    ("my_rows.jsonl", "my_rows"),
+    ("train.jsonl", "train"),  # no folder given: the file's own name
+    ("HuggingFaceH4/ultrachat_200k", "ultrachat_200k"),
+])
+def test_a_data_file_names_its_dataset_after_its_folder_when_the_file_is_a_split(compose_cfg, path, name):
+    """data=jsonl names a dataset (and so its study, <data.name>-<model.name>) after its file, or after the folder
+    of a file named after a split, so that clinc150/train.jsonl and snips/train.jsonl are two studies."""
+    assert compose_cfg("data=jsonl", f"data.train_path={path}").data.name == name

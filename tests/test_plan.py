@@ -96,6 +96,16 @@ def test_too_short_run_names_only_presets_that_fit_the_data():
     assert _named(w) == (["over"], [18_750])
 
 
+@pytest.mark.parametrize("rows, steps, said", [
+    (2_700, 50, "0.296 epochs sees less than ~0.3 of the data"),  # 0.2959: not "0.30 epochs ... less than ~0.3"
+    (400, 126, "5.04 epochs is more than ~5 passes"),  # not "5.0 epochs is more than ~5"
+    (2_700, 40, "0.24 epochs sees less than ~0.3 of the data"),  # apart from the bound: the usual digits
+])
+def test_an_epoch_count_near_a_bound_is_written_so_that_the_warning_reads_true(rows, steps, said):
+    [w] = make_plan(train_rows=rows, micro_batch=8, grad_accum=2, max_steps=steps).warnings()
+    assert w.startswith(said), w
+
+
 def test_presets_are_read_from_conf_schedule(compose_cfg, tmp_path):
     from sweeper.plan import SchedulePreset, schedule_presets
 

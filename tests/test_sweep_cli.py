@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import optuna
@@ -104,8 +105,22 @@ def _bad_jsonl(tmp_path):
     return p
 
 
+def _two_datasets_named_alike(tmp_path):
+    """Two datasets laid out as <folder>/data/train.jsonl, given one data.name: one study would mix them."""
+    paths = []
+    for name, rows in (("a", 40), ("b", 50)):
+        p = tmp_path / name / "data" / "train.jsonl"
+        p.parent.mkdir(parents=True)
+        p.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{name} question {i}"},
+                                                      {"role": "assistant", "content": f"answer {i}"}]}) + "\n"
+                             for i in range(rows)))
+        paths.append(str(p))
+    return ["data=jsonl", f"data.train_path={','.join(paths)}", "data.name=same"]
+
+
 @pytest.mark.parametrize("make_args,needle", [
     (lambda t: ["data=jsonl", f"data.train_path={t}/missing.jsonl"], "data.train_path: file not found"),
+    (_two_datasets_named_alike, "study 'same-tiny' would mix 2 datasets"),
     (lambda t: ["data=jsonl", f"data.train_path={_bad_jsonl(t)}"], "line 2 is not valid JSON"),
     (lambda t: ["schedule=under,forever"], "forever"),
     (lambda t: ["schedule.max_steps=10", "lr.warmup_steps=20"], "must be shorter than schedule.max_steps"),

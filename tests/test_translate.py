@@ -213,7 +213,8 @@ def test_a_finite_space_no_larger_than_n_trials_runs_each_point_once():
 
 @pytest.mark.parametrize("text,key_value,line", [
     ("schedule.max_steps=interval(10,20)", 500, r"schedule.max_steps takes whole numbers \(int\), but "
-     r"interval\(10.0,20.0\) samples floats .*write schedule.max_steps='int\(interval\(10,20\)\)'"),
+     r"interval\(10.0,20.0\) samples floats such as 15\.0; write schedule.max_steps='int\(interval\(10,20\)\)'"),
+    ("schedule.max_steps=interval(2,7)", 500, r"interval\(2.0,7.0\) samples floats such as 4\.5; write "),
     ("schedule.max_steps=tag(log, interval(10,20))", 500, r"'tag\(log, int\(interval\(10,20\)\)\)'"),
     ("schedule.max_steps=range(10.0,30.0,10.0)", 500, r"takes int values, but range\(10.0,30.0,10.0\) gives 10.0"),
     ("schedule.max_steps=choice(10,abc)", 500, r"takes int values, but choice\(10,abc\) gives abc \(str\)"),

@@ -382,6 +382,19 @@ def test_wsd_config_errors_name_the_key(compose_cfg, override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("more, got", [
+    ([], "max_steps=12 (from +debug=fast), num_train_epochs=None"),  # the preset's value, not the user's
+    (["schedule.max_steps=12"], "max_steps=12, num_train_epochs=None"),  # the user's own: said as it is
+])
+def test_a_length_a_preset_sets_for_a_wsd_search_is_named_with_its_preset(compose_cfg, more, got):
+    cfg = compose_cfg("+debug=fast", "schedule=wsd_search", "schedule.wsd.candidates=[4,8,12]", *more)
+    with pytest.raises(ValueError) as e:
+        validate(cfg)
+    assert str(e.value) == ("schedule.wsd searches the length itself, so schedule.max_steps and "
+                            f"schedule.num_train_epochs must be null, but got {got}; set schedule.max_steps=null "
+                            "and give the lengths in schedule.wsd.candidates=[...]")
+
+
 def test_wsd_defaults_compose_and_validate(compose_cfg):
     cfg = compose_cfg("schedule=wsd_search")
     w = cfg.schedule.wsd

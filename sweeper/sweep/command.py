@@ -243,8 +243,11 @@ def _split_by_study(settings: Settings, space: SweepSpace, cfgs: list[DictConfig
                 f"hydra.sweeper.study_name={name!r} names one study, but this sweep covers {len(distinct)} "
                 f"datasets/models ({', '.join(distinct)}) and a study holds one; drop hydra.sweeper.study_name "
                 "to run one study per dataset and model (each named <data.name>-<model.name>)")
+        _check_one_dataset(name, cfgs, "hydra.sweeper.study_name")
         return [(name, space, points, list(range(len(points))))]
     preflight.check_sampled_names(space, cfgs[0], compose)
+    for name in distinct:
+        _check_one_dataset(name, [c for c, n in zip(cfgs, names) if n == name], "data.name")
     if len(distinct) == 1:
         return [(distinct[0], space, points, list(range(len(points))))]
     out = []
@@ -260,6 +263,30 @@ def _split_by_study(settings: Settings, space: SweepSpace, cfgs: list[DictConfig
         out.append((name, sub, [{k: v for k, v in p.items() if k not in constant} for p in mine], idx))
     _check_folders_apart(out, cfgs)
     return out
+
+
+def _data_files(cfg: DictConfig) -> str:
+    """The files (or hub dataset) a config trains and evaluates on, as the user gave them."""
+    d = cfg.data
+    parts = [f"data.train_path={d.get('train_path')}"]
+    if d.get("eval_path") is not None:
+        parts.append(f"data.eval_path={d.get('eval_path')}")
+    if d.get("train_split") not in (None, "train"):
+        parts.append(f"data.train_split={d.get('train_split')}")
+    return " ".join(parts)
+
+
+def _check_one_dataset(name: str, cfgs: list[DictConfig], picked_by: str) -> None:
+    """A study compares runs of one dataset: refuse points of one study (``name``) that train on different
+    files, in one line."""
+    files = list(dict.fromkeys(_data_files(c) for c in cfgs))
+    if len(files) > 1:
+        how = ("a study holds one dataset: drop hydra.sweeper.study_name to run one study per dataset"
+               if picked_by == "hydra.sweeper.study_name" else
+               "a study holds one dataset: give each its own data.name, one command each (e.g. "
+               f"{files[0]} data.name=<name>)")
+        raise ValueError(f"study {name!r} would mix {len(files)} datasets ({' and '.join(files[:2])}"
+                         f"{', ...' if len(files) > 2 else ''}), as {picked_by} names them alike; {how}")
 
 
 def _check_folders_apart(split: list[tuple[str, SweepSpace, list, list]], cfgs: list[DictConfig]) -> None:

@@ -15,10 +15,12 @@ deleted again (``command.drop_new``). Nothing in the package imports this module
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import datasets
 from hydra.core.plugins import Plugins
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue
 
@@ -99,3 +101,17 @@ class StudySweeper:
             if command is not None:
                 command_mod.drop_new(command, settings.storage_url)
             raise config_mod.InputError(config_mod.missing_line([e.full_key])) from None
+        except ConfigCompositionException as e:
+            raise _whole_value(e, arguments) from e.__cause__
+
+
+def _whole_value(e: ConfigCompositionException, arguments: list[str]) -> ConfigCompositionException:
+    """Hydra's refusal of an unknown key, met composing one point of the sweep (``schedule.max_step=4`` of
+    ``schedule.max_step=4,6``), with the value the command gave instead of the point's, so that its did-you-mean
+    (:func:`sweeper.config.one_line`) keeps the whole sweep; any other error as it is."""
+    m = re.match(r"Could not override '([^']+)'\.\nTo append to your config use \+\1=[^\n]*", str(e))
+    given = {a.lstrip("+~").split("=", 1)[0]: a.split("=", 1)[1] for a in arguments if "=" in a}
+    if not m or m[1] not in given:
+        return e
+    return ConfigCompositionException(f"Could not override '{m[1]}'.\nTo append to your config use "
+                                      f"+{m[1]}={given[m[1]]}{str(e)[m.end():]}")

@@ -106,6 +106,7 @@ def parse(fields: dict, config: DictConfig, sweep_id: str) -> Settings:
     cost = str(getattr(f.get("cost", "steps"), "name", f.get("cost", "steps")))
     metric = str(config.eval.metric)
     directions = objectives.directions(f.get("direction"), metric, config_mod.metric_direction(metric), cost)
+    config_mod.check_seeds(config)  # the sampler's seed is ${seed}: the single run's line, not the sampler's
     samplers.make_sampler(f.get("sampler"), len(directions)), samplers.make_pruner(f.get("pruner"))  # refused now
     if len(directions) > 1:
         pruner = f.get("pruner") or {}
