@@ -289,6 +289,8 @@ CASES = [
      "config; did you mean schedule.max_steps=3?"),
     ("unknown key with a value list", ["schedule.max_step=4,6"], "Could not override 'schedule.max_step': "
      "schedule.max_step is not a key of the config; did you mean schedule.max_steps=4,6? (known in schedule: "),
+    ("unknown key with a sampled space", ["schedule.max_step=interval(4,6)", "hydra.sweeper.n_trials=2"],
+     "did you mean schedule.max_steps=interval(4,6)?"),
     ("unknown schedule", ["schedule=nonexistent"], "Could not find 'schedule/nonexistent'; Available options in "
      "'schedule': epochs3, over, sweet, under, wsd_search"),
     ("required file not given", ["data=jsonl"], "data.train_path must be set, but is ??? (a required value of the "

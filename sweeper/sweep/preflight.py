@@ -25,6 +25,7 @@ import os
 from typing import Callable, Sequence
 
 import optuna
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import callbacks, datacheck, disk, extras, identity, records
@@ -170,7 +171,8 @@ def check_sampled_ends(space: SweepSpace, compose: Compose, launcher: str) -> No
     preparation is left to the trial). Raises one ``ValueError`` line naming the key, its search space, the value
     and the rule. A rule between this key and another sampled key
     (``lr.warmup_steps`` against a sampled ``schedule.max_steps``) is left to each trial, whose values are
-    known only then. A value that does not compose is left to ``sweeper.typefit`` and the trial. The command's
+    known only then. A key the config does not have is refused as Hydra refuses it (its did-you-mean); a value that
+    does not compose is left to ``sweeper.typefit`` and the trial. The command's
     first process runs it; its workers, which it starts once this passed, do not."""
     from sweeper.space import distribution_text
 
@@ -180,6 +182,10 @@ def check_sampled_ends(space: SweepSpace, compose: Compose, launcher: str) -> No
         for value, where in _ends(dist):
             try:
                 cfg = compose(base + [f"{key}={value_text(value)}"])
+            except ConfigCompositionException as e:
+                if str(e).startswith(f"Could not override '{key}'"):  # no such key: every trial would fail alike
+                    raise
+                continue
             except Exception:
                 continue
             try:
