@@ -63,6 +63,9 @@ def one_line(text: str) -> str:
     missing = _MISSING_VALUE.search(text)
     if missing:
         return missing_line([missing.group(1)])
+    in_file = _in_config_file(text)
+    if in_file:
+        return in_file
     parts: list[str] = []
     options: list[str] = []
     in_search_path = False
@@ -89,6 +92,30 @@ def one_line(text: str) -> str:
     if options:
         parts[-1] += " " + ", ".join(options)
     return _near_key("; ".join(parts))
+
+
+_IN_FILE = re.compile(r"^In '(?P<file>[^']+)': (?P<error>\w+) raised while composing config:\n(?P<what>[^\n]+)\n"
+                      r"(?:.*\n)*?\s*full_key: (?P<key>\S+)\n(?:.*\n)*?\s*object_type=(?P<cls>\w+)")
+
+
+def _in_config_file(text: str) -> str | None:
+    """Hydra's report of a bad value or unknown key in a config file (a user's ``lr/mine.yaml``: ``In 'lr/mine':
+    ValidationError raised while composing config``) as one line naming the file and the key, with the keys the
+    group knows (and the close one) for an unknown key; None for any other error."""
+    m = _IN_FILE.match(text if text.endswith("\n") else text + "\n")
+    if not m:
+        return None
+    group = m["file"].split("/")[0]
+    where = f"{m['file']}.yaml (a config file of group {group})"
+    key = m["key"].removeprefix(f"{group}.")  # as the file writes it (a _global_ file: the whole key)
+    if m["error"] == "ConfigKeyError":
+        names = _schema_fields(m["cls"]) or []
+        parent, _, leaf = key.rpartition(".")
+        close = difflib.get_close_matches(leaf, names, n=1)
+        near = f"; did you mean {'.'.join(filter(None, [parent, close[0]]))}?" if close else ""
+        known = f" (known there: {', '.join(names)})" if names else ""
+        return f"{where}: {key} is not a key of the config{near}{known}"
+    return f"{where}: {key}: {m['what'].rstrip('.')}"
 
 
 _UNKNOWN_KEY = re.compile(r"^Could not override '(?P<key>[^']+)'; To append to your config use (?P<plus>\+.+?); "

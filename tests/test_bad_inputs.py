@@ -510,6 +510,30 @@ def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path, monkeypatch, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]  # nothing written
 
 
+@pytest.mark.parametrize("text,said", [
+    ("learning_rate: fast\n", "lr/mine.yaml (a config file of group lr): learning_rate: Value 'fast' of type 'str' "
+     "could not be converted to Float"),
+    ("learning_rate: 1.0e-3\nlearnin_rate: 2\n", "lr/mine.yaml (a config file of group lr): learnin_rate is not a "
+     "key of the config; did you mean learning_rate? (known there: learning_rate, lr_scheduler_type, "),
+], ids=["a value of the wrong type", "a misspelt key"])
+@pytest.mark.parametrize("command", [["-m", "lr=mine"], ["lr=mine"], ["plan", "lr=mine"]],
+                         ids=["sweep", "single run", "plan"])
+def test_a_bad_value_or_key_in_a_users_config_file_names_the_file_and_key(tmp_path, monkeypatch, capsys, text, said,
+                                                                          command):
+    from sweeper import cli
+
+    (tmp_path / "conf" / "lr").mkdir(parents=True)
+    (tmp_path / "conf" / "lr" / "mine.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    argv = command[:1] + ["--config-dir", "conf"] + command[1:] if command[0] == "plan" else ["--config-dir", "conf",
+                                                                                              *command]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+    lines = [x for x in err.strip().splitlines() if not x.startswith("[20")]  # a log line before the refusal
+    assert len(lines) == 1 and said in lines[0], err
+
+
 def test_a_shipped_config_file_edited_into_bad_yaml_is_named(tmp_path):
     from sweeper import userconf
 
