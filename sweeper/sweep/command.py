@@ -276,10 +276,17 @@ def _data_files(cfg: DictConfig) -> str:
     return " ".join(parts)
 
 
+def _same_file(cfg: DictConfig) -> tuple:
+    """What tells two configs' data apart: each local file by its real path (``./a.jsonl`` is ``a.jsonl``)."""
+    d = cfg.data
+    return tuple(os.path.realpath(str(p)) if p is not None and os.path.exists(str(p)) else p
+                 for p in (d.get("train_path"), d.get("eval_path"), d.get("train_split")))
+
+
 def _check_one_dataset(name: str, cfgs: list[DictConfig], picked_by: str) -> None:
     """A study compares runs of one dataset: refuse points of one study (``name``) that train on different
     files, in one line."""
-    files = list(dict.fromkeys(_data_files(c) for c in cfgs))
+    files = list({_same_file(c): _data_files(c) for c in cfgs}.values())
     if len(files) > 1:
         how = ("a study holds one dataset: drop hydra.sweeper.study_name to run one study per dataset"
                if picked_by == "hydra.sweeper.study_name" else
