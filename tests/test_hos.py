@@ -229,6 +229,13 @@ def test_two_objective_sweep_shows_its_front(tmp_path, cache_dir):
     assert f"Pareto front (cheapest first): {listed}." in summary and "**Recommended for demo: trial" in summary
     solutions = OmegaConf.load(tmp_path / "sweeps" / "demo-tiny" / "optimization_results.yaml").solutions
     assert [s["number"] for s in solutions] == [t.number for t in front]
+    # the same study with another cost: its front would mix steps and tokens, so it is refused, nothing added
+    again = run_in_process("-m", "schedule.max_steps=20,60", "eval.eval_steps=10", "data.demo_rows=200",
+                           "hydra.sweeper.direction=[minimize,minimize]", "hydra.sweeper.cost=tokens",
+                           f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+    assert again.returncode != 0 and "measures its cost in steps, but this command asks for " \
+        "hydra.sweeper.cost=tokens" in again.stderr, again.stderr[-2000:]
+    assert len(optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db").trials) == 2
 
 
 def test_hos_block_in_configs_composes_with_our_sweeper():

@@ -331,6 +331,12 @@ def _create_study(settings: Settings, name: str, cfg: DictConfig) -> tuple[optun
             f"study {name!r} in {mask_url(settings.storage_url)} was created to {', '.join(had)}, but this command "
             f"needs {', '.join(wanted)} (eval.metric={metric}, hydra.sweeper.direction={settings.direction}); use "
             "another hydra.sweeper.study_name")
+    cost = study.user_attrs.get(records.COST)
+    if multi and not new and cost is not None and cost != settings.cost:  # its trials' second values are in cost's unit
+        raise ValueError(
+            f"study {name!r} in {mask_url(settings.storage_url)} measures its cost in {cost}, but this command asks "
+            f"for hydra.sweeper.cost={settings.cost}: its Pareto front would mix the two; use "
+            f"hydra.sweeper.cost={cost} or another hydra.sweeper.study_name")
     study.set_user_attr(records.METRIC, metric)
     if multi:
         study.set_user_attr(records.COST, settings.cost)
