@@ -289,6 +289,9 @@ CASES = [
      "config; did you mean schedule.max_steps=3?"),
     ("unknown key with a value list", ["schedule.max_step=4,6"], "Could not override 'schedule.max_step': "
      "schedule.max_step is not a key of the config; did you mean schedule.max_steps=4,6? (known in schedule: "),
+    ("wsd search with two objectives", ["schedule=wsd_search", "schedule.wsd.candidates=[4,8]", "schedule.max_steps=null",
+                                        "hydra.sweeper.direction=[minimize,minimize]", "hydra.sweeper.cost=steps"],
+     "so it cannot run with two objectives (hydra.sweeper.direction=[minimize,minimize])"),
     ("unknown key with a sampled space", ["schedule.max_step=interval(4,6)", "hydra.sweeper.n_trials=2"],
      "did you mean schedule.max_steps=interval(4,6)?"),
     ("unknown schedule", ["schedule=nonexistent"], "Could not find 'schedule/nonexistent'; Available options in "

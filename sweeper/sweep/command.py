@@ -315,6 +315,10 @@ def _create_study(settings: Settings, name: str, cfg: DictConfig) -> tuple[optun
     metric = str(cfg.eval.metric)
     wanted = objectives.directions(settings.direction, metric, config_mod.metric_direction(metric), settings.cost)
     multi = len(wanted) > 1
+    if multi and cfg.schedule.get("wsd") is not None:  # its branches are trials of one objective value each
+        raise ValueError("schedule=wsd_search picks one length by eval.metric alone (its branches report one value "
+                         "each), so it cannot run with two objectives (hydra.sweeper.direction="
+                         f"[{','.join(wanted)}]); drop the second objective, or sweep schedule.max_steps=a,b,c")
     storage = open_storage(settings.storage_url, settings.heartbeat_interval, settings.grace_period,
                            settings.max_retry)
     new = name not in optuna.study.get_all_study_names(storage)
