@@ -189,9 +189,13 @@ def _checkpointed(t) -> bool:
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_worker_its_retry_runs_before_the_sweep_ends(tmp_path, cache_dir):
-    """Worker 0 has finished its own trial and waits; worker 1 is stopped mid-trial: the retry it queued runs
-    on worker 0, and the sweep ends with every point done and exit code 0."""
+@pytest.mark.parametrize("sig,code,why", [(signal.SIGTERM, 143, "stopped by SIGTERM"),
+                                          (signal.SIGKILL, -9, "is gone (its process ended)")],
+                         ids=["SIGTERM", "kill -9"])
+def test_a_stopped_or_killed_worker_its_retry_runs_before_the_sweep_ends(tmp_path, cache_dir, sig, code, why):
+    """Worker 0 has finished its own trial and waits; worker 1 is stopped mid-trial (its trial queued to resume) or
+    killed (its trial left RUNNING, failed by worker 0 once worker 1 has ended): the retry runs on worker 0, and
+    the sweep ends with every point done and exit code 0."""
     url, name = f"sqlite:///{tmp_path}/optuna.db", "demo-tiny"
     args = ["-m", "seed=1,2", *FAST, "schedule.max_steps=150", "eval.eval_steps=5", "hydra.sweeper.workers=2",
             f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
@@ -209,15 +213,15 @@ def test_sigterm_to_one_worker_its_retry_runs_before_the_sweep_ends(tmp_path, ca
             running = [t for t in trials if t.state == TrialState.RUNNING and _worker_pid(t) == other]
             assert running and _checkpointed(running[0]), [(t.number, t.state) for t in trials]
             stopped = running[0].number
-            os.kill(other, signal.SIGTERM)  # worker 1, still held mid-trial
+            os.kill(other, sig)  # worker 1, still held mid-trial
         time.sleep(0.2)
     assert stopped is not None, "worker 0 did not finish its trial"
     assert sweep.wait(timeout=400) == 0, out_path.read_text()[-3000:]
     text = out_path.read_text()
-    assert "worker 1 exited with code 143" in text
+    assert f"worker 1 exited with code {code}" in text
     assert "the other workers ended with trials left in the queue; running them here" in text
     trials = _load(url, name).trials
-    assert trials[stopped].state == TrialState.FAIL and "stopped by SIGTERM" in trials[stopped].user_attrs["error"]
+    assert trials[stopped].state == TrialState.FAIL and why in trials[stopped].user_attrs["error"]
     assert not [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == stopped)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_checkpoint"]

@@ -170,9 +170,16 @@ class LocalWorkers(Workers):
             child.wait()
 
     def finish(self) -> bool:
+        """Wait for the other workers; a trial one of them left RUNNING as it died (``kill -9``, a crash) is failed
+        and queued to resume from its checkpoint, so that this process runs it before the sweep ends."""
+        died = False
         for i, child in enumerate(self.children, start=1):
             if child.wait() != 0:
+                died = True
                 log.error("worker %d exited with code %d; see its worker%d.log", i, child.returncode, i)
+        if died:
+            for sw in self.command.sweeps:
+                self.queue.reclaim_dead_local(sw.study)
         return True
 
 
