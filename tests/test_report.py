@@ -522,7 +522,8 @@ def test_a_wsd_study_reads_the_cooldowns_and_extends_its_candidates(tmp_path):
     md = study_report(study)
     assert "the cooldown took it from 0.1960 at the branch point (step 2400) to 0.0900 at step 3000 (-54.1%)" in md
     assert "over the last" not in md  # a cooldown's drop is not "still falling at the end"
-    assert ("run `python train.py -m schedule=wsd_search 'schedule.wsd.candidates=[3000,4500,6000]' hydra.sweeper.study_name=s`" in md
+    assert ("run `python train.py -m schedule=wsd_search 'schedule.wsd.candidates=[3000,4500,6000]' schedule.max_steps=null "
+            "hydra.sweeper.study_name=s`" in md
             and _agrees(md))
 
 

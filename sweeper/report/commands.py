@@ -72,10 +72,11 @@ def grid_command(lengths: Sequence[int], wsd: bool, settings: Sequence[str] = ()
                  program: Program | None = None) -> str:
     """The follow-up command: the new lengths, the ``settings`` (overrides) of the trial it follows and its
     ``target``, so that it runs in the same study with the same data, model and settings, started as the sweep
-    of that trial was (``program``; None: as this process was)."""
+    of that trial was (``program``; None: as this process was). A WSD search's command sets
+    ``schedule.max_steps=null`` itself, so that it runs as pasted whatever the settings' presets set."""
     joined = ",".join(str(n) for n in lengths)
     rest = _args([*settings, *(target.overrides() if target is not None else [])])
     start = (program or this_process()).prefix()
-    if wsd:
-        return f"{start} -m schedule=wsd_search 'schedule.wsd.candidates=[{joined}]'{rest}"
+    if wsd:  # max_steps null: a preset among the settings (+debug=fast) may set it, which a search refuses
+        return f"{start} -m schedule=wsd_search 'schedule.wsd.candidates=[{joined}]' schedule.max_steps=null{rest}"
     return f"{start} -m schedule.max_steps={joined}{rest}"
