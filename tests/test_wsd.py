@@ -484,3 +484,18 @@ def test_every_segment_runs_the_micro_batch_of_the_first(compose_cfg, tmp_path):
     branch_attrs = state["branches"]["8"]
     assert branch_attrs["status"] == "done"
     assert rep.attrs["batch_auto"] is None and rep.attrs["micro_batch"] == 4  # the last trunk segment: pinned
+
+
+@pytest.mark.slow
+def test_a_wsd_search_over_another_swept_key_gives_each_branch_its_trunks_value(tmp_path, cache_dir):
+    """``schedule=wsd_search seed=1,2``: one trunk per seed, and each branch carries its trunk's seed (a param, as
+    the trunk's), so the report compares each seed's lengths with each other, the branches included."""
+    proc = _ok(run_in_process("-m", *WSD, "schedule.wsd.candidates=[8,16]", "seed=1,2", *_paths(tmp_path, cache_dir)))
+    study = optuna.load_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    trials = {t.number: t for t in study.trials}
+    branches = [t for t in trials.values() if "wsd_branch_of" in t.system_attrs]
+    assert len(trials) == 4 and len(branches) == 2
+    for b in branches:
+        assert b.params["seed"] == trials[b.system_attrs["wsd_branch_of"]].params["seed"]
+        assert b.params["max_steps"] == 8
+    assert "the only length tried" not in proc.stdout + proc.stderr

@@ -116,7 +116,8 @@ class TrialReporter:
 
     def record_branch(self, *, key: str, max_steps: int, low: int, high: int, value: float,
                       curve: list, user_attrs: dict) -> int:
-        """Add one finished WSD branch as a COMPLETE trial in one write (params max_steps, method=wsd;
+        """Add one finished WSD branch as a COMPLETE trial in one write (params max_steps, method=wsd and the
+        trunk's others;
         ``curve`` [[step, value], ...] as its intermediate values) and return its number. Idempotent:
         a branch already recorded under ``key`` (a resumed search) is not added twice."""
         study = self.trial.study
@@ -128,11 +129,11 @@ class TrialReporter:
         number = existing()
         if number is not None:
             return number
-        params = wsd_params(max_steps, low, high)
-        if "learning_rate" in user_attrs:  # a joint search's branch: the trunk's learning rate (and grid params)
-            frozen = records.frozen(study, self._id)
-            params += [(n, v, frozen.distributions[n]) for n, v in frozen.params.items()
-                       if n not in ("max_steps", "method")]
+        # the trunk's other params (a seed or learning rate the command swept or sampled, a joint search's rate): a
+        # branch ran them too, and the report compares like with like by them
+        frozen = records.frozen(study, self._id)
+        params = wsd_params(max_steps, low, high) + [(n, v, frozen.distributions[n]) for n, v in frozen.params.items()
+                                                     if n not in ("max_steps", "method")]
         curves = {k: user_attrs[k] for k in records.SYSTEM_ATTRS if k in user_attrs}  # where set_attrs keeps them
         study.add_trial(optuna.trial.create_trial(
             params={n: v for n, v, _ in params}, distributions={n: d for n, _, d in params},
