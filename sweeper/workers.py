@@ -99,8 +99,8 @@ def plan_local(workers: int | str, gpus: list[str] | None, visible: Sequence[Gpu
 
     ``visible``: the GPUs this process may use (most free first); ``need_gib``: the planned trial's
     estimated peak (None: unknown, every GPU counts as having room); a GPU has room when
-    ``need_gib <= fraction * free``. ``trials_left``: trials this sweep still has to run (auto never
-    starts more workers than that, and at least one). Raises ValueError when the request cannot be met.
+    ``need_gib <= fraction * free``. ``trials_left``: trials this sweep still has to run (no more workers are
+    started than that, and at least one). Raises ValueError when the request cannot be met.
     """
     left = max(1, int(trials_left))
     if gpus is not None:  # the user's own list wins: one worker per id, no memory check
@@ -108,12 +108,13 @@ def plan_local(workers: int | str, gpus: list[str] | None, visible: Sequence[Gpu
         if n > len(gpus):
             raise ValueError(f"hydra.sweeper.workers={workers} needs one GPU each, but hydra.sweeper.gpus lists "
                              f"{len(gpus)} ({','.join(gpus)}); list more GPUs or lower hydra.sweeper.workers")
-        if workers == "auto":
-            n = min(n, left)
+        n = min(n, left)
         return WorkerPlan(list(gpus[:n]), reason=f"hydra.sweeper.gpus={','.join(gpus)}")
     if not visible:
-        n = 1 if workers == "auto" else int(workers)
-        return WorkerPlan([None] * n, reason="no GPU visible: CPU worker(s)")
+        asked = 1 if workers == "auto" else int(workers)
+        n = min(asked, left)
+        return WorkerPlan([None] * n, reason="no GPU visible: CPU worker(s)"
+                          + (f"; {left} trial(s) to run" if n < asked else ""))
     room, skipped = [], []
     for g in visible:
         if need_gib is None or need_gib <= fraction * g.free_gib:
@@ -137,7 +138,8 @@ def plan_local(workers: int | str, gpus: list[str] | None, visible: Sequence[Gpu
                          f"({','.join(str(g.index) for g in visible)}); lower hydra.sweeper.workers, "
                          "use hydra.sweeper.workers=auto, or set hydra.sweeper.gpus")
     ordered = room + [g for g in visible if g not in room]  # GPUs with room first
-    return WorkerPlan([str(g.index) for g in ordered[:n]], skipped, f"hydra.sweeper.workers={n}")
+    why = f"hydra.sweeper.workers={n}" + (f"; {left} trial(s) to run" if left < n else "")
+    return WorkerPlan([str(g.index) for g in ordered[:min(n, left)]], skipped, why)
 
 
 def plan_slurm(workers: int | str, trials_left: int, max_workers: int) -> WorkerPlan:

@@ -42,6 +42,10 @@ VISIBLE = [_g(2, 20.0), _g(0, 12.0), _g(1, 3.0)]  # most free first, as visible_
     ("auto", ["3", "1"], VISIBLE, 99.0, 4, ["3", "1"], 0),  # the user's list wins, no memory check
     ("auto", ["3", "1"], VISIBLE, 99.0, 1, ["3"], 0),
     (1, ["3", "1"], VISIBLE, 99.0, 4, ["3"], 0),
+    # asked for more workers than trials left: no idle worker (it would find nothing to run)
+    (3, None, [], None, 1, [None], 0),
+    (3, None, VISIBLE, 5.0, 2, ["2", "0"], 1),
+    (2, ["3", "1"], VISIBLE, 99.0, 1, ["3"], 0),
 ])
 def test_plan_local(req, gpus, visible, need, left, expect_gpus, skipped):
     plan = workers.plan_local(req, gpus, visible, need, 0.9, left)

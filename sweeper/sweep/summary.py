@@ -47,11 +47,14 @@ def write(command: Command, storage_url: str) -> None:
 
 def fail_if_nothing_completed(command: Command, sweep_id: str) -> None:
     """A command none of whose trials completed (every one FAILed, in all its studies) ends with a
-    non-zero exit code and one line saying so; trials it did not run (all done before) do not count, and a
-    trial whose retry completed elsewhere (another worker took it over) counts as completed."""
+    non-zero exit code and one line saying so; trials it did not run (all done before) do not count, a
+    trial whose retry completed elsewhere (another worker took it over) counts as completed, and while any of its
+    trials still runs (on another of its workers) nothing is judged yet."""
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     trials = [t for sw in command.sweeps for t in sw.study.get_trials(deepcopy=False) if not records.is_branch(t)]
     mine = [t for t in trials if t.system_attrs.get(records.SWEEP_ID) == sweep_id]
+    if any(t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING) for t in mine):
+        return  # another worker of the command still runs them: the command's first process judges at its end
     retried = {records.failed_trial_of(t) for t in trials if t.state in finished}
     if mine and not any(t.state in finished or t.number in retried for t in mine):
         failed = [t for t in mine if t.state == optuna.trial.TrialState.FAIL]
