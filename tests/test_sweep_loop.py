@@ -145,6 +145,13 @@ def test_max_failures_stops_the_sweep_in_one_line(tmp_path):
     assert [t.state for t in sw.study.trials] == [State.FAIL, State.FAIL]  # nothing left RUNNING, 30 and 40 not begun
     with pytest.raises(InputError, match="no trial of this command completed: 2 of 2 failed"):
         summary.fail_if_nothing_completed(Command([sw]), s.sweep_id)
+    # a worker of the command that ends while another of its workers still runs a trial judges nothing yet
+    tid = records.new_trial(sw.study)
+    records.set_system(sw.study, tid, records.SWEEP_ID, s.sweep_id)
+    summary.fail_if_nothing_completed(Command([sw]), s.sweep_id)
+    records.set_state(sw.study, tid, State.FAIL)
+    with pytest.raises(InputError, match="no trial of this command completed: 3 of 3 failed"):
+        summary.fail_if_nothing_completed(Command([sw]), s.sweep_id)
 
 
 def test_a_pruned_trial_is_no_failure_and_is_not_run_again(tmp_path):
