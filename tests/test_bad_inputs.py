@@ -487,6 +487,21 @@ def test_bad_sweep_input_is_one_clear_line_from_the_command(tmp_path, cache_dir,
     _refused(tmp_path, cache_dir, case, run_cli)
 
 
+def _with_a_users_file(tmp_path, monkeypatch, capsys, rel: str, text: str, command: list) -> str:
+    """What ``command`` (a sweep, a single run or ``plan``) prints on stderr, refused, with ``--config-dir conf``
+    holding ``conf/<rel>`` of ``text``."""
+    from sweeper import cli
+
+    (tmp_path / "conf" / rel).parent.mkdir(parents=True)
+    (tmp_path / "conf" / rel).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    argv = command[:1] + ["--config-dir", "conf"] + command[1:] if command[0] == "plan" else ["--config-dir", "conf",
+                                                                                              *command]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    return capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+
+
 @pytest.mark.parametrize("text,said", [
     ("name: mydata\ntrain_path: [oops\n", "mydata.yaml is not valid YAML at line 3, column 1: expected ',' or ']', "
      "but got '<stream end>' (while parsing a flow sequence that starts at line 2, column 13)"),
@@ -498,16 +513,7 @@ def test_bad_sweep_input_is_one_clear_line_from_the_command(tmp_path, cache_dir,
 @pytest.mark.parametrize("command", [["-m", "data=mydata"], ["data=mydata"], ["plan", "data=mydata"]],
                          ids=["sweep", "single run", "plan"])
 def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path, monkeypatch, capsys, text, said, command):
-    from sweeper import cli
-
-    (tmp_path / "conf" / "data").mkdir(parents=True)
-    (tmp_path / "conf" / "data" / "mydata.yaml").write_text(text)
-    monkeypatch.chdir(tmp_path)
-    argv = command[:1] + ["--config-dir", "conf"] + command[1:] if command[0] == "plan" else ["--config-dir", "conf",
-                                                                                              *command]
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+    err = _with_a_users_file(tmp_path, monkeypatch, capsys, "data/mydata.yaml", text, command)
     [line] = err.strip().splitlines()
     assert line == f"error: --config-dir conf: conf/data/{said}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]  # nothing written
@@ -523,16 +529,7 @@ def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path, monkeypatch, capsy
                          ids=["sweep", "single run", "plan"])
 def test_a_bad_value_or_key_in_a_users_config_file_names_the_file_and_key(tmp_path, monkeypatch, capsys, text, said,
                                                                           command):
-    from sweeper import cli
-
-    (tmp_path / "conf" / "lr").mkdir(parents=True)
-    (tmp_path / "conf" / "lr" / "mine.yaml").write_text(text)
-    monkeypatch.chdir(tmp_path)
-    argv = command[:1] + ["--config-dir", "conf"] + command[1:] if command[0] == "plan" else ["--config-dir", "conf",
-                                                                                              *command]
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+    err = _with_a_users_file(tmp_path, monkeypatch, capsys, "lr/mine.yaml", text, command)
     lines = [x for x in err.strip().splitlines() if not x.startswith("[20")]  # a log line before the refusal
     assert len(lines) == 1 and said in lines[0], err
 
