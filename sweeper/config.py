@@ -399,7 +399,6 @@ def dataset_name(path: Any) -> str:
 
 def register() -> None:
     """Register the schema with Hydra's ConfigStore (idempotent)."""
-
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 

@@ -33,8 +33,8 @@ from typing import Any, Iterator
 
 from sweeper import records
 
-__all__ = ["EXIT_CODE", "deferred", "honour", "ignored", "line", "note", "process_ending", "release_claimed", "training_callback",
-           "remembered", "sweep_stopped"]
+__all__ = ["EXIT_CODE", "deferred", "honour", "ignored", "line", "note", "process_ending", "release_claimed",
+           "remembered", "sweep_stopped", "training_callback"]
 
 EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
 

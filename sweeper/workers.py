@@ -108,8 +108,8 @@ def plan_local(workers: int | str, gpus: list[str] | None, visible: Sequence[Gpu
         if n > len(gpus):
             raise ValueError(f"hydra.sweeper.workers={workers} needs one GPU each, but hydra.sweeper.gpus lists "
                              f"{len(gpus)} ({','.join(gpus)}); list more GPUs or lower hydra.sweeper.workers")
-        n = min(n, left)
-        return WorkerPlan(list(gpus[:n]), reason=f"hydra.sweeper.gpus={','.join(gpus)}")
+        why = f"hydra.sweeper.gpus={','.join(gpus)}" + (f"; {left} trial(s) to run" if left < n else "")
+        return WorkerPlan(list(gpus[:min(n, left)]), reason=why)
     if not visible:
         asked = 1 if workers == "auto" else int(workers)
         n = min(asked, left)
