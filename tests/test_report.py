@@ -762,6 +762,17 @@ def test_a_running_trial_is_shown_as_running_never_diagnosed_or_recommended_from
     assert "No trial completed, so no step count can be recommended yet." in md and "under-trained" not in md
 
 
+def test_a_trial_pruned_after_one_evaluation_is_said_to_be_pruned(tmp_path):
+    from sweeper.report import study_report
+
+    study = _study(tmp_path)
+    _add(study, 500, _peaked(500, 0.30, 300))
+    _add(study, 1500, [[50, 2.9]], state=optuna.trial.TrialState.PRUNED)
+    md = study_report(study)
+    assert "- trial 1: pruned: stopped by the pruner at step 50, after 1 evaluation(s)" in md
+    assert "eval_steps" not in _lines(md, "- trial 1")[0]  # not the advice for a run that evaluated too rarely
+
+
 def test_lengths_are_compared_like_with_like(tmp_path):
     from sweeper.report import recommend, study_report
 

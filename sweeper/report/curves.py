@@ -78,7 +78,7 @@ def noise_estimate(curves: Sequence[Sequence[Sequence[float]]], rel_floor: float
 
 @dataclass(frozen=True)
 class Diagnosis:
-    verdict: str  # under-trained | over-trained | plateau | good | no curve | failed | running
+    verdict: str  # under-trained | over-trained | plateau | good | no curve | pruned | failed | running
     reason: str
 
 
@@ -197,7 +197,9 @@ def trial_diagnosis(t: optuna.trial.FrozenTrial) -> Diagnosis:
     """:func:`diagnose` with what the trial knows: its scheduler, length, WSD branch point and own noise
     (:func:`trial_noise`: the jitter of evaluations differs between runs, e.g. with the LR at their best).
     A FAIL trial's diagnosis is its ``error`` attr; a RUNNING or WAITING one is *running*, never diagnosed: its
-    curve so far is part of a run (a partial curve still falls at its end), so it says how far the run got."""
+    curve so far is part of a run (a partial curve still falls at its end), so it says how far the run got. A
+    PRUNED one stopped before a second evaluation is *pruned*: its one point is no curve to read, and fewer
+    evaluations would not have helped."""
     a = attrs(t)
     if t.state == optuna.trial.TrialState.FAIL:
         return Diagnosis("failed", str(a.get("error") or "no error recorded; see the job log in its run_dir"))
@@ -208,6 +210,10 @@ def trial_diagnosis(t: optuna.trial.FrozenTrial) -> Diagnosis:
         of = f" of {a['max_steps']}" if a.get("max_steps") else ""
         return Diagnosis("running", f"{len(curve)} evaluations so far, the last at step {int(curve[-1][0])}{of}; "
                                     "diagnosed once it finishes")
+    if t.state == optuna.trial.TrialState.PRUNED and len(curve) < 2:
+        at = f" at step {int(curve[-1][0])}" if curve else ""
+        return Diagnosis("pruned", f"stopped by the pruner{at}, after {len(curve)} evaluation(s): too short a run "
+                                   "to diagnose (the pruner's rule is in hydra.sweeper.pruner)")
     return diagnose(curve, curve_attr(t, "train_curve"), noise=trial_noise(t).sigma,
                     scheduler=(a.get("sft_config") or {}).get("lr_scheduler_type"), max_steps=a.get("max_steps"),
                     branch_point=branch_point(t))
