@@ -179,6 +179,30 @@ def test_tracking_uri_with_a_password_is_refused_in_one_line(tmp_path):
     _no_secret_under(tmp_path)
 
 
+@pytest.mark.parametrize("uri", ["file:///{tmp}/mlruns", "{tmp}/mlruns"])
+def test_an_mlflow_file_store_that_mlflow_will_not_open_is_refused_before_any_trial(compose_cfg, monkeypatch, tmp_path,
+                                                                                    uri):
+    from sweeper import config as config_mod
+
+    pytest.importorskip("mlflow")
+    pytest.importorskip("mlflow.environment_variables").MLFLOW_ALLOW_FILE_STORE  # an MLflow that refuses file stores
+    uri = uri.format(tmp=tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ValueError, match=r"tracking=mlflow: MLFLOW_TRACKING_URI=.*mlruns is MLflow's file store") as e:
+        config_mod.validate(compose_cfg("tracking=mlflow"))
+    assert "sqlite:///mlflow.db" in str(e.value) and "MLFLOW_ALLOW_FILE_STORE=true" in str(e.value)
+    with pytest.raises(ValueError, match=r"tracking.uri=.*mlruns is MLflow's file store"):
+        config_mod.validate(compose_cfg("tracking=mlflow", f"tracking.uri={uri}"))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own way to keep a file store
+    config_mod.validate(compose_cfg("tracking=mlflow"))
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    for ok in (f"sqlite:///{tmp_path}/mlflow.db", "http://127.0.0.1:9"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", ok)
+        config_mod.validate(compose_cfg("tracking=mlflow"))
+    assert not list(tmp_path.iterdir())  # the check opens no store
+
+
 # --------------------------------------------------------------------------- MLflow, a real server
 
 

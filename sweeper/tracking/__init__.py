@@ -107,7 +107,8 @@ def _settings(cfg: Any) -> dict | None:
 
 def check(cfg: Any) -> None:
     """Refuse, before any trial, a tracking choice that cannot work: a package not installed, a URI with a
-    password in it (credentials belong in the tool's environment variables). Raises ValueError."""
+    password in it (credentials belong in the tool's environment variables), an MLflow file store that the
+    installed MLflow will not open. Raises ValueError."""
     t = _settings(cfg)
     if t is None:
         return
@@ -125,6 +126,32 @@ def check(cfg: Any) -> None:
         raise ValueError(f"tracking.uri={passwords.mask_passwords(uri)} carries a password; give the plain URI and "
                          "the credentials in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
                          "MLFLOW_TRACKING_TOKEN), which MLflow reads itself")
+    if backend == "mlflow":
+        _check_mlflow_store(uri)
+
+
+def _check_mlflow_store(uri: str | None) -> None:
+    """Refuse MLflow's file store (``file:///...``, a plain path, or MLflow's default where ``./mlruns`` holds
+    runs) when the installed MLflow refuses to open one (MLflow 3: unless ``MLFLOW_ALLOW_FILE_STORE=true``):
+    every trial would warn and go untracked."""
+    from urllib.parse import urlparse
+
+    import mlflow
+
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:  # an MLflow that still writes file stores
+        return
+    if MLFLOW_ALLOW_FILE_STORE.get():
+        return
+    where = "tracking.uri" if uri else "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else \
+        "MLflow's default (./mlruns holds runs)"
+    uri = uri or mlflow.get_tracking_uri()
+    if urlparse(uri).scheme not in ("", "file"):
+        return
+    raise ValueError(f"tracking=mlflow: {where}={uri} is MLflow's file store, which MLflow {mlflow.__version__} no "
+                     "longer opens; use a database (MLFLOW_TRACKING_URI=sqlite:///mlflow.db) or a server "
+                     "(http://host:5000), or set MLFLOW_ALLOW_FILE_STORE=true to keep the file store")
 
 
 def _tracker(t: dict) -> Tracker:
