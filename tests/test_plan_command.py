@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -82,18 +81,16 @@ def test_cli_bad_input_is_one_line(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_offline_hub_model_plans_rows_within_seconds(tmp_path, cache_dir):
-    # a hub id that is not cached, and a hub that refuses connections: no retries, one line, tokens "–"
+def test_offline_hub_model_plans_rows_without_retrying_the_hub(tmp_path, cache_dir):
+    # a hub id that is not cached, and a hub that refuses connections: no retries (huggingface_hub's own took
+    # ~55 s), one line, tokens "–"
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), TQDM_DISABLE="1")
-    started = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-m", "sweeper", "plan", "model=qwen2.5-0.5b", "data.demo_rows=120",
          f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    elapsed = time.monotonic() - started
     assert out.returncode == 0, out.stderr
-    assert elapsed < 35, f"{elapsed:.0f} s"  # huggingface_hub's own retries took ~55 s
     assert "Retrying" not in out.stderr and "Traceback" not in out.stderr
     [row] = [line for line in out.stdout.splitlines() if line.startswith("| model=")]
     assert [c.strip() for c in row.split("|")[7:9]] == ["–", "–"]  # tokens/step, tokens: unknown, not 0
