@@ -167,7 +167,8 @@ def resolve_speed(cfg: DictConfig, compute: str, strict: bool = True, cuda: bool
         import torch
 
         cuda = torch.cuda.is_available()
-    return speed_mod.resolve(_typed(cfg.speed), cuda=cuda, compute=compute, optim=str(cfg.lr.optim), strict=strict)
+    return speed_mod.resolve(_typed(cfg.speed), cuda=cuda, compute=compute, optim=str(cfg.lr.optim), strict=strict,
+                             lora=str(cfg.peft.name) == "lora", quantized=bool(cfg.precision.get("load_in_4bit")))
 
 
 def check_folders(cfg: DictConfig) -> None:

@@ -83,12 +83,15 @@ def _liger_available() -> bool:
     return True
 
 
-def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str, strict: bool = True) -> dict:
+def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str, strict: bool = True, lora: bool = True,
+            quantized: bool = False) -> dict:
     """The concrete settings for this machine: ``auto`` decided, every value explicit.
 
     ``group`` is the ``speed`` config group (:class:`sweeper.config.SpeedConfig`); ``compute`` is the
     resolved precision (varlen flash attention needs bf16 or fp16 activations);
-    ``optim`` is the configured optimizer (only ``adamw_torch`` has a fused twin). ``strict=False`` keeps an
+    ``optim`` is the configured optimizer (only ``adamw_torch`` has a fused twin); ``lora``: the run trains LoRA
+    adapters (not full fine-tuning) and ``quantized``: on 4-bit base weights (QLoRA) -- ``graphs=auto`` is on
+    only for LoRA on unquantized weights, the case it was measured on. ``strict=False`` keeps an
     explicit GPU-only choice instead of refusing it on a machine without one (the data's preparation, checked
     on CPU for trials that will run on a GPU and refuse it there)."""
     def pick(key: str, on: bool) -> bool:
@@ -117,7 +120,7 @@ def resolve(group: SpeedConfig, *, cuda: bool, compute: str, optim: str, strict:
     fused = pick("fused_optimizer", cuda) and optim == "adamw_torch"
     padding_free = pick("padding_free", attention == "varlen")
     graphs_can_run = cuda and attention == "varlen" and padding_free and not compile_
-    graphs = pick("graphs", graphs_can_run)
+    graphs = pick("graphs", graphs_can_run and lora and not quantized)
     if strict and graphs and not graphs_can_run:
         raise ValueError(
             "speed.graphs=true needs a CUDA GPU, padding-free rows with varlen attention and speed.compile=false "

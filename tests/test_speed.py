@@ -31,6 +31,26 @@ def test_auto_resolves_to_the_plain_path_on_cpu(compose_cfg):
         assert asked["compile"] == mode
 
 
+def test_graphs_auto_is_on_for_lora_on_unquantized_weights_on_a_cuda_gpu(compose_cfg):
+    from sweeper import spec as spec_mod
+
+    group = compose_cfg("speed.graphs=auto").speed
+    on = dict(cuda=True, compute="bf16", optim="adamw_torch")
+    assert speed.resolve(group, **on)["graphs"] is True
+    assert speed.resolve(group, **on, quantized=True)["graphs"] is False  # QLoRA: not measured with the graphs
+    assert speed.resolve(group, **on, lora=False)["graphs"] is False  # full fine-tuning: the optimizer dominates
+    assert speed.resolve(group, **{**on, "compute": "fp32"})["graphs"] is False  # no varlen attention
+    assert speed.resolve(group, **{**on, "cuda": False})["graphs"] is False
+    assert speed.resolve(compose_cfg("speed.graphs=true").speed, **on, quantized=True, lora=False)["graphs"] is True
+    # the run's own method and precision reach the decision
+    assert spec_mod.resolve_speed(compose_cfg("speed.graphs=auto", "precision=bf16", "peft=lora"), "bf16",
+                                 cuda=True)["graphs"]
+    assert not spec_mod.resolve_speed(compose_cfg("speed.graphs=auto", "precision=bf16", "peft=none"), "bf16",
+                                      cuda=True)["graphs"]
+    assert not spec_mod.resolve_speed(compose_cfg("speed.graphs=auto", "precision=qlora4", "peft=lora"), "bf16",
+                                      cuda=True)["graphs"]
+
+
 def test_auto_turns_the_fast_path_on_for_a_cuda_gpu(compose_cfg):
     cfg = compose_cfg()
     got = speed.resolve(cfg.speed, cuda=True, compute="bf16", optim="adamw_torch")
