@@ -37,6 +37,7 @@ def test_graphs_auto_is_on_for_lora_on_unquantized_weights_on_a_cuda_gpu(compose
     group = compose_cfg("speed.graphs=auto").speed
     on = dict(cuda=True, compute="bf16", optim="adamw_torch")
     assert speed.resolve(group, **on)["graphs"] is True
+    assert speed.resolve(compose_cfg().speed, **on)["graphs"] is True  # speed=auto, the default, has graphs=auto
     assert speed.resolve(group, **on, quantized=True)["graphs"] is False  # QLoRA: not measured with the graphs
     assert speed.resolve(group, **on, lora=False)["graphs"] is False  # full fine-tuning: the optimizer dominates
     assert speed.resolve(group, **{**on, "compute": "fp32"})["graphs"] is False  # no varlen attention
