@@ -42,8 +42,9 @@ __all__ = [
     "ABANDONED", "COMMAND", "CONFIG", "COST", "DATA", "ERROR", "EVAL_CURVE", "FAILED_TRIAL", "FIXED_PARAMS", "METRIC", "MODEL", "OVERRIDES",
     "PARKED_AT", "RETRY_OF", "RUN_DIR", "SLURM_JOBS", "STOPPED_REASON", "SWEEP_ID", "SYSTEM_ATTRS", "TRACKING_RUN", "WORKER_PROCESS",
     "WSD_BRANCH_KEY", "WSD_BRANCH_OF", "WSD_TRUNK",
-    "abandoned_rates", "add_slurm_jobs", "config_of", "error_of", "failed_trial_of", "frozen", "is_branch",
-    "is_parked", "new_trial", "parked_at", "retried_config", "set_abandoned_rates", "set_state", "set_system",
+    "abandoned_rates", "add_slurm_jobs", "config_of", "drawn_params", "error_of", "failed_trial_of",
+    "frozen", "is_branch", "is_parked", "new_trial", "parked_at", "queued_params", "retried_config",
+    "set_abandoned_rates", "set_state", "set_system",
     "set_user", "slurm_jobs", "stopped_reason_of", "storage", "suggest", "tracking_run_of", "trial_by_number",
     "trial_id", "trunk_of", "worker_process_of",
 ]
@@ -166,6 +167,17 @@ def tracking_run_of(t: optuna.trial.FrozenTrial) -> dict:
 
 def config_of(t: optuna.trial.FrozenTrial) -> dict | None:
     return t.system_attrs.get(CONFIG)
+
+
+def queued_params(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The params ``t`` was queued with (:data:`FIXED_PARAMS`: a grid point's), also before it took them."""
+    return dict(t.system_attrs.get(FIXED_PARAMS) or {})
+
+
+def drawn_params(t: optuna.trial.FrozenTrial) -> set[str]:
+    """The names of ``t``'s params it was not queued with (a sampler drew them, or a custom search space): its
+    :data:`CONFIG`, the command's before the draw, does not hold their values."""
+    return set(t.params) - set(queued_params(t))
 
 
 def failed_trial_of(t: optuna.trial.FrozenTrial) -> int | None:

@@ -80,6 +80,45 @@ def test_range_and_log_interval_stay_inside_hydra_bounds_and_n_trials_is_the_tot
     assert len(_study(tmp_path).trials) == 4  # the total, not 4 more
 
 
+def _trained(study, key):
+    """Each trained value of ``key`` in the study, sorted (a value trained twice is listed twice)."""
+    return sorted(t.params[key] for t in study.trials if t.state == TrialState.COMPLETE)
+
+
+def test_a_finite_choice_continues_its_study_as_n_trials_grows_or_shrinks(tmp_path, cache_dir):
+    rates = [1e-4, 3e-4, 1e-3]
+    # seed=2: the sampler's first two draws differ, so this pins the re-runs (seed=42 draws 1e-3 twice)
+    args = ["-m", "lr.learning_rate=choice(1e-4,3e-4,1e-3)", "seed=2", *FAST, *_paths(tmp_path, cache_dir)]
+    _ok(run_in_process(*args, "hydra.sweeper.n_trials=2"))  # 2 of 3 points: sampled
+    first = _trained(_study(tmp_path), "lr.learning_rate")
+    assert len(first) == 2 and len(set(first)) == 2 and set(first) <= set(rates)
+
+    out = _ok(run_in_process(*args, "hydra.sweeper.n_trials=5"))  # covers the 3 points: a grid, the same study
+    study = _study(tmp_path)
+    assert _trained(study, "lr.learning_rate") == rates  # the missing point trained, none twice
+    assert "1 to run, 2 already done" in out.stdout + out.stderr
+    assert {repr(t.distributions["lr.learning_rate"]) for t in study.trials} == {
+        repr(optuna.distributions.CategoricalDistribution(rates))}  # recorded alike, sampled or grid
+
+    _ok(run_in_process(*args, "hydra.sweeper.n_trials=2"))  # fewer again: the study's total is reached
+    assert _trained(_study(tmp_path), "lr.learning_rate") == rates
+
+
+def _range_args(tmp_path, cache_dir, seed):
+    return ["-m", "schedule.max_steps=range(4,10,2)", f"seed={seed}", "eval.eval_steps=2", "eval.logging_steps=2",
+            *fast("schedule.max_steps", "eval."), *_paths(tmp_path, cache_dir)]
+
+
+def test_a_grid_re_run_of_a_finite_range_counts_the_points_sampled_before(tmp_path, cache_dir):
+    args = _range_args(tmp_path, cache_dir, seed=10)  # the sampler draws 4 and 8
+    _ok(run_in_process(*args, "hydra.sweeper.n_trials=2"))
+    assert _trained(_study(tmp_path), "schedule.max_steps") == [4, 8]
+
+    out = _ok(run_in_process(*args, "hydra.sweeper.n_trials=5"))  # a grid now: the sampled points count as done
+    assert _trained(_study(tmp_path), "schedule.max_steps") == [4, 6, 8]
+    assert "1 to run, 2 already done" in out.stdout + out.stderr
+
+
 def test_failing_trial_is_recorded_and_the_sweep_continues(tmp_path, cache_dir):
     out = _ok(run_in_process("-m", "model.attn_implementation=no_such_attention,eager", *FAST, *_paths(tmp_path, cache_dir)))
     failed, done = _study(tmp_path).trials

@@ -5,7 +5,9 @@
 The overrides (``hydra.sweeper.params`` first, the command line over them) become a search space through
 ``sweeper.space`` (Hydra's sweep grammar, translated exactly). A grid (comma lists; with ``sampler.name=grid``
 also choice and range) is the command's own points; distributions (choice, range, interval) are sampled, and a
-small finite space becomes a grid. Each point is composed once (:class:`Composer` keeps every composed
+small finite space becomes a grid, whose params the study records as it records the sampled form's (and as it
+already records them: :meth:`sweeper.space.SweepSpace.grid_distributions`), so that a re-run with another
+``n_trials`` continues the study. Each point is composed once (:class:`Composer` keeps every composed
 config) and checked by ``sweeper.sweep.preflight``; a sampled value that does not fit its key
 (``sweeper.typefit``), a search space reaching a value its key does not take (``interval(-1,1)`` for a learning
 rate), and two points that are one run (``sweeper.points``) are refused. Points of several
@@ -136,7 +138,8 @@ def prepare(settings: Settings, compose: Composer, arguments: list[str]) -> Comm
             else:  # sampled: n_trials is the study's total
                 total = settings.sampled_total
             study, new = _create_study(settings, name, cfgs[0])
-            dists = {**sub.grid_distributions(compose.group_options), **sub.distributions}
+            recorded = preflight.recorded_distributions(study)  # a grid records its values as the study does
+            dists = {**sub.grid_distributions(compose.group_options, recorded), **sub.distributions}
             sweeps.append(Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx, new))
             preflight.check_compatible(study, dists)
             preflight.check_same_settings(study, sub, configs, storage_url=settings.storage_url,
@@ -259,7 +262,8 @@ def _split_by_study(settings: Settings, space: SweepSpace, cfgs: list[DictConfig
             fixed=space.fixed + [f"{k}={mine[0][k][1]}" for k in constant],
             grid=[(k, [vt for vt in vals if any(p[k][1] == vt[1] for p in mine)])
                   for k, vals in space.grid if k not in constant],
-            distributions=dict(space.distributions))
+            distributions=dict(space.distributions),
+            sampled_as={k: d for k, d in space.sampled_as.items() if k not in constant})
         out.append((name, sub, [{k: v for k, v in p.items() if k not in constant} for p in mine], idx))
     _check_folders_apart(out, cfgs)
     return out

@@ -4,7 +4,8 @@
 
 - A grid: a command runs its own points that have no COMPLETE, PRUNED, RUNNING or WAITING trial of the same
   settings (``sweeper.identity``), whatever else the study holds; a point that FAILed in this sweep is not
-  run again until the command is re-run. Sampled: ``n_trials`` is the study's total.
+  run again until the command is re-run. Sampled: ``n_trials`` is the study's total. A trial that drew a point
+  counts as that point of a later grid over the same space, and back (:func:`matches`).
 - :meth:`Queue.claim_next`: with several studies, a study's re-queued trial (WAITING) comes first, then grid
   points in the command's order, or the study this worker claimed fewest trials of.
 - :meth:`Queue.claim`: under ``sweeper.storage.claim_lock``, fail stale trials (Optuna's heartbeat; their
@@ -24,7 +25,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import optuna
 
@@ -33,6 +34,7 @@ from sweeper import identity, records, samplers
 from sweeper import points as points_mod
 from sweeper import trunks as trunks_mod
 from sweeper.interrupt import deferred
+from sweeper.space import same_value
 from sweeper.storage import claim_lock, fail_and_requeue, heartbeat_age_s, mask_url
 from sweeper.sweep import tell
 from sweeper.sweep.command import Command, Sweep
@@ -62,16 +64,22 @@ class Counts:
         return text
 
 
-def matches(trial: optuna.trial.FrozenTrial, point: dict[str, tuple[Any, str]], config: dict | None = None) -> bool:
+def matches(trial: optuna.trial.FrozenTrial, point: dict[str, tuple[Any, str]], config: dict | None = None,
+            sampled: Iterable[str] = ()) -> bool:
     """Whether ``trial`` ran grid ``point`` (its params) with ``config`` (the point's result config;
     None: params alone). A key the trial has no param for is judged by its recorded config: ``max_steps=10`` run as
-    a fixed value is the point ``10`` of a later ``max_steps=10,15``."""
-    params = trial.system_attrs.get(records.FIXED_PARAMS, trial.params)
+    a fixed value is the point ``10`` of a later ``max_steps=10,15``. A param the trial drew
+    (``sweeper.records.drawn_params``), and a key of ``sampled`` (the command's distributions, which the point
+    leaves to the sampler), is left out of the configs' comparison, as they hold the command's value from before the
+    draw: the trial's params decide it, so a point of ``choice(a,b,c)`` run as a grid is the trial that drew it when
+    the same space was sampled, and back."""
+    params = {**trial.params, **records.queued_params(trial)}
     recorded = records.config_of(trial) is not None and config is not None
     # a key the trial has no param for (run as a fixed value): its recorded config decides
-    if not all(params[k] == v if k in params else recorded for k, (v, _) in point.items()):
+    if not all(same_value(params[k], v) if k in params else recorded for k, (v, _) in point.items()):
         return False
-    return config is None or identity.same_run(records.config_of(trial), config)
+    skip = records.drawn_params(trial) | {k for k in sampled if k not in point}
+    return config is None or identity.same_run(records.config_of(trial), config, skip)
 
 
 def this_process() -> str:
@@ -138,7 +146,8 @@ class Queue:
             return None
         if not peek:
             tried.add(len(tried))
-        counts = [sum(matches(t, p, c) for t in covered) for p, c in zip(sw.points, sw.configs)]
+        sampled = set(sw.space.distributions)  # the points' configs hold these at the command's value
+        counts = [sum(matches(t, p, c, sampled) for t in covered) for p, c in zip(sw.points, sw.configs)]
         return counts.index(min(counts))
 
     def counts(self, sw: Sweep) -> Counts:
