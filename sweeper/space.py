@@ -20,6 +20,8 @@ Translated exactly (:func:`translate`, one override; :func:`build_space`, a comm
   each point runs once (a sampler would repeat points of a 2-point space). Its axes keep the distribution the
   sampled form records (:attr:`SweepSpace.sampled_as`), and so do choice and range under the grid sampler: a
   re-run of the same space with another ``n_trials`` continues the study, whichever form each run took.
+- :func:`untried`: in a finite space too large to run as a grid, a sampler's draw of a point already trained
+  moves to the next point not yet trained, so that no point trains twice while others have not.
 - Anything else is a fixed override, passed unchanged to every job.
 
 :meth:`SweepSpace.grid_distributions` says how grid values are recorded as Optuna params;
@@ -39,7 +41,7 @@ from typing import Any, Sequence
 import optuna
 
 __all__ = ["TAGS", "SweepSpace", "build_space", "distribution_text", "exhaust_finite", "finite_values", "quote", "range_note",
-           "same_value", "translate", "value_text"]
+           "same_value", "translate", "untried", "value_text"]
 
 
 @dataclass
@@ -173,6 +175,50 @@ def same_value(a: Any, b: Any) -> bool:
     if numbers and (isinstance(a, float) or isinstance(b, float)):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
     return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _position(dist: optuna.distributions.BaseDistribution, axis: Sequence[Any], value: Any) -> int | None:
+    """Where ``value`` lies on ``axis`` (:func:`finite_values` of ``dist``), or None when it is not one of its points."""
+    if isinstance(dist, optuna.distributions.CategoricalDistribution) or len(axis) == 1:
+        return next((j for j, v in enumerate(axis) if same_value(v, value)), None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    j = round((value - axis[0]) / (axis[1] - axis[0]))  # ascending, one step apart
+    return j if 0 <= j < len(axis) and same_value(axis[j], value) else None
+
+
+def untried(dists: dict[str, optuna.distributions.BaseDistribution], drawn: dict[str, Any],
+            tried: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The point of the finite space ``dists`` (each with :func:`finite_values`) a trial should train when a
+    sampler drew ``drawn`` and the points ``tried`` are trained (or running): ``drawn`` itself when it is not one
+    of them, else the next point that is not, in the space's order (the last key fastest, from ``drawn`` on,
+    wrapping around); ``drawn`` when every point is tried. Looks at no more than ``len(tried) + 1`` points, so a
+    space of a billion points costs no more than one of ten."""
+    keys = list(dists)
+    axes = [finite_values(dists[k]) for k in keys]
+
+    def place(point: dict[str, Any]) -> tuple | None:
+        at = tuple(_position(dists[k], axis, point.get(k)) for k, axis in zip(keys, axes))
+        return None if None in at else at
+
+    seen = {p for p in map(place, tried) if p is not None}
+    start = place(drawn)
+    if start is None or start not in seen:
+        return drawn
+    sizes = [len(axis) for axis in axes]
+    total = math.prod(sizes)
+    flat = 0
+    for j, n in zip(start, sizes):
+        flat = flat * n + j
+    for step in range(1, min(total, len(seen) + 1)):  # of these len(seen) points, at most len(seen) - 1 are tried
+        rest, at = (flat + step) % total, []
+        for n in reversed(sizes):
+            rest, j = divmod(rest, n)
+            at.append(j)
+        at.reverse()
+        if tuple(at) not in seen:
+            return {**drawn, **{k: axis[j] for k, axis, j in zip(keys, axes, at)}}
+    return drawn
 
 
 # the tags of tag(..., range or interval) that mean something here (hydra-optuna-sweeper's log and int; float: a

@@ -119,6 +119,14 @@ def test_a_grid_re_run_of_a_finite_range_counts_the_points_sampled_before(tmp_pa
     assert "1 to run, 2 already done" in out.stdout + out.stderr
 
 
+def test_a_finite_sampled_space_trains_no_point_twice(tmp_path, cache_dir):
+    # seed=8: TPE's first two draws of range(4,10,2) are both 6 (its random start draws with replacement)
+    out = _ok(run_in_process(*_range_args(tmp_path, cache_dir, seed=8), "hydra.sweeper.n_trials=2"))
+    first = _trained(_study(tmp_path), "schedule.max_steps")
+    assert len(first) == 2 and len(set(first)) == 2 and 6 in first  # the second 6 moved to a point not yet trained
+    assert "the sampler drew schedule.max_steps=6, which a trial of this study has trained" in out.stdout + out.stderr
+
+
 def test_failing_trial_is_recorded_and_the_sweep_continues(tmp_path, cache_dir):
     out = _ok(run_in_process("-m", "model.attn_implementation=no_such_attention,eager", *FAST, *_paths(tmp_path, cache_dir)))
     failed, done = _study(tmp_path).trials

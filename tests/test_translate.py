@@ -11,7 +11,7 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from sweeper.space import build_space, exhaust_finite, finite_values, same_value, translate
+from sweeper.space import build_space, exhaust_finite, finite_values, same_value, translate, untried
 from sweeper.storage import mask_url
 
 from .conftest import ROOT
@@ -239,6 +239,21 @@ def test_a_grid_records_its_values_as_the_study_does():
     other = build_space(PARSER.parse_overrides(["lr.learning_rate=2e-4,5e-4"]))  # no kind holds both: refused later
     assert other.grid_distributions(recorded={"lr.learning_rate": choice}) == {
         "lr.learning_rate": FloatDistribution(2e-4, 5e-4)}
+
+
+@pytest.mark.parametrize("dists,drawn,tried,expected", [
+    ({"k": IntDistribution(4, 8, step=2)}, {"k": 6}, [{"k": 4}], {"k": 6}),  # a new point stands
+    ({"k": IntDistribution(4, 8, step=2)}, {"k": 6}, [{"k": 6}], {"k": 8}),  # the next point not tried
+    ({"k": IntDistribution(4, 8, step=2)}, {"k": 8}, [{"k": 8}, {"k": 4}], {"k": 6}),  # wrapping around
+    ({"k": IntDistribution(4, 8, step=2)}, {"k": 8}, [{"k": 4}, {"k": 6}, {"k": 8}], {"k": 8}),  # all tried
+    ({"k": FloatDistribution(0.05, 0.15, step=0.05)}, {"k": 0.15000000000000002}, [{"k": 0.15}], {"k": 0.05}),
+    ({"k": CategoricalDistribution(["a", "b", "c"])}, {"k": "a"}, [{"k": "a"}, {"k": "b"}], {"k": "c"}),
+    ({"a": CategoricalDistribution(["x", "y"]), "b": IntDistribution(1, 2)}, {"a": "x", "b": 2},
+     [{"a": "x", "b": 2}, {"a": "y", "b": 1}], {"a": "y", "b": 2}),  # the last key fastest
+    ({"k": IntDistribution(1, 10**9)}, {"k": 5}, [{"k": 5}, {"k": 6}], {"k": 7}),  # a billion points, not listed
+])
+def test_a_draw_of_a_tried_point_moves_to_the_next_untried_one(dists, drawn, tried, expected):
+    assert untried(dists, drawn, tried) == expected
 
 
 def test_same_value_forgives_a_float_step_rounding_only():
