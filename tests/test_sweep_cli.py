@@ -127,6 +127,23 @@ def test_a_finite_sampled_space_trains_no_point_twice(tmp_path, cache_dir):
     assert "the sampler drew schedule.max_steps=6, which a trial of this study has trained" in out.stdout + out.stderr
 
 
+def test_a_choice_over_a_comma_lists_points_runs_as_its_grid_or_names_the_n_trials_that_does(tmp_path, cache_dir):
+    study = optuna.create_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    for rate in (1e-4, 3e-4):  # lr.learning_rate=1e-4,3e-4 ran: numbers on a float range
+        study.add_trial(optuna.trial.create_trial(
+            value=1.0, params={"lr.learning_rate": rate},
+            distributions={"lr.learning_rate": optuna.distributions.FloatDistribution(1e-4, 3e-4)}))
+    args = ["-m", "lr.learning_rate=choice(1e-4,3e-4,1e-3)", *FAST, *_paths(tmp_path, cache_dir)]
+    proc = run_in_process(*args, "hydra.sweeper.n_trials=2")  # sampled, it would record a categorical
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]  # one line, naming the key and the n_trials that runs it
+    assert line.startswith("lr.learning_rate: study 'demo-tiny' already samples it as FloatDistribution") and line.endswith(
+        "; set hydra.sweeper.n_trials=3 (or more) to run its 3 point(s) once each, as a grid, which this study takes, "
+        "or start a new study with hydra.sweeper.study_name=...")
+    _ok(run_in_process(*args, "hydra.sweeper.n_trials=3"))
+    assert sorted(t.params["lr.learning_rate"] for t in _study(tmp_path).trials) == [1e-4, 3e-4, 1e-3]
+
+
 def test_failing_trial_is_recorded_and_the_sweep_continues(tmp_path, cache_dir):
     out = _ok(run_in_process("-m", "model.attn_implementation=no_such_attention,eager", *FAST, *_paths(tmp_path, cache_dir)))
     failed, done = _study(tmp_path).trials

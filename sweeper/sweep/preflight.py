@@ -276,17 +276,20 @@ def recorded_distributions(study: optuna.Study) -> dict[str, optuna.distribution
     return seen
 
 
-def check_compatible(study: optuna.Study, dists: dict[str, optuna.distributions.BaseDistribution]) -> None:
-    """Refuse, before any trial is created, a param whose distribution the study cannot take."""
+def check_compatible(study: optuna.Study, dists: dict[str, optuna.distributions.BaseDistribution],
+                     fixes: dict[str, str] | None = None) -> None:
+    """Refuse, before any trial is created, a param whose distribution the study cannot take. ``fixes``: for a
+    key, the change of this command that would make it fit (named before a new study)."""
     seen = {k: d for k, d in recorded_distributions(study).items() if k in dists}
     for key, old in seen.items():
         try:
             optuna.distributions.check_distribution_compatibility(old, dists[key])
         except ValueError as e:
+            fix = (fixes or {}).get(key)
             raise ValueError(
                 f"{key}: study {study.study_name!r} already samples it as {old}, which cannot change to "
-                f"{dists[key]} ({e}); keep the earlier values or start a new study with "
-                "hydra.sweeper.study_name=..."
+                f"{dists[key]} ({e}); " + (f"{fix}, " if fix else "keep the earlier values ")
+                + "or start a new study with hydra.sweeper.study_name=..."
             ) from None
 
 
