@@ -23,7 +23,7 @@ different setting.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 __all__ = ["SEARCHED", "default_study_name", "study_name_problem", "describe_differences", "differences", "result_config", "same_run",
            "study_name", "varying"]
@@ -137,11 +137,15 @@ def describe_differences(diff: dict[str, tuple[list, Any]], most: int = 6) -> st
     return "; ".join(items[:most]) + more + note
 
 
-def same_run(trial_config: dict | None, point_config: dict) -> bool:
+def same_run(trial_config: dict | None, point_config: dict, skip: Iterable[str] = ()) -> bool:
     """Whether a trial that recorded ``trial_config`` ran ``point_config`` (None: a trial from before
     configs were recorded, which counts by its params alone; a trial recorded before data contents were,
-    by the rest of its config)."""
+    by the rest of its config). ``skip``: keys (with the keys under them: ``lr`` skips ``lr.*``) that are not
+    compared, because one of the two configs does not hold their value (a sampled trial records its command's
+    config, before the draw) and the trial's params decide them."""
     if trial_config is None:
         return True
+    skip = tuple(skip)
     keys = set(trial_config) | {k for k in point_config if k not in CONTENT or k in trial_config}
-    return all(trial_config.get(k) == point_config.get(k) for k in keys)
+    return all(trial_config.get(k) == point_config.get(k) for k in keys
+               if not any(k == s or k.startswith(s + ".") for s in skip))

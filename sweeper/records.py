@@ -28,7 +28,8 @@ Study attrs: :data:`METRIC`, :data:`COST`, :data:`DATA`, :data:`MODEL`, :data:`S
 abandoned learning rates of a joint search (system, :func:`abandoned_rates`).
 
 Optuna's trial and study ids, its storage behind a study and ``Trial._suggest`` are private; within the
-sweeper they are reached only here (:func:`storage`, :func:`trial_id`, :func:`new_trial`, :func:`suggest`, ...).
+sweeper they are reached only here (:func:`storage`, :func:`trial_id`, :func:`new_trial`, :func:`suggest`,
+:func:`draw`, :func:`fix`, ...).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ __all__ = [
     "ABANDONED", "COMMAND", "CONFIG", "COST", "DATA", "ERROR", "EVAL_CURVE", "FAILED_TRIAL", "FIXED_PARAMS", "METRIC", "MODEL", "OVERRIDES",
     "PARKED_AT", "RETRY_OF", "RUN_DIR", "SLURM_JOBS", "STOPPED_REASON", "SWEEP_ID", "SYSTEM_ATTRS", "TRACKING_RUN", "WORKER_PROCESS",
     "WSD_BRANCH_KEY", "WSD_BRANCH_OF", "WSD_TRUNK",
-    "abandoned_rates", "add_slurm_jobs", "config_of", "error_of", "failed_trial_of", "frozen", "is_branch",
-    "is_parked", "new_trial", "parked_at", "retried_config", "set_abandoned_rates", "set_state", "set_system",
+    "abandoned_rates", "add_slurm_jobs", "config_of", "draw", "drawn_params", "error_of", "failed_trial_of", "fix",
+    "frozen", "is_branch", "is_parked", "new_trial", "parked_at", "queued_params", "retried_config",
+    "set_abandoned_rates", "set_state", "set_system",
     "set_user", "slurm_jobs", "stopped_reason_of", "storage", "suggest", "tracking_run_of", "trial_by_number",
     "trial_id", "trunk_of", "worker_process_of",
 ]
@@ -134,8 +136,39 @@ def set_param(study: optuna.Study, tid: int, name: str, value: Any, dist: Any) -
 
 
 def suggest(trial: optuna.Trial, name: str, dist: optuna.distributions.BaseDistribution) -> Any:
-    """``trial``'s value of ``name``: its fixed (queued) param, else the sampler's suggestion."""
+    """``trial``'s value of ``name``: its fixed param (queued, or set by :func:`fix`), else the sampler's suggestion."""
     return trial._suggest(name, dist)
+
+
+class _Unrecorded:
+    """A storage that reads through to ``backend`` but records no param (:func:`draw`)."""
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def set_trial_param(self, *args: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+
+def draw(trial: optuna.Trial, dists: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, Any]:
+    """What :func:`suggest` would give ``trial`` for each of ``dists`` (fixed params, else the sampler's draws),
+    recorded nowhere: the sweep may move the draw (:func:`fix`) before the trial takes its params."""
+    recording = trial.storage
+    trial.storage = _Unrecorded(recording)
+    try:
+        return {name: trial._suggest(name, dist) for name, dist in dists.items()}
+    finally:
+        trial.storage = recording
+        trial._cached_frozen_trial = recording.get_trial(trial._trial_id)  # without the draws
+
+
+def fix(trial: optuna.Trial, params: dict[str, Any]) -> None:
+    """The values ``trial`` takes for ``params`` when they are suggested, instead of the sampler's; unlike a queued
+    trial's (:data:`FIXED_PARAMS`) they count as drawn (:func:`drawn_params`)."""
+    trial._fixed_params = {**trial._fixed_params, **params}
 
 
 def study_system_attrs(study: optuna.Study) -> dict:
@@ -166,6 +199,17 @@ def tracking_run_of(t: optuna.trial.FrozenTrial) -> dict:
 
 def config_of(t: optuna.trial.FrozenTrial) -> dict | None:
     return t.system_attrs.get(CONFIG)
+
+
+def queued_params(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The params ``t`` was queued with (:data:`FIXED_PARAMS`: a grid point's), also before it took them."""
+    return dict(t.system_attrs.get(FIXED_PARAMS) or {})
+
+
+def drawn_params(t: optuna.trial.FrozenTrial) -> set[str]:
+    """The names of ``t``'s params it was not queued with (a sampler drew them, or a custom search space): its
+    :data:`CONFIG`, the command's before the draw, does not hold their values."""
+    return set(t.params) - set(queued_params(t))
 
 
 def failed_trial_of(t: optuna.trial.FrozenTrial) -> int | None:

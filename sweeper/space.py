@@ -17,17 +17,23 @@ Translated exactly (:func:`translate`, one override; :func:`build_space`, a comm
   (:data:`TAGS`). With ``grid_sampler`` (``sampler.name=grid``)
   choice and range become grid axes instead, and an interval is refused.
 - :func:`exhaust_finite`: a sampled space of finite points no larger than ``n_trials`` becomes a grid, so
-  each point runs once (a sampler would repeat points of a 2-point space).
+  each point runs once (a sampler would repeat points of a 2-point space). Its axes keep the distribution the
+  sampled form records (:attr:`SweepSpace.sampled_as`), and so do choice and range under the grid sampler: a
+  re-run of the same space with another ``n_trials`` continues the study, whichever form each run took.
+- :func:`untried`: in a finite space too large to run as a grid, a sampler's draw of a point already trained
+  moves to the next point not yet trained, so that no point trains twice while others have not.
 - Anything else is a fixed override, passed unchanged to every job.
 
 :meth:`SweepSpace.grid_distributions` says how grid values are recorded as Optuna params;
-:func:`value_text` and :func:`quote` write values back as override text. Imports Optuna's
-distributions and Hydra's override types (inside :func:`translate`); no storage, no study.
+:func:`same_value` says when two recorded values are one point; :func:`value_text` and :func:`quote` write values
+back as override text. Imports Optuna's distributions and Hydra's override types (inside :func:`translate`); no
+storage, no study.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -35,7 +41,7 @@ from typing import Any, Sequence
 import optuna
 
 __all__ = ["TAGS", "SweepSpace", "build_space", "distribution_text", "exhaust_finite", "finite_values", "quote", "range_note",
-           "translate", "value_text"]
+           "same_value", "translate", "untried", "value_text"]
 
 
 @dataclass
@@ -46,6 +52,9 @@ class SweepSpace:
     grid: list[tuple[str, list[tuple[Any, str]]]] = field(default_factory=list)  # key -> [(value, override text)]
     distributions: dict[str, optuna.distributions.BaseDistribution] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # lines the start of a sweep logs once (a range's stop rule)
+    # grid axes that stand for a choice or range (a finite sampled space run as a grid, or the grid sampler's): the
+    # distribution its sampled form records, so that both forms record the param alike (grid_distributions)
+    sampled_as: dict[str, optuna.distributions.BaseDistribution] = field(default_factory=dict)
 
     def grid_points(self) -> list[dict[str, tuple[Any, str]]]:
         if not self.grid:
@@ -53,35 +62,74 @@ class SweepSpace:
         keys = [k for k, _ in self.grid]
         return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in self.grid))]
 
-    def grid_distributions(self, group_options: Any = None) -> dict[str, optuna.distributions.BaseDistribution]:
+    def grid_distributions(self, group_options: Any = None,
+                           recorded: dict[str, optuna.distributions.BaseDistribution] | None = None,
+                           ) -> dict[str, optuna.distributions.BaseDistribution]:
         """Distributions that record grid values as Optuna params.
 
         Optuna forbids a categorical param from changing its choices within a study, yet a user
         extends a grid (``under,sweet`` then ``under,sweet,over``). So numbers are recorded on an
         int/float range (whose bounds may change), and config-group choices on the group's full
-        option list; other values on the list given.
+        option list; other values on the list given. An axis that stands for a choice or range
+        (:attr:`sampled_as`) is recorded under that distribution, as a sampled run of it records its draws, so that
+        either form continues the other's study. ``recorded``: the distribution the study already records each key
+        under; an axis whose distribution could not join it takes one that holds its values and can (the plain
+        grid's, or the recorded one), so that a study recorded by an earlier form of the space goes on.
         """
         out: dict[str, optuna.distributions.BaseDistribution] = {}
         for key, vals in self.grid:
             values = [v for v, _ in vals]
-            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                out[key] = optuna.distributions.IntDistribution(min(values), max(values))
-            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                out[key] = optuna.distributions.FloatDistribution(float(min(values)), float(max(values)))
-            else:
-                options = group_options(key) if group_options else None
-                choices = options if options and set(values) <= set(options) else values
-                out[key] = optuna.distributions.CategoricalDistribution(choices)
+            options = [self.sampled_as[key]] if key in self.sampled_as else []
+            options.append(_plain_grid(key, values, group_options))
+            old = (recorded or {}).get(key)
+            if old is not None:
+                options.append(_holding(old, values))
+                options = [d for d in options if d is not None and _compatible(old, d)] or options
+            out[key] = options[0]
         return out
 
 
-def finite_values(dist: optuna.distributions.BaseDistribution) -> list[Any] | None:
-    """Every value ``dist`` can give, ascending where ordered, or None for a continuous one."""
+def _plain_grid(key: str, values: list[Any], group_options: Any) -> optuna.distributions.BaseDistribution:
+    """A comma list's distribution (:meth:`SweepSpace.grid_distributions`)."""
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return optuna.distributions.IntDistribution(min(values), max(values))
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return optuna.distributions.FloatDistribution(float(min(values)), float(max(values)))
+    options = group_options(key) if group_options else None
+    choices = options if options and set(values) <= set(options) else values
+    return optuna.distributions.CategoricalDistribution(choices)
+
+
+def _holding(old: optuna.distributions.BaseDistribution, values: list[Any]) -> optuna.distributions.BaseDistribution | None:
+    """A distribution of ``old``'s kind and scale that holds ``values``, or None: ``old`` itself for a categorical
+    whose choices hold them all, else an int/float range over them."""
+    D = optuna.distributions
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if isinstance(old, D.CategoricalDistribution):
+        return old if all(v in old.choices for v in values) else None
+    if not numbers or (old.log and min(values) <= 0):
+        return None
+    if isinstance(old, D.IntDistribution):
+        return D.IntDistribution(min(values), max(values), log=old.log) if all(isinstance(v, int) for v in values) else None
+    return D.FloatDistribution(float(min(values)), float(max(values)), log=old.log)
+
+
+def _compatible(old: optuna.distributions.BaseDistribution, new: optuna.distributions.BaseDistribution) -> bool:
+    try:
+        optuna.distributions.check_distribution_compatibility(old, new)
+    except ValueError:
+        return False
+    return True
+
+
+def finite_values(dist: optuna.distributions.BaseDistribution) -> Sequence[Any] | None:
+    """Every value ``dist`` can give, ascending where ordered, or None for a continuous one (an int range as a
+    ``range``, so that ``int(interval(1,1000000000))`` is counted, not listed)."""
     D = optuna.distributions
     if isinstance(dist, D.CategoricalDistribution):
         return list(dist.choices)
     if isinstance(dist, D.IntDistribution):
-        return list(range(dist.low, dist.high + 1, dist.step))
+        return range(dist.low, dist.high + 1, dist.step)
     if isinstance(dist, D.FloatDistribution) and (dist.step is not None or dist.low == dist.high):
         from decimal import Decimal
 
@@ -95,8 +143,11 @@ def finite_values(dist: optuna.distributions.BaseDistribution) -> list[Any] | No
 def exhaust_finite(space: SweepSpace, n_trials: int) -> tuple[SweepSpace, str | None]:
     """A sampled space with at most ``n_trials`` points, all finite (choice, range, stepped floats): its
     points as grid axes instead, so each runs once and the sweep stops when they are done (a sampler asked
-    for ``n_trials`` draws of a 2-point space repeats points). Returns the space and the line that says so,
-    or the space unchanged and None."""
+    for ``n_trials`` draws of a 2-point space repeats points). Each axis keeps its distribution
+    (:attr:`SweepSpace.sampled_as`), which the study records its points under, as the sampled form records its
+    draws: a re-run with fewer trials samples the same study, and one with more counts the points the sampled
+    runs trained as done (``sweeper.sweep.queue.matches``). Returns the space and the line that says so, or the
+    space unchanged and None."""
     if not space.distributions:
         return space, None
     values = {k: finite_values(d) for k, d in space.distributions.items()}
@@ -111,8 +162,63 @@ def exhaust_finite(space: SweepSpace, n_trials: int) -> tuple[SweepSpace, str | 
     grid = space.grid + [(k, [(x, value_text(x)) for x in v]) for k, v in values.items()]
     keys = ", ".join(sorted(space.distributions))
     note = (f"the sampled space ({keys}) has {size} point(s), no more than n_trials={n_trials}: each runs once, "
-            "as a grid, and the sweep stops when they are done (a sampler would repeat points)")
-    return SweepSpace(fixed=list(space.fixed), grid=grid, distributions={}, notes=[*space.notes, note]), note
+            "as a grid, and the sweep stops when they are done (a sampler would repeat points; points the study "
+            "has trained already count as done)")
+    return SweepSpace(fixed=list(space.fixed), grid=grid, distributions={}, notes=[*space.notes, note],
+                      sampled_as={**space.sampled_as, **space.distributions}), note
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two values of one key are one point: equal, or two numbers a float's rounding apart (a sampler's
+    0.15000000000000002 on ``range(0.05,0.2,0.05)`` is the grid's 0.15)."""
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    if numbers and (isinstance(a, float) or isinstance(b, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _position(dist: optuna.distributions.BaseDistribution, axis: Sequence[Any], value: Any) -> int | None:
+    """Where ``value`` lies on ``axis`` (:func:`finite_values` of ``dist``), or None when it is not one of its points."""
+    if isinstance(dist, optuna.distributions.CategoricalDistribution) or len(axis) == 1:
+        return next((j for j, v in enumerate(axis) if same_value(v, value)), None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    j = round((value - axis[0]) / (axis[1] - axis[0]))  # ascending, one step apart
+    return j if 0 <= j < len(axis) and same_value(axis[j], value) else None
+
+
+def untried(dists: dict[str, optuna.distributions.BaseDistribution], drawn: dict[str, Any],
+            tried: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The point of the finite space ``dists`` (each with :func:`finite_values`) a trial should train when a
+    sampler drew ``drawn`` and the points ``tried`` are trained (or running): ``drawn`` itself when it is not one
+    of them, else the next point that is not, in the space's order (the last key fastest, from ``drawn`` on,
+    wrapping around); ``drawn`` when every point is tried. Looks at no more than ``len(tried) + 1`` points, so a
+    space of a billion points costs no more than one of ten."""
+    keys = list(dists)
+    axes = [finite_values(dists[k]) for k in keys]
+
+    def place(point: dict[str, Any]) -> tuple | None:
+        at = tuple(_position(dists[k], axis, point.get(k)) for k, axis in zip(keys, axes))
+        return None if None in at else at
+
+    seen = {p for p in map(place, tried) if p is not None}
+    start = place(drawn)
+    if start is None or start not in seen:
+        return drawn
+    sizes = [len(axis) for axis in axes]
+    total = math.prod(sizes)
+    flat = 0
+    for j, n in zip(start, sizes):
+        flat = flat * n + j
+    for step in range(1, min(total, len(seen) + 1)):  # of these len(seen) points, at most len(seen) - 1 are tried
+        rest, at = (flat + step) % total, []
+        for n in reversed(sizes):
+            rest, j = divmod(rest, n)
+            at.append(j)
+        at.reverse()
+        if tuple(at) not in seen:
+            return {**drawn, **{k: axis[j] for k, axis, j in zip(keys, axes, at)}}
+    return drawn
 
 
 # the tags of tag(..., range or interval) that mean something here (hydra-optuna-sweeper's log and int; float: a
@@ -261,11 +367,20 @@ def translate(override: Any, *, grid_sampler: bool = False) -> tuple[str, Any]:
 
 
 def build_space(overrides: Sequence[Any], *, grid_sampler: bool = False) -> SweepSpace:
-    """A command's parsed overrides, each through :func:`translate`, gathered into one :class:`SweepSpace`."""
+    """A command's parsed overrides, each through :func:`translate`, gathered into one :class:`SweepSpace`; with
+    ``grid_sampler``, a choice or range run as a grid axis keeps its sampled distribution
+    (:attr:`SweepSpace.sampled_as`)."""
     space = SweepSpace()
     for ov in overrides:
         kind, payload = translate(ov, grid_sampler=grid_sampler)
         key = ov.get_key_element()
+        if kind == "grid" and grid_sampler:  # a choice or range the grid sampler runs as a grid: recorded as sampled
+            try:
+                sampled_kind, dist = translate(ov)
+            except ValueError:  # a range only the grid sampler takes (tag(log, range(1,9,2))): a plain grid's record
+                sampled_kind = "grid"
+            if sampled_kind == "dist":
+                space.sampled_as[key] = dist
         if kind != "fixed" and type(ov.value()).__name__ == "RangeSweep" and _stop_on_step(ov.value()):
             space.notes.append(range_note(key, ov.value(), _range_values(key, ov.value())))
         if kind == "fixed":

@@ -26,6 +26,9 @@ def test_differences_ignore_swept_searched_and_bookkeeping_keys(compose_cfg):
     assert identity.differences([a], b, set()) == {"lr.learning_rate": ([0.001], 0.0003)}
     assert identity.differences([a], b, {"lr.learning_rate"}) == {}  # swept by the command
     assert not identity.same_run(a, b) and identity.same_run(a, dict(a)) and identity.same_run(None, b)
+    # a sampled trial records its command's config, before the draw: its params decide what it drew (lr: lr.*)
+    drew = {**a, "lr.learning_rate": 3e-4}
+    assert identity.same_run(a, drew, skip=["lr"]) and not identity.same_run(a, drew, skip=["lr.learning"])
     # the effective batch counts, not how it is split
     c = identity.result_config(compose_cfg(*fast("batch."), "batch.per_device_train_batch_size=2",
                                            "batch.gradient_accumulation_steps=2"))

@@ -80,6 +80,70 @@ def test_range_and_log_interval_stay_inside_hydra_bounds_and_n_trials_is_the_tot
     assert len(_study(tmp_path).trials) == 4  # the total, not 4 more
 
 
+def _trained(study, key):
+    """Each trained value of ``key`` in the study, sorted (a value trained twice is listed twice)."""
+    return sorted(t.params[key] for t in study.trials if t.state == TrialState.COMPLETE)
+
+
+def test_a_finite_choice_continues_its_study_as_n_trials_grows_or_shrinks(tmp_path, cache_dir):
+    rates = [1e-4, 3e-4, 1e-3]
+    # seed=2: the sampler's first two draws differ, so this pins the re-runs (seed=42 draws 1e-3 twice)
+    args = ["-m", "lr.learning_rate=choice(1e-4,3e-4,1e-3)", "seed=2", *FAST, *_paths(tmp_path, cache_dir)]
+    _ok(run_in_process(*args, "hydra.sweeper.n_trials=2"))  # 2 of 3 points: sampled
+    first = _trained(_study(tmp_path), "lr.learning_rate")
+    assert len(first) == 2 and len(set(first)) == 2 and set(first) <= set(rates)
+
+    out = _ok(run_in_process(*args, "hydra.sweeper.n_trials=5"))  # covers the 3 points: a grid, the same study
+    study = _study(tmp_path)
+    assert _trained(study, "lr.learning_rate") == rates  # the missing point trained, none twice
+    assert "1 to run, 2 already done" in out.stdout + out.stderr
+    assert {repr(t.distributions["lr.learning_rate"]) for t in study.trials} == {
+        repr(optuna.distributions.CategoricalDistribution(rates))}  # recorded alike, sampled or grid
+
+    _ok(run_in_process(*args, "hydra.sweeper.n_trials=2"))  # fewer again: the study's total is reached
+    assert _trained(_study(tmp_path), "lr.learning_rate") == rates
+
+
+def _range_args(tmp_path, cache_dir, seed):
+    return ["-m", "schedule.max_steps=range(4,10,2)", f"seed={seed}", "eval.eval_steps=2", "eval.logging_steps=2",
+            *fast("schedule.max_steps", "eval."), *_paths(tmp_path, cache_dir)]
+
+
+def test_a_grid_re_run_of_a_finite_range_counts_the_points_sampled_before(tmp_path, cache_dir):
+    args = _range_args(tmp_path, cache_dir, seed=10)  # the sampler draws 4 and 8
+    _ok(run_in_process(*args, "hydra.sweeper.n_trials=2"))
+    assert _trained(_study(tmp_path), "schedule.max_steps") == [4, 8]
+
+    out = _ok(run_in_process(*args, "hydra.sweeper.n_trials=5"))  # a grid now: the sampled points count as done
+    assert _trained(_study(tmp_path), "schedule.max_steps") == [4, 6, 8]
+    assert "1 to run, 2 already done" in out.stdout + out.stderr
+
+
+def test_a_finite_sampled_space_trains_no_point_twice(tmp_path, cache_dir):
+    # seed=8: TPE's first two draws of range(4,10,2) are both 6 (its random start draws with replacement)
+    out = _ok(run_in_process(*_range_args(tmp_path, cache_dir, seed=8), "hydra.sweeper.n_trials=2"))
+    first = _trained(_study(tmp_path), "schedule.max_steps")
+    assert len(first) == 2 and len(set(first)) == 2 and 6 in first  # the second 6 moved to a point not yet trained
+    assert "the sampler drew schedule.max_steps=6, which a trial of this study has trained" in out.stdout + out.stderr
+
+
+def test_a_choice_over_a_comma_lists_points_runs_as_its_grid_or_names_the_n_trials_that_does(tmp_path, cache_dir):
+    study = optuna.create_study(study_name="demo-tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    for rate in (1e-4, 3e-4):  # lr.learning_rate=1e-4,3e-4 ran: numbers on a float range
+        study.add_trial(optuna.trial.create_trial(
+            value=1.0, params={"lr.learning_rate": rate},
+            distributions={"lr.learning_rate": optuna.distributions.FloatDistribution(1e-4, 3e-4)}))
+    args = ["-m", "lr.learning_rate=choice(1e-4,3e-4,1e-3)", *FAST, *_paths(tmp_path, cache_dir)]
+    proc = run_in_process(*args, "hydra.sweeper.n_trials=2")  # sampled, it would record a categorical
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]  # one line, naming the key and the n_trials that runs it
+    assert line.startswith("lr.learning_rate: study 'demo-tiny' already samples it as FloatDistribution") and line.endswith(
+        "; set hydra.sweeper.n_trials=3 (or more) to run its 3 point(s) once each, as a grid, which this study takes, "
+        "or start a new study with hydra.sweeper.study_name=...")
+    _ok(run_in_process(*args, "hydra.sweeper.n_trials=3"))
+    assert sorted(t.params["lr.learning_rate"] for t in _study(tmp_path).trials) == [1e-4, 3e-4, 1e-3]
+
+
 def test_failing_trial_is_recorded_and_the_sweep_continues(tmp_path, cache_dir):
     out = _ok(run_in_process("-m", "model.attn_implementation=no_such_attention,eager", *FAST, *_paths(tmp_path, cache_dir)))
     failed, done = _study(tmp_path).trials

@@ -20,7 +20,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from sweeper import records
 from sweeper.config import InputError
 from sweeper.reporter import Parked
-from sweeper.space import SweepSpace
+from sweeper.space import SweepSpace, exhaust_finite
 from sweeper.storage import fail_and_requeue, open_storage
 from sweeper.sweep import loop, summary, tell
 from sweeper.sweep.command import Command, Sweep
@@ -108,6 +108,26 @@ def test_n_trials_is_the_study_total_with_distributions(tmp_path):
     more = _run(_settings(tmp_path, "sweep-3"), [sampled(5)], lambda p: 0.1)
     assert len(more.calls) == 2
     assert [t.state for t in sampled(5).study.trials] == [State.COMPLETE] * 5
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # PartialFixedSampler
+def test_a_finite_sampled_space_trains_no_point_twice_and_its_grid_counts_the_draws(tmp_path):
+    dist = optuna.distributions.CategoricalDistribution(["a", "b", "c"])
+    sampled = SweepSpace(fixed=["seed=1"], distributions={"k": dist})
+    s = _settings(tmp_path)
+    sw = Sweep(_study(s), "s", sampled, [{}], False, 2, {"k": dist}, [{"k": "z", "seed": 1}], [], [0])
+    # a sampler that always draws "a" (TPE's random start draws with replacement, a 3-point space soon repeats)
+    sw.study.sampler = optuna.samplers.PartialFixedSampler({"k": "a"}, optuna.samplers.RandomSampler(seed=0))
+    assert _run(s, [sw], lambda p: 0.5).ran("k") == ["a", "b"]  # the second "a" moved to a point not yet trained
+
+    grid, _ = exhaust_finite(sampled, 3)  # n_trials=3 covers the space: each point once, as a grid
+    points = grid.grid_points()
+    again = _settings(tmp_path, sweep_id="sweep-2")
+    sw = Sweep(_study(again), "s", grid, points, True, len(points), grid.grid_distributions(),
+               [{"k": v, "seed": 1} for v in "abc"], [], [0, 1, 2])
+    assert sw.dists == {"k": dist}  # recorded as the sampled trials were: the same study takes it
+    assert _run(again, [sw], lambda p: 0.5).ran("k") == ["c"]  # the drawn "a" and "b" count as done
+    assert sorted(t.params["k"] for t in sw.study.trials) == ["a", "b", "c"]
 
 
 def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):

@@ -11,7 +11,7 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from sweeper.space import build_space, exhaust_finite, finite_values, translate
+from sweeper.space import build_space, exhaust_finite, finite_values, same_value, translate, untried
 from sweeper.storage import mask_url
 
 from .conftest import ROOT
@@ -209,6 +209,56 @@ def test_a_finite_space_no_larger_than_n_trials_runs_each_point_once():
     assert exhaust_finite(space, 1) == (space, None)  # more points than trials: sampled
     cont = build_space(PARSER.parse_overrides(["lr.learning_rate=interval(1e-5,1e-4)"]))
     assert exhaust_finite(cont, 100) == (cont, None)
+    huge = build_space(PARSER.parse_overrides(["schedule.max_steps=int(interval(1,1000000000))"]))
+    assert exhaust_finite(huge, 10) == (huge, None)  # counted, not listed
+
+
+@pytest.mark.parametrize("text", ["lr.learning_rate=choice(1e-4,3e-4,1e-3)", "schedule.max_steps=range(4,10,2)",
+                                  "data.eval_fraction=range(0.05,0.2,0.05)", "schedule=choice(under,sweet)"])
+def test_a_finite_space_records_its_points_alike_sampled_or_as_a_grid(text):
+    # Optuna refuses a param whose distribution changes kind (or a categorical's choices) within a study: a re-run
+    # with more n_trials (a grid) or fewer (sampled) must record what the other recorded
+    sampled = build_space(PARSER.parse_overrides([text]))
+    [(key, dist)] = sampled.distributions.items()
+    grid, _ = exhaust_finite(sampled, 10)
+    assert grid.grid_distributions(lambda k: ["over", "sweet", "under"] if k == "schedule" else None) == {key: dist}
+    by_grid_sampler = build_space(PARSER.parse_overrides([text]), grid_sampler=True)
+    assert by_grid_sampler.grid == grid.grid and by_grid_sampler.grid_distributions() == {key: dist}
+
+
+def test_a_grid_records_its_values_as_the_study_does():
+    choice = CategoricalDistribution([1e-4, 3e-4, 1e-3])
+    grid, _ = exhaust_finite(build_space(PARSER.parse_overrides(["lr.learning_rate=choice(1e-4,3e-4,1e-3)"])), 3)
+    old_grid = FloatDistribution(1e-4, 1e-3)  # a study whose grid recorded numbers on a range (before, or a comma list)
+    assert grid.grid_distributions(recorded={"lr.learning_rate": old_grid}) == {"lr.learning_rate": old_grid}
+    comma = build_space(PARSER.parse_overrides(["lr.learning_rate=1e-4,1e-3"]))  # a comma list after a choice
+    assert comma.grid_distributions(recorded={"lr.learning_rate": choice}) == {"lr.learning_rate": choice}
+    log = build_space(PARSER.parse_overrides(["schedule.max_steps=8,16"]))
+    assert log.grid_distributions(recorded={"schedule.max_steps": IntDistribution(1, 99, log=True)}) == {
+        "schedule.max_steps": IntDistribution(8, 16, log=True)}
+    other = build_space(PARSER.parse_overrides(["lr.learning_rate=2e-4,5e-4"]))  # no kind holds both: refused later
+    assert other.grid_distributions(recorded={"lr.learning_rate": choice}) == {
+        "lr.learning_rate": FloatDistribution(2e-4, 5e-4)}
+
+
+@pytest.mark.parametrize("dists,drawn,tried,expected", [
+    ({"k": IntDistribution(4, 8, step=2)}, {"k": 6}, [{"k": 4}], {"k": 6}),  # a new point stands
+    ({"k": IntDistribution(4, 8, step=2)}, {"k": 6}, [{"k": 6}], {"k": 8}),  # the next point not tried
+    ({"k": IntDistribution(4, 8, step=2)}, {"k": 8}, [{"k": 8}, {"k": 4}], {"k": 6}),  # wrapping around
+    ({"k": IntDistribution(4, 8, step=2)}, {"k": 8}, [{"k": 4}, {"k": 6}, {"k": 8}], {"k": 8}),  # all tried
+    ({"k": FloatDistribution(0.05, 0.15, step=0.05)}, {"k": 0.15000000000000002}, [{"k": 0.15}], {"k": 0.05}),
+    ({"k": CategoricalDistribution(["a", "b", "c"])}, {"k": "a"}, [{"k": "a"}, {"k": "b"}], {"k": "c"}),
+    ({"a": CategoricalDistribution(["x", "y"]), "b": IntDistribution(1, 2)}, {"a": "x", "b": 2},
+     [{"a": "x", "b": 2}, {"a": "y", "b": 1}], {"a": "y", "b": 2}),  # the last key fastest
+    ({"k": IntDistribution(1, 10**9)}, {"k": 5}, [{"k": 5}, {"k": 6}], {"k": 7}),  # a billion points, not listed
+])
+def test_a_draw_of_a_tried_point_moves_to_the_next_untried_one(dists, drawn, tried, expected):
+    assert untried(dists, drawn, tried) == expected
+
+
+def test_same_value_forgives_a_float_step_rounding_only():
+    assert same_value(0.15, 0.15000000000000002) and same_value(3, 3.0) and same_value("a", "a")
+    assert not same_value(0.15, 0.16) and not same_value(True, 1) and not same_value("1", 1)
 
 
 @pytest.mark.parametrize("text,key_value,line", [

@@ -5,7 +5,9 @@
 The overrides (``hydra.sweeper.params`` first, the command line over them) become a search space through
 ``sweeper.space`` (Hydra's sweep grammar, translated exactly). A grid (comma lists; with ``sampler.name=grid``
 also choice and range) is the command's own points; distributions (choice, range, interval) are sampled, and a
-small finite space becomes a grid. Each point is composed once (:class:`Composer` keeps every composed
+small finite space becomes a grid, whose params the study records as it records the sampled form's (and as it
+already records them: :meth:`sweeper.space.SweepSpace.grid_distributions`), so that a re-run with another
+``n_trials`` continues the study. Each point is composed once (:class:`Composer` keeps every composed
 config) and checked by ``sweeper.sweep.preflight``; a sampled value that does not fit its key
 (``sweeper.typefit``), a search space reaching a value its key does not take (``interval(-1,1)`` for a learning
 rate), and two points that are one run (``sweeper.points``) are refused. Points of several
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +37,7 @@ from sweeper import config as config_mod
 from sweeper import fingerprint, folders, identity, objectives, passwords, records, samplers, typefit
 from sweeper import points as points_mod
 from sweeper import workers as workers_mod
-from sweeper.space import SweepSpace, build_space, exhaust_finite, value_text
+from sweeper.space import SweepSpace, build_space, exhaust_finite, finite_values, value_text
 from sweeper.storage import claim_lock, mask_url, open_storage, sqlite_path
 from sweeper.sweep import preflight
 from sweeper.sweep.settings import Settings
@@ -136,9 +139,10 @@ def prepare(settings: Settings, compose: Composer, arguments: list[str]) -> Comm
             else:  # sampled: n_trials is the study's total
                 total = settings.sampled_total
             study, new = _create_study(settings, name, cfgs[0])
-            dists = {**sub.grid_distributions(compose.group_options), **sub.distributions}
+            recorded = preflight.recorded_distributions(study)  # a grid records its values as the study does
+            dists = {**sub.grid_distributions(compose.group_options, recorded), **sub.distributions}
             sweeps.append(Sweep(study, name, sub, points, pure_grid, total, dists, configs, cfgs, idx, new))
-            preflight.check_compatible(study, dists)
+            preflight.check_compatible(study, dists, _as_grid(space, recorded, compose.group_options))
             preflight.check_same_settings(study, sub, configs, storage_url=settings.storage_url,
                                           allow_change=settings.allow_config_change, several=len(studies) > 1)
     except BaseException:
@@ -190,6 +194,27 @@ def _space(settings: Settings, compose: Composer, arguments: list[str]) -> Sweep
     space, _ = exhaust_finite(space, settings.sampled_total)
     samplers.check_space(settings.sampler, space.distributions)
     return space
+
+
+def _as_grid(space: SweepSpace, recorded: dict, group_options: Any) -> dict[str, str]:
+    """For each key of a sampled space of finite points whose distribution the study cannot take but whose grid
+    form could (the study ran its points as a comma list, or as a grid before grids recorded a choice as one), the
+    fix: the ``n_trials`` that runs the space as a grid (:func:`sweeper.space.exhaust_finite`)."""
+    axes = {k: finite_values(d) for k, d in space.distributions.items()}
+    if not axes or any(v is None for v in axes.values()):
+        return {}
+    size = math.prod(len(v) for v in axes.values()) * len(space.grid_points())
+    out = {}
+    for key, dist in space.distributions.items():
+        if key not in recorded:
+            continue
+        axis = axes[key]  # an ordered axis by its ends: they decide its grid's distribution, as all of it would
+        values = list(axis) if isinstance(dist, optuna.distributions.CategoricalDistribution) else [axis[0], axis[-1]]
+        grid = SweepSpace(grid=[(key, [(v, value_text(v)) for v in values])], sampled_as={key: dist})
+        if grid.grid_distributions(group_options, recorded)[key] != dist:  # one the study takes, where dist is not
+            out[key] = (f"set hydra.sweeper.n_trials={size} (or more) to run its {size} point(s) once each, as a grid, "
+                        "which this study takes")
+    return out
 
 
 def _joint_rates(space: SweepSpace, compose: Composer) -> SweepSpace:
@@ -259,7 +284,8 @@ def _split_by_study(settings: Settings, space: SweepSpace, cfgs: list[DictConfig
             fixed=space.fixed + [f"{k}={mine[0][k][1]}" for k in constant],
             grid=[(k, [vt for vt in vals if any(p[k][1] == vt[1] for p in mine)])
                   for k, vals in space.grid if k not in constant],
-            distributions=dict(space.distributions))
+            distributions=dict(space.distributions),
+            sampled_as={k: d for k, d in space.sampled_as.items() if k not in constant})
         out.append((name, sub, [{k: v for k, v in p.items() if k not in constant} for p in mine], idx))
     _check_folders_apart(out, cfgs)
     return out

@@ -12,8 +12,9 @@ what would be valid, before any trial exists (``sweeper.sweep.command`` calls th
 - :func:`check_sampled_names` (and :func:`check_sampled_names_early`): a distribution must not pick the study
   (``data=choice(a,b)``).
 - :func:`check_study_name`: a study name is also a folder name.
-- :func:`check_compatible`: a param's distribution the study can take; :func:`check_same_settings`: the command
-  runs the settings the study's trials ran (unless ``allow_config_change``).
+- :func:`check_compatible`: a param's distribution the study can take (:func:`recorded_distributions`: the ones
+  it has); :func:`check_same_settings`: the command runs the settings the study's trials ran (unless
+  ``allow_config_change``).
 
 Composition is the caller's: each function takes ``compose(overrides) -> DictConfig``.
 """
@@ -44,7 +45,8 @@ from sweeper.sweep.settings import SWEEP_ID_ENV, Settings
 
 __all__ = ["check_compatible", "check_connections", "check_points", "check_same_settings", "check_sampled_ends",
            "check_sampled_names",
-           "check_default_study_name", "check_sampled_names_early", "check_study_name", "point_overrides"]
+           "check_default_study_name", "check_sampled_names_early", "check_study_name", "point_overrides",
+           "recorded_distributions"]
 
 log = logging.getLogger(__name__)
 
@@ -266,19 +268,28 @@ def check_default_study_name(cfg: DictConfig) -> str:
     return name
 
 
-def check_compatible(study: optuna.Study, dists: dict[str, optuna.distributions.BaseDistribution]) -> None:
-    """Refuse, before any trial is created, a param whose distribution the study cannot take."""
+def recorded_distributions(study: optuna.Study) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Each param's distribution as the study first recorded it (the one Optuna checks a new one against)."""
     seen: dict[str, optuna.distributions.BaseDistribution] = {}
     for t in study.get_trials(deepcopy=False):
-        seen.update({k: d for k, d in t.distributions.items() if k in dists and k not in seen})
+        seen.update({k: d for k, d in t.distributions.items() if k not in seen})
+    return seen
+
+
+def check_compatible(study: optuna.Study, dists: dict[str, optuna.distributions.BaseDistribution],
+                     fixes: dict[str, str] | None = None) -> None:
+    """Refuse, before any trial is created, a param whose distribution the study cannot take. ``fixes``: for a
+    key, the change of this command that would make it fit (named before a new study)."""
+    seen = {k: d for k, d in recorded_distributions(study).items() if k in dists}
     for key, old in seen.items():
         try:
             optuna.distributions.check_distribution_compatibility(old, dists[key])
         except ValueError as e:
+            fix = (fixes or {}).get(key)
             raise ValueError(
                 f"{key}: study {study.study_name!r} already samples it as {old}, which cannot change to "
-                f"{dists[key]} ({e}); keep the earlier values or start a new study with "
-                "hydra.sweeper.study_name=..."
+                f"{dists[key]} ({e}); " + (f"{fix}, " if fix else "keep the earlier values ")
+                + "or start a new study with hydra.sweeper.study_name=..."
             ) from None
 
 

@@ -4,7 +4,9 @@
 
 - A grid: a command runs its own points that have no COMPLETE, PRUNED, RUNNING or WAITING trial of the same
   settings (``sweeper.identity``), whatever else the study holds; a point that FAILed in this sweep is not
-  run again until the command is re-run. Sampled: ``n_trials`` is the study's total.
+  run again until the command is re-run. Sampled: ``n_trials`` is the study's total; in a space of finite points
+  (choice, range) a draw of a point already trained moves to one not yet trained. A trial that drew a point counts
+  as that point of a later grid over the same space, and back (:func:`matches`).
 - :meth:`Queue.claim_next`: with several studies, a study's re-queued trial (WAITING) comes first, then grid
   points in the command's order, or the study this worker claimed fewest trials of.
 - :meth:`Queue.claim`: under ``sweeper.storage.claim_lock``, fail stale trials (Optuna's heartbeat; their
@@ -24,7 +26,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import optuna
 
@@ -33,6 +35,7 @@ from sweeper import identity, records, samplers
 from sweeper import points as points_mod
 from sweeper import trunks as trunks_mod
 from sweeper.interrupt import deferred
+from sweeper.space import finite_values, same_value, untried, value_text
 from sweeper.storage import claim_lock, fail_and_requeue, heartbeat_age_s, mask_url
 from sweeper.sweep import tell
 from sweeper.sweep.command import Command, Sweep
@@ -62,16 +65,22 @@ class Counts:
         return text
 
 
-def matches(trial: optuna.trial.FrozenTrial, point: dict[str, tuple[Any, str]], config: dict | None = None) -> bool:
+def matches(trial: optuna.trial.FrozenTrial, point: dict[str, tuple[Any, str]], config: dict | None = None,
+            sampled: Iterable[str] = ()) -> bool:
     """Whether ``trial`` ran grid ``point`` (its params) with ``config`` (the point's result config;
     None: params alone). A key the trial has no param for is judged by its recorded config: ``max_steps=10`` run as
-    a fixed value is the point ``10`` of a later ``max_steps=10,15``."""
-    params = trial.system_attrs.get(records.FIXED_PARAMS, trial.params)
+    a fixed value is the point ``10`` of a later ``max_steps=10,15``. A param the trial drew
+    (``sweeper.records.drawn_params``), and a key of ``sampled`` (the command's distributions, which the point
+    leaves to the sampler), is left out of the configs' comparison, as they hold the command's value from before the
+    draw: the trial's params decide it, so a point of ``choice(a,b,c)`` run as a grid is the trial that drew it when
+    the same space was sampled, and back."""
+    params = {**trial.params, **records.queued_params(trial)}
     recorded = records.config_of(trial) is not None and config is not None
     # a key the trial has no param for (run as a fixed value): its recorded config decides
-    if not all(params[k] == v if k in params else recorded for k, (v, _) in point.items()):
+    if not all(same_value(params[k], v) if k in params else recorded for k, (v, _) in point.items()):
         return False
-    return config is None or identity.same_run(records.config_of(trial), config)
+    skip = records.drawn_params(trial) | {k for k in sampled if k not in point}
+    return config is None or identity.same_run(records.config_of(trial), config, skip)
 
 
 def this_process() -> str:
@@ -138,7 +147,8 @@ class Queue:
             return None
         if not peek:
             tried.add(len(tried))
-        counts = [sum(matches(t, p, c) for t in covered) for p, c in zip(sw.points, sw.configs)]
+        sampled = set(sw.space.distributions)  # the points' configs hold these at the command's value
+        counts = [sum(matches(t, p, c, sampled) for t in covered) for p, c in zip(sw.points, sw.configs)]
         return counts.index(min(counts))
 
     def counts(self, sw: Sweep) -> Counts:
@@ -217,7 +227,7 @@ class Queue:
             trials = study.get_trials(deepcopy=False)
             waiting = [t for t in trials if t.state == State.WAITING]
             ready = _ready(study, trials)
-            config, created = None, False
+            config, created, place = None, False, None
             if ready:
                 tid = records.trial_id(ready[0])
             else:
@@ -225,8 +235,8 @@ class Queue:
                 if i is None:
                     return None
                 tid, created = self._new(study, sw.points[i], waiting)
-                config = sw.configs[i]
-            trial = self._take_or_fail(study, tid, sw.dists, created)
+                config, place = sw.configs[i], _unrepeated(sw, trials, i)
+            trial = self._take_or_fail(study, tid, sw.dists, created, place)
             if config is None:  # a queued retry: the config of the trial it repeats
                 config = records.retried_config(study, records.frozen(study, tid))
             if created and not sw.dists and config is not None:  # a command sweeping nothing: the study's params
@@ -249,11 +259,12 @@ class Queue:
         return max(records.trial_id(t) for t in study.get_trials(deepcopy=False, states=(State.WAITING,))
                    if records.trial_id(t) not in known), False
 
-    def _take_or_fail(self, study: optuna.Study, tid: int, dists: dict, created: bool) -> optuna.Trial:
+    def _take_or_fail(self, study: optuna.Study, tid: int, dists: dict, created: bool,
+                      place: Callable[[dict], dict] | None = None) -> optuna.Trial:
         """:func:`take`; a sampler that could not suggest (a package it needs, say) FAILs the trial, not RUNNING,
         and stops the sweep in one line."""
         try:
-            return take(study, tid, dists, created, self.settings.sampler)
+            return take(study, tid, dists, created, self.settings.sampler, place)
         except Exception as e:
             records.set_user(study, tid, records.ERROR, f"{type(e).__name__}: {e}")
             records.set_state(study, tid, State.FAIL)
@@ -315,20 +326,51 @@ class Queue:
         return to_run
 
 
-def take(study: optuna.Study, tid: int, dists: dict, created: bool, sampler_cfg: Any = None) -> optuna.Trial:
+def take(study: optuna.Study, tid: int, dists: dict, created: bool, sampler_cfg: Any = None,
+         place: Callable[[dict], dict] | None = None) -> optuna.Trial:
     """The trial ``tid`` as ``study.ask`` hands one out: RUNNING (from WAITING, unless ``created`` so), its
     fixed params suggested, the others drawn by the sampler of ``sampler_cfg`` seeded for this trial
     (:func:`sweeper.samplers.for_trial`: a resumed study, or another worker, draws anew). ``ask`` itself would
-    take the oldest WAITING trial, which may be a parked trunk the halving rule has not decided yet."""
+    take the oldest WAITING trial, which may be a parked trunk the halving rule has not decided yet. ``place``:
+    the params the trial takes given the sampler's draw (``{name: value}``, recorded nowhere until then; a finite
+    space's draw moved off the points already trained, :func:`_unrepeated`)."""
     if not created and not records.set_state(study, tid, State.RUNNING):
         raise RuntimeError(f"trial id {tid} was taken by another worker under the claim lock")
     if dists and sampler_cfg is not None:
         number = study._storage.get_trial_number_from_id(tid)
         study.sampler = samplers.for_trial(sampler_cfg, len(study.directions), number) or study.sampler
     trial = optuna.Trial(study, tid)
+    if dists and place is not None:
+        records.fix(trial, place(records.draw(trial, dists)))
     for name, dist in dists.items():
         records.suggest(trial, name, dist)
     return trial
+
+
+def _unrepeated(sw: Sweep, trials: list[optuna.trial.FrozenTrial], i: int) -> Callable[[dict], dict] | None:
+    """For a sampled space of finite points (choice, range: a sampler draws them with replacement), what a new
+    trial at grid point ``i`` takes given the sampler's draw: the draw, or when a trial of the study trained it,
+    runs it or is queued for it (by any command, sampled or grid), the next point not yet trained
+    (:func:`sweeper.space.untried`), so that no point trains twice while another has not. None for a pure grid
+    or a space with a continuous distribution (whose draws do not repeat)."""
+    dists = sw.space.distributions
+    if sw.pure_grid or not dists or any(finite_values(d) is None for d in dists.values()):
+        return None
+    point, config, keys = sw.points[i], sw.configs[i], set(dists)
+    tried = [{**t.params, **records.queued_params(t)} for t in trials
+             if t.state in COVERED and matches(t, point, config, keys)]
+    tried = [p for p in tried if keys <= set(p)]
+
+    def place(drawn: dict) -> dict:
+        moved = untried(dists, drawn, tried)
+        if moved != drawn:
+            said = " ".join(f"{k}={value_text(drawn[k])}" for k in dists)
+            log.info("the sampler drew %s, which a trial of this study has trained (or runs); this trial trains %s, "
+                     "a point not yet trained (a finite space trains no point twice while others wait)", said,
+                     " ".join(f"{k}={value_text(moved[k])}" for k in dists))
+        return moved
+
+    return place
 
 
 def _ready(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
