@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import optuna
 
-__all__ = ["TAGS", "SweepSpace", "build_space", "distribution_text", "exhaust_finite", "finite_values", "quote", "range_note",
+__all__ = ["TAGS", "SweepSpace", "build_space", "distribution_text", "exhaust_finite", "finite_size", "finite_values", "quote", "range_note",
            "same_value", "translate", "untried", "value_text"]
 
 
@@ -140,6 +140,15 @@ def finite_values(dist: optuna.distributions.BaseDistribution) -> Sequence[Any] 
     return None
 
 
+def finite_size(space: SweepSpace) -> int | None:
+    """How many points a sampled space has, its grid's included (:func:`finite_values` of each distribution), or
+    None when it samples nothing or a distribution is continuous."""
+    values = [finite_values(d) for d in space.distributions.values()]
+    if not values or any(v is None for v in values):
+        return None
+    return math.prod(len(v) for v in values) * (len(space.grid_points()) if space.grid else 1)
+
+
 def exhaust_finite(space: SweepSpace, n_trials: int) -> tuple[SweepSpace, str | None]:
     """A sampled space with at most ``n_trials`` points, all finite (choice, range, stepped floats): its
     points as grid axes instead, so each runs once and the sweep stops when they are done (a sampler asked
@@ -148,17 +157,10 @@ def exhaust_finite(space: SweepSpace, n_trials: int) -> tuple[SweepSpace, str | 
     draws: a re-run with fewer trials samples the same study, and one with more counts the points the sampled
     runs trained as done (``sweeper.sweep.queue.matches``). Returns the space and the line that says so, or the
     space unchanged and None."""
-    if not space.distributions:
+    size = finite_size(space)
+    if size is None or size > n_trials:
         return space, None
     values = {k: finite_values(d) for k, d in space.distributions.items()}
-    if any(v is None for v in values.values()):
-        return space, None
-    size = 1
-    for v in values.values():
-        size *= len(v)
-    size *= len(space.grid_points()) if space.grid else 1
-    if size > n_trials:
-        return space, None
     grid = space.grid + [(k, [(x, value_text(x)) for x in v]) for k, v in values.items()]
     keys = ", ".join(sorted(space.distributions))
     note = (f"the sampled space ({keys}) has {size} point(s), no more than n_trials={n_trials}: each runs once, "

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from sweeper import config as config_mod
 from sweeper import fingerprint, folders, identity, objectives, passwords, records, samplers, typefit
 from sweeper import points as points_mod
 from sweeper import workers as workers_mod
-from sweeper.space import SweepSpace, build_space, exhaust_finite, finite_values, value_text
+from sweeper.space import SweepSpace, build_space, exhaust_finite, finite_size, finite_values, value_text
 from sweeper.storage import claim_lock, mask_url, open_storage, sqlite_path
 from sweeper.sweep import preflight
 from sweeper.sweep.settings import Settings
@@ -200,15 +199,14 @@ def _as_grid(space: SweepSpace, recorded: dict, group_options: Any) -> dict[str,
     """For each key of a sampled space of finite points whose distribution the study cannot take but whose grid
     form could (the study ran its points as a comma list, or as a grid before grids recorded a choice as one), the
     fix: the ``n_trials`` that runs the space as a grid (:func:`sweeper.space.exhaust_finite`)."""
-    axes = {k: finite_values(d) for k, d in space.distributions.items()}
-    if not axes or any(v is None for v in axes.values()):
+    size = finite_size(space)
+    if size is None:
         return {}
-    size = math.prod(len(v) for v in axes.values()) * len(space.grid_points())
     out = {}
     for key, dist in space.distributions.items():
         if key not in recorded:
             continue
-        axis = axes[key]  # an ordered axis by its ends: they decide its grid's distribution, as all of it would
+        axis = finite_values(dist)  # an ordered axis by its ends: they decide its grid's distribution, as all would
         values = list(axis) if isinstance(dist, optuna.distributions.CategoricalDistribution) else [axis[0], axis[-1]]
         grid = SweepSpace(grid=[(key, [(v, value_text(v)) for v in values])], sampled_as={key: dist})
         if grid.grid_distributions(group_options, recorded)[key] != dist:  # one the study takes, where dist is not
